@@ -1,0 +1,38 @@
+"""`adallm` command: one subcommand per module, imported only when used (serve pulls in Ray)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module providing add_arguments(parser) and main(args) -> int
+COMMANDS = {
+    "serve": ("deployments.cli", "serve a model behind an OpenAI-compatible endpoint on Ray Serve"),
+    "run": ("adallm_core.run_cli", "generate from a prompt, or chat interactively, in the terminal"),
+    "generate": ("adallm_core.generate_cli", "generate for a JSONL file of prompts"),
+    "quantize": ("adallm_core.checkpoint.quantize_cli", "convert a BF16/FP16 checkpoint to NVFP4"),
+    "bench": ("benchmarks.decode", "decode benchmark on random weights of a real model's shape (GPU)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="adallm", description="NVFP4 LLMs on Ada GPUs, on Ray.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    name = argv[0]
+    if name not in COMMANDS:
+        parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
+    module = importlib.import_module(COMMANDS[name][0])
+    sub_parser = argparse.ArgumentParser(prog=f"adallm {name}", description=COMMANDS[name][1])
+    module.add_arguments(sub_parser)
+    args = sub_parser.parse_args(argv[1:])
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""EngineArgs: every engine knob, one place. The CLI, the Serve config and the bulk job map onto it."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+KV_CACHE_DTYPES = ("fp8", "bf16")
+DTYPES = ("bfloat16", "float16", "float32", "auto")
+KERNEL_BACKENDS = ("auto", "reference", "triton")
+
+
+@dataclass
+class EngineArgs:
+    """Engine arguments, named as in vLLM where vLLM has the knob.
+
+    `model` is a local checkpoint folder, a hub id (fetched with huggingface_hub), or None for the
+    built-in tiny demo model.
+    """
+
+    model: Optional[str] = None
+    tokenizer: Optional[str] = None
+    max_model_len: Optional[int] = None  # None: the model's max_position_embeddings, capped at 8192
+    max_num_seqs: int = 64
+    max_num_batched_tokens: Optional[int] = None  # None: max(2048, max_model_len) capped at 8192
+    gpu_memory_utilization: float = 0.90
+    num_gpu_blocks_override: Optional[int] = None  # explicit KV block count (tests, small machines)
+    block_size: int = 16
+    kv_cache_dtype: str = "fp8"
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    seed: int = 0
+    dtype: str = "auto"  # dtype of unquantized parts (embeddings, norms, lm_head); auto: bf16 on GPU, fp32 on CPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    kernel_backend: str = "auto"  # auto: triton on CUDA, reference on CPU. Chosen once, logged, never silently changed.
+    tensor_parallel_size: int = 1
+    cpu_kv_cache_gb: float = 1.0  # KV budget on the CPU (no gpu_memory_utilization there)
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+
+    # --- mapping from other front ends -------------------------------------------------------
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser, with_model: bool = True) -> None:
+        """Add one --flag per field (vLLM spelling: --max-model-len ...)."""
+        for f in fields(cls):
+            if f.name == "model" and not with_model:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default
+            if isinstance(default, bool):
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            else:
+                kind = _field_type(f)
+                parser.add_argument(flag, type=kind, default=default)
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> "EngineArgs":
+        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if hasattr(ns, f.name)})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "EngineArgs":
+        """From a Serve user_config / job option dict; unknown keys are an error that names them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown engine argument(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    text = str(f.type)
+    if "int" in text:
+        return int
+    if "float" in text:
+        return float
+    return str

@@ -1,0 +1,32 @@
+"""What the engine returns: vLLM's RequestOutput / CompletionOutput shapes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+# One dict per generated token: {token_id: logprob} holding the sampled token and the top-N.
+SampleLogprobs = list[dict[int, float]]
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: Optional[str] = None  # None while running; "stop" | "length" | "abort"
+    stop_reason: Optional[object] = None  # the stop string or token id that ended it, if any
+    logprobs: Optional[SampleLogprobs] = None
+    cumulative_logprob: Optional[float] = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache

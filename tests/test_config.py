@@ -1,0 +1,51 @@
+import argparse
+import math
+
+import pytest
+
+from adallm_core import EngineArgs, SamplingParams
+from adallm_core.cli import main as cli_main
+
+
+def test_engine_args_cli_round_trip():
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    ns = parser.parse_args(["--max-model-len", "512", "--kv-cache-dtype", "bf16", "--no-enable-prefix-caching"])
+    args = EngineArgs.from_cli_args(ns)
+    assert (args.max_model_len, args.kv_cache_dtype, args.enable_prefix_caching) == (512, "bf16", False)
+    assert args.max_num_seqs == EngineArgs().max_num_seqs
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("kv_cache_dtype", "int4"), ("max_num_seqs", 0), ("gpu_memory_utilization", 1.5), ("block_size", 12)],
+)
+def test_engine_args_reject_bad_values_by_name(field, value):
+    with pytest.raises(ValueError, match=field):
+        EngineArgs(**{field: value})
+
+
+def test_engine_args_from_dict_names_unknown_keys():
+    with pytest.raises(ValueError, match="max_len_typo"):
+        EngineArgs.from_dict({"max_len_typo": 3})
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("temperature", -0.1), ("temperature", math.nan), ("top_p", 0.0), ("top_k", -2), ("n", 0),
+     ("max_tokens", 0), ("min_p", 1.5), ("presence_penalty", 3.0), ("logprobs", 50), ("stop", [""])],
+)
+def test_sampling_params_reject_bad_values_by_name(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_sampling_params_normalise_stop_and_top_k():
+    params = SamplingParams(stop="###", top_k=-1)
+    assert params.stop == ["###"] and params.top_k == 0
+
+
+def test_cli_unknown_command_exits_nonzero():
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["frobnicate"])
+    assert exc.value.code != 0
