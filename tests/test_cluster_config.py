@@ -1,0 +1,160 @@
+"""cluster.yaml passes the validation `ray up` runs (prepare_config + validate_config against the
+ray-schema.json shipped inside the ray package), and says what the cluster needs: a CPU-only head,
+autoscaled Ada GPU workers that declare GPUs and an accelerator-type resource Ray recognises."""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from ray.autoscaler._private.util import prepare_config, validate_config
+from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager
+from ray.util.accelerators import accelerators
+
+CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
+ACCEL_PREFIX = "accelerator_type:"
+
+
+def load() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def ray_up_validate(config: dict) -> dict:
+    """What `ray up` does before it talks to a cloud: fill in the provider's defaults, then validate."""
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def worker_types(config: dict) -> dict:
+    return {k: v for k, v in config["available_node_types"].items() if k != config["head_node_type"]}
+
+
+def accelerator_of(node_type: dict) -> str:
+    names = [r[len(ACCEL_PREFIX):] for r in node_type["resources"] if r.startswith(ACCEL_PREFIX)]
+    assert len(names) == 1, f"one accelerator_type resource expected, got {names}"
+    return names[0]
+
+
+def test_cluster_yaml_passes_ray_validation():
+    prepared = ray_up_validate(load())
+    assert prepared["provider"]["type"] == "aws"
+    # prepare_config merged the common setup commands in front of the per-role ones.
+    assert prepared["worker_setup_commands"][0] == load()["setup_commands"][0]
+
+
+def test_head_is_cpu_only_and_never_hosts_an_engine():
+    config = load()
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"]["GPU"] == 0
+    assert head["resources"]["CPU"] >= 4  # Serve controller, proxy, ingress and job drivers run here
+    assert head["max_workers"] == 0
+    assert any("--num-gpus=0" in c for c in config["head_start_ray_commands"])
+    # The head needs no CUDA torch.
+    assert any("torch" in c and "/whl/cpu" in c for c in config["head_setup_commands"])
+
+
+def test_gpu_workers_are_ada_autoscaled_from_zero():
+    config = load()
+    workers = worker_types(config)
+    # Ray's own names for the cards; L4 and L40S nodes must exist.
+    accel = {name: accelerator_of(t) for name, t in workers.items()}
+    assert {accelerators.NVIDIA_L4, accelerators.NVIDIA_L40S} <= set(accel.values())
+    for name, node_type in workers.items():
+        res = node_type["resources"]
+        assert res["GPU"] >= 1, name
+        assert res[ACCEL_PREFIX + accel[name]] == 1, name
+        assert node_type["min_workers"] == 0, name
+        assert 1 <= node_type["max_workers"] <= config["max_workers"], name
+    # A multi-GPU node type for tensor parallelism (2 GPUs of one node, or more).
+    assert any(t["resources"]["GPU"] >= 2 for t in workers.values())
+    assert sum(t["max_workers"] for t in workers.values()) >= config["max_workers"] // 2
+
+
+def test_instance_types_match_declared_gpus():
+    # The declared resources must describe the real machine, or the autoscaler launches the wrong one.
+    # AWS: g6 = L4, g6e = L40S; the xlarge..16xlarge sizes carry 1 GPU, 12xlarge/24xlarge 4, 48xlarge 8.
+    family_accel = {"g6": "L4", "g6e": "L40S"}
+    size_gpus = {"12xlarge": 4, "24xlarge": 4, "48xlarge": 8}
+    for name, node_type in worker_types(load()).items():
+        family, size = node_type["node_config"]["InstanceType"].split(".")
+        assert family_accel[family] == accelerator_of(node_type), name
+        assert size_gpus.get(size, 1) == node_type["resources"]["GPU"], name
+
+
+def test_workers_install_cuda_torch_the_project_and_the_model():
+    config = load()
+    cmds = config["worker_setup_commands"]
+    torch_cmds = [c for c in cmds if re.search(r"pip install .*torch==", c)]
+    assert torch_cmds and not any("/whl/cpu" in c for c in torch_cmds)
+    assert any("torch.cuda.is_available()" in c for c in cmds)
+    assert any('install -q -e "$HOME/adallm[serve]"' in c for c in cmds)
+    assert config["file_mounts"]["~/adallm"] == "."
+    assert any("/models/" in c and "config.json" in c for c in cmds)
+    # Same Ray on every node as the one that validated this file.
+    import ray
+
+    assert any(f"=={ray.__version__}" in c for c in config["setup_commands"])
+
+
+def test_4090_label_is_the_one_ray_detects():
+    detected = NvidiaGPUAcceleratorManager._gpu_name_to_accelerator_type("NVIDIA GeForce RTX 4090")
+    assert f'accelerator_type: "{detected}"' in CLUSTER_YAML.read_text()
+    for card, label in [("NVIDIA L4", "L4"), ("NVIDIA L40S", "L40S")]:
+        assert NvidiaGPUAcceleratorManager._gpu_name_to_accelerator_type(card) == label
+
+
+def local_provider_config() -> dict:
+    """cluster.yaml switched to the on-premises provider exactly as its comments say."""
+    text = CLUSTER_YAML.read_text()
+    block = re.search(r"# --- local provider: begin\n(.*?)# --- local provider: end", text, re.S)
+    assert block, "the commented local-provider block is missing from cluster.yaml"
+    local = yaml.safe_load("\n".join(line[2:] for line in block.group(1).splitlines()))
+    config = load()
+    config.update(local)
+    del config["available_node_types"], config["head_node_type"]
+    return config
+
+
+def test_local_provider_block_passes_ray_validation():
+    prepared = ray_up_validate(local_provider_config())
+    assert prepared["provider"]["type"] == "local"
+    workers = prepared["provider"]["worker_ips"]
+    (node_type,) = prepared["available_node_types"].values()
+    assert node_type["max_workers"] == len(workers) >= 1
+    assert any("--num-gpus=0" in c for c in prepared["head_start_ray_commands"])
+
+
+def broken(mutate) -> dict:
+    config = load()
+    mutate(config)
+    return config
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        # a resource count must be an integer
+        (lambda c: c["available_node_types"]["l4"]["resources"].update(GPU="one"), jsonschema.ValidationError,
+         "'one' is not of type 'integer'"),
+        # a misspelt key in a node type
+        (lambda c: c["available_node_types"]["l4"].update(min_worker=0), jsonschema.ValidationError, "min_worker"),
+        # a node type without resources
+        (lambda c: c["available_node_types"]["l40s"].pop("resources"), jsonschema.ValidationError,
+         "'resources' is a required property"),
+        # an unknown top-level key
+        (lambda c: c.update(worker_nodes_typo={}), jsonschema.ValidationError, "worker_nodes_typo"),
+        # the head type must be one of the node types
+        (lambda c: c.update(head_node_type="cpu_head"), ValueError, "head_node_type"),
+        # more minimum workers than the global maximum allows
+        (lambda c: c["available_node_types"]["l4"].update(min_workers=99), ValueError, "max_workers"),
+    ],
+    ids=["gpu-not-int", "misspelt-key", "no-resources", "unknown-top-level", "bad-head-type", "min-over-max"],
+)
+def test_broken_copies_fail_validation(mutate, error, match):
+    with pytest.raises(error, match=match):
+        ray_up_validate(broken(mutate))
