@@ -1,0 +1,100 @@
+"""Sequence: one stream of tokens the scheduler moves through the engine (a request with n > 1 owns n of them)."""
+from __future__ import annotations
+
+import enum
+import itertools
+from typing import Optional
+
+from adallm_core.sampling_params import SamplingParams
+
+_seq_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+
+    @property
+    def finished(self) -> bool:
+        return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH, SequenceStatus.FINISHED_ABORTED)
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return {
+            SequenceStatus.FINISHED_STOPPED: "stop",
+            SequenceStatus.FINISHED_LENGTH: "length",
+            SequenceStatus.FINISHED_ABORTED: "abort",
+        }.get(self)
+
+
+class Sequence:
+    """Tokens of one sequence and how far the KV cache has caught up with them.
+
+    The scheduler's one rule: each step, num_computed_tokens moves towards num_tokens (prompt chunks or one
+    decode token); when it reaches num_tokens the step samples a new token, which makes num_tokens grow by one.
+    """
+
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
+                 arrival_time: float, max_tokens: int):
+        self.seq_id = next(_seq_ids)
+        self.request_id = request_id
+        self.index = index  # which of the request's n completions
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.params = params
+        self.arrival_time = arrival_time
+        self.max_tokens = max_tokens  # resolved: params.max_tokens or what fits in max_model_len
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens that came from the prefix cache at first schedule
+        self.block_tables: list[list[int]] = []  # one per KV group, owned by KVCacheManager
+        self.block_hashes: list[int] = []  # chained content hashes of this sequence's full blocks
+        self.stop_reason: Optional[object] = None
+        self.logprobs: Optional[list[dict[int, float]]] = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.detokenizer = None  # set by the engine (IncrementalDetokenizer)
+        self.num_preemptions = 0
+
+    # --- token views --------------------------------------------------------------------------
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output without building the whole list."""
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p:end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def last_token_id(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id}#{self.index}, {self.status.name}, "
+                f"computed={self.num_computed_tokens}/{self.num_tokens})")
