@@ -1,0 +1,223 @@
+"""NVFP4 format math in plain torch (any device).
+
+A weight W [N, K] is cut along K into blocks of 16. Each element is an E2M1 code (4 bits: sign << 3 | magnitude
+index), each block has an FP8-E4M3 scale, each tensor an FP32 global scale. Two conventions for the global scale:
+  ModelOpt (`weight_scale_2`):               W = E2M1 * block_scale * global     (global MULTIPLIES, = amax / 2688)
+  compressed-tensors (`weight_global_scale`): W = E2M1 * (block_scale / global)   (global DIVIDES,   = 2688 / amax)
+`divides=True` selects the second one wherever a function takes a global scale.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_SIZE = 16
+FP4_MAX = 6.0
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+# index = 4-bit code = sign << 3 | magnitude index
+E2M1_VALUES = torch.tensor(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=torch.float32
+)
+
+
+def _before(x: float) -> float:
+    return torch.nextafter(torch.tensor(x), torch.tensor(0.0)).item()
+
+
+# Midpoints between neighbouring magnitudes. A tie goes to the even code (mantissa bit 0): down at 0.25, 1.25, 2.5,
+# 5.0 and up at 0.75, 1.75, 3.5. bucketize counts boundaries strictly below |x|, so a round-up midpoint is moved one
+# float32 ulp down to count when |x| equals it. Everything above 5 saturates to 6 (code 7).
+_BOUNDARIES = torch.tensor([0.25, _before(0.75), 1.25, _before(1.75), 2.5, _before(3.5), 5.0], dtype=torch.float32)
+
+
+def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
+    """Round already-scaled values to the nearest E2M1 value (ties to even, saturating at +-6) -> uint8 codes."""
+    x = x.float()
+    magnitude = torch.bucketize(x.abs(), _BOUNDARIES.to(x.device)).to(torch.uint8)
+    return magnitude | (torch.signbit(x).to(torch.uint8) << 3)
+
+
+def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [..., K] -> uint8 [..., K//2]; element 2i in the low nibble, 2i+1 in the high nibble."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"pack_fp4 needs an even last dimension, got shape {tuple(codes.shape)}")
+    codes = codes.to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., K//2] -> uint8 codes [..., K]."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_fp4 needs uint8, got {packed.dtype}")
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
+
+
+def check_finite(w: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"tensor {name!r} contains NaN or Inf; cannot quantize it")
+
+
+def global_scale_from_amax(amax: torch.Tensor, *, divides: bool) -> torch.Tensor:
+    """Global scale that maps the tensor's amax onto the top of the E4M3 block-scale range. All-zero tensor -> 1."""
+    amax = amax.float()
+    ones = torch.ones_like(amax)
+    if divides:
+        return torch.where(amax > 0, (FP8_MAX * FP4_MAX) / amax, ones)
+    return torch.where(amax > 0, amax / (FP8_MAX * FP4_MAX), ones)
+
+
+def tensor_amax(w: torch.Tensor) -> torch.Tensor:
+    """amax over the matrix dims (last two); one value per leading index (e.g. per expert)."""
+    return w.detach().abs().amax(dim=(-2, -1)).float()
+
+
+def _row_global(global_scale: torch.Tensor, w_shape: torch.Size) -> torch.Tensor:
+    """Global scale (scalar, per matrix [...], or per row [..., N]) -> broadcastable to [..., N, 1]."""
+    g = global_scale.float()
+    if g.ndim == len(w_shape) - 1 and g.shape[-1] == w_shape[-2]:
+        return g.unsqueeze(-1)
+    if g.numel() == 1:
+        return g.reshape(())
+    if tuple(g.shape) == tuple(w_shape[:-2]):
+        return g[..., None, None]
+    raise ValueError(f"global scale of shape {tuple(g.shape)} does not fit a weight of shape {tuple(w_shape)}")
+
+
+def quantize(
+    w: torch.Tensor, global_scale: torch.Tensor, *, divides: bool, name: str = "weight"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [..., N, K] -> (packed uint8 [..., N, K//2], block_scale float8_e4m3fn [..., N, K//16]).
+
+    The published recipe: block_scale = e4m3(amax(block) / 6 [* or /] global); codes = E2M1(W / effective scale).
+    A block whose scale is 0 (all zeros, or far below the tensor's amax) gets codes 0 and scale 0.
+    """
+    if w.ndim < 2 or w.shape[-1] % BLOCK_SIZE:
+        raise ValueError(f"tensor {name!r}: shape {tuple(w.shape)} needs K (last dim) a multiple of {BLOCK_SIZE}")
+    check_finite(w, name)
+    g = _row_global(global_scale, w.shape).unsqueeze(-1)  # broadcast over [..., N, K//16, 16]
+    blocks = w.float().unflatten(-1, (-1, BLOCK_SIZE))
+    block_amax = blocks.abs().amax(dim=-1, keepdim=True)
+    if divides:
+        block_scale = (g * (block_amax / FP4_MAX)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
+        effective = block_scale.float() / g
+    else:
+        block_scale = (block_amax / (FP4_MAX * g)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
+        effective = block_scale.float() * g
+    scaled = torch.where(effective > 0, blocks / effective, torch.zeros_like(blocks))
+    codes = e2m1_codes(scaled).flatten(-2)
+    return pack_fp4(codes), block_scale.squeeze(-1)
+
+
+def dequantize(
+    packed: torch.Tensor,
+    block_scale: torch.Tensor,
+    global_scale: torch.Tensor,
+    *,
+    divides: bool,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """(packed [..., N, K//2], block_scale [..., N, K//16], global scale) -> W [..., N, K] in dtype."""
+    values = E2M1_VALUES.to(packed.device)[unpack_fp4(packed).long()].unflatten(-1, (-1, BLOCK_SIZE))
+    if values.shape[:-1] != block_scale.shape:
+        raise ValueError(
+            f"block scale shape {tuple(block_scale.shape)} does not match packed shape {tuple(packed.shape)}"
+        )
+    g = _row_global(global_scale, values.shape[:-2] + (values.shape[-2] * BLOCK_SIZE,)).unsqueeze(-1)
+    scale = block_scale.float().unsqueeze(-1)
+    scale = scale / g if divides else scale * g
+    return (values * scale).flatten(-2).to(dtype)
+
+
+@dataclass
+class NVFP4Weight:
+    """THE in-memory form of a quantized linear [N, K], or a stack of them [E, N, K] (MoE experts).
+
+    W[..., n, k] = E2M1(code[..., n, k]) * block_scale[..., n, k // 16] * global_scale[..., n]
+    The global scale is per output row and MULTIPLIES, so linears with different global scales (q/k/v, gate/up)
+    concatenate along N exactly, with no rescaling of the FP8 block scales.
+    """
+
+    packed: torch.Tensor  # uint8 [..., N, K//2]
+    block_scale: torch.Tensor  # float8_e4m3fn [..., N, K//16]
+    global_scale: torch.Tensor  # float32 [..., N]
+
+    def __post_init__(self) -> None:
+        p, s, g = self.packed, self.block_scale, self.global_scale
+        if p.dtype != torch.uint8 or s.dtype != torch.float8_e4m3fn or g.dtype != torch.float32:
+            raise ValueError(f"NVFP4Weight dtypes must be uint8/float8_e4m3fn/float32, got {p.dtype}/{s.dtype}/{g.dtype}")
+        if p.ndim < 2 or s.shape != p.shape[:-1] + (p.shape[-1] * 2 // BLOCK_SIZE,) or g.shape != p.shape[:-1]:
+            raise ValueError(
+                f"NVFP4Weight shapes do not agree: packed {tuple(p.shape)}, block_scale {tuple(s.shape)}, "
+                f"global_scale {tuple(g.shape)} (want [..., N, K/2], [..., N, K/16], [..., N])"
+            )
+
+    @property
+    def out_features(self) -> int:
+        return self.packed.shape[-2]
+
+    @property
+    def in_features(self) -> int:
+        return self.packed.shape[-1] * 2
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.block_scale, self.global_scale))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:
+        """-> [..., N, K] (or only `rows` of N) in dtype."""
+        rows = rows if rows is not None else slice(None)
+        return dequantize(
+            self.packed[..., rows, :],
+            self.block_scale[..., rows, :],
+            self.global_scale[..., rows],
+            divides=False,
+            dtype=dtype,
+        )
+
+    def to(self, device: torch.device | str) -> NVFP4Weight:
+        return NVFP4Weight(self.packed.to(device), self.block_scale.to(device), self.global_scale.to(device))
+
+    @staticmethod
+    def cat(weights: list[NVFP4Weight]) -> NVFP4Weight:
+        """Concatenate along N (output features): exact, because each row keeps its own global scale."""
+        return NVFP4Weight(
+            torch.cat([w.packed for w in weights], dim=-2),
+            torch.cat([w.block_scale for w in weights], dim=-2),
+            torch.cat([w.global_scale for w in weights], dim=-1),
+        )
+
+    @staticmethod
+    def stack(weights: list[NVFP4Weight]) -> NVFP4Weight:
+        """Stack same-shape linears (MoE experts) along a new leading dim -> [E, N, K]."""
+        return NVFP4Weight(
+            torch.stack([w.packed for w in weights]),
+            torch.stack([w.block_scale for w in weights]),
+            torch.stack([w.global_scale for w in weights]),
+        )
+
+    @classmethod
+    def from_modelopt(cls, weight: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor):
+        """ModelOpt tensors: packed `weight`, `weight_scale`, scalar `weight_scale_2` (multiplies) -> per-row form."""
+        g = weight_scale_2.float().reshape(weight.shape[:-2] + (1,)).expand(weight.shape[:-1]).contiguous()
+        return cls(weight, weight_scale, g)
+
+    @classmethod
+    def from_compressed_tensors(
+        cls, weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_global_scale: torch.Tensor
+    ):
+        """compressed-tensors tensors: the global scale DIVIDES, so the per-row form holds its reciprocal."""
+        return cls.from_modelopt(weight_packed, weight_scale, 1.0 / weight_global_scale.float())
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, name: str = "weight") -> NVFP4Weight:
+        """Quantize W [..., N, K] with one global scale per matrix (per expert for a stack), ModelOpt recipe."""
+        check_finite(w, name)
+        g = global_scale_from_amax(tensor_amax(w), divides=False)
+        packed, block_scale = quantize(w, g, divides=False, name=name)
+        return cls.from_modelopt(packed, block_scale, g)

@@ -1,0 +1,166 @@
+"""NVFP4 math: E2M1 rounding, packing, block scales and the NVFP4Weight form, against independent formulas."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adallm_core import nvfp4
+from adallm_core.nvfp4 import E2M1_VALUES, NVFP4Weight
+
+GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+
+def reference_round(x: float) -> float:
+    """Nearest E2M1 value by brute force; a tie picks the even magnitude index; beyond 6 saturates."""
+    a = min(abs(x), 6.0)
+    best = min(range(8), key=lambda i: (abs(GRID[i] - a), i % 2))
+    return GRID[best] if x >= 0 else -GRID[best]
+
+
+def reference_quantize(w: torch.Tensor, g: float, divides: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized weight and E4M3 block scales by the published recipe, written out element by element."""
+    n, k = w.shape
+    out = torch.zeros(n, k)
+    scales = torch.zeros(n, k // 16)
+    for r in range(n):
+        for b in range(k // 16):
+            block = w[r, b * 16 : (b + 1) * 16].float()
+            ideal = block.abs().max() / 6.0
+            s = (ideal * g if divides else ideal / g).clamp(max=448).to(torch.float8_e4m3fn).float()
+            eff = s / g if divides else s * g
+            scales[r, b] = s
+            if eff > 0:
+                out[r, b * 16 : (b + 1) * 16] = torch.tensor([reference_round(v) for v in (block / eff).tolist()]) * eff
+    return out, scales
+
+
+def test_every_code_round_trips():
+    codes = torch.arange(16, dtype=torch.uint8)
+    assert torch.equal(nvfp4.e2m1_codes(E2M1_VALUES), codes)
+    all_bytes = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(nvfp4.pack_fp4(nvfp4.unpack_fp4(all_bytes)), all_bytes)
+    # element 2i in the low nibble
+    assert nvfp4.pack_fp4(torch.tensor([0x3, 0xA], dtype=torch.uint8)).item() == 0xA3
+    assert nvfp4.unpack_fp4(torch.tensor([0xA3], dtype=torch.uint8)).tolist() == [0x3, 0xA]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 15), min_size=2, max_size=64).filter(lambda c: len(c) % 2 == 0))
+def test_pack_unpack_round_trip(codes):
+    t = torch.tensor(codes, dtype=torch.uint8).reshape(2, -1) if len(codes) % 4 == 0 else torch.tensor(
+        codes, dtype=torch.uint8
+    )
+    assert torch.equal(nvfp4.unpack_fp4(nvfp4.pack_fp4(t)), t)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.floats(-10, 10, allow_nan=False, width=32))
+def test_rounding_matches_brute_force(x):
+    got = E2M1_VALUES[nvfp4.e2m1_codes(torch.tensor([x])).long()].item()
+    assert got == reference_round(x)
+
+
+def test_rounding_ties_go_to_even():
+    mids = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]
+    want = [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
+    got = E2M1_VALUES[nvfp4.e2m1_codes(torch.tensor(mids)).long()].tolist()
+    assert got == want
+    assert E2M1_VALUES[nvfp4.e2m1_codes(torch.tensor([-1e30, 1e30, -6.01])).long()].tolist() == [-6.0, 6.0, -6.0]
+
+
+@st.composite
+def weights(draw):
+    seed = draw(st.integers(0, 2**31 - 1))
+    n = draw(st.integers(1, 4))
+    k = 16 * draw(st.integers(1, 4))
+    scale = 10.0 ** draw(st.integers(-6, 4))
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * scale
+    # blocks far below the tensor's amax (subnormal E4M3 scales) and all-zero blocks
+    w = w.unflatten(-1, (-1, 16)) * torch.where(torch.rand(n, k // 16, 1, generator=gen) < 0.3, 1e-4, 1.0)
+    w = w * (torch.rand(n, k // 16, 1, generator=gen) > 0.25)
+    return w.flatten(-2).to(draw(st.sampled_from([torch.float32, torch.bfloat16])))
+
+
+@pytest.mark.parametrize("divides", [False, True])
+@settings(max_examples=40, deadline=None)
+@given(w=weights())
+def test_quantize_matches_recipe_and_error_bound(divides, w):
+    g = nvfp4.global_scale_from_amax(nvfp4.tensor_amax(w), divides=divides)
+    packed, block_scale = nvfp4.quantize(w, g, divides=divides)
+    deq = nvfp4.dequantize(packed, block_scale, g, divides=divides)
+    want, want_scales = reference_quantize(w, g.item(), divides)
+    assert torch.equal(block_scale.float(), want_scales)
+    torch.testing.assert_close(deq, want, rtol=1e-6, atol=0)
+    # format bound per block: E4M3 rounds the scale by at most 2^-4 relative (normal range) or 2^-10 absolute
+    # (subnormal), and the E2M1 grid's widest half-gap is 1 (between 4 and 6) in units of the scale
+    gmul = 1 / g.item() if divides else g.item()
+    block_amax = w.float().unflatten(-1, (-1, 16)).abs().amax(-1, keepdim=True)
+    bound = block_amax / 6 * (1 + 2**-4) + 6 * 2**-10 * gmul
+    err = (deq - w.float()).unflatten(-1, (-1, 16)).abs()
+    assert bool((err <= bound * (1 + 1e-6)).all())
+    zero_blocks = block_amax.squeeze(-1) == 0
+    assert bool((block_scale.float()[zero_blocks] == 0).all())
+    assert bool((deq.unflatten(-1, (-1, 16))[zero_blocks] == 0).all())
+
+
+def test_all_zero_tensor():
+    w = torch.zeros(2, 32)
+    q = NVFP4Weight.quantize(w)
+    assert torch.equal(q.global_scale, torch.ones(2))
+    assert torch.equal(q.dequantize(), w)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weight_is_an_error_naming_the_tensor(bad):
+    w = torch.randn(2, 32)
+    w[1, 5] = bad
+    with pytest.raises(ValueError, match="model.layers.3.mlp.up_proj.weight"):
+        NVFP4Weight.quantize(w, name="model.layers.3.mlp.up_proj.weight")
+
+
+def test_k_not_multiple_of_16_is_an_error():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        NVFP4Weight.quantize(torch.randn(4, 24), name="w")
+
+
+def test_weight_cat_is_exact_with_different_global_scales():
+    gen = torch.Generator().manual_seed(0)
+    parts = [NVFP4Weight.quantize(torch.randn(n, 64, generator=gen) * s) for n, s in [(8, 1.0), (4, 30.0), (4, 1e-3)]]
+    fused = NVFP4Weight.cat(parts)
+    assert (fused.out_features, fused.in_features) == (16, 64)
+    assert len(set(fused.global_scale.tolist())) == 3
+    assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
+    assert torch.equal(fused.dequantize(torch.bfloat16, rows=slice(6, 10)), fused.dequantize()[6:10].bfloat16())
+
+
+def test_stacked_experts_have_one_global_scale_each():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(3, 8, 32, generator=gen) * torch.tensor([1.0, 10.0, 0.1])[:, None, None]
+    stacked = NVFP4Weight.quantize(w)
+    assert stacked.global_scale.shape == (3, 8)
+    for e in range(3):
+        one = NVFP4Weight.quantize(w[e])
+        assert torch.equal(stacked.dequantize()[e], one.dequantize())
+        assert stacked.global_scale[e, 0].item() == pytest.approx(w[e].abs().max().item() / 2688, rel=1e-6)
+    assert torch.equal(NVFP4Weight.stack([NVFP4Weight.quantize(w[e]) for e in range(3)]).packed, stacked.packed)
+    assert stacked.nbytes == 3 * 8 * 16 + 3 * 8 * 2 + 3 * 8 * 4
+    assert stacked.to("cpu").device.type == "cpu"
+
+
+def test_conventions_are_reciprocal():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(8, 64, generator=gen)
+    g_div = nvfp4.global_scale_from_amax(nvfp4.tensor_amax(w), divides=True)
+    packed, scale = nvfp4.quantize(w, g_div, divides=True)
+    ct = NVFP4Weight.from_compressed_tensors(packed, scale, g_div.reshape(1))
+    torch.testing.assert_close(ct.dequantize(), nvfp4.dequantize(packed, scale, g_div, divides=True), rtol=1e-6, atol=0)
+    mo = NVFP4Weight.from_modelopt(packed, scale, 1 / g_div)
+    assert torch.equal(mo.dequantize(), ct.dequantize())
+
+
+def test_bad_shapes_are_errors():
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        NVFP4Weight(torch.zeros(4, 8, dtype=torch.uint8), torch.zeros(4, 2).to(torch.float8_e4m3fn), torch.ones(4))
+    with pytest.raises(ValueError, match="dtypes"):
+        NVFP4Weight(torch.zeros(4, 8, dtype=torch.uint8), torch.zeros(4, 1), torch.ones(4))
