@@ -1,0 +1,154 @@
+"""Sampler: one vectorized pass over the batch with per-request parameters.
+
+Order (vLLM's): raw logprobs -> min_tokens ban -> penalties -> greedy argmax | temperature -> top_k -> top_p
+-> min_p -> sample. Sampling is argmax(probs / q) with q ~ Exp(1) (the exponential race, same law as
+multinomial). A seeded request draws its q from its own generator seeded from (seed, completion index, step),
+so its tokens do not depend on what else is in the batch, nor on preemption.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence as Seq
+
+import torch
+
+from adallm_core.sampling_params import SamplingParams
+
+_MASK64 = (1 << 63) - 1
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one sequence in the batch."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    index: int = 0  # which of the request's n completions (seeds differ per completion)
+    banned_token_ids: tuple[int, ...] = ()  # eos / stop ids while fewer than min_tokens were generated
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[Optional[dict[int, float]]]  # per row: sampled token + top-N, None when not requested
+
+
+def step_seed(seed: int, index: int, step: int) -> int:
+    return (seed * 1_000_003 + index * 7_919 + step * 104_729 + 12_345) & _MASK64
+
+
+class Sampler:
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.generator = torch.Generator(self.device).manual_seed(seed)  # for unseeded requests
+
+    def __call__(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> SamplerOutput:
+        """logits: float32 [B, V], one row per entry of `rows`."""
+        assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
+        logits = logits.float().clone()
+        params = [r.params for r in rows]
+        want_logprobs = [p.logprobs is not None for p in params]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+
+        self._ban(logits, rows)
+        self._apply_penalties(logits, rows)
+        greedy = [p.temperature == 0.0 for p in params]
+        if all(greedy):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._sample(logits, rows, greedy)
+
+        token_list = tokens.tolist()
+        out_logprobs: list[Optional[dict[int, float]]] = [None] * len(rows)
+        if raw_logprobs is not None:
+            n_top = max(p.logprobs or 0 for p in params)
+            top_vals, top_ids = raw_logprobs.topk(n_top, dim=-1) if n_top else (None, None)
+            chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+            top_vals_l = top_vals.tolist() if n_top else None
+            top_ids_l = top_ids.tolist() if n_top else None
+            for i, p in enumerate(params):
+                if p.logprobs is None:
+                    continue
+                entry = {token_list[i]: chosen[i]}
+                for j in range(p.logprobs):
+                    entry.setdefault(top_ids_l[i][j], top_vals_l[i][j])
+                out_logprobs[i] = entry
+        return SamplerOutput(token_list, out_logprobs)
+
+    # --- logits processors (in place) ---------------------------------------------------------
+    def _ban(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> None:
+        pairs = [(i, t) for i, r in enumerate(rows) for t in r.banned_token_ids if t < logits.shape[1]]
+        if pairs:
+            idx = torch.tensor(pairs, device=logits.device)
+            logits[idx[:, 0], idx[:, 1]] = float("-inf")
+
+    def _apply_penalties(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> None:
+        params = [r.params for r in rows]
+        rep = [p.repetition_penalty != 1.0 for p in params]
+        freq_pres = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
+        if not any(rep) and not any(freq_pres):
+            return
+        B, V = logits.shape
+        dev = logits.device
+        counts = _token_counts([r.output_token_ids for r in rows], V, dev)  # [B, V] generated-token counts
+        if any(freq_pres):
+            freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
+            pres = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
+            logits -= freq * counts + pres * (counts > 0)
+        if any(rep):
+            seen = (_token_counts([r.prompt_token_ids for r in rows], V, dev) > 0) | (counts > 0)
+            penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None].expand(B, V)
+            scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+            logits.copy_(torch.where(seen, scaled, logits))
+
+    def _sample(self, logits: torch.Tensor, rows: Seq[SamplingRow], greedy: list[bool]) -> torch.Tensor:
+        params = [r.params for r in rows]
+        dev = logits.device
+        B, V = logits.shape
+        greedy_tokens = logits.argmax(dim=-1)
+        temps = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)], device=dev)
+        x = logits / temps[:, None]
+
+        top_k = [p.top_k if 0 < p.top_k < V else V for p in params]
+        top_p = [p.top_p for p in params]
+        if any(k < V for k in top_k) or any(p < 1.0 for p in top_p):
+            sorted_x, order = x.sort(dim=-1, descending=True)
+            rank = torch.arange(V, device=dev)[None, :]
+            drop = rank >= torch.tensor(top_k, device=dev)[:, None]
+            sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+            probs_sorted = sorted_x.softmax(dim=-1)
+            # keep the smallest head whose mass reaches top_p (the first token is always kept)
+            drop |= (probs_sorted.cumsum(dim=-1) - probs_sorted) >= torch.tensor(top_p, device=dev)[:, None]
+            x = x.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+        if any(p.min_p > 0 for p in params):
+            probs = x.softmax(dim=-1)
+            min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
+            x = x.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+
+        probs = x.softmax(dim=-1)
+        q = torch.empty_like(probs)
+        seeded = [i for i, p in enumerate(params) if p.seed is not None and not greedy[i]]
+        unseeded = [i for i in range(B) if i not in set(seeded)]
+        if unseeded:
+            q[unseeded] = torch.empty((len(unseeded), V), device=dev).exponential_(generator=self.generator)
+        for i in seeded:
+            r = rows[i]
+            gen = torch.Generator(dev).manual_seed(step_seed(r.params.seed, r.index, len(r.output_token_ids)))
+            q[i] = torch.empty(V, device=dev).exponential_(generator=gen)
+        sampled = (probs / q.clamp_min_(1e-20)).argmax(dim=-1)
+        return torch.where(torch.tensor(greedy, device=dev), greedy_tokens, sampled)
+
+
+def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[B, V] float counts of each token id per row (ids >= vocab are ignored)."""
+    B = len(token_lists)
+    width = max((len(t) for t in token_lists), default=0)
+    counts = torch.zeros((B, vocab + 1), device=device)
+    if width:
+        ids = torch.full((B, width), vocab, dtype=torch.long)
+        for i, t in enumerate(token_lists):
+            if t:
+                ids[i, : len(t)] = torch.tensor(t).clamp_(max=vocab)
+        counts.scatter_add_(1, ids.to(device), torch.ones((B, width), device=device))
+    return counts[:, :vocab]

@@ -1,0 +1,123 @@
+"""Sampler against closed-form references: empirical frequencies vs softmax, exact penalty arithmetic."""
+import math
+
+import pytest
+import torch
+
+from adallm_core.sampler import Sampler, SamplingRow
+from adallm_core.sampling_params import SamplingParams
+
+PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
+LOGITS = PROBS.log()
+
+
+def rows(n, **kw):
+    return [SamplingRow(SamplingParams(**kw), [1], []) for _ in range(n)]
+
+
+def frequencies(tokens, vocab=4):
+    return torch.bincount(torch.tensor(tokens), minlength=vocab).float() / len(tokens)
+
+
+def sample_many(n=20000, seed=0, **kw):
+    return Sampler(seed=seed)(LOGITS.expand(n, 4), rows(n, **kw)).token_ids
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    out = Sampler()(logits, rows(5, temperature=0.0))
+    assert out.token_ids == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_temperature_matches_softmax(temperature):
+    expected = torch.softmax(LOGITS / temperature, -1)
+    got = frequencies(sample_many(temperature=temperature))
+    assert torch.allclose(got, expected, atol=0.015), (got, expected)
+
+
+@pytest.mark.parametrize(
+    "kw,kept",
+    [
+        (dict(top_k=2), [0, 1]),
+        (dict(top_p=0.7), [0, 1]),  # 0.5 < 0.7 <= 0.5 + 0.3
+        (dict(top_p=0.5), [0]),
+        (dict(min_p=0.2), [0, 1, 2]),  # 0.05 < 0.2 * 0.5
+        (dict(top_k=3, top_p=0.83), [0, 1]),  # top_k first: 0.5+0.3 of the renormalized 0.95 is 0.84 >= 0.83
+    ],
+)
+def test_truncation_renormalizes_over_the_kept_tokens(kw, kept):
+    expected = torch.zeros(4)
+    expected[kept] = PROBS[kept] / PROBS[kept].sum()
+    got = frequencies(sample_many(**kw))
+    assert torch.allclose(got, expected, atol=0.015), (got, expected)
+
+
+def test_penalties_exact_values():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0]])
+    row = SamplingRow(SamplingParams(temperature=0.0, repetition_penalty=2.0, frequency_penalty=0.5,
+                                     presence_penalty=0.25), prompt_token_ids=[4], output_token_ids=[0, 0, 1])
+    processed = logits.clone()
+    Sampler()._apply_penalties(processed, [row])
+    # token 0: 2 - (0.5*2 + 0.25) = 0.75 > 0 -> /2 ; token 1: -1 - 0.75 = -1.75 -> *2 ; token 4 (prompt): -2 * 2
+    assert processed.tolist() == [[0.375, -3.5, 0.5, 3.0, -4.0]]
+
+
+def test_penalties_are_per_row():
+    logits = torch.tensor([[1.0, 0.9], [1.0, 0.9]])
+    plain = SamplingRow(SamplingParams(temperature=0.0), [5], [0])
+    penalized = SamplingRow(SamplingParams(temperature=0.0, frequency_penalty=1.0), [5], [0])
+    assert Sampler()(logits, [plain, penalized]).token_ids == [0, 1]
+
+
+def test_banned_tokens_never_chosen():
+    logits = torch.tensor([[5.0, 1.0, 0.0]])
+    row = SamplingRow(SamplingParams(temperature=0.0), [1], [], banned_token_ids=(0,))
+    assert Sampler()(logits, [row]).token_ids == [1]
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    logits = torch.randn(1, 100, generator=torch.Generator().manual_seed(1))
+
+    def draw(batch_extra, engine_seed, steps=8):
+        out = []
+        for step in range(steps):
+            me = SamplingRow(SamplingParams(temperature=1.0, seed=42), [1], list(range(step)))
+            others = rows(batch_extra, temperature=1.0)
+            batch = torch.cat([torch.randn(batch_extra, 100), logits]) if batch_extra else logits
+            out.append(Sampler(seed=engine_seed)(batch, others + [me]).token_ids[-1])
+        return out
+
+    alone = draw(0, engine_seed=0)
+    assert draw(5, engine_seed=7) == alone
+    assert draw(2, engine_seed=3) == alone
+    assert len(set(alone)) > 1  # it really samples
+
+
+def test_different_seeds_and_completion_indices_differ():
+    logits = torch.zeros(1, 1000)
+    s = Sampler()
+    a = s(logits, [SamplingRow(SamplingParams(seed=1), [1], [])]).token_ids
+    b = s(logits, [SamplingRow(SamplingParams(seed=2), [1], [])]).token_ids
+    c = s(logits, [SamplingRow(SamplingParams(seed=1), [1], [], index=1)]).token_ids
+    assert a != b and a != c
+
+
+def test_logprobs_top_n_and_sampled_token():
+    logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(2))
+    rs = [SamplingRow(SamplingParams(temperature=0.0, logprobs=3), [1], []),
+          SamplingRow(SamplingParams(temperature=0.0), [1], [])]
+    out = Sampler()(logits, rs)
+    ref = torch.log_softmax(logits[0], -1)
+    top = ref.topk(3)
+    assert out.logprobs[1] is None
+    assert set(out.logprobs[0]) == set(top.indices.tolist())  # greedy token is the top-1
+    for tok, lp in out.logprobs[0].items():
+        assert math.isclose(lp, ref[tok].item(), rel_tol=1e-6)
+
+
+def test_logprobs_zero_gives_only_the_sampled_token():
+    logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(3))
+    out = Sampler()(logits, [SamplingRow(SamplingParams(temperature=1.0, logprobs=0, seed=5), [1], [])])
+    (tok, lp), = out.logprobs[0].items()
+    assert tok == out.token_ids[0] and math.isclose(lp, torch.log_softmax(logits[0], -1)[tok].item(), rel_tol=1e-6)
