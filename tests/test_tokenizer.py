@@ -1,0 +1,102 @@
+"""Tokenizer wrapper and incremental detokenizer on a small byte-level BPE that splits multi-byte characters."""
+import json
+
+import pytest
+from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from adallm_core.tokenizer import IncrementalDetokenizer, Tokenizer
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<bos>", "<eos>", "<|end|>"])
+    raw.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    raw.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>",
+                                   clean_up_tokenization_spaces=False)
+    fast.chat_template = TEMPLATE
+    path = tmp_path_factory.mktemp("tok")
+    fast.save_pretrained(path)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 1]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir):
+    return Tokenizer(tok_dir)
+
+
+def stream(tok, prompt, ids, stop=()):
+    d = IncrementalDetokenizer(tok, prompt, stop)
+    shown, stops = [], []
+    for t in ids:
+        stops.append(d.update(t))
+        shown.append(d.output_text(finished=False))
+    return d, shown, stops
+
+
+def test_eos_ids_from_generation_config_then_tokenizer(tok):
+    assert tok.eos_token_ids == (2, 1)
+
+
+def test_multibyte_characters_are_never_split(tok):
+    text = "héllo 你好 wörld 🙂!"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in tok.decode([i]) for i in ids), "the test needs tokens holding partial characters"
+    prompt = tok.encode("hello ")
+    d, shown, _ = stream(tok, prompt, ids)
+    assert all("\ufffd" not in s for s in shown)
+    assert all(b.startswith(a) for a, b in zip(shown, shown[1:]))  # text only grows
+    assert d.text == tok.decode(ids) == text
+
+
+def test_stop_string_across_token_boundaries(tok):
+    ids = tok.encode("the quick brown fox jumps", add_special_tokens=False)
+    stop = "k bro"
+    d, shown, stops = stream(tok, tok.encode("hello"), ids, stop=[stop])
+    hit = next(i for i, s in enumerate(stops) if s)
+    pieces = [tok.decode([t]) for t in ids[: hit + 1]]
+    assert stop not in pieces[-1] and stop in "".join(pieces)  # the match spans tokens
+    assert stops[hit] == stop and d.text == "the quic"
+    assert all(stop not in s for s in shown)
+
+
+def test_text_that_may_start_a_stop_string_is_held_back(tok):
+    d = IncrementalDetokenizer(tok, tok.encode("x"), stop=["fox!"])
+    for t in tok.encode("the quick brown fo", add_special_tokens=False):
+        d.update(t)
+    assert d.text == "the quick brown fo"
+    assert d.output_text(finished=False) == "the quick brown "
+    for t in tok.encode("x jumps", add_special_tokens=False):
+        assert d.update(t) is None
+    assert d.output_text(finished=False) == "the quick brown fox jumps"
+
+
+def test_earliest_of_several_stop_strings_wins(tok):
+    d = IncrementalDetokenizer(tok, [0], stop=["lazy", "over"])
+    stops = [d.update(t) for t in tok.encode("jumps over the lazy dog", add_special_tokens=False)]
+    assert "over" in stops and d.text == "jumps "
+
+
+def test_chat_template_and_no_double_bos(tok):
+    messages = [{"role": "user", "content": "hello"}]
+    assert tok.apply_chat_template(messages) == "<bos><|user|>hello<|end|><|assistant|>"
+    ids = tok.encode_chat(messages)
+    assert ids.count(0) == 1 and ids[0] == 0
+    assert tok.encode("hello")[0] == 0  # plain prompts do get their bos
+
+
+def test_missing_chat_template_is_a_clear_error(tok_dir, tmp_path):
+    fast = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    fast.chat_template = None
+    fast.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no chat template"):
+        Tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}])
