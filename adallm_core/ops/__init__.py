@@ -1,0 +1,88 @@
+"""THE dispatch point for hot ops. `select_ops` picks one implementation per op ONCE at start-up and logs it.
+
+Backends:
+  reference  adallm_core.ops.reference: plain torch, any device, the definition of correct.
+  triton     adallm_core.ops.triton: CUDA kernels. That package exports the ops it implements under the names in
+             OP_NAMES (the rest are taken from reference, by declaration, and the log says which op runs where), and
+             may define `check_device(device)` raising ValueError when it cannot run there.
+  auto       triton on CUDA, reference elsewhere.
+There is no runtime fallback: a backend that cannot run on the device raises here, before any weight loads.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from adallm_core.ops import reference
+from adallm_core.ops.metadata import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+OP_NAMES = (
+    "nvfp4_linear",
+    "rms_norm",
+    "add_rms_norm",
+    "rope",
+    "silu_and_mul",
+    "gelu_tanh_and_mul",
+    "kv_write",
+    "attention",
+    "moe",
+)
+BACKENDS = ("auto", "reference", "triton")
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The op table the models call: ops.nvfp4_linear(x, w), ops.attention(...), ..."""
+
+    name: str  # backend asked for after resolving 'auto'
+    nvfp4_linear: Callable
+    rms_norm: Callable
+    add_rms_norm: Callable
+    rope: Callable
+    silu_and_mul: Callable
+    gelu_tanh_and_mul: Callable
+    kv_write: Callable
+    attention: Callable
+    moe: Callable
+    sources: dict = field(default_factory=dict)  # op name -> module that implements it
+
+
+def select_ops(backend: str, device) -> Ops:
+    device = torch.device(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"kernel_backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "reference"
+    if backend == "reference":
+        module = reference
+    else:
+        module = _load_triton(device)
+    impls = {name: getattr(module, name, None) or getattr(reference, name) for name in OP_NAMES}
+    sources = {name: impls[name].__module__ for name in OP_NAMES}
+    ops = Ops(name=backend, sources=sources, **impls)
+    logger.info("kernel backend %r on %s: %s", backend, device, ", ".join(f"{k}={v}" for k, v in sources.items()))
+    return ops
+
+
+def _load_triton(device: torch.device):
+    if device.type != "cuda":
+        raise ValueError(
+            f"kernel_backend 'triton' needs a CUDA device, got {device}; use kernel_backend='reference' on CPU"
+        )
+    try:
+        module = importlib.import_module("adallm_core.ops.triton")
+    except ImportError as exc:  # not a fallback: we refuse to start and say what is missing
+        raise ValueError(f"kernel_backend 'triton' cannot run: {exc}; install triton or use 'reference'") from exc
+    check = getattr(module, "check_device", None)
+    if check is not None:
+        check(device)
+    return module
+
+
+__all__ = ["Ops", "select_ops", "AttentionMetadata", "OP_NAMES"]

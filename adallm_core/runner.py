@@ -1,0 +1,172 @@
+"""ModelRunner: builds the model on the device, owns the paged KV cache, runs one forward step.
+
+One step = a flat batch of tokens from several sequences (prefill chunks and decodes mixed):
+
+    tokens     [ s0 t0 t1 t2 | s1 t9 | s2 t4 ]      query_start_loc = [0, 3, 4, 5]
+    positions  [  5  6  7    |  12   |  40   ]      start_pos + i
+    slot       block_tables[g][pos // block_size] * block_size + pos % block_size   (one mapping per KV group)
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+
+from adallm_core.model_config import ModelConfig
+from adallm_core.models.layers import ForwardContext
+from adallm_core.models.registry import get_model_class
+from adallm_core.ops import AttentionMetadata, select_ops
+
+logger = logging.getLogger(__name__)
+
+MAX_MODEL_LEN_DEFAULT_CAP = 8192
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class SeqStep:
+    """One sequence's share of a step."""
+
+    token_ids: Sequence[int]  # tokens to compute now (a prefill chunk, or the one token to decode)
+    start_pos: int  # tokens of this sequence already in the KV cache
+    block_tables: Sequence[Sequence[int]]  # one block table per KV group (runner.model_config.kv_groups order)
+    sample: bool = True  # return logits for this sequence's last token
+
+
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
+    return DTYPES[dtype]
+
+
+class ModelRunner:
+    """Owns the model and the KV cache tensors; the engine owns which blocks each sequence uses."""
+
+    def __init__(self, engine_args, checkpoint, device: Union[str, torch.device] = "auto"):
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(engine_args.dtype, self.device)
+        self.ops = select_ops(engine_args.kernel_backend, self.device)  # raises before any weight loads
+        self.kernel_backend = self.ops.name
+        self.model_config = cfg = ModelConfig.from_hf_config(checkpoint.hf_config, checkpoint.path)
+        self.max_model_len = _resolve_max_model_len(engine_args.max_model_len, cfg)
+        self.block_size = engine_args.block_size
+        # fp8: E4M3 with per-layer scales. bf16: unquantized KV, kept at the activations' precision.
+        self.kv_cache_dtype = torch.float8_e4m3fn if engine_args.kv_cache_dtype == "fp8" else (
+            torch.float32 if self.dtype == torch.float32 else torch.bfloat16
+        )
+        model_cls = get_model_class(cfg.architecture)
+        with torch.inference_mode():
+            self.model = model_cls(cfg, checkpoint, self.ops, self.device, self.dtype, self.max_model_len)
+        scales = checkpoint.kv_scales() if engine_args.kv_cache_dtype == "fp8" else {}
+        self.kv_scales = [tuple(float(s) for s in scales.get(i, (1.0, 1.0))) for i in range(cfg.num_layers)]
+        self.kv_groups = cfg.kv_groups
+        self.kv_caches: list[torch.Tensor] = []
+        logger.info(
+            "model %s on %s: dtype %s, kv cache %s (%d KV groups), kernel backend %s, max_model_len %d",
+            cfg.architecture, self.device, self.dtype, self.kv_cache_dtype, len(self.kv_groups),
+            self.kernel_backend, self.max_model_len,
+        )
+
+    # --- KV cache -------------------------------------------------------------------------------------
+    def kv_block_bytes(self) -> list[int]:
+        """Bytes of one block (K and V, every layer of the group) for each KV group."""
+        cfg = self.model_config
+        per_layer = 2 * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.kv_cache_dtype.itemsize
+        return [len(g.layers) * per_layer for g in self.kv_groups]
+
+    def allocate_kv_cache(self, num_blocks: Union[int, Sequence[int]]) -> None:
+        """One zeroed tensor [layers_in_group, 2, num_blocks, block_size, Hk, D] per KV group."""
+        counts = [num_blocks] * len(self.kv_groups) if isinstance(num_blocks, int) else list(num_blocks)
+        if len(counts) != len(self.kv_groups) or min(counts) < 1:
+            raise ValueError(f"num_blocks: need one positive count per KV group ({len(self.kv_groups)}), got {num_blocks}")
+        cfg = self.model_config
+        attn_layers = self.model.attention_layers()
+        self.kv_caches = []
+        for group, n in zip(self.kv_groups, counts):
+            shape = (len(group.layers), 2, n, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+            cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+            self.kv_caches.append(cache)
+            for j, layer in enumerate(group.layers):
+                attn_layers[layer].bind_cache(cache[j, 0], cache[j, 1], *self.kv_scales[layer])
+
+    # --- one step ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, steps: Sequence[SeqStep]) -> torch.Tensor:
+        """Run one forward step -> float32 logits [number of steps with sample=True, vocab], in step order."""
+        if not steps:
+            raise ValueError("execute() needs at least one SeqStep")
+        ids, ctx, sample_rows = self.prepare_inputs(steps)
+        hidden = self.model.forward(ids, ctx)
+        return self.model.compute_logits(hidden[sample_rows])
+
+    def prepare_inputs(self, steps: Sequence[SeqStep]):
+        """Flat token ids, the ForwardContext (positions, per-group metadata and slot mapping), sampled rows."""
+        q_lens = [len(s.token_ids) for s in steps]
+        starts = [s.start_pos for s in steps]
+        self._check(steps, q_lens, starts)
+        cpu = torch.device("cpu")
+        q_lens_t = torch.tensor(q_lens, dtype=torch.int64)
+        starts_t = torch.tensor(starts, dtype=torch.int64)
+        qsl = torch.zeros(len(steps) + 1, dtype=torch.int64)
+        torch.cumsum(q_lens_t, 0, out=qsl[1:])
+        seq_of_token = torch.repeat_interleave(torch.arange(len(steps)), q_lens_t)
+        positions = torch.arange(int(qsl[-1])) - qsl[:-1][seq_of_token] + starts_t[seq_of_token]
+        seq_lens = starts_t + q_lens_t
+        metas, slots = [], []
+        for g in range(len(self.kv_groups)):
+            tables = [list(s.block_tables[g]) for s in steps]
+            width = max(len(t) for t in tables)
+            bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64, device=cpu)
+            slot = bt[seq_of_token, positions // self.block_size] * self.block_size + positions % self.block_size
+            slots.append(slot.to(self.device))
+            metas.append(AttentionMetadata(
+                query_start_loc=qsl.to(torch.int32).to(self.device),
+                seq_lens=seq_lens.to(torch.int32).to(self.device),
+                block_tables=bt.to(torch.int32).to(self.device),
+                max_query_len=max(q_lens),
+                max_seq_len=int(seq_lens.max()),
+            ))
+        ids = torch.tensor(list(itertools.chain.from_iterable(s.token_ids for s in steps)), dtype=torch.int64)
+        sample_rows = (qsl[1:] - 1)[torch.tensor([s.sample for s in steps])]
+        ctx = ForwardContext(positions.to(self.device), tuple(metas), tuple(slots))
+        return ids.to(self.device), ctx, sample_rows.to(self.device)
+
+    def _check(self, steps, q_lens, starts) -> None:
+        if not self.kv_caches:
+            raise RuntimeError("KV cache not allocated: call allocate_kv_cache() first")
+        for i, (s, q, start) in enumerate(zip(steps, q_lens, starts)):
+            if q < 1 or start < 0:
+                raise ValueError(f"SeqStep {i}: needs >= 1 token and start_pos >= 0, got {q} tokens at {start}")
+            if start + q > self.max_model_len:
+                raise ValueError(f"SeqStep {i}: context {start + q} exceeds max_model_len {self.max_model_len}")
+            if len(s.block_tables) != len(self.kv_groups):
+                raise ValueError(f"SeqStep {i}: {len(s.block_tables)} block tables, model has {len(self.kv_groups)} KV groups")
+            need = math.ceil((start + q) / self.block_size)
+            for g, table in enumerate(s.block_tables):
+                if len(table) < need:
+                    raise ValueError(f"SeqStep {i}: block table {g} has {len(table)} blocks, {need} needed for {start + q} tokens")
+
+
+def _resolve_max_model_len(requested, cfg: ModelConfig) -> int:
+    if requested is None:
+        return min(cfg.max_position_embeddings, MAX_MODEL_LEN_DEFAULT_CAP)
+    if requested > cfg.max_position_embeddings:
+        raise ValueError(
+            f"max_model_len {requested} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}"
+        )
+    return requested
