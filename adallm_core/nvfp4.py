@@ -35,7 +35,7 @@ _BOUNDARIES = torch.tensor([0.25, _before(0.75), 1.25, _before(1.75), 2.5, _befo
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     """Round already-scaled values to the nearest E2M1 value (ties to even, saturating at +-6) -> uint8 codes."""
     x = x.float()
-    magnitude = torch.bucketize(x.abs(), _BOUNDARIES.to(x.device)).to(torch.uint8)
+    magnitude = torch.bucketize(x.abs(), _BOUNDARIES.to(x.device), out_int32=True).to(torch.uint8)
     return magnitude | (torch.signbit(x).to(torch.uint8) << 3)
 
 

@@ -1,0 +1,87 @@
+"""Finding and opening the files of a Hugging Face checkpoint folder: config.json and the safetensors shards."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+
+SUPPORTED_ARCHITECTURES = (
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration",  # the text part only
+)
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or field is missing, corrupt or unsupported; the message names which."""
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_config(folder: Path) -> dict:
+    """config.json, checked to be a supported architecture."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a checkpoint folder (does not exist or is not a directory)")
+    config = read_json(folder / "config.json")
+    archs = config.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise CheckpointError(
+            f"{folder / 'config.json'}: field 'architectures' = {archs} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return config
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """The safetensors shards: those named in model.safetensors.index.json, else model.safetensors, else all."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: field 'weight_map' is missing or empty")
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if not (folder / name).is_file():
+                tensor = next(t for t, s in weight_map.items() if s == name)
+                raise CheckpointError(f"{index}: shard {name!r} (holding e.g. tensor {tensor!r}) is missing")
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors weight files found")
+    return files
+
+
+def open_shard(path: Path):
+    """safe_open (memory-mapped), turning safetensors' errors into a CheckpointError naming the file."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own SafetensorError (not a ValueError) for a bad header
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def tensor_index(folder: Path) -> dict[str, Path]:
+    """tensor name -> the shard holding it, read from each shard's own header (so a stale index cannot lie)."""
+    where: dict[str, Path] = {}
+    for path in shard_files(folder):
+        with open_shard(path) as f:
+            for name in f.keys():
+                if name in where:
+                    raise CheckpointError(f"{path}: tensor {name!r} is also in {where[name]}")
+                where[name] = path
+    return where

@@ -1,0 +1,197 @@
+"""BF16/FP16 Hugging Face checkpoint -> NVFP4 checkpoint in the ModelOpt or compressed-tensors layout.
+
+Memory-bounded: tensors are read in row chunks from the memory-mapped input (the map is reopened every
+READ_WINDOW bytes so touched pages do not pile up in RSS) and written piece by piece at precomputed offsets, so the
+peak is a fixed working set, not a shard or a model. Output goes to a temporary folder next to DST, renamed into
+place only when complete: a failed or interrupted run leaves no DST.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adallm_core import nvfp4
+from adallm_core.checkpoint import layout
+from adallm_core.checkpoint.files import INDEX_FILE, CheckpointError, load_config, open_shard, shard_files
+from adallm_core.checkpoint.st_writer import ST_DTYPES, StreamingSafetensorsWriter
+
+CHUNK_ELEMENTS = 1 << 22  # elements per row chunk; the working set is ~20 bytes per element
+READ_WINDOW = 128 << 20  # bytes read through one memory map before reopening it
+_FLOAT_DTYPES = ("BF16", "F16", "F32")
+
+
+@dataclass
+class _Tensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    prefix: str | None  # quantized linear prefix, None when copied as is
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * self.dtype.itemsize
+
+
+class _ShardReader:
+    """Row slices of a shard's tensors through a memory map that is reopened every READ_WINDOW bytes."""
+
+    def __init__(self, path: Path):
+        self.path, self.handle, self.read = path, None, 0
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if self.handle is None or self.read > READ_WINDOW:
+            self.close()
+            self.handle, self.read = open_shard(self.path).__enter__(), 0
+        part = self.handle.get_slice(name)[start:stop] if stop else self.handle.get_tensor(name)
+        self.read += part.numel() * part.element_size()
+        return part
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.__exit__(None, None, None)
+            self.handle = None
+
+
+def _plan_shard(path: Path, exclude: list[str]) -> list[_Tensor]:
+    plan = []
+    with open_shard(path) as f:
+        for name in f.keys():
+            sl = f.get_slice(name)
+            st_dtype, shape = sl.get_dtype(), tuple(sl.get_shape())
+            if st_dtype not in ST_DTYPES:
+                raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {st_dtype}")
+            t = _Tensor(name, ST_DTYPES[st_dtype], shape, layout.quantized_linear_prefix(name))
+            if t.prefix and layout.is_excluded(t.prefix, exclude):
+                t.prefix = None
+            if t.prefix:
+                if st_dtype not in _FLOAT_DTYPES or len(shape) != 2 or shape[1] % layout.GROUP_SIZE:
+                    raise CheckpointError(
+                        f"{path}: tensor {name!r} has dtype {st_dtype} and shape {list(shape)}; NVFP4 needs a 2-D "
+                        f"BF16/FP16/F32 weight with in_features a multiple of {layout.GROUP_SIZE} "
+                        f"(use --exclude to keep this module dense)"
+                    )
+            plan.append(t)
+    return plan
+
+
+def _output_specs(plan: list[_Tensor], fmt: str) -> dict:
+    specs = {}
+    for t in plan:
+        if t.prefix:
+            specs.update(layout.quantized_specs(fmt, t.prefix, *t.shape))
+        else:
+            specs[t.name] = (t.dtype, t.shape)
+    return specs
+
+
+def _row_chunks(shape: tuple[int, ...]):
+    """(start, stop) row ranges of about CHUNK_ELEMENTS elements each."""
+    step = max(1, CHUNK_ELEMENTS // max(1, torch.Size(shape[1:]).numel()))
+    for start in range(0, shape[0], step):
+        yield start, min(shape[0], start + step)
+
+
+def _quantize_tensor(reader: _ShardReader, t: _Tensor, fmt: str, out: StreamingSafetensorsWriter) -> None:
+    divides = fmt == "compressed-tensors"
+    n, k = t.shape
+    where = f"{t.name} (in {reader.path})"
+    amax = torch.zeros(())
+    for a, b in _row_chunks(t.shape):
+        amax = torch.maximum(amax, reader.rows(t.name, a, b).abs().amax().float())
+    nvfp4.check_finite(amax, where)
+    g = nvfp4.global_scale_from_amax(amax, divides=divides)
+    for a, b in _row_chunks(t.shape):
+        packed, block_scale = nvfp4.quantize(reader.rows(t.name, a, b), g, divides=divides, name=where)
+        out.write(f"{t.prefix}.{layout.PACKED_NAME[fmt]}", packed, a * (k // 2))
+        out.write(f"{t.prefix}.weight_scale", block_scale, a * (k // layout.GROUP_SIZE))
+    if divides:
+        out.write(f"{t.prefix}.weight_global_scale", g.reshape(1))
+    else:
+        out.write(f"{t.prefix}.weight_scale_2", g)
+        # Weight-only conversion: no activation calibration. 1.0 keeps readers that expect the field working.
+        out.write(f"{t.prefix}.input_scale", torch.ones((), dtype=torch.float32))
+
+
+def _copy_tensor(reader: _ShardReader, t: _Tensor, out: StreamingSafetensorsWriter) -> None:
+    if not t.shape:  # a scalar
+        out.write(t.name, reader.rows(t.name, 0, 0))
+        return
+    row_bytes = t.nbytes // t.shape[0] if t.shape[0] else 0
+    for a, b in _row_chunks(t.shape):
+        out.write(t.name, reader.rows(t.name, a, b), a * row_bytes)
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """Tokenizer files, generation_config.json, chat template, README...: every top-level file but the weights."""
+    for p in src.iterdir():
+        if p.is_file() and p.suffix != ".safetensors" and p.name not in (INDEX_FILE, "config.json"):
+            shutil.copy2(p, dst / p.name)
+
+
+def quantize_checkpoint(src, dst, fmt: str = "modelopt", exclude=(), progress: bool = True) -> dict:
+    """Convert SRC (BF16/FP16 HF checkpoint) into DST (NVFP4). Returns the summary (also printed when progress)."""
+    from tqdm import tqdm
+
+    src, dst, exclude = Path(src), Path(dst), list(exclude)
+    if fmt not in layout.FORMATS:
+        raise CheckpointError(f"unknown format {fmt!r}; choose from {', '.join(layout.FORMATS)}")
+    if dst.exists():
+        raise CheckpointError(f"{dst}: destination already exists; choose a new folder or remove it")
+    config = load_config(src)
+    if config.get("quantization_config"):
+        raise CheckpointError(f"{src / 'config.json'}: field 'quantization_config' is set; source is already quantized")
+    shards = shard_files(src)
+    plans = {path: _plan_shard(path, exclude) for path in shards}
+    tensors = [t for plan in plans.values() for t in plan]
+    dense = {layout.dense_linear_prefix(t.name) for t in tensors}
+    excluded = {layout.quantized_linear_prefix(t.name) for t in tensors if not t.prefix}
+    ignore = ["lm_head"] + sorted((dense | excluded) - {None, "lm_head"})  # lm_head stays dense even when tied
+    start, bytes_in, bytes_out, n_tensors, n_quantized = time.time(), 0, 0, 0, 0
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        total = sum(t.nbytes for t in tensors)
+        weight_map = {}
+        with tqdm(total=total, unit="B", unit_scale=True, desc="quantize", disable=not progress) as bar:
+            for path, plan in plans.items():
+                specs = _output_specs(plan, fmt)
+                reader = _ShardReader(path)
+                with StreamingSafetensorsWriter(tmp / path.name, specs) as out:
+                    for t in plan:
+                        if t.prefix:
+                            _quantize_tensor(reader, t, fmt, out)
+                        else:
+                            _copy_tensor(reader, t, out)
+                        bar.update(t.nbytes)
+                        bytes_in += t.nbytes
+                        n_tensors += 1
+                        n_quantized += bool(t.prefix)
+                reader.close()
+                bytes_out += out.nbytes
+                weight_map.update(dict.fromkeys(specs, path.name))
+        if len(shards) > 1 or (src / INDEX_FILE).exists():
+            index = {"metadata": {"total_size": bytes_out}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        _copy_side_files(src, tmp)
+        from importlib.metadata import version
+
+        quant_config, hf_quant_config = layout.quantization_config(fmt, ignore, version("adallm"))
+        (tmp / "config.json").write_text(json.dumps({**config, "quantization_config": quant_config}, indent=2) + "\n")
+        if hf_quant_config:
+            (tmp / "hf_quant_config.json").write_text(json.dumps(hf_quant_config, indent=2) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+        os.rename(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary = {
+        "tensors": n_tensors, "quantized": n_quantized, "bytes_in": bytes_in, "bytes_out": bytes_out,
+        "seconds": round(time.time() - start, 3), "format": fmt, "dst": str(dst),
+    }
+    return summary
