@@ -1,0 +1,72 @@
+"""Which NVFP4 layout a checkpoint folder uses, from config.json's quantization_config and/or hf_quant_config.json."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adallm_core.checkpoint.files import CheckpointError, read_json
+from adallm_core.checkpoint.layout import GROUP_SIZE
+
+
+@dataclass(frozen=True)
+class QuantInfo:
+    format: str | None  # 'modelopt' | 'compressed-tensors' | None (unquantized)
+    ignore: list[str] = field(default_factory=list)  # module names / globs / 're:' patterns left dense
+    kv_cache_fp8: bool = False  # the checkpoint declares an FP8 KV cache (it may carry k_scale / v_scale)
+
+
+def _check_group_size(value, where: str) -> None:
+    if value is not None and value != GROUP_SIZE:
+        raise CheckpointError(f"{where} = {value}: NVFP4 needs group size {GROUP_SIZE}")
+
+
+def _modelopt(quant: dict, where: str) -> QuantInfo:
+    algo = quant.get("quant_algo")
+    if algo != "NVFP4":
+        raise CheckpointError(f"{where}: field 'quant_algo' = {algo!r} is not supported (supported: 'NVFP4')")
+    _check_group_size(quant.get("group_size"), f"{where}: field 'group_size'")
+    kv = quant.get("kv_cache_quant_algo")
+    if kv not in (None, "FP8"):
+        raise CheckpointError(f"{where}: field 'kv_cache_quant_algo' = {kv!r} is not supported (FP8 or null)")
+    return QuantInfo("modelopt", list(quant.get("exclude_modules") or quant.get("ignore") or []), kv == "FP8")
+
+
+def _compressed_tensors(qc: dict, where: str) -> QuantInfo:
+    groups = qc.get("config_groups") or {}
+    formats = {qc.get("format")} | {g.get("format") for g in groups.values() if isinstance(g, dict)}
+    if formats - {None, "nvfp4-pack-quantized"}:
+        raise CheckpointError(
+            f"{where}: field 'format' = {sorted(f for f in formats if f)} is not supported "
+            f"(supported: 'nvfp4-pack-quantized')"
+        )
+    if not groups:
+        raise CheckpointError(f"{where}: field 'config_groups' is missing or empty")
+    for name, group in groups.items():
+        w = (group or {}).get("weights") or {}
+        if w.get("num_bits") != 4 or w.get("type") != "float":
+            raise CheckpointError(
+                f"{where}: config_groups.{name}.weights is num_bits={w.get('num_bits')} type={w.get('type')!r}; "
+                f"NVFP4 needs num_bits=4 type='float'"
+            )
+        _check_group_size(w.get("group_size"), f"{where}: field config_groups.{name}.weights.group_size")
+    return QuantInfo("compressed-tensors", list(qc.get("ignore") or []), bool(qc.get("kv_cache_scheme")))
+
+
+def detect_format(folder: Path, config: dict) -> QuantInfo:
+    folder = Path(folder)
+    hf_quant = folder / "hf_quant_config.json"
+    if hf_quant.exists():
+        data = read_json(hf_quant)
+        return _modelopt(data.get("quantization", data), str(hf_quant))
+    qc = config.get("quantization_config")
+    if not qc:
+        return QuantInfo(None)
+    where = f"{folder / 'config.json'} quantization_config"
+    method = qc.get("quant_method")
+    if method == "modelopt":
+        return _modelopt(qc.get("quantization", qc), where)
+    if method == "compressed-tensors":
+        return _compressed_tensors(qc, where)
+    raise CheckpointError(
+        f"{where}: field 'quant_method' = {method!r} is not supported (supported: 'modelopt', 'compressed-tensors')"
+    )

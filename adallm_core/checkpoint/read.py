@@ -1,0 +1,153 @@
+"""Read a checkpoint folder (ModelOpt NVFP4, compressed-tensors NVFP4, or unquantized BF16/FP16) lazily.
+
+Every quantized linear comes out as one NVFP4Weight (per-row multiplying global scale), whatever the layout;
+modules the checkpoint leaves dense come out as a plain [N, K] tensor in their stored dtype. Tensors are read on
+demand from memory-mapped shards; all headers are checked when the Checkpoint is opened, before any work starts.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from adallm_core.checkpoint.detect import detect_format
+from adallm_core.checkpoint.files import CheckpointError, load_config, open_shard, tensor_index
+from adallm_core.checkpoint.layout import GLOBAL_NAME, PACKED_NAME, is_excluded
+from adallm_core.checkpoint.shapes import expected_linear_shape
+from adallm_core.nvfp4 import BLOCK_SIZE, NVFP4Weight
+
+__all__ = ["Checkpoint", "CheckpointError"]
+logger = logging.getLogger(__name__)
+
+# Where Gemma3ForConditionalGeneration keeps the language model (transformers 5 names, then older ones).
+_TEXT_PREFIXES = (
+    ("model.", "model.language_model."), ("model.", "language_model.model."), ("lm_head", "language_model.lm_head"),
+)
+_KV_SCALE = re.compile(r"layers\.(\d+)\.self_attn\.(?:k_proj\.|v_proj\.|attn\.)?([kv])_scale$")
+_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class Checkpoint:
+    """A checkpoint folder. .linear(prefix) -> NVFP4Weight | dense Tensor; .tensor(name); .has(name); .kv_scales()."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.config = load_config(self.path)
+        info = detect_format(self.path, self.config)
+        self.quant_format, self.ignore, self.kv_cache_fp8 = info.format, info.ignore, info.kv_cache_fp8
+        self._where = tensor_index(self.path)
+        self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        for shard in sorted(set(self._where.values())):
+            with open_shard(shard) as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    self._meta[name] = (_dtype(sl.get_dtype(), shard, name), tuple(sl.get_shape()))
+        self._handles: dict[Path, object] = {}
+        self._check_linears()
+
+    @cached_property
+    def hf_config(self):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.path)
+
+    # -- names ------------------------------------------------------------------------------------------------
+    def _resolve(self, name: str) -> str | None:
+        if name in self._where:
+            return name
+        for ours, theirs in _TEXT_PREFIXES:
+            if name.startswith(ours) and theirs + name[len(ours):] in self._where:
+                return theirs + name[len(ours):]
+        return None
+
+    def has(self, name: str) -> bool:
+        return self._resolve(name) is not None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One stored tensor, as stored (norms, embeddings, router, lm_head...)."""
+        real = self._resolve(name)
+        if real is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} not found in any shard")
+        shard = self._where[real]
+        if shard not in self._handles:
+            self._handles[shard] = open_shard(shard).__enter__()
+        return self._handles[shard].get_tensor(real)
+
+    # -- linears ----------------------------------------------------------------------------------------------
+    def _is_quantized(self, prefix: str) -> bool:
+        if self.quant_format is None:
+            return False
+        packed = self._resolve(f"{prefix}.{PACKED_NAME[self.quant_format]}")
+        return packed is not None and self._meta[packed][0] == torch.uint8
+
+    def linear(self, prefix: str) -> NVFP4Weight | torch.Tensor:
+        """'model.layers.0.self_attn.q_proj' or 'model.layers.0.mlp.experts.3.gate_proj' -> NVFP4Weight [N, K], or
+        the dense weight [N, K] when the checkpoint leaves that module unquantized."""
+        if not self._is_quantized(prefix):
+            return self.tensor(f"{prefix}.weight")
+        fmt = self.quant_format
+        packed = self.tensor(f"{prefix}.{PACKED_NAME[fmt]}")
+        scale = self.tensor(f"{prefix}.weight_scale")
+        g = self.tensor(f"{prefix}.{GLOBAL_NAME[fmt]}")
+        if fmt == "modelopt":
+            return NVFP4Weight.from_modelopt(packed, scale, g)
+        return NVFP4Weight.from_compressed_tensors(packed, scale, g)
+
+    def kv_scales(self) -> dict[int, tuple[float, float]]:
+        """layer -> (k_scale, v_scale) for FP8 KV caches, matched by suffix; {} when the checkpoint has none."""
+        found: dict[int, dict[str, float]] = {}
+        for name in self._where:
+            m = _KV_SCALE.search(name)
+            if m:
+                found.setdefault(int(m.group(1)), {})[m.group(2)] = float(self.tensor(name).float().reshape(-1)[0])
+        scales = {layer: (s["k"], s["v"]) for layer, s in sorted(found.items()) if "k" in s and "v" in s}
+        if found:
+            logger.info("%s: found k/v scales for %d of %d layers", self.path, len(scales), len(found))
+        return scales
+
+    # -- validation (headers only) ----------------------------------------------------------------------------
+    def _check_linears(self) -> None:
+        prefixes = {name.rsplit(".", 1)[0] for name in self._meta if name.endswith((".weight", ".weight_packed"))}
+        for prefix in sorted(prefixes):
+            want = expected_linear_shape(self.config, prefix)  # None for embeddings, norms, router, lm_head
+            if self._is_quantized(prefix):
+                self._check_quantized(prefix, want)
+            elif want is not None:
+                self._expect(f"{prefix}.weight", _FLOATS, want)
+
+    def _check_quantized(self, prefix: str, want: tuple[int, int] | None) -> None:
+        fmt = self.quant_format
+        packed_name = f"{prefix}.{PACKED_NAME[fmt]}"
+        if is_excluded(prefix, self.ignore):
+            raise CheckpointError(f"{self.path}: module {prefix!r} is listed as unquantized but stores {packed_name!r}")
+        if want is None:  # a linear this project has no shape rule for: check the parts agree with each other
+            stored = self._meta[packed_name][1]
+            want = (stored[0], stored[-1] * 2) if len(stored) == 2 else (-1, -1)
+        n, k = want
+        self._expect(packed_name, (torch.uint8,), (n, k // 2))
+        self._expect(f"{prefix}.weight_scale", (torch.float8_e4m3fn,), (n, k // BLOCK_SIZE))
+        self._expect(f"{prefix}.{GLOBAL_NAME[fmt]}", (torch.float32,), None)
+
+    def _expect(self, name: str, dtypes: tuple, shape: tuple | None) -> None:
+        real = self._resolve(name)
+        if real is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
+        dtype, got = self._meta[real]
+        where = f"{self._where[real]}: tensor {real!r}"
+        if dtype not in dtypes:
+            raise CheckpointError(f"{where} has dtype {dtype}, expected {' or '.join(map(str, dtypes))}")
+        if shape is None and int(torch.Size(got).numel()) != 1:
+            raise CheckpointError(f"{where} has shape {list(got)}, expected a single value")
+        if shape is not None and got != tuple(shape):
+            raise CheckpointError(f"{where} has shape {list(got)}, expected {list(shape)}")
+
+
+def _dtype(st_dtype: str, shard: Path, name: str) -> torch.dtype:
+    from adallm_core.checkpoint.st_writer import ST_DTYPES
+
+    if st_dtype not in ST_DTYPES:
+        raise CheckpointError(f"{shard}: tensor {name!r} has unsupported dtype {st_dtype}")
+    return ST_DTYPES[st_dtype]

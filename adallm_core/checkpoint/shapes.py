@@ -1,0 +1,33 @@
+"""Expected [out_features, in_features] of each linear of the supported families, from config.json."""
+from __future__ import annotations
+
+import re
+
+from adallm_core.checkpoint.files import CheckpointError
+
+_LINEAR = re.compile(r"layers\.\d+\.(self_attn|mlp)\.(?:experts\.\d+\.)?(\w+_proj)$")
+
+
+def text_config(config: dict) -> dict:
+    """The language-model part of config.json (Gemma3ForConditionalGeneration nests it under text_config)."""
+    return {**config, **config["text_config"]} if isinstance(config.get("text_config"), dict) else config
+
+
+def expected_linear_shape(config: dict, prefix: str) -> tuple[int, int] | None:
+    """(N, K) of 'model.layers.3.self_attn.k_proj' etc., or None when the module is not a known linear."""
+    m = _LINEAR.search(prefix)
+    if not m:
+        return None
+    c = text_config(config)
+    try:
+        hidden = c["hidden_size"]
+        head_dim = c.get("head_dim") or hidden // c["num_attention_heads"]
+        q = c["num_attention_heads"] * head_dim
+        kv = c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim
+        inter = c["moe_intermediate_size"] if ".experts." in prefix else c.get("intermediate_size")
+    except KeyError as e:
+        raise CheckpointError(f"config.json: field {e.args[0]!r} is missing") from None
+    return {
+        "q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
+        "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter),
+    }.get(m.group(2))
