@@ -4,6 +4,7 @@ autoscaled Ada GPU workers that declare GPUs and an accelerator-type resource Ra
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import jsonschema
 import pytest
 import yaml
 
+from ray._common.utils import resources_from_ray_options
+from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
+from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer, get_nodes_for
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager
 from ray.util.accelerators import accelerators
@@ -69,10 +73,13 @@ def test_gpu_workers_are_ada_autoscaled_from_zero():
         assert res["GPU"] >= 1, name
         assert res[ACCEL_PREFIX + accel[name]] == 1, name
         assert node_type["min_workers"] == 0, name
-        assert 1 <= node_type["max_workers"] <= config["max_workers"], name
-    # A multi-GPU node type for tensor parallelism (2 GPUs of one node, or more).
-    assert any(t["resources"]["GPU"] >= 2 for t in workers.values())
-    assert sum(t["max_workers"] for t in workers.values()) >= config["max_workers"] // 2
+        assert node_type["max_workers"] <= config["max_workers"], name
+    one_gpu = [t for t in workers.values() if t["resources"]["GPU"] == 1]
+    assert all(t["max_workers"] >= 2 for t in one_gpu)
+    assert sum(t["max_workers"] for t in one_gpu) >= config["max_workers"] // 2
+    # A multi-GPU node type for tensor parallelism (2 GPUs of one node, or more), off by default.
+    (tp,) = [t for t in workers.values() if t["resources"]["GPU"] >= 2]
+    assert tp["max_workers"] == 0
 
 
 def test_instance_types_match_declared_gpus():
@@ -108,6 +115,52 @@ def test_4090_label_is_the_one_ray_detects():
         assert NvidiaGPUAcceleratorManager._gpu_name_to_accelerator_type(card) == label
 
 
+def autoscaler_plan(demands: list[dict], config: dict | None = None) -> tuple[dict, list]:
+    """The node types Ray's autoscaler (v1, the one `ray up` starts) would launch for these pending
+    demands on a cluster of just the head."""
+    config = prepare_config(config or load())
+    scorer = functools.partial(
+        _default_utilization_scorer, node_availability_summary=NodeAvailabilitySummary(node_availabilities={})
+    )
+    to_add, unmet = get_nodes_for(
+        config["available_node_types"], {config["head_node_type"]: 1}, config["head_node_type"],
+        config["max_workers"], demands, scorer,
+    )  # fmt: skip
+    return dict(to_add), unmet
+
+
+@pytest.mark.parametrize(
+    "options, launched",
+    [
+        ({"num_gpus": 1, "num_cpus": 1, "accelerator_type": "L4"}, {"l4_worker": 1}),
+        ({"num_gpus": 1, "num_cpus": 1, "accelerator_type": "L40S"}, {"l40s_worker": 1}),
+        ({"num_gpus": 1, "num_cpus": 1}, {"l4_worker": 1}),  # no type named: the cheaper card
+    ],
+)
+def test_pending_replica_launches_the_matching_node_type(options, launched):
+    # Ray's own translation of a replica's/actor's options into the demand the autoscaler sees.
+    demand = resources_from_ray_options(options)
+    assert autoscaler_plan([demand]) == (launched, [])
+    assert autoscaler_plan([demand, demand]) == ({k: 2 * v for k, v in launched.items()}, [])
+
+
+def test_tensor_parallel_node_launches_only_once_enabled():
+    # A STRICT_PACK placement group of two 1-GPU bundles is one demand for 2 GPUs of one node.
+    demand = {"GPU": 2, "CPU": 2, "accelerator_type:L4": 0.001}
+    assert autoscaler_plan([demand]) == ({}, [demand])
+    enabled = load()
+    enabled["available_node_types"]["l4_x4_tp_worker"]["max_workers"] = 2
+    assert autoscaler_plan([demand], enabled) == ({"l4_x4_tp_worker": 1}, [])
+    # Why it is off by default: once allowed, it wins over two 1-GPU nodes for two 1-GPU replicas.
+    one_gpu = resources_from_ray_options({"num_gpus": 1, "num_cpus": 1, "accelerator_type": "L4"})
+    assert autoscaler_plan([one_gpu] * 2, enabled) == ({"l4_x4_tp_worker": 1}, [])
+
+
+def test_unknown_accelerator_type_launches_nothing():
+    demand = resources_from_ray_options({"num_gpus": 1, "accelerator_type": "H100"})
+    assert autoscaler_plan([demand]) == ({}, [demand])
+
+
 def local_provider_config() -> dict:
     """cluster.yaml switched to the on-premises provider exactly as its comments say."""
     text = CLUSTER_YAML.read_text()
@@ -139,19 +192,19 @@ def broken(mutate) -> dict:
     "mutate, error, match",
     [
         # a resource count must be an integer
-        (lambda c: c["available_node_types"]["l4"]["resources"].update(GPU="one"), jsonschema.ValidationError,
+        (lambda c: c["available_node_types"]["l4_worker"]["resources"].update(GPU="one"), jsonschema.ValidationError,
          "'one' is not of type 'integer'"),
         # a misspelt key in a node type
-        (lambda c: c["available_node_types"]["l4"].update(min_worker=0), jsonschema.ValidationError, "min_worker"),
+        (lambda c: c["available_node_types"]["l4_worker"].update(min_worker=0), jsonschema.ValidationError, "min_worker"),
         # a node type without resources
-        (lambda c: c["available_node_types"]["l40s"].pop("resources"), jsonschema.ValidationError,
+        (lambda c: c["available_node_types"]["l40s_worker"].pop("resources"), jsonschema.ValidationError,
          "'resources' is a required property"),
         # an unknown top-level key
         (lambda c: c.update(worker_nodes_typo={}), jsonschema.ValidationError, "worker_nodes_typo"),
         # the head type must be one of the node types
         (lambda c: c.update(head_node_type="cpu_head"), ValueError, "head_node_type"),
         # more minimum workers than the global maximum allows
-        (lambda c: c["available_node_types"]["l4"].update(min_workers=99), ValueError, "max_workers"),
+        (lambda c: c["available_node_types"]["l4_worker"].update(min_workers=99), ValueError, "max_workers"),
     ],
     ids=["gpu-not-int", "misspelt-key", "no-resources", "unknown-top-level", "bad-head-type", "min-over-max"],
 )
