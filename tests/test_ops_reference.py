@@ -94,9 +94,9 @@ def test_kv_write_fp8_scales_saturates_and_skips():
 SEQS = [(0, 7), (5, 6), (12, 1), (3, 1)]
 
 
-def _paged_case(cache_dtype, seed=3, hq=4, hk=2, d=16, bs=4):
+def _paged_case(cache_dtype, seed=3, hq=4, hk=2, d=16, bs=4, seqs=SEQS):
     g = torch.Generator().manual_seed(seed)
-    ctx = [s + q for s, q in SEQS]
+    ctx = [s + q for s, q in seqs]
     nblocks = [math.ceil(c / bs) for c in ctx]
     perm = torch.randperm(sum(nblocks) + 1, generator=g).tolist()
     perm.remove(0)  # block 0 is the engine's null block; leave it unused
@@ -110,8 +110,8 @@ def _paged_case(cache_dtype, seed=3, hq=4, hk=2, d=16, bs=4):
     v_cache = torch.zeros_like(k_cache)
     keys = [torch.randn(c, hk, d, generator=g) * 3 for c in ctx]
     vals = [torch.randn(c, hk, d, generator=g) for c in ctx]
-    qs = [torch.randn(q, hq, d, generator=g) for _, q in SEQS]
-    q_lens = torch.tensor([q for _, q in SEQS])
+    qs = [torch.randn(q, hq, d, generator=g) for _, q in seqs]
+    q_lens = torch.tensor([q for _, q in seqs])
     meta = AttentionMetadata(
         query_start_loc=torch.cat([torch.zeros(1, dtype=torch.int64), q_lens.cumsum(0)]).int(),
         seq_lens=torch.tensor(ctx, dtype=torch.int32),
@@ -129,9 +129,9 @@ def _write_all(tables, k_cache, v_cache, keys, vals, k_scale, v_scale, bs=4):
         ref.kv_write(k, v, k_cache, v_cache, slots, k_scale, v_scale)
 
 
-def _sdpa(qs, keys, vals, scale, window):
+def _sdpa(qs, keys, vals, scale, window, seqs=SEQS):
     outs = []
-    for (start, q_len), q, k, v in zip(SEQS, qs, keys, vals):
+    for (start, q_len), q, k, v in zip(seqs, qs, keys, vals):
         qpos = torch.arange(start, start + q_len)[:, None]
         kpos = torch.arange(k.shape[0])[None, :]
         mask = kpos <= qpos
@@ -152,6 +152,15 @@ def test_paged_attention_matches_sdpa(window):
     _write_all(tables, kc, vc, keys, vals, 1.0, 1.0)
     out = ref.attention(torch.cat(qs), kc, vc, meta, 0.3, window, 1.0, 1.0)
     torch.testing.assert_close(out, _sdpa(qs, keys, vals, 0.3, window), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_paged_attention_decode_only_batch(window):
+    seqs = [(12, 1), (3, 1), (7, 1)]
+    meta, tables, kc, vc, keys, vals, qs = _paged_case(torch.float32, seqs=seqs)
+    _write_all(tables, kc, vc, keys, vals, 1.0, 1.0)
+    out = ref.attention(torch.cat(qs), kc, vc, meta, 0.3, window, 1.0, 1.0)
+    torch.testing.assert_close(out, _sdpa(qs, keys, vals, 0.3, window, seqs), rtol=1e-5, atol=1e-5)
 
 
 def test_paged_attention_sliding_window_ignores_dropped_blocks():

@@ -97,7 +97,7 @@ def _gather_keys(cache, slots, valid, scale: float) -> torch.Tensor:
     """cache rows at slots [B, S] -> float32 [B, S, Hk, D]; invalid slots read as 0 (a freed block may hold NaN)."""
     flat = cache.view(-1, *cache.shape[2:])
     out = flat[slots.clamp(min=0)].float()
-    if _is_fp8(cache):
+    if _is_fp8(cache) and scale != 1.0:
         out = out * scale
     return out.masked_fill(~valid[..., None, None], 0.0)
 
@@ -137,8 +137,12 @@ def attention(
 
     # Queries padded to [B, Hk, G, Qmax, D]; row i of sequence b is at position seq_len - q_len + i.
     qmax = meta.max_query_len
-    qpad = torch.zeros(bsz, qmax, hq, d, dtype=torch.float32, device=dev)
-    qpad[meta.token_to_seq, meta.token_index_in_seq] = q.float()
+    decode_only = qmax == 1 and num_tokens == bsz  # one query per sequence: no padding needed
+    if decode_only:
+        qpad = q.float().view(bsz, 1, hq, d)
+    else:
+        qpad = torch.zeros(bsz, qmax, hq, d, dtype=torch.float32, device=dev)
+        qpad[meta.token_to_seq, meta.token_index_in_seq] = q.float()
     qpad = qpad.view(bsz, qmax, hk, groups, d).permute(0, 2, 3, 1, 4)
     out = torch.empty_like(qpad)
     qpos_all = (seq_lens - meta.query_lens)[:, None] + torch.arange(qmax, device=dev)[None, :]  # [B, Qmax]
@@ -156,6 +160,8 @@ def attention(
         out[..., start:stop, :] = torch.matmul(probs, vals)
 
     out = out.permute(0, 3, 1, 2, 4).reshape(bsz, qmax, hq, d)
+    if decode_only:
+        return out.view(num_tokens, hq, d).to(q.dtype)
     return out[meta.token_to_seq, meta.token_index_in_seq].to(q.dtype)
 
 
