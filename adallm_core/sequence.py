@@ -57,6 +57,9 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.detokenizer = None  # set by the engine (IncrementalDetokenizer)
         self.num_preemptions = 0
+        self.num_sent_tokens = 0  # DELTA outputs: what the caller already has
+        self.num_sent_chars = 0
+        self.final_sent = False
 
     # --- token views --------------------------------------------------------------------------
     @property
@@ -98,3 +101,19 @@ class Sequence:
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id}#{self.index}, {self.status.name}, "
                 f"computed={self.num_computed_tokens}/{self.num_tokens})")
+
+
+class Request:
+    """What the user submitted: one prompt, its parameters, and the n sequences generating for it."""
+
+    def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int], params: SamplingParams,
+                 seqs: list[Sequence]):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.seqs = seqs
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)

@@ -72,8 +72,9 @@ class IncrementalDetokenizer:
         self.text = ""  # everything decoded so far (cut at a stop string once one is found)
         self.stop_string: Optional[str] = None
 
-    def update(self, token_id: int) -> Optional[str]:
-        """Add one token; returns the stop string if this token completed one (the text then ends before it)."""
+    def update(self, token_id: int, check_stop: bool = True) -> Optional[str]:
+        """Add one token; returns the stop string if this token completed one (the text then ends before it).
+        check_stop=False (fewer than min_tokens generated): stop strings are not looked for yet."""
         if self.stop_string is not None:  # finished: later tokens are not part of the text
             return self.stop_string
         piece = self.stream.step(self.tokenizer.backend, token_id)
@@ -81,7 +82,7 @@ class IncrementalDetokenizer:
             return None
         search_from = max(0, len(self.text) - self.max_stop_len + 1)
         self.text += piece
-        hits = [(i, s) for s in self.stop if (i := self.text.find(s, search_from)) >= 0]
+        hits = [(i, s) for s in self.stop if check_stop and (i := self.text.find(s, search_from)) >= 0]
         if hits:
             index, self.stop_string = min(hits)
             self.text = self.text[:index]

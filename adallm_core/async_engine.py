@@ -1,0 +1,158 @@
+"""AsyncLLM: the LLMEngine's step loop on a background thread, with one async stream per request.
+
+    asyncio callers ──add_requests / abort──▶ [lock] LLMEngine ◀──step()── engine thread
+          ▲                                                                   │
+          └──── RequestStream (asyncio.Queue) ◀── loop.call_soon_threadsafe ───┘
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import AsyncIterator, Optional, Union
+
+from adallm_core.config import EngineArgs
+from adallm_core.engine import LLMEngine
+from adallm_core.outputs import RequestOutput
+from adallm_core.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped on an error; every request in flight fails with this, and so do new ones."""
+
+
+class RequestStream:
+    """Async iterator over one request's outputs; ends after the finished one."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
+        self.request_id = request_id
+        self.finished = False
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item: Union[RequestOutput, BaseException]) -> None:
+        """Called from the engine thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+            pass
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        return item
+
+
+class AsyncLLM:
+    """Engine for servers: submit requests from asyncio code, stream their outputs, abort them by id."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.engine_args: EngineArgs = engine.engine_args
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.kernel_backend = engine.kernel_backend
+        self._cond = threading.Condition()
+        self._streams: dict[str, RequestStream] = {}
+        self._error: Optional[BaseException] = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run_loop, name="adallm-engine-loop", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> "AsyncLLM":
+        return cls(LLMEngine.from_engine_args(engine_args))
+
+    # --- requests ---------------------------------------------------------------------------------
+    def add_requests(self, items: list[tuple[str, Union[str, list[int]], Optional[SamplingParams]]]
+                     ) -> list[Union[RequestStream, ValueError]]:
+        """Admit many requests in one go (they join the same next step). A bad item gets its ValueError."""
+        self.check_health()
+        loop = asyncio.get_running_loop()
+        results: list[Union[RequestStream, ValueError]] = []
+        with self._cond:
+            for request_id, prompt, params in items:
+                try:
+                    self.engine.add_request(request_id, prompt, params)
+                except ValueError as e:
+                    results.append(e)
+                    continue
+                stream = self._streams[request_id] = RequestStream(request_id, loop)
+                results.append(stream)
+            self._cond.notify()
+        return results
+
+    async def generate(self, prompt: Union[str, list[int]], sampling_params: Optional[SamplingParams],
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        (stream,) = self.add_requests([(request_id, prompt, sampling_params)])
+        if isinstance(stream, ValueError):
+            raise stream
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            if not stream.finished:  # the caller went away (disconnect, cancel): free its blocks now
+                self._abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._abort(request_id)
+
+    def _abort(self, request_id: str) -> None:
+        with self._cond:
+            output = self.engine.abort_request(request_id)
+            stream = self._streams.pop(request_id, None)
+        if stream is not None and output is not None:
+            stream.put(output)  # finished, finish_reason "abort": ends the stream
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def _run_loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self.engine.has_unfinished_requests():
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                    outputs = self.engine.step()
+                    deliveries = []
+                    for out in outputs:
+                        stream = self._streams.get(out.request_id)
+                        if stream is not None:
+                            deliveries.append((stream, out))
+                            if out.finished:
+                                del self._streams[out.request_id]
+                for stream, out in deliveries:
+                    stream.put(out)
+        except BaseException as e:  # noqa: BLE001 - everything that kills the loop must reach the callers
+            logger.exception("engine loop died")
+            with self._cond:
+                self._error = e
+                streams, self._streams = list(self._streams.values()), {}
+            for stream in streams:
+                stream.put(EngineDeadError(f"engine loop died: {e!r}"))
+
+    def check_health(self) -> None:
+        if self._error is not None:
+            raise EngineDeadError(f"engine loop died: {self._error!r}") from self._error
+        if self._stopping or not self._thread.is_alive():
+            raise EngineDeadError("engine is shut down")
+
+    def stats(self) -> dict:
+        with self._cond:
+            return self.engine.stats()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)

@@ -1,0 +1,230 @@
+"""LLMEngine: requests in, one step at a time: schedule -> runner.execute -> sample -> update -> outputs.
+
+AsyncLLM (the background-loop engine for servers) lives in async_engine.py.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Optional, Union
+
+from adallm_core.config import EngineArgs
+from adallm_core.kv_cache import KVCacheManager, KVGroupSpec
+from adallm_core.kv_sizing import blocks_per_group, check_fits, kv_budget_bytes
+from adallm_core.outputs import CompletionOutput, RequestOutput
+from adallm_core.sampler import Sampler, SamplingRow
+from adallm_core.sampling_params import RequestOutputKind, SamplingParams
+from adallm_core.scheduler import Scheduler, SchedulerOutput
+from adallm_core.sequence import Request, Sequence, SequenceStatus
+from adallm_core.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+BATCHED_TOKENS_DEFAULT_CAP = 8192
+
+
+class LLMEngine:
+    """Continuous-batching engine over one ModelRunner. Not thread-safe: AsyncLLM serializes calls."""
+
+    def __init__(self, engine_args: EngineArgs, runner, tokenizer: Tokenizer):
+        self.engine_args = args = engine_args
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.kernel_backend: str = runner.kernel_backend
+        self.max_model_len: int = runner.max_model_len
+        self.vocab_size: int = runner.model_config.vocab_size
+        self.eos_token_ids = tuple(tokenizer.eos_token_ids) or tuple(runner.model_config.eos_token_ids)
+        self.max_num_batched_tokens = args.max_num_batched_tokens or min(
+            max(2048, self.max_model_len), BATCHED_TOKENS_DEFAULT_CAP)
+
+        windows = [g.sliding_window for g in runner.kv_groups]
+        counts = blocks_per_group(
+            kv_budget_bytes(runner.device, args.gpu_memory_utilization, args.cpu_kv_cache_gb),
+            runner.kv_block_bytes(), windows, args.block_size, args.max_num_seqs, self.max_num_batched_tokens,
+            args.num_gpu_blocks_override)
+        check_fits(counts, windows, args.block_size, self.max_model_len, self.max_num_batched_tokens)
+        runner.allocate_kv_cache(counts)
+        self.kv = KVCacheManager([KVGroupSpec(n, args.block_size, w) for n, w in zip(counts, windows)],
+                                 args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, args.max_num_seqs, self.max_num_batched_tokens)
+        self.sampler = Sampler(args.seed, runner.device)
+        self.requests: dict[str, Request] = {}
+        logger.info("engine ready: kernel backend %s, KV blocks per group %s (block_size %d, windows %s), "
+                    "max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d, prefix caching %s",
+                    self.kernel_backend, counts, args.block_size, windows, self.max_model_len, args.max_num_seqs,
+                    self.max_num_batched_tokens, args.enable_prefix_caching)
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
+        from adallm_core.checkpoint.read import Checkpoint
+        from adallm_core.model_source import resolve_model_path
+        from adallm_core.runner import ModelRunner
+
+        path = resolve_model_path(engine_args.model)
+        if engine_args.tensor_parallel_size != 1:
+            raise ValueError(f"tensor_parallel_size={engine_args.tensor_parallel_size}: only 1 is supported so far")
+        tokenizer = Tokenizer(resolve_model_path(engine_args.tokenizer) if engine_args.tokenizer else path)
+        runner = ModelRunner(engine_args, Checkpoint(path), engine_args.device)
+        return cls(engine_args, runner, tokenizer)
+
+    # --- requests ---------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: Union[str, list[int]], params: Optional[SamplingParams] = None,
+                    add_special_tokens: bool = True) -> None:
+        """Queue a request. A bad request raises ValueError naming what is wrong; the engine is untouched."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        params.validate()
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        elif isinstance(prompt, (list, tuple)):
+            text, ids = None, list(prompt)
+            bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool)
+                        or not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"prompt_token_ids: {bad!r} is not a token id in [0, {self.vocab_size})")
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt is empty: it must have at least one token")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, which must also "
+                             f"leave room for at least one generated token")
+        room = self.max_model_len - len(ids)
+        max_tokens = min(params.max_tokens, room) if params.max_tokens is not None else room
+        now = time.monotonic()
+        seqs = []
+        for i in range(params.n):
+            seq = Sequence(request_id, i, ids, params, now, max_tokens)
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
+            seqs.append(seq)
+        self.requests[request_id] = Request(request_id, text, ids, params, seqs)
+        self.scheduler.add(seqs)
+
+    def abort_request(self, request_id: str) -> Optional[RequestOutput]:
+        """Stop a request now and free all its blocks; returns its last output (finish_reason 'abort')."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+        return self._output(req, force=True)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # --- the step -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress although requests are waiting (KV cache too small?)")
+            return []
+        logits = self.runner.execute(self._seq_steps(sched))
+        sampled = [s.seq for s in sched.scheduled if s.sample]
+        result = self.sampler(logits, [self._sampling_row(seq) for seq in sampled]) if sampled else None
+        self.scheduler.update(sched)
+        touched: dict[str, Request] = {}
+        for i, seq in enumerate(sampled):
+            self._append_token(seq, result.token_ids[i], result.logprobs[i])
+            touched[seq.request_id] = self.requests[seq.request_id]
+        outputs = [o for req in touched.values() if (o := self._output(req)) is not None]
+        for req in touched.values():
+            if req.finished:
+                del self.requests[req.request_id]
+        return outputs
+
+    def _seq_steps(self, sched: SchedulerOutput) -> list:
+        from adallm_core.runner import SeqStep
+
+        return [SeqStep(s.seq.token_slice(s.start_pos, s.start_pos + s.num_new_tokens), s.start_pos,
+                        s.seq.block_tables, s.sample) for s in sched.scheduled]
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        p = seq.params
+        banned: tuple[int, ...] = ()
+        if seq.num_output_tokens < p.min_tokens:  # too early to stop: eos and stop tokens are not allowed
+            banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else self.eos_token_ids)
+        return SamplingRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.index, banned)
+
+    def _append_token(self, seq: Sequence, token: int, logprobs: Optional[dict[int, float]]) -> None:
+        """Record the sampled token, then the stop checks in vLLM's order: eos, stop ids, stop strings, length."""
+        seq.append_token(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+            seq.cumulative_logprob += logprobs[token]
+        p = seq.params
+        may_stop = seq.num_output_tokens >= p.min_tokens
+        status = None
+        if may_stop and not p.ignore_eos and token in self.eos_token_ids:
+            status = SequenceStatus.FINISHED_STOPPED
+        elif may_stop and token in p.stop_token_ids:
+            status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
+        elif (stop := seq.detokenizer.update(token, check_stop=may_stop)) is not None:
+            status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
+        elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            status = SequenceStatus.FINISHED_LENGTH
+        if status is not None:
+            self.scheduler.finish(seq, status)
+
+    # --- outputs ------------------------------------------------------------------------------------
+    def _output(self, req: Request, force: bool = False) -> Optional[RequestOutput]:
+        kind = req.params.output_kind
+        finished = req.finished
+        if kind is RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        completions = []
+        for seq in req.seqs:
+            if seq.final_sent:
+                continue
+            done = seq.is_finished
+            text = seq.detokenizer.output_text(done)
+            tokens, logprobs = seq.output_token_ids, seq.logprobs
+            if kind is RequestOutputKind.DELTA:
+                if len(tokens) == seq.num_sent_tokens and not done and not force:
+                    continue
+                text, tokens = text[seq.num_sent_chars:], tokens[seq.num_sent_tokens:]
+                logprobs = logprobs[seq.num_sent_tokens:] if logprobs is not None else None
+                seq.num_sent_chars += len(text)
+                seq.num_sent_tokens += len(tokens)
+                seq.final_sent = done
+            completions.append(CompletionOutput(
+                seq.index, text, list(tokens), seq.status.finish_reason, seq.stop_reason,
+                list(logprobs) if logprobs is not None else None,
+                seq.cumulative_logprob if seq.logprobs is not None else None))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, finished,
+                             num_cached_tokens=req.seqs[0].num_cached_tokens)
+
+    # --- introspection --------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_requests": len(self.requests),
+            "kv_blocks_total": self.kv.num_total_blocks,
+            "kv_blocks_used": self.kv.num_used_blocks,
+            "kv_usage": self.kv.usage,
+            "prefix_cache_query_tokens": self.kv.prefix_cache_queries,
+            "prefix_cache_hit_tokens": self.kv.prefix_cache_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "kernel_backend": self.kernel_backend,
+        }
+
+
+_request_counter = itertools.count()
+
+
+def next_request_id() -> str:
+    return str(next(_request_counter))
+
+
+def __getattr__(name: str):
+    if name in ("AsyncLLM", "EngineDeadError"):  # adallm_core.__init__ looks AsyncLLM up here
+        from adallm_core import async_engine
+
+        return getattr(async_engine, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,31 @@
+"""Where EngineArgs.model points: the built-in demo model, a local folder, or a hub id (snapshot_download)."""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name"
+
+
+def resolve_model_path(model: Optional[str], revision: Optional[str] = None) -> Path:
+    if model is None:
+        from adallm_core.testing import demo_model_path
+
+        path = demo_model_path()
+        logger.info("no model given: using the built-in tiny demo model at %s", path)
+        return path
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"model {model!r} is a file; expected a checkpoint folder (config.json, *.safetensors)")
+    if not _HUB_ID.match(model) or model.startswith((".", "/", "~")):
+        raise ValueError(f"model {model!r}: no such folder, and not a hub id of the form 'org/name'")
+    from huggingface_hub import snapshot_download
+
+    logger.info("fetching %s from the Hugging Face hub into the standard cache", model)
+    return Path(snapshot_download(model, revision=revision))

@@ -1,0 +1,89 @@
+"""`adallm run MODEL [PROMPT]`: stream a completion to the terminal, or chat interactively (`\\q` quits)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, TextIO
+
+from adallm_core.config import EngineArgs
+from adallm_core.sampling_params import RequestOutputKind, SamplingParams
+
+QUIT = "\\q"
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--ignore-eos", action="store_true")
+    # --seed is EngineArgs' flag: it seeds the engine and, here, every request.
+
+
+def sampling_params_from_args(args: argparse.Namespace, **overrides) -> SamplingParams:
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, seed=args.seed, **overrides)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="checkpoint folder or hub id")
+    parser.add_argument("prompt", nargs="?", help="generate for this prompt and exit; without it: interactive")
+    parser.add_argument("--chat", action="store_true", help="apply the chat template and keep the conversation")
+    parser.add_argument("--system", default=None, help="system message for --chat")
+    add_sampling_args(parser, max_tokens=256)
+    EngineArgs.add_cli_args(parser, with_model=False)
+
+
+def main(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
+    from adallm_core.engine import LLMEngine, next_request_id
+
+    try:
+        params = sampling_params_from_args(args, output_kind=RequestOutputKind.DELTA)
+        engine_args = EngineArgs.from_cli_args(args)
+        engine_args.model = args.model
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    engine = LLMEngine.from_engine_args(engine_args)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+
+    def answer(user_text: str) -> Optional[str]:
+        if args.chat:
+            history.append({"role": "user", "content": user_text})
+            prompt, special = engine.tokenizer.apply_chat_template(history), False
+        else:
+            prompt, special = user_text, True
+        try:
+            rid = next_request_id()
+            engine.add_request(rid, prompt, params, add_special_tokens=special)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            if args.chat:
+                history.pop()
+            return None
+        text = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                for c in out.outputs:
+                    stdout.write(c.text)
+                    stdout.flush()
+                    text.append(c.text)
+        stdout.write("\n")
+        stdout.flush()
+        if args.chat:
+            history.append({"role": "assistant", "content": "".join(text)})
+        return "".join(text)
+
+    if args.prompt is not None:
+        return 0 if answer(args.prompt) is not None else 1
+    interactive = stdin.isatty()
+    while True:
+        if interactive:
+            stdout.write("> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line or line.strip() == QUIT:
+            return 0
+        if line.strip():
+            answer(line.rstrip("\n"))

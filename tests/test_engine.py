@@ -1,0 +1,131 @@
+"""LLMEngine on the tiny models: batch invariance, preemption, prefix caching, abort, n > 1, lengths."""
+import pytest
+
+from adallm_core.sampling_params import RequestOutputKind, SamplingParams
+from engine_fixtures import PROMPTS, greedy_tokens, make_engine, run_all
+
+FAMILIES = ["qwen3", "gemma3"]  # gemma3: sliding-window KV group, prompts longer than its window
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def engine(request):
+    return make_engine(request.param)
+
+
+@pytest.fixture(scope="module")
+def alone(engine):
+    """Each prompt's greedy tokens when it runs alone."""
+    return [greedy_tokens(engine, [p])[0] for p in PROMPTS]
+
+
+def test_batch_of_8_equals_alone(engine, alone):
+    assert greedy_tokens(engine, PROMPTS) == alone
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_joining_a_running_batch_midway_equals_alone(engine, alone):
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    for i in range(4):
+        engine.add_request(f"early{i}", PROMPTS[i], params)
+    for _ in range(5):
+        engine.step()
+    for i in range(4, 8):
+        engine.add_request(f"late{i}", PROMPTS[i], params)
+    done = run_all(engine)
+    got = [done[f"early{i}"].outputs[0].token_ids for i in range(4)] + [
+        done[f"late{i}"].outputs[0].token_ids for i in range(4, 8)]
+    assert got == alone
+
+
+def test_preemption_gives_the_same_outputs(engine, alone):
+    family = engine.runner.model_config.model_type
+    small = make_engine("gemma3" if "gemma" in family else "qwen3", num_gpu_blocks_override=20,
+                        max_num_batched_tokens=64)
+    assert greedy_tokens(small, PROMPTS) == alone
+    stats = small.stats()
+    assert stats["num_preemptions"] > 0
+    assert stats["kv_blocks_used"] == 0
+
+
+def test_prefix_cache_reuses_blocks_and_gives_the_same_output(engine):
+    tok = engine.tokenizer
+    shared = tok.encode(PROMPTS[3])[:48]  # 3 full blocks of 16
+    a, b = shared + tok.encode(" first", add_special_tokens=False), shared + tok.encode(" second", add_special_tokens=False)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    engine.add_request("pa", a, params)
+    run_all(engine)
+    hits_before = engine.stats()["prefix_cache_hit_tokens"]
+    engine.add_request("pb", b, params)
+    out = run_all(engine)["pb"]
+    assert out.num_cached_tokens == 48
+    assert engine.stats()["prefix_cache_hit_tokens"] - hits_before == 48
+    family = "gemma3" if "gemma" in engine.runner.model_config.model_type else "qwen3"
+    uncached = make_engine(family, enable_prefix_caching=False)
+    uncached.add_request("pb", b, params)
+    ref = run_all(uncached)["pb"]
+    assert ref.num_cached_tokens == 0 and uncached.stats()["prefix_cache_hit_tokens"] == 0
+    assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+
+
+def test_abort_frees_every_block(engine):
+    params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+    for i in (1, 3, 5):
+        engine.add_request(f"ab{i}", PROMPTS[i], params)
+    for _ in range(3):
+        engine.step()
+    seqs = {s.request_id: s for s in engine.scheduler.running}
+    assert set(seqs) == {"ab1", "ab3", "ab5"}
+    own = sum(len([b for b in t if b]) for t in seqs["ab3"].block_tables)  # distinct prompts: nothing shared
+    used = engine.stats()["kv_blocks_used"]
+    out = engine.abort_request("ab3")
+    assert out.finished and out.outputs[0].finish_reason == "abort"
+    assert engine.stats()["kv_blocks_used"] == used - own
+    engine.abort_request("ab1")
+    engine.abort_request("ab5")
+    assert engine.stats()["kv_blocks_used"] == 0 and not engine.has_unfinished_requests()
+
+
+def test_n_completions_share_the_prompt_and_differ(engine):
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
+    hits_before = engine.stats()["prefix_cache_hit_tokens"]
+    engine.add_request("multi", "A prompt no other test uses, long enough for two full blocks: " * 2, params)
+    out = run_all(engine)["multi"]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 6 and c.finish_reason == "length" for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    full_blocks = (len(out.prompt_token_ids) - 1) // 16
+    assert engine.stats()["prefix_cache_hit_tokens"] - hits_before == 2 * 16 * full_blocks
+
+
+def test_max_tokens_and_max_model_len_end_with_length(engine):
+    engine.add_request("short", "Hello", SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    engine.add_request("long", list(range(5, 250)), SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True))
+    done = run_all(engine)
+    assert len(done["short"].outputs[0].token_ids) == 3 and done["short"].outputs[0].finish_reason == "length"
+    assert len(done["long"].outputs[0].token_ids) == 256 - 245
+
+
+def test_output_kinds(engine):
+    def collect(kind):
+        engine.add_request("k", PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True,
+                                                             output_kind=kind))
+        outs = []
+        while engine.has_unfinished_requests():
+            outs += engine.step()
+        return outs
+
+    cumulative, delta, final = (collect(k) for k in RequestOutputKind)
+    assert len(final) == 1 and final[0].finished
+    assert len(cumulative) == len(delta) == 5
+    assert cumulative[-1].outputs[0].token_ids == final[0].outputs[0].token_ids
+    assert sum((d.outputs[0].token_ids for d in delta), []) == final[0].outputs[0].token_ids
+    assert "".join(d.outputs[0].text for d in delta) == final[0].outputs[0].text
+
+
+def test_logprobs_are_returned_per_token(engine):
+    engine.add_request("lp", PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=4, logprobs=2, ignore_eos=True))
+    c = run_all(engine)["lp"].outputs[0]
+    assert len(c.logprobs) == 4
+    for tok, lps in zip(c.token_ids, c.logprobs):
+        assert tok in lps and lps[tok] == max(lps.values()) and len(lps) == 2  # greedy: the top-1 is the token
+    assert c.cumulative_logprob == pytest.approx(sum(lps[t] for t, lps in zip(c.token_ids, c.logprobs)))
