@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -24,7 +25,10 @@ def resolve_model_path(model: Optional[str], revision: Optional[str] = None) -> 
     if path.exists():
         raise ValueError(f"model {model!r} is a file; expected a checkpoint folder (config.json, *.safetensors)")
     if not _HUB_ID.match(model) or model.startswith((".", "/", "~")):
-        raise ValueError(f"model {model!r}: no such folder, and not a hub id of the form 'org/name'")
+        # Name the machine: on a cluster the folder exists on some nodes and not on others.
+        raise ValueError(
+            f"model {model!r}: no such folder on host {socket.gethostname()!r}, and not a hub id of the form 'org/name'"
+        )
     from huggingface_hub import snapshot_download
 
     logger.info("fetching %s from the Hugging Face hub into the standard cache", model)
