@@ -1,0 +1,43 @@
+"""The 'triton' kernel backend: ops.select_ops('triton', device) takes the ops named in ops.OP_NAMES from here.
+
+Each op is a thin wrapper that checks shapes and dtypes, then launches the kernel of one file:
+  nvfp4_linear               nvfp4_gemm.py       exact BF16 compute; decode (M <= 64) split-K stream, large-M tiles
+  attention                  paged_attention.py  paged FP8/BF16 KV, GQA rows per KV head, split-K for long decode
+  kv_write                   kv_cache_write.py
+  rms_norm, add_rms_norm     rmsnorm.py
+  rope                       rotary.py
+  silu_and_mul, gelu_tanh_and_mul   activation.py
+  moe                        moe_nvfp4.py        tokens sorted by expert, one grouped launch per GEMM
+Not in the op table, for comparison: w4a8_gemm.py (FP8 tensor cores, per-token FP8 activations) and quant.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from adallm_core.ops.triton.activation import gelu_tanh_and_mul, silu_and_mul
+from adallm_core.ops.triton.kv_cache_write import kv_write
+from adallm_core.ops.triton.moe_nvfp4 import moe
+from adallm_core.ops.triton.nvfp4_gemm import nvfp4_linear
+from adallm_core.ops.triton.paged_attention import attention
+from adallm_core.ops.triton.rmsnorm import add_rms_norm, rms_norm
+from adallm_core.ops.triton.rotary import rope
+
+MIN_CAPABILITY = (8, 9)  # Ada: FP8 (E4M3) conversions and tensor cores
+
+
+def check_device(device) -> None:
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise ValueError(f"kernel_backend 'triton' needs a CUDA device, got {device}")
+    cap = torch.cuda.get_device_capability(device)
+    if cap < MIN_CAPABILITY:
+        raise ValueError(
+            f"kernel_backend 'triton' needs compute capability >= 8.9 (Ada, Hopper) for FP8, "
+            f"got {cap[0]}.{cap[1]} on {torch.cuda.get_device_name(device)}; use kernel_backend='reference'"
+        )
+
+
+__all__ = [
+    "nvfp4_linear", "attention", "kv_write", "rms_norm", "add_rms_norm", "rope", "silu_and_mul",
+    "gelu_tanh_and_mul", "moe", "check_device",
+]

@@ -1,0 +1,126 @@
+"""Sparse SwiGLU MoE over NVFP4 experts: route, sort (token, expert) pairs by expert, two grouped GEMM launches.
+
+Layout after sorting, each expert's pairs padded to a multiple of BLOCK_M (graph-safe: all index math on the GPU,
+no host sync; the grid is sized for the worst case and blocks past the end exit):
+    sorted_pairs [P]  pair id (token * top_k + k) or -1 for padding;  block_expert [P / BLOCK_M]  expert or -1
+One launch computes x[token] @ w13[e].T for every pair (rows gathered, weights dequantized in registers exactly as in
+nvfp4_gemm), then silu_and_mul, then one launch of h @ w2[e].T scaled by the pair's routing weight; the top_k rows
+of each token are summed at the end.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from adallm_core.ops.triton.activation import silu_and_mul
+from adallm_core.ops.triton.nvfp4_gemm import DEFAULT_MATH, _EPI, _dequant_tile
+
+
+@triton.jit
+def moe_gemm_kernel(
+    x_ptr, w_ptr, s_ptr, g_ptr, out_ptr, pairs_ptr, block_expert_ptr, route_w_ptr,
+    N, K, top_k,
+    stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ge, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATHER: tl.constexpr,
+    WEIGHTED: tl.constexpr, MATH: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < 0:
+        return
+    BLOCK_KH: tl.constexpr = BLOCK_K // 2
+    BLOCK_KS: tl.constexpr = BLOCK_K // 16
+    pair = tl.load(pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    ok_m = pair >= 0
+    pair = tl.maximum(pair, 0)
+    # GATHER: the first GEMM reads token rows of x; the second reads the pair's own row of h
+    row = pair // top_k if GATHER else pair
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok_n = offs_n < N
+    offs_kx = tl.arange(0, BLOCK_K)
+    offs_kh = tl.arange(0, BLOCK_KH)
+    offs_ks = tl.arange(0, BLOCK_KS)
+    e64 = e.to(tl.int64)
+    x_ptrs = x_ptr + row.to(tl.int64)[:, None] * stride_xm + offs_kx[None, :]
+    w_ptrs = w_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_kh[None, :]
+    s_ptrs = s_ptr + e64 * stride_se + offs_n[:, None] * stride_sn + offs_ks[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(0, K // BLOCK_K):  # the wrapper guarantees BLOCK_K divides K
+        x = tl.load(x_ptrs + t * BLOCK_K, mask=ok_m[:, None], other=0.0)
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_KH, 2)))
+        lo, hi = _dequant_tile(w_ptrs + t * BLOCK_KH, s_ptrs + t * BLOCK_KS, ok_n[:, None], ok_n[:, None],
+                               BLOCK_N, BLOCK_KH, MATH)
+        dt = lo.dtype
+        acc = tl.dot(x_even.to(dt), tl.trans(lo), acc)
+        acc = tl.dot(x_odd.to(dt), tl.trans(hi), acc)
+    g = tl.load(g_ptr + e64 * stride_ge + offs_n, mask=ok_n, other=0.0) * _EPI
+    y = acc * g[None, :]
+    if WEIGHTED:  # round like the unfused path (bf16 linear output), then weight in fp32
+        y = y.to(x_ptr.dtype.element_ty).to(tl.float32) * tl.load(route_w_ptr + pair, mask=ok_m, other=0.0)[:, None]
+    tl.store(out_ptr + pair[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=ok_m[:, None] & ok_n[None, :])
+
+
+def sort_by_expert(experts: torch.Tensor, num_experts: int, block_m: int):
+    """experts [T, k] -> (sorted_pairs [P] int32, block_expert [P / block_m] int32), P the worst-case padded length."""
+    flat = experts.flatten()
+    pairs = flat.numel()
+    padded = triton.cdiv(pairs + num_experts * (block_m - 1), block_m) * block_m
+    dev = flat.device
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    blocks = (counts + block_m - 1) // block_m
+    pad_start = torch.cumsum(blocks, 0) * block_m - blocks * block_m  # first padded row of each expert
+    start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(flat, stable=True)
+    rank = torch.arange(pairs, device=dev) - start[flat[order]]
+    sorted_pairs = torch.full((padded,), -1, dtype=torch.int32, device=dev)
+    sorted_pairs[pad_start[flat[order]] + rank] = order.to(torch.int32)
+    block_ids = torch.arange(padded // block_m, device=dev)
+    block_end = torch.cumsum(blocks, 0)  # expert e owns blocks [block_end[e] - blocks[e], block_end[e])
+    block_expert = torch.searchsorted(block_end, block_ids, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_pairs, block_expert
+
+
+def _grouped(x, w, pairs, block_expert, route_w, top_k, out, gather, weighted, block_m):
+    e, n, kh = w.packed.shape
+    k = kh * 2
+    block_k = 256
+    while k % block_k:
+        block_k //= 2
+    if block_k < 32:
+        raise ValueError(f"moe: expert in_features {k} must be a multiple of 32")
+    grid = (block_expert.numel(), triton.cdiv(n, 64))
+    moe_gemm_kernel[grid](
+        x, w.packed, w.block_scale, w.global_scale, out, pairs, block_expert, route_w,
+        n, k, top_k, x.stride(0), w.packed.stride(0), w.packed.stride(1), w.block_scale.stride(0),
+        w.block_scale.stride(1), w.global_scale.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, GATHER=gather, WEIGHTED=weighted, MATH=DEFAULT_MATH,
+        num_warps=4, num_stages=3,
+    )
+
+
+def moe(x, router_logits, w13, w2, top_k: int, renormalize: bool) -> torch.Tensor:
+    """x [T, H], router_logits [T, E], w13 NVFP4 [E, 2I, H], w2 NVFP4 [E, H, I] -> [T, H] in x.dtype."""
+    t, hidden = x.shape
+    num_experts, two_i, _ = w13.packed.shape
+    if router_logits.shape != (t, num_experts) or w13.in_features != hidden or w2.packed.shape[:2] != (num_experts, hidden):
+        raise ValueError(f"moe: x {tuple(x.shape)}, router {tuple(router_logits.shape)}, w13 {tuple(w13.packed.shape)}, "
+                         f"w2 {tuple(w2.packed.shape)} do not fit")
+    if t == 0:
+        return torch.empty_like(x)
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    block_m = 16 if t * top_k <= 4 * num_experts * 16 else 64
+    pairs, block_expert = sort_by_expert(experts, num_experts, block_m)
+    route_w = weights.flatten().contiguous()
+    gate_up = torch.empty(t * top_k, two_i, dtype=x.dtype, device=x.device)
+    _grouped(x, w13, pairs, block_expert, route_w, top_k, gate_up, True, False, block_m)
+    h = silu_and_mul(gate_up)
+    y = torch.empty(t * top_k, hidden, dtype=torch.float32, device=x.device)
+    _grouped(h, w2, pairs, block_expert, route_w, top_k, y, False, True, block_m)
+    return y.view(t, top_k, hidden).sum(dim=1).to(x.dtype)

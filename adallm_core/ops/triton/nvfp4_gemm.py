@@ -1,0 +1,257 @@
+"""NVFP4 linear, exact BF16 compute: y [M, N] = x [M, K] @ W.T with W packed (4-bit E2M1 + E4M3 per-16 scales).
+
+One kernel for decode (M <= 64: memory bound, split-K for parallelism) and prefill (large tiles). The packed
+weights and scales are read once and turned into BF16 in registers; no BF16 copy of W ever lives in memory.
+
+Exactness (shared/KERNELS.md): an E2M1 value times an E4M3 scale has <= 6 significant bits, so it is exact in
+BF16. The code's 3 magnitude bits shifted to bit 6 ARE the BF16 bit pattern of v * 2^-126 (m=1 lands on the
+subnormal 2^-127 = 0.5 * 2^-126); one BF16 multiply by (scale * 2^118) gives v * scale * 2^-8 exactly, and the
+epilogue multiplies by global_scale * 2^8 in fp32.
+
+Packed byte j of a row holds elements 2j (low nibble) and 2j+1 (high nibble), and both sit in scale group j // 8.
+So the kernel never interleaves weights: it splits x into even and odd columns and runs two dots.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Per-row scale prefactor: bf16(bits) = v * 2^-126, times scale * 2^118 -> v * scale * 2^-8.
+_SCALE_PRE = tl.constexpr(2.0**118)
+_F16_PRE = tl.constexpr(2.0**6)  # fp16 path: v * 2^-14 times scale * 2^6 -> the same v * scale * 2^-8
+_EPI = tl.constexpr(2.0**8)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEFAULT_MATH = 2 if INTERPRET else 3
+
+
+@triton.jit
+def _e2m1_bf16(code):
+    """4-bit codes (int16, values 0..15) -> BF16 v * 2^-126, bit-exact (sign bit 3 -> 15, magnitude -> bits 6..8)."""
+    bits = ((code & 7) << 6) | ((code & 8) << 12)
+    return bits.to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _e2m1_f16(code):
+    """4-bit codes (int16) -> FP16 v * 2^-14, bit-exact (m=1 is the FP16 subnormal 2^-15)."""
+    bits = ((code & 7) << 9) | ((code & 8) << 12)
+    return bits.to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _dequant_tile(w_ptrs, s_ptrs, mask_w, mask_s, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
+                  MATH: tl.constexpr):
+    """Load packed [BLOCK_N, BLOCK_KH] bytes + their scales -> (even, odd) tiles of v * scale * 2^-8, exact.
+
+    MATH 0: BF16 bits times BF16 (scale * 2^118): one packed multiply per two weights (needs BF16 subnormal
+    support, which mul/fma.bf16 have: no .ftz form exists). 1: FP16 bits -> fp32 multiply -> BF16 (same values,
+    more conversions). 2: as 1 but stays fp32 (the Triton CPU interpreter has no BF16 arithmetic or BF16 dot).
+    """
+    b = tl.load(w_ptrs, mask=mask_w, other=0).to(tl.int16)
+    s = tl.load(s_ptrs, mask=mask_s, other=0.0).to(tl.float32)
+    s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_KH // 8, 8)), (BLOCK_N, BLOCK_KH))
+    if MATH == 0:
+        s = (s * _SCALE_PRE).to(tl.bfloat16)  # exact: a power-of-two multiple of an E4M3 value
+        lo = _e2m1_bf16(b & 15) * s
+        hi = _e2m1_bf16(b >> 4) * s
+    else:
+        s = s * _F16_PRE
+        lo = _e2m1_f16(b & 15).to(tl.float32) * s
+        hi = _e2m1_f16(b >> 4).to(tl.float32) * s
+        if MATH == 1:
+            lo = lo.to(tl.bfloat16)
+            hi = hi.to(tl.bfloat16)
+    return lo, hi
+
+# 8 codes of one int32 word (element k+i in bits 4i..4i+3) -> 8 BF16 values v * scale * 2^-8, exact.
+# Pair (i, i+4) sits 16 bits apart, as the two halves of a bf16x2: per pair two shifts and masks place the magnitude
+# at bits 6..8 and the sign at bit 15 of each half (BF16 bits of v * 2^-126), then one fma.rn.bf16x2 by
+# (scale * 2^118, twice) with -0 addend scales both (fma.bf16 keeps subnormals: there is no .ftz form; sm_80+).
+_DEQUANT_ASM = tl.constexpr("""
+{
+.reg .b32 s2, z, t, u, p0, p1, p2, p3;
+mov.b32 s2, {$9, $9};
+mov.b32 z, 0x80008000;
+shl.b32 t, $8, 6;  and.b32 t, t, 0x01C001C0; shl.b32 u, $8, 12; and.b32 u, u, 0x80008000; or.b32 p0, t, u;
+shl.b32 t, $8, 2;  and.b32 t, t, 0x01C001C0; shl.b32 u, $8, 8;  and.b32 u, u, 0x80008000; or.b32 p1, t, u;
+shr.b32 t, $8, 2;  and.b32 t, t, 0x01C001C0; shl.b32 u, $8, 4;  and.b32 u, u, 0x80008000; or.b32 p2, t, u;
+shr.b32 t, $8, 6;  and.b32 t, t, 0x01C001C0; and.b32 u, $8, 0x80008000; or.b32 p3, t, u;
+fma.rn.bf16x2 p0, p0, s2, z;
+fma.rn.bf16x2 p1, p1, s2, z;
+fma.rn.bf16x2 p2, p2, s2, z;
+fma.rn.bf16x2 p3, p3, s2, z;
+mov.b32 {$0, $4}, p0;
+mov.b32 {$1, $5}, p1;
+mov.b32 {$2, $6}, p2;
+mov.b32 {$3, $7}, p3;
+}
+""")
+
+
+@triton.jit
+def _dequant_words(w_ptrs, s_ptrs, mask_w, mask_s, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    """Packed int32 words [BLOCK_N, BLOCK_KW] + scales -> BF16 [BLOCK_N, 8 * BLOCK_KW] in natural K order."""
+    words = tl.load(w_ptrs, mask=mask_w, other=0)
+    s = tl.load(s_ptrs, mask=mask_s, other=0.0).to(tl.float32) * _SCALE_PRE
+    s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_KW // 2, 2)), (BLOCK_N, BLOCK_KW))
+    o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+        _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [words, s.to(tl.bfloat16)],
+        dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    # joins nest so that the flat index is 4a + 2b + c for o_{4a+2b+c} (see reshape's row-major order)
+    x0 = tl.join(tl.join(o0, o4), tl.join(o2, o6))
+    x1 = tl.join(tl.join(o1, o5), tl.join(o3, o7))
+    return tl.reshape(tl.join(x0, x1), (BLOCK_N, 8 * BLOCK_KW))
+
+
+@triton.jit
+def nvfp4_gemm_kernel(
+    x_ptr, w_ptr, s_ptr, g_ptr, out_ptr, part_ptr, lock_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_sn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    MATH: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    # grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K); each split covers a contiguous range of K
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    BLOCK_KH: tl.constexpr = BLOCK_K // 2
+    BLOCK_KS: tl.constexpr = BLOCK_K // 16
+    BLOCK_KW: tl.constexpr = BLOCK_K // 8
+    W_PER_TILE: tl.constexpr = BLOCK_KW if MATH == 3 else BLOCK_KH  # w_ptr elements per K tile
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_kx = tl.arange(0, BLOCK_K)
+    offs_ks = tl.arange(0, BLOCK_KS)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_start = pid_k * tiles_per_split
+    t_stop = tl.minimum(k_tiles, t_start + tiles_per_split)
+
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_kx[None, :]
+    offs_w = tl.arange(0, W_PER_TILE)
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :]
+    s_ptrs = s_ptr + offs_n[:, None] * stride_sn + offs_ks[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(t_start, t_stop):
+        # EVEN_K: K is a multiple of BLOCK_K, so only rows are masked and loads stay 16 bytes wide
+        if EVEN_K:
+            x = tl.load(x_ptrs + t * BLOCK_K, mask=mask_m[:, None], other=0.0)
+            mask_w = mask_n[:, None]
+            mask_s = mask_n[:, None]
+        else:
+            kx = t * BLOCK_K + offs_kx
+            x = tl.load(x_ptrs + t * BLOCK_K, mask=mask_m[:, None] & (kx[None, :] < K), other=0.0)
+            mask_w = mask_n[:, None] & ((t * W_PER_TILE + offs_w)[None, :] < K * W_PER_TILE // BLOCK_K)
+            mask_s = mask_n[:, None] & ((t * BLOCK_KS + offs_ks)[None, :] < K // 16)
+        if MATH == 3:  # w_ptr holds int32 words: 8 codes each
+            w = _dequant_words(w_ptrs + t * BLOCK_KW, s_ptrs + t * BLOCK_KS, mask_w, mask_s, BLOCK_N, BLOCK_KW)
+            acc = tl.dot(x.to(tl.bfloat16), tl.trans(w), acc)
+        else:
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_KH, 2)))
+            lo, hi = _dequant_tile(w_ptrs + t * BLOCK_KH, s_ptrs + t * BLOCK_KS, mask_w, mask_s, BLOCK_N, BLOCK_KH,
+                                   MATH)
+            dt = lo.dtype
+            acc = tl.dot(x_even.to(dt), tl.trans(lo), acc)
+            acc = tl.dot(x_odd.to(dt), tl.trans(hi), acc)
+
+    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0) * _EPI
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, (acc * g[None, :]).to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # Each split writes fp32 partials; the last one to finish (atomic ticket) sums them and resets the ticket,
+        # so one launch does the whole job and the lock array stays zero between calls (CUDA-graph safe).
+        tile = pid_m * num_n + pid_n
+        p_ptrs = part_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :]
+        tl.store(p_ptrs, acc, mask=out_mask)
+        ticket = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for i in range(SPLIT_K):
+                q_ptrs = part_ptr + (i * M + offs_m[:, None]) * N + offs_n[None, :]
+                total += tl.load(q_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptrs, (total * g[None, :]).to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(lock_ptr + tile, 0)
+
+
+_WORKSPACE: dict = {}
+
+
+def _workspace(device, split_k: int, m: int, n: int, tiles: int):
+    """Per-device fp32 partials and zeroed tickets, grown on demand (allocate at warm-up, before graph capture)."""
+    key = device
+    part, lock = _WORKSPACE.get(key, (None, None))
+    if part is None or part.numel() < split_k * m * n:
+        part = torch.empty(max(split_k * m * n, 1 << 20), dtype=torch.float32, device=device)
+    if lock is None or lock.numel() < tiles:
+        lock = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    _WORKSPACE[key] = (part, lock)
+    return part, lock
+
+
+def _num_sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def pick_config(m: int, n: int, k: int, device) -> dict:
+    """Tile choice by shape: small M is a memory-bound stream over W; large M is a tensor-core GEMM."""
+    if m <= 64:
+        block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+        block_n, block_k = 64, 256
+        tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+        split_k = 1
+        # enough programs for ~2 waves over the SMs; each split keeps >= 2 K tiles
+        while tiles * split_k < 2 * _num_sms(device) and k // (block_k * split_k * 2) >= 2:
+            split_k *= 2
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=3,
+                    MATH=DEFAULT_MATH)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8, num_stages=3, MATH=DEFAULT_MATH)
+
+
+def check_args(x: torch.Tensor, w) -> None:
+    if x.dim() != 2 or x.shape[1] != w.in_features:
+        raise ValueError(f"nvfp4_linear: x must be [M, {w.in_features}], got {tuple(x.shape)}")
+    if w.packed.dim() != 2:
+        raise ValueError(f"nvfp4_linear: weight must be 2-D [N, K/2], got packed {tuple(w.packed.shape)}")
+    if x.shape[1] % 16:
+        raise ValueError(f"nvfp4_linear: K={x.shape[1]} must be a multiple of 16")
+    if x.stride(1) != 1 or w.packed.stride(1) != 1 or w.block_scale.stride(1) != 1:
+        raise ValueError("nvfp4_linear: x, packed and block_scale need a contiguous last dim")
+
+
+def nvfp4_linear(x: torch.Tensor, w, config: dict | None = None) -> torch.Tensor:
+    """x [M, K] (bf16/fp16/fp32) @ W.T -> [M, N] in x.dtype, exact BF16 products, fp32 accumulation."""
+    check_args(x, w)
+    m, k = x.shape
+    n = w.out_features
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    cfg = dict(config or pick_config(m, n, k, x.device))
+    cfg.setdefault("MATH", DEFAULT_MATH)
+    while cfg["BLOCK_K"] > 32 and k % cfg["BLOCK_K"]:
+        cfg["BLOCK_K"] //= 2
+    cfg["EVEN_K"] = k % cfg["BLOCK_K"] == 0
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    part, lock = _workspace(x.device, cfg["SPLIT_K"], m, n, tiles) if cfg["SPLIT_K"] > 1 else (out, out)
+    grid = (tiles, cfg["SPLIT_K"])
+    packed, stride_wn = w.packed, w.packed.stride(0)
+    if cfg["MATH"] == 3:  # 8 codes per int32 word (K is a multiple of 16, so rows stay word-aligned)
+        packed, stride_wn = packed.view(torch.int32), stride_wn // 4
+    nvfp4_gemm_kernel[grid](
+        x, packed, w.block_scale, w.global_scale, out, part, lock,
+        m, n, k, x.stride(0), stride_wn, w.block_scale.stride(0), out.stride(0),
+        **cfg,
+    )
+    return out

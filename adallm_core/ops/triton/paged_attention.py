@@ -1,0 +1,185 @@
+"""Causal (optionally sliding-window) GQA attention over the paged FP8/BF16 KV cache: prefill chunks and decodes.
+
+One program owns one KV head of one sequence and a tile of BLOCK_M rows, each row a (query token, query head of
+that KV head's group) pair, so every KV block is read once for all the query heads that share it. Keys are walked
+in tiles of BLOCK_N positions through the block table with an online softmax in fp32. For long contexts the key
+range is cut into NUM_SPLITS parts (grid axis 2) whose partial results (normalized output + log-sum-exp) a second
+small kernel merges. FP8 caches are upcast to BF16 in registers; k_scale folds into the softmax scale and v_scale
+into the output.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from adallm_core.ops.metadata import AttentionMetadata
+from adallm_core.ops.triton.nvfp4_gemm import INTERPRET
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def paged_attention_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, part_o_ptr, part_lse_ptr,
+    qsl_ptr, seq_lens_ptr, bt_ptr,
+    sm_scale, k_scale, v_scale, window,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
+    num_tokens, q_blocks,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr,
+    F32_DOT: tl.constexpr, V_FP16: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid // q_blocks
+    qb = pid % q_blocks
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    if qb * BLOCK_M >= q_len * G:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+
+    rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len * G
+    tok = rows // G  # query index within the sequence
+    head = kvh * G + rows % G
+    qpos = seq_len - q_len + tok
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+
+    # keys this tile of rows can see: [lo, hi)
+    hi = tl.minimum(seq_len, seq_len - q_len + (qb * BLOCK_M + BLOCK_M - 1) // G + 1)
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(0, seq_len - q_len + (qb * BLOCK_M) // G - window + 1)
+    span = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    k_lo = lo + split * span
+    k_hi = tl.minimum(hi, k_lo + span)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    qk_scale = sm_scale * k_scale * _LOG2E
+    if F32_DOT:
+        q = q.to(tl.float32)
+    else:
+        q = q.to(tl.bfloat16)
+    for start in range(k_lo, k_hi, BLOCK_N):
+        kpos = start + tl.arange(0, BLOCK_N)
+        k_ok = kpos < k_hi
+        page = tl.load(bt_ptr + b * stride_bt + kpos // BLOCK_SIZE, mask=k_ok, other=0)
+        page = tl.maximum(page, 0)  # -1 marks blocks nobody needs; masked below
+        slot = page.to(tl.int64) * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kvh * stride_kh
+        k = tl.load(k_ptr + slot[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + slot[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+        if F32_DOT:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        elif V_FP16:  # E4M3 values are exact in FP16, whose 11-bit mantissa keeps the probabilities sharper
+            k = k.to(tl.bfloat16)
+            v = v.to(tl.float16)
+        else:
+            k = k.to(tl.bfloat16)
+            v = v.to(tl.bfloat16)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        ok = k_ok[None, :] & (kpos[None, :] <= qpos[:, None])
+        if USE_WINDOW:
+            ok = ok & (kpos[None, :] > qpos[:, None] - window)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None] * v_scale
+    t = q_start + tok
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + t[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        hq = tl.num_programs(1) * G
+        base = (split * num_tokens + t) * hq + head
+        tl.store(part_o_ptr + base[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None])
+        tl.store(part_lse_ptr + base, lse, mask=row_ok)
+
+
+@triton.jit
+def combine_splits_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_tokens, hq, stride_ot, stride_oh,
+                          NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, HEAD_DIM)
+    base = (sp * num_tokens + t) * hq + h
+    lse = tl.load(part_lse_ptr + base)
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)  # empty splits: exp2(-inf) = 0
+    o = tl.load(part_o_ptr + base[:, None] * HEAD_DIM + d[None, :])
+    out = tl.sum(o * w[:, None], axis=0) / tl.maximum(tl.sum(w, axis=0), 1e-30)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def num_splits_for(meta: AttentionMetadata, kv_heads: int, device) -> int:
+    """Split the key range only for decode-like steps whose (sequence, KV head) programs can't fill the GPU."""
+    if meta.max_query_len > 1 or meta.max_seq_len <= 1024:
+        return 1
+    programs = meta.num_seqs * kv_heads
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    splits = 1
+    while splits < 16 and programs * splits < 2 * sms and meta.max_seq_len // (splits * 2) >= 512:
+        splits *= 2
+    return splits
+
+
+def attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window, k_scale: float,
+              v_scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """q [T, Hq, D] over caches [num_blocks, block_size, Hk, D] -> [T, Hq, D] (q.dtype); see ops.reference."""
+    t, hq, dim = q.shape
+    _, block_size, hk, dk = k_cache.shape
+    if dk != dim or hq % hk or v_cache.shape != k_cache.shape or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"attention: q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)}")
+    if dim & (dim - 1) or q.stride(2) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        raise ValueError("attention: head_dim must be a power of two and q, caches contiguous in the last dim")
+    g = hq // hk
+    out = torch.empty_like(q)
+    if t == 0:
+        return out
+    splits = num_splits or num_splits_for(meta, hk, q.device)
+    if splits & (splits - 1):
+        raise ValueError(f"attention: num_splits must be a power of two, got {splits}")
+    if meta.max_query_len <= 1:
+        block_m = max(16, triton.next_power_of_2(g))
+    else:
+        block_m = 64 if meta.max_query_len * g >= 64 else max(16, triton.next_power_of_2(meta.max_query_len * g))
+    q_blocks = triton.cdiv(meta.max_query_len * g, block_m)
+    if splits > 1:
+        part_o = torch.empty(splits, t, hq, dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(splits, t, hq, dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out
+    grid = (meta.num_seqs * q_blocks, hk, splits)
+    paged_attention_kernel[grid](
+        q, k_cache, v_cache, out, part_o, part_lse,
+        meta.query_start_loc, meta.seq_lens, meta.block_tables,
+        float(scale), float(k_scale) if k_cache.dtype == torch.float8_e4m3fn else 1.0,
+        float(v_scale) if v_cache.dtype == torch.float8_e4m3fn else 1.0, int(sliding_window or 0),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        meta.block_tables.stride(0), out.stride(0), out.stride(1),
+        t, q_blocks,
+        G=g, HEAD_DIM=dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=64, NUM_SPLITS=splits,
+        USE_WINDOW=sliding_window is not None, F32_DOT=INTERPRET,
+        V_FP16=v_cache.dtype == torch.float8_e4m3fn,
+        num_warps=4, num_stages=2,
+    )
+    if splits > 1:
+        combine_splits_kernel[(t, hq)](part_o, part_lse, out, t, hq, out.stride(0), out.stride(1),
+                                       NUM_SPLITS=splits, HEAD_DIM=dim)
+    return out

@@ -1,0 +1,68 @@
+"""Attention part of benchmarks.kernels: paged FP8 decode/prefill kernels beside torch SDPA (BF16, contiguous)."""
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.timing import time_graph
+
+HQ, HK, D, BLOCK = 32, 8, 128, 16  # Qwen3-8B
+
+
+def _paged(batch: int, ctx: int, q_len: int, dev="cuda"):
+    from adallm_core.ops.metadata import AttentionMetadata
+
+    blocks_per_seq = -(-ctx // BLOCK)
+    nb = batch * blocks_per_seq
+    k_cache = torch.randn(nb, BLOCK, HK, D, device=dev).to(torch.float8_e4m3fn)
+    v_cache = torch.randn(nb, BLOCK, HK, D, device=dev).to(torch.float8_e4m3fn)
+    tables = torch.randperm(nb, device=dev).int().view(batch, blocks_per_seq)
+    qsl = torch.arange(batch + 1, device=dev, dtype=torch.int32) * q_len
+    meta = AttentionMetadata(qsl, torch.full((batch,), ctx, dtype=torch.int32, device=dev), tables, q_len, ctx)
+    q = torch.randn(batch * q_len, HQ, D, device=dev, dtype=torch.bfloat16)
+    return q, k_cache, v_cache, meta
+
+
+def bench_attention(rows: list, log) -> None:
+    from adallm_core.ops.triton.paged_attention import attention, num_splits_for
+
+    for batch, ctx in ((1, 8192), (16, 8192), (16, 1024), (64, 2048)):
+        q, kc, vc, meta = _paged(batch, ctx, 1)
+        kv_bytes = 2 * batch * ctx * HK * D  # fp8
+        t = time_graph(lambda: attention(q, kc, vc, meta, D**-0.5, None, 1.0, 1.0), [()])
+        kb = torch.randn(batch, HK, ctx, D, device="cuda", dtype=torch.bfloat16)
+        vb = torch.randn_like(kb)
+        qb = q.view(batch, 1, HQ, D).transpose(1, 2)
+        ts = time_graph(lambda: F.scaled_dot_product_attention(qb, kb, vb, enable_gqa=True), [()])
+        row = dict(kind="decode", batch=batch, ctx=ctx, splits=num_splits_for(meta, HK, q.device), us=t * 1e6,
+                   kv_TBps=kv_bytes / t / 1e12, sdpa_bf16_us=ts * 1e6, sdpa_kv_TBps=2 * kv_bytes / ts / 1e12)
+        log(json.dumps(row))
+        rows.append(row)
+        del kc, vc, kb, vb
+    for ctx in (2048, 8192):  # one prefill of ctx tokens, causal
+        q, kc, vc, meta = _paged(1, ctx, ctx)
+        t = time_graph(lambda: attention(q, kc, vc, meta, D**-0.5, None, 1.0, 1.0), [()], reps=5)
+        kb = torch.randn(1, HK, ctx, D, device="cuda", dtype=torch.bfloat16)
+        vb = torch.randn_like(kb)
+        qb = q.view(1, ctx, HQ, D).transpose(1, 2)
+        ts = time_graph(lambda: F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=True), [()],
+                        reps=5)
+        flops = 4 * ctx * ctx * HQ * D / 2  # causal
+        row = dict(kind="prefill", batch=1, ctx=ctx, us=t * 1e6, TFLOPs=flops / t / 1e12, sdpa_bf16_us=ts * 1e6,
+                   sdpa_TFLOPs=flops / ts / 1e12)
+        log(json.dumps(row))
+        rows.append(row)
+
+
+def print_attention(rows: list, bw: float) -> None:
+    print(f"\nAttention, Qwen3-8B heads (32 q / 8 kv x 128), FP8 paged cache (block {BLOCK}) vs torch SDPA on BF16")
+    for r in rows:
+        if r["kind"] == "decode":
+            print(f"decode  batch {r['batch']:3d} ctx {r['ctx']:5d} splits {r['splits']:2d}: {r['us']:8.1f} us "
+                  f"{r['kv_TBps']:.2f} TB/s ({100 * r['kv_TBps'] * 1e12 / bw:.0f}% of copy) | SDPA bf16 "
+                  f"{r['sdpa_bf16_us']:.1f} us {r['sdpa_kv_TBps']:.2f} TB/s")
+        else:
+            print(f"prefill batch   1 ctx {r['ctx']:5d}: {r['us']:8.1f} us {r['TFLOPs']:.0f} TFLOP/s | SDPA bf16 "
+                  f"{r['sdpa_bf16_us']:.1f} us {r['sdpa_TFLOPs']:.0f} TFLOP/s")

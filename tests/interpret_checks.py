@@ -1,0 +1,41 @@
+"""Run the Triton kernels' logic on the CPU (TRITON_INTERPRET=1, set by the caller) at tiny shapes; print JSON errors.
+
+Run as `TRITON_INTERPRET=1 python tests/interpret_checks.py`; tests/test_kernels_interpret.py does so in a
+subprocess, so the interpreter setting never leaks into other tests.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+import kernel_cases as kc
+
+
+def main() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    torch.manual_seed(0)
+    dev = "cpu"
+    small = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1)
+    results = {
+        "linear_m3": kc.case_nvfp4_linear(dev, 3, 32, 64, dict(small, SPLIT_K=1), torch.float32),
+        "linear_split3_ragged": kc.case_nvfp4_linear(dev, 5, 24, 160, dict(small, SPLIT_K=3), torch.float32),
+        "linear_k_not_tile": kc.case_nvfp4_linear(dev, 2, 16, 48, dict(small, BLOCK_K=64, SPLIT_K=1), torch.float32),
+        "rms_norm": kc.case_rms_norm(dev, 3, 24, dtype=torch.float32),
+        "add_rms_norm_gemma": kc.case_rms_norm(dev, 3, 24, offset=1.0, add=True, dtype=torch.float32),
+        "rope": kc.case_rope(dev, 5, 4, 2, 16, dtype=torch.float32),
+        "silu_and_mul": kc.case_act(dev, 3, 40, gelu=False, dtype=torch.float32),
+        "gelu_tanh_and_mul": kc.case_act(dev, 3, 40, gelu=True, dtype=torch.float32),
+        "kv_write_bf16": kc.case_kv_write(dev, 5, 2, 16, fp8=False),  # the interpreter rounds FP8 wrongly
+        "attention_mixed": kc.case_attention(dev, [3, 1, 5], [4, 9, 0], hq=4, hk=2, d=16, fp8=False,
+                                              dtype=torch.float32),
+        "attention_window_split": kc.case_attention(dev, [1, 1], [17, 30], hq=4, hk=2, d=16, fp8=False, window=8,
+                                                    num_splits=4, dtype=torch.float32),
+        "moe": kc.case_moe(dev, 5, 32, 32, 4, 2, dtype=torch.float32),
+    }
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

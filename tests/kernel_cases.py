@@ -1,0 +1,128 @@
+"""Kernel-vs-reference cases shared by the GPU tests and the Triton-interpreter CI tests.
+
+Each case draws fresh random inputs on `dev`, runs one Triton op (outputs poisoned where the op takes an out
+buffer: the wrappers allocate with torch.empty, and the GPU test poisons the allocator via a NaN-filled cache),
+runs ops.reference on the same inputs, and returns ||out - ref|| / ||ref||.
+"""
+from __future__ import annotations
+
+import torch
+
+from adallm_core.nvfp4 import NVFP4Weight
+from adallm_core.ops import reference
+from adallm_core.ops.metadata import AttentionMetadata
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float(), ref.float()
+    if not torch.isfinite(out).all():
+        return float("inf")  # unwritten (poisoned) or broken output
+    return ((out - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+def random_nvfp4(n: int, k: int, dev, experts: int | None = None, scale_exp=(-9.0, 8.0)) -> NVFP4Weight:
+    lead = () if experts is None else (experts,)
+    packed = torch.randint(0, 256, lead + (n, k // 2), dtype=torch.uint8, device=dev)
+    # block scales over E4M3's range, subnormals included
+    scale = torch.empty(lead + (n, k // 16), device=dev).uniform_(*scale_exp).exp2().to(torch.float8_e4m3fn)
+    return NVFP4Weight(packed, scale, torch.rand(lead + (n,), device=dev) * 1e-2 + 1e-3)
+
+
+def case_nvfp4_linear(dev, m, n, k, config=None, dtype=torch.bfloat16) -> float:
+    from adallm_core.ops.triton.nvfp4_gemm import nvfp4_linear
+
+    w = random_nvfp4(n, k, dev)
+    x = torch.randn(m, k, device=dev).to(torch.bfloat16).to(dtype)  # BF16 values: the kernel's dot is BF16
+    return rel_err(nvfp4_linear(x, w, config), reference.nvfp4_linear(x, w))
+
+
+def case_rms_norm(dev, t, h, offset=0.0, add=False, dtype=torch.bfloat16) -> float:
+    from adallm_core.ops.triton import add_rms_norm, rms_norm
+
+    x = torch.randn(t, h, device=dev).to(dtype) * 3
+    w = torch.randn(h, device=dev).to(dtype)
+    if not add:
+        return rel_err(rms_norm(x, w, 1e-6, offset), reference.rms_norm(x, w, 1e-6, offset))
+    r = torch.randn(t, h, device=dev).to(dtype)
+    out, summed = add_rms_norm(x, r, w, 1e-6, offset)
+    ref_out, ref_sum = reference.add_rms_norm(x, r, w, 1e-6, offset)
+    return max(rel_err(out, ref_out), rel_err(summed, ref_sum))
+
+
+def case_rope(dev, t, hq, hk, d, dtype=torch.bfloat16) -> float:
+    from adallm_core.ops.triton import rope
+
+    q = torch.randn(t, hq, d, device=dev).to(dtype)
+    k = torch.randn(t, hk, d, device=dev).to(dtype)
+    pos = torch.randint(0, 100, (t,), device=dev)
+    freqs = torch.outer(torch.arange(100, device=dev).float(), 1.0 / 10000 ** (torch.arange(0, d, 2, device=dev) / d))
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    qo, ko = rope(q, k, pos, cos_sin)
+    qr, kr = reference.rope(q, k, pos, cos_sin)
+    return max(rel_err(qo, qr), rel_err(ko, kr))
+
+
+def case_act(dev, t, inter, gelu: bool, dtype=torch.bfloat16) -> float:
+    from adallm_core.ops.triton import gelu_tanh_and_mul, silu_and_mul
+
+    x = torch.randn(t, 2 * inter, device=dev).to(dtype) * 2
+    if gelu:
+        return rel_err(gelu_tanh_and_mul(x), reference.gelu_tanh_and_mul(x))
+    return rel_err(silu_and_mul(x), reference.silu_and_mul(x))
+
+
+def case_kv_write(dev, t, hk, d, fp8: bool) -> float:
+    from adallm_core.ops.triton import kv_write
+
+    blocks, bs = 6, 4
+    dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    caches = [torch.randn(blocks, bs, hk, d, device=dev).to(dtype) for _ in range(2)]
+    caches += [c.clone() for c in caches]
+    k = torch.randn(t, hk, d, device=dev).to(torch.bfloat16) * 4
+    v = torch.randn(t, hk, d, device=dev).to(torch.bfloat16) * 4
+    slots = torch.randperm(blocks * bs, device=dev)[:t]
+    slots[0] = -1
+    kv_write(k, v, caches[0], caches[1], slots, 0.05, 0.5)  # 0.05: values past 448 saturate
+    reference.kv_write(k, v, caches[2], caches[3], slots, 0.05, 0.5)
+    return max(rel_err(caches[0], caches[2]), rel_err(caches[1], caches[3]))
+
+
+def build_paged_case(dev, q_lens, ctx_lens, hq, hk, d, block_size, fp8, num_blocks=None, dtype=torch.bfloat16):
+    """Random paged caches and metadata: sequence b has ctx_lens[b] cached tokens plus q_lens[b] new ones."""
+    seq_lens = [c + q for c, q in zip(ctx_lens, q_lens)]
+    per_seq = [-(-s // block_size) for s in seq_lens]
+    num_blocks = num_blocks or sum(per_seq) + 3
+    perm = torch.randperm(num_blocks, device=dev)
+    max_blocks = max(per_seq)
+    tables = torch.full((len(q_lens), max_blocks), -1, dtype=torch.int32, device=dev)
+    used = 0
+    for b, nb in enumerate(per_seq):
+        tables[b, :nb] = perm[used : used + nb].int()
+        used += nb
+    cdtype = torch.float8_e4m3fn if fp8 else dtype
+    k_cache = (torch.randn(num_blocks, block_size, hk, d, device=dev) * 2).to(cdtype)
+    v_cache = (torch.randn(num_blocks, block_size, hk, d, device=dev) * 2).to(cdtype)
+    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32, device=dev)
+    meta = AttentionMetadata(qsl, torch.tensor(seq_lens, dtype=torch.int32, device=dev), tables,
+                             max(q_lens), max(seq_lens))
+    q = torch.randn(sum(q_lens), hq, d, device=dev).to(dtype)
+    return q, k_cache, v_cache, meta
+
+
+def case_attention(dev, q_lens, ctx_lens, hq=4, hk=2, d=32, block_size=4, fp8=True, window=None,
+                   num_splits=None, dtype=torch.bfloat16) -> float:
+    from adallm_core.ops.triton.paged_attention import attention
+
+    q, kc, vc, meta = build_paged_case(dev, q_lens, ctx_lens, hq, hk, d, block_size, fp8, dtype=dtype)
+    args = (q, kc, vc, meta, d**-0.5, window, 0.7, 1.3)
+    return rel_err(attention(*args, num_splits=num_splits), reference.attention(*args))
+
+
+def case_moe(dev, t, hidden, inter, experts, top_k, dtype=torch.bfloat16) -> float:
+    from adallm_core.ops.triton import moe
+
+    w13 = random_nvfp4(2 * inter, hidden, dev, experts, scale_exp=(-4.0, 0.0))
+    w2 = random_nvfp4(hidden, inter, dev, experts, scale_exp=(-4.0, 0.0))
+    x = torch.randn(t, hidden, device=dev).to(dtype)
+    logits = torch.randn(t, experts, device=dev)
+    return rel_err(moe(x, logits, w13, w2, top_k, True), reference.moe(x, logits, w13, w2, top_k, True))

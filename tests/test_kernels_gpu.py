@@ -1,0 +1,123 @@
+"""Every Triton kernel against ops.reference on fresh random inputs, on the GPU (skipped without CUDA).
+
+Before each test the CUDA caching allocator is filled with NaN-poisoned blocks, so an output element a kernel
+fails to write shows up as NaN (rel_err then returns inf). Tolerances: ||out - ref|| / ||ref|| <= 2e-3 where both
+sides compute exactly and round once to bf16; W4A8 is exact w.r.t. its own FP8 activations, and within the E4M3
+rounding of the activations (about 2.7% on Gaussian data) of the exact result.
+"""
+from __future__ import annotations
+
+import kernel_cases as kc
+import pytest
+import torch
+
+from adallm_core.ops import reference
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+EXACT = 2e-3
+
+
+@pytest.fixture(autouse=True)
+def poison_allocator():
+    """Fill cached allocator blocks (small and large pools) with NaN, then free them for the kernels to reuse."""
+    if not torch.cuda.is_available():
+        return
+    blocks = [torch.empty(1 << 17, device=DEV) for _ in range(64)]  # small pool (< 1 MB each)
+    blocks += [torch.empty(1 << 24, device=DEV) for _ in range(4)]  # large pool
+    for b in blocks:
+        b.fill_(float("nan"))
+    del blocks
+    torch.manual_seed(torch.seed() % (1 << 31))  # fresh inputs every run
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 37, 64, 65, 300])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (96, 3072), (200, 208)])
+def test_nvfp4_linear(m, n, k):
+    assert kc.case_nvfp4_linear(DEV, m, n, k) <= EXACT
+
+
+@pytest.mark.parametrize("math", [0, 1])
+@pytest.mark.parametrize("split", [1, 3, 8])
+def test_nvfp4_linear_variants(math, split):
+    """Every decode variant (BF16 or fp32 multiply; split-K with the last-program reduction) gives the same result;
+    repeated calls check that the split-K tickets reset themselves."""
+    cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=split, num_warps=4, num_stages=3, MATH=math)
+    for _ in range(3):
+        assert kc.case_nvfp4_linear(DEV, 5, 512, 2048, cfg) <= EXACT
+
+
+def test_nvfp4_linear_is_exact_in_fp32():
+    """fp32 activations that are BF16 values: BF16 products are exact, only the fp32 summation order differs."""
+    assert kc.case_nvfp4_linear(DEV, 16, 256, 1024, dtype=torch.float32) <= 1e-5
+
+
+@pytest.mark.parametrize("m,k", [(1, 4096), (7, 12288), (130, 96)])
+def test_per_token_fp8(m, k):
+    from adallm_core.ops.triton.quant import per_token_fp8, per_token_fp8_reference
+
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16) * torch.rand(m, 1, device=DEV, dtype=torch.bfloat16) * 10
+    q, s = per_token_fp8(x)
+    q_ref, s_ref = per_token_fp8_reference(x)
+    torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
+    assert kc.rel_err(q.float() * s[:, None], q_ref.float() * s_ref[:, None]) <= 1e-3
+
+
+@pytest.mark.parametrize("m", [16, 100, 2048])
+def test_w4a8_linear(m):
+    from adallm_core.ops.triton.quant import per_token_fp8_reference
+    from adallm_core.ops.triton.w4a8_gemm import w4a8_linear
+
+    w = kc.random_nvfp4(384, 1024, DEV)
+    x = torch.randn(m, 1024, device=DEV, dtype=torch.bfloat16)
+    out = w4a8_linear(x, w)
+    q, s = per_token_fp8_reference(x)
+    assert kc.rel_err(out, reference.nvfp4_linear(q.float() * s[:, None], w)) <= EXACT
+    assert kc.rel_err(out, reference.nvfp4_linear(x, w)) <= 4e-2
+
+
+@pytest.mark.parametrize("t,h", [(1, 4096), (5, 5376), (33, 100)])
+@pytest.mark.parametrize("add,offset", [(False, 0.0), (True, 0.0), (True, 1.0)])
+def test_rms_norm(t, h, add, offset):
+    assert kc.case_rms_norm(DEV, t, h, offset=offset, add=add) <= EXACT
+
+
+@pytest.mark.parametrize("t,hq,hk,d", [(1, 32, 8, 128), (37, 32, 16, 128), (5, 4, 1, 64)])
+def test_rope(t, hq, hk, d):
+    assert kc.case_rope(DEV, t, hq, hk, d) <= EXACT
+
+
+@pytest.mark.parametrize("t,inter", [(1, 12288), (19, 1000)])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_gated_activation(t, inter, gelu):
+    assert kc.case_act(DEV, t, inter, gelu) <= EXACT
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+@pytest.mark.parametrize("t,hk,d", [(5, 8, 128), (17, 2, 64)])
+def test_kv_write(t, hk, d, fp8):
+    assert kc.case_kv_write(DEV, t, hk, d, fp8) == 0.0
+
+
+ATTN_CASES = [
+    # q_lens, ctx_lens, hq, hk, block_size, window, splits
+    ([1] * 16, [100, 5, 0, 77] * 4, 32, 8, 16, None, None),  # decode, ragged contexts
+    ([1, 1, 1], [3000, 17, 1500], 32, 8, 16, None, 4),  # long decode, split along the sequence
+    ([1, 1], [2500, 40], 32, 16, 16, 1024, 8),  # Gemma-like: sliding window with splits
+    ([7, 130, 1, 64], [0, 20, 9, 100], 32, 8, 16, None, None),  # prefill chunks mixed with a decode
+    ([200, 33], [0, 60], 32, 16, 16, 48, None),  # prefill with a short sliding window
+    ([5, 1], [3, 8], 4, 4, 4, None, None),  # no GQA, tiny blocks
+]
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+@pytest.mark.parametrize("q_lens,ctx_lens,hq,hk,bs,window,splits", ATTN_CASES)
+def test_attention(q_lens, ctx_lens, hq, hk, bs, window, splits, fp8):
+    err = kc.case_attention(DEV, q_lens, ctx_lens, hq=hq, hk=hk, d=128, block_size=bs, fp8=fp8, window=window,
+                            num_splits=splits)
+    assert err <= EXACT
+
+
+@pytest.mark.parametrize("t", [1, 7, 64, 300])
+def test_moe(t):
+    assert kc.case_moe(DEV, t, 256, 128, 16, 4) <= EXACT

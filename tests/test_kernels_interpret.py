@@ -1,0 +1,40 @@
+"""CI (no GPU): the Triton kernels' logic under the Triton CPU interpreter at tiny shapes, vs ops.reference.
+
+The interpreter is switched on by an environment variable read at import time, so the cases run in a subprocess
+(tests/interpret_checks.py): setting it here would change how every later-imported kernel behaves in this process.
+The interpreter lacks BF16 arithmetic and rounds FP8/BF16 casts differently from the GPU, so these cases use fp32
+activations (the kernels then do exact fp32 dots) and a BF16 KV cache; tests/test_kernels_gpu.py covers the rest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+CHECKS = Path(__file__).with_name("interpret_checks.py")
+
+
+@pytest.fixture(scope="module")
+def errors() -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(CHECKS)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+CASES = [
+    "linear_m3", "linear_split3_ragged", "linear_k_not_tile", "rms_norm", "add_rms_norm_gemma", "rope",
+    "silu_and_mul", "gelu_tanh_and_mul", "kv_write_bf16", "attention_mixed", "attention_window_split", "moe",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_logic_matches_reference(errors, case):
+    assert case in errors, f"interpret_checks.py did not run {case}"
+    assert errors[case] <= 1e-5, f"{case}: relative error {errors[case]:.3g}"
