@@ -112,6 +112,7 @@ class LLMEngine:
         for seq in req.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+                seq.detokenizer.flush()
         return self._output(req, force=True)
 
     def has_unfinished_requests(self) -> bool:
@@ -168,8 +169,13 @@ class LLMEngine:
             status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
         elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             status = SequenceStatus.FINISHED_LENGTH
-        if status is not None:
-            self.scheduler.finish(seq, status)
+        if status is None:
+            return
+        self.scheduler.finish(seq, status)
+        if seq.stop_reason is None or isinstance(seq.stop_reason, int):
+            stop = seq.detokenizer.flush()  # text held back for an unfinished character
+            if stop is not None:  # ...which completed a stop string after all
+                seq.stop_reason = stop
 
     # --- outputs ------------------------------------------------------------------------------------
     def _output(self, req: Request, force: bool = False) -> Optional[RequestOutput]:

@@ -5,10 +5,7 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from tokenizers.decoders import DecodeStream
-
-# Prompt tokens given to the decode stream as context, so the first generated token decodes as it would
-# after the prompt (leading-space and byte-fallback rules look back a few tokens).
+# Prompt tokens kept as decoding context, so the first generated token decodes as it would after the prompt.
 _CONTEXT_TOKENS = 8
 
 
@@ -20,9 +17,6 @@ class Tokenizer:
 
         self.path = Path(path)
         self.hf = AutoTokenizer.from_pretrained(str(path))
-        if not getattr(self.hf, "is_fast", False):
-            raise ValueError(f"tokenizer at {path} has no tokenizer.json (fast tokenizer); adallm needs one")
-        self.backend = self.hf.backend_tokenizer  # tokenizers.Tokenizer, used by DecodeStream
         self.eos_token_ids = self._eos_ids()
 
     def _eos_ids(self) -> tuple[int, ...]:
@@ -57,27 +51,57 @@ class Tokenizer:
 
 
 class IncrementalDetokenizer:
-    """Text of one sequence, token by token. Never emits half a multi-byte character (DecodeStream holds the
-    bytes back), finds stop strings across token boundaries, and holds back text that could still become the
-    start of a stop string.
+    """Text of one sequence, token by token. Never emits half a multi-byte character, finds stop strings across
+    token boundaries, and holds back text that could still become the start of a stop string.
+
+    Each step decodes a short window of tokens twice, from prefix_offset to read_offset (already shown) and to
+    the end; the difference is the new text (vLLM's scheme). Decoding both from the same token makes
+    start-of-text rules (leading-space stripping) cancel out. A window whose text ends in U+FFFD is waiting for
+    the rest of a character and is not shown yet; bytes that can never form a character (a model's stray byte)
+    are shown as U+FFFD once more text follows, so the stream never stalls.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], stop: Sequence[str] = (),
                  skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
-        self.stream = DecodeStream(ids=list(prompt_token_ids[-_CONTEXT_TOKENS:]),
-                                   skip_special_tokens=skip_special_tokens)
+        self.skip_special_tokens = skip_special_tokens
+        self.ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])  # context + generated tokens
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
         self.stop = list(stop)
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
         self.text = ""  # everything decoded so far (cut at a stop string once one is found)
         self.stop_string: Optional[str] = None
+
+    def _next_piece(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.hf.decode
+        prefix = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip_special_tokens)
+        full = decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip_special_tokens)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix):]
 
     def update(self, token_id: int, check_stop: bool = True) -> Optional[str]:
         """Add one token; returns the stop string if this token completed one (the text then ends before it).
         check_stop=False (fewer than min_tokens generated): stop strings are not looked for yet."""
         if self.stop_string is not None:  # finished: later tokens are not part of the text
             return self.stop_string
-        piece = self.stream.step(self.tokenizer.backend, token_id)
+        return self._add(self._next_piece(token_id), check_stop)
+
+    def flush(self) -> Optional[str]:
+        """The sequence ended: show what was held back for a character that will never complete (as U+FFFD,
+        the way a full decode shows it)."""
+        if self.stop_string is not None or self.read_offset == len(self.ids):
+            return self.stop_string
+        decode = self.tokenizer.hf.decode
+        prefix = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip_special_tokens)
+        full = decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip_special_tokens)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return self._add(full[len(prefix):], True)
+
+    def _add(self, piece: str, check_stop: bool) -> Optional[str]:
         if not piece:
             return None
         search_from = max(0, len(self.text) - self.max_stop_len + 1)

@@ -58,6 +58,14 @@ def test_multibyte_characters_are_never_split(tok):
     assert d.text == tok.decode(ids) == text
 
 
+def test_a_stray_byte_does_not_stall_the_stream(tok):
+    stray = tok.hf.convert_tokens_to_ids("ä")  # byte 0xE4 alone: the lead byte of a 3-byte character
+    ids = [stray] + tok.encode(" the fox", add_special_tokens=False)
+    _, shown, _ = stream(tok, tok.encode("hello"), ids)
+    assert shown[0] == ""  # could still become a character
+    assert shown[-1] == tok.decode(ids) == "\ufffd the fox"
+
+
 def test_stop_string_across_token_boundaries(tok):
     ids = tok.encode("the quick brown fox jumps", add_special_tokens=False)
     stop = "k bro"

@@ -1,0 +1,88 @@
+"""`adallm run` and `adallm generate` through the real CLI dispatcher."""
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from adallm_core.cli import main
+from engine_fixtures import tiny_model
+
+ENGINE_FLAGS = ["--kv-cache-dtype", "bf16", "--num-gpu-blocks-override", "64", "--max-model-len", "128"]
+
+
+def run_cli(argv, stdin_text=""):
+    from adallm_core import run_cli
+
+    parser_args = None
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    run_cli.add_arguments(parser)
+    parser_args = parser.parse_args(argv)
+    out = io.StringIO()
+    rc = run_cli.main(parser_args, stdin=io.StringIO(stdin_text), stdout=out)
+    return rc, out.getvalue()
+
+
+def reference_text(prompt, max_tokens, chat=False):
+    from adallm_core import LLM, SamplingParams
+
+    llm = LLM(tiny_model("qwen3"), kv_cache_dtype="bf16", num_gpu_blocks_override=64, max_model_len=128)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    if chat:
+        return [o.outputs[0].text for o in llm.chat(prompt, params, use_tqdm=False)]
+    return [o.outputs[0].text for o in llm.generate(prompt, params, use_tqdm=False)]
+
+
+def test_run_with_a_prompt_streams_the_completion():
+    rc, out = run_cli([tiny_model("qwen3"), "Hello there", "--temperature", "0", "--max-tokens", "12",
+                       "--ignore-eos", *ENGINE_FLAGS])
+    assert rc == 0
+    assert out == reference_text(["Hello there"], 12)[0] + "\n"
+
+
+def test_interactive_chat_keeps_history_and_quits():
+    rc, out = run_cli([tiny_model("qwen3"), "--chat", "--temperature", "0", "--max-tokens", "5", "--ignore-eos",
+                       *ENGINE_FLAGS], stdin_text="Hi\nHow are you\n\\q\nnever read\n")
+    assert rc == 0
+    first, second = out.split("\n")[:2]
+    conv = [{"role": "user", "content": "Hi"}]
+    assert first == reference_text(conv, 5, chat=True)[0]
+    conv += [{"role": "assistant", "content": first}, {"role": "user", "content": "How are you"}]
+    assert second == reference_text(conv, 5, chat=True)[0]
+
+
+def test_run_rejects_bad_sampling_flags(capsys):
+    rc, _ = run_cli([tiny_model("qwen3"), "x", "--temperature", "-1", *ENGINE_FLAGS])
+    assert rc == 2 and "temperature" in capsys.readouterr().err
+
+
+def test_generate_writes_jsonl_atomically(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out" / "out.jsonl"
+    inp.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "Hello", "id": "a"}, {"messages": [{"role": "user", "content": "Hi"}]},
+        {"prompt_token_ids": [5, 6, 7]}]) + "\n")
+    rc = main(["generate", tiny_model("qwen3"), "--input", str(inp), "--output", str(out), "--temperature", "0",
+               "--max-tokens", "4", "--ignore-eos", *ENGINE_FLAGS])
+    assert rc == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", 1, 2]
+    assert rows[0]["text"] == reference_text(["Hello"], 4)[0]
+    assert all(len(r["token_ids"]) == 4 and r["finish_reason"] == "length" for r in rows)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out.jsonl"]  # no temp file left
+
+
+def test_generate_bad_input_line_names_the_line(tmp_path, capsys):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
+    rc = main(["generate", tiny_model("qwen3"), "--input", str(inp), "--output", str(tmp_path / "o.jsonl"),
+               *ENGINE_FLAGS])
+    assert rc == 2 and "in.jsonl:2" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_adallm_console_script_runs_the_demo_path_help():
+    proc = subprocess.run([sys.executable, "-m", "adallm_core.cli", "run", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--max-tokens" in proc.stdout and "--kv-cache-dtype" in proc.stdout

@@ -1,0 +1,115 @@
+"""AsyncLLM: background loop, batch admission, streams per output kind, abort, health, shutdown."""
+import asyncio
+
+import pytest
+
+from adallm_core.async_engine import AsyncLLM, EngineDeadError
+from adallm_core.sampling_params import RequestOutputKind, SamplingParams
+from engine_fixtures import PROMPTS, greedy_tokens, make_engine
+
+GREEDY = dict(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return greedy_tokens(make_engine("qwen3"), PROMPTS[:4], max_tokens=8)
+
+
+@pytest.fixture
+def llm():
+    engine = AsyncLLM(make_engine("qwen3"))
+    yield engine
+    engine.shutdown()
+
+
+async def collect(stream):
+    return [out async for out in stream]
+
+
+def test_add_requests_admits_a_batch_and_a_bad_item_fails_alone(llm, reference):
+    async def main():
+        items = [(f"r{i}", p, SamplingParams(**GREEDY)) for i, p in enumerate(PROMPTS[:4])]
+        items.insert(2, ("bad", "", SamplingParams(**GREEDY)))
+        streams = llm.add_requests(items)
+        assert isinstance(streams[2], ValueError) and "empty" in str(streams[2])
+        good = [s for s in streams if not isinstance(s, ValueError)]
+        return await asyncio.gather(*(collect(s) for s in good))
+
+    results = asyncio.run(main())
+    assert [outs[-1].outputs[0].token_ids for outs in results] == reference
+    assert all(outs[-1].finished and not any(o.finished for o in outs[:-1]) for outs in results)
+    assert llm.stats()["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize("kind", list(RequestOutputKind))
+def test_generate_streams_each_output_kind(llm, reference, kind):
+    async def main():
+        params = SamplingParams(**GREEDY, output_kind=kind)
+        return [out async for out in llm.generate(PROMPTS[1], params, request_id=f"k{kind.name}")]
+
+    outs = asyncio.run(main())
+    if kind is RequestOutputKind.FINAL_ONLY:
+        assert len(outs) == 1
+    else:
+        assert len(outs) == 8
+    if kind is RequestOutputKind.DELTA:
+        assert sum((o.outputs[0].token_ids for o in outs), []) == reference[1]
+    else:
+        assert [len(o.outputs[0].token_ids) for o in outs][-1] == 8
+        assert outs[-1].outputs[0].token_ids == reference[1]
+
+
+def test_abort_ends_the_stream_and_frees_blocks(llm):
+    async def main():
+        params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+        gen = llm.generate(PROMPTS[3], params, request_id="long")
+        first = await gen.__anext__()
+        assert not first.finished and llm.stats()["kv_blocks_used"] > 0
+        await llm.abort("long")
+        rest = [o async for o in gen]
+        return rest
+
+    rest = asyncio.run(main())
+    assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
+    assert llm.stats()["kv_blocks_used"] == 0 and llm.stats()["num_requests"] == 0
+
+
+def test_cancelled_consumer_aborts_its_request(llm):
+    async def main():
+        params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+
+        async def consume():
+            async for _ in llm.generate(PROMPTS[5], params, request_id="gone"):
+                pass
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert llm.stats()["num_requests"] == 0 and llm.stats()["kv_blocks_used"] == 0
+
+
+def test_dead_loop_fails_streams_and_health(llm):
+    def broken(steps):
+        raise RuntimeError("device lost")
+
+    llm.engine.runner.execute = broken  # a real failure inside the step, as a dying device would give
+
+    async def main():
+        with pytest.raises(EngineDeadError, match="device lost"):
+            async for _ in llm.generate("Hello", SamplingParams(**GREEDY), request_id="x"):
+                pass
+
+    asyncio.run(main())
+    with pytest.raises(EngineDeadError):
+        llm.check_health()
+
+
+def test_shutdown_stops_the_loop(llm):
+    llm.check_health()
+    llm.shutdown()
+    with pytest.raises(EngineDeadError, match="shut down"):
+        llm.check_health()

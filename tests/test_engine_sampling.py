@@ -1,0 +1,132 @@
+"""Engine-level sampling: seeds across batch compositions, stop strings / stop ids / min_tokens, bad requests."""
+import math
+
+import pytest
+
+from adallm_core.sampling_params import SamplingParams
+from engine_fixtures import PROMPTS, greedy_tokens, make_engine, run_all
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return make_engine("qwen3")
+
+
+SEEDED = SamplingParams(temperature=1.0, top_p=0.9, seed=123, max_tokens=12, ignore_eos=True)
+NOISE = SamplingParams(temperature=1.2, max_tokens=10, ignore_eos=True)
+
+
+def test_seeded_request_is_reproducible_across_batch_compositions(engine):
+    engine.add_request("alone", PROMPTS[2], SEEDED)
+    alone = run_all(engine)["alone"].outputs[0].token_ids
+
+    for i in (0, 1, 3, 4, 5):
+        engine.add_request(f"noise{i}", PROMPTS[i], NOISE)
+    engine.add_request("batched", PROMPTS[2], SEEDED)
+    batched = run_all(engine)["batched"].outputs[0].token_ids
+
+    for i in (5, 6, 7):
+        engine.add_request(f"early{i}", PROMPTS[i], NOISE)
+    for _ in range(4):
+        engine.step()
+    engine.add_request("joined", PROMPTS[2], SEEDED)
+    joined = run_all(engine)["joined"].outputs[0].token_ids
+
+    other_engine = make_engine("qwen3", seed=99)
+    other_engine.add_request("x", PROMPTS[2], SEEDED)
+    elsewhere = run_all(other_engine)["x"].outputs[0].token_ids
+    assert alone == batched == joined == elsewhere
+    greedy = greedy_tokens(engine, [PROMPTS[2]], max_tokens=12)[0]
+    assert alone != greedy  # it really sampled
+
+
+def _clean_boundary(tok, tokens):
+    """(stop string spanning a token boundary, its index in the full text)."""
+    full = tok.decode(tokens)
+    for i in range(1, len(tokens) - 1):
+        head, nxt = tok.decode(tokens[:i]), tok.decode(tokens[: i + 1])
+        if not head or not nxt.startswith(head) or len(nxt) == len(head) or not full.startswith(nxt):
+            continue
+        b = len(head)
+        s = full[b - 1: b + 1]
+        if "\ufffd" not in s and full.find(s) == b - 1:
+            return s, b - 1
+    raise AssertionError(f"no clean token boundary in {full!r}")
+
+
+def test_stop_string_across_token_boundaries_is_not_emitted(engine):
+    tokens = greedy_tokens(engine, [PROMPTS[1]], max_tokens=32)[0]
+    tok = engine.tokenizer
+    stop, at = _clean_boundary(tok, tokens)
+    engine.add_request("s", PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True,
+                                                       stop=["never-there", stop]))
+    c = run_all(engine)["s"].outputs[0]
+    assert c.finish_reason == "stop" and c.stop_reason == stop
+    assert c.text == tok.decode(tokens)[:at]
+    assert tokens[: len(c.token_ids)] == c.token_ids and len(c.token_ids) < 32
+
+
+def test_stop_token_ids_and_min_tokens(engine):
+    tokens = greedy_tokens(engine, [PROMPTS[4]], max_tokens=12)[0]
+    stop_id = tokens[4]
+    first = tokens.index(stop_id)
+    engine.add_request("st", PROMPTS[4], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                                        stop_token_ids=[stop_id]))
+    c = run_all(engine)["st"].outputs[0]
+    assert c.token_ids == tokens[: first + 1] and c.finish_reason == "stop" and c.stop_reason == stop_id
+    # min_tokens: the stop id is not allowed before min_tokens tokens exist
+    engine.add_request("mt", PROMPTS[4], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                                        stop_token_ids=[stop_id], min_tokens=first + 2))
+    c = run_all(engine)["mt"].outputs[0]
+    assert stop_id not in c.token_ids[: first + 2]
+
+
+def test_eos_from_generation_config(engine):
+    import json
+    from pathlib import Path
+
+    gen = json.loads((Path(engine.tokenizer.path) / "generation_config.json").read_text())["eos_token_id"]
+    assert set(gen) <= set(engine.eos_token_ids)
+    # ignore_eos=False: a request that would sample eos stops there with finish_reason "stop"
+    tokens = greedy_tokens(engine, [PROMPTS[0]], max_tokens=8)[0]
+    engine.eos_token_ids = (tokens[2],)
+    try:
+        engine.add_request("eos", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=8))
+        c = run_all(engine)["eos"].outputs[0]
+    finally:
+        engine.eos_token_ids = tuple(engine.tokenizer.eos_token_ids)
+    assert c.token_ids == tokens[: tokens.index(tokens[2]) + 1] and c.finish_reason == "stop" and c.stop_reason is None
+
+
+def _mutated(**kw):
+    p = SamplingParams()
+    for k, v in kw.items():
+        setattr(p, k, v)
+    return p
+
+
+@pytest.mark.parametrize("prompt,params,match", [
+    (list(range(1, 301)), None, r"prompt has 300 tokens; max_model_len is 256"),
+    ([], None, "prompt is empty"),
+    ("", None, "prompt is empty"),
+    ([5, 100_000], None, "100000 is not a token id"),
+    ("hi", _mutated(temperature=math.nan), "temperature"),
+    ("hi", _mutated(top_p=-0.5), "top_p"),
+    ("hi", _mutated(presence_penalty=math.inf), "presence_penalty"),
+    ("hi", _mutated(max_tokens=0), "max_tokens"),
+    ("hi", _mutated(stop=[3]), "stop"),
+    ("hi", {"temperature": 0}, "must be a SamplingParams"),
+    (3.5, None, "prompt must be a string or a list of token ids"),
+])
+def test_bad_request_is_rejected_alone(engine, prompt, params, match):
+    good = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    engine.add_request("ok", PROMPTS[3], good)
+    engine.step()
+    with pytest.raises(ValueError, match=match):
+        engine.add_request("bad", prompt, params)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("ok", "again", good)
+    done = run_all(engine)
+    assert set(done) == {"ok"}
+    assert done["ok"].outputs[0].token_ids == greedy_tokens(engine, [PROMPTS[3]], max_tokens=10)[0]
+    assert engine.stats()["kv_blocks_used"] == 0

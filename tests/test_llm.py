@@ -1,0 +1,76 @@
+"""LLM offline API: input order, prompt forms, chat template, all-or-nothing validation, model source."""
+import pytest
+
+from adallm_core import LLM, SamplingParams
+from adallm_core.model_source import resolve_model_path
+from engine_fixtures import PROMPTS, greedy_tokens, make_engine, tiny_model
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(tiny_model("qwen3"), max_model_len=256, num_gpu_blocks_override=256, kv_cache_dtype="bf16")
+
+
+def test_generate_returns_outputs_in_input_order(llm):
+    ref = greedy_tokens(make_engine("qwen3"), PROMPTS, max_tokens=6)
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == ref
+    assert [o.prompt for o in outs] == PROMPTS
+    tok = llm.get_tokenizer()
+    assert all(o.outputs[0].text == tok.decode(o.outputs[0].token_ids) for o in outs)
+
+
+def test_prompt_forms_and_per_prompt_params(llm):
+    tok = llm.get_tokenizer()
+    ids = tok.encode(PROMPTS[1])
+    outs = llm.generate([{"prompt_token_ids": ids}, {"prompt": PROMPTS[1]}, PROMPTS[1]],
+                        [GREEDY, GREEDY, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)],
+                        use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
+    assert outs[2].outputs[0].token_ids == outs[0].outputs[0].token_ids[:2]
+    assert outs[0].prompt is None and outs[0].prompt_token_ids == ids
+
+
+def test_chat_uses_the_template(llm):
+    tok = llm.get_tokenizer()
+    conv = [{"role": "user", "content": "Hi there"}]
+    out = llm.chat(conv, GREEDY, use_tqdm=False)[0]
+    rendered = tok.apply_chat_template(conv)
+    assert out.prompt == rendered
+    assert out.prompt_token_ids == tok.encode(rendered, add_special_tokens=False)
+    ref = llm.generate({"prompt_token_ids": out.prompt_token_ids}, GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+    two = llm.chat([conv, conv + [{"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Ok"}]],
+                   GREEDY, use_tqdm=False)
+    assert two[0].outputs[0].token_ids == out.outputs[0].token_ids and len(two) == 2
+
+
+def test_one_bad_prompt_rejects_the_batch_and_leaves_the_engine_clean(llm):
+    with pytest.raises(ValueError, match="prompt 1: prompt is empty"):
+        llm.generate(["Hello", "", "World"], GREEDY, use_tqdm=False)
+    engine = llm.llm_engine
+    assert not engine.has_unfinished_requests() and engine.stats()["kv_blocks_used"] == 0
+    with pytest.raises(ValueError, match="got 1 for 2 prompts"):
+        llm.generate(["a", "b"], [GREEDY], use_tqdm=False)
+
+
+def test_unknown_engine_argument_is_named():
+    with pytest.raises(ValueError, match="max_num_seq\\b"):
+        LLM(tiny_model("qwen3"), max_num_seq=3)
+
+
+def test_kernel_backend_is_visible(llm):
+    assert llm.llm_engine.kernel_backend == "reference"
+
+
+def test_model_source(tmp_path):
+    assert resolve_model_path(str(tmp_path)) == tmp_path
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        resolve_model_path(str(tmp_path / "file.txt"))
+    with pytest.raises(ValueError, match="no such folder"):
+        resolve_model_path(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="no such folder"):
+        resolve_model_path("./not/here")
