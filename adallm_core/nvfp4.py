@@ -146,7 +146,9 @@ class NVFP4Weight:
     def __post_init__(self) -> None:
         p, s, g = self.packed, self.block_scale, self.global_scale
         if p.dtype != torch.uint8 or s.dtype != torch.float8_e4m3fn or g.dtype != torch.float32:
-            raise ValueError(f"NVFP4Weight dtypes must be uint8/float8_e4m3fn/float32, got {p.dtype}/{s.dtype}/{g.dtype}")
+            raise ValueError(
+                f"NVFP4Weight dtypes must be uint8/float8_e4m3fn/float32, got {p.dtype}/{s.dtype}/{g.dtype}"
+            )
         if p.ndim < 2 or s.shape != p.shape[:-1] + (p.shape[-1] * 2 // BLOCK_SIZE,) or g.shape != p.shape[:-1]:
             raise ValueError(
                 f"NVFP4Weight shapes do not agree: packed {tuple(p.shape)}, block_scale {tuple(s.shape)}, "

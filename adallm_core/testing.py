@@ -9,10 +9,12 @@ list of EOS ids (as the published models have).
 What transformers 5 does with MoE experts: in memory Qwen3MoeExperts holds fused 3D parameters (gate_up_proj
 [E, 2I, H], down_proj [E, H, I]), but save_pretrained converts them back to the published per-expert names
 (model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight, each [out, in]). So the BF16 checkpoint written here, and
-the NVFP4 one quantized from it, already follow the published layout.
+the NVFP4 one quantized from it, already follow the published layout. Its config.json however says
+num_local_experts; it is renamed to num_experts as in the published Qwen3-MoE configs (transformers reads both).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -184,6 +186,11 @@ def _save_bf16_checkpoint(family: str, out_dir: Path, seed: int) -> None:
     )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    if family == "qwen3_moe":  # transformers 5 writes num_local_experts; published Qwen3-MoE configs say num_experts
+        path = out_dir / "config.json"
+        config = json.loads(path.read_text())
+        config["num_experts"] = config.pop("num_local_experts")
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def build_tiny_checkpoint(family: str, out_dir, fmt: str | None = None, seed: int = 0) -> Path:

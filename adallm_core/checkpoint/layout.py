@@ -59,12 +59,15 @@ def quantized_specs(fmt: str, prefix: str, n: int, k: int) -> dict[str, tuple[to
 def quantization_config(fmt: str, ignore: list[str], producer_version: str) -> tuple[dict, dict | None]:
     """(config.json's quantization_config, hf_quant_config.json or None) for a weight-only NVFP4 conversion."""
     if fmt == "modelopt":
-        quant = {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": GROUP_SIZE, "exclude_modules": ignore}
+        quant = {
+            "quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": GROUP_SIZE, "exclude_modules": ignore,
+        }
         producer = {"name": "adallm", "version": producer_version}
-        return {"quant_method": "modelopt", **quant, "producer": producer}, {"producer": producer, "quantization": quant}
-    weights = {
+        hf_quant_config = {"producer": producer, "quantization": quant}
+        return {"quant_method": "modelopt", **quant, "producer": producer}, hf_quant_config
+    weights = {  # as compressed-tensors serializes its NVFP4A16 preset
         "num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": GROUP_SIZE,
-        "dynamic": False, "observer": "minmax",
+        "dynamic": False, "observer": "minmax", "scale_dtype": "torch.float8_e4m3fn", "zp_dtype": "torch.float8_e4m3fn",
     }
     # The NVFP4A16 scheme of llm-compressor: FP4 weights, activations left in 16 bits (nothing was calibrated).
     return {
@@ -72,8 +75,10 @@ def quantization_config(fmt: str, ignore: list[str], producer_version: str) -> t
         "format": "nvfp4-pack-quantized",
         "quantization_status": "compressed",
         "config_groups": {
-            "group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                        "output_activations": None, "format": "nvfp4-pack-quantized"},
+            "group_0": {
+                "targets": ["Linear"], "weights": weights, "input_activations": None, "output_activations": None,
+                "format": "nvfp4-pack-quantized",
+            },
         },
         "ignore": ignore,
         "kv_cache_scheme": None,

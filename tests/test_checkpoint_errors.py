@@ -1,0 +1,160 @@
+"""Every bad checkpoint gets a CheckpointError (a ValueError) that names the file and the tensor or field."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from adallm_core.checkpoint.files import CheckpointError
+from adallm_core.checkpoint.quantize import quantize_checkpoint
+from adallm_core.checkpoint.read import Checkpoint
+from adallm_core.testing import build_tiny_checkpoint
+
+Q_SCALE = "model.layers.0.self_attn.q_proj.weight_scale"
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    root = tmp_path_factory.mktemp("good")
+    bf16 = build_tiny_checkpoint("qwen3", root / "bf16")
+    for fmt in ("modelopt", "compressed-tensors"):
+        quantize_checkpoint(bf16, root / fmt, fmt=fmt, progress=False)
+    return root
+
+
+def copy(good, name, tmp_path):
+    return shutil.copytree(good / name, tmp_path / name)
+
+
+def edit_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def rewrite_tensor(folder, name, new):
+    path = folder / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors[name] = new
+    save_file(tensors, str(path))
+
+
+def test_good_checkpoints_load(good):
+    for fmt in ("modelopt", "compressed-tensors"):
+        assert Checkpoint(good / fmt).quant_format == fmt
+
+
+def test_truncated_safetensors(good, tmp_path):
+    folder = copy(good, "modelopt", tmp_path)
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated or corrupt"):
+        Checkpoint(folder)
+
+
+def test_corrupt_safetensors_header(good, tmp_path):
+    folder = copy(good, "compressed-tensors", tmp_path)
+    path = folder / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:40] = b"#" * 32
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
+        Checkpoint(folder)
+
+
+def test_missing_shard_named_in_index(good, tmp_path):
+    folder = copy(good, "bf16", tmp_path)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    names = sorted(tensors)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(folder / shard))
+    (folder / "model.safetensors").unlink()
+    index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert Checkpoint(folder).has(names[-1])  # the sharded form is fine
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    missing = r"index\.json: shard 'model-00002-of-00002\.safetensors' \(holding e.g. tensor '.*'\) is missing"
+    with pytest.raises(CheckpointError, match=missing):
+        Checkpoint(folder)
+
+
+@pytest.mark.parametrize(
+    "fmt,name,new,match",
+    [
+        ("modelopt", Q_SCALE, torch.zeros(64, 2).to(torch.float8_e4m3fn), r"has shape \[64, 2\], expected \[64, 4\]"),
+        ("modelopt", Q_SCALE, torch.zeros(64, 4), r"has dtype torch.float32, expected torch.float8_e4m3fn"),
+        ("compressed-tensors", "model.layers.1.mlp.down_proj.weight_packed", torch.zeros(64, 32, dtype=torch.uint8),
+         r"has shape \[64, 32\], expected \[64, 64\]"),
+        ("compressed-tensors", "model.layers.0.self_attn.k_proj.weight_global_scale", torch.ones(2),
+         r"has shape \[2\], expected a single value"),
+    ],
+)
+def test_tensor_of_wrong_shape_or_dtype(good, tmp_path, fmt, name, new, match):
+    folder = copy(good, fmt, tmp_path)
+    rewrite_tensor(folder, name, new)
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{name}' {match}"):
+        Checkpoint(folder)
+
+
+def test_dense_weight_of_wrong_shape(good, tmp_path):
+    folder = copy(good, "bf16", tmp_path)
+    rewrite_tensor(folder, "model.layers.1.mlp.up_proj.weight", torch.zeros(100, 64, dtype=torch.bfloat16))
+    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' has shape \[100, 64\]"):
+        Checkpoint(folder)
+
+
+def test_unknown_quant_algo(good, tmp_path):
+    folder = copy(good, "modelopt", tmp_path)
+    edit_json(folder / "hf_quant_config.json", lambda d: d["quantization"].update(quant_algo="W4A8_AWQ"))
+    with pytest.raises(CheckpointError, match=r"hf_quant_config\.json: field 'quant_algo' = 'W4A8_AWQ'"):
+        Checkpoint(folder)
+    (folder / "hf_quant_config.json").unlink()  # config.json's own quantization_config is read then
+    edit_json(folder / "config.json", lambda d: d["quantization_config"].update(quant_algo="FP8"))
+    with pytest.raises(CheckpointError, match=r"config\.json quantization_config: field 'quant_algo' = 'FP8'"):
+        Checkpoint(folder)
+
+
+def test_unknown_quant_method_and_ct_format(good, tmp_path):
+    folder = copy(good, "compressed-tensors", tmp_path)
+    edit_json(folder / "config.json", lambda d: d["quantization_config"].update(format="pack-quantized"))
+    with pytest.raises(CheckpointError, match=r"config\.json quantization_config: field 'format'.*pack-quantized"):
+        Checkpoint(folder)
+    edit_json(folder / "config.json", lambda d: d["quantization_config"].update(quant_method="gptq"))
+    with pytest.raises(CheckpointError, match=r"field 'quant_method' = 'gptq'"):
+        Checkpoint(folder)
+
+
+def test_group_size_other_than_16(good, tmp_path):
+    mo = copy(good, "modelopt", tmp_path)
+    edit_json(mo / "hf_quant_config.json", lambda d: d["quantization"].update(group_size=32))
+    with pytest.raises(CheckpointError, match=r"hf_quant_config\.json: field 'group_size' = 32"):
+        Checkpoint(mo)
+    ct = copy(good, "compressed-tensors", tmp_path)
+    edit_json(ct / "config.json", lambda d: d["quantization_config"]["config_groups"]["group_0"]["weights"].update(
+        group_size=32))
+    with pytest.raises(CheckpointError, match=r"field config_groups\.group_0\.weights\.group_size = 32"):
+        Checkpoint(ct)
+
+
+def test_unsupported_architecture(good, tmp_path):
+    folder = copy(good, "modelopt", tmp_path)
+    edit_json(folder / "config.json", lambda d: d.update(architectures=["LlamaForCausalLM"]))
+    with pytest.raises(CheckpointError, match=r"config\.json: field 'architectures' = \['LlamaForCausalLM'\]"):
+        Checkpoint(folder)
+
+
+def test_missing_folder_and_config(tmp_path):
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        Checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match=r"config\.json: file not found"):
+        Checkpoint(tmp_path)
+
+
+def test_checkpoint_error_is_a_value_error():
+    assert issubclass(CheckpointError, ValueError)
