@@ -18,6 +18,9 @@ class Tokenizer:
         self.path = Path(path)
         self.hf = AutoTokenizer.from_pretrained(str(path))
         self.eos_token_ids = self._eos_ids()
+        # transformers' decode adds only clean_up_tokenization_spaces on top of the Rust decode
+        cleanup = getattr(self.hf, "clean_up_tokenization_spaces", False)
+        self._backend = getattr(self.hf, "backend_tokenizer", None) if not cleanup else None
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids: list[int] = []
@@ -37,6 +40,8 @@ class Tokenizer:
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        if self._backend is not None:  # the Rust tokenizer directly: the detokenizer calls this twice a token
+            return self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
         return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
@@ -73,11 +78,14 @@ class IncrementalDetokenizer:
         self.text = ""  # everything decoded so far (cut at a stop string once one is found)
         self.stop_string: Optional[str] = None
 
+    def _decode_window(self) -> tuple[str, str]:
+        decode, skip = self.tokenizer.decode, self.skip_special_tokens
+        return (decode(self.ids[self.prefix_offset:self.read_offset], skip),
+                decode(self.ids[self.prefix_offset:], skip))
+
     def _next_piece(self, token_id: int) -> str:
         self.ids.append(token_id)
-        decode = self.tokenizer.hf.decode
-        prefix = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip_special_tokens)
-        full = decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip_special_tokens)
+        prefix, full = self._decode_window()
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
@@ -95,9 +103,7 @@ class IncrementalDetokenizer:
         the way a full decode shows it)."""
         if self.stop_string is not None or self.read_offset == len(self.ids):
             return self.stop_string
-        decode = self.tokenizer.hf.decode
-        prefix = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip_special_tokens)
-        full = decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip_special_tokens)
+        prefix, full = self._decode_window()
         self.prefix_offset = self.read_offset = len(self.ids)
         return self._add(full[len(prefix):], True)
 

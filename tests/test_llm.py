@@ -19,7 +19,7 @@ def test_generate_returns_outputs_in_input_order(llm):
     assert [o.outputs[0].token_ids for o in outs] == ref
     assert [o.prompt for o in outs] == PROMPTS
     tok = llm.get_tokenizer()
-    assert all(o.outputs[0].text == tok.decode(o.outputs[0].token_ids) for o in outs)
+    assert all(o.outputs[0].text == tok.hf.decode(o.outputs[0].token_ids, skip_special_tokens=True) for o in outs)
 
 
 def test_prompt_forms_and_per_prompt_params(llm):

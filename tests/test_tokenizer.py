@@ -50,12 +50,12 @@ def test_eos_ids_from_generation_config_then_tokenizer(tok):
 def test_multibyte_characters_are_never_split(tok):
     text = "héllo 你好 wörld 🙂!"
     ids = tok.encode(text, add_special_tokens=False)
-    assert any("\ufffd" in tok.decode([i]) for i in ids), "the test needs tokens holding partial characters"
+    assert any("\ufffd" in tok.hf.decode([i]) for i in ids), "the test needs tokens holding partial characters"
     prompt = tok.encode("hello ")
     d, shown, _ = stream(tok, prompt, ids)
     assert all("\ufffd" not in s for s in shown)
     assert all(b.startswith(a) for a, b in zip(shown, shown[1:]))  # text only grows
-    assert d.text == tok.decode(ids) == text
+    assert d.text == tok.hf.decode(ids) == text
 
 
 def test_a_stray_byte_does_not_stall_the_stream(tok):
@@ -63,7 +63,7 @@ def test_a_stray_byte_does_not_stall_the_stream(tok):
     ids = [stray] + tok.encode(" the fox", add_special_tokens=False)
     _, shown, _ = stream(tok, tok.encode("hello"), ids)
     assert shown[0] == ""  # could still become a character
-    assert shown[-1] == tok.decode(ids) == "\ufffd the fox"
+    assert shown[-1] == tok.hf.decode(ids) == "\ufffd the fox"
 
 
 def test_stop_string_across_token_boundaries(tok):
@@ -71,7 +71,7 @@ def test_stop_string_across_token_boundaries(tok):
     stop = "k bro"
     d, shown, stops = stream(tok, tok.encode("hello"), ids, stop=[stop])
     hit = next(i for i, s in enumerate(stops) if s)
-    pieces = [tok.decode([t]) for t in ids[: hit + 1]]
+    pieces = [tok.hf.decode([t]) for t in ids[: hit + 1]]
     assert stop not in pieces[-1] and stop in "".join(pieces)  # the match spans tokens
     assert stops[hit] == stop and d.text == "the quic"
     assert all(stop not in s for s in shown)
