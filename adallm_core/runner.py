@@ -76,6 +76,10 @@ class ModelRunner:
         self.kv_scales = [tuple(float(s) for s in scales.get(i, (1.0, 1.0))) for i in range(cfg.num_layers)]
         self.kv_groups = cfg.kv_groups
         self.kv_caches: list[torch.Tensor] = []
+        # decode CUDA graphs (adallm_core.cuda_graphs), captured once the KV cache exists
+        self.use_cuda_graphs = self.device.type == "cuda" and not engine_args.enforce_eager
+        self.max_num_seqs = engine_args.max_num_seqs
+        self.graphs = None
         logger.info(
             "model %s on %s: dtype %s, kv cache %s (%d KV groups), kernel backend %s, max_model_len %d",
             cfg.architecture, self.device, self.dtype, self.kv_cache_dtype, len(self.kv_groups),
@@ -103,6 +107,10 @@ class ModelRunner:
             self.kv_caches.append(cache)
             for j, layer in enumerate(group.layers):
                 attn_layers[layer].bind_cache(cache[j, 0], cache[j, 1], *self.kv_scales[layer])
+        if self.use_cuda_graphs:
+            from adallm_core.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, self.max_num_seqs)
 
     # --- one step ---------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -110,6 +118,9 @@ class ModelRunner:
         """Run one forward step -> float32 logits [number of steps with sample=True, vocab], in step order."""
         if not steps:
             raise ValueError("execute() needs at least one SeqStep")
+        if self.graphs is not None and self.graphs.can_run(steps):
+            self._check(steps, [len(st.token_ids) for st in steps], [st.start_pos for st in steps])
+            return self.graphs.run(steps)
         ids, ctx, sample_rows = self.prepare_inputs(steps)
         hidden = self.model.forward(ids, ctx)
         return self.model.compute_logits(hidden[sample_rows])

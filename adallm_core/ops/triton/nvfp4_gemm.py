@@ -205,18 +205,23 @@ def _num_sms(device) -> int:
 
 
 def pick_config(m: int, n: int, k: int, device) -> dict:
-    """Tile choice by shape: small M is a memory-bound stream over W; large M is a tensor-core GEMM."""
-    if m <= 64:
-        block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-        block_n, block_k = 64, 256
-        tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-        split_k = 1
-        # enough programs for ~2 waves over the SMs; each split keeps >= 2 K tiles
-        while tiles * split_k < 2 * _num_sms(device) and k // (block_k * split_k * 2) >= 2:
-            split_k *= 2
-        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=3,
-                    MATH=DEFAULT_MATH)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8, num_stages=3, MATH=DEFAULT_MATH)
+    """Tile choice by shape (from the H100 sweeps in benchmarks/NOTES.md): small M is a memory-bound stream over W,
+    split along K until the programs fill the SMs; large M is a tensor-core GEMM with wide M tiles."""
+    sms = _num_sms(device)
+    if m <= 16:
+        block_m, block_n, block_k, stages, waves = 16, 64, 256, 3, 2
+    elif m <= 64:  # more rows reuse each dequantized tile; wider N where there are enough tiles
+        block_m, block_k, stages, waves = (32 if m <= 32 else 64), 128, 4, 1
+        block_n = 128 if triton.cdiv(n, 128) >= sms else 64
+    else:
+        return dict(BLOCK_M=256 if m >= 1024 else 128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8,
+                    num_stages=3, MATH=DEFAULT_MATH)
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    split_k = 1
+    while tiles * split_k < waves * sms and k // (block_k * split_k * 2) >= 2:
+        split_k *= 2
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=stages,
+                MATH=DEFAULT_MATH)
 
 
 def check_args(x: torch.Tensor, w) -> None:

@@ -1,0 +1,202 @@
+"""End-to-end decode throughput of the real engine on random NVFP4 weights of a real model's shapes, beside HF BF16.
+
+    python -m benchmarks.decode --shape qwen3-8b --batch 1,2,4,8,16,32 --input-len 128 --output-len 128
+
+Weights are RANDOM (real shapes, random values; built on the GPU, nothing downloaded), so the text is noise and
+only speed and memory mean anything. Per batch size: total generated tokens, seconds (prefill included, as the
+reference runtime reports), tok/s, decode ms/step, peak GPU memory, and % of the bandwidth roofline (bytes a decode
+step must read: NVFP4 linears, BF16 lm_head, the KV cache at mid-generation, over the measured copy bandwidth).
+Then Hugging Face transformers BF16 on the same shapes (static cache, torch.compile) and the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+
+import torch
+
+from benchmarks.random_checkpoint import SHAPES, RandomCheckpoint, hf_config
+from benchmarks.timing import copy_bandwidth
+
+
+class RandomTokenizer:
+    """Stands in for a tokenizer: prompts are token ids and the text of random weights is noise anyway."""
+
+    eos_token_ids = ()
+    vocab_size = 0
+
+    def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
+        return ""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise ValueError("the decode benchmark sends token ids, not text")
+
+
+def build_engine(shape: str, max_batch: int, input_len: int, output_len: int, enforce_eager: bool, device="cuda",
+                 overrides: dict | None = None):
+    from adallm_core.config import EngineArgs
+    from adallm_core.engine import LLMEngine
+    from adallm_core.runner import ModelRunner
+
+    ckpt = RandomCheckpoint(shape, device, overrides=overrides)
+    block_size = 16
+    blocks = max_batch * math.ceil((input_len + output_len) / block_size) + 8  # what the batch needs, no more
+    args = EngineArgs(model="random", max_model_len=input_len + output_len, max_num_seqs=max_batch,
+                      max_num_batched_tokens=max(2048, max_batch * input_len), num_gpu_blocks_override=blocks,
+                      kv_cache_dtype="fp8", enforce_eager=enforce_eager, enable_prefix_caching=False,
+                      block_size=block_size)
+    runner = ModelRunner(args, ckpt, device)
+    return LLMEngine(args, runner, RandomTokenizer()), runner
+
+
+def step_bytes(runner, batch: int, ctx: int) -> int:
+    """Bytes one decode step must read: every NVFP4 linear, the lm_head, and the batch's KV cache."""
+    from adallm_core.nvfp4 import NVFP4Weight
+
+    total, seen = 0, set()
+    stack = [runner.model]
+    while stack:  # walk the model's attributes for weights, each counted once
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, NVFP4Weight):
+            total += obj.nbytes
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, torch.Tensor):
+            stack.extend(v for k, v in vars(obj).items() if k not in ("ops", "cfg"))
+    cfg = runner.model_config
+    total += cfg.vocab_size * cfg.hidden_size * 2  # lm_head (tied or not), BF16
+    kv_layers = sum(min(ctx, g.sliding_window or ctx) * len(g.layers) for g in runner.kv_groups)
+    total += batch * kv_layers * 2 * cfg.num_kv_heads * cfg.head_dim * runner.kv_cache_dtype.itemsize
+    return total
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_batch(engine, batch: int, input_len: int, output_len: int, vocab: int) -> dict:
+    from adallm_core.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    gen = torch.Generator().manual_seed(batch)
+    for i in range(batch):
+        engine.add_request(f"b{batch}-{i}", torch.randint(0, vocab, (input_len,), generator=gen).tolist(), params)
+    _sync()
+    start = time.perf_counter()
+    generated: dict[str, int] = {}
+    first_decode = None  # (time, steps) once every request has its first token: decode steps follow
+    steps = 0
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            generated[o.request_id] = len(o.outputs[0].token_ids)
+        steps += 1
+        if first_decode is None and len(generated) == batch and min(generated.values()) >= 1:
+            _sync()
+            first_decode = (time.perf_counter(), steps)
+    _sync()
+    end = time.perf_counter()
+    tokens = sum(generated.values())
+    decode_steps = steps - first_decode[1]
+    return dict(batch=batch, total_tokens=tokens, seconds=end - start, tok_s=tokens / (end - start),
+                decode_ms_step=1e3 * (end - first_decode[0]) / max(1, decode_steps))
+
+
+def bench_engine(shape, batches, input_len, output_len, enforce_eager, bw) -> list[dict]:
+    torch.cuda.reset_peak_memory_stats()
+    engine, runner = build_engine(shape, max(batches), input_len, output_len, enforce_eager)
+    vocab = runner.model_config.vocab_size
+    rows = []
+    for b in batches:
+        run_batch(engine, b, input_len, 4, vocab)  # warm-up: kernels compiled for this batch's shapes
+        torch.cuda.reset_peak_memory_stats()
+        row = run_batch(engine, b, input_len, output_len, vocab)
+        row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        need = step_bytes(runner, b, input_len + output_len // 2)
+        row["roofline_ms_step"] = need / bw * 1e3
+        row["pct_roofline"] = 100 * row["roofline_ms_step"] / row["decode_ms_step"]
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    del engine, runner
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def bench_hf(shape, batches, input_len, output_len, compile_model: bool) -> dict:
+    """transformers BF16, random weights of the same shapes, static cache, compiled: generated tok/s per batch."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = hf_config(shape)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    out = {}
+    for b in batches:
+        ids = torch.randint(0, cfg.vocab_size, (b, input_len), device="cuda")
+        # a static cache makes generate() compile the decode step itself (transformers' compile_config)
+        kw = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
+                  cache_implementation="static", pad_token_id=0, disable_compile=not compile_model)
+        for _ in range(2):  # compile, then settle
+            model.generate(ids, **kw)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        res = model.generate(ids, **kw)
+        torch.cuda.synchronize()
+        secs = time.perf_counter() - start
+        out[b] = dict(hf_tok_s=b * (res.shape[1] - input_len) / secs, hf_seconds=secs,
+                      hf_peak_gb=torch.cuda.max_memory_allocated() / 1e9)
+        print(json.dumps({"hf_batch": b, **out[b]}), file=sys.stderr, flush=True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-8b")
+    p.add_argument("--batch", default="1,2,4,8,16,32")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--hf-batch", default=None, help="batch sizes for transformers (default: --batch; '' skips)")
+    p.add_argument("--no-hf-compile", action="store_true", help="run transformers eagerly (static cache only)")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs in the engine")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks.decode needs a CUDA GPU", file=sys.stderr)
+        return 2
+    batches = [int(b) for b in args.batch.split(",") if b]
+    hf_batches = batches if args.hf_batch is None else [int(b) for b in args.hf_batch.split(",") if b]
+    bw = copy_bandwidth()
+    rows = bench_engine(args.shape, batches, args.input_len, args.output_len, args.enforce_eager, bw)
+    hf = bench_hf(args.shape, hf_batches, args.input_len, args.output_len, not args.no_hf_compile) if hf_batches else {}
+    for r in rows:
+        r.update(hf.get(r["batch"], {}))
+        if "hf_tok_s" in r:
+            r["ratio_vs_hf"] = r["tok_s"] / r["hf_tok_s"]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(shape=args.shape, device=torch.cuda.get_device_name(), copy_TBps=bw / 1e12, rows=rows), f,
+                      indent=1)
+    print(f"\n{args.shape}: RANDOM NVFP4 weights of the real shapes, {args.input_len} in / {args.output_len} out, "
+          f"FP8 KV, CUDA graphs {'off' if args.enforce_eager else 'on'}; {torch.cuda.get_device_name()}, copy "
+          f"{bw / 1e12:.2f} TB/s; HF = transformers BF16 static cache{'' if args.no_hf_compile else ' compiled'}")
+    print(f"{'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'ms/step':>8} {'peak GB':>8} {'%roof':>6} "
+          f"{'HF tok/s':>9} {'ratio':>6}")
+    for r in rows:
+        hf_s = f"{r['hf_tok_s']:9.1f} {r['ratio_vs_hf']:6.2f}" if "hf_tok_s" in r else f"{'':9} {'':6}"
+        print(f"{r['batch']:5d} {r['total_tokens']:7d} {r['seconds']:8.2f} {r['tok_s']:8.1f} {r['decode_ms_step']:8.2f} "
+              f"{r['peak_gb']:8.2f} {r['pct_roofline']:5.0f}% {hf_s}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
