@@ -1,0 +1,102 @@
+"""Shared by the model/runner tests: tiny checkpoints built once per session, HF reference models run on the
+dequantized NVFP4 weights, and a trivial block allocator to drive ModelRunner directly."""
+from __future__ import annotations
+
+import atexit
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+from adallm_core.testing import build_tiny_checkpoint
+
+
+def _fp8_kv_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention on keys/values rounded to E4M3 (scale 1, saturating): what an fp8 KV cache does."""
+    def e4m3(t):
+        return t.clamp(-448, 448).to(torch.float8_e4m3fn).to(t.dtype)
+
+    return sdpa_attention_forward(module, query, e4m3(key), e4m3(value), attention_mask, **kwargs)
+
+
+AttentionInterface.register("fp8_kv_sdpa", _fp8_kv_sdpa)
+AttentionMaskInterface.register("fp8_kv_sdpa", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+# The 2 cores are shared by several test runs: more than one OpenMP thread per process spins and runs these tiny
+# models 10-20x slower (measured: 32 decode steps 13.6 s with 2 threads, 0.55 s with 1).
+torch.set_num_threads(1)
+
+_ROOT = Path(tempfile.mkdtemp(prefix="adallm-model-tests-"))
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
+_BUILT: dict = {}
+
+
+def tiny_checkpoint(family: str, fmt) -> Path:
+    key = (family, fmt)
+    if key not in _BUILT:
+        _BUILT[key] = build_tiny_checkpoint(family, _ROOT / f"{family}-{fmt or 'bf16'}", fmt=fmt, seed=0)
+    return _BUILT[key]
+
+
+def hf_on_dequantized(family: str, ckpt) -> torch.nn.Module:
+    """transformers' own model class, loaded from the BF16 checkpoint in fp32, with every linear that the NVFP4
+    checkpoint quantized replaced by its dequantized weight."""
+    from transformers import AutoModelForCausalLM
+
+    bf16 = tiny_checkpoint(family, None)
+    model = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.float32, attn_implementation="sdpa").eval()
+    replaced = 0
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and (ckpt.has(f"{name}.weight") or ckpt.has(f"{name}.weight_packed")):
+                w = ckpt.linear(name)
+                if not isinstance(w, torch.Tensor):
+                    module.weight.copy_(w.dequantize(torch.float32))
+                    replaced += 1
+            elif type(module).__name__.endswith("Experts"):  # transformers 5 fuses experts: [E, 2I, H], [E, H, I]
+                for e in range(module.gate_up_proj.shape[0]):
+                    gate, up, down = (ckpt.linear(f"{name}.{e}.{p}").dequantize(torch.float32)
+                                      for p in ("gate_proj", "up_proj", "down_proj"))
+                    module.gate_up_proj[e].copy_(torch.cat([gate, up]))
+                    module.down_proj[e].copy_(down)
+                    replaced += 3
+    assert replaced > 0, "no quantized linear found: the reference would not test NVFP4"
+    return model
+
+
+def hf_greedy(model, token_ids: list[int], n: int) -> list[int]:
+    """n greedy tokens from transformers with its own KV cache (no eos stop)."""
+    out = []
+    with torch.no_grad():
+        res = model(torch.tensor([token_ids]), use_cache=True)
+        for _ in range(n):
+            out.append(int(res.logits[0, -1].argmax()))
+            res = model(torch.tensor([[out[-1]]]), cache=res.cache, use_cache=True)
+    return out
+
+
+def hf_last_logits(model, token_ids: list[int]) -> torch.Tensor:
+    """Logits for the last token from a fresh full-sequence forward (no cache: independent of HF's cache code)."""
+    with torch.no_grad():
+        return model(torch.tensor([token_ids])).logits[0, -1].float()
+
+
+class Blocks:
+    """Hands out block ids 1, 2, 3, ... as sequences grow (0 is the engine's null block); same ids in every group."""
+
+    def __init__(self, block_size: int, num_groups: int):
+        self.block_size, self.num_groups = block_size, num_groups
+        self.tables: dict = {}
+        self.next = 1
+
+    def tables_for(self, seq, num_tokens: int) -> list[list[int]]:
+        table = self.tables.setdefault(seq, [])
+        while len(table) < math.ceil(num_tokens / self.block_size):
+            table.append(self.next)
+            self.next += 1
+        return [list(table) for _ in range(self.num_groups)]

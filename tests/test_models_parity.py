@@ -1,0 +1,99 @@
+"""ModelRunner (reference ops, CPU, fp32) against transformers' own model classes run on the dequantized weights.
+
+For each tiny family and both NVFP4 layouts: the logits of a mixed step (a chunked prefill, whole prefills) and of
+every decode step, and 32-token greedy continuations of 8 prompts. Prompts are longer than Gemma3's sliding window
+(16). Bounds:
+  unquantized KV ('bf16', kept at the fp32 activations' precision here): |diff| <= 1e-4 (float32 round-off).
+  fp8 KV (E4M3, scale 1.0): against transformers whose attention sees keys/values rounded to E4M3 (the same
+     rounding, model_helpers._fp8_kv_sdpa): |diff| <= 1e-3 (a key a float32 ulp away may round the other way).
+     Against plain transformers the fp8 cache itself moves these random tiny models' logits by up to ~12% of the
+     largest logit (37% for Qwen3-MoE, whose top-k routing flips); that is the format, not this code.
+"""
+import pytest
+import torch
+from model_helpers import Blocks, hf_greedy, hf_last_logits, hf_on_dequantized, tiny_checkpoint
+
+from adallm_core.checkpoint.read import Checkpoint
+from adallm_core.config import EngineArgs
+from adallm_core.runner import ModelRunner, SeqStep
+
+FAMILIES = ("qwen3", "qwen3_moe", "gemma3")
+FORMATS = ("modelopt", "compressed-tensors")
+PROMPT_LENS = (37, 20, 9)
+CHUNK = 16  # prompt 0 is prefilled in two chunks: 16 tokens, then 21
+DECODE_STEPS = 5
+BLOCK_SIZE = 4
+
+
+def make_runner(ckpt, kv_cache_dtype: str) -> ModelRunner:
+    args = EngineArgs(model=str(ckpt.path), dtype="float32", kv_cache_dtype=kv_cache_dtype,
+                      block_size=BLOCK_SIZE, max_model_len=256)
+    runner = ModelRunner(args, ckpt, "cpu")
+    runner.allocate_kv_cache([128] * len(runner.kv_groups))
+    return runner
+
+
+def prompts(vocab: int, lens, seed: int = 7) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lens]
+
+
+def mixed_then_decode(runner, hf, seqs):
+    """Yield (ours, reference) logits for the prefill steps and each decode step; HF's greedy token is fed back."""
+    blocks = Blocks(BLOCK_SIZE, len(runner.kv_groups))
+    p0, p1, p2 = seqs
+    out = runner.execute([
+        SeqStep(p0[:CHUNK], 0, blocks.tables_for(0, CHUNK), sample=False),
+        SeqStep(p1, 0, blocks.tables_for(1, len(p1))),
+        SeqStep(p2, 0, blocks.tables_for(2, len(p2))),
+    ])
+    assert out.shape == (2, hf.config.get_text_config().vocab_size) and out.dtype == torch.float32
+    last = [None, out[0], out[1]]
+    last[0] = runner.execute([SeqStep(p0[CHUNK:], CHUNK, blocks.tables_for(0, len(p0)))])[0]
+    for _ in range(DECODE_STEPS + 1):
+        refs = [hf_last_logits(hf, s) for s in seqs]
+        yield from zip(last, refs)
+        for s, r in zip(seqs, refs):
+            s.append(int(r.argmax()))
+        last = list(runner.execute([
+            SeqStep([s[-1]], len(s) - 1, blocks.tables_for(i, len(s))) for i, s in enumerate(seqs)
+        ]))
+
+
+@pytest.fixture(scope="module", params=[(f, fmt) for f in FAMILIES for fmt in FORMATS], ids=lambda p: f"{p[0]}-{p[1]}")
+def model_pair(request):
+    family, fmt = request.param
+    ckpt = Checkpoint(tiny_checkpoint(family, fmt))
+    assert ckpt.quant_format == fmt
+    return family, ckpt, hf_on_dequantized(family, ckpt)
+
+
+@pytest.mark.parametrize("kv_cache_dtype,hf_attention,atol", [("bf16", "sdpa", 1e-4), ("fp8", "fp8_kv_sdpa", 1e-3)])
+def test_logits_match_transformers(model_pair, kv_cache_dtype, hf_attention, atol):
+    family, ckpt, hf = model_pair
+    hf.set_attn_implementation(hf_attention)
+    runner = make_runner(ckpt, kv_cache_dtype)
+    vocab = runner.model_config.vocab_size
+    n = 0
+    for ours, ref in mixed_then_decode(runner, hf, prompts(vocab, PROMPT_LENS)):
+        assert ref.abs().max() > 0.5  # logits with some spread: a zero model would pass anything
+        torch.testing.assert_close(ours, ref, rtol=0, atol=atol)
+        n += 1
+    assert n == 3 * (DECODE_STEPS + 1)
+
+
+def test_greedy_32_tokens_match_transformers(model_pair):
+    family, ckpt, hf = model_pair
+    hf.set_attn_implementation("sdpa")
+    runner = make_runner(ckpt, "bf16")
+    seqs = prompts(runner.model_config.vocab_size, (3, 30, 17, 8, 25, 1, 12, 40), seed=11)
+    expected = [hf_greedy(hf, s, 32) for s in seqs]
+    blocks = Blocks(BLOCK_SIZE, len(runner.kv_groups))
+    got = [[] for _ in seqs]
+    steps = [SeqStep(s, 0, blocks.tables_for(i, len(s))) for i, s in enumerate(seqs)]
+    for _ in range(32):
+        for i, tok in enumerate(runner.execute(steps).argmax(-1).tolist()):
+            got[i].append(tok)
+        lens = [len(s) + len(g) for s, g in zip(seqs, got)]
+        steps = [SeqStep([g[-1]], n - 1, blocks.tables_for(i, n)) for i, (g, n) in enumerate(zip(got, lens))]
+    assert got == expected
