@@ -1,0 +1,54 @@
+"""ModelConfig from transformers configs: both RoPE spellings, layer kinds, KV groups, MoE layers, eos ids."""
+import json
+
+import pytest
+import torch
+from transformers import Gemma3TextConfig, Qwen3Config, Qwen3MoeConfig
+
+from adallm_core.model_config import ModelConfig
+
+SMALL = dict(vocab_size=64, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+
+
+def test_gemma3_legacy_rope_keys_and_transformers5_form_agree():
+    legacy = Gemma3TextConfig(num_hidden_layers=6, sliding_window=8, rope_theta=1e6, rope_local_base_freq=1e4,
+                              rope_scaling={"rope_type": "linear", "factor": 8.0},
+                              architectures=["Gemma3ForCausalLM"], **SMALL)
+    new = Gemma3TextConfig(num_hidden_layers=6, sliding_window=8, architectures=["Gemma3ForCausalLM"],
+                           rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}, **SMALL)
+    for hf in (legacy, new):
+        cfg = ModelConfig.from_hf_config(hf)
+        assert cfg.layer_types == ("sliding_attention",) * 5 + ("full_attention",)  # 5 local : 1 global
+        assert [(g.sliding_window, g.layers) for g in cfg.kv_groups] == [(None, (5,)), (8, (0, 1, 2, 3, 4))]
+        local, f_local = cfg.rope_inv_freq("sliding_attention")
+        glob, f_glob = cfg.rope_inv_freq("full_attention")
+        d = torch.arange(0, 16, 2).float() / 16
+        torch.testing.assert_close(local, 1.0 / 1e4**d)
+        torch.testing.assert_close(glob, 1.0 / 1e6**d / 8.0)  # linear scaling divides the frequencies
+        assert f_local == f_glob == 1.0
+        assert cfg.query_pre_attn_scalar == 256 and cfg.activation == "gelu_tanh" and cfg.tie_word_embeddings
+
+
+def test_qwen3_moe_layers_and_eos_from_generation_config(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 3]}))
+    hf = Qwen3MoeConfig(num_hidden_layers=4, mlp_only_layers=[2], decoder_sparse_step=1, num_experts=4,
+                        num_experts_per_tok=2, moe_intermediate_size=8, norm_topk_prob=True, rope_theta=1e6,
+                        eos_token_id=3, architectures=["Qwen3MoeForCausalLM"], **SMALL)
+    cfg = ModelConfig.from_hf_config(hf, tmp_path)
+    assert cfg.moe_layers == (True, True, False, True)
+    assert cfg.eos_token_ids == (7, 3)
+    assert cfg.rope_parameters == {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}
+    assert cfg.sliding_window is None and len(cfg.kv_groups) == 1 and cfg.norm_topk_prob
+
+
+def test_unsupported_configs_are_refused_by_name():
+    with pytest.raises(ValueError, match="architectures"):
+        ModelConfig.from_hf_config(Qwen3Config(num_hidden_layers=1, **SMALL))
+    with pytest.raises(ValueError, match="attn_logit_softcapping"):
+        ModelConfig.from_hf_config(Gemma3TextConfig(num_hidden_layers=1, attn_logit_softcapping=50.0,
+                                                    architectures=["Gemma3ForCausalLM"], **SMALL))
+    cfg = ModelConfig.from_hf_config(Qwen3Config(num_hidden_layers=1, architectures=["Qwen3ForCausalLM"],
+                                                 rope_scaling={"rope_type": "dynamic", "factor": 2.0}, **SMALL))
+    with pytest.raises(ValueError, match="dynamic"):
+        cfg.rope_inv_freq("full_attention")
