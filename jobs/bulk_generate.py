@@ -1,0 +1,181 @@
+"""Bulk generation: Parquet in, the same rows with their generations out, on Ray Data.
+
+    ray job submit --working-dir . -- python -m jobs.bulk_generate \
+        --model /models/Qwen3-8B-NVFP4 --input data/prompts.parquet --output out/ \
+        --prompt-column prompt --max-tokens 256 --temperature 0.7 --concurrency 4
+
+read_parquet -> drop rows already in --output (resume) -> engine replicas (processor.py) -> atomic Parquet
+files. Every argument is checked before Ray starts; without RAY_ADDRESS or a running cluster, a local Ray
+is started on the spot.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from adallm_core.config import EngineArgs
+from jobs.processor import ProcessorConfig, build_processor
+from jobs.rows import RowSpec, check_schema
+from jobs.summary import JobSummary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    job = parser.add_argument_group("job")
+    job.add_argument("--input", required=True, help="Parquet file, folder, glob, or URI (s3://, gs://, ...)")
+    job.add_argument("--output", required=True, help="output folder; rerun with the same one to resume")
+    job.add_argument("--prompt-column", default=None, help="column of prompt strings (default: prompt)")
+    job.add_argument("--messages-column", default=None,
+                     help="column of chat messages [{role, content}, ...]; with --prompt-column too, "
+                          "each row uses the one that is not null")
+    job.add_argument("--id-column", default=None, help="unique row id column (default: file path + row position)")
+    job.add_argument("--batch-size", type=int, default=64, help="rows handed to an engine at once")
+    job.add_argument("--concurrency", type=_concurrency, default=1, help="engine replicas: N or MIN,MAX")
+    job.add_argument("--max-concurrent-batches", type=int, default=4, help="batches in flight per replica")
+    job.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default: 1 if the cluster has GPUs)")
+    job.add_argument("--accelerator-type", default=None, help="Ray accelerator type to place replicas on, e.g. L4")
+    job.add_argument("--max-restarts", type=int, default=-1, help="restarts of a replica that died (-1: always)")
+    job.add_argument("--max-task-retries", type=int, default=-1, help="retries of a batch whose replica died")
+    sampling = parser.add_argument_group("sampling defaults (per-row columns of the same name override them)")
+    sampling.add_argument("--max-tokens", type=int, default=None)
+    sampling.add_argument("--temperature", type=float, default=None)
+    sampling.add_argument("--top-p", type=float, default=None)
+    sampling.add_argument("--sampling-seed", type=int, default=None, help="per-request seed (--seed seeds the engine)")
+    sampling.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    EngineArgs.add_cli_args(parser.add_argument_group("engine"))
+
+
+def _concurrency(text: str):
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or MIN,MAX, got {text!r}") from None
+    if len(sizes) == 1:
+        return sizes[0]
+    if len(sizes) != 2:
+        raise argparse.ArgumentTypeError(f"expected N or MIN,MAX, got {text!r}")
+    return sizes
+
+
+@dataclass
+class JobPlan:
+    """Everything checked and resolved before Ray or the engine starts."""
+
+    input_fs: object
+    input_files: list[str]
+    output_fs: object
+    output_root: str
+    id_column: str
+    processor: ProcessorConfig
+
+
+def plan_job(args: argparse.Namespace) -> JobPlan:
+    """Check every job argument; a ValueError names what is wrong. No engine or GPU work happens here."""
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+
+    from jobs import resume
+
+    engine_args = EngineArgs.from_cli_args(args)
+    defaults = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "seed": args.sampling_seed, "stop": args.stop}  # fmt: skip
+    rows = RowSpec(
+        prompt_column=args.prompt_column or (None if args.messages_column else "prompt"),
+        messages_column=args.messages_column,
+        sampling_defaults={k: v for k, v in defaults.items() if v is not None},
+    )
+    in_fs, in_path = resume.filesystem_and_path(args.input)
+    files = resume.input_files(in_fs, in_path)
+    schema = pads.dataset(files, filesystem=in_fs, format="parquet").schema
+    check_schema(schema, rows, f"--input {args.input}")
+    id_column = args.id_column or resume.DERIVED_ID_COLUMN
+    if args.id_column and args.id_column not in schema.names:
+        raise ValueError(f"--id-column {args.id_column!r}: no such column in {args.input}; columns are {schema.names}")
+    if not args.id_column and resume.DERIVED_ID_COLUMN in schema.names:
+        raise ValueError(f"--input {args.input} has a {resume.DERIVED_ID_COLUMN!r} column; pass it as --id-column")
+
+    out_fs, out_root = resume.filesystem_and_path(args.output)
+    out_root = out_root.rstrip("/")
+    if out_fs.get_file_info(out_root).type == pafs.FileType.File:
+        raise ValueError(f"--output {args.output} is a file; give a folder")
+    if type(out_fs) is type(in_fs) and (out_root + "/").startswith(in_path.rstrip("/") + "/"):
+        raise ValueError(f"--output {args.output} is inside --input {args.input}; its files would be read as input")
+    check_model(engine_args, chat=rows.messages_column is not None)
+
+    processor = ProcessorConfig(
+        engine_args=engine_args, rows=rows, batch_size=args.batch_size, concurrency=args.concurrency,
+        max_concurrent_batches=args.max_concurrent_batches, num_gpus=args.num_gpus,
+        accelerator_type=args.accelerator_type, max_restarts=args.max_restarts, max_task_retries=args.max_task_retries,
+    )  # fmt: skip
+    return JobPlan(in_fs, files, out_fs, out_root, id_column, processor)
+
+
+def check_model(engine_args: EngineArgs, chat: bool) -> None:
+    """The model must resolve to a folder with a readable checkpoint and tokenizer (and a chat template for
+    chat rows). Reads config and headers only. Without --model the built-in demo model is built here (CPU,
+    once, cached), so replicas on this node find it ready."""
+    from adallm_core.checkpoint.read import Checkpoint
+    from adallm_core.model_source import resolve_model_path
+    from adallm_core.tokenizer import Tokenizer
+
+    path = resolve_model_path(engine_args.model)  # ValueError naming the model and host
+    try:
+        Checkpoint(path)
+        tokenizer = Tokenizer(resolve_model_path(engine_args.tokenizer) if engine_args.tokenizer else path)
+    except Exception as e:  # checkpoint and transformers errors come in many types; all mean the same here
+        raise ValueError(f"--model {engine_args.model or path}: cannot read it: {type(e).__name__}: {e}") from None
+    if chat:
+        try:
+            tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+        except Exception as e:
+            raise ValueError(f"--model {path} cannot render chat rows ({e}); use --prompt-column") from None
+
+
+def run(plan: JobPlan) -> JobSummary:
+    import ray
+
+    from jobs import resume
+
+    start = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS / a running cluster, else a local one started on the spot
+    plan.output_fs.create_dir(plan.output_root, recursive=True)
+    resume.remove_temp_files(plan.output_fs, plan.output_root)
+    written = resume.written_ids(plan.output_fs, plan.output_root, plan.id_column)
+
+    ds = ray.data.read_parquet(
+        plan.input_files, filesystem=plan.input_fs, include_row_hash=plan.id_column == resume.DERIVED_ID_COLUMN
+    )
+    if written is not None:
+        # A map (not ds.filter): a filter may be pushed into the read, which would shift row positions.
+        ds = ds.map_batches(
+            resume.drop_written, batch_format="pyarrow", fn_kwargs={"id_column": plan.id_column, "written": written}
+        )
+    ds = build_processor(plan.processor)(ds)
+    sink = resume.AtomicParquetDatasink(plan.output_fs, plan.output_root, plan.id_column)
+    ds.write_datasink(sink)
+
+    summary = JobSummary(
+        **sink.stats, wall_time_s=time.perf_counter() - start, rows_skipped=0 if written is None else len(written)
+    )
+    with plan.output_fs.open_output_stream(f"{plan.output_root}/{resume.SUMMARY_NAME}") as f:
+        f.write(summary.to_json().encode())
+    return summary
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bulk_generate", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        summary = run(plan_job(args))
+    except ValueError as e:  # a bad argument, found before any engine work (see plan_job, Processor)
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    print(summary.line(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

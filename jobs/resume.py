@@ -1,0 +1,126 @@
+"""Exactly once per row: stable row ids, what is already written, atomic per-file writes.
+
+Output folder layout (any pyarrow filesystem):
+    part-<hash of the file's row ids>.parquet    finished files; a file appears whole or not at all
+    .tmp-<uuid>-part-....parquet                 being written (or left by a kill); ignored, removed on start
+    _summary.json                                the last run's summary
+A part file's name is a hash of the ids it holds, so a write that Ray retries (its task died after the
+rename) rewrites the same name with the same rows instead of adding a duplicate file. Parquet readers
+(pyarrow, pandas, Ray Data) skip names starting with "." and "_", so the folder reads as a dataset.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import uuid
+from typing import Iterable, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray.data import Datasink
+from ray.data.block import BlockAccessor
+
+from jobs.summary import block_stats, combine_stats
+
+# Ray Data's read_parquet(include_row_hash=True) column: a uint64 hash of the file path and row position.
+DERIVED_ID_COLUMN = "row_hash"
+PART_PREFIX = "part-"
+TEMP_PREFIX = ".tmp-"
+SUMMARY_NAME = "_summary.json"
+
+
+def filesystem_and_path(uri: str, filesystem: Optional[pafs.FileSystem] = None) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path on it; plain paths are local and made absolute."""
+    if filesystem is not None:
+        return filesystem, uri
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def input_files(fs: pafs.FileSystem, path: str, flag: str = "--input") -> list[str]:
+    """Parquet files of a file, a folder (recursive; hidden and _-prefixed names skipped) or a glob."""
+    if any(ch in path for ch in "*?["):
+        base = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0] or "/"
+        found = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        files = sorted(i.path for i in found if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path))
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise ValueError(f"{flag} {path}: no such file or folder")
+        if info.type == pafs.FileType.File:
+            return [path]
+        found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        files = sorted(i.path for i in found if i.type == pafs.FileType.File and _is_data_file(i.path, path))
+    if not files:
+        raise ValueError(f"{flag} {path}: no Parquet files there")
+    return files
+
+
+def _is_data_file(path: str, root: str) -> bool:
+    relative = path[len(root) :].strip("/")
+    return path.endswith(".parquet") and not any(part.startswith((".", "_")) for part in relative.split("/"))
+
+
+def part_files(fs: pafs.FileSystem, root: str) -> list[str]:
+    found = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return sorted(i.path for i in found if i.base_name.startswith(PART_PREFIX) and i.base_name.endswith(".parquet"))
+
+
+def remove_temp_files(fs: pafs.FileSystem, root: str) -> int:
+    """Delete files a killed run left half-written. One job per output folder at a time."""
+    found = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    temps = [i.path for i in found if i.base_name.startswith(TEMP_PREFIX)]
+    for path in temps:
+        fs.delete_file(path)
+    return len(temps)
+
+
+def written_ids(fs: pafs.FileSystem, root: str, id_column: str) -> Optional[pa.Array]:
+    """The ids of every row already in the output folder, or None when there is none."""
+    parts = part_files(fs, root)
+    if not parts:
+        return None
+    ids = pads.dataset(parts, filesystem=fs, format="parquet").to_table(columns=[id_column]).column(id_column)
+    return ids.combine_chunks()
+
+
+def drop_written(batch: pa.Table, id_column: str, written: pa.Array) -> pa.Table:
+    """Rows of `batch` whose id is not yet written (a Ray Data map_batches function)."""
+    return batch.filter(pc.invert(pc.is_in(batch.column(id_column), value_set=written)))
+
+
+def part_name(ids: pa.ChunkedArray) -> str:
+    digest = hashlib.sha1()
+    for chunk in ids.chunks:
+        digest.update(repr(chunk.to_pylist()).encode())
+    return f"{PART_PREFIX}{digest.hexdigest()[:20]}.parquet"
+
+
+class AtomicParquetDatasink(Datasink):
+    """Writes each write task's rows to one Parquet file: to a temp name first, then renamed into place.
+
+    After the write completes, `stats` holds the summed row and token counts (see summary.block_stats)."""
+
+    def __init__(self, fs: pafs.FileSystem, root: str, id_column: str):
+        self.fs, self.root, self.id_column = fs, root, id_column
+        self.stats: dict = combine_stats([])
+
+    def write(self, blocks: Iterable, ctx) -> dict:
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return combine_stats([])
+        table = pa.concat_tables(tables, promote_options="permissive")
+        name = part_name(table.column(self.id_column))
+        temp = f"{self.root}/{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}"
+        pq.write_table(table, temp, filesystem=self.fs)
+        self.fs.move(temp, f"{self.root}/{name}")  # rename: readers see the whole file or nothing
+        return block_stats(table)
+
+    def on_write_complete(self, write_result) -> None:
+        self.stats = combine_stats(write_result.write_returns)

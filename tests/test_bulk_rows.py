@@ -1,0 +1,150 @@
+"""Bulk job pieces without a Ray cluster: rows -> requests, schema and argument checks, resume bookkeeping."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+from adallm_core.testing import demo_model_path
+from adallm_core.tokenizer import Tokenizer
+from jobs import bulk_generate, resume
+from jobs.rows import OUTPUT_SCHEMA, RowResult, RowSpec, check_schema, output_table, prepare_rows
+from jobs.summary import JobSummary, block_stats
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer(demo_model_path())
+
+
+def test_per_row_params_override_defaults(tokenizer):
+    batch = pa.table({
+        "prompt": ["a", "b", "c"],
+        "max_tokens": pa.array([None, 7.0, 3], type=pa.float64()),  # pandas-style: integers with nulls as floats
+        "temperature": [None, 0.5, None],
+        "stop": [None, ["x", "y"], None],
+        "seed": pa.array([None, None, 11], type=pa.int64()),
+    })
+    spec = RowSpec(sampling_defaults={"max_tokens": 9, "temperature": 0.0, "top_p": 0.9})
+    a, b, c = prepare_rows(batch, spec, tokenizer)
+    assert (a.error, b.error, c.error) == (None, None, None)
+    assert (a.params.max_tokens, a.params.temperature, a.params.top_p, a.params.seed) == (9, 0.0, 0.9, None)
+    assert (b.params.max_tokens, b.params.temperature, b.params.stop) == (7, 0.5, ["x", "y"])
+    assert (c.params.max_tokens, c.params.seed) == (3, 11)
+    assert a.prompt == "a"
+
+
+def test_bad_rows_get_an_error_naming_the_problem(tokenizer):
+    batch = pa.table({
+        "prompt": [None, "", "ok", "ok", "ok", None],
+        "messages": [None, None, None, None, None, [{"role": "user", "content": None}]],
+        "max_tokens": pa.array([None, None, 2.5, 0, None, None]),
+        "temperature": [None, None, None, None, -1.0, None],
+    })
+    spec = RowSpec(prompt_column="prompt", messages_column="messages")
+    errors = [r.error for r in prepare_rows(batch, spec, tokenizer)]
+    assert "prompt is null" in errors[0]
+    assert "prompt is empty" in errors[1]
+    assert "max_tokens=2.5" in errors[2]
+    assert "max_tokens=0" in errors[3]
+    assert "temperature=-1.0" in errors[4]
+    assert "'content'" in errors[5]
+
+
+def test_chat_rows_match_the_models_template(tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Grüße, 世界!"}]
+    batch = pa.table({"prompt": [None, "plain"], "messages": [messages, None]})
+    chat, plain = prepare_rows(batch, RowSpec(prompt_column="prompt", messages_column="messages"), tokenizer)
+    hf = AutoTokenizer.from_pretrained(demo_model_path())
+    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat.prompt == hf.encode(text, add_special_tokens=False)
+    assert plain.prompt == "plain"
+
+
+def test_output_keeps_input_columns_with_fixed_types():
+    batch = pa.table({"prompt": ["a", "b"], "extra": [1, 2]})
+    out = output_table(batch, [RowResult(error="bad"), RowResult(error="bad too")])  # all-null text columns
+    assert out.schema.names == ["prompt", "extra"] + OUTPUT_SCHEMA.names
+    assert out.schema.field("generated_text").type == pa.string()
+    assert out.column("extra").to_pylist() == [1, 2]
+    assert block_stats(out) == {"rows": 2, "rows_failed": 2, "prompt_tokens": 0, "generated_tokens": 0}
+
+
+@pytest.mark.parametrize(
+    "schema, spec, message",
+    [
+        (pa.schema([("text", pa.string())]), RowSpec(), "no column 'prompt' (--prompt-column)"),
+        (pa.schema([("prompt", pa.int64())]), RowSpec(), "must hold strings"),
+        (pa.schema([("prompt", pa.string()), ("temperature", pa.string())]), RowSpec(), "'temperature'"),
+        (pa.schema([("prompt", pa.string()), ("error", pa.string())]), RowSpec(), "output column(s) ['error']"),
+    ],
+)
+def test_schema_errors(schema, spec, message):
+    with pytest.raises(ValueError, match="in.parquet") as info:
+        check_schema(schema, spec, "in.parquet")
+    assert message in str(info.value)
+
+
+def test_input_files_file_folder_glob(tmp_path):
+    table = pa.table({"prompt": ["x"]})
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    for name in ("d/a.parquet", "d/sub/b.parquet", "d/_c.parquet", "d/.tmp-x.parquet"):
+        pq.write_table(table, tmp_path / name)
+    fs = pafs.LocalFileSystem()
+    root = str(tmp_path / "d")
+    assert resume.input_files(fs, f"{root}/a.parquet") == [f"{root}/a.parquet"]
+    assert resume.input_files(fs, root) == [f"{root}/a.parquet", f"{root}/sub/b.parquet"]
+    assert resume.input_files(fs, f"{root}/*/*.parquet") == [f"{root}/sub/b.parquet"]
+    with pytest.raises(ValueError, match="no such file or folder"):
+        resume.input_files(fs, f"{root}/missing.parquet")
+    with pytest.raises(ValueError, match="no Parquet files"):
+        resume.input_files(fs, f"{root}/*.csv")
+
+
+def test_resume_ignores_temp_files_and_drops_written_rows(tmp_path):
+    fs, root = pafs.LocalFileSystem(), str(tmp_path)
+    sink = resume.AtomicParquetDatasink(fs, root, "id")
+    done = output_table(pa.table({"id": [1, 2]}), [RowResult(generated_text="a", num_generated_tokens=3)] * 2)
+    stats = sink.write([done], ctx=None)
+    assert stats["generated_tokens"] == 6
+    again = sink.write([done], ctx=None)  # a retried write of the same rows lands on the same file
+    assert again == stats and len(resume.part_files(fs, root)) == 1
+    pq.write_table(pa.table({"id": [3]}), f"{root}/{resume.TEMP_PREFIX}torn-part-x.parquet")  # a killed write
+    assert resume.written_ids(fs, root, "id").to_pylist() == [1, 2]
+    assert resume.remove_temp_files(fs, root) == 1
+    batch = pa.table({"id": [1, 2, 3, 4]})
+    assert resume.drop_written(batch, "id", resume.written_ids(fs, root, "id")).column("id").to_pylist() == [3, 4]
+
+
+def test_summary_line_and_json():
+    s = JobSummary(rows=10, rows_failed=2, prompt_tokens=50, generated_tokens=80, wall_time_s=4.0, rows_skipped=5)
+    assert s.line() == ("bulk_generate: 10 rows (2 failed, 5 already written), 50 prompt tokens, "
+                        "80 generated tokens, 4.0 s, 20.0 generated tokens/s")
+    assert json.loads(s.to_json())["generated_tokens_per_s"] == 20.0
+
+
+def _fail(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        bulk_generate.main(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_job_arguments_fail_before_any_engine_work(tmp_path, capsys):
+    data = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": ["hi"], "row": [0]}), data)
+    out = str(tmp_path / "out")
+    assert "no such file or folder" in _fail(["--input", str(tmp_path / "nope.parquet"), "--output", out], capsys)
+    assert "no column 'text' (--prompt-column)" in _fail(
+        ["--input", str(data), "--output", out, "--prompt-column", "text"], capsys)
+    assert "--id-column 'key'" in _fail(["--input", str(data), "--output", out, "--id-column", "key"], capsys)
+    (tmp_path / "model").mkdir()
+    err = _fail(["--input", str(data), "--output", out, "--model", str(tmp_path / "model")], capsys)
+    assert f"--model {tmp_path / 'model'}: cannot read it" in err
+    assert "is inside --input" in _fail(["--input", str(tmp_path), "--output", str(tmp_path / "o")], capsys)
+    assert "--concurrency" in _fail(["--input", str(data), "--output", out, "--concurrency", "2,x"], capsys)
+    assert not (tmp_path / "out").exists()  # nothing was started, nothing written
