@@ -1,0 +1,70 @@
+"""ModelRunner on CUDA: the reference backend agrees with the CPU, the triton backend with the reference, and the
+decode CUDA graphs with eager steps. Every runner is fed the same tokens, so logits compare step by step."""
+import pytest
+import torch
+from model_helpers import Blocks, tiny_checkpoint
+
+from adallm_core.checkpoint.read import Checkpoint
+from adallm_core.config import EngineArgs
+from adallm_core.runner import ModelRunner, SeqStep
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+FAMILIES = ("qwen3", "qwen3_moe", "gemma3")
+BS = 16
+# bf16 activations: 8 mantissa bits, rounded at every layer boundary of a 2-4 layer model
+BF16_REL = 0.03
+
+
+def runner(family, device, **kw):
+    ckpt = Checkpoint(tiny_checkpoint(family, "modelopt"))
+    args = dict(model=str(ckpt.path), block_size=BS, max_model_len=256, max_num_seqs=8)
+    args.update(kw)
+    r = ModelRunner(EngineArgs(**args), ckpt, device)
+    r.allocate_kv_cache([64] * len(r.kv_groups))
+    return r
+
+
+def drive(r, decode_steps=6, seed=5):
+    """A mixed step (a chunked prefill's first part, two whole prefills), its second chunk, then decodes."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(3, 384, (n,), generator=g).tolist() for n in (45, 20, 9)]
+    blocks = Blocks(BS, len(r.kv_groups))
+    out = [r.execute([SeqStep(seqs[0][:30], 0, blocks.tables_for(0, 30), sample=False),
+                      SeqStep(seqs[1], 0, blocks.tables_for(1, 20)), SeqStep(seqs[2], 0, blocks.tables_for(2, 9))])]
+    out.append(r.execute([SeqStep(seqs[0][30:], 30, blocks.tables_for(0, 45))]))
+    for _ in range(decode_steps):
+        for s in seqs:
+            s.append(int(torch.randint(3, 384, (1,), generator=g)))
+        out.append(r.execute([SeqStep([s[-1]], len(s) - 1, blocks.tables_for(i, len(s))) for i, s in enumerate(seqs)]))
+    return [o.float().cpu() for o in out]
+
+
+def assert_rel_close(got, want, rel):
+    for step, (a, b) in enumerate(zip(got, want)):
+        err = float((a - b).abs().max() / b.abs().max())
+        assert err <= rel, f"step {step}: max |diff| is {err:.4f} of the largest logit (bound {rel})"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reference_backend_on_cuda_matches_cpu(family):
+    kw = dict(dtype="float32", kv_cache_dtype="bf16", kernel_backend="reference", enforce_eager=True)
+    cpu, gpu = drive(runner(family, "cpu", **kw)), drive(runner(family, "cuda", **kw))
+    for a, b in zip(gpu, cpu):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kv", ["fp8", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_triton_backend_matches_reference_on_cuda(family, kv):
+    kw = dict(dtype="bfloat16", kv_cache_dtype=kv, enforce_eager=True)
+    fast = runner(family, "cuda", kernel_backend="triton", **kw)
+    assert fast.kernel_backend == "triton" and fast.ops.sources["nvfp4_linear"].startswith("adallm_core.ops.triton")
+    assert_rel_close(drive(fast), drive(runner(family, "cuda", kernel_backend="reference", **kw)), BF16_REL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_cuda_graphs_match_eager(family):
+    graphs = runner(family, "cuda", enforce_eager=False)
+    assert graphs.graphs is not None
+    assert_rel_close(drive(graphs), drive(runner(family, "cuda", enforce_eager=True)), 0.01)
