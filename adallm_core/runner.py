@@ -171,6 +171,8 @@ class ModelRunner:
             for g, table in enumerate(s.block_tables):
                 if len(table) < need:
                     raise ValueError(f"SeqStep {i}: block table {g} has {len(table)} blocks, {need} needed for {start + q} tokens")
+                if table and not 0 <= min(table) <= max(table) < self.kv_caches[g].shape[2]:
+                    raise ValueError(f"SeqStep {i}: block table {g} holds ids outside [0, {self.kv_caches[g].shape[2]})")
 
 
 def _resolve_max_model_len(requested, cfg: ModelConfig) -> int:

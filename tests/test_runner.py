@@ -126,6 +126,8 @@ def test_execute_rejects_bad_steps(qwen3):
         qwen3.execute([SeqStep([5], 0, t * 2)])
     with pytest.raises(ValueError, match="block table 0 has 3 blocks, 4 needed"):
         qwen3.execute([SeqStep(tokens(13), 0, t)])
+    with pytest.raises(ValueError, match=r"block table 0 holds ids outside \[0, 64\)"):
+        qwen3.execute([SeqStep([5], 0, [[64]])])
     fresh = ModelRunner(EngineArgs(block_size=BS), Checkpoint(tiny_checkpoint("qwen3", "modelopt")), "cpu")
     with pytest.raises(RuntimeError, match="allocate_kv_cache"):
         fresh.execute([SeqStep([5], 0, t)])
