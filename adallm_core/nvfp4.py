@@ -95,18 +95,18 @@ def quantize(
     """
     if w.ndim < 2 or w.shape[-1] % BLOCK_SIZE:
         raise ValueError(f"tensor {name!r}: shape {tuple(w.shape)} needs K (last dim) a multiple of {BLOCK_SIZE}")
-    check_finite(w, name)
     g = _row_global(global_scale, w.shape).unsqueeze(-1)  # broadcast over [..., N, K//16, 16]
     blocks = w.float().unflatten(-1, (-1, BLOCK_SIZE))
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)
+    check_finite(block_amax, name)  # amax propagates NaN and Inf: checking the small tensor is enough
     if divides:
         block_scale = (g * (block_amax / FP4_MAX)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
         effective = block_scale.float() / g
     else:
         block_scale = (block_amax / (FP4_MAX * g)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
         effective = block_scale.float() * g
-    scaled = torch.where(effective > 0, blocks / effective, torch.zeros_like(blocks))
-    codes = e2m1_codes(scaled).flatten(-2)
+    # x / inf = 0: a zero scale gives zero codes without a full-size select
+    codes = e2m1_codes(blocks / torch.where(effective > 0, effective, torch.inf)).flatten(-2)
     return pack_fp4(codes), block_scale.squeeze(-1)
 
 

@@ -164,3 +164,21 @@ def test_bad_shapes_are_errors():
         NVFP4Weight(torch.zeros(4, 8, dtype=torch.uint8), torch.zeros(4, 2).to(torch.float8_e4m3fn), torch.ones(4))
     with pytest.raises(ValueError, match="dtypes"):
         NVFP4Weight(torch.zeros(4, 8, dtype=torch.uint8), torch.zeros(4, 1), torch.ones(4))
+
+
+@pytest.mark.gpu
+def test_cuda_gives_the_same_bits_as_cpu():
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn(3, 64, 256, generator=gen) * torch.tensor([1e-3, 1.0, 40.0])[:, None, None]).bfloat16()
+    w[1, 2, :16] = 0
+    for divides in (False, True):
+        g = nvfp4.global_scale_from_amax(nvfp4.tensor_amax(w), divides=divides)
+        cpu = nvfp4.quantize(w, g, divides=divides)
+        gpu = nvfp4.quantize(w.cuda(), g.cuda(), divides=divides)
+        assert torch.equal(cpu[0], gpu[0].cpu())
+        assert torch.equal(cpu[1].view(torch.uint8), gpu[1].cpu().view(torch.uint8))
+    q = NVFP4Weight.quantize(w)
+    on_gpu = q.to("cuda")
+    assert on_gpu.device.type == "cuda"
+    rows = slice(3, 40)
+    assert torch.equal(on_gpu.dequantize(torch.bfloat16, rows=rows).cpu(), q.dequantize(torch.bfloat16, rows=rows))

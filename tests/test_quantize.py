@@ -182,3 +182,11 @@ def test_already_quantized_source_is_refused(moe, tmp_path):
     dst = quantize_checkpoint(moe, tmp_path / "q", progress=False)["dst"]
     with pytest.raises(ValueError, match="already quantized"):
         quantize_checkpoint(dst, tmp_path / "qq")
+
+
+@pytest.mark.gpu
+def test_cuda_conversion_writes_the_same_bytes(moe, tmp_path):
+    quantize_checkpoint(moe, tmp_path / "cpu", fmt="compressed-tensors", progress=False)
+    quantize_checkpoint(moe, tmp_path / "cuda", fmt="compressed-tensors", progress=False, device="cuda")
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "cpu" / name).read_bytes() == (tmp_path / "cuda" / name).read_bytes()

@@ -46,10 +46,16 @@ class _ShardReader:
         self.path, self.handle, self.read = path, None, 0
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._read(lambda f: f.get_slice(name)[start:stop])
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._read(lambda f: f.get_tensor(name))
+
+    def _read(self, get) -> torch.Tensor:
         if self.handle is None or self.read > READ_WINDOW:
             self.close()
             self.handle, self.read = open_shard(self.path).__enter__(), 0
-        part = self.handle.get_slice(name)[start:stop] if stop else self.handle.get_tensor(name)
+        part = get(self.handle)
         self.read += part.numel() * part.element_size()
         return part
 
@@ -98,17 +104,18 @@ def _row_chunks(shape: tuple[int, ...]):
         yield start, min(shape[0], start + step)
 
 
-def _quantize_tensor(reader: _ShardReader, t: _Tensor, fmt: str, out: StreamingSafetensorsWriter) -> None:
+def _quantize_tensor(reader: _ShardReader, t: _Tensor, fmt: str, out: StreamingSafetensorsWriter, device) -> None:
     divides = fmt == "compressed-tensors"
     n, k = t.shape
     where = f"{t.name} (in {reader.path})"
-    amax = torch.zeros(())
+    amax = torch.zeros((), device=device)
     for a, b in _row_chunks(t.shape):
-        amax = torch.maximum(amax, reader.rows(t.name, a, b).abs().amax().float())
+        amax = torch.maximum(amax, reader.rows(t.name, a, b).to(device).abs().amax().float())
     nvfp4.check_finite(amax, where)
     g = nvfp4.global_scale_from_amax(amax, divides=divides)
     for a, b in _row_chunks(t.shape):
-        packed, block_scale = nvfp4.quantize(reader.rows(t.name, a, b), g, divides=divides, name=where)
+        w = reader.rows(t.name, a, b).to(device)
+        packed, block_scale = nvfp4.quantize(w, g, divides=divides, name=where)
         out.write(f"{t.prefix}.{layout.PACKED_NAME[fmt]}", packed, a * (k // 2))
         out.write(f"{t.prefix}.weight_scale", block_scale, a * (k // layout.GROUP_SIZE))
     if divides:
@@ -121,7 +128,7 @@ def _quantize_tensor(reader: _ShardReader, t: _Tensor, fmt: str, out: StreamingS
 
 def _copy_tensor(reader: _ShardReader, t: _Tensor, out: StreamingSafetensorsWriter) -> None:
     if not t.shape:  # a scalar
-        out.write(t.name, reader.rows(t.name, 0, 0))
+        out.write(t.name, reader.tensor(t.name))
         return
     row_bytes = t.nbytes // t.shape[0] if t.shape[0] else 0
     for a, b in _row_chunks(t.shape):
@@ -135,8 +142,35 @@ def _copy_side_files(src: Path, dst: Path) -> None:
             shutil.copy2(p, dst / p.name)
 
 
-def quantize_checkpoint(src, dst, fmt: str = "modelopt", exclude=(), progress: bool = True) -> dict:
-    """Convert SRC (BF16/FP16 HF checkpoint) into DST (NVFP4). Returns the summary (also printed when progress)."""
+def _convert_shard(path: Path, plan: list[_Tensor], fmt: str, out_dir: Path, device, bar) -> dict:
+    """Write one output shard for one input shard; returns its tensor specs."""
+    specs = _output_specs(plan, fmt)
+    reader = _ShardReader(path)
+    try:
+        with StreamingSafetensorsWriter(out_dir / path.name, specs) as out:
+            for t in plan:
+                if t.prefix:
+                    _quantize_tensor(reader, t, fmt, out, device)
+                else:
+                    _copy_tensor(reader, t, out)
+                bar.update(t.nbytes)
+    finally:
+        reader.close()
+    return specs
+
+
+def _producer_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("adallm")
+    except PackageNotFoundError:  # running from a source tree that was not pip-installed
+        return "unknown"
+
+
+def quantize_checkpoint(src, dst, fmt: str = "modelopt", exclude=(), progress: bool = True, device="cpu") -> dict:
+    """Convert SRC (BF16/FP16 HF checkpoint) into DST (NVFP4); the math runs on `device` (same bits on any).
+    Returns the summary: tensors, quantized, bytes_in, bytes_out, seconds, format, dst."""
     from tqdm import tqdm
 
     src, dst, exclude = Path(src), Path(dst), list(exclude)
@@ -153,36 +187,21 @@ def quantize_checkpoint(src, dst, fmt: str = "modelopt", exclude=(), progress: b
     dense = {layout.dense_linear_prefix(t.name) for t in tensors}
     excluded = {layout.quantized_linear_prefix(t.name) for t in tensors if not t.prefix}
     ignore = ["lm_head"] + sorted((dense | excluded) - {None, "lm_head"})  # lm_head stays dense even when tied
-    start, bytes_in, bytes_out, n_tensors, n_quantized = time.time(), 0, 0, 0, 0
+    start = time.time()
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
-        total = sum(t.nbytes for t in tensors)
         weight_map = {}
+        total = sum(t.nbytes for t in tensors)
         with tqdm(total=total, unit="B", unit_scale=True, desc="quantize", disable=not progress) as bar:
             for path, plan in plans.items():
-                specs = _output_specs(plan, fmt)
-                reader = _ShardReader(path)
-                with StreamingSafetensorsWriter(tmp / path.name, specs) as out:
-                    for t in plan:
-                        if t.prefix:
-                            _quantize_tensor(reader, t, fmt, out)
-                        else:
-                            _copy_tensor(reader, t, out)
-                        bar.update(t.nbytes)
-                        bytes_in += t.nbytes
-                        n_tensors += 1
-                        n_quantized += bool(t.prefix)
-                reader.close()
-                bytes_out += out.nbytes
-                weight_map.update(dict.fromkeys(specs, path.name))
+                weight_map.update(dict.fromkeys(_convert_shard(path, plan, fmt, tmp, device, bar), path.name))
+        bytes_out = sum((tmp / p.name).stat().st_size for p in shards)
         if len(shards) > 1 or (src / INDEX_FILE).exists():
             index = {"metadata": {"total_size": bytes_out}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         _copy_side_files(src, tmp)
-        from importlib.metadata import version
-
-        quant_config, hf_quant_config = layout.quantization_config(fmt, ignore, version("adallm"))
+        quant_config, hf_quant_config = layout.quantization_config(fmt, ignore, _producer_version())
         (tmp / "config.json").write_text(json.dumps({**config, "quantization_config": quant_config}, indent=2) + "\n")
         if hf_quant_config:
             (tmp / "hf_quant_config.json").write_text(json.dumps(hf_quant_config, indent=2) + "\n")
@@ -190,8 +209,8 @@ def quantize_checkpoint(src, dst, fmt: str = "modelopt", exclude=(), progress: b
         os.rename(tmp, dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    summary = {
-        "tensors": n_tensors, "quantized": n_quantized, "bytes_in": bytes_in, "bytes_out": bytes_out,
+    return {
+        "tensors": len(tensors), "quantized": sum(bool(t.prefix) for t in tensors),
+        "bytes_in": sum(p.stat().st_size for p in shards), "bytes_out": bytes_out,
         "seconds": round(time.time() - start, 3), "format": fmt, "dst": str(dst),
     }
-    return summary

@@ -12,6 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", help="BF16/FP16 Hugging Face checkpoint folder (Qwen3, Qwen3-MoE, Gemma3)")
     parser.add_argument("dst", help="output folder (must not exist; written atomically)")
     parser.add_argument("--format", choices=FORMATS, default="modelopt", help="NVFP4 layout to write")
+    parser.add_argument("--device", default="cpu", help="where the quantization math runs: cpu or cuda (same result)")
     parser.add_argument(
         "--exclude", nargs="+", default=[], metavar="PATTERN",
         help="modules to keep in BF16: shell-style globs over module names ('*.down_proj', 'model.layers.0.*') "
@@ -23,7 +24,7 @@ def main(args: argparse.Namespace) -> int:
     from adallm_core.checkpoint.quantize import quantize_checkpoint
 
     try:
-        s = quantize_checkpoint(args.src, args.dst, fmt=args.format, exclude=args.exclude)
+        s = quantize_checkpoint(args.src, args.dst, fmt=args.format, exclude=args.exclude, device=args.device)
     except (CheckpointError, ValueError) as e:
         print(f"adallm quantize: error: {e}", file=sys.stderr)
         return 1
