@@ -81,9 +81,9 @@ def paged_attention_kernel(
         elif V_FP16:  # E4M3 values are exact in FP16, whose 11-bit mantissa keeps the probabilities sharper
             k = k.to(tl.bfloat16)
             v = v.to(tl.float16)
-        else:
+        else:  # BF16 cache: probabilities in TF32 (11 bits, like FP16) against exact BF16 values
             k = k.to(tl.bfloat16)
-            v = v.to(tl.bfloat16)
+            v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         ok = k_ok[None, :] & (kpos[None, :] <= qpos[:, None])
         if USE_WINDOW:
