@@ -1,13 +1,9 @@
 """Tiny checkpoints and engines shared by the engine tests (built once per test session)."""
 from __future__ import annotations
 
-import functools
-import tempfile
-from pathlib import Path
-
 from adallm_core.config import EngineArgs
 from adallm_core.engine import LLMEngine
-from adallm_core.testing import build_tiny_checkpoint
+from model_helpers import tiny_checkpoint
 
 # Mixed lengths; the longer ones are well past Gemma3's tiny sliding window (16 tokens).
 PROMPTS = [
@@ -22,10 +18,8 @@ PROMPTS = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
 def tiny_model(family: str = "qwen3", fmt: str | None = "modelopt") -> str:
-    out = Path(tempfile.mkdtemp(prefix=f"adallm-test-{family}-{fmt}-")) / "model"
-    return str(build_tiny_checkpoint(family, out, fmt))
+    return str(tiny_checkpoint(family, fmt))  # built once per session, shared with the model tests
 
 
 def make_engine(family: str = "qwen3", fmt: str | None = "modelopt", **kw) -> LLMEngine:
