@@ -57,12 +57,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 class ModelRunner:
     """Owns the model and the KV cache tensors; the engine owns which blocks each sequence uses."""
 
-    def __init__(self, engine_args, checkpoint, device: Union[str, torch.device] = "auto"):
+    def __init__(self, engine_args, checkpoint, device: Union[str, torch.device] = "auto", parallel=None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(engine_args.dtype, self.device)
         self.ops = select_ops(engine_args.kernel_backend, self.device)  # raises before any weight loads
         self.kernel_backend = self.ops.name
         self.model_config = cfg = ModelConfig.from_hf_config(checkpoint.hf_config, checkpoint.path)
+        if parallel is not None:  # tensor parallel (adallm_core.distributed): this rank's heads, columns, vocab rows
+            full_cfg, (cfg, checkpoint) = cfg, parallel.shard(cfg, checkpoint)
+            self.model_config = cfg
         self.max_model_len = _resolve_max_model_len(engine_args.max_model_len, cfg)
         self.block_size = engine_args.block_size
         # fp8: E4M3 with per-layer scales. bf16: unquantized KV, kept at the activations' precision.
@@ -72,12 +75,16 @@ class ModelRunner:
         model_cls = get_model_class(cfg.architecture)
         with torch.inference_mode():
             self.model = model_cls(cfg, checkpoint, self.ops, self.device, self.dtype, self.max_model_len)
+        if parallel is not None:
+            parallel.wrap_model(self.model, full_cfg)
         scales = checkpoint.kv_scales() if engine_args.kv_cache_dtype == "fp8" else {}
         self.kv_scales = [tuple(float(s) for s in scales.get(i, (1.0, 1.0))) for i in range(cfg.num_layers)]
         self.kv_groups = cfg.kv_groups
         self.kv_caches: list[torch.Tensor] = []
         # decode CUDA graphs (adallm_core.cuda_graphs), captured once the KV cache exists
-        self.use_cuda_graphs = self.device.type == "cuda" and not engine_args.enforce_eager
+        # (not with the reference ops: their boolean masks and .tolist() sync with the host, which capture forbids)
+        self.use_cuda_graphs = (self.device.type == "cuda" and not engine_args.enforce_eager
+                                and self.kernel_backend != "reference")
         self.max_num_seqs = engine_args.max_num_seqs
         self.graphs = None
         logger.info(
