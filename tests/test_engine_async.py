@@ -76,14 +76,15 @@ def test_abort_ends_the_stream_and_frees_blocks(llm):
 
 def test_cancelled_consumer_aborts_its_request(llm):
     async def main():
-        params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)  # runs to max_model_len
+        started = asyncio.Event()
 
         async def consume():
             async for _ in llm.generate(PROMPTS[5], params, request_id="gone"):
-                pass
+                started.set()
 
         task = asyncio.ensure_future(consume())
-        await asyncio.sleep(0.3)
+        await started.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

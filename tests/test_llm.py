@@ -62,7 +62,9 @@ def test_unknown_engine_argument_is_named():
 
 
 def test_kernel_backend_is_visible(llm):
-    assert llm.llm_engine.kernel_backend == "reference"
+    import torch
+
+    assert llm.llm_engine.kernel_backend == ("triton" if torch.cuda.is_available() else "reference")
 
 
 def test_model_source(tmp_path):
