@@ -193,7 +193,7 @@ def test_attention_splits_long_prefills_into_query_chunks(monkeypatch):
     meta, tables, kc, vc, keys, vals, qs = _paged_case(torch.float32)
     _write_all(tables, kc, vc, keys, vals, 1.0, 1.0)
     whole = ref.attention(torch.cat(qs), kc, vc, meta, 0.3, 5, 1.0, 1.0)
-    monkeypatch.setattr(ref, "ATTN_SCORE_ELEMS", 4 * 4 * 13 * 3)  # 3 query rows a chunk
+    monkeypatch.setattr(ref, "ATTN_SCORE_ELEMS", 100)  # prefill group (2 seqs, 4 heads, 11 keys): 1 query row a chunk
     torch.testing.assert_close(ref.attention(torch.cat(qs), kc, vc, meta, 0.3, 5, 1.0, 1.0), whole)
 
 

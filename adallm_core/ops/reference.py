@@ -116,36 +116,52 @@ def attention(
 
     Serves prefill chunks and decodes in one batch. A query at position p sees keys at positions j with
     j <= p and, with a window W, j > p - W (the W most recent tokens, itself included, as in HF).
+    A mixed batch runs as two groups, decodes and prefill chunks, so decodes are not padded to the longest chunk.
     """
+    q_lens, seq_lens = meta.query_lens, meta.seq_lens.long()
+    args = (k_cache, v_cache, scale, sliding_window, k_scale, v_scale)
+    decode = q_lens == 1
+    if meta.max_query_len == 1 or not bool(decode.any()):
+        return _attend(q, meta.block_tables, seq_lens, q_lens, meta.token_to_seq, meta.token_index_in_seq,
+                       meta.max_query_len, meta.max_seq_len, *args)
+    out = torch.empty_like(q)
+    for chosen in (decode, ~decode):
+        seqs = chosen.nonzero().squeeze(1)
+        tokens = chosen[meta.token_to_seq]
+        local_seq = (torch.cumsum(chosen, 0) - 1)[meta.token_to_seq[tokens]]  # index among the chosen sequences
+        out[tokens] = _attend(q[tokens], meta.block_tables[seqs], seq_lens[seqs], q_lens[seqs], local_seq,
+                              meta.token_index_in_seq[tokens], int(q_lens[seqs].max()), int(seq_lens[seqs].max()), *args)
+    return out
+
+
+def _attend(q, block_tables, seq_lens, q_lens, token_to_seq, token_index, qmax: int, s: int,
+            k_cache, v_cache, scale, sliding_window, k_scale, v_scale) -> torch.Tensor:
+    """attention() for B sequences whose queries are padded to qmax and contexts to s."""
     num_tokens, hq, d = q.shape
     block_size, hk = k_cache.shape[1], k_cache.shape[2]
     groups = hq // hk
-    bsz, s = meta.num_seqs, meta.max_seq_len
-    dev = q.device
+    bsz, dev = seq_lens.shape[0], q.device
 
     # Keys: [B, S] slot of every context position, padded to the longest context.
     kpos = torch.arange(s, device=dev)
-    blocks = meta.block_tables.long()[:, kpos // block_size]
+    blocks = block_tables.long()[:, kpos // block_size]
     slots = blocks * block_size + kpos % block_size
-    seq_lens = meta.seq_lens.long()
     kvalid = (kpos[None, :] < seq_lens[:, None]) & (blocks >= 0)
     if sliding_window is not None:  # nothing before the earliest query's window is needed
-        first_q = seq_lens - meta.query_lens
-        kvalid &= kpos[None, :] > (first_q - sliding_window)[:, None]
+        kvalid &= kpos[None, :] > (seq_lens - q_lens - sliding_window)[:, None]
     keys = _gather_keys(k_cache, slots, kvalid, k_scale).permute(0, 2, 1, 3)[:, :, None]  # [B, Hk, 1, S, D]
     vals = _gather_keys(v_cache, slots, kvalid, v_scale).permute(0, 2, 1, 3)[:, :, None]
 
     # Queries padded to [B, Hk, G, Qmax, D]; row i of sequence b is at position seq_len - q_len + i.
-    qmax = meta.max_query_len
     decode_only = qmax == 1 and num_tokens == bsz  # one query per sequence: no padding needed
     if decode_only:
         qpad = q.float().view(bsz, 1, hq, d)
     else:
         qpad = torch.zeros(bsz, qmax, hq, d, dtype=torch.float32, device=dev)
-        qpad[meta.token_to_seq, meta.token_index_in_seq] = q.float()
+        qpad[token_to_seq, token_index] = q.float()
     qpad = qpad.view(bsz, qmax, hk, groups, d).permute(0, 2, 3, 1, 4)
     out = torch.empty_like(qpad)
-    qpos_all = (seq_lens - meta.query_lens)[:, None] + torch.arange(qmax, device=dev)[None, :]  # [B, Qmax]
+    qpos_all = (seq_lens - q_lens)[:, None] + torch.arange(qmax, device=dev)[None, :]  # [B, Qmax]
 
     chunk = max(1, ATTN_SCORE_ELEMS // max(1, bsz * hq * s))
     for start in range(0, qmax, chunk):
@@ -162,7 +178,7 @@ def attention(
     out = out.permute(0, 3, 1, 2, 4).reshape(bsz, qmax, hq, d)
     if decode_only:
         return out.view(num_tokens, hq, d).to(q.dtype)
-    return out[meta.token_to_seq, meta.token_index_in_seq].to(q.dtype)
+    return out[token_to_seq, token_index].to(q.dtype)
 
 
 def expert(w: "NVFP4Weight", e: int) -> "NVFP4Weight":
