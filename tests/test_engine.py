@@ -129,3 +129,15 @@ def test_logprobs_are_returned_per_token(engine):
     for tok, lps in zip(c.token_ids, c.logprobs):
         assert tok in lps and lps[tok] == max(lps.values()) and len(lps) == 2  # greedy: the top-1 is the token
     assert c.cumulative_logprob == pytest.approx(sum(lps[t] for t, lps in zip(c.token_ids, c.logprobs)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fp8_kv_cache_is_batch_and_preemption_invariant(family):
+    # fp8 (the default KV dtype) rounds K/V on write: still the same tokens alone, batched, and recomputed.
+    fp8 = make_engine(family, kv_cache_dtype="fp8", enable_prefix_caching=False)
+    alone = [greedy_tokens(fp8, [p], max_tokens=12)[0] for p in PROMPTS]
+    assert greedy_tokens(fp8, PROMPTS, max_tokens=12) == alone
+    small = make_engine(family, kv_cache_dtype="fp8", num_gpu_blocks_override=10, max_model_len=128,
+                        max_num_batched_tokens=64)
+    assert greedy_tokens(small, PROMPTS, max_tokens=12) == alone
+    assert small.stats()["num_preemptions"] > 0

@@ -2,6 +2,7 @@
 import pytest
 
 from adallm_core.kv_cache import NULL_BLOCK, KVCacheManager, KVGroupSpec, hash_block
+from adallm_core.kv_sizing import blocks_per_group, check_fits
 from adallm_core.sampling_params import SamplingParams
 from adallm_core.sequence import Sequence
 
@@ -149,3 +150,23 @@ def test_sliding_group_prefix_hit_needs_only_window_blocks():
 def test_pool_too_small_is_an_error(num_blocks):
     with pytest.raises(ValueError, match="at least 2 blocks"):
         KVCacheManager([KVGroupSpec(num_blocks, BS)])
+
+
+def test_sizing_one_group_uses_the_whole_budget():
+    assert blocks_per_group(10_000, [100], [None], BS, 8, 64) == [100]
+    assert blocks_per_group(10_000, [100], [None], BS, 8, 64, num_blocks_override=7) == [7]
+
+
+def test_sizing_sliding_group_gets_only_what_a_window_can_use():
+    # per sequence a sliding group needs ceil((8 + 16) / 4) + 1 = 7 blocks: 2 sequences -> cap 15 (with null)
+    full, sliding = blocks_per_group(100_000, [100, 50], [None, 8], BS, max_num_seqs=2, max_num_batched_tokens=16)
+    assert sliding == 15
+    assert full == (100_000 - 15 * 50) // 100  # the rest of the budget goes to the full group
+    # a small budget: both groups get the same count (a sliding group never needs more than the full one)
+    assert blocks_per_group(1_500, [100, 50], [None, 8], BS, 64, 16) == [10, 10]
+
+
+def test_too_small_cache_refuses_to_start_with_the_numbers():
+    check_fits([9, 9], [None, 8], BS, max_model_len=32, max_num_batched_tokens=16)  # 8 usable = 32 tokens
+    with pytest.raises(ValueError, match=r"7 usable blocks .* max_model_len=32 needs 8"):
+        check_fits([8], [None], BS, max_model_len=32, max_num_batched_tokens=16)
