@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import shutil
 import subprocess
 import sys
@@ -73,18 +73,19 @@ def build_source(folder: Path, size_gb: float, shards: int) -> list[int]:
     return sizes
 
 
-def child_peak_rss_mb(cmd: list[str]) -> tuple[float, float, subprocess.CompletedProcess]:
-    """(wall seconds, peak RSS MB, result) of one child; each measured in a fresh intermediate process so the
-    RUSAGE_CHILDREN high-water mark belongs to that child alone."""
+def run_child(cmd: list[str]) -> tuple[float, float, float, subprocess.CompletedProcess]:
+    """(wall s, CPU s, peak RSS MB, result) of one child, measured in a fresh intermediate process so the
+    RUSAGE_CHILDREN figures belong to that child alone."""
     probe = (
         "import resource, subprocess, sys, time, json; t = time.time(); "
         f"p = subprocess.run({cmd!r}, capture_output=True, text=True); "
-        "print(json.dumps([time.time() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, "
+        "r = resource.getrusage(resource.RUSAGE_CHILDREN); "
+        "print(json.dumps([time.time() - t, r.ru_utime + r.ru_stime, r.ru_maxrss / 1024, "
         "p.returncode, p.stdout, p.stderr[-2000:]]))"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    wall, rss, rc, stdout, stderr = json.loads(out)
-    return wall, rss, subprocess.CompletedProcess(cmd, rc, stdout, stderr)
+    wall, cpu, rss, rc, stdout, stderr = json.loads(out)
+    return wall, cpu, rss, subprocess.CompletedProcess(cmd, rc, stdout, stderr)
 
 
 def main() -> int:
@@ -102,18 +103,18 @@ def main() -> int:
         sizes = build_source(src, args.size_gb, args.shards)
         print(f"synthetic BF16 checkpoint (random weights): {sum(sizes) / 1e9:.2f} GB in {len(sizes)} shards "
               f"(largest {max(sizes) / 1e6:.0f} MB), written in {time.time() - t:.0f} s")
-        _, base_rss, _ = child_peak_rss_mb(
-            [sys.executable, "-c", "import adallm_core.checkpoint.quantize, adallm_core.cli"])
+        _, _, base_rss, _ = run_child([sys.executable, "-c", "import adallm_core.checkpoint.quantize, adallm_core.cli"])
         cmd = [sys.executable, "-m", "adallm_core.cli", "quantize", str(src), str(dst), "--format", args.format,
            "--device", args.device]
-        wall, rss, proc = child_peak_rss_mb(cmd)
+        wall, cpu, rss, proc = run_child(cmd)
         if proc.returncode:
             print(proc.stderr, file=sys.stderr)
             return proc.returncode
         print(proc.stdout.strip())
         out_bytes = sum(p.stat().st_size for p in dst.glob("*.safetensors"))
         print(f"throughput: {sum(sizes) / 1e9 / wall:.3f} GB/s of BF16 input (whole command, {wall:.1f} s incl. "
-              f"start-up); output {out_bytes / 1e9:.3f} GB ({out_bytes / sum(sizes):.3f} of input)")
+              f"start-up; {cpu:.1f} CPU-s on {os.cpu_count()} cores, so {sum(sizes) / 1e9 / cpu:.3f} GB per CPU-s); "
+              f"output {out_bytes / 1e9:.3f} GB ({out_bytes / sum(sizes):.3f} of input)")
         print(f"peak RSS: {rss:.0f} MB (bound: 2 x largest shard = {2 * max(sizes) / 1e6:.0f} MB; "
               f"a child that only imports the converter: {base_rss:.0f} MB)")
         return 0 if rss < 2 * max(sizes) / 1e6 else 1

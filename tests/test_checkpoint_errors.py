@@ -158,3 +158,36 @@ def test_missing_folder_and_config(tmp_path):
 
 def test_checkpoint_error_is_a_value_error():
     assert issubclass(CheckpointError, ValueError)
+
+
+def test_kv_scales_found_by_suffix(good, tmp_path):
+    folder = copy(good, "modelopt", tmp_path)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["model.layers.0.self_attn.k_scale"] = torch.tensor(0.5)
+    tensors["model.layers.0.self_attn.v_scale"] = torch.tensor(0.25)
+    tensors["model.layers.1.self_attn.k_proj.k_scale"] = torch.tensor([2.0])  # older ModelOpt names
+    tensors["model.layers.1.self_attn.v_proj.v_scale"] = torch.tensor([4.0])
+    save_file(tensors, str(folder / "model.safetensors"))
+    edit_json(folder / "hf_quant_config.json", lambda d: d["quantization"].update(kv_cache_quant_algo="FP8"))
+    ckpt = Checkpoint(folder)
+    assert ckpt.kv_cache_fp8 and ckpt.kv_scales() == {0: (0.5, 0.25), 1: (2.0, 4.0)}
+
+
+def test_gemma3_multimodal_names_resolve_to_the_text_model(good, tmp_path):
+    """Gemma3ForConditionalGeneration keeps the language model under model.language_model.* (transformers 5)."""
+    folder = copy(good, "compressed-tensors", tmp_path)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        tensors = {k.replace("model.", "model.language_model.", 1): f.get_tensor(k) for k in f.keys()}
+    tensors["model.vision_tower.encoder.layers.0.self_attn.q_proj.weight"] = torch.zeros(32, 32, dtype=torch.bfloat16)
+    save_file(tensors, str(folder / "model.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    text = {k: config.pop(k) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                                        "intermediate_size")}
+    config.update(architectures=["Gemma3ForConditionalGeneration"], text_config=text)
+    (folder / "config.json").write_text(json.dumps(config))
+    ckpt = Checkpoint(folder)
+    q = ckpt.linear("model.layers.0.self_attn.q_proj")
+    assert (q.out_features, q.in_features) == (64, 64)
+    assert ckpt.tensor("model.embed_tokens.weight").shape == (384, 64)
+    assert ckpt.linear("model.vision_tower.encoder.layers.0.self_attn.q_proj").dtype == torch.bfloat16

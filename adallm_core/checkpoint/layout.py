@@ -19,6 +19,8 @@ GROUP_SIZE = 16
 _QUANTIZABLE = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$")
 # Dense linears that readers must know are not quantized (listed in ignore / exclude_modules).
 _DENSE_LINEAR = re.compile(r"(^|\.)(lm_head|mlp\.gate)\.weight$")
+# Gemma3ForConditionalGeneration: only the language model is quantized; the vision side stays as it is.
+VISION_IGNORE = ("re:.*vision_tower.*", "re:.*multi_modal_projector.*")
 
 PACKED_NAME = {"modelopt": "weight", "compressed-tensors": "weight_packed"}
 GLOBAL_NAME = {"modelopt": "weight_scale_2", "compressed-tensors": "weight_global_scale"}
@@ -26,7 +28,9 @@ GLOBAL_NAME = {"modelopt": "weight_scale_2", "compressed-tensors": "weight_globa
 
 def quantized_linear_prefix(name: str) -> str | None:
     """'model.layers.0.mlp.up_proj.weight' -> 'model.layers.0.mlp.up_proj'; None for tensors that stay dense."""
-    return name[: -len(".weight")] if _QUANTIZABLE.search(name) else None
+    if not _QUANTIZABLE.search(name) or is_excluded(name, list(VISION_IGNORE)):
+        return None
+    return name[: -len(".weight")]
 
 
 def dense_linear_prefix(name: str) -> str | None:

@@ -187,6 +187,7 @@ def quantize_checkpoint(src, dst, fmt: str = "modelopt", exclude=(), progress: b
     dense = {layout.dense_linear_prefix(t.name) for t in tensors}
     excluded = {layout.quantized_linear_prefix(t.name) for t in tensors if not t.prefix}
     ignore = ["lm_head"] + sorted((dense | excluded) - {None, "lm_head"})  # lm_head stays dense even when tied
+    ignore += [p for p in layout.VISION_IGNORE if any(layout.is_excluded(t.name, [p]) for t in tensors)]
     start = time.time()
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))

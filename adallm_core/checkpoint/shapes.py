@@ -16,7 +16,7 @@ def text_config(config: dict) -> dict:
 def expected_linear_shape(config: dict, prefix: str) -> tuple[int, int] | None:
     """(N, K) of 'model.layers.3.self_attn.k_proj' etc., or None when the module is not a known linear."""
     m = _LINEAR.search(prefix)
-    if not m:
+    if not m or "vision_tower" in prefix or "multi_modal_projector" in prefix:  # Gemma3's vision side: no rule
         return None
     c = text_config(config)
     try:
