@@ -144,3 +144,45 @@ def test_fp8_kv_scales_come_from_the_checkpoint(monkeypatch):
     monkeypatch.setattr(Checkpoint, "kv_scales", lambda self: {})
     plain = runner_for(kv_cache_dtype="fp8").execute([SeqStep(tokens(9), 0, Blocks(BS, 1).tables_for(0, 9))])[0]
     assert 0 < (scaled - plain).abs().max() < 0.05 * plain.abs().max()  # scales change the rounding, not the result
+
+
+class _MultimodalView:
+    """A text-only Gemma3 checkpoint seen as Gemma3ForConditionalGeneration (transformers 5 names the decoder
+    model.language_model.*), as the published Gemma3 NVFP4 checkpoints are."""
+
+    def __init__(self, ckpt):
+        from transformers import Gemma3Config
+
+        self.inner, self.path = ckpt, ckpt.path
+        self.hf_config = Gemma3Config(text_config=ckpt.hf_config.to_dict(),
+                                      architectures=["Gemma3ForConditionalGeneration"])
+
+    def _inner(self, name):
+        if not name.startswith("model.language_model."):
+            raise KeyError(name)
+        return "model." + name[len("model.language_model."):]
+
+    def has(self, name):
+        return name.startswith("model.language_model.") and self.inner.has(self._inner(name))
+
+    def tensor(self, name):
+        return self.inner.tensor(self._inner(name))
+
+    def linear(self, prefix):
+        return self.inner.linear(self._inner(prefix))
+
+    def kv_scales(self):
+        return self.inner.kv_scales()
+
+
+def test_gemma3_multimodal_checkpoint_runs_its_text_decoder():
+    ckpt = Checkpoint(tiny_checkpoint("gemma3", "modelopt"))
+    args = EngineArgs(model=str(ckpt.path), block_size=BS, max_model_len=128, kv_cache_dtype="bf16")
+    plain, wrapped = ModelRunner(args, ckpt, "cpu"), ModelRunner(args, _MultimodalView(ckpt), "cpu")
+    assert wrapped.model_config.architecture == "Gemma3ForConditionalGeneration"
+    assert wrapped.model_config.sliding_window == 16 and wrapped.model_config.tie_word_embeddings
+    logits = []
+    for r in (plain, wrapped):
+        r.allocate_kv_cache([16] * len(r.kv_groups))
+        logits.append(r.execute([SeqStep(tokens(20), 0, Blocks(BS, 2).tables_for(0, 20))])[0])
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
