@@ -1,0 +1,122 @@
+"""Application builder: `serve run deployments.app:build_app model=...`, serve_config.yaml, `adallm serve`.
+
+args is one flat dict: the serving options below plus any EngineArgs field (max_model_len, kv_cache_dtype...).
+Unknown keys are an error that names them.
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+
+from adallm_core.config import EngineArgs
+from deployments.ingress import OpenAiIngress
+from deployments.llm_server import LLMServer
+
+DEMO_MODEL_NAME = "adallm-tiny-demo"
+
+
+class ServeOptions(BaseModel):
+    """How the engine is deployed. Every limit not given is derived from the engine's capacity."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    served_model_name: Optional[str] = None  # the `model` clients send; default: the checkpoint folder name
+    num_replicas: Optional[int] = Field(None, ge=1)  # fixed count; or autoscale between min/max_replicas
+    min_replicas: Optional[int] = Field(None, ge=0)
+    max_replicas: Optional[int] = Field(None, ge=1)
+    num_gpus: Optional[float] = Field(None, ge=0)  # per replica; None: 1 when the cluster has GPUs, else 0
+    accelerator_type: Optional[str] = None  # e.g. "L4", "L40S"; Ray's accelerator_type resource label
+    max_batch_size: int = Field(32, ge=1)  # @serve.batch: arrivals admitted in one add_requests call
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    max_ongoing_requests: Optional[int] = Field(None, ge=1)  # per replica; default: engine max_num_seqs
+    max_queued_requests: Optional[int] = Field(None, ge=1)  # per caller; default: 2 x max_ongoing_requests
+
+    @model_validator(mode="after")
+    def _replicas(self) -> "ServeOptions":
+        if self.num_replicas is not None and (self.min_replicas is not None or self.max_replicas is not None):
+            raise ValueError("give num_replicas, or min_replicas/max_replicas for autoscaling, not both")
+        if self.min_replicas is not None and self.max_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} is above max_replicas={self.max_replicas}")
+        return self
+
+
+def split_args(args: dict[str, Any]) -> tuple[EngineArgs, ServeOptions]:
+    engine_keys = {f.name for f in fields(EngineArgs)}
+    engine_values = {k: _from_text(k, v) for k, v in args.items() if k not in ServeOptions.model_fields}
+    engine = EngineArgs.from_dict(engine_values)
+    options = ServeOptions(**{k: v for k, v in args.items() if k not in engine_keys})
+    return engine, options
+
+
+def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
+    engine, options = split_args(dict(args or {}))
+    num_gpus = options.num_gpus if options.num_gpus is not None else _default_num_gpus(engine.device)
+    actor_options: dict[str, Any] = {"num_cpus": 1, "num_gpus": num_gpus}
+    if num_gpus and options.accelerator_type:
+        actor_options["accelerator_type"] = options.accelerator_type
+    if not num_gpus and engine.device == "auto":
+        engine.device = "cpu"  # a replica without a GPU must not grab one it was not given
+
+    max_ongoing = options.max_ongoing_requests or engine.max_num_seqs
+    max_queued = options.max_queued_requests or 2 * max_ongoing
+    scaling: dict[str, Any] = {"num_replicas": options.num_replicas or 1}
+    most_replicas = options.num_replicas or 1
+    if options.min_replicas is not None or options.max_replicas is not None:
+        low, high = options.min_replicas or 1, options.max_replicas or max(1, options.min_replicas or 1)
+        target = max(1, int(0.75 * max_ongoing))
+        scaling = {"autoscaling_config": {"min_replicas": low, "max_replicas": high, "target_ongoing_requests": target}}
+        most_replicas = high
+
+    llm = LLMServer.options(
+        ray_actor_options=actor_options,
+        max_ongoing_requests=max_ongoing,
+        max_queued_requests=max_queued,
+        user_config={"max_batch_size": options.max_batch_size, "batch_wait_timeout_s": options.batch_wait_timeout_s},
+        **scaling,
+    ).bind(engine.to_dict())
+    # The ingress never queues itself: LLMServer's queue is where overload is detected and answered in
+    # OpenAI's shape, so the ingress admits everything that queue can hold, plus room for cheap requests.
+    ingress = OpenAiIngress.options(
+        ray_actor_options={"num_cpus": 0.5},
+        max_ongoing_requests=most_replicas * max_ongoing + max_queued + 64,
+    )
+    return ingress.bind(llm, options.served_model_name or served_name(engine.model))
+
+
+def _from_text(name: str, value: Any) -> Any:
+    """`serve run deployments.app:build_app max_model_len=256` passes strings; type them like the field."""
+    kind = {f.name: str(f.type) for f in fields(EngineArgs)}.get(name, "str")
+    if not isinstance(value, str):
+        return value
+    if value.lower() == "none" and kind.startswith("Optional"):
+        return None
+    if kind in ("str", "Optional[str]"):
+        return value
+    if "bool" in kind:
+        return value.lower() in ("1", "true", "yes", "on")
+    return float(value) if "float" in kind else int(value)
+
+
+def served_name(model: Optional[str]) -> str:
+    if model is None:
+        return DEMO_MODEL_NAME
+    path = Path(model)
+    return path.name if path.exists() else model  # a local folder's name, or the hub id as given
+
+
+def _default_num_gpus(device: str) -> float:
+    if device == "cpu":
+        return 0
+    if device.startswith("cuda"):
+        return 1
+    import ray
+
+    if ray.is_initialized():
+        return 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    import torch
+
+    return 1 if torch.cuda.is_available() else 0

@@ -1,0 +1,64 @@
+"""`adallm serve [MODEL]`: start (or join) Ray, deploy the OpenAI app, block until Ctrl-C."""
+from __future__ import annotations
+
+import argparse
+import time
+
+from adallm_core.config import EngineArgs
+
+APP_NAME = "adallm"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None, help="checkpoint folder or hub id; none: the built-in tiny demo model")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--ray-address", default=None, help="Ray cluster to join; default: a running local one, else start one")
+    parser.add_argument("--served-model-name", default=None, help="the model name clients send; default: the folder name")
+    replicas = parser.add_mutually_exclusive_group()
+    replicas.add_argument("--num-replicas", type=int, default=None, help="fixed number of engine replicas (default 1)")
+    replicas.add_argument("--min-replicas", type=int, default=None, help="autoscale from this many replicas...")
+    parser.add_argument("--max-replicas", type=int, default=None, help="...up to this many")
+    parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica; default: 1 if the cluster has GPUs, else 0")
+    parser.add_argument("--accelerator-type", default=None, help="Ray accelerator type for replicas, e.g. L4, L40S")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="@serve.batch: most arrivals admitted together")
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.005, help="@serve.batch: how long to wait for more")
+    parser.add_argument("--max-ongoing-requests", type=int, default=None, help="per replica; default: --max-num-seqs")
+    parser.add_argument("--max-queued-requests", type=int, default=None, help="beyond this, 503; default: 2x ongoing")
+    EngineArgs.add_cli_args(parser, with_model=False)
+
+
+SERVE_FLAGS = (
+    "served_model_name", "num_replicas", "min_replicas", "max_replicas", "num_gpus", "accelerator_type",
+    "max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests", "max_queued_requests",
+)  # fmt: skip
+
+
+def app_args(args: argparse.Namespace) -> dict:
+    """The build_app dict: engine fields as given on the command line plus the serving options that were set."""
+    engine = EngineArgs.from_cli_args(args).to_dict()
+    serving = {k: getattr(args, k) for k in SERVE_FLAGS if getattr(args, k) is not None}
+    return {**engine, **serving}
+
+
+def main(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app, split_args
+
+    split_args(app_args(args))  # bad options fail here, before Ray starts
+    ray.init(address=args.ray_address, log_to_driver=False)
+    app = build_app(app_args(args))  # after ray.init: sees whether the cluster has GPUs
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    print(f"adallm: OpenAI API at http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("adallm: shutting down", flush=True)
+    finally:
+        serve.delete(APP_NAME)
+        ray.shutdown()
+    return 0

@@ -1,0 +1,155 @@
+"""OpenAiIngress: the HTTP face (FastAPI through serve.ingress). Validates, then streams from LLMServer."""
+
+import json
+import time
+from typing import AsyncIterator, Optional, Union
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
+from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from deployments.errors import OpenAIError, error_body, install_error_handlers
+from deployments.llm_server import GenerateRequest, RequestError
+from deployments.metrics import RequestMetrics
+from deployments.openai_api import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    new_id,
+)
+from deployments.responses import ResponseBuilder
+
+app = FastAPI(
+    title="adallm",
+    description="OpenAI-compatible API for NVFP4 models on Ray Serve",
+    responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
+
+_metrics: Optional[RequestMetrics] = None
+
+
+def request_metrics() -> RequestMetrics:
+    # Created inside the replica (Serve tags come from its context), once per process.
+    global _metrics
+    if _metrics is None:
+        _metrics = RequestMetrics()
+    return _metrics
+
+
+install_error_handlers(app, lambda route, status: request_metrics().record_status(route, status))
+
+
+def _sse(body: BaseModel) -> str:
+    return f"data: {body.model_dump_json()}\n\n"
+
+
+async def _next(outputs: DeploymentResponseGenerator):
+    # Module helpers sit above the class: Serve pickles the class when it is decorated.
+    try:
+        return await outputs.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+@serve.deployment(name="OpenAiIngress")
+@serve.ingress(app)
+class OpenAiIngress:
+    def __init__(self, llm_server: DeploymentHandle, served_model_name: str):
+        self.llm = llm_server
+        self.stream = llm_server.options(stream=True)
+        self.model = served_model_name
+        self._max_model_len: Optional[int] = None
+
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        try:
+            await self.llm.check_health.remote()
+        except Exception as e:
+            raise OpenAIError(503, f"engine unhealthy: {type(e).__name__}", code="unhealthy")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models(self) -> ModelList:
+        if self._max_model_len is None:
+            self._max_model_len = (await self.llm.model_info.remote())["max_model_len"]
+        return ModelList(data=[ModelCard(id=self.model, max_model_len=self._max_model_len)])
+
+    @app.post("/v1/completions", response_model=CompletionResponse)
+    async def completions(self, body: CompletionRequest):
+        self._check_model(body.model)
+        request = GenerateRequest(new_id("cmpl"), self._params(body), prompts=body.prompts())
+        builder = ResponseBuilder(request.request_id, self.model, False, body.logprobs, body.n, len(request.prompts))
+        return await self._serve("/v1/completions", body, request, builder)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    async def chat_completions(self, body: ChatCompletionRequest):
+        self._check_model(body.model)
+        messages = [m.as_template_input() for m in body.messages]
+        request = GenerateRequest(new_id("chatcmpl"), self._params(body), messages=messages)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        builder = ResponseBuilder(request.request_id, self.model, True, top, body.n, 1)
+        return await self._serve("/v1/chat/completions", body, request, builder)
+
+    # ---- shared path ---------------------------------------------------------------------------
+    def _check_model(self, model: str) -> None:
+        if model != self.model:
+            raise OpenAIError(404, f"model '{model}' does not exist; this server serves '{self.model}'", "model", "model_not_found")
+
+    @staticmethod
+    def _params(body: Union[CompletionRequest, ChatCompletionRequest]):
+        try:
+            return body.to_sampling_params()
+        except ValueError as e:  # SamplingParams' own checks, beyond the schema's
+            raise OpenAIError(400, str(e))
+
+    async def _serve(self, route: str, body, request: GenerateRequest, builder: ResponseBuilder):
+        outputs: DeploymentResponseGenerator = self.stream.generate.remote(request)
+        first = await _next(outputs)  # raises BackPressureError when the replicas' queues are full
+        if isinstance(first, RequestError):
+            raise OpenAIError(first.status, first.message, first.param)
+        if body.stream:
+            events = self._events(route, body.include_usage, builder, first, outputs)
+            return StreamingResponse(events, media_type="text/event-stream")
+        deltas = first
+        while deltas is not None:
+            if isinstance(deltas, RequestError):
+                raise OpenAIError(deltas.status, deltas.message, deltas.param)
+            builder.add(deltas)
+            deltas = await _next(outputs)
+        self._record(route, builder)
+        return builder.response()
+
+    async def _events(self, route, include_usage, builder, first, outputs) -> AsyncIterator[str]:
+        finished = False
+        try:
+            if builder.chat:
+                yield _sse(builder.role_chunk())
+            deltas = first
+            while deltas is not None:
+                if isinstance(deltas, RequestError):  # the engine failed mid-stream
+                    yield f"data: {json.dumps(error_body(deltas.status, deltas.message))}\n\n"
+                    break
+                builder.add(deltas)
+                yield _sse(builder.chunk(deltas))
+                deltas = await _next(outputs)
+            if include_usage:
+                yield _sse(builder.usage_chunk())
+            yield "data: [DONE]\n\n"
+            finished = True
+            self._record(route, builder)
+        finally:
+            if not finished:  # client went away: stop the replica's generator, which aborts the request
+                outputs.cancel()
+
+    def _record(self, route: str, builder: ResponseBuilder) -> None:
+        usage = builder.usage()
+        metrics = request_metrics()
+        metrics.record_status(route, 200)
+        total = time.perf_counter() - builder.start
+        metrics.record_generation(route, builder.first_token_s, total, usage.prompt_tokens, usage.completion_tokens)

@@ -1,0 +1,223 @@
+"""LLMServer: the Serve replica that owns one AsyncLLM.
+
+Arrivals are admitted together: every request goes through `_admit`, a `@serve.batch` method that hands
+all requests arriving within `batch_wait_timeout_s` to `AsyncLLM.add_requests` in one call. The engine's
+continuous batching runs across admissions, so a request never waits for an earlier one to finish.
+Each request then streams its own deltas back to the ingress; a cancelled stream (client gone) aborts
+its engine requests, which frees their KV blocks at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional, Union
+
+from ray import serve
+
+from adallm_core.config import EngineArgs
+from adallm_core.outputs import RequestOutput
+from adallm_core.sampling_params import SamplingParams
+from deployments.metrics import EngineMetrics
+
+logger = logging.getLogger("ray.serve")
+
+Prompt = Union[str, list[int]]
+# One generated token's logprobs: (token text, logprob, [(top token text, logprob), ...])
+TokenLogprob = tuple[str, float, list[tuple[str, float]]]
+
+
+@dataclass
+class GenerateRequest:
+    request_id: str
+    params: SamplingParams
+    prompts: Optional[list[Prompt]] = None  # /v1/completions
+    messages: Optional[list[dict[str, str]]] = None  # /v1/chat/completions: rendered by the chat template
+
+
+@dataclass
+class ChoiceDelta:
+    """What one choice produced since the last chunk. index = prompt index * n + sample index."""
+
+    index: int
+    prompt_tokens: int
+    text: str
+    num_tokens: int
+    logprobs: Optional[list[TokenLogprob]]
+    finish_reason: Optional[str]
+
+
+@dataclass
+class RequestError:
+    """Yielded instead of output when a request is refused; the ingress turns it into an HTTP error."""
+
+    message: str
+    status: int = 400
+    param: Optional[str] = None
+
+
+async def _pump(prompt_index: int, stream, queue: asyncio.Queue) -> None:
+    """Moves one engine stream into the request's shared queue; None marks its end."""
+    try:
+        async for out in stream:
+            queue.put_nowait((prompt_index, out))
+        queue.put_nowait((prompt_index, None))
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # the engine failed this request: report it, don't hang the client
+        queue.put_nowait((prompt_index, e))
+
+
+def _merge(deltas: list[ChoiceDelta]) -> list[ChoiceDelta]:
+    """One delta per choice: outputs coalesced from several engine steps are joined in order."""
+    merged: dict[int, ChoiceDelta] = {}
+    for d in deltas:
+        m = merged.get(d.index)
+        if m is None:
+            merged[d.index] = d
+            continue
+        m.text += d.text
+        m.num_tokens += d.num_tokens
+        if d.logprobs is not None:
+            m.logprobs = (m.logprobs or []) + d.logprobs
+        m.finish_reason = d.finish_reason or m.finish_reason
+    return list(merged.values())
+
+
+def _param_named_in(message: str) -> Optional[str]:
+    return next((p for p in ("max_tokens", "messages", "prompt") if p in message), None)
+
+
+@serve.deployment(name="LLMServer", health_check_period_s=5, health_check_timeout_s=30)
+class LLMServer:
+    def __init__(self, engine_args: dict):
+        from adallm_core.engine import AsyncLLM  # torch and the model load in the replica only
+
+        self.engine = AsyncLLM.from_engine_args(EngineArgs.from_dict(engine_args))
+        self.counters = {"admission_batches": 0, "admitted_requests": 0, "largest_admission": 0, "aborted_requests": 0}
+        self.metrics = EngineMetrics()
+        self._metrics_task: Optional[asyncio.Task] = None  # started on the replica's event loop, first request
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve user_config: {max_batch_size, batch_wait_timeout_s}; changes apply without a restart."""
+        unknown = sorted(set(user_config) - {"max_batch_size", "batch_wait_timeout_s"})
+        if unknown:
+            raise ValueError(f"unknown LLMServer user_config key(s): {', '.join(unknown)}")
+        if "max_batch_size" in user_config:
+            self._admit.set_max_batch_size(int(user_config["max_batch_size"]))
+        if "batch_wait_timeout_s" in user_config:
+            self._admit.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _admit(self, items: list[tuple[str, Prompt, SamplingParams]]) -> list:
+        self.counters["admission_batches"] += 1
+        self.counters["admitted_requests"] += len(items)
+        self.counters["largest_admission"] = max(self.counters["largest_admission"], len(items))
+        return self.engine.add_requests(items)  # a stream per item, or the ValueError that refused it
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Union[list[ChoiceDelta], RequestError]]:
+        """Yields lists of ChoiceDelta (all that is ready), or one RequestError and stops."""
+        if self._metrics_task is None:
+            self._metrics_task = asyncio.create_task(self._report_engine_stats())
+        try:
+            prompts = self._prompts(request)
+        except ValueError as e:
+            yield RequestError(str(e), param=_param_named_in(str(e)))
+            return
+        ids = [f"{request.request_id}-{i}" for i in range(len(prompts))]
+        try:
+            admitted = await asyncio.gather(*(self._admit((rid, p, request.params)) for rid, p in zip(ids, prompts)))
+        except Exception as e:  # the engine is dead: check_health fails too, and Serve replaces this replica
+            yield RequestError(f"engine unavailable: {e}", status=503)
+            return
+        refused = [r for r in admitted if isinstance(r, Exception)]
+        if refused:
+            await self._abort([rid for rid, r in zip(ids, admitted) if not isinstance(r, Exception)])
+            yield RequestError(str(refused[0]), param="messages" if request.messages is not None else "prompt")
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        pumps = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(admitted)]
+        running = set(range(len(prompts)))
+        try:
+            while running:
+                items = [await queue.get()]
+                while not queue.empty():  # coalesce whatever else is ready into one message
+                    items.append(queue.get_nowait())
+                deltas = []
+                for prompt_index, out in items:
+                    if out is None:
+                        running.discard(prompt_index)
+                    elif isinstance(out, Exception):
+                        yield RequestError(f"engine error: {out}", status=500)
+                        return
+                    else:
+                        deltas.extend(self._deltas(prompt_index, out, request.params.n))
+                if deltas:
+                    yield _merge(deltas)
+        finally:
+            for task in pumps:
+                task.cancel()
+            if running:  # the caller went away (client disconnect): free the blocks now
+                self.counters["aborted_requests"] += 1
+                await self._abort([ids[i] for i in running])
+
+    async def _abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            await self.engine.abort(rid)
+
+    def _prompts(self, request: GenerateRequest) -> list[Prompt]:
+        limit, max_tokens = self.engine.max_model_len, request.params.max_tokens
+        if max_tokens is not None and max_tokens > limit:
+            raise ValueError(f"max_tokens={max_tokens} is more than this model's max_model_len={limit}")
+        if request.messages is not None:
+            # Token ids, as LLM.chat does: the template already wrote bos, so no special tokens are added again.
+            return [self.engine.tokenizer.encode_chat(request.messages, add_generation_prompt=True)]
+        return list(request.prompts or [])
+
+    def _deltas(self, prompt_index: int, out: RequestOutput, n: int) -> list[ChoiceDelta]:
+        return [
+            ChoiceDelta(
+                index=prompt_index * n + c.index,
+                prompt_tokens=len(out.prompt_token_ids),
+                text=c.text,
+                num_tokens=len(c.token_ids),
+                logprobs=self._logprobs(c.token_ids, c.logprobs) if c.logprobs is not None else None,
+                finish_reason=c.finish_reason,
+            )
+            for c in out.outputs
+        ]
+
+    def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]]) -> list[TokenLogprob]:
+        decode = self.engine.tokenizer.decode
+        result = []
+        for tid, top in zip(token_ids, logprobs):
+            ranked = sorted(top.items(), key=lambda kv: -kv[1])
+            result.append((decode([tid]), top[tid], [(decode([t]), lp) for t, lp in ranked]))
+        return result
+
+    async def model_info(self) -> dict:
+        return {"max_model_len": self.engine.max_model_len}
+
+    async def stats(self) -> dict:
+        """Engine stats plus how @serve.batch grouped arrivals (tests and operators read this)."""
+        return {**self.engine.stats(), **self.counters}
+
+    async def check_health(self) -> None:
+        # Raises when the engine loop died; Serve then replaces this replica.
+        self.engine.check_health()
+
+    async def _report_engine_stats(self) -> None:
+        while True:
+            try:
+                self.metrics.record_engine_stats(self.engine.stats())
+            except Exception:  # a dead engine is reported by check_health, not here
+                logger.debug("engine stats unavailable", exc_info=True)
+            await asyncio.sleep(1.0)
+
+    def __del__(self) -> None:
+        task = getattr(self, "_metrics_task", None)
+        if task is not None:
+            task.cancel()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()

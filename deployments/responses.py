@@ -1,0 +1,148 @@
+"""From the LLMServer's ChoiceDeltas to OpenAI bodies: streamed chunks, or one response at the end."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from deployments.llm_server import ChoiceDelta, TokenLogprob
+from deployments.openai_api import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    DeltaMessage,
+    TokenLogprob as ChatTokenLogprob,
+    TopLogprob,
+    Usage,
+)
+
+
+@dataclass
+class _Choice:
+    text: str = ""
+    num_tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+
+
+class ResponseBuilder:
+    """Collects one request's deltas; knows whether it serves /v1/completions or /v1/chat/completions."""
+
+    def __init__(self, request_id: str, model: str, chat: bool, top_logprobs: Optional[int], n: int, num_prompts: int):
+        self.request_id, self.model, self.chat = request_id, model, chat
+        self.top_logprobs = top_logprobs  # None: logprobs not requested
+        self.choices = [_Choice() for _ in range(n * num_prompts)]
+        self.n = n
+        self.prompt_tokens: dict[int, int] = {}  # prompt index -> its length, counted once for n samples
+        self.created = int(time.time())
+        self.start = time.perf_counter()
+        self.first_token_s: Optional[float] = None
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def add(self, deltas: list[ChoiceDelta]) -> None:
+        if self.first_token_s is None and any(d.num_tokens for d in deltas):
+            self.first_token_s = time.perf_counter() - self.start
+        for d in deltas:
+            c = self.choices[d.index]
+            c.text += d.text
+            c.num_tokens += d.num_tokens
+            c.logprobs.extend(d.logprobs or ())
+            c.finish_reason = d.finish_reason or c.finish_reason
+            self.prompt_tokens[d.index // self.n] = d.prompt_tokens
+
+    def usage(self) -> Usage:
+        prompt = sum(self.prompt_tokens.values())
+        completion = sum(c.num_tokens for c in self.choices)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    # ---- streaming ---------------------------------------------------------------------------
+    def role_chunk(self) -> ChatCompletionChunk:
+        choices = [ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")) for i in range(len(self.choices))]
+        return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model, choices=choices)
+
+    def chunk(self, deltas: list[ChoiceDelta]):
+        """The streamed chunk for deltas already passed to add()."""
+        if self.chat:
+            choices = [
+                ChatChunkChoice(
+                    index=d.index,
+                    delta=DeltaMessage(content=d.text),
+                    logprobs=self._chat_logprobs(d.logprobs),
+                    finish_reason=d.finish_reason,
+                )
+                for d in deltas
+            ]
+            return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model, choices=choices)
+        choices = [
+            CompletionChoice(
+                index=d.index,
+                text=d.text,
+                logprobs=self._completion_logprobs(d.logprobs, len(self.choices[d.index].text) - len(d.text)),
+                finish_reason=d.finish_reason,
+            )
+            for d in deltas
+        ]
+        return CompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices)
+
+    def usage_chunk(self):
+        kind = ChatCompletionChunk if self.chat else CompletionResponse
+        return kind(id=self.request_id, created=self.created, model=self.model, choices=[], usage=self.usage())
+
+    # ---- non-streaming -----------------------------------------------------------------------
+    def response(self):
+        if self.chat:
+            choices = [
+                ChatChoice(
+                    index=i,
+                    message=AssistantMessage(content=c.text),
+                    logprobs=self._chat_logprobs(c.logprobs if self.top_logprobs is not None else None),
+                    finish_reason=c.finish_reason,
+                )
+                for i, c in enumerate(self.choices)
+            ]
+            return ChatCompletionResponse(
+                id=self.request_id, created=self.created, model=self.model, choices=choices, usage=self.usage()
+            )
+        choices = [
+            CompletionChoice(
+                index=i,
+                text=c.text,
+                logprobs=self._completion_logprobs(c.logprobs if self.top_logprobs is not None else None, 0),
+                finish_reason=c.finish_reason,
+            )
+            for i, c in enumerate(self.choices)
+        ]
+        return CompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices, usage=self.usage())
+
+    # ---- logprobs in each endpoint's format ------------------------------------------------------
+    def _chat_logprobs(self, logprobs: Optional[list[TokenLogprob]]) -> Optional[ChatLogprobs]:
+        if logprobs is None or self.top_logprobs is None:
+            return None
+        content = [
+            ChatTokenLogprob(
+                token=tok,
+                logprob=lp,
+                bytes=list(tok.encode()),
+                top_logprobs=[TopLogprob(token=t, logprob=l, bytes=list(t.encode())) for t, l in top[: self.top_logprobs]],
+            )
+            for tok, lp, top in logprobs
+        ]
+        return ChatLogprobs(content=content)
+
+    def _completion_logprobs(self, logprobs: Optional[list[TokenLogprob]], offset: int) -> Optional[CompletionLogprobs]:
+        if logprobs is None or self.top_logprobs is None:
+            return None
+        result = CompletionLogprobs()
+        for tok, lp, top in logprobs:
+            result.tokens.append(tok)
+            result.token_logprobs.append(lp)
+            result.top_logprobs.append({t: l for t, l in top[: max(self.top_logprobs, 1)]})
+            result.text_offset.append(offset)
+            offset += len(tok)
+        return result
