@@ -7,7 +7,8 @@ every decode step, and 32-token greedy continuations of 8 prompts. Prompts are l
   fp8 KV (E4M3, scale 1.0): against transformers whose attention sees keys/values rounded to E4M3 (the same
      rounding, model_helpers._fp8_kv_sdpa): |diff| <= 1e-3 (a key a float32 ulp away may round the other way).
      Against plain transformers the fp8 cache itself moves these random tiny models' logits by up to ~12% of the
-     largest logit (37% for Qwen3-MoE, whose top-k routing flips); that is the format, not this code.
+     largest logit (37% for Qwen3-MoE, whose top-k routing flips); that is the format, not this code. The looser
+     bound FP8_VS_EXACT_REL checks that much.
 """
 import pytest
 import torch
@@ -23,6 +24,7 @@ PROMPT_LENS = (37, 20, 9)
 CHUNK = 16  # prompt 0 is prefilled in two chunks: 16 tokens, then 21
 DECODE_STEPS = 5
 BLOCK_SIZE = 4
+FP8_VS_EXACT_REL = 0.45  # of the largest |logit|; measured worst 0.37 (qwen3_moe), 0.12 (dense families)
 
 
 def make_runner(ckpt, kv_cache_dtype: str) -> ModelRunner:
@@ -68,8 +70,12 @@ def model_pair(request):
     return family, ckpt, hf_on_dequantized(family, ckpt)
 
 
-@pytest.mark.parametrize("kv_cache_dtype,hf_attention,atol", [("bf16", "sdpa", 1e-4), ("fp8", "fp8_kv_sdpa", 1e-3)])
-def test_logits_match_transformers(model_pair, kv_cache_dtype, hf_attention, atol):
+@pytest.mark.parametrize("kv_cache_dtype,hf_attention,atol,rel", [
+    ("bf16", "sdpa", 1e-4, None),  # unquantized KV
+    ("fp8", "fp8_kv_sdpa", 1e-3, None),  # fp8 KV against the same E4M3 rounding
+    ("fp8", "sdpa", None, FP8_VS_EXACT_REL),  # fp8 KV against exact attention: the documented looser bound
+])
+def test_logits_match_transformers(model_pair, kv_cache_dtype, hf_attention, atol, rel):
     family, ckpt, hf = model_pair
     hf.set_attn_implementation(hf_attention)
     runner = make_runner(ckpt, kv_cache_dtype)
@@ -77,7 +83,10 @@ def test_logits_match_transformers(model_pair, kv_cache_dtype, hf_attention, ato
     n = 0
     for ours, ref in mixed_then_decode(runner, hf, prompts(vocab, PROMPT_LENS)):
         assert ref.abs().max() > 0.5  # logits with some spread: a zero model would pass anything
-        torch.testing.assert_close(ours, ref, rtol=0, atol=atol)
+        if rel is None:
+            torch.testing.assert_close(ours, ref, rtol=0, atol=atol)
+        else:
+            assert (ours - ref).abs().max() <= rel * ref.abs().max()
         n += 1
     assert n == 3 * (DECODE_STEPS + 1)
 
