@@ -1,8 +1,11 @@
 """AsyncLLM: the LLMEngine's step loop on a background thread, with one async stream per request.
 
-    asyncio callers ──add_requests / abort──▶ [lock] LLMEngine ◀──step()── engine thread
-          ▲                                                                   │
-          └──── RequestStream (asyncio.Queue) ◀── loop.call_soon_threadsafe ───┘
+    asyncio callers ── add_requests / abort ──▶ pending lists ──▶ engine thread: admit, abort, step()
+          ▲                  (validated and tokenized by the caller)            │
+          └──── RequestStream (asyncio.Queue) ◀── loop.call_soon_threadsafe ────┘
+
+Only the engine thread touches the LLMEngine, so a caller never waits for a step to end: admissions and
+aborts are picked up between two steps.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from adallm_core.config import EngineArgs
 from adallm_core.engine import LLMEngine
 from adallm_core.outputs import RequestOutput
 from adallm_core.sampling_params import SamplingParams
+from adallm_core.sequence import Request
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +66,11 @@ class AsyncLLM:
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.kernel_backend = engine.kernel_backend
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # guards everything below
         self._streams: dict[str, RequestStream] = {}
+        self._pending: list[Request] = []
+        self._pending_aborts: list[tuple[str, Optional[asyncio.Future]]] = []
+        self._stats = engine.stats()
         self._error: Optional[BaseException] = None
         self._stopping = False
         self._thread = threading.Thread(target=self._run_loop, name="adallm-engine-loop", daemon=True)
@@ -79,16 +86,21 @@ class AsyncLLM:
         """Admit many requests in one go (they join the same next step). A bad item gets its ValueError."""
         self.check_health()
         loop = asyncio.get_running_loop()
-        results: list[Union[RequestStream, ValueError]] = []
+        results: list = []
+        for request_id, prompt, params in items:
+            try:
+                results.append(self.engine.make_request(request_id, prompt, params))
+            except ValueError as e:
+                results.append(e)
         with self._cond:
-            for request_id, prompt, params in items:
-                try:
-                    self.engine.add_request(request_id, prompt, params)
-                except ValueError as e:
-                    results.append(e)
+            for i, req in enumerate(results):
+                if isinstance(req, ValueError):
                     continue
-                stream = self._streams[request_id] = RequestStream(request_id, loop)
-                results.append(stream)
+                if req.request_id in self._streams:
+                    results[i] = ValueError(f"request_id {req.request_id!r} is already in use")
+                    continue
+                results[i] = self._streams[req.request_id] = RequestStream(req.request_id, loop)
+                self._pending.append(req)
             self._cond.notify()
         return results
 
@@ -102,44 +114,62 @@ class AsyncLLM:
                 yield output
         finally:
             if not stream.finished:  # the caller went away (disconnect, cancel): free its blocks now
-                self._abort(request_id)
+                self._queue_abort(request_id, None)
 
     async def abort(self, request_id: str) -> None:
-        self._abort(request_id)
+        """Abort a request; returns once its blocks are free (at the latest after the step in flight)."""
+        done = asyncio.get_running_loop().create_future()
+        self._queue_abort(request_id, done)
+        await done
 
-    def _abort(self, request_id: str) -> None:
+    def _queue_abort(self, request_id: str, done: Optional[asyncio.Future]) -> None:
         with self._cond:
-            output = self.engine.abort_request(request_id)
-            stream = self._streams.pop(request_id, None)
-        if stream is not None and output is not None:
-            stream.put(output)  # finished, finish_reason "abort": ends the stream
+            self._pending_aborts.append((request_id, done))
+            self._cond.notify()
 
-    # --- the loop ---------------------------------------------------------------------------------
+    # --- the loop (the only thread that touches the engine) ---------------------------------------
     def _run_loop(self) -> None:
         try:
             while True:
                 with self._cond:
-                    while not self._stopping and not self.engine.has_unfinished_requests():
+                    while not (self._stopping or self._pending or self._pending_aborts
+                               or self.engine.has_unfinished_requests()):
                         self._cond.wait()
                     if self._stopping:
                         return
-                    outputs = self.engine.step()
-                    deliveries = []
-                    for out in outputs:
-                        stream = self._streams.get(out.request_id)
-                        if stream is not None:
-                            deliveries.append((stream, out))
-                            if out.finished:
-                                del self._streams[out.request_id]
-                for stream, out in deliveries:
-                    stream.put(out)
+                    admit, self._pending = self._pending, []
+                    aborts, self._pending_aborts = self._pending_aborts, []
+                for req in admit:
+                    self.engine.admit(req)
+                outputs = [o for rid, _ in aborts if (o := self.engine.abort_request(rid)) is not None]
+                if self.engine.has_unfinished_requests():
+                    outputs += self.engine.step()
+                self._deliver(outputs, aborts)
         except BaseException as e:  # noqa: BLE001 - everything that kills the loop must reach the callers
             logger.exception("engine loop died")
             with self._cond:
                 self._error = e
                 streams, self._streams = list(self._streams.values()), {}
+                aborts, self._pending_aborts = self._pending_aborts, []
             for stream in streams:
                 stream.put(EngineDeadError(f"engine loop died: {e!r}"))
+            self._deliver([], aborts)
+
+    def _deliver(self, outputs: list[RequestOutput], aborts) -> None:
+        with self._cond:
+            self._stats = self.engine.stats()
+            deliveries = []
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    deliveries.append((stream, out))
+                    if out.finished:
+                        del self._streams[out.request_id]
+        for stream, out in deliveries:
+            stream.put(out)
+        for _, done in aborts:
+            if done is not None:
+                done.get_loop().call_soon_threadsafe(_set_done, done)
 
     def check_health(self) -> None:
         if self._error is not None:
@@ -148,11 +178,19 @@ class AsyncLLM:
             raise EngineDeadError("engine is shut down")
 
     def stats(self) -> dict:
+        """The engine's stats after the last step, plus requests not yet admitted."""
         with self._cond:
-            return self.engine.stats()
+            return {**self._stats, "num_waiting": self._stats["num_waiting"] + len(self._pending)}
 
     def shutdown(self, timeout: float = 10.0) -> None:
         with self._cond:
             self._stopping = True
             self._cond.notify()
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.engine.shutdown()
+
+
+def _set_done(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

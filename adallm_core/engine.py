@@ -62,22 +62,28 @@ class LLMEngine:
         from adallm_core.runner import ModelRunner
 
         path = resolve_model_path(engine_args.model)
-        if engine_args.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size={engine_args.tensor_parallel_size}: only 1 is supported so far")
         tokenizer = Tokenizer(resolve_model_path(engine_args.tokenizer) if engine_args.tokenizer else path)
-        runner = ModelRunner(engine_args, Checkpoint(path), engine_args.device)
+        if engine_args.tensor_parallel_size > 1:
+            from adallm_core.distributed.executor import TensorParallelRunner
+
+            runner = TensorParallelRunner(engine_args, path)
+        else:
+            runner = ModelRunner(engine_args, Checkpoint(path), engine_args.device)
         return cls(engine_args, runner, tokenizer)
 
     # --- requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Union[str, list[int]], params: Optional[SamplingParams] = None,
                     add_special_tokens: bool = True) -> None:
         """Queue a request. A bad request raises ValueError naming what is wrong; the engine is untouched."""
+        self.admit(self.make_request(request_id, prompt, params, add_special_tokens))
+
+    def make_request(self, request_id: str, prompt: Union[str, list[int]], params: Optional[SamplingParams] = None,
+                     add_special_tokens: bool = True) -> Request:
+        """Validate and tokenize, without touching the engine's state (AsyncLLM calls this off the loop thread)."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         params.validate()
-        if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         elif isinstance(prompt, (list, tuple)):
@@ -101,8 +107,14 @@ class LLMEngine:
             seq = Sequence(request_id, i, ids, params, now, max_tokens)
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
             seqs.append(seq)
-        self.requests[request_id] = Request(request_id, text, ids, params, seqs)
-        self.scheduler.add(seqs)
+        return Request(request_id, text, ids, params, seqs)
+
+    def admit(self, req: Request) -> None:
+        """Queue a request made by make_request(); it joins the next step."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self.scheduler.add(req.seqs)
 
     def abort_request(self, request_id: str) -> Optional[RequestOutput]:
         """Stop a request now and free all its blocks; returns its last output (finish_reason 'abort')."""
@@ -219,6 +231,11 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "kernel_backend": self.kernel_backend,
         }
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (a single-GPU runner holds nothing to stop)."""
+        if hasattr(self.runner, "shutdown"):
+            self.runner.shutdown()
 
 
 _request_counter = itertools.count()

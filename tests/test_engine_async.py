@@ -1,5 +1,6 @@
 """AsyncLLM: background loop, batch admission, streams per output kind, abort, health, shutdown."""
 import asyncio
+import time
 
 import pytest
 
@@ -90,6 +91,9 @@ def test_cancelled_consumer_aborts_its_request(llm):
             await task
 
     asyncio.run(main())
+    deadline = time.monotonic() + 10  # the abort is queued by the cancelled generator: picked up between steps
+    while llm.stats()["num_requests"] and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert llm.stats()["num_requests"] == 0 and llm.stats()["kv_blocks_used"] == 0
 
 
@@ -114,3 +118,16 @@ def test_shutdown_stops_the_loop(llm):
     llm.shutdown()
     with pytest.raises(EngineDeadError, match="shut down"):
         llm.check_health()
+
+
+def test_a_request_id_in_flight_cannot_be_reused(llm):
+    async def main():
+        params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
+        (first,) = llm.add_requests([("dup", PROMPTS[2], params)])
+        (again,) = llm.add_requests([("dup", PROMPTS[3], params)])
+        await llm.abort("dup")
+        return first, again, [o async for o in first]
+
+    first, again, outs = asyncio.run(main())
+    assert isinstance(again, ValueError) and "already in use" in str(again)
+    assert outs[-1].outputs[0].finish_reason == "abort"
