@@ -74,6 +74,7 @@ def test_compressed_tensors_package_decompresses_our_output(moe, tmp_path):
         assert torch.equal(theirs, ckpt.linear(prefix).dequantize(theirs.dtype)), prefix
 
 
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")  # we do on purpose: dequantize=True
 def test_transformers_loads_our_compressed_tensors_output(moe, tmp_path):
     """End to end through transformers' own compressed-tensors loader (dense linears; see below for experts)."""
     from transformers import AutoModelForCausalLM
