@@ -10,7 +10,7 @@ from typing import Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.openai_api import ErrorInfo, ErrorResponse
@@ -32,6 +32,16 @@ class OpenAIError(Exception):
     def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def overloaded(exc: Exception) -> OpenAIError:
+    """Serve's own rejections (queue full, no replica) as OpenAI errors. Caught in the route: Serve installs
+    its own plain-text handler for these exception types on the FastAPI app, over any of ours."""
+    status = exc.status_code if isinstance(exc, BackPressureError) else 503
+    return OpenAIError(status, f"server overloaded, retry later: {exc}", code="overloaded")
+
+
+SERVE_REJECTIONS = (BackPressureError, DeploymentUnavailableError)
 
 
 def error_body(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
@@ -86,11 +96,6 @@ def install_error_handlers(app: FastAPI, on_error) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         return respond(request, exc.status_code, str(exc.detail))
-
-    @app.exception_handler(BackPressureError)
-    async def _overloaded(request: Request, exc: BackPressureError):
-        status = getattr(exc, "status_code", 503)
-        return respond(request, status, f"server overloaded, retry later: {exc}", code="overloaded")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from deployments.errors import OpenAIError, error_body, install_error_handlers
+from deployments.errors import SERVE_REJECTIONS, OpenAIError, error_body, install_error_handlers, overloaded
 from deployments.llm_server import GenerateRequest, RequestError
 from deployments.metrics import RequestMetrics
 from deployments.openai_api import (
@@ -110,7 +110,10 @@ class OpenAiIngress:
 
     async def _serve(self, route: str, body, request: GenerateRequest, builder: ResponseBuilder):
         outputs: DeploymentResponseGenerator = self.stream.generate.remote(request)
-        first = await _next(outputs)  # raises BackPressureError when the replicas' queues are full
+        try:
+            first = await _next(outputs)
+        except SERVE_REJECTIONS as e:  # the replicas' queues are full: answer at once
+            raise overloaded(e) from e
         if isinstance(first, RequestError):
             raise OpenAIError(first.status, first.message, first.param)
         if body.stream:

@@ -1,0 +1,122 @@
+"""Overload, client disconnect, a killed replica and a dead engine, on real Ray Serve with small limits."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import openai
+import pytest
+import requests
+
+from adallm_core.testing import demo_model_path
+from tests.serve_helpers import app_name, llm_stats, serve_apps, wait_until
+
+pytestmark = pytest.mark.slow
+
+# Two running sequences and two queued requests per caller: the 5th concurrent request is over the limit.
+LIMITS = dict(max_model_len=1024, max_num_seqs=2, num_gpu_blocks_override=160, max_ongoing_requests=2, max_queued_requests=2)
+LONG = 1000  # tokens (~20 s or more on 2 cores): a request still running while the test acts on it
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serve_apps({"/": dict(model=str(demo_model_path()), **LIMITS)}) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def served_name(server) -> str:
+    return requests.get(f"{server}/v1/models", timeout=30).json()["data"][0]["id"]
+
+
+def completion(server, served_name, **kw) -> requests.Response:
+    body = {"model": served_name, "prompt": "Hello", "max_tokens": 4, "temperature": 0, **kw}
+    return requests.post(f"{server}/v1/completions", json=body, timeout=120)
+
+
+def test_overload_gets_fast_503_and_the_rest_complete(server, served_name):
+    async def one(client: openai.AsyncOpenAI, i: int):
+        start = time.monotonic()
+        try:
+            stream = await client.completions.create(
+                model=served_name, prompt=f"Story {i}:", max_tokens=48, temperature=0, stream=True
+            )
+            chunks = [c async for c in stream]
+            return "ok", chunks[-1].choices[0].finish_reason, time.monotonic() - start
+        except openai.APIStatusError as e:
+            return e.status_code, e.body, time.monotonic() - start
+
+    async def burst():
+        async with openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(12)))
+
+    results = asyncio.run(burst())
+    done = [r for r in results if r[0] == "ok"]
+    rejected = [r for r in results if r[0] != "ok"]
+    assert len(done) >= 4 and all(reason in ("length", "stop") for _, reason, _ in done), results
+    assert rejected, f"12 concurrent requests against room for 4 were all admitted: {results}"
+    for status, body, seconds in rejected:
+        assert status in (503, 429) and body["code"] == "overloaded", (status, body)
+        assert seconds < 5.0, f"a rejection took {seconds:.1f}s: it must not wait for capacity"
+    assert completion(server, served_name).status_code == 200  # the app stays up
+
+
+def test_client_disconnect_aborts_and_frees_kv_blocks(server, served_name):
+    idle = llm_stats("/")
+    assert idle["num_requests"] == 0
+    body = {"model": served_name, "prompt": "Once upon a time", "max_tokens": LONG, "temperature": 0, "stream": True}
+    with requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=120) as reply:
+        assert reply.status_code == 200
+        chunks = 0
+        for line in reply.iter_lines():
+            if line.startswith(b"data: {"):
+                assert json.loads(line[6:])["choices"][0]["finish_reason"] is None
+                chunks += 1
+            if chunks == 3:
+                break
+        running = llm_stats("/")
+        assert running["num_requests"] == 1 and running["kv_blocks_used"] > idle["kv_blocks_used"]
+    # The connection is closed: the request must be aborted and its blocks freed, long before LONG tokens.
+    after = wait_until(lambda: (s := llm_stats("/"))["num_requests"] == 0 and s, timeout_s=20)
+    assert after["kv_blocks_used"] == idle["kv_blocks_used"] and after["kv_usage"] == idle["kv_usage"]
+    assert after["aborted_requests"] == idle["aborted_requests"] + 1
+
+
+def _replica_actors(app: str) -> set[tuple[str, str]]:
+    import ray
+
+    # Serve names each replica actor "SERVE_REPLICA::<app>#<deployment>#<replica id>".
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    return {(a["name"], a["namespace"]) for a in actors if a["name"].startswith(f"SERVE_REPLICA::{app}#LLMServer#")}
+
+
+def test_killed_replica_is_replaced(server, served_name):
+    import ray
+
+    (old,) = _replica_actors(app_name("/"))
+    ray.kill(ray.get_actor(*old), no_restart=True)
+    wait_until(lambda: _replica_actors(app_name("/")) - {old}, timeout_s=180, interval_s=1)
+    reply = wait_until(lambda: (r := completion(server, served_name)).status_code == 200 and r, timeout_s=180, interval_s=1)
+    assert reply.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_dead_engine_fails_the_health_check():
+    """Serve replaces a replica whose check_health raises; a dead engine must make it raise, and refuse work."""
+    from adallm_core.async_engine import EngineDeadError
+    from adallm_core.sampling_params import SamplingParams
+    from deployments.llm_server import GenerateRequest, LLMServer, RequestError
+
+    server = LLMServer.func_or_class(dict(model=str(demo_model_path()), device="cpu", **{
+        k: v for k, v in LIMITS.items() if k not in ("max_ongoing_requests", "max_queued_requests")}))
+
+    async def scenario():
+        await server.check_health()  # alive: no error
+        server.engine.shutdown()
+        with pytest.raises(EngineDeadError):
+            await server.check_health()
+        request = GenerateRequest("r1", SamplingParams(max_tokens=4), prompts=["Hello"])
+        return [item async for item in server.generate(request)]
+
+    (refusal,) = asyncio.run(scenario())
+    assert isinstance(refusal, RequestError) and refusal.status == 503
