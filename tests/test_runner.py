@@ -186,3 +186,20 @@ def test_gemma3_multimodal_checkpoint_runs_its_text_decoder():
         r.allocate_kv_cache([16] * len(r.kv_groups))
         logits.append(r.execute([SeqStep(tokens(20), 0, Blocks(BS, 2).tables_for(0, 20))])[0])
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
+
+
+def test_unquantized_checkpoint_runs_on_dense_linears():
+    """A BF16 checkpoint (no quantization) runs on the dense linear method and matches transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from adallm_core.models.layers import DenseLinearMethod
+
+    path = tiny_checkpoint("gemma3", None)
+    runner = runner_for("gemma3", None)
+    assert isinstance(runner.model.layers[0].self_attn.qkv_proj.method, DenseLinearMethod)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    p = tokens(21, 9)
+    ours = runner.execute([SeqStep(p, 0, Blocks(BS, 2).tables_for(0, 21))])[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([p])).logits[0, -1]
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
