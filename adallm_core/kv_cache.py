@@ -147,7 +147,6 @@ class KVCacheManager:
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs  # the last token is always computed: its logits are needed
         hashes = self._block_hashes(seq, max_blocks)
-        self.prefix_cache_queries += seq.num_tokens
         n = max_blocks
         for g, pool in zip(self.groups, self.pools):
             if g.sliding_window is None:
@@ -161,7 +160,6 @@ class KVCacheManager:
         for g, pool in zip(self.groups, self.pools):
             first = self._first_needed_block(g, n * bs)
             tables.append([NULL_BLOCK] * first + [pool.lookup(h) for h in hashes[first:n]])
-        self.prefix_cache_hits += n * bs
         return tables, n * bs
 
     def _first_needed_block(self, group: KVGroupSpec, num_computed: int) -> int:
@@ -219,6 +217,9 @@ class KVCacheManager:
                         pool.touch(b)
             seq.num_computed_tokens = num_hit
             seq.num_cached_tokens = num_hit
+            if self.enable_prefix_caching:  # counted here, once per admission (a failed try is retried later)
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += num_hit
             self._num_registered[seq.seq_id] = num_hit // self.block_size
         for table, pool, (_, num_new) in zip(seq.block_tables, self.pools, plan):
             table.extend(pool.allocate() for _ in range(num_new))

@@ -170,3 +170,16 @@ def test_too_small_cache_refuses_to_start_with_the_numbers():
     check_fits([9, 9], [None, 8], BS, max_model_len=32, max_num_batched_tokens=16)  # 8 usable = 32 tokens
     with pytest.raises(ValueError, match=r"7 usable blocks .* max_model_len=32 needs 8"):
         check_fits([8], [None], BS, max_model_len=32, max_num_batched_tokens=16)
+
+
+def test_a_failed_admission_is_not_counted_as_a_lookup():
+    kv = KVCacheManager([KVGroupSpec(num_blocks=6, block_size=BS)])  # 5 usable
+    a = make_seq(list(range(1, 18)))
+    compute(kv, a, 17)  # 5 blocks: the pool is full
+    b = make_seq(list(range(1, 18)))
+    for _ in range(3):  # the scheduler retries every step while b waits
+        assert not kv.allocate_slots(b, 1, kv.get_computed_blocks(b))
+    assert (kv.prefix_cache_queries, kv.prefix_cache_hits) == (17, 0)
+    kv.free(a)
+    compute(kv, b, 17)
+    assert (kv.prefix_cache_queries, kv.prefix_cache_hits) == (34, 16)
