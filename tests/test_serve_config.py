@@ -1,0 +1,99 @@
+"""The application builder, `adallm serve` flags and serve_config.yaml, without starting Ray."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import yaml
+
+import deployments
+from deployments import cli
+from deployments.app import build_app, served_name
+
+CONFIG = Path(deployments.__file__).parent / "serve_config.yaml"
+
+
+def deployments_of(app) -> dict:
+    ingress = app._bound_deployment
+    llm = ingress.init_args[0]._bound_deployment
+    return {"ingress": ingress, "llm": llm}
+
+
+def test_cpu_replicas_ask_for_no_gpu_and_limits_come_from_engine_capacity():
+    d = deployments_of(build_app({"max_num_seqs": 8, "device": "cpu", "num_replicas": 2}))
+    llm = d["llm"]
+    assert llm.ray_actor_options == {"num_cpus": 1, "num_gpus": 0}
+    assert llm.max_ongoing_requests == 8 and llm._deployment_config.max_queued_requests == 16
+    assert llm.num_replicas == 2
+    assert llm.user_config == {"max_batch_size": 32, "batch_wait_timeout_s": 0.005}
+    assert llm.init_args[0]["device"] == "cpu" and llm.init_args[0]["max_num_seqs"] == 8
+    # The ingress admits all the engines can run and queue, so overload is answered by the app in OpenAI shape.
+    assert d["ingress"].max_ongoing_requests >= 2 * 8 + 16
+
+
+def test_gpu_replicas_ask_for_one_gpu_and_the_accelerator_type():
+    args = {"num_gpus": 1, "accelerator_type": "L4", "min_replicas": 1, "max_replicas": 4, "max_num_seqs": 64}
+    llm = deployments_of(build_app(args))["llm"]
+    assert llm.ray_actor_options == {"num_cpus": 1, "num_gpus": 1, "accelerator_type": "L4"}
+    scaling = llm._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (1, 4)
+    assert llm.init_args[0]["device"] == "auto"  # the replica's engine takes the GPU Ray gives it
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        ({"max_num_seqz": 4}, "max_num_seqz"),
+        ({"num_replicas": 2, "max_replicas": 3}, "not both"),
+        ({"min_replicas": 3, "max_replicas": 2}, "min_replicas=3"),
+        ({"kv_cache_dtype": "int4"}, "kv_cache_dtype"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+    ],
+)
+def test_bad_app_args_are_named(args, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        build_app(args)
+
+
+def test_serve_run_style_string_args_are_typed():
+    # `serve run deployments.app:build_app max_model_len=256 model=None` passes every value as a string.
+    llm = deployments_of(build_app({"max_model_len": "256", "model": "None", "enforce_eager": "true"}))["llm"]
+    engine = llm.init_args[0]
+    assert (engine["max_model_len"], engine["model"], engine["enforce_eager"]) == (256, None, True)
+
+
+def test_cli_flags_map_onto_the_app():
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    ns = parser.parse_args(
+        ["--max-num-seqs", "16", "--min-replicas", "1", "--max-replicas", "3", "--num-gpus", "1",
+         "--accelerator-type", "L40S", "--max-batch-size", "8", "--batch-wait-timeout-s", "0.01", "--port", "9000"]
+    )
+    assert ns.model is None and ns.host == "127.0.0.1" and ns.port == 9000
+    llm = deployments_of(build_app(cli.app_args(ns)))["llm"]
+    assert llm.ray_actor_options["accelerator_type"] == "L40S" and llm.max_ongoing_requests == 16
+    assert llm.user_config == {"max_batch_size": 8, "batch_wait_timeout_s": 0.01}
+    assert llm._deployment_config.autoscaling_config.max_replicas == 3
+    with pytest.raises(SystemExit):  # a fixed count and autoscaling bounds exclude each other
+        parser.parse_args(["--num-replicas", "2", "--min-replicas", "1"])
+
+
+def test_serve_config_yaml_is_valid_and_names_the_app_deployments():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(CONFIG.read_text())
+    ServeDeploySchema.model_validate(config)
+    (app,) = config["applications"]
+    assert app["import_path"] == "deployments.app:build_app"
+    built = deployments_of(build_app(app["args"]))
+    assert {d["name"] for d in app["deployments"]} == {built["ingress"].name, built["llm"].name}
+    llm = next(d for d in app["deployments"] if d["name"] == "LLMServer")
+    assert llm["max_ongoing_requests"] == app["args"]["max_num_seqs"]
+    assert set(llm["user_config"]) == {"max_batch_size", "batch_wait_timeout_s"}
+
+
+def test_served_model_name_defaults(tmp_path):
+    assert served_name(None) == "adallm-tiny-demo"
+    assert served_name(str(tmp_path)) == tmp_path.name
+    assert served_name("Qwen/Qwen3-8B-NVFP4") == "Qwen/Qwen3-8B-NVFP4"
