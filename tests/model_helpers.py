@@ -27,10 +27,6 @@ def _fp8_kv_sdpa(module, query, key, value, attention_mask, **kwargs):
 AttentionInterface.register("fp8_kv_sdpa", _fp8_kv_sdpa)
 AttentionMaskInterface.register("fp8_kv_sdpa", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
-# The 2 cores are shared by several test runs: more than one OpenMP thread per process spins and runs these tiny
-# models 10-20x slower (measured: 32 decode steps 13.6 s with 2 threads, 0.55 s with 1).
-torch.set_num_threads(1)
-
 _ROOT = Path(tempfile.mkdtemp(prefix="adallm-model-tests-"))
 atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 _BUILT: dict = {}
