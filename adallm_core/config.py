@@ -9,6 +9,7 @@ from typing import Any, Optional
 KV_CACHE_DTYPES = ("fp8", "bf16")
 DTYPES = ("bfloat16", "float16", "float32", "auto")
 KERNEL_BACKENDS = ("auto", "reference", "triton")
+EXECUTOR_BACKENDS = ("mp", "ray")
 
 
 @dataclass
@@ -35,6 +36,7 @@ class EngineArgs:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     kernel_backend: str = "auto"  # auto: triton on CUDA, reference on CPU. Chosen once, logged, never silently changed.
     tensor_parallel_size: int = 1
+    distributed_executor_backend: str = "mp"  # tensor_parallel_size > 1: 'mp' local processes | 'ray' Ray actors
     cpu_kv_cache_gb: float = 1.0  # KV budget on the CPU (no gpu_memory_utilization there)
 
     def __post_init__(self) -> None:
@@ -54,6 +56,9 @@ class EngineArgs:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of {EXECUTOR_BACKENDS}, "
+                             f"got {self.distributed_executor_backend!r}")
 
     # --- mapping from other front ends -------------------------------------------------------
     @classmethod

@@ -66,15 +66,19 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return self._resolve(name) is not None
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """One stored tensor, as stored (norms, embeddings, router, lm_head...)."""
+    def tensor(self, name: str, index=None) -> torch.Tensor:
+        """One stored tensor, as stored (norms, embeddings, router, lm_head...). `index` (e.g. (slice(a, b),) or
+        (slice(None), slice(a, b))) reads only that slice from the memory map (tensor-parallel shards)."""
         real = self._resolve(name)
         if real is None:
             raise CheckpointError(f"{self.path}: tensor {name!r} not found in any shard")
         shard = self._where[real]
         if shard not in self._handles:
             self._handles[shard] = open_shard(shard).__enter__()
-        return self._handles[shard].get_tensor(real)
+        if index is None:
+            return self._handles[shard].get_tensor(real)
+        # A column slice comes back as a view of the rows it spans: copy, so only the slice stays resident.
+        return self._handles[shard].get_slice(real)[index].clone(memory_format=torch.contiguous_format)
 
     # -- linears ----------------------------------------------------------------------------------------------
     def _is_quantized(self, prefix: str) -> bool:
@@ -83,14 +87,23 @@ class Checkpoint:
         packed = self._resolve(f"{prefix}.{PACKED_NAME[self.quant_format]}")
         return packed is not None and self._meta[packed][0] == torch.uint8
 
-    def linear(self, prefix: str) -> NVFP4Weight | torch.Tensor:
+    def linear(self, prefix: str, rows: slice | None = None, cols: slice | None = None) -> NVFP4Weight | torch.Tensor:
         """'model.layers.0.self_attn.q_proj' or 'model.layers.0.mlp.experts.3.gate_proj' -> NVFP4Weight [N, K], or
-        the dense weight [N, K] when the checkpoint leaves that module unquantized."""
+        the dense weight [N, K] when the checkpoint leaves that module unquantized.
+
+        rows / cols (in weight elements) read only that block: a tensor-parallel shard. For NVFP4, cols must
+        start and stop on whole 16-element scale groups."""
+        whole = rows is None and cols is None
+        rows, cols = rows or slice(None), cols or slice(None)
         if not self._is_quantized(prefix):
-            return self.tensor(f"{prefix}.weight")
+            return self.tensor(f"{prefix}.weight", None if whole else (rows, cols))
+        if any(c is not None and c % BLOCK_SIZE for c in (cols.start, cols.stop)):
+            raise CheckpointError(f"{self.path}: {prefix}: columns {cols.start}:{cols.stop} cut a {BLOCK_SIZE}-element scale group")
+        packed_cols = slice(_div(cols.start, 2), _div(cols.stop, 2))
+        scale_cols = slice(_div(cols.start, BLOCK_SIZE), _div(cols.stop, BLOCK_SIZE))
         fmt = self.quant_format
-        packed = self.tensor(f"{prefix}.{PACKED_NAME[fmt]}")
-        scale = self.tensor(f"{prefix}.weight_scale")
+        packed = self.tensor(f"{prefix}.{PACKED_NAME[fmt]}", None if whole else (rows, packed_cols))
+        scale = self.tensor(f"{prefix}.weight_scale", None if whole else (rows, scale_cols))
         g = self.tensor(f"{prefix}.{GLOBAL_NAME[fmt]}")
         if fmt == "modelopt":
             return NVFP4Weight.from_modelopt(packed, scale, g)
@@ -143,6 +156,10 @@ class Checkpoint:
             raise CheckpointError(f"{where} has shape {list(got)}, expected a single value")
         if shape is not None and got != tuple(shape):
             raise CheckpointError(f"{where} has shape {list(got)}, expected {list(shape)}")
+
+
+def _div(x: int | None, d: int) -> int | None:
+    return None if x is None else x // d
 
 
 def _dtype(st_dtype: str, shard: Path, name: str) -> torch.dtype:

@@ -1,0 +1,112 @@
+"""TensorParallelRunner: rank 0 of a tensor-parallel group, with the ModelRunner interface the engine uses.
+
+The engine (scheduler, sampler, detokenizer) lives in rank 0's process only. Each call that touches the model
+(allocate_kv_cache, execute) is broadcast once to the workers as one (method, args) message, then run here too:
+
+    rank 0:  engine.step -> schedule -> broadcast(("execute", steps)) -> runner.execute -> sample
+    rank k:                             broadcast() --------------------> runner.execute (logits dropped)
+
+Every rank computes the full logits (the lm_head all-gather), rank 0 samples from its copy.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import weakref
+from typing import Optional, Sequence
+
+import torch
+
+from adallm_core.distributed.launcher import WorkerLauncher, get_launcher
+from adallm_core.distributed.parallel_state import (
+    DEFAULT_TIMEOUT_S, destroy_tensor_parallel, free_port, init_tensor_parallel, rank_device,
+)
+from adallm_core.distributed.memory import model_weight_bytes
+from adallm_core.distributed.sharding import check_shardable
+from adallm_core.distributed.worker import SHUTDOWN, WEIGHT_BYTES
+
+logger = logging.getLogger(__name__)
+
+
+class TensorParallelRunner:
+    """Starts ranks 1..N-1 through a launcher, joins the group as rank 0 and drives every step."""
+
+    def __init__(self, engine_args, model_path, launcher: Optional[WorkerLauncher] = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S):
+        from adallm_core.checkpoint.read import Checkpoint
+        from adallm_core.model_config import ModelConfig
+        from adallm_core.runner import ModelRunner
+
+        world = engine_args.tensor_parallel_size
+        device = rank_device(engine_args.device, 0, world)
+        checkpoint = Checkpoint(model_path)
+        # The model as a whole (full vocab for the sampler); the local runner holds this rank's shard.
+        self.model_config = ModelConfig.from_hf_config(checkpoint.hf_config, checkpoint.path)
+        check_shardable(self.model_config, world, quantized=checkpoint.quant_format is not None)  # before any spawn
+        self.launcher = launcher if launcher is not None else get_launcher(engine_args.distributed_executor_backend)
+        init_method = f"tcp://127.0.0.1:{free_port()}"  # one node (STRICT_PACK): loopback reaches every rank
+        self.group = None
+        self.launcher.start(world, init_method, engine_args.to_dict(), str(model_path))
+        try:
+            self.group = init_tensor_parallel(0, world, init_method, device, timeout_s)
+            self.runner = ModelRunner(engine_args, checkpoint, device, parallel=self.group)
+        except BaseException as e:
+            dead = self.launcher.dead_workers()
+            self._stop(send=False)
+            if dead:
+                raise RuntimeError(f"tensor-parallel workers failed to start: {', '.join(dead)}") from e
+            raise
+        self._finalizer = weakref.finalize(self, TensorParallelRunner._stop_all, self.group, self.launcher)
+        atexit.register(self._finalizer)
+        logger.info("tensor parallel: %d ranks on %s (backend %s)", world, device,
+                    "nccl" if device.type == "cuda" else "gloo")
+
+    # --- the ModelRunner interface -------------------------------------------------------------
+    def __getattr__(self, name):  # device, kernel_backend, max_model_len, kv_groups, block_size, model ...
+        if name == "runner":
+            raise AttributeError(name)
+        return getattr(self.runner, name)
+
+    def kv_block_bytes(self) -> list[int]:
+        return self.runner.kv_block_bytes()  # per rank: each GPU holds its own KV heads
+
+    def allocate_kv_cache(self, num_blocks) -> None:
+        self._everywhere("allocate_kv_cache", num_blocks)
+
+    def execute(self, steps: Sequence) -> torch.Tensor:
+        return self._everywhere("execute", list(steps))
+
+    def weight_bytes_per_rank(self) -> list[int]:
+        """Each rank's resident weight bytes, measured in its own process (rank order)."""
+        self._check_open()
+        self.group.broadcast_object((WEIGHT_BYTES, ()))
+        return self.group.all_gather_object(model_weight_bytes(self.runner))
+
+    def _check_open(self) -> None:
+        if self.group is None:
+            raise RuntimeError("tensor-parallel runner is shut down")
+
+    def _everywhere(self, method: str, *args):
+        self._check_open()
+        self.group.broadcast_object((method, args))
+        return getattr(self.runner, method)(*args)
+
+    # --- shutdown ---------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        self._finalizer()
+        self.group = None
+
+    def _stop(self, send: bool) -> None:
+        TensorParallelRunner._stop_all(self.group if send else None, self.launcher)
+        self.group = None
+
+    @staticmethod
+    def _stop_all(group, launcher) -> None:
+        try:
+            if group is not None:
+                group.broadcast_object((SHUTDOWN, ()))
+        except Exception as e:  # a worker already gone: stop the rest anyway
+            logger.warning("tensor parallel shutdown message failed: %s", e)
+        finally:
+            destroy_tensor_parallel()
+            launcher.shutdown()

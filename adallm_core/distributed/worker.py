@@ -1,0 +1,53 @@
+"""A tensor-parallel worker (rank >= 1): builds the ModelRunner for its shard, then replays what rank 0 does.
+
+Each step rank 0 broadcasts one (method, args) message on the CPU group; every rank then calls the same
+ModelRunner method, so the collectives inside the forward pass line up. Input checks run before any collective
+and fail the same way on every rank, so a bad step costs an error on rank 0 and nothing here.
+"""
+from __future__ import annotations
+
+import logging
+
+from adallm_core.distributed.memory import model_weight_bytes
+from adallm_core.distributed.parallel_state import DEFAULT_TIMEOUT_S, destroy_tensor_parallel, init_tensor_parallel, rank_device
+
+logger = logging.getLogger(__name__)
+
+COMMANDS = ("allocate_kv_cache", "execute")
+WEIGHT_BYTES = "weight_bytes"  # every rank answers with its model's resident weight bytes (all-gather)
+SHUTDOWN = "shutdown"
+
+
+def worker_main(rank: int, world_size: int, init_method: str, engine_args: dict, model_path: str,
+                timeout_s: float = DEFAULT_TIMEOUT_S, num_threads: int | None = None) -> None:
+    import torch
+
+    from adallm_core.checkpoint.read import Checkpoint
+    from adallm_core.config import EngineArgs
+    from adallm_core.runner import ModelRunner
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    args = EngineArgs.from_dict(engine_args)
+    group = init_tensor_parallel(rank, world_size, init_method, rank_device(args.device, rank, world_size), timeout_s)
+    try:
+        runner = ModelRunner(args, Checkpoint(model_path), group.device, parallel=group)
+        serve_forever(runner, group)
+    finally:
+        destroy_tensor_parallel()
+
+
+def serve_forever(runner, group) -> None:
+    while True:
+        method, payload = group.broadcast_object()
+        if method == SHUTDOWN:
+            return
+        if method == WEIGHT_BYTES:
+            group.all_gather_object(model_weight_bytes(runner))
+            continue
+        if method not in COMMANDS:
+            raise RuntimeError(f"tensor-parallel worker {group.rank}: unknown command {method!r}")
+        try:
+            getattr(runner, method)(*payload)
+        except (ValueError, RuntimeError) as e:  # rank 0 raised the same error to its caller
+            logger.debug("rank %d: %s failed like rank 0: %s", group.rank, method, e)

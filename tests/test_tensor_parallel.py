@@ -1,0 +1,170 @@
+"""Tensor parallelism on CPU: gloo, 2 ranks (rank 0 in this process, rank 1 spawned).
+
+Reference: the same engine at tensor_parallel_size=1. Each family's TP engine is built once per module and always
+shut down (its worker process joined) in the fixture's finally.
+"""
+import dataclasses
+import multiprocessing
+
+import pytest
+import torch
+from engine_fixtures import PROMPTS, greedy_tokens
+from model_helpers import tiny_checkpoint
+
+from adallm_core.checkpoint.read import Checkpoint
+from adallm_core.config import EngineArgs
+from adallm_core.distributed.memory import model_weight_bytes
+from adallm_core.distributed.sharding import (
+    ShardedCheckpoint, check_shardable, kv_head_range, shard_model_config, vocab_range,
+)
+from adallm_core.engine import LLMEngine
+from adallm_core.model_config import ModelConfig
+from adallm_core.models.layers import RMSNorm, SparseMoE
+from adallm_core.runner import SeqStep
+
+pytestmark = pytest.mark.timeout(900)
+FAMILIES = ["qwen3", "qwen3_moe", "gemma3"]
+BLOCKS = 256
+
+
+def make_engine(path, tp: int, **kw) -> LLMEngine:
+    args = dict(model=str(path), max_model_len=256, num_gpu_blocks_override=BLOCKS, kv_cache_dtype="bf16",
+                max_num_batched_tokens=512, tensor_parallel_size=tp)
+    args.update(kw)
+    return LLMEngine.from_engine_args(EngineArgs(**args))
+
+
+@pytest.fixture(scope="class", params=FAMILIES)
+def pair(request):
+    path = tiny_checkpoint(request.param, "modelopt")
+    single = make_engine(path, 1)
+    tp = make_engine(path, 2)
+    try:
+        yield request.param, single, tp
+    finally:
+        tp.shutdown()
+        assert not multiprocessing.active_children(), "a tensor-parallel worker outlived shutdown()"
+
+
+def replicated_bytes(model) -> int:
+    """What every rank keeps whole: RoPE tables, norm vectors, MoE routers (tiny models: ~15% of the bytes)."""
+    layers = [obj for layer in model.layers for obj in (layer, layer.self_attn)]
+    norms = [v.weight for obj in layers for v in vars(obj).values() if isinstance(v, RMSNorm)] + [model.norm.weight]
+    routers = [layer.mlp.router for layer in model.layers if isinstance(layer.mlp, SparseMoE)]
+    return sum(t.nbytes for t in [r.cos_sin for r in model.rotary.values()] + norms + routers)
+
+
+class TestSameAsOneRank:
+    """Module-wide engines would outlive the failure tests below: the class scope ends them first."""
+
+    def test_greedy_tokens_match_single_rank(self, pair):
+        family, single, tp = pair
+        assert type(tp.runner).__name__ == "TensorParallelRunner"
+        assert greedy_tokens(tp, PROMPTS, max_tokens=16) == greedy_tokens(single, PROMPTS, max_tokens=16), family
+
+    def test_logits_match_single_rank(self, pair):
+        """A prefill past Gemma3's sliding window, then two decode steps, in blocks the engine did not use."""
+        family, single, tp = pair
+        tokens = torch.randint(3, 384, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+        groups = len(single.runner.kv_groups)
+        table = [list(range(BLOCKS - 4, BLOCKS))] * groups
+        steps = [SeqStep(tokens[:38], 0, table), SeqStep(tokens[38:39], 38, table), SeqStep(tokens[39:], 39, table)]
+        for step in steps:
+            want, got = single.runner.execute([step]), tp.runner.execute([step])
+            assert got.shape == want.shape == (1, single.vocab_size)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=family)
+            assert got.argmax() == want.argmax()
+
+    def test_each_rank_holds_half_the_sharded_weights(self, pair):
+        family, single, tp = pair
+        full = model_weight_bytes(single.runner)
+        replicated = replicated_bytes(single.runner.model)
+        per_rank = tp.runner.weight_bytes_per_rank()  # measured inside each rank's process
+        assert len(per_rank) == 2 and replicated < 0.2 * full
+        for b in per_rank:
+            # the rest is sharded, except the per-row global scales of row-parallel layers (a few hundred bytes)
+            assert 0.49 < (b - replicated) / (full - replicated) < 0.52, (family, per_rank, full, replicated)
+
+
+# --- sharding rules, without processes -----------------------------------------------------------------------------
+def test_kv_heads_split_or_replicated():
+    assert [kv_head_range(8, r, 4) for r in range(4)] == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert [kv_head_range(2, r, 4) for r in range(4)] == [(0, 1), (0, 1), (1, 2), (1, 2)]  # replicated x2
+    assert [vocab_range(10, r, 4) for r in range(4)] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+
+
+def test_shards_are_exact_slices_of_the_checkpoint():
+    ckpt = Checkpoint(tiny_checkpoint("qwen3_moe", "modelopt"))
+    cfg = ModelConfig.from_hf_config(ckpt.hf_config, ckpt.path)
+    d = cfg.head_dim
+    layer = "model.layers.0"
+    full = {name: ckpt.linear(f"{layer}.{name}").dequantize() for name in
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.experts.3.up_proj", "mlp.experts.3.down_proj")}
+    embed = ckpt.tensor("model.embed_tokens.weight")
+    for world in (2, 4):  # 4 ranks: tiny's 2 KV heads are replicated, each rank holds one q head
+        for rank in range(world):
+            shard = ShardedCheckpoint(ckpt, cfg, rank, world)
+            local = shard_model_config(cfg, rank, world, quantized=True)
+            q = slice(rank * local.num_heads * d, (rank + 1) * local.num_heads * d)
+            kv0, _ = kv_head_range(cfg.num_kv_heads, rank, world)
+            inter = slice(rank * local.moe_intermediate_size, (rank + 1) * local.moe_intermediate_size)
+            expect = {
+                "self_attn.q_proj": full["self_attn.q_proj"][q],
+                "self_attn.k_proj": full["self_attn.k_proj"][kv0 * d:(kv0 + local.num_kv_heads) * d],
+                "self_attn.o_proj": full["self_attn.o_proj"][:, q],
+                "mlp.experts.3.up_proj": full["mlp.experts.3.up_proj"][inter],
+                "mlp.experts.3.down_proj": full["mlp.experts.3.down_proj"][:, inter],
+            }
+            for name, want in expect.items():
+                assert torch.equal(shard.linear(f"{layer}.{name}").dequantize(), want), (world, rank, name)
+            v0, v1 = vocab_range(cfg.vocab_size, rank, world)
+            assert torch.equal(shard.tensor("model.embed_tokens.weight"), embed[v0:v1])
+            assert torch.equal(shard.tensor(f"{layer}.input_layernorm.weight"),
+                               ckpt.tensor(f"{layer}.input_layernorm.weight"))
+
+
+def test_cuts_inside_a_scale_group_are_refused():
+    cfg = ModelConfig.from_hf_config(Checkpoint(tiny_checkpoint("qwen3", "modelopt")).hf_config)
+    with pytest.raises(ValueError, match=r"intermediate_size \(down_proj input\) 96 / 4 = 24 is not a multiple of 16"):
+        check_shardable(dataclasses.replace(cfg, intermediate_size=96), 4, quantized=True)
+    check_shardable(dataclasses.replace(cfg, intermediate_size=96), 4, quantized=False)  # BF16: any column
+    with pytest.raises(ValueError, match="num_attention_heads 4 is not divisible"):
+        check_shardable(cfg, 8, quantized=False)
+    with pytest.raises(ValueError, match="cut a 16-element scale group"):
+        Checkpoint(tiny_checkpoint("qwen3", "modelopt")).linear("model.layers.0.mlp.down_proj", cols=slice(0, 24))
+
+
+def test_unsplittable_size_is_refused_before_any_worker_starts():
+    with pytest.raises(ValueError, match="tensor_parallel_size=8 cannot split"):
+        make_engine(tiny_checkpoint("qwen3", "modelopt"), 8)
+    assert not multiprocessing.active_children()
+
+
+def test_failed_start_stops_the_workers():
+    """Every rank refuses max_model_len past the model's positions after the group formed: all processes go."""
+    with pytest.raises(ValueError, match="max_model_len"):
+        make_engine(tiny_checkpoint("qwen3", "modelopt"), 2, max_model_len=10**6)
+    assert not multiprocessing.active_children()
+
+
+# --- 2 GPUs: NCCL (the same checks; not run on a machine without two CUDA devices) --------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_gpus_match_one(family):
+    """fp32 reference ops over NCCL: the same tokens and logits as one GPU. Then the default path (Triton kernels,
+    BF16, decode CUDA graphs captured per rank): logits within BF16 noise."""
+    path = tiny_checkpoint(family, "modelopt")
+    for kw, tol in ((dict(kernel_backend="reference", dtype="float32"), 1e-4), (dict(), 5e-2)):
+        single, tp = make_engine(path, 1, device="cuda", **kw), make_engine(path, 2, device="cuda", **kw)
+        try:
+            assert tp.runner.device == torch.device("cuda:0") and tp.runner.group.device_group is not None
+            steps = [SeqStep(list(range(3, 41)), 0, [list(range(BLOCKS - 4, BLOCKS))] * len(single.runner.kv_groups))]
+            torch.testing.assert_close(tp.runner.execute(steps), single.runner.execute(steps), rtol=tol, atol=tol)
+            if tol < 1e-3:
+                assert greedy_tokens(tp, PROMPTS, 16) == greedy_tokens(single, PROMPTS, 16)
+            else:  # decode steps replay the captured graphs
+                assert greedy_tokens(tp, PROMPTS[:2], 4)[0][:1] == greedy_tokens(single, PROMPTS[:2], 4)[0][:1]
+        finally:
+            tp.shutdown()
+        assert not multiprocessing.active_children()
