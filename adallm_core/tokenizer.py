@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,6 +22,9 @@ class Tokenizer:
         # transformers' decode adds only clean_up_tokenization_spaces on top of the Rust decode
         cleanup = getattr(self.hf, "clean_up_tokenization_spaces", False)
         self._backend = getattr(self.hf, "backend_tokenizer", None) if not cleanup else None
+        # AsyncLLM encodes on the callers' thread while its loop thread decodes; the Rust tokenizer raises
+        # "Already borrowed" when an encode that resets truncation/padding meets a concurrent call.
+        self._lock = threading.Lock()
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids: list[int] = []
@@ -37,12 +41,14 @@ class Tokenizer:
         return len(self.hf)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+        with self._lock:
+            return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        if self._backend is not None:  # the Rust tokenizer directly: the detokenizer calls this twice a token
-            return self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
-        return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        with self._lock:
+            if self._backend is not None:  # the Rust tokenizer directly: the detokenizer calls this twice a token
+                return self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+            return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         if not self.hf.chat_template:
