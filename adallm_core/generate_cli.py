@@ -17,7 +17,7 @@ from adallm_core.run_cli import add_sampling_args, sampling_params_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="checkpoint folder or hub id")
+    parser.add_argument("model", help="checkpoint folder, hub id, or 'demo' (the built-in tiny model)")
     parser.add_argument("--input", required=True, type=Path, help="JSONL file of prompts")
     parser.add_argument("--output", required=True, type=Path, help="JSONL file to write (atomically)")
     add_sampling_args(parser, max_tokens=128)

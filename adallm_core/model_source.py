@@ -10,10 +10,11 @@ from typing import Optional
 logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name"
+DEMO = "demo"  # `adallm run demo "Hi"`: the built-in tiny model, where no folder of that name exists
 
 
 def resolve_model_path(model: Optional[str], revision: Optional[str] = None) -> Path:
-    if model is None:
+    if model is None or (model == DEMO and not Path(DEMO).is_dir()):
         from adallm_core.testing import demo_model_path
 
         path = demo_model_path()

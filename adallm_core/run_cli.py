@@ -27,7 +27,7 @@ def sampling_params_from_args(args: argparse.Namespace, **overrides) -> Sampling
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="checkpoint folder or hub id")
+    parser.add_argument("model", help="checkpoint folder, hub id, or 'demo' (the built-in tiny model)")
     parser.add_argument("prompt", nargs="?", help="generate for this prompt and exit; without it: interactive")
     parser.add_argument("--chat", action="store_true", help="apply the chat template and keep the conversation")
     parser.add_argument("--system", default=None, help="system message for --chat")

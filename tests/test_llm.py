@@ -1,4 +1,6 @@
 """LLM offline API: input order, prompt forms, chat template, all-or-nothing validation, model source."""
+from pathlib import Path
+
 import pytest
 
 from adallm_core import LLM, SamplingParams
@@ -65,6 +67,16 @@ def test_kernel_backend_is_visible(llm):
     import torch
 
     assert llm.llm_engine.kernel_backend == ("triton" if torch.cuda.is_available() else "reference")
+
+
+def test_model_source_demo_name(tmp_path, monkeypatch):
+    import adallm_core.testing
+
+    monkeypatch.setattr(adallm_core.testing, "demo_model_path", lambda: tmp_path / "built-demo")
+    assert resolve_model_path(None) == resolve_model_path("demo") == tmp_path / "built-demo"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # a real folder called demo wins
+    assert resolve_model_path("demo") == Path("demo")
 
 
 def test_model_source(tmp_path):
