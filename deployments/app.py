@@ -14,6 +14,7 @@ from ray import serve
 
 from adallm_core.config import EngineArgs
 from deployments.ingress import OpenAiIngress
+from deployments.ray_tp import serve_placement_options
 from deployments.llm_server import LLMServer
 
 DEMO_MODEL_NAME = "adallm-tiny-demo"
@@ -60,6 +61,13 @@ def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
         actor_options["accelerator_type"] = options.accelerator_type
     if not num_gpus and engine.device == "auto":
         engine.device = "cpu"  # a replica without a GPU must not grab one it was not given
+    # Tensor parallel: one STRICT_PACK placement group per replica; the replica (rank 0) takes bundle 0, one GPU,
+    # and starts its workers as Ray actors in the other bundles (deployments/ray_tp.py).
+    tp_options = serve_placement_options(engine.tensor_parallel_size, num_gpus, actor_options["num_cpus"],
+                                         options.accelerator_type)
+    if tp_options:
+        engine.distributed_executor_backend = "ray"
+        actor_options["num_gpus"] = 1 if num_gpus else 0
 
     max_ongoing = options.max_ongoing_requests or engine.max_num_seqs
     max_queued = options.max_queued_requests or 2 * max_ongoing
@@ -75,6 +83,7 @@ def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
         ray_actor_options=actor_options,
         max_ongoing_requests=max_ongoing,
         max_queued_requests=max_queued,
+        **tp_options,
         user_config={"max_batch_size": options.max_batch_size, "batch_wait_timeout_s": options.batch_wait_timeout_s},
         **scaling,
     ).bind(engine.to_dict())

@@ -91,6 +91,7 @@ def _param_named_in(message: str) -> Optional[str]:
 @serve.deployment(name="LLMServer", health_check_period_s=5, health_check_timeout_s=30)
 class LLMServer:
     def __init__(self, engine_args: dict):
+        import deployments.ray_tp  # noqa: F401  registers the "ray" tensor-parallel launcher
         from adallm_core.engine import AsyncLLM  # torch and the model load in the replica only
 
         self.engine = AsyncLLM.from_engine_args(EngineArgs.from_dict(engine_args))

@@ -52,6 +52,7 @@ class EngineActor:
     max_concurrent_batches calls at once on the actor's event loop."""
 
     def __init__(self, engine_args: dict, rows: RowSpec):
+        import deployments.ray_tp  # noqa: F401  registers the "ray" tensor-parallel launcher
         from adallm_core.engine import AsyncLLM  # torch and the model load here, in the replica
 
         self.engine = AsyncLLM.from_engine_args(EngineArgs.from_dict(engine_args))
@@ -114,11 +115,21 @@ class Processor:
         num_gpus = self._num_gpus()
         if num_gpus == 0:
             self._check_cpus(sizes[0])
+        engine_args, tp_args = c.engine_args, {}
+        if engine_args.tensor_parallel_size > 1 and num_gpus:
+            # One STRICT_PACK placement group per replica: the engine actor takes bundle 0 (one GPU), and its
+            # tensor-parallel workers, Ray actors, the other bundles.
+            from deployments.ray_tp import job_remote_args_fn
+
+            tp_args = {"ray_remote_args_fn": job_remote_args_fn(
+                engine_args.tensor_parallel_size, 1, c.num_cpus, c.accelerator_type)}
+            engine_args = dataclasses.replace(engine_args, distributed_executor_backend="ray")
+            num_gpus = 1
         # One block per batch, so that batches spread over the replicas even when the input is one block.
         ds = ds.repartition(target_num_rows_per_block=c.batch_size)
         return ds.map_batches(
             EngineActor,
-            fn_constructor_kwargs={"engine_args": c.engine_args.to_dict(), "rows": c.rows},
+            fn_constructor_kwargs={"engine_args": engine_args.to_dict(), "rows": c.rows},
             batch_size=c.batch_size,
             batch_format="pyarrow",
             compute=compute,
@@ -126,6 +137,7 @@ class Processor:
             num_cpus=c.num_cpus,
             accelerator_type=c.accelerator_type,
             **restarts,
+            **tp_args,
         )
 
     def _num_gpus(self) -> float:
