@@ -5,7 +5,8 @@ import argparse
 import importlib
 import sys
 
-# subcommand -> module providing add_arguments(parser) and main(args) -> int
+# subcommand -> module providing add_arguments(parser) and main(args) -> int, or only main(argv) -> int
+# (a benchmark that parses its own arguments, so `python -m benchmarks.decode` and `adallm bench` agree)
 COMMANDS = {
     "serve": ("deployments.cli", "serve a model behind an OpenAI-compatible endpoint on Ray Serve"),
     "run": ("adallm_core.run_cli", "generate from a prompt, or chat interactively, in the terminal"),
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
     module = importlib.import_module(COMMANDS[name][0])
+    if not hasattr(module, "add_arguments"):
+        return int(module.main(argv[1:]) or 0)
     sub_parser = argparse.ArgumentParser(prog=f"adallm {name}", description=COMMANDS[name][1])
     module.add_arguments(sub_parser)
     args = sub_parser.parse_args(argv[1:])

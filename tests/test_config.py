@@ -49,3 +49,10 @@ def test_cli_unknown_command_exits_nonzero():
     with pytest.raises(SystemExit) as exc:
         cli_main(["frobnicate"])
     assert exc.value.code != 0
+
+
+def test_cli_bench_help_reaches_the_benchmark(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["bench", "--help"])
+    assert exc.value.code == 0
+    assert "--shape" in capsys.readouterr().out
