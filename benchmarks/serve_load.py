@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-num-seqs", type=int, default=32)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--stream-interval-s", type=float, default=None, help="LLMServer option; default: the app's")
     args = parser.parse_args()
 
     import ray
@@ -142,7 +143,10 @@ def main() -> None:
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({k: v for k, v in engine_args.to_dict().items()}), name="bench", route_prefix="/")
+        app_args = engine_args.to_dict()
+        if args.stream_interval_s is not None:
+            app_args["stream_interval_s"] = args.stream_interval_s
+        serve.run(build_app(app_args), name="bench", route_prefix="/")
         serve_samples, serve_wall = asyncio.run(serve_phase(args, prompts))
     finally:
         serve.shutdown()

@@ -15,7 +15,7 @@ from ray import serve
 from adallm_core.config import EngineArgs
 from deployments.ingress import OpenAiIngress
 from deployments.ray_tp import serve_placement_options
-from deployments.llm_server import LLMServer
+from deployments.llm_server import DEFAULT_STREAM_INTERVAL_S, USER_CONFIG_KEYS, LLMServer
 
 DEMO_MODEL_NAME = "adallm-tiny-demo"
 
@@ -33,6 +33,7 @@ class ServeOptions(BaseModel):
     accelerator_type: Optional[str] = None  # e.g. "L4", "L40S"; Ray's accelerator_type resource label
     max_batch_size: int = Field(32, ge=1)  # @serve.batch: arrivals admitted in one add_requests call
     batch_wait_timeout_s: float = Field(0.005, ge=0)
+    stream_interval_s: float = Field(DEFAULT_STREAM_INTERVAL_S, ge=0)  # streamed tokens within it go as one message
     max_ongoing_requests: Optional[int] = Field(None, ge=1)  # per replica; default: engine max_num_seqs
     max_queued_requests: Optional[int] = Field(None, ge=1)  # per caller; default: 2 x max_ongoing_requests
 
@@ -84,7 +85,7 @@ def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
         max_ongoing_requests=max_ongoing,
         max_queued_requests=max_queued,
         **tp_options,
-        user_config={"max_batch_size": options.max_batch_size, "batch_wait_timeout_s": options.batch_wait_timeout_s},
+        user_config={k: getattr(options, k) for k in USER_CONFIG_KEYS},
         **scaling,
     ).bind(engine.to_dict())
     # The ingress never queues itself: LLMServer's queue is where overload is detected and answered in

@@ -21,8 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-replicas", type=int, default=None, help="...up to this many")
     parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica; default: 1 if the cluster has GPUs, else 0")
     parser.add_argument("--accelerator-type", default=None, help="Ray accelerator type for replicas, e.g. L4, L40S")
-    parser.add_argument("--max-batch-size", type=int, default=32, help="@serve.batch: most arrivals admitted together")
-    parser.add_argument("--batch-wait-timeout-s", type=float, default=0.005, help="@serve.batch: how long to wait for more")
+    parser.add_argument("--max-batch-size", type=int, default=None, help="@serve.batch: most arrivals admitted together (32)")
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=None, help="@serve.batch: how long to wait for more (0.005)")
+    parser.add_argument("--stream-interval-s", type=float, default=None, help="streamed tokens within it go as one event (0.05)")
     parser.add_argument("--max-ongoing-requests", type=int, default=None, help="per replica; default: --max-num-seqs")
     parser.add_argument("--max-queued-requests", type=int, default=None, help="beyond this, 503; default: 2x ongoing")
     EngineArgs.add_cli_args(parser, with_model=False)
@@ -30,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 SERVE_FLAGS = (
     "served_model_name", "num_replicas", "min_replicas", "max_replicas", "num_gpus", "accelerator_type",
-    "max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests", "max_queued_requests",
+    "max_batch_size", "batch_wait_timeout_s", "stream_interval_s", "max_ongoing_requests", "max_queued_requests",
 )  # fmt: skip
 
 

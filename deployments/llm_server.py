@@ -23,6 +23,8 @@ from deployments.metrics import EngineMetrics
 logger = logging.getLogger("ray.serve")
 
 Prompt = Union[str, list[int]]
+USER_CONFIG_KEYS = ("max_batch_size", "batch_wait_timeout_s", "stream_interval_s")
+DEFAULT_STREAM_INTERVAL_S = 0.05  # at most ~20 messages a second per request; the tokens between are merged
 # One generated token's logprobs: (token text, logprob, [(top token text, logprob), ...])
 TokenLogprob = tuple[str, float, list[tuple[str, float]]]
 
@@ -68,6 +70,32 @@ async def _pump(prompt_index: int, stream, queue: asyncio.Queue) -> None:
         queue.put_nowait((prompt_index, e))
 
 
+async def _gather_until(queue: asyncio.Queue, deadline: float) -> list:
+    """The next item, then whatever else arrives before `deadline` (loop time), stopping when a stream ends.
+
+    Tokens that arrive within one stream interval travel as one message: per-message cost (pickling, the hop to
+    the ingress, an SSE event) is what Serve adds over the engine, so fewer messages keep the overhead small.
+    The first token after a pause and the last one of a request go out at once."""
+    items = [await queue.get()]
+    loop = asyncio.get_running_loop()
+    while not _ends(items[-1][1]):
+        if not queue.empty():
+            items.append(queue.get_nowait())
+            continue
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            break
+        try:
+            items.append(await asyncio.wait_for(queue.get(), remaining))
+        except asyncio.TimeoutError:
+            break
+    return items
+
+
+def _ends(out) -> bool:
+    return out is None or isinstance(out, Exception) or out.finished
+
+
 def _merge(deltas: list[ChoiceDelta]) -> list[ChoiceDelta]:
     """One delta per choice: outputs coalesced from several engine steps are joined in order."""
     merged: dict[int, ChoiceDelta] = {}
@@ -98,12 +126,15 @@ class LLMServer:
         self.counters = {"admission_batches": 0, "admitted_requests": 0, "largest_admission": 0, "aborted_requests": 0}
         self.metrics = EngineMetrics()
         self._metrics_task: Optional[asyncio.Task] = None  # started on the replica's event loop, first request
+        self.stream_interval_s = DEFAULT_STREAM_INTERVAL_S
 
     def reconfigure(self, user_config: dict) -> None:
-        """Serve user_config: {max_batch_size, batch_wait_timeout_s}; changes apply without a restart."""
-        unknown = sorted(set(user_config) - {"max_batch_size", "batch_wait_timeout_s"})
+        """Serve user_config (USER_CONFIG_KEYS); changes apply without a restart."""
+        unknown = sorted(set(user_config) - set(USER_CONFIG_KEYS))
         if unknown:
-            raise ValueError(f"unknown LLMServer user_config key(s): {', '.join(unknown)}")
+            raise ValueError(f"unknown LLMServer user_config key(s): {', '.join(unknown)}; known: {USER_CONFIG_KEYS}")
+        if "stream_interval_s" in user_config:
+            self.stream_interval_s = float(user_config["stream_interval_s"])
         if "max_batch_size" in user_config:
             self._admit.set_max_batch_size(int(user_config["max_batch_size"]))
         if "batch_wait_timeout_s" in user_config:
@@ -139,11 +170,10 @@ class LLMServer:
         queue: asyncio.Queue = asyncio.Queue()
         pumps = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(admitted)]
         running = set(range(len(prompts)))
+        loop, last_yield = asyncio.get_running_loop(), 0.0
         try:
             while running:
-                items = [await queue.get()]
-                while not queue.empty():  # coalesce whatever else is ready into one message
-                    items.append(queue.get_nowait())
+                items = await _gather_until(queue, last_yield + self.stream_interval_s)
                 deltas = []
                 for prompt_index, out in items:
                     if out is None:
@@ -155,6 +185,7 @@ class LLMServer:
                         deltas.extend(self._deltas(prompt_index, out, request.params.n))
                 if deltas:
                     yield _merge(deltas)
+                    last_yield = loop.time()
         finally:
             for task in pumps:
                 task.cancel()

@@ -26,7 +26,7 @@ def test_cpu_replicas_ask_for_no_gpu_and_limits_come_from_engine_capacity():
     assert llm.ray_actor_options == {"num_cpus": 1, "num_gpus": 0}
     assert llm.max_ongoing_requests == 8 and llm._deployment_config.max_queued_requests == 16
     assert llm.num_replicas == 2
-    assert llm.user_config == {"max_batch_size": 32, "batch_wait_timeout_s": 0.005}
+    assert llm.user_config == {"max_batch_size": 32, "batch_wait_timeout_s": 0.005, "stream_interval_s": 0.05}
     assert llm.init_args[0]["device"] == "cpu" and llm.init_args[0]["max_num_seqs"] == 8
     # The ingress admits all the engines can run and queue, so overload is answered by the app in OpenAI shape.
     assert d["ingress"].max_ongoing_requests >= 2 * 8 + 16
@@ -68,12 +68,12 @@ def test_cli_flags_map_onto_the_app():
     cli.add_arguments(parser)
     ns = parser.parse_args(
         ["--max-num-seqs", "16", "--min-replicas", "1", "--max-replicas", "3", "--num-gpus", "1",
-         "--accelerator-type", "L40S", "--max-batch-size", "8", "--batch-wait-timeout-s", "0.01", "--port", "9000"]
+         "--accelerator-type", "L40S", "--max-batch-size", "8", "--batch-wait-timeout-s", "0.01", "--stream-interval-s", "0", "--port", "9000"]
     )
     assert ns.model is None and ns.host == "127.0.0.1" and ns.port == 9000
     llm = deployments_of(build_app(cli.app_args(ns)))["llm"]
     assert llm.ray_actor_options["accelerator_type"] == "L40S" and llm.max_ongoing_requests == 16
-    assert llm.user_config == {"max_batch_size": 8, "batch_wait_timeout_s": 0.01}
+    assert llm.user_config == {"max_batch_size": 8, "batch_wait_timeout_s": 0.01, "stream_interval_s": 0.0}
     assert llm._deployment_config.autoscaling_config.max_replicas == 3
     with pytest.raises(SystemExit):  # a fixed count and autoscaling bounds exclude each other
         parser.parse_args(["--num-replicas", "2", "--min-replicas", "1"])
@@ -90,7 +90,7 @@ def test_serve_config_yaml_is_valid_and_names_the_app_deployments():
     assert {d["name"] for d in app["deployments"]} == {built["ingress"].name, built["llm"].name}
     llm = next(d for d in app["deployments"] if d["name"] == "LLMServer")
     assert llm["max_ongoing_requests"] == app["args"]["max_num_seqs"]
-    assert set(llm["user_config"]) == {"max_batch_size", "batch_wait_timeout_s"}
+    assert set(llm["user_config"]) == {"max_batch_size", "batch_wait_timeout_s", "stream_interval_s"}
 
 
 def test_served_model_name_defaults(tmp_path):
