@@ -37,18 +37,26 @@ class RandomTokenizer:
 
 
 def build_engine(shape: str, max_batch: int, input_len: int, output_len: int, enforce_eager: bool, device="cuda",
-                 overrides: dict | None = None):
+                 overrides: dict | None = None, tensor_parallel_size: int = 1):
     from adallm_core.config import EngineArgs
     from adallm_core.engine import LLMEngine
     from adallm_core.runner import ModelRunner
 
-    ckpt = RandomCheckpoint(shape, device, overrides=overrides)
+    ckpt = RandomCheckpoint(shape, device, overrides=overrides) if tensor_parallel_size == 1 else None
     block_size = 16
     blocks = max_batch * math.ceil((input_len + output_len) / block_size) + 8  # what the batch needs, no more
     args = EngineArgs(model="random", max_model_len=input_len + output_len, max_num_seqs=max_batch,
                       max_num_batched_tokens=max(2048, max_batch * input_len), num_gpu_blocks_override=blocks,
                       kv_cache_dtype="fp8", enforce_eager=enforce_eager, enable_prefix_caching=False,
-                      block_size=block_size)
+                      block_size=block_size, tensor_parallel_size=tensor_parallel_size)
+    if tensor_parallel_size > 1:  # every rank makes only its own shard of the random weights
+        import functools
+
+        from adallm_core.distributed.executor import TensorParallelRunner
+        from benchmarks.random_checkpoint import open_random
+
+        runner = TensorParallelRunner(args, "random", checkpoint_factory=functools.partial(open_random, shape, overrides))
+        return LLMEngine(args, runner, RandomTokenizer()), runner
     runner = ModelRunner(args, ckpt, device)
     return LLMEngine(args, runner, RandomTokenizer()), runner
 
@@ -70,7 +78,7 @@ def step_bytes(runner, batch: int, ctx: int) -> int:
             stack.extend(obj)
         elif hasattr(obj, "__dict__") and not isinstance(obj, torch.Tensor):
             stack.extend(v for k, v in vars(obj).items() if k not in ("ops", "cfg"))
-    cfg = runner.model_config
+    cfg = getattr(runner, "runner", runner).model_config  # tensor parallel: rank 0's shard (bytes per GPU)
     total += cfg.vocab_size * cfg.hidden_size * 2  # lm_head (tied or not), BF16
     kv_layers = sum(min(ctx, g.sliding_window or ctx) * len(g.layers) for g in runner.kv_groups)
     total += batch * kv_layers * 2 * cfg.num_kv_heads * cfg.head_dim * runner.kv_cache_dtype.itemsize
@@ -109,9 +117,10 @@ def run_batch(engine, batch: int, input_len: int, output_len: int, vocab: int) -
                 decode_ms_step=1e3 * (end - first_decode[0]) / max(1, decode_steps))
 
 
-def bench_engine(shape, batches, input_len, output_len, enforce_eager, bw) -> list[dict]:
+def bench_engine(shape, batches, input_len, output_len, enforce_eager, bw, tensor_parallel_size=1) -> list[dict]:
     torch.cuda.reset_peak_memory_stats()
-    engine, runner = build_engine(shape, max(batches), input_len, output_len, enforce_eager)
+    engine, runner = build_engine(shape, max(batches), input_len, output_len, enforce_eager,
+                                  tensor_parallel_size=tensor_parallel_size)
     vocab = runner.model_config.vocab_size
     rows = []
     for b in batches:
@@ -124,6 +133,7 @@ def bench_engine(shape, batches, input_len, output_len, enforce_eager, bw) -> li
         row["pct_roofline"] = 100 * row["roofline_ms_step"] / row["decode_ms_step"]
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
+    engine.shutdown()
     del engine, runner
     gc.collect()
     torch.cuda.empty_cache()
@@ -168,6 +178,7 @@ def main(argv=None) -> int:
     p.add_argument("--hf-batch", default=None, help="batch sizes for transformers (default: --batch; '' skips)")
     p.add_argument("--no-hf-compile", action="store_true", help="run transformers eagerly (static cache only)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs in the engine")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine (rank 0 on cuda:0)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -176,7 +187,8 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batch.split(",") if b]
     hf_batches = batches if args.hf_batch is None else [int(b) for b in args.hf_batch.split(",") if b]
     bw = copy_bandwidth()
-    rows = bench_engine(args.shape, batches, args.input_len, args.output_len, args.enforce_eager, bw)
+    rows = bench_engine(args.shape, batches, args.input_len, args.output_len, args.enforce_eager, bw,
+                        args.tensor_parallel_size)
     hf = bench_hf(args.shape, hf_batches, args.input_len, args.output_len, not args.no_hf_compile) if hf_batches else {}
     for r in rows:
         r.update(hf.get(r["batch"], {}))
@@ -187,7 +199,8 @@ def main(argv=None) -> int:
             json.dump(dict(shape=args.shape, device=torch.cuda.get_device_name(), copy_TBps=bw / 1e12, rows=rows), f,
                       indent=1)
     print(f"\n{args.shape}: RANDOM NVFP4 weights of the real shapes, {args.input_len} in / {args.output_len} out, "
-          f"FP8 KV, CUDA graphs {'off' if args.enforce_eager else 'on'}; {torch.cuda.get_device_name()}, copy "
+          f"FP8 KV, CUDA graphs {'off' if args.enforce_eager else 'on'}, tensor_parallel_size "
+          f"{args.tensor_parallel_size}; {torch.cuda.get_device_name()}, copy "
           f"{bw / 1e12:.2f} TB/s; HF = transformers BF16 static cache{'' if args.no_hf_compile else ' compiled'}")
     print(f"{'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'ms/step':>8} {'peak GB':>8} {'%roof':>6} "
           f"{'HF tok/s':>9} {'ratio':>6}")

@@ -74,27 +74,29 @@ class RandomCheckpoint:
     def _randn(self, *shape) -> torch.Tensor:
         return torch.randn(*shape, generator=self.gen, device=self.device, dtype=torch.bfloat16)
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, index=None) -> torch.Tensor:
         t = self.hf_config
-        if name.endswith("embed_tokens.weight"):
-            return self._randn(t.vocab_size, t.hidden_size).mul_(STD)
+        if name.endswith("embed_tokens.weight"):  # index: a tensor-parallel rank's rows, made at that size only
+            return self._randn(*_sliced((t.vocab_size, t.hidden_size), index)).mul_(STD)
         if name.endswith(("q_norm.weight", "k_norm.weight")):
             return 1.0 + 0.1 * self._randn(t.head_dim)
         if name.endswith("norm.weight"):
             return 1.0 + 0.1 * self._randn(t.hidden_size)
         raise ValueError(f"RandomCheckpoint has no tensor {name!r}")
 
-    def linear(self, prefix: str):
+    def linear(self, prefix: str, rows: slice | None = None, cols: slice | None = None):
+        """rows / cols: a tensor-parallel shard; the random weight is made at the shard's size only."""
         t = self.hf_config
         last = prefix.rsplit(".", 1)[-1]
+        index = (rows or slice(None), cols or slice(None))
         if prefix == "lm_head":
-            return self._randn(t.vocab_size, t.hidden_size).mul_(STD)
+            return self._randn(*_sliced((t.vocab_size, t.hidden_size), index)).mul_(STD)
         if last == "gate" and getattr(t, "num_experts", 0):
             return self._randn(t.num_experts, t.hidden_size).mul_(STD)
         shapes = self.expert_shapes if ".experts." in prefix else self.shapes
         if last not in shapes:
             raise ValueError(f"RandomCheckpoint has no linear {prefix!r}")
-        return self.random_nvfp4(*shapes[last])
+        return self.random_nvfp4(*_sliced(shapes[last], index))
 
     def random_nvfp4(self, n: int, k: int) -> NVFP4Weight:
         packed = torch.randint(0, 256, (n, k // 2), generator=self.gen, device=self.device, dtype=torch.uint8)
@@ -102,3 +104,12 @@ class RandomCheckpoint:
         scale = (1.0 + torch.rand(n, k // 16, generator=self.gen, device=self.device)).to(torch.float8_e4m3fn)
         g = torch.full((n,), STD / (2.93 * 1.5), device=self.device)
         return NVFP4Weight(packed, scale, g)
+
+
+def _sliced(shape, index) -> tuple[int, ...]:
+    return tuple(torch.empty(shape, device="meta")[index].shape) if index is not None else tuple(shape)
+
+
+def open_random(shape: str, overrides: dict | None, model_path, device) -> RandomCheckpoint:
+    """checkpoint_factory for tensor-parallel ranks (functools.partial(open_random, shape, overrides))."""
+    return RandomCheckpoint(shape, device, overrides=overrides)

@@ -57,10 +57,11 @@ def job_remote_args_fn(tensor_parallel_size: int, num_gpus: float, num_cpus: flo
 class TPWorkerActor:
     """One tensor-parallel rank >= 1: runs the engine's worker loop until rank 0 says shutdown."""
 
-    def run(self, rank: int, world_size: int, init_method: str, engine_args: dict, model_path: str) -> None:
+    def run(self, rank: int, world_size: int, init_method: str, engine_args: dict, model_path: str,
+            checkpoint_factory=None) -> None:
         from adallm_core.distributed.worker import worker_main
 
-        worker_main(rank, world_size, init_method, engine_args, model_path)
+        worker_main(rank, world_size, init_method, engine_args, model_path, checkpoint_factory=checkpoint_factory)
 
 
 class RayActorLauncher:
@@ -69,7 +70,8 @@ class RayActorLauncher:
     def __init__(self):
         self.actors, self.runs = [], []
 
-    def start(self, world_size: int, init_method: str, engine_args: dict, model_path: str) -> None:
+    def start(self, world_size: int, init_method: str, engine_args: dict, model_path: str,
+              checkpoint_factory=None) -> None:
         pg = get_current_placement_group()
         if pg is None or len(pg.bundle_specs) < world_size:
             raise ValueError(
@@ -82,7 +84,8 @@ class RayActorLauncher:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
             ).remote()
             self.actors.append(actor)
-            self.runs.append(actor.run.remote(rank, world_size, init_method, engine_args, model_path))
+            self.runs.append(actor.run.remote(rank, world_size, init_method, engine_args, model_path,
+                                              checkpoint_factory))
 
     def dead_workers(self) -> list[str]:
         done, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=0) if self.runs else ([], [])

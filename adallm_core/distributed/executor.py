@@ -23,7 +23,7 @@ from adallm_core.distributed.parallel_state import (
 )
 from adallm_core.distributed.memory import model_weight_bytes
 from adallm_core.distributed.sharding import check_shardable
-from adallm_core.distributed.worker import SHUTDOWN, WEIGHT_BYTES
+from adallm_core.distributed.worker import SHUTDOWN, WEIGHT_BYTES, open_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -32,21 +32,20 @@ class TensorParallelRunner:
     """Starts ranks 1..N-1 through a launcher, joins the group as rank 0 and drives every step."""
 
     def __init__(self, engine_args, model_path, launcher: Optional[WorkerLauncher] = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S):
-        from adallm_core.checkpoint.read import Checkpoint
+                 timeout_s: float = DEFAULT_TIMEOUT_S, checkpoint_factory=None):
         from adallm_core.model_config import ModelConfig
         from adallm_core.runner import ModelRunner
 
         world = engine_args.tensor_parallel_size
         device = rank_device(engine_args.device, 0, world)
-        checkpoint = Checkpoint(model_path)
+        checkpoint = (checkpoint_factory or open_checkpoint)(model_path, device)
         # The model as a whole (full vocab for the sampler); the local runner holds this rank's shard.
         self.model_config = ModelConfig.from_hf_config(checkpoint.hf_config, checkpoint.path)
         check_shardable(self.model_config, world, quantized=checkpoint.quant_format is not None)  # before any spawn
         self.launcher = launcher if launcher is not None else get_launcher(engine_args.distributed_executor_backend)
         init_method = f"tcp://127.0.0.1:{free_port()}"  # one node (STRICT_PACK): loopback reaches every rank
         self.group = None
-        self.launcher.start(world, init_method, engine_args.to_dict(), str(model_path))
+        self.launcher.start(world, init_method, engine_args.to_dict(), str(model_path), checkpoint_factory)
         try:
             self.group = init_tensor_parallel(0, world, init_method, device, timeout_s)
             self.runner = ModelRunner(engine_args, checkpoint, device, parallel=self.group)

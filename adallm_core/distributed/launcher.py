@@ -2,7 +2,8 @@
 
 "mp": local processes (torch.multiprocessing, spawn). "ray": Ray actors inside the caller's placement group,
 registered by deployments/ray_tp.py (adallm_core imports no Ray). A launcher starts worker_main(rank, ...) in
-each worker, can tell which workers died, and stops them all.
+each worker, can tell which workers died, and stops them all. checkpoint_factory(model_path, device) -> a
+Checkpoint-like object (picklable; None: the folder's safetensors).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ logger = logging.getLogger(__name__)
 
 
 class WorkerLauncher(Protocol):
-    def start(self, world_size: int, init_method: str, engine_args: dict, model_path: str) -> None: ...
+    def start(self, world_size: int, init_method: str, engine_args: dict, model_path: str,
+              checkpoint_factory=None) -> None: ...
 
     def dead_workers(self) -> list[str]: ...
 
@@ -41,7 +43,8 @@ class MultiprocessingLauncher:
     def __init__(self):
         self.procs = []
 
-    def start(self, world_size: int, init_method: str, engine_args: dict, model_path: str) -> None:
+    def start(self, world_size: int, init_method: str, engine_args: dict, model_path: str,
+              checkpoint_factory=None) -> None:
         import torch
         import torch.multiprocessing as mp
 
@@ -51,7 +54,7 @@ class MultiprocessingLauncher:
         for rank in range(1, world_size):
             # same CPU thread count as this process (tests pin 1 thread per process on a shared machine)
             p = ctx.Process(target=worker_main, args=(rank, world_size, init_method, engine_args, model_path),
-                            kwargs={"num_threads": torch.get_num_threads()}, name=f"adallm-tp-rank{rank}", daemon=True)
+                            kwargs={"num_threads": torch.get_num_threads(), "checkpoint_factory": checkpoint_factory}, name=f"adallm-tp-rank{rank}", daemon=True)
             p.start()
             self.procs.append(p)
 

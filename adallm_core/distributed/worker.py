@@ -19,10 +19,9 @@ SHUTDOWN = "shutdown"
 
 
 def worker_main(rank: int, world_size: int, init_method: str, engine_args: dict, model_path: str,
-                timeout_s: float = DEFAULT_TIMEOUT_S, num_threads: int | None = None) -> None:
+                timeout_s: float = DEFAULT_TIMEOUT_S, num_threads: int | None = None, checkpoint_factory=None) -> None:
     import torch
 
-    from adallm_core.checkpoint.read import Checkpoint
     from adallm_core.config import EngineArgs
     from adallm_core.runner import ModelRunner
 
@@ -31,10 +30,18 @@ def worker_main(rank: int, world_size: int, init_method: str, engine_args: dict,
     args = EngineArgs.from_dict(engine_args)
     group = init_tensor_parallel(rank, world_size, init_method, rank_device(args.device, rank, world_size), timeout_s)
     try:
-        runner = ModelRunner(args, Checkpoint(model_path), group.device, parallel=group)
+        checkpoint = (checkpoint_factory or open_checkpoint)(model_path, group.device)
+        runner = ModelRunner(args, checkpoint, group.device, parallel=group)
         serve_forever(runner, group)
     finally:
         destroy_tensor_parallel()
+
+
+def open_checkpoint(model_path: str, device):
+    """The default checkpoint_factory: the folder's safetensors (benchmarks pass random weights of real shapes)."""
+    from adallm_core.checkpoint.read import Checkpoint
+
+    return Checkpoint(model_path)
 
 
 def serve_forever(runner, group) -> None:
