@@ -93,18 +93,23 @@ def test_kv_heads_split_or_replicated():
     assert [vocab_range(10, r, 4) for r in range(4)] == [(0, 3), (3, 6), (6, 9), (9, 10)]
 
 
-def test_shards_are_exact_slices_of_the_checkpoint():
-    ckpt = Checkpoint(tiny_checkpoint("qwen3_moe", "modelopt"))
+def dense(w) -> torch.Tensor:
+    return w if isinstance(w, torch.Tensor) else w.dequantize()
+
+
+@pytest.mark.parametrize("fmt", ["modelopt", "compressed-tensors", None])
+def test_shards_are_exact_slices_of_the_checkpoint(fmt):
+    ckpt = Checkpoint(tiny_checkpoint("qwen3_moe", fmt))
     cfg = ModelConfig.from_hf_config(ckpt.hf_config, ckpt.path)
     d = cfg.head_dim
     layer = "model.layers.0"
-    full = {name: ckpt.linear(f"{layer}.{name}").dequantize() for name in
+    full = {name: dense(ckpt.linear(f"{layer}.{name}")) for name in
             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.experts.3.up_proj", "mlp.experts.3.down_proj")}
     embed = ckpt.tensor("model.embed_tokens.weight")
     for world in (2, 4):  # 4 ranks: tiny's 2 KV heads are replicated, each rank holds one q head
         for rank in range(world):
             shard = ShardedCheckpoint(ckpt, cfg, rank, world)
-            local = shard_model_config(cfg, rank, world, quantized=True)
+            local = shard_model_config(cfg, rank, world, quantized=fmt is not None)
             q = slice(rank * local.num_heads * d, (rank + 1) * local.num_heads * d)
             kv0, _ = kv_head_range(cfg.num_kv_heads, rank, world)
             inter = slice(rank * local.moe_intermediate_size, (rank + 1) * local.moe_intermediate_size)
@@ -116,7 +121,7 @@ def test_shards_are_exact_slices_of_the_checkpoint():
                 "mlp.experts.3.down_proj": full["mlp.experts.3.down_proj"][:, inter],
             }
             for name, want in expect.items():
-                assert torch.equal(shard.linear(f"{layer}.{name}").dequantize(), want), (world, rank, name)
+                assert torch.equal(dense(shard.linear(f"{layer}.{name}")), want), (fmt, world, rank, name)
             v0, v1 = vocab_range(cfg.vocab_size, rank, world)
             assert torch.equal(shard.tensor("model.embed_tokens.weight"), embed[v0:v1])
             assert torch.equal(shard.tensor(f"{layer}.input_layernorm.weight"),
