@@ -21,6 +21,7 @@ from ray.util.accelerators import accelerators
 
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
 ACCEL_PREFIX = "accelerator_type:"
+PROVISIONED_MODEL = "/models/Qwen3-8B-NVFP4"
 
 
 def load() -> dict:
@@ -142,6 +143,22 @@ def test_pending_replica_launches_the_matching_node_type(options, launched):
     demand = resources_from_ray_options(options)
     assert autoscaler_plan([demand]) == (launched, [])
     assert autoscaler_plan([demand, demand]) == ({k: 2 * v for k, v in launched.items()}, [])
+
+
+def test_serve_config_on_gpus_launches_an_l4_worker_with_the_provisioned_model():
+    # deployments/serve_config.yaml switched to GPUs as its comments say, pointed at the model path that
+    # cluster.yaml provisions on every GPU worker; it must pass Serve's schema and ask for an L4 node.
+    from ray.serve.schema import ServeDeploySchema
+
+    serve_config = yaml.safe_load((CLUSTER_YAML.parent / "deployments" / "serve_config.yaml").read_text())
+    (app,) = serve_config["applications"]
+    app["args"].update(device="cuda", model=PROVISIONED_MODEL)
+    server = next(d for d in app["deployments"] if d["name"] == "LLMServer")
+    server["ray_actor_options"].update(num_gpus=1, accelerator_type="L4")
+    options = ServeDeploySchema.model_validate(serve_config).applications[0].deployments[0].ray_actor_options
+    demand = resources_from_ray_options(options.model_dump(exclude_none=True))
+    assert autoscaler_plan([demand]) == ({"l4_worker": 1}, [])
+    assert any(PROVISIONED_MODEL in c for c in load()["worker_setup_commands"])
 
 
 def test_tensor_parallel_node_launches_only_once_enabled():
