@@ -10,7 +10,6 @@ Every rank computes the full logits (the lm_head all-gather), rank 0 samples fro
 """
 from __future__ import annotations
 
-import atexit
 import logging
 import weakref
 from typing import Optional, Sequence
@@ -55,8 +54,8 @@ class TensorParallelRunner:
             if dead:
                 raise RuntimeError(f"tensor-parallel workers failed to start: {', '.join(dead)}") from e
             raise
+        # runs once: on shutdown(), when the runner is collected, or at interpreter exit
         self._finalizer = weakref.finalize(self, TensorParallelRunner._stop_all, self.group, self.launcher)
-        atexit.register(self._finalizer)
         logger.info("tensor parallel: %d ranks on %s (backend %s)", world, device,
                     "nccl" if device.type == "cuda" else "gloo")
 
