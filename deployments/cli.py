@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 
 from adallm_core.config import EngineArgs
@@ -54,6 +55,7 @@ def main(args: argparse.Namespace) -> int:
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name=APP_NAME, route_prefix="/")
     print(f"adallm: OpenAI API at http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
     try:
         while True:
             time.sleep(1)
@@ -63,3 +65,7 @@ def main(args: argparse.Namespace) -> int:
         serve.delete(APP_NAME)
         ray.shutdown()
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
