@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--concurrency", type=_concurrency, default=1, help="engine replicas: N or MIN,MAX")
     job.add_argument("--max-concurrent-batches", type=int, default=4, help="batches in flight per replica")
     job.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default: 1 if the cluster has GPUs)")
+    job.add_argument("--num-cpus", type=float, default=1.0,
+                     help="CPUs per replica (on CPU-only nodes also its torch threads)")
     job.add_argument("--accelerator-type", default=None, help="Ray accelerator type to place replicas on, e.g. L4")
     job.add_argument("--max-restarts", type=int, default=-1, help="restarts of a replica that died (-1: always)")
     job.add_argument("--max-task-retries", type=int, default=-1, help="retries of a batch whose replica died")
@@ -93,6 +95,9 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
     id_column = args.id_column or resume.DERIVED_ID_COLUMN
     if args.id_column and args.id_column not in schema.names:
         raise ValueError(f"--id-column {args.id_column!r}: no such column in {args.input}; columns are {schema.names}")
+    if args.id_column:  # reads that one column only
+        ids = pads.dataset(files, filesystem=in_fs, format="parquet").to_table(columns=[args.id_column])
+        resume.check_ids(ids.column(args.id_column), args.id_column, f"--input {args.input}")
     if not args.id_column and resume.DERIVED_ID_COLUMN in schema.names:
         raise ValueError(f"--input {args.input} has a {resume.DERIVED_ID_COLUMN!r} column; pass it as --id-column")
 
@@ -106,7 +111,7 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
 
     processor = ProcessorConfig(
         engine_args=engine_args, rows=rows, batch_size=args.batch_size, concurrency=args.concurrency,
-        max_concurrent_batches=args.max_concurrent_batches, num_gpus=args.num_gpus,
+        max_concurrent_batches=args.max_concurrent_batches, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
         accelerator_type=args.accelerator_type, max_restarts=args.max_restarts, max_task_retries=args.max_task_retries,
     )  # fmt: skip
     return JobPlan(in_fs, files, out_fs, out_root, id_column, processor)

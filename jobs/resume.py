@@ -89,6 +89,23 @@ def written_ids(fs: pafs.FileSystem, root: str, id_column: str) -> Optional[pa.A
     return ids.combine_chunks()
 
 
+def check_ids(ids: pa.ChunkedArray, column: str, where: str) -> None:
+    """A given id column must hold one non-null, distinct id per row: resume and the exactly-once output
+    match rows by id, so a null or repeated id would lose or merge rows."""
+    if pa.types.is_nested(ids.type) or pa.types.is_floating(ids.type):
+        raise ValueError(f"--id-column {column!r} in {where} holds {ids.type}; ids must be integers or strings")
+    if ids.null_count:
+        first = pc.indices_nonzero(ids.is_null())[0].as_py()
+        raise ValueError(f"--id-column {column!r} in {where}: {ids.null_count} row(s) have a null id "
+                         f"(the first is row {first}, counting over the input files in name order); every row needs an id")
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        example = repeated[0]
+        raise ValueError(f"--id-column {column!r} in {where}: {len(repeated)} id(s) appear more than once, e.g. "
+                         f"{example['values'].as_py()!r} ({example['counts'].as_py()} rows); ids must be unique")
+
+
 def drop_written(batch: pa.Table, id_column: str, written: pa.Array) -> pa.Table:
     """Rows of `batch` whose id is not yet written (a Ray Data map_batches function)."""
     return batch.filter(pc.invert(pc.is_in(batch.column(id_column), value_set=written)))

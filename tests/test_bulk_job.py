@@ -138,12 +138,13 @@ def _job_args(input_file: Path, output: Path, *extra: str) -> list[str]:
     return ["--input", str(input_file), "--output", str(output), *JOB_FLAGS, *extra]
 
 
-def _check_output(output: Path, reference: dict) -> pa.Table:
+def _check_output(output: Path, reference: dict, id_column: str = "row_hash") -> pa.Table:
     """Every input row exactly once, input columns intact, errors only on bad rows, greedy rows = reference."""
     table = pq.read_table(output)  # pyarrow skips the job's ".tmp-" and "_summary.json" files, as users' readers do
     keys = table.column("key").to_pylist()
     assert sorted(keys) == list(range(ROWS)), "rows lost or duplicated"
-    assert len(set(table.column("row_hash").to_pylist())) == ROWS
+    assert len(set(table.column(id_column).to_pylist())) == ROWS
+    assert id_column == "row_hash" or "row_hash" not in table.column_names  # a given id column is the only id
     rows = {r["key"]: r for r in table.to_pylist()}
     source = {r["key"]: r for r in _input_table().to_pylist()}
     for key, row in rows.items():
@@ -239,13 +240,46 @@ def test_driver_killed_then_restarted_skips_written_rows(ray_head, input_file, r
     _check_output(out, reference)
 
 
+PROCESSOR_DRIVER = """
+import sys, ray
+from adallm_core import EngineArgs
+from jobs.processor import ProcessorConfig, build_processor
+from jobs.rows import RowSpec
+rows = [{"key": int(k), "question": p} for k, p in zip(sys.argv[2::2], sys.argv[3::2])]
+processor = build_processor(ProcessorConfig(
+    engine_args=EngineArgs(max_model_len=256, num_gpu_blocks_override=256, max_num_seqs=16),
+    rows=RowSpec(prompt_column="question", sampling_defaults={"max_tokens": 4, "temperature": 0.0}),
+    batch_size=4, concurrency=(1, 2)))
+processor(ray.data.from_items(rows)).write_parquet(sys.argv[1])
+"""
+
+
+@pytest.mark.timeout(600)
+def test_processor_on_any_dataset(ray_head, reference, tmp_path):
+    """The Python API users compose with: any ray.data.Dataset (here from_items, another prompt column name),
+    an autoscaling (1, 2) replica range, Ray Data's own writer."""
+    rows = [r for r in _input_table().to_pylist() if r["key"] in reference and r["prompt"] is not None
+            and r["max_tokens"] is None][:24]
+    out = tmp_path / "out"
+    args = [str(out)] + [v for r in rows for v in (str(r["key"]), r["prompt"])]
+    done = subprocess.run([sys.executable, "-c", PROCESSOR_DRIVER, *args], cwd=REPO, env=ray_head["env"],
+                          capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = pq.read_table(out)
+    assert sorted(table.column("key").to_pylist()) == sorted(r["key"] for r in rows)
+    for row in table.to_pylist():
+        got = (row["generated_text"], row["finish_reason"], row["num_prompt_tokens"], row["num_generated_tokens"])
+        assert row["error"] is None and got == reference[row["key"]], row["key"]
+
+
 @pytest.mark.timeout(600)
 def test_ray_job_submit(ray_head, input_file, reference, tmp_path):
     out = tmp_path / "out"
     cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head["dashboard"], "--working-dir", str(REPO),
-           "--", "python", "-m", "jobs.bulk_generate", *_job_args(input_file, out, "--concurrency", "1")]
+           "--", "python", "-m", "jobs.bulk_generate",
+           *_job_args(input_file, out, "--concurrency", "1", "--id-column", "key")]
     done = subprocess.run(cmd, env=ray_head["env"], capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout
     assert f"bulk_generate: {ROWS} rows ({len(BAD)} failed" in done.stdout
-    _check_output(out, reference)
+    _check_output(out, reference, id_column="key")

@@ -148,3 +148,26 @@ def test_bad_job_arguments_fail_before_any_engine_work(tmp_path, capsys):
     assert "is inside --input" in _fail(["--input", str(tmp_path), "--output", str(tmp_path / "o")], capsys)
     assert "--concurrency" in _fail(["--input", str(data), "--output", out, "--concurrency", "2,x"], capsys)
     assert not (tmp_path / "out").exists()  # nothing was started, nothing written
+
+
+def test_id_column_must_be_unique_and_non_null_checked_before_any_work(tmp_path, capsys):
+    """Resume and exactly-once match rows by id: repeated or null ids stop the job at planning time."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(pa.table({"prompt": ["a", "b"], "doc": ["d1", "d2"], "n": [1, None]}), folder / "a.parquet")
+    pq.write_table(pa.table({"prompt": ["c", "d"], "doc": ["d3", "d1"], "n": [2, 3]}), folder / "b.parquet")
+    out = str(tmp_path / "out")
+    err = _fail(["--input", str(folder), "--output", out, "--id-column", "doc"], capsys)
+    assert "--id-column 'doc'" in err and "1 id(s) appear more than once, e.g. 'd1' (2 rows)" in err
+    err = _fail(["--input", str(folder), "--output", out, "--id-column", "n"], capsys)
+    assert "--id-column 'n'" in err and "1 row(s) have a null id (the first is row 1" in err
+    pq.write_table(pa.table({"prompt": ["a"], "score": [0.5]}), tmp_path / "f.parquet")
+    assert "holds double; ids must be integers or strings" in _fail(
+        ["--input", str(tmp_path / "f.parquet"), "--output", out, "--id-column", "score"], capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_ids_accepts_unique_ids_across_chunks():
+    resume.check_ids(pa.chunked_array([[3, 1], [2]]), "key", "in.parquet")  # no error
+    with pytest.raises(ValueError, match=r"e.g. 3 \(3 rows\)"):
+        resume.check_ids(pa.chunked_array([[3, 1], [3, 3]]), "key", "in.parquet")
