@@ -4,7 +4,8 @@ A slow host spends ~100 ms launching an 8B model's kernels one by one (shared/KE
 whole decode step with one launch. Every graph reads the same static input buffers and writes one static logits
 buffer; they are captured largest bucket first into one memory pool, so the smaller graphs reuse its memory.
 A batch of n decodes runs in the smallest bucket >= n; the padding rows decode token 0 at position 0 of block 0
-with slot -1 (nothing is stored) and their logits are dropped. Attention metadata carries max_seq_len =
+with slot -1 (nothing is stored) and their logits are dropped. The host writes each step's inputs into a pinned
+mirror of the static buffers (DecodeInputs) and sends them with a few non-blocking copies. Attention metadata carries max_seq_len =
 max_model_len, an upper bound, so the kernels' grids do not depend on the step.
 EngineArgs.enforce_eager turns this off; prefill and mixed steps always run eagerly.
 """
@@ -29,31 +30,105 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes))
 
 
+class DecodeInputs:
+    """The graphs' static input buffers, and the pinned host mirror each step is written into first.
+
+    Two flat device buffers, so a step needs few copies (rows [0, b) of each part feed the graph of bucket b):
+        ints  int64 [(2 + G) * bmax]              ids | positions | slot mapping of each of the G KV groups
+        lens  int32 [bmax + G * bmax * max_blocks] seq_lens | block tables of each group, [bmax, max_blocks] each
+    A block table row of the mirror is rewritten only when its content changed (the sequence got a block, another
+    sequence took that row); rows past the batch are padding: token 0 at position 0, seq_len 1, table of zeros,
+    slot -1.
+    """
+
+    def __init__(self, bmax: int, max_blocks: int, num_groups: int, block_size: int, device: torch.device):
+        self.bmax, self.max_blocks, self.block_size = bmax, max_blocks, block_size
+        pin = device.type == "cuda"
+        self.host_ints = torch.zeros((2 + num_groups) * bmax, dtype=torch.int64, pin_memory=pin)
+        self.host_lens = torch.zeros(bmax + num_groups * bmax * max_blocks, dtype=torch.int32, pin_memory=pin)
+        self.ints = torch.zeros(self.host_ints.shape, dtype=torch.int64, device=device)
+        self.lens = torch.zeros(self.host_lens.shape, dtype=torch.int32, device=device)
+        self.ids, self.positions, self.slots = self._ints_parts(self.ints, num_groups)
+        self.seq_lens, self.tables = self._lens_parts(self.lens, num_groups)
+        self._ids, self._pos, self._slots = self._ints_parts(self.host_ints.numpy(), num_groups)
+        self._lens, self._tables = self._lens_parts(self.host_lens.numpy(), num_groups)
+        self._host_tables = self._lens_parts(self.host_lens, num_groups)[1]
+        self._rows: list[list[Sequence[int]]] = [[()] * bmax for _ in range(num_groups)]  # what each row holds
+        self._lens[:] = 1
+        for slot in self._slots:
+            slot[:] = -1
+        self.ints.copy_(self.host_ints)
+        self.lens.copy_(self.host_lens)
+        # the copies read the mirror after stage() returns: the next stage() waits for them before writing
+        self._copied = torch.cuda.Event() if pin else None
+
+    def _ints_parts(self, flat, groups):
+        b = self.bmax
+        return flat[:b], flat[b:2 * b], [flat[(2 + g) * b:(3 + g) * b] for g in range(groups)]
+
+    def _lens_parts(self, flat, groups):
+        b, size = self.bmax, self.bmax * self.max_blocks
+        return flat[:b], [flat[b + g * size:b + (g + 1) * size].reshape(b, self.max_blocks) for g in range(groups)]
+
+    def stage(self, steps: Sequence, b: int) -> None:
+        """Write n single-token steps (and padding up to bucket b) into the device buffers."""
+        n = len(steps)
+        if self._copied is not None:
+            self._copied.synchronize()
+        positions = [s.start_pos for s in steps]
+        self._ids[:n] = [s.token_ids[0] for s in steps]
+        self._pos[:n] = positions
+        self._lens[:n] = self._pos[:n] + 1
+        self._ids[n:b] = 0
+        self._pos[n:b] = 0
+        self._lens[n:b] = 1
+        bs, width = self.block_size, self.max_blocks
+        for g, (rows, table, slot) in enumerate(zip(self._rows, self._tables, self._slots)):
+            slots = []
+            for i, s in enumerate(steps):
+                t = s.block_tables[g]
+                if t != rows[i]:
+                    k = min(len(t), width)
+                    table[i, :k] = t[:k]
+                    table[i, k:] = 0
+                    rows[i] = t[:]  # a copy: the engine's list grows in place
+                slots.append(t[positions[i] // bs] * bs + positions[i] % bs)
+            for i in range(n, b):
+                if rows[i]:
+                    table[i] = 0
+                    rows[i] = ()
+            slot[:n] = slots
+            slot[n:b] = -1
+        self.ints.copy_(self.host_ints, non_blocking=True)
+        self.seq_lens.copy_(self.host_lens[:self.bmax], non_blocking=True)
+        for dev_table, host_table in zip(self.tables, self._host_tables):
+            dev_table[:b].copy_(host_table[:b], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+
+
 class DecodeGraphs:
     """Captured decode steps for one ModelRunner (its KV caches must be allocated and bound)."""
 
     def __init__(self, runner, max_num_seqs: int):
         self.runner = runner
         self.buckets = batch_buckets(max_num_seqs)
-        bmax, dev = self.buckets[-1], runner.device
+        self.bucket_of = [next(b for b in self.buckets if b >= n) for n in range(self.buckets[-1] + 1)]
         self.max_blocks = math.ceil(runner.max_model_len / runner.block_size)
-        groups = len(runner.kv_groups)
-        self.ids = torch.zeros(bmax, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(bmax, dtype=torch.int64, device=dev)
-        self.seq_lens = torch.ones(bmax, dtype=torch.int32, device=dev)
-        self.qsl = torch.arange(bmax + 1, dtype=torch.int32, device=dev)
-        self.tables = [torch.zeros(bmax, self.max_blocks, dtype=torch.int32, device=dev) for _ in range(groups)]
-        self.slots = [torch.full((bmax,), -1, dtype=torch.int64, device=dev) for _ in range(groups)]
+        self.inputs = DecodeInputs(self.buckets[-1], self.max_blocks, len(runner.kv_groups), runner.block_size,
+                                   runner.device)
+        self.qsl = torch.arange(self.buckets[-1] + 1, dtype=torch.int32, device=runner.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self._capture()
 
     def _forward(self, b: int) -> torch.Tensor:
-        metas = tuple(AttentionMetadata(self.qsl[: b + 1], self.seq_lens[:b], t[:b], 1, self.runner.max_model_len)
-                      for t in self.tables)
-        ctx = ForwardContext(self.positions[:b], metas, tuple(s[:b] for s in self.slots))
+        inp = self.inputs
+        metas = tuple(AttentionMetadata(self.qsl[: b + 1], inp.seq_lens[:b], t[:b], 1, self.runner.max_model_len)
+                      for t in inp.tables)
+        ctx = ForwardContext(inp.positions[:b], metas, tuple(s[:b] for s in inp.slots))
         model = self.runner.model
-        return model.compute_logits(model.forward(self.ids[:b], ctx))
+        return model.compute_logits(model.forward(inp.ids[:b], ctx))
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -81,24 +156,7 @@ class DecodeGraphs:
     def run(self, steps: Sequence) -> torch.Tensor:
         """Replay for n single-token steps -> float32 logits [n, vocab] (a copy: the buffer is reused)."""
         n = len(steps)
-        b = next(size for size in self.buckets if size >= n)
-        bs = self.runner.block_size
-        pos = torch.tensor([s.start_pos for s in steps], dtype=torch.int64)
-        self.ids[:n].copy_(torch.tensor([s.token_ids[0] for s in steps], dtype=torch.int64), non_blocking=True)
-        self.positions[:n].copy_(pos, non_blocking=True)
-        self.seq_lens[:n].copy_((pos + 1).to(torch.int32), non_blocking=True)
-        self.seq_lens[n:b].fill_(1)
-        self.positions[n:b].zero_()
-        self.ids[n:b].zero_()
-        for g, (table, slot) in enumerate(zip(self.tables, self.slots)):
-            rows = torch.zeros(n, self.max_blocks, dtype=torch.int32)
-            for i, s in enumerate(steps):
-                t = s.block_tables[g]
-                rows[i, : len(t)] = torch.as_tensor(list(t)[: self.max_blocks], dtype=torch.int32)
-            blocks = rows[torch.arange(n), pos // bs].long()
-            table[:n].copy_(rows, non_blocking=True)
-            table[n:b].zero_()
-            slot[:n].copy_(blocks * bs + pos % bs, non_blocking=True)
-            slot[n:b].fill_(-1)
+        b = self.bucket_of[n]
+        self.inputs.stage(steps, b)
         self.graphs[b].replay()
         return self.logits[b][:n].clone()

@@ -142,9 +142,10 @@ class LLMEngine:
         result = self.sampler(logits, [self._sampling_row(seq) for seq in sampled]) if sampled else None
         self.scheduler.update(sched)
         touched: dict[str, Request] = {}
-        for i, seq in enumerate(sampled):
-            self._append_token(seq, result.token_ids[i], result.logprobs[i])
-            touched[seq.request_id] = self.requests[seq.request_id]
+        requests = self.requests
+        for seq, token, logprobs in zip(sampled, result.token_ids, result.logprobs) if sampled else ():
+            self._append_token(seq, token, logprobs)
+            touched[seq.request_id] = requests[seq.request_id]
         outputs = [o for req in touched.values() if (o := self._output(req)) is not None]
         for req in touched.values():
             if req.finished:
@@ -159,19 +160,22 @@ class LLMEngine:
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         p = seq.params
-        banned: tuple[int, ...] = ()
-        if seq.num_output_tokens < p.min_tokens:  # too early to stop: eos and stop tokens are not allowed
+        if len(seq.output_token_ids) < p.min_tokens:  # too early to stop: eos and stop tokens are not allowed
             banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else self.eos_token_ids)
-        return SamplingRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.index, banned)
+            return SamplingRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.index, banned)
+        if seq.sampling_row is None:  # made once: it holds the sequence's live token lists
+            seq.sampling_row = SamplingRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.index)
+        return seq.sampling_row
 
     def _append_token(self, seq: Sequence, token: int, logprobs: Optional[dict[int, float]]) -> None:
         """Record the sampled token, then the stop checks in vLLM's order: eos, stop ids, stop strings, length."""
-        seq.append_token(token)
+        out = seq.output_token_ids
+        out.append(token)
         if logprobs is not None:
             seq.logprobs.append(logprobs)
             seq.cumulative_logprob += logprobs[token]
         p = seq.params
-        may_stop = seq.num_output_tokens >= p.min_tokens
+        may_stop = len(out) >= p.min_tokens
         status = None
         if may_stop and not p.ignore_eos and token in self.eos_token_ids:
             status = SequenceStatus.FINISHED_STOPPED
@@ -179,7 +183,7 @@ class LLMEngine:
             status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
         elif (stop := seq.detokenizer.update(token, check_stop=may_stop)) is not None:
             status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
-        elif seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif len(out) >= seq.max_tokens or len(seq.prompt_token_ids) + len(out) >= self.max_model_len:
             status = SequenceStatus.FINISHED_LENGTH
         if status is None:
             return
@@ -196,13 +200,15 @@ class LLMEngine:
         if kind is RequestOutputKind.FINAL_ONLY and not finished:
             return None
         completions = []
+        delta = kind is RequestOutputKind.DELTA
         for seq in req.seqs:
             if seq.final_sent:
                 continue
-            done = seq.is_finished
+            status = seq.status
+            done = status.finished
             text = seq.detokenizer.output_text(done)
             tokens, logprobs = seq.output_token_ids, seq.logprobs
-            if kind is RequestOutputKind.DELTA:
+            if delta:
                 if len(tokens) == seq.num_sent_tokens and not done and not force:
                     continue
                 text, tokens = text[seq.num_sent_chars:], tokens[seq.num_sent_tokens:]
@@ -211,7 +217,7 @@ class LLMEngine:
                 seq.num_sent_tokens += len(tokens)
                 seq.final_sent = done
             completions.append(CompletionOutput(
-                seq.index, text, list(tokens), seq.status.finish_reason, seq.stop_reason,
+                seq.index, text, list(tokens), status.finish_reason, seq.stop_reason,
                 list(logprobs) if logprobs is not None else None,
                 seq.cumulative_logprob if seq.logprobs is not None else None))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, finished,

@@ -113,6 +113,7 @@ class KVCacheManager:
         self.block_size = groups[0].block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pools = [BlockPool(g.num_blocks, enable_prefix_caching) for g in groups]
+        self._has_sliding = any(g.sliding_window is not None for g in groups)
         self._num_registered: dict[int, int] = {}  # seq_id -> full blocks already offered to the cache
         self.prefix_cache_queries = 0  # prompt tokens looked up
         self.prefix_cache_hits = 0  # of those, tokens served from the cache
@@ -195,6 +196,10 @@ class KVCacheManager:
         `computed` is get_computed_blocks()'s answer for a sequence scheduled for the first time.
         """
         first_time = not seq.block_tables
+        if not first_time and not self._has_sliding:  # the common decode step: room in the last block already
+            need = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
+            if all(len(t) >= need for t in seq.block_tables):
+                return True
         hit_tables, num_hit = computed if computed is not None else ([[] for _ in self.groups], 0)
         num_computed = num_hit if first_time else seq.num_computed_tokens
         total_blocks = math.ceil((num_computed + num_new_tokens) / self.block_size)

@@ -42,22 +42,28 @@ class Sampler:
     def __init__(self, seed: int = 0, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.generator = torch.Generator(self.device).manual_seed(seed)  # for unseeded requests
+        self.row_generator = torch.Generator(self.device)  # re-seeded for each seeded row
 
     def __call__(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> SamplerOutput:
-        """logits: float32 [B, V], one row per entry of `rows`."""
+        """logits: float32 [B, V], one row per entry of `rows` (read only: never written)."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
-        logits = logits.float().clone()
+        logits = logits.float()
         params = [r.params for r in rows]
-        want_logprobs = [p.logprobs is not None for p in params]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+        all_greedy = all(p.temperature == 0.0 for p in params)
+        want_logprobs = any(p.logprobs is not None for p in params)
+        in_place = any(r.banned_token_ids for r in rows) or any(_has_penalty(p) for p in params)
+        if all_greedy and not want_logprobs and not in_place:  # the common case: one argmax, nothing else
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
 
+        if in_place:  # the processors below write into the logits: work on a copy
+            logits = logits.clone()
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         self._ban(logits, rows)
         self._apply_penalties(logits, rows)
-        greedy = [p.temperature == 0.0 for p in params]
-        if all(greedy):
+        if all_greedy:
             tokens = logits.argmax(dim=-1)
         else:
-            tokens = self._sample(logits, rows, greedy)
+            tokens = self._sample(logits, rows, [p.temperature == 0.0 for p in params])
 
         token_list = tokens.tolist()
         out_logprobs: list[Optional[dict[int, float]]] = [None] * len(rows)
@@ -106,7 +112,6 @@ class Sampler:
         params = [r.params for r in rows]
         dev = logits.device
         B, V = logits.shape
-        greedy_tokens = logits.argmax(dim=-1)
         temps = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)], device=dev)
         x = logits / temps[:, None]
 
@@ -129,15 +134,25 @@ class Sampler:
         probs = x.softmax(dim=-1)
         q = torch.empty_like(probs)
         seeded = [i for i, p in enumerate(params) if p.seed is not None and not greedy[i]]
-        unseeded = [i for i in range(B) if i not in set(seeded)]
-        if unseeded:
+        if not seeded:  # the same draws as filling the unseeded rows from one fresh tensor
+            q.exponential_(generator=self.generator)
+        elif len(seeded) < B:
+            is_seeded = set(seeded)
+            unseeded = [i for i in range(B) if i not in is_seeded]
             q[unseeded] = torch.empty((len(unseeded), V), device=dev).exponential_(generator=self.generator)
-        for i in seeded:
+        gen = self.row_generator
+        for i in seeded:  # re-seeding one generator draws what a fresh generator with that seed would
             r = rows[i]
-            gen = torch.Generator(dev).manual_seed(step_seed(r.params.seed, r.index, len(r.output_token_ids)))
-            q[i] = torch.empty(V, device=dev).exponential_(generator=gen)
+            gen.manual_seed(step_seed(r.params.seed, r.index, len(r.output_token_ids)))
+            q[i].exponential_(generator=gen)
         sampled = (probs / q.clamp_min_(1e-20)).argmax(dim=-1)
-        return torch.where(torch.tensor(greedy, device=dev), greedy_tokens, sampled)
+        if not any(greedy):
+            return sampled
+        return torch.where(torch.tensor(greedy, device=dev), logits.argmax(dim=-1), sampled)
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
 def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:

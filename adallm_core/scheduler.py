@@ -68,8 +68,13 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         scheduled_ids: set[int] = set()
-        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
-        prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        decodes, prefills = [], []
+        for s in self.running:
+            todo = s.num_tokens - s.num_computed_tokens
+            if todo == 1:
+                decodes.append(s)
+            elif todo > 1:
+                prefills.append(s)
         for seq in decodes + prefills:
             if budget == 0:
                 break

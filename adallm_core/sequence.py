@@ -17,17 +17,16 @@ class SequenceStatus(enum.Enum):
     FINISHED_LENGTH = enum.auto()
     FINISHED_ABORTED = enum.auto()
 
-    @property
-    def finished(self) -> bool:
-        return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH, SequenceStatus.FINISHED_ABORTED)
+    # Plain attributes set once below: these are read for every sequence every step.
+    finished: bool
+    finish_reason: Optional[str]
 
-    @property
-    def finish_reason(self) -> Optional[str]:
-        return {
-            SequenceStatus.FINISHED_STOPPED: "stop",
-            SequenceStatus.FINISHED_LENGTH: "length",
-            SequenceStatus.FINISHED_ABORTED: "abort",
-        }.get(self)
+
+for _status, _reason in ((SequenceStatus.WAITING, None), (SequenceStatus.RUNNING, None),
+                         (SequenceStatus.FINISHED_STOPPED, "stop"), (SequenceStatus.FINISHED_LENGTH, "length"),
+                         (SequenceStatus.FINISHED_ABORTED, "abort")):
+    _status.finished = _reason is not None
+    _status.finish_reason = _reason
 
 
 class Sequence:
@@ -56,6 +55,7 @@ class Sequence:
         self.logprobs: Optional[list[dict[int, float]]] = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.detokenizer = None  # set by the engine (IncrementalDetokenizer)
+        self.sampling_row = None  # the engine's SamplingRow for it, made once (it holds the live token lists)
         self.num_preemptions = 0
         self.num_sent_tokens = 0  # DELTA outputs: what the caller already has
         self.num_sent_chars = 0
@@ -116,4 +116,7 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        for s in self.seqs:
+            if not s.status.finished:
+                return False
+        return True

@@ -45,10 +45,11 @@ class Tokenizer:
             return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        ids = token_ids if type(token_ids) is list else list(token_ids)
         with self._lock:
             if self._backend is not None:  # the Rust tokenizer directly: the detokenizer calls this twice a token
-                return self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
-            return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+                return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+            return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         if not self.hf.chat_template:
