@@ -65,7 +65,13 @@ def global_scale_from_amax(amax: torch.Tensor, *, divides: bool) -> torch.Tensor
     ones = torch.ones_like(amax)
     if divides:
         return torch.where(amax > 0, (FP8_MAX * FP4_MAX) / amax, ones)
-    return torch.where(amax > 0, amax / (FP8_MAX * FP4_MAX), ones)
+    return torch.where(amax > 0, _div(amax, FP8_MAX * FP4_MAX), ones)
+
+
+def _div(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """x / divisor, correctly rounded on every device: CUDA turns division by a Python number into a multiply by its
+    reciprocal (one bit off at times), which would make GPU-converted checkpoints differ from CPU ones."""
+    return x / torch.full((), divisor, dtype=x.dtype, device=x.device)
 
 
 def tensor_amax(w: torch.Tensor) -> torch.Tensor:
@@ -100,7 +106,7 @@ def quantize(
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)
     check_finite(block_amax, name)  # amax propagates NaN and Inf: checking the small tensor is enough
     if divides:
-        block_scale = (g * (block_amax / FP4_MAX)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
+        block_scale = (g * _div(block_amax, FP4_MAX)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
         effective = block_scale.float() / g
     else:
         block_scale = (block_amax / (FP4_MAX * g)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)

@@ -33,6 +33,32 @@ def copies(nbytes_one: int) -> int:
     return max(2, min(32, ROTATE_BYTES // max(1, nbytes_one)))
 
 
+def sweep_cuda_variants(log) -> list[dict]:
+    """csrc/nvfp4_gemv.cu's (warps, depth) variants beside the Triton decode kernel, M = 1..16."""
+    from adallm_core.ops import cuda_gemv
+    from adallm_core.ops.triton import nvfp4_gemm as lin
+
+    module, out = cuda_gemv.load(), []
+    for name, (n, k) in LINEARS.items():
+        ws = [random_nvfp4(n, k) for _ in range(copies(n * k // 2))]
+        for m in (1, 4, 8, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            cfg = lin.pick_config(m, n, k, x.device)
+            row = dict(shape=name, M=m, TB=ws[0].nbytes / 1e12,
+                       triton=time_graph(lambda w: lin.nvfp4_linear(x, w, cfg), [(w,) for w in ws]) * 1e6)
+            for v in range(1, 5):
+                row[f"v{v}"] = time_graph(lambda w: cuda_gemv.nvfp4_gemv(x, w, module, v), [(w,) for w in ws]) * 1e6
+            log(json.dumps(row))
+            out.append(row)
+        del ws
+    print("\nCUDA decode kernel variants (warps, depth): v1 (8, 2) v2 (16, 2) v3 (4, 2) v4 (8, 3); us")
+    for r in out:
+        print(f"{r['shape']:8} M={r['M']:2d} triton {r['triton']:6.1f} | " + " ".join(
+            f"v{v} {r[f'v{v}']:6.1f}" for v in range(1, 5)) + f" | best {min(r[f'v{v}'] for v in range(1, 5)):.1f} us = "
+            f"{r['TB'] / min(r[f'v{v}'] for v in range(1, 5)) * 1e6:.2f} TB/s")
+    return out
+
+
 def bench_linear(sweep: bool, rows: list, log, w4a8: bool = True) -> None:
     from adallm_core.ops.triton import nvfp4_gemm as lin
     from adallm_core.ops.triton.w4a8_gemm import w4a8_linear
@@ -86,18 +112,19 @@ def sweep_configs(m: int) -> list[dict]:
                                           (64, 128, 128, 4, 3), (128, 64, 128, 4, 4), (256, 128, 64, 8, 3))]
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
     out = []
-    for bn, bk, warps, stages in ((64, 256, 4, 3), (64, 128, 4, 4), (128, 128, 4, 3), (32, 256, 4, 4)):
+    # weights as the MMA's A operand (SWAP_AB, straight from registers); the B-operand grid was swept before
+    # (benchmarks/NOTES.md), its best configs are the default table
+    for bn, bk, warps, stages in ((64, 256, 4, 3), (64, 128, 4, 4), (128, 128, 4, 3), (128, 256, 8, 3)):
         for split in (1, 2, 4, 8):
             out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages,
-                            MATH=3))
-    for math in (0, 1):  # the byte-wise dequant variants, for NOTES.md
-        out.append(dict(BLOCK_M=bm, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=4, MATH=math))
+                            MATH=3, SWAP_AB=True))
     return out
 
 
 def print_linear(rows: list, bw: float) -> None:
     print(f"\nNVFP4 linears, Qwen3-8B shapes (copy bandwidth {bw / 1e12:.2f} TB/s; TB/s counts packed weights + scales)")
-    hdr = f"{'shape':8} {'M':>5} {'nvfp4 us':>9} {'TB/s':>6} {'%copy':>6} {'best us':>8} {'w4a8 us':>8} {'bf16 us':>8} {'fp8 us':>8}"
+    hdr = (f"{'shape':8} {'M':>5} {'nvfp4 us':>9} {'TB/s':>6} {'%copy':>6} {'best us':>8} {'w4a8 us':>8} "
+           f"{'bf16 us':>8} {'fp8 us':>8}")
     print(hdr)
     for r in rows:
         best = f"{r['best_us']:8.1f}" if "best_us" in r else f"{'':8}"
@@ -115,7 +142,7 @@ def print_linear(rows: list, bw: float) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="linear,attention")
+    p.add_argument("--sections", default="linear,attention", help="any of linear, attention, cuda_variants")
     p.add_argument("--sweep", action="store_true", help="also try a grid of decode tile configs")
     p.add_argument("--json", default=None, help="write every row here")
     p.add_argument("--skip-w4a8", action="store_true", help="leave out the (slow) W4A8 comparison")
@@ -142,6 +169,8 @@ def main(argv=None) -> int:
         from benchmarks.kernels_attention import bench_attention, print_attention
 
         bench_attention(results["attention"], log)
+    if "cuda_variants" in sections:
+        results["cuda_variants"] = sweep_cuda_variants(log)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)

@@ -1,6 +1,7 @@
 """Attention part of benchmarks.kernels: paged FP8 decode/prefill kernels beside torch SDPA (BF16, contiguous)."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import torch
@@ -11,7 +12,7 @@ from benchmarks.timing import time_graph
 HQ, HK, D, BLOCK = 32, 8, 128, 16  # Qwen3-8B
 
 
-def _paged(batch: int, ctx: int, q_len: int, dev="cuda"):
+def _paged(batch: int, ctx: int, q_len: int, dev="cuda", max_seq_len: int | None = None):
     from adallm_core.ops.metadata import AttentionMetadata
 
     blocks_per_seq = -(-ctx // BLOCK)
@@ -20,7 +21,8 @@ def _paged(batch: int, ctx: int, q_len: int, dev="cuda"):
     v_cache = torch.randn(nb, BLOCK, HK, D, device=dev).to(torch.float8_e4m3fn)
     tables = torch.randperm(nb, device=dev).int().view(batch, blocks_per_seq)
     qsl = torch.arange(batch + 1, device=dev, dtype=torch.int32) * q_len
-    meta = AttentionMetadata(qsl, torch.full((batch,), ctx, dtype=torch.int32, device=dev), tables, q_len, ctx)
+    meta = AttentionMetadata(qsl, torch.full((batch,), ctx, dtype=torch.int32, device=dev), tables, q_len,
+                             max_seq_len or ctx)
     q = torch.randn(batch * q_len, HQ, D, device=dev, dtype=torch.bfloat16)
     return q, k_cache, v_cache, meta
 
@@ -41,6 +43,29 @@ def bench_attention(rows: list, log) -> None:
         log(json.dumps(row))
         rows.append(row)
         del kc, vc, kb, vb
+    # decode CUDA graphs pass max_seq_len = max_model_len (an upper bound): short real contexts, long bounds
+    for batch, ctx, bound in ((1, 192, 8192), (16, 192, 8192), (1, 1024, 8192)):
+        q, kc, vc, meta = _paged(batch, ctx, 1, max_seq_len=bound)
+        kv_bytes = 2 * batch * ctx * HK * D
+        auto = num_splits_for(meta, HK, q.device)
+        for splits in sorted({1, 2, 4, 8, 16, auto}):
+            t = time_graph(lambda: attention(q, kc, vc, meta, D**-0.5, None, 1.0, 1.0, num_splits=splits), [()])
+            row = dict(kind="decode", batch=batch, ctx=ctx, bound=bound, splits=splits, auto=splits == auto,
+                       us=t * 1e6, kv_TBps=kv_bytes / t / 1e12, sdpa_bf16_us=float("nan"), sdpa_kv_TBps=float("nan"))
+            log(json.dumps(row))
+            rows.append(row)
+    # decode tile sweep at the automatic split count
+    for batch, ctx, bound in ((1, 192, 8192), (16, 192, 8192), (16, 8192, 8192)):
+        q, kc, vc, meta = _paged(batch, ctx, 1, max_seq_len=bound)
+        for bn, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (1, 2)):
+            cfg = dict(BLOCK_N=bn, num_warps=warps, num_stages=stages)
+            try:
+                t = time_graph(lambda: attention(q, kc, vc, meta, D**-0.5, None, 1.0, 1.0, config=cfg), [()])
+            except Exception as exc:  # shared memory: skip, log
+                log(f"attention config {cfg} failed: {type(exc).__name__}")
+                continue
+            log(json.dumps(dict(kind="decode_sweep", batch=batch, ctx=ctx, bound=bound, us=t * 1e6, **cfg)))
+            rows.append(dict(kind="decode_sweep", batch=batch, ctx=ctx, us=t * 1e6, cfg=cfg))
     for ctx in (2048, 8192):  # one prefill of ctx tokens, causal
         q, kc, vc, meta = _paged(1, ctx, ctx)
         t = time_graph(lambda: attention(q, kc, vc, meta, D**-0.5, None, 1.0, 1.0), [()], reps=5)
@@ -57,10 +82,23 @@ def bench_attention(rows: list, log) -> None:
 
 
 def print_attention(rows: list, bw: float) -> None:
+    from adallm_core.ops.triton.paged_attention import DEFAULT_TILES
+
     print(f"\nAttention, Qwen3-8B heads (32 q / 8 kv x 128), FP8 paged cache (block {BLOCK}) vs torch SDPA on BF16")
+    sweeps = {}
     for r in rows:
+        if r["kind"] == "decode_sweep":
+            sweeps.setdefault((r["batch"], r["ctx"]), []).append((r["us"], r["cfg"]))
+    for (batch, ctx), tried in sweeps.items():
+        tried.sort(key=lambda x: x[0])
+        print(f"decode sweep batch {batch:3d} ctx {ctx:5d}: best {tried[0][0]:.1f} us {tried[0][1]}, "
+              f"default {next(us for us, c in tried if c == DEFAULT_TILES):.1f} us")
+    for r in rows:
+        if r["kind"] == "decode_sweep":
+            continue
         if r["kind"] == "decode":
-            print(f"decode  batch {r['batch']:3d} ctx {r['ctx']:5d} splits {r['splits']:2d}: {r['us']:8.1f} us "
+            bound = f" bound {r['bound']}" + (" (auto)" if r["auto"] else "") if "bound" in r else ""
+            print(f"decode  batch {r['batch']:3d} ctx {r['ctx']:5d}{bound} splits {r['splits']:2d}: {r['us']:8.1f} us "
                   f"{r['kv_TBps']:.2f} TB/s ({100 * r['kv_TBps'] * 1e12 / bw:.0f}% of copy) | SDPA bf16 "
                   f"{r['sdpa_bf16_us']:.1f} us {r['sdpa_kv_TBps']:.2f} TB/s")
         else:

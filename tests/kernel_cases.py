@@ -87,6 +87,27 @@ def case_kv_write(dev, t, hk, d, fp8: bool) -> float:
     return max(rel_err(caches[0], caches[2]), rel_err(caches[1], caches[3]))
 
 
+def case_qk_norm_rope_cache(dev, t, hq, hk, d, cache_dtype, offset=0.0, dtype=torch.bfloat16) -> float:
+    """The fused attention-input op against the reference ops in sequence: q, both caches (slot -1 skipped)."""
+    from adallm_core.ops.triton import qk_norm_rope_cache
+
+    bs = 4
+    blocks = t // bs + 3
+    caches = [torch.randn(blocks, bs, hk, d, device=dev).to(cache_dtype) for _ in range(2)]
+    caches += [c.clone() for c in caches]
+    qkv = (torch.randn(t, (hq + 2 * hk) * d, device=dev) * 3).to(dtype)
+    wq, wk = (torch.randn(d, device=dev).to(dtype) for _ in range(2))
+    pos = torch.randint(0, 50, (t,), device=dev)
+    freqs = torch.arange(64, device=dev, dtype=torch.float32)[:, None] * torch.rand(d // 2, device=dev)[None, :]
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    slots = torch.randperm(blocks * bs, device=dev)[:t]
+    slots[0] = -1
+    args = (wq, wk, 1e-6, offset, pos, cos_sin)
+    q = qk_norm_rope_cache(qkv, *args, caches[0], caches[1], slots, 0.05, 0.5, hq, hk)
+    q_ref = reference.qk_norm_rope_cache(qkv, *args, caches[2], caches[3], slots, 0.05, 0.5, hq, hk)
+    return max(rel_err(q, q_ref), rel_err(caches[0], caches[2]), rel_err(caches[1], caches[3]))
+
+
 def build_paged_case(dev, q_lens, ctx_lens, hq, hk, d, block_size, fp8, num_blocks=None, dtype=torch.bfloat16):
     """Random paged caches and metadata: sequence b has ctx_lens[b] cached tokens plus q_lens[b] new ones."""
     seq_lens = [c + q for c, q in zip(ctx_lens, q_lens)]

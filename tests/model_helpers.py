@@ -65,6 +65,13 @@ def hf_on_dequantized(family: str, ckpt) -> torch.nn.Module:
     return model
 
 
+def _cache_kwarg(res) -> dict:
+    """transformers renamed past_key_values to cache (5.2x); the GPU machine may have the older name."""
+    if "cache" in type(res).__dataclass_fields__:
+        return {"cache": res.cache}
+    return {"past_key_values": res.past_key_values}
+
+
 def hf_greedy(model, token_ids: list[int], n: int) -> list[int]:
     """n greedy tokens from transformers with its own KV cache (no eos stop)."""
     out = []
@@ -72,7 +79,7 @@ def hf_greedy(model, token_ids: list[int], n: int) -> list[int]:
         res = model(torch.tensor([token_ids]), use_cache=True)
         for _ in range(n):
             out.append(int(res.logits[0, -1].argmax()))
-            res = model(torch.tensor([[out[-1]]]), cache=res.cache, use_cache=True)
+            res = model(torch.tensor([[out[-1]]]), use_cache=True, **_cache_kwarg(res))
     return out
 
 

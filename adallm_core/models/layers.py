@@ -123,14 +123,20 @@ class PagedAttention:
     def bind_cache(self, k_cache, v_cache, k_scale: float, v_scale: float) -> None:
         self.k_cache, self.v_cache, self.k_scale, self.v_scale = k_cache, v_cache, k_scale, v_scale
 
-    def __call__(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
+    def check_bound(self) -> None:
         if self.k_cache is None:
             raise RuntimeError("KV cache not allocated: call ModelRunner.allocate_kv_cache first")
+
+    def __call__(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
+        self.check_bound()
         g = self.kv_group
         self.ops.kv_write(k, v, self.k_cache, self.v_cache, ctx.slot_mapping[g], self.k_scale, self.v_scale)
-        return self.ops.attention(
-            q, self.k_cache, self.v_cache, ctx.attn[g], self.scale, self.sliding_window, self.k_scale, self.v_scale
-        )
+        return self.attend(q, ctx)
+
+    def attend(self, q, ctx: ForwardContext) -> torch.Tensor:
+        """Attention over the cache, this step's k/v already stored."""
+        return self.ops.attention(q, self.k_cache, self.v_cache, ctx.attn[self.kv_group], self.scale,
+                                  self.sliding_window, self.k_scale, self.v_scale)
 
 
 class QKNormAttention:
@@ -151,14 +157,14 @@ class QKNormAttention:
         self.attn = PagedAttention(hq, hk, d, scale, window, kv_group, ops)
 
     def __call__(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        t, d = x.shape[0], self.head_dim
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        # QK-norm runs per head, before RoPE.
-        q = self.q_norm(q.reshape(-1, d)).view(t, -1, d)
-        k = self.k_norm(k.reshape(-1, d)).view(t, -1, d)
-        q, k = self.rotary(ctx.positions, q, k)
-        out = self.attn(q, k, v.reshape(t, -1, d), ctx)
-        return self.o_proj(out.reshape(t, -1))
+        attn, t = self.attn, x.shape[0]
+        attn.check_bound()
+        # QK-norm per head, then RoPE, then k/v into the cache: one op (one kernel on the GPU)
+        q = attn.ops.qk_norm_rope_cache(
+            self.qkv_proj(x), self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.weight_offset,
+            ctx.positions, self.rotary.cos_sin, attn.k_cache, attn.v_cache, ctx.slot_mapping[attn.kv_group],
+            attn.k_scale, attn.v_scale, attn.num_heads, attn.num_kv_heads)
+        return self.o_proj(attn.attend(q, ctx).reshape(t, -1))
 
 
 # --- MLPs --------------------------------------------------------------------------------------------------

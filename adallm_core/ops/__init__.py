@@ -30,6 +30,7 @@ OP_NAMES = (
     "silu_and_mul",
     "gelu_tanh_and_mul",
     "kv_write",
+    "qk_norm_rope_cache",
     "attention",
     "moe",
 )
@@ -48,6 +49,7 @@ class Ops:
     silu_and_mul: Callable
     gelu_tanh_and_mul: Callable
     kv_write: Callable
+    qk_norm_rope_cache: Callable
     attention: Callable
     moe: Callable
     sources: dict = field(default_factory=dict)  # op name -> module that implements it

@@ -93,6 +93,20 @@ def kv_write(k, v, k_cache, v_cache, slot_mapping, k_scale: float, v_scale: floa
             flat.index_copy_(0, slots, src.to(cache.dtype))
 
 
+def qk_norm_rope_cache(qkv, q_weight, k_weight, eps: float, weight_offset: float, positions, cos_sin, k_cache,
+                       v_cache, slot_mapping, k_scale: float, v_scale: float, num_heads: int,
+                       num_kv_heads: int) -> torch.Tensor:
+    """Qwen3/Gemma3 attention input: split the fused qkv [T, (Hq + 2 Hk) * D] into heads, RMSNorm q and k per head,
+    RoPE them, store k/v in the paged caches (kv_write); returns q [T, Hq, D]. Defined as those ops in sequence."""
+    t, d = qkv.shape[0], k_cache.shape[-1]
+    q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+    q = rms_norm(q.reshape(t, num_heads, d), q_weight, eps, weight_offset)
+    k = rms_norm(k.reshape(t, num_kv_heads, d), k_weight, eps, weight_offset)
+    q, k = rope(q, k, positions, cos_sin)
+    kv_write(k, v.reshape(t, num_kv_heads, d), k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return q
+
+
 def _gather_keys(cache, slots, valid, scale: float) -> torch.Tensor:
     """cache rows at slots [B, S] -> float32 [B, S, Hk, D]; invalid slots read as 0 (a freed block may hold NaN)."""
     flat = cache.view(-1, *cache.shape[2:])

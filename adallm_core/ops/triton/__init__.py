@@ -4,6 +4,7 @@ Each op is a thin wrapper that checks shapes and dtypes, then launches the kerne
   nvfp4_linear               nvfp4_gemm.py       exact BF16 compute; decode (M <= 64) split-K stream, large-M tiles
   attention                  paged_attention.py  paged FP8/BF16 KV, GQA rows per KV head, split-K for long decode
   kv_write                   kv_cache_write.py
+  qk_norm_rope_cache         qk_norm_rope.py     per-head q/k norm + RoPE + k/v cache store, one launch
   rms_norm, add_rms_norm     rmsnorm.py
   rope                       rotary.py
   silu_and_mul, gelu_tanh_and_mul   activation.py
@@ -19,6 +20,7 @@ from adallm_core.ops.triton.kv_cache_write import kv_write
 from adallm_core.ops.triton.moe_nvfp4 import moe
 from adallm_core.ops.triton.nvfp4_gemm import nvfp4_linear
 from adallm_core.ops.triton.paged_attention import attention
+from adallm_core.ops.triton.qk_norm_rope import qk_norm_rope_cache
 from adallm_core.ops.triton.rmsnorm import add_rms_norm, rms_norm
 from adallm_core.ops.triton.rotary import rope
 
@@ -38,6 +40,6 @@ def check_device(device) -> None:
 
 
 __all__ = [
-    "nvfp4_linear", "attention", "kv_write", "rms_norm", "add_rms_norm", "rope", "silu_and_mul",
+    "nvfp4_linear", "attention", "kv_write", "qk_norm_rope_cache", "rms_norm", "add_rms_norm", "rope", "silu_and_mul",
     "gelu_tanh_and_mul", "moe", "check_device",
 ]

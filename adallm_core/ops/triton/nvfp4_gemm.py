@@ -112,7 +112,7 @@ def nvfp4_gemm_kernel(
     M, N, K,
     stride_xm, stride_wn, stride_sn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    MATH: tl.constexpr, EVEN_K: tl.constexpr,
+    MATH: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     # grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K); each split covers a contiguous range of K
     pid = tl.program_id(0)
@@ -141,7 +141,12 @@ def nvfp4_gemm_kernel(
     offs_w = tl.arange(0, W_PER_TILE)
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :]
     s_ptrs = s_ptr + offs_n[:, None] * stride_sn + offs_ks[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # SWAP_AB computes out.T = W @ x.T: the dequantized weight tile is then the A operand, which the MMA takes
+    # straight from registers; as the B operand (x @ W.T) it must first go through shared memory.
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(t_start, t_stop):
         # EVEN_K: K is a multiple of BLOCK_K, so only rows are masked and loads stay 16 bytes wide
         if EVEN_K:
@@ -155,14 +160,23 @@ def nvfp4_gemm_kernel(
             mask_s = mask_n[:, None] & ((t * BLOCK_KS + offs_ks)[None, :] < K // 16)
         if MATH == 3:  # w_ptr holds int32 words: 8 codes each
             w = _dequant_words(w_ptrs + t * BLOCK_KW, s_ptrs + t * BLOCK_KS, mask_w, mask_s, BLOCK_N, BLOCK_KW)
-            acc = tl.dot(x.to(tl.bfloat16), tl.trans(w), acc)
+            if SWAP_AB:
+                acc = tl.dot(w, tl.trans(x.to(tl.bfloat16)), acc)
+            else:
+                acc = tl.dot(x.to(tl.bfloat16), tl.trans(w), acc)
         else:
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_KH, 2)))
             lo, hi = _dequant_tile(w_ptrs + t * BLOCK_KH, s_ptrs + t * BLOCK_KS, mask_w, mask_s, BLOCK_N, BLOCK_KH,
                                    MATH)
             dt = lo.dtype
-            acc = tl.dot(x_even.to(dt), tl.trans(lo), acc)
-            acc = tl.dot(x_odd.to(dt), tl.trans(hi), acc)
+            if SWAP_AB:
+                acc = tl.dot(lo, tl.trans(x_even.to(dt)), acc)
+                acc = tl.dot(hi, tl.trans(x_odd.to(dt)), acc)
+            else:
+                acc = tl.dot(x_even.to(dt), tl.trans(lo), acc)
+                acc = tl.dot(x_odd.to(dt), tl.trans(hi), acc)
+    if SWAP_AB:
+        acc = tl.trans(acc)
 
     g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0) * _EPI
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -213,6 +227,9 @@ def pick_config(m: int, n: int, k: int, device) -> dict:
     elif m <= 64:  # more rows reuse each dequantized tile; wider N where there are enough tiles
         block_m, block_k, stages, waves = (32 if m <= 32 else 64), 128, 4, 1
         block_n = 128 if triton.cdiv(n, 128) >= sms else 64
+        if triton.cdiv(n, 128) >= sms:  # wide N (gate_up): weights as the A operand, no split (swept: -20%)
+            return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=3,
+                        MATH=DEFAULT_MATH, SWAP_AB=True)
     else:
         return dict(BLOCK_M=256 if m >= 1024 else 128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8,
                     num_stages=3, MATH=DEFAULT_MATH)
@@ -245,6 +262,7 @@ def nvfp4_linear(x: torch.Tensor, w, config: dict | None = None) -> torch.Tensor
         return out
     cfg = dict(config or pick_config(m, n, k, x.device))
     cfg.setdefault("MATH", DEFAULT_MATH)
+    cfg.setdefault("SWAP_AB", False)
     while cfg["BLOCK_K"] > 32 and k % cfg["BLOCK_K"]:
         cfg["BLOCK_K"] //= 2
     cfg["EVEN_K"] = k % cfg["BLOCK_K"] == 0

@@ -139,8 +139,11 @@ def num_splits_for(meta: AttentionMetadata, kv_heads: int, device) -> int:
     return splits
 
 
+DEFAULT_TILES = dict(BLOCK_N=64, num_warps=4, num_stages=2)  # prefill and decode; config= overrides (sweeps)
+
+
 def attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window, k_scale: float,
-              v_scale: float, num_splits: int | None = None) -> torch.Tensor:
+              v_scale: float, num_splits: int | None = None, config: dict | None = None) -> torch.Tensor:
     """q [T, Hq, D] over caches [num_blocks, block_size, Hk, D] -> [T, Hq, D] (q.dtype); see ops.reference."""
     t, hq, dim = q.shape
     _, block_size, hk, dk = k_cache.shape
@@ -174,10 +177,10 @@ def attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, slidin
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         meta.block_tables.stride(0), out.stride(0), out.stride(1),
         t, q_blocks,
-        G=g, HEAD_DIM=dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=64, NUM_SPLITS=splits,
+        G=g, HEAD_DIM=dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, NUM_SPLITS=splits,
         USE_WINDOW=sliding_window is not None, F32_DOT=INTERPRET,
         V_FP16=v_cache.dtype == torch.float8_e4m3fn,
-        num_warps=4, num_stages=2,
+        **(config or DEFAULT_TILES),
     )
     if splits > 1:
         combine_splits_kernel[(t, hq)](part_o, part_lse, out, t, hq, out.stride(0), out.stride(1),
