@@ -138,9 +138,12 @@ class LLMEngine:
                 raise RuntimeError("scheduler made no progress although requests are waiting (KV cache too small?)")
             return []
         logits = self.runner.execute(self._seq_steps(sched))
+        # Bookkeeping that needs no sampled token runs before the sampler waits for the GPU (on a GPU the step
+        # may still be running). Rows first: they read the output lengths, which update() does not change.
         sampled = [s.seq for s in sched.scheduled if s.sample]
-        result = self.sampler(logits, [self._sampling_row(seq) for seq in sampled]) if sampled else None
+        rows = [self._sampling_row(seq) for seq in sampled]
         self.scheduler.update(sched)
+        result = self.sampler(logits, rows) if sampled else None
         touched: dict[str, Request] = {}
         requests = self.requests
         for seq, token, logprobs in zip(sampled, result.token_ids, result.logprobs) if sampled else ():

@@ -198,7 +198,10 @@ class KVCacheManager:
         first_time = not seq.block_tables
         if not first_time and not self._has_sliding:  # the common decode step: room in the last block already
             need = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
-            if all(len(t) >= need for t in seq.block_tables):
+            for table in seq.block_tables:
+                if len(table) < need:
+                    break
+            else:
                 return True
         hit_tables, num_hit = computed if computed is not None else ([[] for _ in self.groups], 0)
         num_computed = num_hit if first_time else seq.num_computed_tokens

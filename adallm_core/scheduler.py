@@ -68,19 +68,19 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         scheduled_ids: set[int] = set()
-        decodes, prefills = [], []
+        decodes, prefills = [], []  # (seq, tokens it has not computed yet)
         for s in self.running:
             todo = s.num_tokens - s.num_computed_tokens
             if todo == 1:
-                decodes.append(s)
+                decodes.append((s, 1))
             elif todo > 1:
-                prefills.append(s)
-        for seq in decodes + prefills:
+                prefills.append((s, todo))
+        for seq, todo in decodes + prefills:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(todo, budget)
             while not self.kv.allocate_slots(seq, num_new):
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -93,7 +93,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                out.scheduled.append(ScheduledSeq.of(seq, num_new))
+                out.scheduled.append(ScheduledSeq(seq, num_new, seq.num_computed_tokens, num_new == todo))
                 scheduled_ids.add(seq.seq_id)
                 budget -= num_new
 

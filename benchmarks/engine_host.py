@@ -1,6 +1,7 @@
 """Host (CPU/Python) time of the engine's decode step: the time a GPU would sit idle between two graph replays.
 
     python -m benchmarks.engine_host [--batch 1,16,32] [--tokenizer silent,tiny] [--profile]
+    python -m benchmarks.engine_host --gpu-shape qwen3-8b --batch 1,16,32     (on a GPU: see gpu_breakdown)
 
 A benchmark, not a test: it measures HOST TIME ONLY. The real LLMEngine (scheduler, KV block manager, sampler,
 incremental detokenizer, outputs) is driven by a runner stand-in whose execute() returns precomputed logits
@@ -113,6 +114,67 @@ def decode_step_ms(engine, batch: int, mode: str, rep: int) -> list[tuple[float,
     return times[:-1]
 
 
+def _timed(fn, key: str, acc: dict):
+    def run(*args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        acc[key] += time.perf_counter() - start
+        return out
+    return run
+
+
+def _graph_gpu_ms(graphs, batch: int, reps: int = 30) -> float:
+    """One replay of the batch's graph, replays back to back: the launches queue up, so this is GPU time."""
+    graph = graphs.graphs[graphs.bucket_of[batch]]
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        graph.replay()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - start) / reps
+
+
+def gpu_breakdown(shape: str, batches: list[int]) -> None:
+    """On a GPU, the real engine on RANDOM weights of a real shape: a decode step's wall time beside its graph's
+    GPU time, and the host time of staging the inputs, launching the graph, and sampling (which waits for the GPU)."""
+    from adallm_core.sampling_params import SamplingParams
+    from benchmarks.decode import build_engine
+
+    engine, runner = build_engine(shape, max(batches), PROMPT_LEN, OUTPUT_LEN, enforce_eager=False)
+    acc = dict(stage=0.0, launch=0.0, sample=0.0)
+    graphs = runner.graphs
+    graphs.inputs.stage = _timed(graphs.inputs.stage, "stage", acc)
+    for graph in graphs.graphs.values():
+        graph.replay = _timed(graph.replay, "launch", acc)
+    engine.sampler = _timed(engine.sampler, "sample", acc)
+    vocab = runner.model_config.vocab_size
+    print(f"\n{shape} (RANDOM weights) on {torch.cuda.get_device_name()}: ms per decode step")
+    print(f"{'batch':>5} {'step':>7} {'graph GPU':>9} {'idle':>6} {'stage':>6} {'launch':>7} {'sample+wait':>11}"
+          f" {'rest':>6}")
+    for b in batches:
+        for rep in range(2):  # the first is a warm-up
+            params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_LEN, ignore_eos=True)
+            gen = torch.Generator().manual_seed(b)
+            for i in range(b):
+                engine.add_request(f"gpu-{b}-{rep}-{i}", torch.randint(0, vocab, (PROMPT_LEN,), generator=gen).tolist(),
+                                   params)
+            engine.step()
+            engine.step()  # the first decode step
+            for k in acc:
+                acc[k] = 0.0
+            steps, start = 0, time.perf_counter()
+            while engine.has_unfinished_requests():
+                engine.step()
+                steps += 1
+            step = 1e3 * (time.perf_counter() - start) / steps
+        graph = _graph_gpu_ms(graphs, b)
+        stage, launch, sample = (1e3 * acc[k] / steps for k in ("stage", "launch", "sample"))
+        print(f"{b:5d} {step:7.3f} {graph:9.3f} {step - graph:6.3f} {stage:6.3f} {launch:7.3f} {sample:11.3f}"
+              f" {step - stage - launch - sample:6.3f}", flush=True)
+    engine.shutdown()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", default="1,16,32")
@@ -120,9 +182,14 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="greedy,seeded")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="cProfile the decode steps of the largest batch")
+    p.add_argument("--gpu-shape", help="instead: the real engine on a GPU with random weights of this shape "
+                   "(qwen3-8b, ...), host time per phase of a decode step")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     batches = [int(b) for b in args.batch.split(",")]
+    if args.gpu_shape:
+        gpu_breakdown(args.gpu_shape, batches)
+        return 0
     print(f"host time per decode step (stand-in runner, vocab {VOCAB}, prompt {PROMPT_LEN}, {OUTPUT_LEN} new tokens,"
           f" ignore_eos; {args.reps} reps)")
     print(f"{'tokenizer':>9} {'mode':>7} {'batch':>5} {'wall ms':>8} {'cpu ms':>7} {'cpu us/seq':>10}  (medians)")

@@ -121,3 +121,29 @@ def test_logprobs_zero_gives_only_the_sampled_token():
     out = Sampler()(logits, [SamplingRow(SamplingParams(temperature=1.0, logprobs=0, seed=5), [1], [])])
     (tok, lp), = out.logprobs[0].items()
     assert tok == out.token_ids[0] and math.isclose(lp, torch.log_softmax(logits[0], -1)[tok].item(), rel_tol=1e-6)
+
+
+def test_seeded_row_is_the_exponential_race_of_its_own_generator():
+    # independent reference: argmax(probs / q), q ~ Exp(1) from a fresh generator seeded by step_seed()
+    from adallm_core.sampler import step_seed
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(4))
+    rs = [SamplingRow(SamplingParams(temperature=0.7, seed=11), [1], [3, 4]),
+          SamplingRow(SamplingParams(temperature=1.0), [1], []),
+          SamplingRow(SamplingParams(temperature=0.0), [1], []),
+          SamplingRow(SamplingParams(temperature=1.3, seed=5), [1], [9], index=2)]
+    got = Sampler(seed=1)(logits, rs).token_ids
+    for i, (temp, seed, index, step) in {0: (0.7, 11, 0, 2), 3: (1.3, 5, 2, 1)}.items():
+        q = torch.empty(50).exponential_(generator=torch.Generator().manual_seed(step_seed(seed, index, step)))
+        assert got[i] == int((torch.softmax(logits[i] / temp, -1) / q).argmax())
+    assert got[2] == int(logits[2].argmax())
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.0), dict(temperature=0.0, repetition_penalty=1.5),
+                                dict(temperature=1.0, top_p=0.5, presence_penalty=0.5), dict(temperature=1.0, logprobs=2)])
+def test_sampler_leaves_the_callers_logits_untouched(kw):
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(6))
+    before = logits.clone()
+    rs = [SamplingRow(SamplingParams(**kw), [1, 2], [3], banned_token_ids=(5,) if i == 0 else ()) for i in range(3)]
+    Sampler()(logits, rs)
+    assert torch.equal(logits, before)
