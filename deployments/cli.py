@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accelerator-type", default=None, help="Ray accelerator type for replicas, e.g. L4, L40S")
     parser.add_argument("--max-batch-size", type=int, default=None, help="@serve.batch: most arrivals admitted together (32)")
     parser.add_argument("--batch-wait-timeout-s", type=float, default=None, help="@serve.batch: how long to wait for more (0.005)")
-    parser.add_argument("--stream-interval-s", type=float, default=None, help="streamed tokens within it go as one event (0.05)")
+    parser.add_argument("--stream-interval-s", type=float, default=None, help="streamed tokens within it go as one event (0.1)")
     parser.add_argument("--max-ongoing-requests", type=int, default=None, help="per replica; default: --max-num-seqs")
     parser.add_argument("--max-queued-requests", type=int, default=None, help="beyond this, 503; default: 2x ongoing")
     EngineArgs.add_cli_args(parser, with_model=False)
@@ -47,9 +47,10 @@ def main(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from deployments.app import build_app, split_args
+    from deployments.app import build_app, set_serve_environment, split_args
 
     split_args(app_args(args))  # bad options fail here, before Ray starts
+    set_serve_environment()  # read by the proxy and controller of a Ray started here
     ray.init(address=args.ray_address, log_to_driver=False)
     app = build_app(app_args(args))  # after ray.init: sees whether the cluster has GPUs
     serve.start(http_options={"host": args.host, "port": args.port})

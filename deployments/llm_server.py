@@ -24,7 +24,7 @@ logger = logging.getLogger("ray.serve")
 
 Prompt = Union[str, list[int]]
 USER_CONFIG_KEYS = ("max_batch_size", "batch_wait_timeout_s", "stream_interval_s")
-DEFAULT_STREAM_INTERVAL_S = 0.05  # at most ~20 messages a second per request; the tokens between are merged
+DEFAULT_STREAM_INTERVAL_S = 0.1  # at most ~10 messages a second per request; the tokens between are merged
 # One generated token's logprobs: (token text, logprob, [(top token text, logprob), ...])
 TokenLogprob = tuple[str, float, list[tuple[str, float]]]
 
@@ -198,13 +198,21 @@ class LLMServer:
             await self.engine.abort(rid)
 
     def _prompts(self, request: GenerateRequest) -> list[Prompt]:
-        limit, max_tokens = self.engine.max_model_len, request.params.max_tokens
-        if max_tokens is not None and max_tokens > limit:
-            raise ValueError(f"max_tokens={max_tokens} is more than this model's max_model_len={limit}")
+        """Token ids of each prompt; a prompt plus max_tokens over max_model_len is refused, as vLLM does."""
+        tokenizer = self.engine.tokenizer
         if request.messages is not None:
-            # Token ids, as LLM.chat does: the template already wrote bos, so no special tokens are added again.
-            return [self.engine.tokenizer.encode_chat(request.messages, add_generation_prompt=True)]
-        return list(request.prompts or [])
+            # As LLM.chat does: the template already wrote bos, so no special tokens are added again.
+            prompts = [tokenizer.encode_chat(request.messages, add_generation_prompt=True)]
+        else:  # tokenized as the engine would, to know each prompt's length before admission
+            prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in request.prompts or []]
+        limit, max_tokens = self.engine.max_model_len, request.params.max_tokens
+        for ids in prompts:
+            # A prompt of max_model_len tokens or more is the engine's error (it names the prompt); max_tokens
+            # None means "up to the limit", which the engine applies.
+            if max_tokens is not None and len(ids) < limit and len(ids) + max_tokens > limit:
+                raise ValueError(f"max_tokens={max_tokens} is too large: the prompt has {len(ids)} tokens and this "
+                                 f"model's max_model_len={limit}, so at most {limit - len(ids)} tokens can be generated")
+        return prompts
 
     def _deltas(self, prompt_index: int, out: RequestOutput, n: int) -> list[ChoiceDelta]:
         return [

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import time
-from typing import Iterator
+from typing import Iterator, Optional
 
 import requests
 
@@ -19,16 +20,22 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_apps(apps: dict[str, dict]) -> Iterator[str]:
-    """Deploy build_app(args) for each route prefix -> args; yields http://127.0.0.1:PORT."""
+def serve_apps(apps: dict[str, dict], metrics_export_port: Optional[int] = None) -> Iterator[str]:
+    """Deploy build_app(args) for each route prefix -> args; yields http://127.0.0.1:PORT.
+
+    metrics_export_port: where Ray serves its Prometheus metrics (reported every second instead of every 10)."""
     import ray
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import SERVE_ENV, build_app
 
     port = free_port()
+    saved = {k: os.environ.get(k) for k in SERVE_ENV}
+    os.environ.update(SERVE_ENV)  # the environment `adallm serve` gives the Ray it starts; restored below
     # Logical CPUs: room for every replica plus a replacement, although the machine has 2 cores.
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    metrics = {} if metrics_export_port is None else {
+        "_metrics_export_port": metrics_export_port, "_system_config": {"metrics_report_interval_ms": 1000}}
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, **metrics)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for prefix, args in apps.items():
@@ -39,6 +46,11 @@ def serve_apps(apps: dict[str, dict]) -> Iterator[str]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def app_name(prefix: str) -> str:

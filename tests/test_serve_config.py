@@ -9,7 +9,7 @@ import yaml
 
 import deployments
 from deployments import cli
-from deployments.app import build_app, served_name
+from deployments.app import SERVE_ENV, build_app, served_name
 
 CONFIG = Path(deployments.__file__).parent / "serve_config.yaml"
 
@@ -23,10 +23,11 @@ def deployments_of(app) -> dict:
 def test_cpu_replicas_ask_for_no_gpu_and_limits_come_from_engine_capacity():
     d = deployments_of(build_app({"max_num_seqs": 8, "device": "cpu", "num_replicas": 2}))
     llm = d["llm"]
-    assert llm.ray_actor_options == {"num_cpus": 1, "num_gpus": 0}
+    assert llm.ray_actor_options == {"num_cpus": 1, "num_gpus": 0, "runtime_env": {"env_vars": SERVE_ENV}}
+    assert d["ingress"].ray_actor_options["runtime_env"] == {"env_vars": SERVE_ENV}
     assert llm.max_ongoing_requests == 8 and llm._deployment_config.max_queued_requests == 16
     assert llm.num_replicas == 2
-    assert llm.user_config == {"max_batch_size": 32, "batch_wait_timeout_s": 0.005, "stream_interval_s": 0.05}
+    assert llm.user_config == {"max_batch_size": 32, "batch_wait_timeout_s": 0.005, "stream_interval_s": 0.1}
     assert llm.init_args[0]["device"] == "cpu" and llm.init_args[0]["max_num_seqs"] == 8
     # The ingress admits all the engines can run and queue, so overload is answered by the app in OpenAI shape.
     assert d["ingress"].max_ongoing_requests >= 2 * 8 + 16
@@ -35,7 +36,8 @@ def test_cpu_replicas_ask_for_no_gpu_and_limits_come_from_engine_capacity():
 def test_gpu_replicas_ask_for_one_gpu_and_the_accelerator_type():
     args = {"num_gpus": 1, "accelerator_type": "L4", "min_replicas": 1, "max_replicas": 4, "max_num_seqs": 64}
     llm = deployments_of(build_app(args))["llm"]
-    assert llm.ray_actor_options == {"num_cpus": 1, "num_gpus": 1, "accelerator_type": "L4"}
+    assert llm.ray_actor_options == {"num_cpus": 1, "num_gpus": 1, "accelerator_type": "L4",
+                                     "runtime_env": {"env_vars": SERVE_ENV}}
     scaling = llm._deployment_config.autoscaling_config
     assert (scaling.min_replicas, scaling.max_replicas) == (1, 4)
     assert llm.init_args[0]["device"] == "auto"  # the replica's engine takes the GPU Ray gives it
@@ -91,6 +93,8 @@ def test_serve_config_yaml_is_valid_and_names_the_app_deployments():
     llm = next(d for d in app["deployments"] if d["name"] == "LLMServer")
     assert llm["max_ongoing_requests"] == app["args"]["max_num_seqs"]
     assert set(llm["user_config"]) == {"max_batch_size", "batch_wait_timeout_s", "stream_interval_s"}
+    # The file's ray_actor_options take the place of the code's: the app-level runtime_env carries SERVE_ENV.
+    assert app["runtime_env"]["env_vars"] == SERVE_ENV
 
 
 def test_served_model_name_defaults(tmp_path):

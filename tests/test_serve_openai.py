@@ -5,6 +5,7 @@ Reference: the offline LLM API on the same tiny demo model; at temperature 0 bot
 from __future__ import annotations
 
 import asyncio
+import time
 
 import openai
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import HealthCheck, settings
 
 from adallm_core.sampling_params import SamplingParams
 from adallm_core.testing import demo_model_path
-from tests.serve_helpers import ENGINE_ARGS, llm_stats, serve_apps
+from tests.serve_helpers import ENGINE_ARGS, free_port, llm_stats, serve_apps, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +28,13 @@ def model() -> str:
 
 
 @pytest.fixture(scope="module")
-def server(model):
-    with serve_apps({"/": dict(model=model, **ENGINE_ARGS)}) as url:
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(model, metrics_port):
+    with serve_apps({"/": dict(model=model, **ENGINE_ARGS)}, metrics_export_port=metrics_port) as url:
         yield url
 
 
@@ -60,6 +66,46 @@ def test_models_and_health(client, server, model):
     assert card.id == demo_model_path().name  # the checkpoint folder's name
     assert card.max_model_len == ENGINE_ARGS["max_model_len"]
     assert requests.get(f"{server}/health", timeout=10).json() == {"status": "ok"}
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Ray's Prometheus export: value per metric, summed over replicas, for the completions route (or no route)."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("ray_adallm_") and sample.labels.get("route", "/v1/completions") == "/v1/completions":
+                key = sample.name + (f"{{status={sample.labels['status']}}}" if "status" in sample.labels else "")
+                totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+def test_prometheus_metrics_count_requests_and_tokens(client, served_name, metrics_port):
+    requests_ok = "ray_adallm_requests_total{status=200}"
+
+    def settled():  # two scrapes a report interval apart agree: nothing recorded earlier is still on its way
+        first = scrape(metrics_port)
+        time.sleep(2.5)
+        return (first,) if first == scrape(metrics_port) else None
+
+    (before,) = wait_until(settled, timeout_s=60, interval_s=0)
+    replies = [client.completions.create(model=served_name, prompt=p, max_tokens=5, temperature=0) for p in PROMPTS[:3]]
+
+    def grew(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    after = wait_until(lambda: (a if (a := scrape(metrics_port)).get(requests_ok, 0) - before.get(requests_ok, 0) >= 3
+                                else None), timeout_s=60, interval_s=1)
+    assert grew(requests_ok) == 3
+    assert grew("ray_adallm_prompt_tokens_total") == sum(r.usage.prompt_tokens for r in replies)
+    assert grew("ray_adallm_generation_tokens_total") == sum(r.usage.completion_tokens for r in replies)
+    assert grew("ray_adallm_time_to_first_token_s_count") == 3
+    assert grew("ray_adallm_time_per_output_token_s_count") == sum(r.usage.completion_tokens > 1 for r in replies)
+    assert 0 < grew("ray_adallm_time_to_first_token_s_sum") < 3 * 60
+    assert 0 <= after["ray_adallm_kv_cache_usage"] <= 1 and after["ray_adallm_num_requests_waiting"] >= 0
 
 
 def test_completions_equal_offline_llm(client, served_name, offline):
@@ -136,6 +182,22 @@ def test_64_concurrent_streams_are_correct_and_batched(server, served_name, offl
     assert after["num_requests"] == 0 and after["kv_blocks_used"] == 0
 
 
+def test_prompt_plus_max_tokens_up_to_max_model_len(client, served_name, offline):
+    # Exactly max_model_len fits; with max_tokens omitted, chat generates up to the limit, like the offline LLM.
+    fits = client.completions.create(model=served_name, prompt=[7] * 100, max_tokens=28, temperature=0)
+    (expected,) = offline.generate({"prompt_token_ids": [7] * 100}, greedy(max_tokens=28), use_tqdm=False)
+    assert fits.choices[0].text == expected.outputs[0].text
+    assert fits.usage.completion_tokens == len(expected.outputs[0].token_ids)
+
+    (expected,) = offline.chat(CHAT, greedy(max_tokens=None), use_tqdm=False)
+    reply = client.chat.completions.create(model=served_name, messages=CHAT, temperature=0)
+    out = expected.outputs[0]
+    assert reply.choices[0].message.content == out.text and reply.choices[0].finish_reason == out.finish_reason
+    assert reply.usage.completion_tokens == len(out.token_ids)
+    if out.finish_reason == "length":
+        assert reply.usage.prompt_tokens + reply.usage.completion_tokens == ENGINE_ARGS["max_model_len"]
+
+
 LONG_PROMPT = "word " * 300  # far over max_model_len=128 tokens
 BAD_REQUESTS = [
     # (route, raw body or JSON, status, the field named in error.param (or None), a fragment of error.message)
@@ -154,6 +216,13 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "M", "prompt": []}, 400, "prompt", "empty"),
     ("/v1/completions", {"model": "M", "prompt": [10**8]}, 400, "prompt", "not a token id"),
     ("/v1/completions", {"model": "M", "prompt": LONG_PROMPT}, 400, "prompt", "max_model_len is 128"),
+    # The prompt fits but prompt + max_tokens does not: refused (as vLLM does), never cut short.
+    ("/v1/completions", {"model": "M", "prompt": [7] * 100, "max_tokens": 29}, 400, "max_tokens",
+     "max_tokens=29 is too large: the prompt has 100 tokens and this model's max_model_len=128"),
+    ("/v1/completions", {"model": "M", "prompt": [7] * 120}, 400, "max_tokens",  # OpenAI's default max_tokens=16
+     "max_tokens=16 is too large: the prompt has 120 tokens"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "max_completion_tokens": 127}, 400, "max_tokens",
+     "max_model_len=128"),
     ("/v1/completions", {"model": "M", "prompt": LONG_PROMPT, "stream": True}, 400, "prompt", "max_model_len is 128"),
     ("/v1/completions", {"model": "no-such-model", "prompt": "hi"}, 404, "model", "no-such-model"),
     ("/v1/chat/completions", {"model": "M", "messages": []}, 400, "messages", "messages"),

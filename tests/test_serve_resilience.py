@@ -68,12 +68,11 @@ def test_client_disconnect_aborts_and_frees_kv_blocks(server, served_name):
     body = {"model": served_name, "prompt": "Once upon a time", "max_tokens": LONG, "temperature": 0, "stream": True}
     with requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=120) as reply:
         assert reply.status_code == 200
-        chunks = 0
-        for line in reply.iter_lines():
+        # Held in a name: a line iterator that is dropped closes the connection (urllib3), which is the disconnect.
+        lines = reply.iter_lines()
+        for line in lines:  # the first chunk goes out at once; the engine runs ahead of a slow reader
             if line.startswith(b"data: {"):
                 assert json.loads(line[6:])["choices"][0]["finish_reason"] is None
-                chunks += 1
-            if chunks == 1:  # the first chunk goes out at once; the engine runs ahead of a slow reader
                 break
         running = llm_stats("/")
         assert running["num_requests"] == 1 and running["kv_blocks_used"] > idle["kv_blocks_used"]
@@ -99,6 +98,30 @@ def test_killed_replica_is_replaced(server, served_name):
     wait_until(lambda: _replica_actors(app_name("/")) - {old}, timeout_s=180, interval_s=1)
     reply = wait_until(lambda: (r := completion(server, served_name)).status_code == 200 and r, timeout_s=180, interval_s=1)
     assert reply.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_engine_dying_in_a_replica_turns_health_503_and_serve_replaces_it(server, served_name):
+    import ray
+
+    def make_the_next_step_fail(replica_actor) -> None:  # runs inside the replica actor
+        llm_server = replica_actor._replica_impl._user_callable_wrapper.user_callable  # Serve internals (Ray 2.60)
+
+        def step():
+            raise RuntimeError("injected engine fault")
+
+        llm_server.engine.engine.step = step
+
+    (old,) = _replica_actors(app_name("/"))
+    ray.get(ray.get_actor(*old).__ray_call__.remote(make_the_next_step_fail))
+    failed = completion(server, served_name)  # its first step raises: the engine loop dies
+    assert failed.status_code == 500 and "injected engine fault" in failed.json()["error"]["message"], failed.text
+    health = requests.get(f"{server}/health", timeout=30)
+    assert health.status_code == 503 and health.json()["error"]["code"] == "unhealthy", health.text
+    # Serve's own health check (every 5 s) calls check_health, which raises: the replica is replaced.
+    wait_until(lambda: _replica_actors(app_name("/")) - {old}, timeout_s=180, interval_s=1)
+    reply = wait_until(lambda: (r := completion(server, served_name)).status_code == 200 and r, timeout_s=180, interval_s=1)
+    assert reply.json()["usage"]["completion_tokens"] >= 1
+    assert requests.get(f"{server}/health", timeout=30).json() == {"status": "ok"}
 
 
 def test_dead_engine_fails_the_health_check():
