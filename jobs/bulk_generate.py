@@ -139,6 +139,11 @@ def check_model(engine_args: EngineArgs, chat: bool) -> None:
 
 
 def run(plan: JobPlan) -> JobSummary:
+    return execute(plan)[0]
+
+
+def execute(plan: JobPlan):
+    """Run the job; returns its summary and the executed ray.data.Dataset (whose .stats() Ray Data filled)."""
     import ray
 
     from jobs import resume
@@ -167,7 +172,7 @@ def run(plan: JobPlan) -> JobSummary:
     )
     with plan.output_fs.open_output_stream(f"{plan.output_root}/{resume.SUMMARY_NAME}") as f:
         f.write(summary.to_json().encode())
-    return summary
+    return summary, ds
 
 
 def main(argv: Optional[list[str]] = None) -> int:
