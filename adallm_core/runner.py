@@ -126,7 +126,8 @@ class ModelRunner:
         if not steps:
             raise ValueError("execute() needs at least one SeqStep")
         if self.graphs is not None and self.graphs.can_run(steps):
-            self._check(steps, [len(st.token_ids) for st in steps], [st.start_pos for st in steps])
+            # decode steps: earlier blocks were checked when they were written; only the one written now is new
+            self._check(steps, [1] * len(steps), [st.start_pos for st in steps], new_blocks_only=True)
             return self.graphs.run(steps)
         ids, ctx, sample_rows = self.prepare_inputs(steps)
         hidden = self.model.forward(ids, ctx)
@@ -164,7 +165,7 @@ class ModelRunner:
         ctx = ForwardContext(positions.to(self.device), tuple(metas), tuple(slots))
         return ids.to(self.device), ctx, sample_rows.to(self.device)
 
-    def _check(self, steps, q_lens, starts) -> None:
+    def _check(self, steps, q_lens, starts, new_blocks_only: bool = False) -> None:
         if not self.kv_caches:
             raise RuntimeError("KV cache not allocated: call allocate_kv_cache() first")
         for i, (s, q, start) in enumerate(zip(steps, q_lens, starts)):
@@ -175,10 +176,12 @@ class ModelRunner:
             if len(s.block_tables) != len(self.kv_groups):
                 raise ValueError(f"SeqStep {i}: {len(s.block_tables)} block tables, model has {len(self.kv_groups)} KV groups")
             need = math.ceil((start + q) / self.block_size)
+            first = start // self.block_size if new_blocks_only else 0
             for g, table in enumerate(s.block_tables):
                 if len(table) < need:
                     raise ValueError(f"SeqStep {i}: block table {g} has {len(table)} blocks, {need} needed for {start + q} tokens")
-                if table and not 0 <= min(table) <= max(table) < self.kv_caches[g].shape[2]:
+                ids = table[first:need] if new_blocks_only else table
+                if ids and not 0 <= min(ids) <= max(ids) < self.kv_caches[g].shape[2]:
                     raise ValueError(f"SeqStep {i}: block table {g} holds ids outside [0, {self.kv_caches[g].shape[2]})")
 
 
