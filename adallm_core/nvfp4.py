@@ -109,7 +109,7 @@ def quantize(
         block_scale = (g * _div(block_amax, FP4_MAX)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
         effective = block_scale.float() / g
     else:
-        block_scale = (block_amax / (FP4_MAX * g)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
+        block_scale = (block_amax / (FP4_MAX * g)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)  # as ModelOpt: / (6 g)
         effective = block_scale.float() * g
     # x / inf = 0: a zero scale gives zero codes without a full-size select
     codes = e2m1_codes(blocks / torch.where(effective > 0, effective, torch.inf)).flatten(-2)

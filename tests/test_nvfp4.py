@@ -25,8 +25,9 @@ def reference_quantize(w: torch.Tensor, g: float, divides: bool) -> tuple[torch.
     for r in range(n):
         for b in range(k // 16):
             block = w[r, b * 16 : (b + 1) * 16].float()
-            ideal = block.abs().max() / 6.0
-            s = (ideal * g if divides else ideal / g).clamp(max=448).to(torch.float8_e4m3fn).float()
+            amax = block.abs().max()
+            # ModelOpt divides by (6 * global) in one step; (amax / 6) / global rounds differently now and then
+            s = (amax / 6.0 * g if divides else amax / (6.0 * g)).clamp(max=448).to(torch.float8_e4m3fn).float()
             eff = s / g if divides else s * g
             scales[r, b] = s
             if eff > 0:
