@@ -5,8 +5,8 @@ whole decode step with one launch. Every graph reads the same static input buffe
 buffer; they are captured largest bucket first into one memory pool, so the smaller graphs reuse its memory.
 A batch of n decodes runs in the smallest bucket >= n; the padding rows decode token 0 at position 0 of block 0
 with slot -1 (nothing is stored) and their logits are dropped. The host writes each step's inputs into a pinned
-mirror of the static buffers (DecodeInputs) and sends them with a few non-blocking copies. Attention metadata carries max_seq_len =
-max_model_len, an upper bound, so the kernels' grids do not depend on the step.
+mirror of the static buffers (DecodeInputs) and sends them with a few non-blocking copies. Attention metadata
+carries max_seq_len = max_model_len, an upper bound, so the kernels' grids do not depend on the step.
 EngineArgs.enforce_eager turns this off; prefill and mixed steps always run eagerly.
 """
 from __future__ import annotations

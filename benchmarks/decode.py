@@ -61,23 +61,31 @@ def build_engine(shape: str, max_batch: int, input_len: int, output_len: int, en
     return LLMEngine(args, runner, RandomTokenizer()), runner
 
 
-def step_bytes(runner, batch: int, ctx: int) -> int:
-    """Bytes one decode step must read: every NVFP4 linear, the lm_head, and the batch's KV cache."""
-    from adallm_core.nvfp4 import NVFP4Weight
-
-    total, seen = 0, set()
-    stack = [runner.model]
-    while stack:  # walk the model's attributes for weights, each counted once
+def reachable(root):
+    """Every object reachable from root through attributes, lists, tuples and dicts, each once; tensors are leaves
+    (the op table and config are skipped: they hold no weights)."""
+    seen, stack = set(), [root]
+    while stack:
         obj = stack.pop()
         if id(obj) in seen:
             continue
         seen.add(id(obj))
-        if isinstance(obj, NVFP4Weight):
-            total += obj.nbytes
-        elif isinstance(obj, (list, tuple)):
+        yield obj
+        if isinstance(obj, torch.Tensor):
+            continue
+        if isinstance(obj, (list, tuple)):
             stack.extend(obj)
-        elif hasattr(obj, "__dict__") and not isinstance(obj, torch.Tensor):
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif hasattr(obj, "__dict__"):
             stack.extend(v for k, v in vars(obj).items() if k not in ("ops", "cfg"))
+
+
+def step_bytes(runner, batch: int, ctx: int) -> int:
+    """Bytes one decode step must read: every NVFP4 linear, the lm_head, and the batch's KV cache."""
+    from adallm_core.nvfp4 import NVFP4Weight
+
+    total = sum(obj.nbytes for obj in reachable(runner.model) if isinstance(obj, NVFP4Weight))
     cfg = getattr(runner, "runner", runner).model_config  # tensor parallel: rank 0's shard (bytes per GPU)
     total += cfg.vocab_size * cfg.hidden_size * 2  # lm_head (tied or not), BF16
     kv_layers = sum(min(ctx, g.sliding_window or ctx) * len(g.layers) for g in runner.kv_groups)

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from benchmarks.decode import build_engine, run_batch
+from benchmarks.decode import build_engine, reachable, run_batch
 
 
 def replay_ms(runner, batch: int, reps: int = 50) -> float:
@@ -65,22 +65,11 @@ def host_profile(engine, batch: int, vocab: int) -> str:
 
 
 def _tensors(model) -> list:
-    """Every distinct CUDA tensor reachable from the model's attributes (weights, scales, caches of tables)."""
-    found, seen, stack = {}, set(), [model]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            if obj.is_cuda:
-                found[obj.untyped_storage().data_ptr()] = obj
-        elif isinstance(obj, (list, tuple)):
-            stack.extend(obj)
-        elif isinstance(obj, dict):
-            stack.extend(obj.values())
-        elif hasattr(obj, "__dict__"):
-            stack.extend(vars(obj).values())
+    """Every distinct CUDA tensor reachable from the model (weights, scales, the caches its layers are bound to)."""
+    found = {}
+    for obj in reachable(model):
+        if isinstance(obj, torch.Tensor) and obj.is_cuda:
+            found[obj.untyped_storage().data_ptr()] = obj
     return list(found.values())
 
 

@@ -33,7 +33,7 @@ class CausalLM:
         h, v = cfg.hidden_size, cfg.vocab_size
         self.embed_tokens = load_embedding(ckpt, f"{prefix}.embed_tokens.weight", v, h, device, dtype)
         self.rotary = {
-            t: RotaryEmbedding(*cfg.rope_inv_freq(t), max_positions, ops, device) for t in sorted(set(cfg.layer_types))
+            t: RotaryEmbedding(*cfg.rope_inv_freq(t), max_positions, device) for t in sorted(set(cfg.layer_types))
         }
         group_of = {layer: g for g, group in enumerate(cfg.kv_groups) for layer in group.layers}
         self.layers = [

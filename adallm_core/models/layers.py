@@ -94,13 +94,9 @@ class RMSNorm:
 class RotaryEmbedding:
     """NeoX RoPE with a cos|sin cache [max_positions, head_dim] in float32 (attention_factor folded in)."""
 
-    def __init__(self, inv_freq: torch.Tensor, attention_factor: float, max_positions: int, ops: Ops, device):
+    def __init__(self, inv_freq: torch.Tensor, attention_factor: float, max_positions: int, device):
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
         self.cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).mul_(attention_factor).to(device)
-        self.ops = ops
-
-    def __call__(self, positions, q, k):
-        return self.ops.rope(q, k, positions, self.cos_sin)
 
 
 def load_embedding(ckpt, name: str, vocab_size: int, hidden_size: int, device, dtype) -> torch.Tensor:
@@ -112,7 +108,7 @@ def load_embedding(ckpt, name: str, vocab_size: int, hidden_size: int, device, d
 
 # --- attention ---------------------------------------------------------------------------------------------
 class PagedAttention:
-    """Writes this step's k/v into the layer's paged cache, then attends over it. The runner binds the cache."""
+    """Attention over the layer's paged cache (the runner binds it; qk_norm_rope_cache stores this step's k/v)."""
 
     def __init__(self, num_heads, num_kv_heads, head_dim, scale, sliding_window: Optional[int], kv_group: int, ops):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -126,12 +122,6 @@ class PagedAttention:
     def check_bound(self) -> None:
         if self.k_cache is None:
             raise RuntimeError("KV cache not allocated: call ModelRunner.allocate_kv_cache first")
-
-    def __call__(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
-        self.check_bound()
-        g = self.kv_group
-        self.ops.kv_write(k, v, self.k_cache, self.v_cache, ctx.slot_mapping[g], self.k_scale, self.v_scale)
-        return self.attend(q, ctx)
 
     def attend(self, q, ctx: ForwardContext) -> torch.Tensor:
         """Attention over the cache, this step's k/v already stored."""

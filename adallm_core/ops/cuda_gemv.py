@@ -2,8 +2,9 @@
 
 Not in the op table: measured on the H100 beside the Triton decode kernel (benchmarks/NOTES.md), it is faster only
 on Qwen3-8B's o (8.4 vs 10.1 us at M=1), even on qkv and down, slower on gate_up (37.4 vs 33.0) and at 9..16 tokens:
-1.3% of a decode step does not pay for a second implementation and a compiler at first use. It stays, tested on the GPU and timed
-by `python -m benchmarks.kernels --sections cuda_variants`, as the base of the next step (a cp.async pipeline).
+1.3% of a decode step does not pay for a second implementation and a compiler at first use. It stays, tested on the
+GPU and timed by `python -m benchmarks.kernels --sections cuda_variants`, as the base of the next step (a cp.async
+pipeline).
 
 It takes x [M <= 16, K] (K a multiple of 128) on the checkpoint's own packed layout, with no repacking: the kernel
 pairs x's columns the way its dequantization pairs the codes.
