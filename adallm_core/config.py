@@ -38,6 +38,10 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     distributed_executor_backend: str = "mp"  # tensor_parallel_size > 1: 'mp' local processes | 'ray' Ray actors
     cpu_kv_cache_gb: float = 1.0  # KV budget on the CPU (no gpu_memory_utilization there)
+    # CUDA: the input embedding table stays in pinned host memory when the lm_head does not share it (untied, or
+    # quantized): a step reads only its tokens' rows, over PCIe. Saves vocab x hidden x 2 bytes of GPU memory.
+    embedding_on_host: bool = True
+    quantize_lm_head: bool = False  # quantize a BF16 lm_head to NVFP4 at load: faster decode, lossy like any weight
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

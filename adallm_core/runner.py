@@ -74,7 +74,9 @@ class ModelRunner:
         )
         model_cls = get_model_class(cfg.architecture)
         with torch.inference_mode():
-            self.model = model_cls(cfg, checkpoint, self.ops, self.device, self.dtype, self.max_model_len)
+            self.model = model_cls(cfg, checkpoint, self.ops, self.device, self.dtype, self.max_model_len,
+                                   embedding_on_host=engine_args.embedding_on_host,
+                                   quantize_lm_head=engine_args.quantize_lm_head)
         if parallel is not None:
             parallel.wrap_model(self.model, full_cfg)
         scales = checkpoint.kv_scales() if engine_args.kv_cache_dtype == "fp8" else {}

@@ -5,7 +5,7 @@
 Weights are RANDOM (real shapes, random values; built on the GPU, nothing downloaded), so the text is noise and
 only speed and memory mean anything. Per batch size: total generated tokens, seconds (prefill included, as the
 reference runtime reports), tok/s, decode ms/step, peak GPU memory, and % of the bandwidth roofline (bytes a decode
-step must read: NVFP4 linears, BF16 lm_head, the KV cache at mid-generation, over the measured copy bandwidth).
+step must read: NVFP4 linears, the lm_head (BF16; NVFP4 with --quantize-lm-head), the KV cache at mid-generation, over the measured copy bandwidth).
 Then Hugging Face transformers BF16 on the same shapes (static cache, torch.compile) and the ratio.
 """
 from __future__ import annotations
@@ -37,7 +37,8 @@ class RandomTokenizer:
 
 
 def build_engine(shape: str, max_batch: int, input_len: int, output_len: int, enforce_eager: bool, device="cuda",
-                 overrides: dict | None = None, tensor_parallel_size: int = 1):
+                 overrides: dict | None = None, tensor_parallel_size: int = 1, engine_options: dict | None = None):
+    """overrides: HF config fields of the random model; engine_options: more EngineArgs (quantize_lm_head...)."""
     from adallm_core.config import EngineArgs
     from adallm_core.engine import LLMEngine
     from adallm_core.runner import ModelRunner
@@ -48,7 +49,7 @@ def build_engine(shape: str, max_batch: int, input_len: int, output_len: int, en
     args = EngineArgs(model="random", max_model_len=input_len + output_len, max_num_seqs=max_batch,
                       max_num_batched_tokens=max(2048, max_batch * input_len), num_gpu_blocks_override=blocks,
                       kv_cache_dtype="fp8", enforce_eager=enforce_eager, enable_prefix_caching=False,
-                      block_size=block_size, tensor_parallel_size=tensor_parallel_size)
+                      block_size=block_size, tensor_parallel_size=tensor_parallel_size, **(engine_options or {}))
     if tensor_parallel_size > 1:  # every rank makes only its own shard of the random weights
         import functools
 
@@ -83,11 +84,14 @@ def reachable(root):
 
 def step_bytes(runner, batch: int, ctx: int) -> int:
     """Bytes one decode step must read: every NVFP4 linear, the lm_head, and the batch's KV cache."""
+    from adallm_core.models.base import NVFP4LMHead
     from adallm_core.nvfp4 import NVFP4Weight
 
-    total = sum(obj.nbytes for obj in reachable(runner.model) if isinstance(obj, NVFP4Weight))
+    objects = list(reachable(runner.model))
+    total = sum(obj.nbytes for obj in objects if isinstance(obj, NVFP4Weight))  # a quantized lm_head among them
     cfg = getattr(runner, "runner", runner).model_config  # tensor parallel: rank 0's shard (bytes per GPU)
-    total += cfg.vocab_size * cfg.hidden_size * 2  # lm_head (tied or not), BF16
+    if not any(isinstance(obj, NVFP4LMHead) for obj in objects):
+        total += cfg.vocab_size * cfg.hidden_size * 2  # lm_head (tied or not), BF16
     kv_layers = sum(min(ctx, g.sliding_window or ctx) * len(g.layers) for g in runner.kv_groups)
     total += batch * kv_layers * 2 * cfg.num_kv_heads * cfg.head_dim * runner.kv_cache_dtype.itemsize
     return total
@@ -125,10 +129,11 @@ def run_batch(engine, batch: int, input_len: int, output_len: int, vocab: int) -
                 decode_ms_step=1e3 * (end - first_decode[0]) / max(1, decode_steps))
 
 
-def bench_engine(shape, batches, input_len, output_len, enforce_eager, bw, tensor_parallel_size=1) -> list[dict]:
+def bench_engine(shape, batches, input_len, output_len, enforce_eager, bw, tensor_parallel_size=1,
+                 engine_options=None) -> list[dict]:
     torch.cuda.reset_peak_memory_stats()
     engine, runner = build_engine(shape, max(batches), input_len, output_len, enforce_eager,
-                                  tensor_parallel_size=tensor_parallel_size)
+                                  tensor_parallel_size=tensor_parallel_size, engine_options=engine_options)
     vocab = runner.model_config.vocab_size
     rows = []
     for b in batches:
@@ -187,6 +192,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-hf-compile", action="store_true", help="run transformers eagerly (static cache only)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs in the engine")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine (rank 0 on cuda:0)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="the engine's lm_head in NVFP4 (lossy)")
+    p.add_argument("--no-embedding-on-host", action="store_true", help="keep the input embedding table on the GPU")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -195,8 +202,9 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batch.split(",") if b]
     hf_batches = batches if args.hf_batch is None else [int(b) for b in args.hf_batch.split(",") if b]
     bw = copy_bandwidth()
+    options = dict(quantize_lm_head=args.quantize_lm_head, embedding_on_host=not args.no_embedding_on_host)
     rows = bench_engine(args.shape, batches, args.input_len, args.output_len, args.enforce_eager, bw,
-                        args.tensor_parallel_size)
+                        args.tensor_parallel_size, options)
     hf = bench_hf(args.shape, hf_batches, args.input_len, args.output_len, not args.no_hf_compile) if hf_batches else {}
     for r in rows:
         r.update(hf.get(r["batch"], {}))
@@ -208,7 +216,8 @@ def main(argv=None) -> int:
                       indent=1)
     print(f"\n{args.shape}: RANDOM NVFP4 weights of the real shapes, {args.input_len} in / {args.output_len} out, "
           f"FP8 KV, CUDA graphs {'off' if args.enforce_eager else 'on'}, tensor_parallel_size "
-          f"{args.tensor_parallel_size}; {torch.cuda.get_device_name()}, copy "
+          f"{args.tensor_parallel_size}, lm_head {'NVFP4' if args.quantize_lm_head else 'BF16'}, embedding on "
+          f"{'GPU' if args.no_embedding_on_host else 'host'}; {torch.cuda.get_device_name()}, copy "
           f"{bw / 1e12:.2f} TB/s; HF = transformers BF16 static cache{'' if args.no_hf_compile else ' compiled'}")
     print(f"{'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'ms/step':>8} {'peak GB':>8} {'%roof':>6} "
           f"{'HF tok/s':>9} {'ratio':>6}")

@@ -49,6 +49,17 @@ def case_rms_norm(dev, t, h, offset=0.0, add=False, dtype=torch.bfloat16) -> flo
     return max(rel_err(out, ref_out), rel_err(summed, ref_sum))
 
 
+def case_embedding(dev, t, vocab, h, on_host=False, dtype=torch.bfloat16) -> float:
+    """Row gather; on_host puts the table in pinned host memory, which the GPU kernel reads in place."""
+    from adallm_core.ops.triton import embedding
+
+    table = torch.randn(vocab, h).to(dtype)
+    table = table.pin_memory() if on_host else table.to(dev)
+    ids = torch.randint(0, vocab, (t,), device=dev)
+    ids[0] = vocab - 1  # the last row: an off-by-one in the row stride would read past it
+    return rel_err(embedding(ids, table), torch.nn.functional.embedding(ids.cpu(), table.cpu()).to(dev))
+
+
 def case_rope(dev, t, hq, hk, d, dtype=torch.bfloat16) -> float:
     from adallm_core.ops.triton import rope
 

@@ -103,3 +103,18 @@ class Blocks:
             table.append(self.next)
             self.next += 1
         return [list(table) for _ in range(self.num_groups)]
+
+
+def compressed_tensors_nvfp4(w: torch.Tensor) -> torch.Tensor:
+    """W quantized to NVFP4 and back by the compressed-tensors package (one global scale, groups of 16), fp32."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy, QuantizationType
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+
+    args = QuantizationArgs(num_bits=4, type=QuantizationType.FLOAT, strategy=QuantizationStrategy.TENSOR_GROUP,
+                            group_size=16, symmetric=True, scale_dtype=torch.float8_e4m3fn)
+    w = w.float()
+    g = generate_gparam(w.min(), w.max())
+    groups = w.unflatten(-1, (-1, 16))
+    scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args, global_scale=g)
+    return fake_quantize(w, scale, zero_point, args, global_scale=g).float()

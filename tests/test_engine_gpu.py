@@ -24,6 +24,26 @@ TOP_MOE = 20
 def test_gpu_engine_greedy_tokens_agree_with_transformers(family, kv):
     engine = make_engine(family, "modelopt", kv_cache_dtype=kv, device="cuda", max_num_seqs=8)
     assert engine.kernel_backend == "triton" and engine.runner.graphs is not None
+    # embedding_on_host (the default): an untied table stays in pinned host memory, a tied one (Gemma) on the GPU
+    table = engine.runner.model.embed_tokens
+    assert (table.device.type, table.is_pinned()) == (("cuda", False) if family == "gemma3" else ("cpu", True))
+    hf = hf_on_dequantized(family, Checkpoint(tiny_checkpoint(family, "modelopt")))
+    check_against_transformers(engine, hf, family, kv)
+
+
+def test_gpu_engine_with_a_quantized_lm_head_agrees_with_transformers():
+    """Gemma3 ties the lm_head to the embedding; quantize_lm_head unties them, so the table moves to the host."""
+    engine = make_engine("gemma3", "modelopt", kv_cache_dtype="bf16", device="cuda", max_num_seqs=8,
+                         quantize_lm_head=True)
+    assert engine.runner.model.embed_tokens.is_pinned()
+    hf = hf_on_dequantized("gemma3", Checkpoint(tiny_checkpoint("gemma3", "modelopt")))
+    # the engine's own NVFP4 head (tests/test_lm_head_options.py checks it against compressed-tensors on the CPU;
+    # that package is not on the GPU machine)
+    hf.lm_head.weight = torch.nn.Parameter(engine.runner.model.lm_head.weight.dequantize().cpu())
+    check_against_transformers(engine, hf, "gemma3", "bf16")
+
+
+def check_against_transformers(engine, hf, family: str, kv: str) -> None:
     top = TOP_MOE if family == "qwen3_moe" else TOP
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=top)
     prompt_ids = [engine.tokenizer.encode(p) for p in PROMPTS]
@@ -32,7 +52,6 @@ def test_gpu_engine_greedy_tokens_agree_with_transformers(family, kv):
     done = run_all(engine)
     assert engine.stats()["kv_blocks_used"] == 0
 
-    hf = hf_on_dequantized(family, Checkpoint(tiny_checkpoint(family, "modelopt")))
     # an fp8 KV cache rounds keys and values to E4M3: so does the reference then
     hf.config._attn_implementation = "fp8_kv_sdpa" if kv == "fp8" else "sdpa"
     agreed = []

@@ -118,6 +118,37 @@ def test_gated_activation(t, inter, gelu):
     assert kc.case_act(DEV, t, inter, gelu) <= EXACT
 
 
+@pytest.mark.parametrize("t,vocab,h", [(1, 151936, 4096), (37, 1000, 5376), (5, 17, 100)])
+@pytest.mark.parametrize("on_host", [False, True])
+def test_embedding(t, vocab, h, on_host):
+    assert kc.case_embedding(DEV, t, vocab, h, on_host) == 0.0
+
+
+def test_embedding_from_host_inside_a_cuda_graph():
+    """The decode graphs replay the lookup with new ids each step: the pinned table is read at replay time."""
+    from adallm_core.ops.triton import embedding
+
+    table = torch.randn(5000, 256).bfloat16().pin_memory()
+    ids = torch.zeros(8, dtype=torch.long, device=DEV)
+    embedding(ids, table)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = embedding(ids, table)
+    for _ in range(3):
+        new = torch.randint(0, 5000, (8,))
+        ids.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out.cpu(), table[new])
+
+
+def test_embedding_rejects_a_pageable_host_table():
+    from adallm_core.ops.triton import embedding
+
+    with pytest.raises(ValueError, match="pinned"):
+        embedding(torch.zeros(2, dtype=torch.long, device=DEV), torch.randn(10, 8))
+
+
 @pytest.mark.parametrize("fp8", [True, False])
 @pytest.mark.parametrize("t,hk,d", [(5, 8, 128), (17, 2, 64)])
 def test_kv_write(t, hk, d, fp8):

@@ -3,7 +3,6 @@ sliding-window and global layers with their own RoPE bases, GELU-tanh gated MLP,
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from adallm_core.models.base import CausalLM
 from adallm_core.models.layers import GatedMLP, QKNormAttention, RMSNorm
@@ -37,8 +36,8 @@ class Gemma3DecoderLayer:
 class Gemma3ForCausalLM(CausalLM):
     norm_offset = 1.0
 
-    def __init__(self, cfg, ckpt, ops, device, dtype, max_positions: int):
-        super().__init__(cfg, ckpt, ops, device, dtype, max_positions)
+    def __init__(self, cfg, ckpt, ops, device, dtype, max_positions: int, **options):
+        super().__init__(cfg, ckpt, ops, device, dtype, max_positions, **options)
         # HF multiplies by sqrt(hidden) rounded to the embedding dtype.
         self.embed_scale = torch.tensor(cfg.hidden_size**0.5, dtype=dtype, device=device)
 
@@ -46,4 +45,4 @@ class Gemma3ForCausalLM(CausalLM):
         return Gemma3DecoderLayer(self, index, prefix, ckpt, kv_group)
 
     def embed(self, input_ids):
-        return F.embedding(input_ids, self.embed_tokens) * self.embed_scale
+        return self.ops.embedding(input_ids, self.embed_tokens) * self.embed_scale

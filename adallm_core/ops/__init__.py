@@ -33,6 +33,7 @@ OP_NAMES = (
     "qk_norm_rope_cache",
     "attention",
     "moe",
+    "embedding",
 )
 BACKENDS = ("auto", "reference", "triton")
 
@@ -52,6 +53,7 @@ class Ops:
     qk_norm_rope_cache: Callable
     attention: Callable
     moe: Callable
+    embedding: Callable
     sources: dict = field(default_factory=dict)  # op name -> module that implements it
 
 

@@ -38,6 +38,11 @@ def nvfp4_linear(x: torch.Tensor, w: "NVFP4Weight") -> torch.Tensor:
     return out.to(x.dtype)
 
 
+def embedding(input_ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """ids [T] -> [T, H] rows of table [V, H], on the ids' device (the table may live on the host)."""
+    return F.embedding(input_ids.to(table.device), table).to(input_ids.device)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) * (weight + weight_offset); Gemma stores w and multiplies by (1 + w)."""
     x32 = x.float()

@@ -9,6 +9,7 @@ Each op is a thin wrapper that checks shapes and dtypes, then launches the kerne
   rope                       rotary.py
   silu_and_mul, gelu_tanh_and_mul   activation.py
   moe                        moe_nvfp4.py        tokens sorted by expert, one grouped launch per GEMM
+  embedding                  embedding.py        row gather; the table may sit in pinned host memory
 Not in the op table, for comparison: w4a8_gemm.py (FP8 tensor cores, per-token FP8 activations) and quant.py.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from adallm_core.ops.triton.activation import gelu_tanh_and_mul, silu_and_mul
+from adallm_core.ops.triton.embedding import embedding
 from adallm_core.ops.triton.kv_cache_write import kv_write
 from adallm_core.ops.triton.moe_nvfp4 import moe
 from adallm_core.ops.triton.nvfp4_gemm import nvfp4_linear
@@ -41,5 +43,5 @@ def check_device(device) -> None:
 
 __all__ = [
     "nvfp4_linear", "attention", "kv_write", "qk_norm_rope_cache", "rms_norm", "add_rms_norm", "rope", "silu_and_mul",
-    "gelu_tanh_and_mul", "moe", "check_device",
+    "gelu_tanh_and_mul", "moe", "embedding", "check_device",
 ]
