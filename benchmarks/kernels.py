@@ -17,7 +17,7 @@ from benchmarks.timing import copy_bandwidth, time_graph
 
 # Qwen3-8B: hidden 4096, 32 q heads + 8 kv heads of 128, MLP 12288
 LINEARS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}
-MS = (1, 16, 64, 256, 2048)
+MS = (1, 16, 64, 128, 256, 512, 2048)
 ROTATE_BYTES = 256 << 20
 
 
@@ -26,7 +26,7 @@ def random_nvfp4(n: int, k: int, device="cuda"):
 
     packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device)
     scale = torch.empty(n, k // 16, device=device).uniform_(-4, 4).exp2().to(torch.float8_e4m3fn)
-    return NVFP4Weight(packed, scale, torch.rand(n, device=device) * 1e-2 + 1e-3)
+    return NVFP4Weight(packed, scale, torch.full((n,), 3e-3, device=device))  # one global scale, as checkpoints
 
 
 def copies(nbytes_one: int) -> int:
@@ -37,6 +37,7 @@ def sweep_cuda_variants(log) -> list[dict]:
     """csrc/nvfp4_gemv.cu's (warps, depth) variants beside the Triton decode kernel, M = 1..16."""
     from adallm_core.ops import cuda_gemv
     from adallm_core.ops.triton import nvfp4_gemm as lin
+    from adallm_core.ops.triton.nvfp4_prefill import global_runs, nvfp4_linear_prefill
 
     module, out = cuda_gemv.load(), []
     for name, (n, k) in LINEARS.items():
@@ -61,6 +62,7 @@ def sweep_cuda_variants(log) -> list[dict]:
 
 def bench_linear(sweep: bool, rows: list, log, w4a8: bool = True) -> None:
     from adallm_core.ops.triton import nvfp4_gemm as lin
+    from adallm_core.ops.triton.nvfp4_prefill import global_runs, nvfp4_linear_prefill
     from adallm_core.ops.triton.w4a8_gemm import w4a8_linear
 
     for name, (n, k) in LINEARS.items():
@@ -77,6 +79,11 @@ def bench_linear(sweep: bool, rows: list, log, w4a8: bool = True) -> None:
             row["nvfp4_us"] = t * 1e6
             row["nvfp4_TBps"] = wbytes / t / 1e12
             row["nvfp4_cfg"] = lin.pick_config(m, n, k, x.device)
+            if m >= 128:  # both large-M paths, whichever the op picks (dequantize-once from MIN_TOKENS on)
+                cfg = row["nvfp4_cfg"]
+                row["tiled_us"] = time_graph(lambda w: lin.nvfp4_linear(x, w, cfg), [(w,) for w in ws]) * 1e6
+                row["dequant_us"] = time_graph(lambda w: nvfp4_linear_prefill(x, w, global_runs(w)),
+                                               [(w,) for w in ws]) * 1e6
             if sweep and m in (1, 16, 64):
                 best = (t, row["nvfp4_cfg"])
                 for cfg in sweep_configs(m):
@@ -123,21 +130,25 @@ def sweep_configs(m: int) -> list[dict]:
 
 def print_linear(rows: list, bw: float) -> None:
     print(f"\nNVFP4 linears, Qwen3-8B shapes (copy bandwidth {bw / 1e12:.2f} TB/s; TB/s counts packed weights + scales)")
-    hdr = (f"{'shape':8} {'M':>5} {'nvfp4 us':>9} {'TB/s':>6} {'%copy':>6} {'best us':>8} {'w4a8 us':>8} "
-           f"{'bf16 us':>8} {'fp8 us':>8}")
+    hdr = (f"{'shape':8} {'M':>5} {'nvfp4 us':>9} {'TB/s':>6} {'%copy':>6} {'best us':>8} {'tiled us':>8} "
+           f"{'deq us':>8} {'w4a8 us':>8} {'bf16 us':>8} {'fp8 us':>8}")
     print(hdr)
     for r in rows:
         best = f"{r['best_us']:8.1f}" if "best_us" in r else f"{'':8}"
+        tiled = " ".join(f"{r[k]:8.1f}" if k in r else f"{'':8}" for k in ("tiled_us", "dequant_us"))
         w4 = f"{r['w4a8_us']:8.1f}" if "w4a8_us" in r else f"{'':8}"
         f8 = f"{r['fp8_us']:8.1f}" if "fp8_us" in r else f"{'':8}"
         print(f"{r['shape']:8} {r['M']:5d} {r['nvfp4_us']:9.1f} {r['nvfp4_TBps']:6.2f} {100 * r['nvfp4_TBps'] * 1e12 / bw:5.0f}% "
-              f"{best} {w4} {r['bf16_us']:8.1f} {f8}")
+              f"{best} {tiled} {w4} {r['bf16_us']:8.1f} {f8}")
     for m in MS:  # one layer's four linears, as KERNELS.md quotes them
         sel = [r for r in rows if r["M"] == m]
         if len(sel) == len(LINEARS):
-            tot = {k: sum(r.get(k, float("nan")) for r in sel) for k in ("nvfp4_us", "w4a8_us", "bf16_us", "fp8_us")}
-            print(f"layer    {m:5d} nvfp4 {tot['nvfp4_us']:.1f} us, w4a8 {tot['w4a8_us']:.1f}, bf16 {tot['bf16_us']:.1f}, "
-                  f"fp8 {tot['fp8_us']:.1f}")
+            keys = ("nvfp4_us", "tiled_us", "dequant_us", "w4a8_us", "bf16_us", "fp8_us")
+            tot = {k: sum(r.get(k, float("nan")) for r in sel) for k in keys}
+            print(f"layer    {m:5d} nvfp4 {tot['nvfp4_us']:.1f} us (tiled {tot['tiled_us']:.1f}, dequantize-once "
+                  f"{tot['dequant_us']:.1f}), w4a8 "
+                  f"{tot['w4a8_us']:.1f}, bf16 {tot['bf16_us']:.1f}, fp8 {tot['fp8_us']:.1f}, bf16/nvfp4 "
+                  f"{tot['bf16_us'] / tot['nvfp4_us']:.2f}x")
 
 
 def main(argv=None) -> int:

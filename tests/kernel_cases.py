@@ -158,3 +158,22 @@ def case_moe(dev, t, hidden, inter, experts, top_k, dtype=torch.bfloat16) -> flo
     x = torch.randn(t, hidden, device=dev).to(dtype)
     logits = torch.randn(t, experts, device=dev)
     return rel_err(moe(x, logits, w13, w2, top_k, True), reference.moe(x, logits, w13, w2, top_k, True))
+
+
+def runs_nvfp4(parts: list[int], k: int, dev) -> "NVFP4Weight":
+    """A fused linear as checkpoints give it: one global scale per part (q|k|v, gate|up)."""
+    ws = [random_nvfp4(n, k, dev) for n in parts]
+    for w in ws:
+        w.global_scale.fill_(float(w.global_scale[0]))
+    return NVFP4Weight.cat(ws)
+
+
+def case_nvfp4_prefill(dev, m, parts, k, dtype=torch.bfloat16) -> float:
+    """The dequantize-once path (nvfp4_prefill.py) called directly, so the interpreter runs it at any M."""
+    from adallm_core.ops.triton.nvfp4_prefill import global_runs, nvfp4_linear_prefill
+
+    w = runs_nvfp4(parts, k, dev)
+    runs = global_runs(w)
+    assert runs is not None and len(runs) >= len(parts)
+    x = torch.randn(m, k, device=dev).to(torch.bfloat16).to(dtype)
+    return rel_err(nvfp4_linear_prefill(x, w, runs), reference.nvfp4_linear(x, w))

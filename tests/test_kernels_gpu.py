@@ -37,6 +37,20 @@ def test_nvfp4_linear(m, n, k):
     assert kc.case_nvfp4_linear(DEV, m, n, k) <= EXACT
 
 
+@pytest.mark.parametrize("m", [256, 300, 2048])
+@pytest.mark.parametrize("parts,k", [([4096, 1024, 1024], 4096), ([200, 8], 208), ([12288, 12288], 4096)])
+def test_nvfp4_linear_prefill_path(m, parts, k):
+    """M >= MIN_TOKENS with one global scale per part (as checkpoints have): the op dequantizes once per slab and
+    runs cuBLAS (nvfp4_prefill.py); slabs split at the parts and at SLAB_ELEMS."""
+    from adallm_core.ops.triton import nvfp4_linear
+
+    w = kc.runs_nvfp4(parts, k, DEV)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    out = nvfp4_linear(x, w)
+    assert w.__dict__["_prefill_runs"] is not None, "the prefill path was not taken"
+    assert kc.rel_err(out, reference.nvfp4_linear(x, w)) <= EXACT
+
+
 @pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (200, 384), (24, 12288)])
 def test_cuda_decode_kernel(m, n, k):

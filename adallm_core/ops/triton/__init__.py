@@ -1,7 +1,8 @@
 """The 'triton' kernel backend: ops.select_ops('triton', device) takes the ops named in ops.OP_NAMES from here.
 
 Each op is a thin wrapper that checks shapes and dtypes, then launches the kernel of one file:
-  nvfp4_linear               nvfp4_gemm.py       exact BF16 compute; decode (M <= 64) split-K stream, large-M tiles
+  nvfp4_linear               nvfp4_gemm.py       exact BF16 compute; decode split-K stream, tiles up to M = 255
+                             nvfp4_prefill.py    M >= 256: weights dequantized once per slab, cuBLAS GEMM (exact)
   attention                  paged_attention.py  paged FP8/BF16 KV, GQA rows per KV head, split-K for long decode
   kv_write                   kv_cache_write.py
   qk_norm_rope_cache         qk_norm_rope.py     per-head q/k norm + RoPE + k/v cache store, one launch

@@ -1,0 +1,96 @@
+"""NVFP4 linear for large M (prefill): dequantize a slab of weight rows to BF16 once, then one cuBLAS GEMM per slab.
+
+The tiled kernel (nvfp4_gemm.py) repeats the dequantization of each weight tile for every tile of M rows, which at
+M = 2048 costs as much as its MMAs (benchmarks/NOTES.md). Here each weight is dequantized once per call into a
+reused slab (at most SLAB_ELEMS weights: 64 MB of BF16, a fraction of one linear, never a copy of the model), and
+the GEMM runs at cuBLAS speed. Exact like the tiled kernel: the slab holds v * scale * 2^-8 (exact in BF16) and
+the global scale * 2^8 is the GEMM's fp32 alpha, applied before the one rounding to BF16. Alpha is one number per
+GEMM, so a slab never spans rows with different global scales: checkpoints have one per linear (q|k|v fused: three
+runs); a weight with more than MAX_RUNS distinct runs is left to the tiled kernel.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from adallm_core.ops.triton.nvfp4_gemm import INTERPRET, _dequant_tile, _dequant_words
+
+SLAB_ELEMS = 1 << 25  # weights per dequantized slab (64 MB of BF16)
+MAX_RUNS = 16
+MIN_TOKENS = 256  # H100 (benchmarks/NOTES.md): below this the tiled kernel wins
+EPI = 2.0**8  # the slab holds v * scale * 2^-8
+
+
+@triton.jit
+def dequant_rows_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr):
+    """Rows [N, K] of packed codes + scales -> out [N, K] of v * scale * 2^-8 (BF16: exact; fp32 in the interpreter)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    mask_n = offs_n < N
+    s_ptrs = s_ptr + offs_n[:, None] * stride_sn + (k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :]
+    if WORDS:  # int32 words, 8 codes each, PTX dequantization (nvfp4_gemm._dequant_words)
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :]
+        w = _dequant_words(w_ptrs, s_ptrs, mask_n[:, None], mask_n[:, None], BLOCK_N, BLOCK_K // 8)
+    else:  # bytes, fp32 math (the CPU interpreter has no BF16 arithmetic)
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
+        lo, hi = _dequant_tile(w_ptrs, s_ptrs, mask_n[:, None], mask_n[:, None], BLOCK_N, BLOCK_K // 2, 2)
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # even/odd columns back in K order
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=mask_n[:, None])
+
+
+def try_linear(x: torch.Tensor, w) -> torch.Tensor | None:
+    """The prefill path when it applies (BF16 x, M >= MIN_TOKENS, few global-scale runs), else None."""
+    if x.shape[0] < MIN_TOKENS or x.dtype != torch.bfloat16:
+        return None
+    if "_prefill_runs" not in w.__dict__ and torch.cuda.is_current_stream_capturing():
+        return None  # reading the scales to the host would break the capture
+    runs = global_runs(w)
+    return None if runs is None else nvfp4_linear_prefill(x, w, runs)
+
+
+def global_runs(w) -> list[tuple[int, int, float]] | None:
+    """(start, stop, global scale) per run of equal global scales, slabs of at most SLAB_ELEMS weights; None if the
+    rows have more than MAX_RUNS distinct runs. Read from the GPU once per weight and cached on it."""
+    if "_prefill_runs" in w.__dict__:
+        return w.__dict__["_prefill_runs"]
+    g = w.global_scale.tolist()
+    starts = [0] + [i for i in range(1, len(g)) if g[i] != g[i - 1]]
+    runs = None
+    if len(starts) <= MAX_RUNS:
+        runs = []
+        for a, b in zip(starts, starts[1:] + [len(g)]):
+            # equal slabs of whole 256-row tiles: cuBLAS slows down badly on ragged N and unaligned output columns
+            slabs = triton.cdiv((b - a) * w.in_features, SLAB_ELEMS)
+            rows = triton.cdiv(triton.cdiv(b - a, slabs), 256) * 256
+            runs += [(i, min(b, i + rows), g[a]) for i in range(a, b, rows)]
+    w.__dict__["_prefill_runs"] = runs
+    return runs
+
+
+def dequantize_rows(w, start: int, stop: int, dtype) -> torch.Tensor:
+    """Rows [start, stop) of W as v * scale * 2^-8 in dtype (the global scale left out)."""
+    n, k = stop - start, w.in_features
+    out = torch.empty(n, k, dtype=dtype, device=w.device)
+    words = not INTERPRET
+    packed = w.packed[start:stop]
+    packed = packed.view(torch.int32) if words else packed
+    block_k = min(256, k & -k)  # a power of two dividing K (a multiple of 16)
+    grid = (triton.cdiv(n, 32), triton.cdiv(k, block_k))
+    dequant_rows_kernel[grid](packed, w.block_scale[start:stop], out, n, k, packed.stride(0),
+                              w.block_scale.stride(0), out.stride(0), BLOCK_N=32, BLOCK_K=block_k, WORDS=words,
+                              num_warps=4)
+    return out
+
+
+def nvfp4_linear_prefill(x: torch.Tensor, w, runs) -> torch.Tensor:
+    """x [M, K] @ W.T -> [M, N] in x.dtype, one dequantized slab and one GEMM per run."""
+    out = torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
+    for start, stop, g in runs:
+        slab = dequantize_rows(w, start, stop, x.dtype)
+        part = out[:, start:stop]
+        torch.addmm(part, x, slab.t(), beta=0, alpha=g * EPI, out=part)
+    return out
