@@ -8,6 +8,7 @@ serve the reads, and kernels are timed inside a CUDA graph (launch gaps excluded
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 
@@ -60,7 +61,7 @@ def sweep_cuda_variants(log) -> list[dict]:
     return out
 
 
-def bench_linear(sweep: bool, rows: list, log, w4a8: bool = True) -> None:
+def bench_linear(sweep: bool, rows: list, log, w4a8: bool = True, ms=MS, sweep_ms=(1, 16, 64)) -> None:
     from adallm_core.ops.triton import nvfp4_gemm as lin
     from adallm_core.ops.triton.nvfp4_prefill import global_runs, nvfp4_linear_prefill
     from adallm_core.ops.triton.w4a8_gemm import w4a8_linear
@@ -72,7 +73,7 @@ def bench_linear(sweep: bool, rows: list, log, w4a8: bool = True) -> None:
         bf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(nb)]
         f8 = [b.to(torch.float8_e4m3fn) for b in bf]
         one = torch.ones((), device="cuda")
-        for m in MS:
+        for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             row = {"shape": name, "N": n, "K": k, "M": m, "nvfp4_bytes": wbytes}
             t = time_graph(lambda w: lin.nvfp4_linear(x, w), [(w,) for w in ws])
@@ -84,7 +85,7 @@ def bench_linear(sweep: bool, rows: list, log, w4a8: bool = True) -> None:
                 row["tiled_us"] = time_graph(lambda w: lin.nvfp4_linear(x, w, cfg), [(w,) for w in ws]) * 1e6
                 row["dequant_us"] = time_graph(lambda w: nvfp4_linear_prefill(x, w, global_runs(w)),
                                                [(w,) for w in ws]) * 1e6
-            if sweep and m in (1, 16, 64):
+            if sweep and m in sweep_ms:
                 best = (t, row["nvfp4_cfg"])
                 for cfg in sweep_configs(m):
                     try:
@@ -119,6 +120,10 @@ def sweep_configs(m: int) -> list[dict]:
                                           (64, 128, 128, 4, 3), (128, 64, 128, 4, 4), (256, 128, 64, 8, 3))]
     bm = 16 if m <= 16 else (32 if m <= 32 else 64)
     out = []
+    if m <= 16:  # narrow N tiles over the whole K: no split-K reduction (its round trips dominate small linears)
+        for bn, bk, warps, stages, split in itertools.product((16, 32), (256, 512), (2, 4), (3, 5), (1, 2)):
+            out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages,
+                            MATH=3))
     # weights as the MMA's A operand (SWAP_AB, straight from registers); the B-operand grid was swept before
     # (benchmarks/NOTES.md), its best configs are the default table
     for bn, bk, warps, stages in ((64, 256, 4, 3), (64, 128, 4, 4), (128, 128, 4, 3), (128, 256, 8, 3)):
@@ -158,6 +163,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write every row here")
     p.add_argument("--skip-w4a8", action="store_true", help="leave out the (slow) W4A8 comparison")
     p.add_argument("--log", default=None, help="append progress lines here")
+    p.add_argument("--ms", default=",".join(map(str, MS)), help="token counts M of the linear section")
+    p.add_argument("--sweep-ms", default="1,16,64", help="the M values --sweep tries configs at")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks.kernels needs a CUDA GPU", file=sys.stderr)
@@ -175,7 +182,8 @@ def main(argv=None) -> int:
     results = {"copy_TBps": bw / 1e12, "linear": [], "attention": []}
     sections = args.sections.split(",")
     if "linear" in sections:
-        bench_linear(args.sweep, results["linear"], log, not args.skip_w4a8)
+        bench_linear(args.sweep, results["linear"], log, not args.skip_w4a8, [int(m) for m in args.ms.split(",")],
+                     [int(m) for m in args.sweep_ms.split(",")])
     if "attention" in sections:
         from benchmarks.kernels_attention import bench_attention, print_attention
 

@@ -44,7 +44,7 @@ def bench_attention(rows: list, log) -> None:
         rows.append(row)
         del kc, vc, kb, vb
     # decode CUDA graphs pass max_seq_len = max_model_len (an upper bound): short real contexts, long bounds
-    for batch, ctx, bound in ((1, 192, 8192), (16, 192, 8192), (1, 1024, 8192)):
+    for batch, ctx, bound in ((1, 192, 8192), (16, 192, 8192), (1, 1024, 8192), (16, 8192, 8192)):
         q, kc, vc, meta = _paged(batch, ctx, 1, max_seq_len=bound)
         kv_bytes = 2 * batch * ctx * HK * D
         auto = num_splits_for(meta, HK, q.device)
