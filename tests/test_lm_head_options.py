@@ -45,3 +45,11 @@ def test_embedding_on_host_needs_cuda_and_an_unshared_table():
     # on the CPU the table is host memory anyway: nothing is pinned or moved
     engine = make_engine("qwen3", "modelopt", embedding_on_host=True)
     assert not engine.runner.model.embed_tokens.is_pinned()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pinning host memory works on a GPU machine")
+def test_host_memory_that_cannot_be_pinned_names_the_way_out():
+    from adallm_core.models.base import _pinned
+
+    with pytest.raises(RuntimeError, match="could not pin .* --no-embedding-on-host"):
+        _pinned(torch.zeros(1024, 64))

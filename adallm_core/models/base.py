@@ -40,6 +40,14 @@ class NVFP4LMHead:
         return self.ops.nvfp4_linear(x, self.weight)
 
 
+def _pinned(table: torch.Tensor) -> torch.Tensor:
+    try:
+        return table.to("cpu").pin_memory()
+    except RuntimeError as exc:  # page-locked memory is limited on some hosts (ulimit -l, containers)
+        raise RuntimeError(f"embedding_on_host: could not pin {table.nbytes / 1e9:.2f} GB of host memory ({exc}); "
+                           "pass --no-embedding-on-host to keep the table on the GPU") from exc
+
+
 class CausalLM:
     """A family subclasses this and implements make_layer(); layers take and return (hidden, residual)."""
 
@@ -74,7 +82,7 @@ class CausalLM:
             self.lm_head = NVFP4LMHead(self.lm_head.weight, ops, device)
         if embedding_on_host and torch.device(device).type == "cuda" and not isinstance(self.lm_head, _TiedLMHead):
             # only lookups read it now: a step needs a few rows, which the GPU reads over PCIe (ops.embedding)
-            self.embed_tokens = self.embed_tokens.to("cpu").pin_memory()
+            self.embed_tokens = _pinned(self.embed_tokens)
 
     def make_layer(self, index: int, prefix: str, ckpt, kv_group: int):
         raise NotImplementedError

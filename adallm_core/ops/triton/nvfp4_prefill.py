@@ -71,10 +71,9 @@ def global_runs(w) -> list[tuple[int, int, float]] | None:
     return runs
 
 
-def dequantize_rows(w, start: int, stop: int, dtype) -> torch.Tensor:
-    """Rows [start, stop) of W as v * scale * 2^-8 in dtype (the global scale left out)."""
+def dequantize_rows(w, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+    """Rows [start, stop) of W as v * scale * 2^-8 into out [stop - start, K] (the global scale left out)."""
     n, k = stop - start, w.in_features
-    out = torch.empty(n, k, dtype=dtype, device=w.device)
     words = not INTERPRET
     packed = w.packed[start:stop]
     packed = packed.view(torch.int32) if words else packed
@@ -89,8 +88,10 @@ def dequantize_rows(w, start: int, stop: int, dtype) -> torch.Tensor:
 def nvfp4_linear_prefill(x: torch.Tensor, w, runs) -> torch.Tensor:
     """x [M, K] @ W.T -> [M, N] in x.dtype, one dequantized slab and one GEMM per run."""
     out = torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
-    for start, stop, g in runs:
-        slab = dequantize_rows(w, start, stop, x.dtype)
+    k = w.in_features
+    buffer = torch.empty(max(stop - start for start, stop, _ in runs) * k, dtype=x.dtype, device=x.device)
+    for start, stop, g in runs:  # one buffer for every slab: the stream orders each GEMM before the next fill
+        slab = dequantize_rows(w, start, stop, buffer[: (stop - start) * k].view(stop - start, k))
         part = out[:, start:stop]
         torch.addmm(part, x, slab.t(), beta=0, alpha=g * EPI, out=part)
     return out
