@@ -4,7 +4,7 @@ Layout after sorting, each expert's pairs padded to a multiple of BLOCK_M (graph
 no host sync; the grid is sized for the worst case and blocks past the end exit):
     sorted_pairs [P]  pair id (token * top_k + k) or -1 for padding;  block_expert [P / BLOCK_M]  expert or -1
 One launch computes x[token] @ w13[e].T for every pair (rows gathered, weights dequantized in registers exactly as in
-nvfp4_gemm), then silu_and_mul, then one launch of h @ w2[e].T scaled by the pair's routing weight; the top_k rows
+nvfp4_gemm, with its PTX word dequantization on the GPU), then silu_and_mul, then one launch of h @ w2[e].T scaled by the pair's routing weight; the top_k rows
 of each token are summed at the end.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from adallm_core.ops.triton.activation import silu_and_mul
-from adallm_core.ops.triton.nvfp4_gemm import DEFAULT_MATH, _EPI, _dequant_tile
+from adallm_core.ops.triton.nvfp4_gemm import DEFAULT_MATH, _EPI, _dequant_tile, _dequant_words
 
 
 @triton.jit
@@ -40,21 +40,27 @@ def moe_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ok_n = offs_n < N
     offs_kx = tl.arange(0, BLOCK_K)
-    offs_kh = tl.arange(0, BLOCK_KH)
+    W_PER_TILE: tl.constexpr = BLOCK_K // 8 if MATH == 3 else BLOCK_KH  # int32 words (MATH 3) or bytes
+    offs_w = tl.arange(0, W_PER_TILE)
     offs_ks = tl.arange(0, BLOCK_KS)
     e64 = e.to(tl.int64)
     x_ptrs = x_ptr + row.to(tl.int64)[:, None] * stride_xm + offs_kx[None, :]
-    w_ptrs = w_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_kh[None, :]
+    w_ptrs = w_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_w[None, :]
     s_ptrs = s_ptr + e64 * stride_se + offs_n[:, None] * stride_sn + offs_ks[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(0, K // BLOCK_K):  # the wrapper guarantees BLOCK_K divides K
         x = tl.load(x_ptrs + t * BLOCK_K, mask=ok_m[:, None], other=0.0)
-        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_KH, 2)))
-        lo, hi = _dequant_tile(w_ptrs + t * BLOCK_KH, s_ptrs + t * BLOCK_KS, ok_n[:, None], ok_n[:, None],
-                               BLOCK_N, BLOCK_KH, MATH)
-        dt = lo.dtype
-        acc = tl.dot(x_even.to(dt), tl.trans(lo), acc)
-        acc = tl.dot(x_odd.to(dt), tl.trans(hi), acc)
+        if MATH == 3:  # the decode kernel's PTX dequantization, one dot in natural K order
+            w = _dequant_words(w_ptrs + t * W_PER_TILE, s_ptrs + t * BLOCK_KS, ok_n[:, None], ok_n[:, None],
+                               BLOCK_N, W_PER_TILE)
+            acc = tl.dot(x.to(tl.bfloat16), tl.trans(w), acc)
+        else:
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_KH, 2)))
+            lo, hi = _dequant_tile(w_ptrs + t * BLOCK_KH, s_ptrs + t * BLOCK_KS, ok_n[:, None], ok_n[:, None],
+                                   BLOCK_N, BLOCK_KH, MATH)
+            dt = lo.dtype
+            acc = tl.dot(x_even.to(dt), tl.trans(lo), acc)
+            acc = tl.dot(x_odd.to(dt), tl.trans(hi), acc)
     g = tl.load(g_ptr + e64 * stride_ge + offs_n, mask=ok_n, other=0.0) * _EPI
     y = acc * g[None, :]
     if WEIGHTED:  # round like the unfused path (bf16 linear output), then weight in fp32
@@ -93,9 +99,10 @@ def _grouped(x, w, pairs, block_expert, route_w, top_k, out, gather, weighted, b
     if block_k < 32:
         raise ValueError(f"moe: expert in_features {k} must be a multiple of 32")
     grid = (block_expert.numel(), triton.cdiv(n, 64))
+    packed = w.packed.view(torch.int32) if DEFAULT_MATH == 3 else w.packed  # 8 codes a word (K % 32 == 0)
     moe_gemm_kernel[grid](
-        x, w.packed, w.block_scale, w.global_scale, out, pairs, block_expert, route_w,
-        n, k, top_k, x.stride(0), w.packed.stride(0), w.packed.stride(1), w.block_scale.stride(0),
+        x, packed, w.block_scale, w.global_scale, out, pairs, block_expert, route_w,
+        n, k, top_k, x.stride(0), packed.stride(0), packed.stride(1), w.block_scale.stride(0),
         w.block_scale.stride(1), w.global_scale.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, GATHER=gather, WEIGHTED=weighted, MATH=DEFAULT_MATH,
         num_warps=4, num_stages=3,
