@@ -88,13 +88,19 @@ def step_bytes(runner, batch: int, ctx: int) -> int:
     from adallm_core.nvfp4 import NVFP4Weight
 
     objects = list(reachable(runner.model))
-    total = sum(obj.nbytes for obj in objects if isinstance(obj, NVFP4Weight))  # a quantized lm_head among them
     cfg = getattr(runner, "runner", runner).model_config  # tensor parallel: rank 0's shard (bytes per GPU)
+    total = 0.0
+    for w in (obj for obj in objects if isinstance(obj, NVFP4Weight)):  # a quantized lm_head among them
+        if w.packed.dim() == 3:  # stacked MoE experts: a step reads those its tokens route to (expected count)
+            e, k = w.packed.shape[0], cfg.num_experts_per_tok
+            total += w.nbytes * (1 - (1 - k / e) ** batch)
+        else:
+            total += w.nbytes
     if not any(isinstance(obj, NVFP4LMHead) for obj in objects):
         total += cfg.vocab_size * cfg.hidden_size * 2  # lm_head (tied or not), BF16
     kv_layers = sum(min(ctx, g.sliding_window or ctx) * len(g.layers) for g in runner.kv_groups)
     total += batch * kv_layers * 2 * cfg.num_kv_heads * cfg.head_dim * runner.kv_cache_dtype.itemsize
-    return total
+    return int(total)
 
 
 def _sync() -> None:

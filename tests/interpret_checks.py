@@ -38,6 +38,8 @@ def main() -> None:
         "attention_window_split": kc.case_attention(dev, [1, 1], [17, 30], hq=4, hk=2, d=16, fp8=False, window=8,
                                                     num_splits=4, dtype=torch.float32),
         "moe": kc.case_moe(dev, 5, 32, 32, 4, 2, dtype=torch.float32),
+        "moe_routing": kc.case_moe_routing(dev, 5, 12, 3, True, block_m=4),
+        "moe_routing_plain": kc.case_moe_routing(dev, 1, 16, 4, False),
         "prefill_runs": kc.case_nvfp4_prefill(dev, 5, [24, 8, 8], 48, dtype=torch.float32),
         "embedding_ragged": kc.case_embedding(dev, 7, 50, 40, dtype=torch.float32),
     }

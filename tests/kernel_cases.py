@@ -177,3 +177,23 @@ def case_nvfp4_prefill(dev, m, parts, k, dtype=torch.bfloat16) -> float:
     assert runs is not None and len(runs) >= len(parts)
     x = torch.randn(m, k, device=dev).to(torch.bfloat16).to(dtype)
     return rel_err(nvfp4_linear_prefill(x, w, runs), reference.nvfp4_linear(x, w))
+
+
+def case_moe_routing(dev, t, experts, top_k, renormalize, block_m=16) -> float:
+    """One-launch routing vs torch softmax + topk: every pair once, in a block of its expert, groups in expert order
+    and in token order inside; returns the route weights' error."""
+    from adallm_core.ops.triton.moe_routing import route_and_sort
+
+    logits = torch.randn(t, experts, device=dev)
+    weights, pairs, block_expert = route_and_sort(logits, top_k, renormalize, block_m)
+    ref_w, ref_e = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
+    if renormalize:
+        ref_w = ref_w / ref_w.sum(dim=-1, keepdim=True)
+    pairs, block_expert, ref_e = pairs.cpu().long(), block_expert.cpu().long(), ref_e.flatten().cpu()
+    slots = (pairs >= 0).nonzero().flatten()
+    assert sorted(pairs[slots].tolist()) == list(range(t * top_k)), "a pair is missing or repeated"
+    assert torch.equal(block_expert[slots // block_m], ref_e[pairs[slots]]), "a pair sits in another expert's block"
+    used = int((block_expert >= 0).sum())
+    assert (block_expert[used:] == -1).all() and (block_expert[:used].diff() >= 0).all()
+    assert (pairs[slots].diff()[block_expert[slots // block_m].diff() == 0] > 0).all(), "token order broken"
+    return rel_err(weights, ref_w.flatten())

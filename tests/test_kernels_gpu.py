@@ -188,6 +188,12 @@ def test_attention(q_lens, ctx_lens, hq, hk, bs, window, splits, fp8):
     assert err <= EXACT
 
 
-@pytest.mark.parametrize("t", [1, 7, 64, 300])
+@pytest.mark.parametrize("t,experts,top_k", [(1, 128, 8), (16, 128, 8), (32, 128, 8), (7, 60, 4), (3, 8, 2)])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_moe_routing(t, experts, top_k, renormalize):
+    assert kc.case_moe_routing(DEV, t, experts, top_k, renormalize) <= 1e-5
+
+
+@pytest.mark.parametrize("t", [1, 7, 64, 300])  # 300 x 4 pairs: the torch routing path
 def test_moe(t):
     assert kc.case_moe(DEV, t, 256, 128, 16, 4) <= EXACT

@@ -10,6 +10,7 @@ Each op is a thin wrapper that checks shapes and dtypes, then launches the kerne
   rope                       rotary.py
   silu_and_mul, gelu_tanh_and_mul   activation.py
   moe                        moe_nvfp4.py        tokens sorted by expert, one grouped launch per GEMM
+                             moe_routing.py      softmax + top-k + the sort in one launch (decode batches)
   embedding                  embedding.py        row gather; the table may sit in pinned host memory
 Not in the op table, for comparison: w4a8_gemm.py (FP8 tensor cores, per-token FP8 activations) and quant.py.
 """

@@ -1,5 +1,7 @@
 """Sparse SwiGLU MoE over NVFP4 experts: route, sort (token, expert) pairs by expert, two grouped GEMM launches.
 
+Routing: one launch for decode-sized batches (moe_routing.py, up to MAX_PAIRS pairs), torch ops beyond (prefill).
+
 Layout after sorting, each expert's pairs padded to a multiple of BLOCK_M (graph-safe: all index math on the GPU,
 no host sync; the grid is sized for the worst case and blocks past the end exit):
     sorted_pairs [P]  pair id (token * top_k + k) or -1 for padding;  block_expert [P / BLOCK_M]  expert or -1
@@ -14,6 +16,7 @@ import triton
 import triton.language as tl
 
 from adallm_core.ops.triton.activation import silu_and_mul
+from adallm_core.ops.triton.moe_routing import MAX_PAIRS, padded_pairs, route_and_sort
 from adallm_core.ops.triton.nvfp4_gemm import DEFAULT_MATH, _EPI, _dequant_tile, _dequant_words
 
 
@@ -73,7 +76,7 @@ def sort_by_expert(experts: torch.Tensor, num_experts: int, block_m: int):
     """experts [T, k] -> (sorted_pairs [P] int32, block_expert [P / block_m] int32), P the worst-case padded length."""
     flat = experts.flatten()
     pairs = flat.numel()
-    padded = triton.cdiv(pairs + num_experts * (block_m - 1), block_m) * block_m
+    padded = padded_pairs(pairs, num_experts, block_m)
     dev = flat.device
     counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     blocks = (counts + block_m - 1) // block_m
@@ -90,7 +93,10 @@ def sort_by_expert(experts: torch.Tensor, num_experts: int, block_m: int):
     return sorted_pairs, block_expert
 
 
-def _grouped(x, w, pairs, block_expert, route_w, top_k, out, gather, weighted, block_m):
+DEFAULT_TILES = dict(BLOCK_N=64, num_warps=4, num_stages=3)  # config= overrides (sweeps)
+
+
+def _grouped(x, w, pairs, block_expert, route_w, top_k, out, gather, weighted, block_m, config):
     e, n, kh = w.packed.shape
     k = kh * 2
     block_k = 256
@@ -98,18 +104,18 @@ def _grouped(x, w, pairs, block_expert, route_w, top_k, out, gather, weighted, b
         block_k //= 2
     if block_k < 32:
         raise ValueError(f"moe: expert in_features {k} must be a multiple of 32")
-    grid = (block_expert.numel(), triton.cdiv(n, 64))
+    tiles = dict(config or DEFAULT_TILES)
+    grid = (block_expert.numel(), triton.cdiv(n, tiles["BLOCK_N"]))
     packed = w.packed.view(torch.int32) if DEFAULT_MATH == 3 else w.packed  # 8 codes a word (K % 32 == 0)
     moe_gemm_kernel[grid](
         x, packed, w.block_scale, w.global_scale, out, pairs, block_expert, route_w,
         n, k, top_k, x.stride(0), packed.stride(0), packed.stride(1), w.block_scale.stride(0),
         w.block_scale.stride(1), w.global_scale.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, GATHER=gather, WEIGHTED=weighted, MATH=DEFAULT_MATH,
-        num_warps=4, num_stages=3,
+        BLOCK_M=block_m, BLOCK_K=block_k, GATHER=gather, WEIGHTED=weighted, MATH=DEFAULT_MATH, **tiles,
     )
 
 
-def moe(x, router_logits, w13, w2, top_k: int, renormalize: bool) -> torch.Tensor:
+def moe(x, router_logits, w13, w2, top_k: int, renormalize: bool, config: dict | None = None) -> torch.Tensor:
     """x [T, H], router_logits [T, E], w13 NVFP4 [E, 2I, H], w2 NVFP4 [E, H, I] -> [T, H] in x.dtype."""
     t, hidden = x.shape
     num_experts, two_i, _ = w13.packed.shape
@@ -118,16 +124,19 @@ def moe(x, router_logits, w13, w2, top_k: int, renormalize: bool) -> torch.Tenso
                          f"w2 {tuple(w2.packed.shape)} do not fit")
     if t == 0:
         return torch.empty_like(x)
-    probs = torch.softmax(router_logits.float(), dim=-1)
-    weights, experts = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
     block_m = 16 if t * top_k <= 4 * num_experts * 16 else 64
-    pairs, block_expert = sort_by_expert(experts, num_experts, block_m)
-    route_w = weights.flatten().contiguous()
+    if t * top_k <= MAX_PAIRS:  # decode: one routing launch (moe_routing.py)
+        route_w, pairs, block_expert = route_and_sort(router_logits, top_k, renormalize, block_m)
+    else:
+        probs = torch.softmax(router_logits.float(), dim=-1)
+        weights, experts = torch.topk(probs, top_k, dim=-1)
+        if renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        pairs, block_expert = sort_by_expert(experts, num_experts, block_m)
+        route_w = weights.flatten().contiguous()
     gate_up = torch.empty(t * top_k, two_i, dtype=x.dtype, device=x.device)
-    _grouped(x, w13, pairs, block_expert, route_w, top_k, gate_up, True, False, block_m)
+    _grouped(x, w13, pairs, block_expert, route_w, top_k, gate_up, True, False, block_m, config)
     h = silu_and_mul(gate_up)
     y = torch.empty(t * top_k, hidden, dtype=torch.float32, device=x.device)
-    _grouped(h, w2, pairs, block_expert, route_w, top_k, y, False, True, block_m)
+    _grouped(h, w2, pairs, block_expert, route_w, top_k, y, False, True, block_m, config)
     return y.view(t, top_k, hidden).sum(dim=1).to(x.dtype)

@@ -1,0 +1,94 @@
+"""MoE routing for decode-sized batches in one launch: softmax -> top-k -> pairs laid out by expert.
+
+The torch version (moe_nvfp4.sort_by_expert after softmax and topk) is about 20 small kernels, ~70 us a layer on the
+H100 whatever the batch: more than the expert GEMMs themselves at batch 1 (benchmarks/NOTES.md). Here one program
+does it for up to MAX_PAIRS (token, expert) pairs, with the same output contract: route weights [T * top_k],
+sorted_pairs [P] (pair ids grouped by expert, each group padded to BLOCK_M, -1 in the padding) and block_expert
+[P / BLOCK_M] (-1 past the used blocks), P the worst-case padded length, so the grid never depends on the routing.
+Top-k is taken on the logits (softmax keeps their order); pairs of one expert keep their token order.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_PAIRS = 256
+
+
+@triton.jit
+def moe_routing_kernel(logits_ptr, experts_ptr, weights_ptr, pairs_ptr, block_expert_ptr,
+                       T, E, stride_l, num_slots, num_blocks,
+                       TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                       T2: tl.constexpr, E2: tl.constexpr, P2: tl.constexpr, S2: tl.constexpr, NB2: tl.constexpr):
+    t = tl.arange(0, T2)
+    e = tl.arange(0, E2)
+    ok_t = t < T
+    ok = ok_t[:, None] & (e[None, :] < E)
+    logits = tl.load(logits_ptr + t[:, None] * stride_l + e[None, :], mask=ok, other=float("-inf")).to(tl.float32)
+    row_max = tl.where(ok_t, tl.max(logits, axis=1), 0.0)
+    probs = tl.where(ok, tl.exp(logits - row_max[:, None]), 0.0)
+    probs = probs / tl.where(ok_t, tl.sum(probs, axis=1), 1.0)[:, None]
+
+    # top-k: k rounds of argmax on the logits; the first round's sums give the renormalization
+    chosen_sum = tl.zeros((T2,), dtype=tl.float32)
+    rest = logits
+    for j in tl.static_range(TOP_K):
+        pick = e[None, :] == tl.argmax(rest, axis=1)[:, None]
+        chosen_sum += tl.sum(tl.where(pick, probs, 0.0), axis=1)
+        rest = tl.where(pick, float("-inf"), rest)
+    scale = 1.0 / chosen_sum if RENORMALIZE else tl.full((T2,), 1.0, tl.float32)
+    rest = logits
+    for j in tl.static_range(TOP_K):
+        idx = tl.argmax(rest, axis=1)
+        pick = e[None, :] == idx[:, None]
+        tl.store(experts_ptr + t * TOP_K + j, idx, mask=ok_t)
+        tl.store(weights_ptr + t * TOP_K + j, tl.sum(tl.where(pick, probs, 0.0), axis=1) * scale, mask=ok_t)
+        rest = tl.where(pick, float("-inf"), rest)
+    tl.debug_barrier()
+
+    # counting sort of the pairs by expert: rank within the expert from a running count over pair order
+    p = tl.arange(0, P2)
+    ok_p = p < T * TOP_K
+    expert = tl.load(experts_ptr + p, mask=ok_p, other=E2)  # E2 matches no column
+    onehot = (expert[:, None] == e[None, :]).to(tl.int32)  # [P2, E2]
+    counts = tl.sum(onehot, axis=0)
+    rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    block_end = tl.cumsum(blocks, axis=0)
+    pad_start = (block_end - blocks) * BLOCK_M
+    dest = tl.sum(onehot * pad_start[None, :], axis=1) + rank
+    s = tl.arange(0, S2)
+    tl.store(pairs_ptr + s, tl.full((S2,), -1, tl.int32), mask=s < num_slots)
+    tl.debug_barrier()  # the padding is written before the pairs land on it
+    tl.store(pairs_ptr + dest, p.to(tl.int32), mask=ok_p)
+    b = tl.arange(0, NB2)
+    owner = tl.sum((block_end[None, :] <= b[:, None]).to(tl.int32), axis=1)  # experts whose blocks end by b
+    tl.store(block_expert_ptr + b, tl.where(owner < E, owner, -1).to(tl.int32), mask=b < num_blocks)
+
+
+def padded_pairs(pairs: int, num_experts: int, block_m: int) -> int:
+    """Worst-case length of the expert-grouped layout (every expert's group padded to block_m)."""
+    return triton.cdiv(pairs + num_experts * (block_m - 1), block_m) * block_m
+
+
+def route_and_sort(router_logits: torch.Tensor, top_k: int, renormalize: bool, block_m: int):
+    """router_logits [T, E] -> (route weights [T * top_k] fp32, sorted_pairs [P] int32, block_expert [P / block_m])."""
+    t, num_experts = router_logits.shape
+    if t * top_k > MAX_PAIRS or top_k > num_experts:
+        raise ValueError(f"moe routing: {t} tokens x top_k {top_k} over {num_experts} experts is out of range "
+                         f"(at most {MAX_PAIRS} pairs)")
+    dev = router_logits.device
+    slots = padded_pairs(t * top_k, num_experts, block_m)
+    experts = torch.empty(t * top_k, dtype=torch.int32, device=dev)
+    weights = torch.empty(t * top_k, dtype=torch.float32, device=dev)
+    pairs = torch.empty(slots, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(slots // block_m, dtype=torch.int32, device=dev)
+    moe_routing_kernel[(1,)](
+        router_logits, experts, weights, pairs, block_expert, t, num_experts, router_logits.stride(0), slots,
+        slots // block_m, TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_M=block_m,
+        T2=max(2, triton.next_power_of_2(t)), E2=triton.next_power_of_2(num_experts),
+        P2=max(2, triton.next_power_of_2(t * top_k)), S2=triton.next_power_of_2(slots),
+        NB2=max(2, triton.next_power_of_2(slots // block_m)), num_warps=8,
+    )
+    return weights, pairs, block_expert
