@@ -68,8 +68,9 @@ def moe_routing_kernel(logits_ptr, experts_ptr, weights_ptr, pairs_ptr, block_ex
 
 
 def padded_pairs(pairs: int, num_experts: int, block_m: int) -> int:
-    """Worst-case length of the expert-grouped layout (every expert's group padded to block_m)."""
-    return triton.cdiv(pairs + num_experts * (block_m - 1), block_m) * block_m
+    """Worst-case length of the expert-grouped layout: each used expert's group padded to block_m, and at most
+    min(experts, pairs) experts are used (one token at batch 1 needs top_k blocks, not one per expert)."""
+    return triton.cdiv(pairs + min(num_experts, pairs) * (block_m - 1), block_m) * block_m
 
 
 def route_and_sort(router_logits: torch.Tensor, top_k: int, renormalize: bool, block_m: int):
