@@ -9,7 +9,7 @@ import time
 
 import openai
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 from adallm_core.sampling_params import SamplingParams
 from adallm_core.testing import demo_model_path
@@ -266,8 +266,11 @@ def _schema():
     return schemathesis.openapi.from_dict(app.openapi())
 
 
+# Derandomized, no shrinking: the same 12 requests every run. A CI run once failed inside the example generator itself
+# (hypothesis reported a SystemError from compile() while replaying a case, a "flaky strategy"), not on a response.
 @_schema().parametrize()
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None,
+          phases=[Phase.explicit, Phase.generate])
 def test_schemathesis_never_5xx(case, server, served_name):
     from schemathesis.checks import not_a_server_error
 
