@@ -38,7 +38,6 @@ def sweep_cuda_variants(log) -> list[dict]:
     """csrc/nvfp4_gemv.cu's (warps, depth) variants beside the Triton decode kernel, M = 1..16."""
     from adallm_core.ops import cuda_gemv
     from adallm_core.ops.triton import nvfp4_gemm as lin
-    from adallm_core.ops.triton.nvfp4_prefill import global_runs, nvfp4_linear_prefill
 
     module, out = cuda_gemv.load(), []
     for name, (n, k) in LINEARS.items():
@@ -64,6 +63,7 @@ def sweep_cuda_variants(log) -> list[dict]:
 def bench_linear(sweep: bool, rows: list, log, w4a8: bool = True, ms=MS, sweep_ms=(1, 16, 64)) -> None:
     from adallm_core.ops.triton import nvfp4_gemm as lin
     from adallm_core.ops.triton.nvfp4_prefill import global_runs, nvfp4_linear_prefill
+    from adallm_core.ops.triton.nvfp4_prefill import nvfp4_linear as op_linear
     from adallm_core.ops.triton.w4a8_gemm import w4a8_linear
 
     for name, (n, k) in LINEARS.items():
@@ -76,7 +76,7 @@ def bench_linear(sweep: bool, rows: list, log, w4a8: bool = True, ms=MS, sweep_m
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             row = {"shape": name, "N": n, "K": k, "M": m, "nvfp4_bytes": wbytes}
-            t = time_graph(lambda w: lin.nvfp4_linear(x, w), [(w,) for w in ws])
+            t = time_graph(lambda w: op_linear(x, w), [(w,) for w in ws])  # the path the op picks
             row["nvfp4_us"] = t * 1e6
             row["nvfp4_TBps"] = wbytes / t / 1e12
             row["nvfp4_cfg"] = lin.pick_config(m, n, k, x.device)

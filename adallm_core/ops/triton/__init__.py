@@ -1,8 +1,8 @@
 """The 'triton' kernel backend: ops.select_ops('triton', device) takes the ops named in ops.OP_NAMES from here.
 
 Each op is a thin wrapper that checks shapes and dtypes, then launches the kernel of one file:
-  nvfp4_linear               nvfp4_gemm.py       exact BF16 compute; decode split-K stream, tiles up to M = 255
-                             nvfp4_prefill.py    M >= 256: weights dequantized once per slab, cuBLAS GEMM (exact)
+  nvfp4_linear               nvfp4_prefill.py    M >= 256: weights dequantized once per slab, cuBLAS GEMM (exact)
+                             nvfp4_gemm.py       exact BF16 compute; decode split-K stream, tiles up to M = 255
   attention                  paged_attention.py  paged FP8/BF16 KV, GQA rows per KV head, split-K for long decode
   kv_write                   kv_cache_write.py
   qk_norm_rope_cache         qk_norm_rope.py     per-head q/k norm + RoPE + k/v cache store, one launch
@@ -22,7 +22,7 @@ from adallm_core.ops.triton.activation import gelu_tanh_and_mul, silu_and_mul
 from adallm_core.ops.triton.embedding import embedding
 from adallm_core.ops.triton.kv_cache_write import kv_write
 from adallm_core.ops.triton.moe_nvfp4 import moe
-from adallm_core.ops.triton.nvfp4_gemm import nvfp4_linear
+from adallm_core.ops.triton.nvfp4_prefill import nvfp4_linear
 from adallm_core.ops.triton.paged_attention import attention
 from adallm_core.ops.triton.qk_norm_rope import qk_norm_rope_cache
 from adallm_core.ops.triton.rmsnorm import add_rms_norm, rms_norm

@@ -6,8 +6,8 @@ Layout after sorting, each expert's pairs padded to a multiple of BLOCK_M (graph
 no host sync; the grid is sized for the worst case and blocks past the end exit):
     sorted_pairs [P]  pair id (token * top_k + k) or -1 for padding;  block_expert [P / BLOCK_M]  expert or -1
 One launch computes x[token] @ w13[e].T for every pair (rows gathered, weights dequantized in registers exactly as in
-nvfp4_gemm, with its PTX word dequantization on the GPU), then silu_and_mul, then one launch of h @ w2[e].T scaled by the pair's routing weight; the top_k rows
-of each token are summed at the end.
+nvfp4_gemm, with its PTX word dequantization on the GPU), then silu_and_mul, then one launch of h @ w2[e].T scaled
+by the pair's routing weight; the top_k rows of each token are summed at the end.
 """
 from __future__ import annotations
 

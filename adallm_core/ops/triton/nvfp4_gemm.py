@@ -1,9 +1,9 @@
 """NVFP4 linear, exact BF16 compute: y [M, N] = x [M, K] @ W.T with W packed (4-bit E2M1 + E4M3 per-16 scales).
 
 One kernel for decode (small M: memory bound, split-K for parallelism) and large tiles for any M. The packed
-weights and scales are read once and turned into BF16 in registers; no BF16 copy of W ever lives in memory. From
-M = 256 on, nvfp4_linear hands checkpoint-shaped weights to nvfp4_prefill.py (dequantize once, cuBLAS), which is
-faster there because this kernel repeats each tile's dequantization for every tile of M rows.
+weights and scales are read once and turned into BF16 in registers; no BF16 copy of W ever lives in memory. The
+op (nvfp4_prefill.nvfp4_linear) sends checkpoint-shaped weights from M = 256 on to the dequantize-once path instead,
+which is faster there because this kernel repeats each tile's dequantization for every tile of M rows.
 
 Exactness (shared/KERNELS.md): an E2M1 value times an E4M3 scale has <= 6 significant bits, so it is exact in
 BF16. The code's 3 magnitude bits shifted to bit 6 ARE the BF16 bit pattern of v * 2^-126 (m=1 lands on the
@@ -259,12 +259,6 @@ def nvfp4_linear(x: torch.Tensor, w, config: dict | None = None) -> torch.Tensor
     check_args(x, w)
     m, k = x.shape
     n = w.out_features
-    if config is None and m:  # large M: dequantize once, cuBLAS GEMM (nvfp4_prefill.py), where it applies
-        from adallm_core.ops.triton import nvfp4_prefill  # it builds on this module
-
-        prefill = nvfp4_prefill.try_linear(x, w)
-        if prefill is not None:
-            return prefill
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out

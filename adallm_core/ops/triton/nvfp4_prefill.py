@@ -1,4 +1,5 @@
-"""NVFP4 linear for large M (prefill): dequantize a slab of weight rows to BF16 once, then one cuBLAS GEMM per slab.
+"""The nvfp4_linear op, and its large-M (prefill) path: dequantize a slab of weight rows to BF16 once, then one cuBLAS
+GEMM per slab. Everything else goes to the tiled kernel (nvfp4_gemm.py).
 
 The tiled kernel (nvfp4_gemm.py) repeats the dequantization of each weight tile for every tile of M rows, which at
 M = 2048 costs as much as its MMAs (benchmarks/NOTES.md). Here each weight is dequantized once per call into a
@@ -14,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from adallm_core.ops.triton.nvfp4_gemm import INTERPRET, _dequant_tile, _dequant_words
+from adallm_core.ops.triton.nvfp4_gemm import INTERPRET, _dequant_tile, _dequant_words, check_args
+from adallm_core.ops.triton.nvfp4_gemm import nvfp4_linear as tiled_linear
 
 SLAB_ELEMS = 1 << 25  # weights per dequantized slab (64 MB of BF16)
 MAX_RUNS = 16
@@ -42,14 +44,17 @@ def dequant_rows_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, strid
              mask=mask_n[:, None])
 
 
-def try_linear(x: torch.Tensor, w) -> torch.Tensor | None:
-    """The prefill path when it applies (BF16 x, M >= MIN_TOKENS, few global-scale runs), else None."""
-    if x.shape[0] < MIN_TOKENS or x.dtype != torch.bfloat16:
-        return None
-    if "_prefill_runs" not in w.__dict__ and torch.cuda.is_current_stream_capturing():
-        return None  # reading the scales to the host would break the capture
-    runs = global_runs(w)
-    return None if runs is None else nvfp4_linear_prefill(x, w, runs)
+def nvfp4_linear(x: torch.Tensor, w) -> torch.Tensor:
+    """The op: this file's path where it applies (BF16 x, M >= MIN_TOKENS, few global-scale runs), the tiled kernel
+    everywhere else (decode steps go straight there)."""
+    if x.dim() == 2 and x.shape[0] >= MIN_TOKENS and x.dtype == torch.bfloat16:
+        check_args(x, w)
+        # reading the scales to the host (once per weight) would break a CUDA-graph capture
+        if "_prefill_runs" in w.__dict__ or not torch.cuda.is_current_stream_capturing():
+            runs = global_runs(w)
+            if runs is not None:
+                return nvfp4_linear_prefill(x, w, runs)
+    return tiled_linear(x, w)
 
 
 def global_runs(w) -> list[tuple[int, int, float]] | None:
