@@ -136,6 +136,48 @@ def dequantize(
     return (values * scale).flatten(-2).to(dtype)
 
 
+# Kernel word order. The GPU kernels read 32-bit words of 8 codes and turn each into four BF16 pairs, the register
+# pairs the tensor cores take (ops/triton/nvfp4_gemm.py). In the checkpoint's order a pair's magnitude and sign bits
+# need four shifts; in this order (a permutation of the bits inside each word, applied once at load) pairs 0-2 become
+# BF16 bit patterns with one shift and one mask (`(word << 3 * p) & 0x81C081C0`), pair 3 with three of each.
+# _KERNEL_BITS[i] = where element i's code bits (magnitude 0, 1, 2, sign) go in the word.
+_KERNEL_BITS = (
+    (6, 7, 8, 15), (22, 23, 24, 31), (3, 4, 5, 12), (19, 20, 21, 28),
+    (0, 1, 2, 9), (16, 17, 18, 25), (10, 11, 13, 14), (26, 27, 29, 30),
+)
+
+
+_WORDS_PER_CHUNK = 1 << 22
+
+
+def _move_bits(words: torch.Tensor, moves: list[tuple[int, int]]) -> torch.Tensor:
+    """Move bits of int64 words, given (source, destination) pairs; bits that move the same distance share a shift."""
+    by_shift: dict[int, int] = {}
+    for src, dst in moves:
+        by_shift[dst - src] = by_shift.get(dst - src, 0) | (1 << src)
+    out = torch.zeros_like(words)
+    for shift, mask in by_shift.items():
+        part = words & mask
+        out |= part << shift if shift >= 0 else part >> -shift
+    return out
+
+
+def to_kernel_order(packed: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Packed uint8 [..., K/2] in the checkpoint's order -> the same codes in the kernels' word order (or back)."""
+    if packed.dtype != torch.uint8 or packed.shape[-1] % 4:
+        raise ValueError(f"kernel word order needs uint8 rows of whole 4-byte words, got {packed.dtype} "
+                         f"{tuple(packed.shape)}")
+    moves = [(4 * i + b, dst) for i, bits in enumerate(_KERNEL_BITS) for b, dst in enumerate(bits)]
+    if inverse:
+        moves = [(dst, src) for src, dst in moves]
+    words = packed.contiguous().view(torch.int32).flatten()
+    out = torch.empty_like(words)
+    for i in range(0, words.numel(), _WORDS_PER_CHUNK):  # int64 temporaries of a chunk, never of the whole tensor
+        chunk = words[i : i + _WORDS_PER_CHUNK].to(torch.int64) & 0xFFFFFFFF
+        out[i : i + _WORDS_PER_CHUNK] = _move_bits(chunk, moves).to(torch.int32)
+    return out.view(torch.uint8).reshape(packed.shape)
+
+
 @dataclass
 class NVFP4Weight:
     """THE in-memory form of a quantized linear [N, K], or a stack of them [E, N, K] (MoE experts).
@@ -148,6 +190,7 @@ class NVFP4Weight:
     packed: torch.Tensor  # uint8 [..., N, K//2]
     block_scale: torch.Tensor  # float8_e4m3fn [..., N, K//16]
     global_scale: torch.Tensor  # float32 [..., N]
+    kernel_order: bool = False  # packed words hold their codes in the kernels' order (to_kernel_order)
 
     def __post_init__(self) -> None:
         p, s, g = self.packed, self.block_scale, self.global_scale
@@ -180,8 +223,9 @@ class NVFP4Weight:
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:
         """-> [..., N, K] (or only `rows` of N) in dtype."""
         rows = rows if rows is not None else slice(None)
+        packed = self.packed[..., rows, :]
         return dequantize(
-            self.packed[..., rows, :],
+            to_kernel_order(packed, inverse=True) if self.kernel_order else packed,
             self.block_scale[..., rows, :],
             self.global_scale[..., rows],
             divides=False,
@@ -189,7 +233,14 @@ class NVFP4Weight:
         )
 
     def to(self, device: torch.device | str) -> NVFP4Weight:
-        return NVFP4Weight(self.packed.to(device), self.block_scale.to(device), self.global_scale.to(device))
+        return NVFP4Weight(self.packed.to(device), self.block_scale.to(device), self.global_scale.to(device),
+                           self.kernel_order)
+
+    def in_kernel_order(self) -> NVFP4Weight:
+        """The same weight with its codes in the kernels' word order (what the GPU kernels read fastest)."""
+        if self.kernel_order:
+            return self
+        return NVFP4Weight(to_kernel_order(self.packed), self.block_scale, self.global_scale, True)
 
     @staticmethod
     def cat(weights: list[NVFP4Weight]) -> NVFP4Weight:
@@ -198,6 +249,7 @@ class NVFP4Weight:
             torch.cat([w.packed for w in weights], dim=-2),
             torch.cat([w.block_scale for w in weights], dim=-2),
             torch.cat([w.global_scale for w in weights], dim=-1),
+            _one_order(weights),
         )
 
     @staticmethod
@@ -207,6 +259,7 @@ class NVFP4Weight:
             torch.stack([w.packed for w in weights]),
             torch.stack([w.block_scale for w in weights]),
             torch.stack([w.global_scale for w in weights]),
+            _one_order(weights),
         )
 
     @classmethod
@@ -229,3 +282,10 @@ class NVFP4Weight:
         g = global_scale_from_amax(tensor_amax(w), divides=False)
         packed, block_scale = quantize(w, g, divides=False, name=name)
         return cls.from_modelopt(packed, block_scale, g)
+
+
+def _one_order(weights: list[NVFP4Weight]) -> bool:
+    orders = {w.kernel_order for w in weights}
+    if len(orders) != 1:
+        raise ValueError("cannot join NVFP4 weights whose codes are in different word orders")
+    return orders.pop()

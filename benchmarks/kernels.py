@@ -67,7 +67,9 @@ def bench_linear(sweep: bool, rows: list, log, w4a8: bool = True, ms=MS, sweep_m
     from adallm_core.ops.triton.w4a8_gemm import w4a8_linear
 
     for name, (n, k) in LINEARS.items():
-        ws = [random_nvfp4(n, k) for _ in range(copies(n * k // 2))]
+        # as the engine holds them (ops.prepare_nvfp4_weight: the kernels' word order); W4A8 reads the checkpoint's
+        checkpoint_ws = [random_nvfp4(n, k) for _ in range(copies(n * k // 2))]
+        ws = [w.in_kernel_order() for w in checkpoint_ws]
         wbytes = ws[0].nbytes
         nb = copies(n * k * 2)
         bf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(nb)]
@@ -99,7 +101,7 @@ def bench_linear(sweep: bool, rows: list, log, w4a8: bool = True, ms=MS, sweep_m
                 row["best_us"], row["best_cfg"] = best[0] * 1e6, best[1]
                 row["best_TBps"] = wbytes / best[0] / 1e12
             if w4a8 and m >= 16:
-                row["w4a8_us"] = time_graph(lambda w: w4a8_linear(x, w), [(w,) for w in ws]) * 1e6
+                row["w4a8_us"] = time_graph(lambda w: w4a8_linear(x, w), [(w,) for w in checkpoint_ws]) * 1e6
             row["bf16_us"] = time_graph(lambda b: torch.matmul(x, b.t()), [(b,) for b in bf]) * 1e6
             if m >= 16:
                 xf = x.to(torch.float8_e4m3fn)
@@ -109,7 +111,7 @@ def bench_linear(sweep: bool, rows: list, log, w4a8: bool = True, ms=MS, sweep_m
                 ) * 1e6
             log(json.dumps(row, default=str))
             rows.append(row)
-        del ws, bf, f8
+        del ws, checkpoint_ws, bf, f8
         torch.cuda.empty_cache()
 
 

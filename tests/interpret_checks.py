@@ -25,6 +25,9 @@ def main() -> None:
         "linear_swap_ab": kc.case_nvfp4_linear(dev, 3, 32, 64, dict(small, SPLIT_K=1, SWAP_AB=True), torch.float32),
         "linear_swap_ab_split_ragged": kc.case_nvfp4_linear(dev, 5, 24, 160, dict(small, SPLIT_K=3, SWAP_AB=True),
                                                             torch.float32),
+        "linear_kernel_order": kc.case_nvfp4_linear(dev, 3, 32, 64, dict(small, SPLIT_K=1), torch.float32, True),
+        "linear_kernel_order_split_ragged": kc.case_nvfp4_linear(dev, 5, 24, 160, dict(small, SPLIT_K=3),
+                                                                 torch.float32, True),
         "rms_norm": kc.case_rms_norm(dev, 3, 24, dtype=torch.float32),
         "add_rms_norm_gemma": kc.case_rms_norm(dev, 3, 24, offset=1.0, add=True, dtype=torch.float32),
         "rope": kc.case_rope(dev, 5, 4, 2, 16, dtype=torch.float32),
@@ -38,9 +41,12 @@ def main() -> None:
         "attention_window_split": kc.case_attention(dev, [1, 1], [17, 30], hq=4, hk=2, d=16, fp8=False, window=8,
                                                     num_splits=4, dtype=torch.float32),
         "moe": kc.case_moe(dev, 5, 32, 32, 4, 2, dtype=torch.float32),
+        "moe_kernel_order": kc.case_moe(dev, 5, 32, 32, 4, 2, dtype=torch.float32, kernel_order=True),
         "moe_routing": kc.case_moe_routing(dev, 5, 12, 3, True, block_m=4),
         "moe_routing_plain": kc.case_moe_routing(dev, 1, 16, 4, False),
         "prefill_runs": kc.case_nvfp4_prefill(dev, 5, [24, 8, 8], 48, dtype=torch.float32),
+        "prefill_runs_kernel_order": kc.case_nvfp4_prefill(dev, 5, [24, 8, 8], 48, dtype=torch.float32,
+                                                           kernel_order=True),
         "embedding_ragged": kc.case_embedding(dev, 7, 50, 40, dtype=torch.float32),
     }
     print(json.dumps(results))

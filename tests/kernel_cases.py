@@ -28,12 +28,18 @@ def random_nvfp4(n: int, k: int, dev, experts: int | None = None, scale_exp=(-9.
     return NVFP4Weight(packed, scale, torch.rand(lead + (n,), device=dev) * 1e-2 + 1e-3)
 
 
-def case_nvfp4_linear(dev, m, n, k, config=None, dtype=torch.bfloat16) -> float:
+def _order(w: NVFP4Weight, kernel_order: bool) -> NVFP4Weight:
+    """The weight the kernel gets: kernel_order moves its codes into the kernels' word order, while the reference
+    keeps reading the checkpoint's order, so a wrong permutation or decode shows up as a wrong result."""
+    return w.in_kernel_order() if kernel_order else w
+
+
+def case_nvfp4_linear(dev, m, n, k, config=None, dtype=torch.bfloat16, kernel_order=False) -> float:
     from adallm_core.ops.triton.nvfp4_gemm import nvfp4_linear
 
     w = random_nvfp4(n, k, dev)
     x = torch.randn(m, k, device=dev).to(torch.bfloat16).to(dtype)  # BF16 values: the kernel's dot is BF16
-    return rel_err(nvfp4_linear(x, w, config), reference.nvfp4_linear(x, w))
+    return rel_err(nvfp4_linear(x, _order(w, kernel_order), config), reference.nvfp4_linear(x, w))
 
 
 def case_rms_norm(dev, t, h, offset=0.0, add=False, dtype=torch.bfloat16) -> float:
@@ -150,14 +156,15 @@ def case_attention(dev, q_lens, ctx_lens, hq=4, hk=2, d=32, block_size=4, fp8=Tr
     return rel_err(attention(*args, num_splits=num_splits), reference.attention(*args))
 
 
-def case_moe(dev, t, hidden, inter, experts, top_k, dtype=torch.bfloat16) -> float:
+def case_moe(dev, t, hidden, inter, experts, top_k, dtype=torch.bfloat16, kernel_order=False) -> float:
     from adallm_core.ops.triton import moe
 
     w13 = random_nvfp4(2 * inter, hidden, dev, experts, scale_exp=(-4.0, 0.0))
     w2 = random_nvfp4(hidden, inter, dev, experts, scale_exp=(-4.0, 0.0))
     x = torch.randn(t, hidden, device=dev).to(dtype)
     logits = torch.randn(t, experts, device=dev)
-    return rel_err(moe(x, logits, w13, w2, top_k, True), reference.moe(x, logits, w13, w2, top_k, True))
+    out = moe(x, logits, _order(w13, kernel_order), _order(w2, kernel_order), top_k, True)
+    return rel_err(out, reference.moe(x, logits, w13, w2, top_k, True))
 
 
 def runs_nvfp4(parts: list[int], k: int, dev) -> "NVFP4Weight":
@@ -168,15 +175,16 @@ def runs_nvfp4(parts: list[int], k: int, dev) -> "NVFP4Weight":
     return NVFP4Weight.cat(ws)
 
 
-def case_nvfp4_prefill(dev, m, parts, k, dtype=torch.bfloat16) -> float:
+def case_nvfp4_prefill(dev, m, parts, k, dtype=torch.bfloat16, kernel_order=False) -> float:
     """The dequantize-once path (nvfp4_prefill.py) called directly, so the interpreter runs it at any M."""
     from adallm_core.ops.triton.nvfp4_prefill import global_runs, nvfp4_linear_prefill
 
     w = runs_nvfp4(parts, k, dev)
-    runs = global_runs(w)
+    op_w = _order(w, kernel_order)
+    runs = global_runs(op_w)
     assert runs is not None and len(runs) >= len(parts)
     x = torch.randn(m, k, device=dev).to(torch.bfloat16).to(dtype)
-    return rel_err(nvfp4_linear_prefill(x, w, runs), reference.nvfp4_linear(x, w))
+    return rel_err(nvfp4_linear_prefill(x, op_w, runs), reference.nvfp4_linear(x, w))
 
 
 def case_moe_routing(dev, t, experts, top_k, renormalize, block_m=16) -> float:

@@ -27,6 +27,11 @@ def test_gpu_engine_greedy_tokens_agree_with_transformers(family, kv):
     # embedding_on_host (the default): an untied table stays in pinned host memory, a tied one (Gemma) on the GPU
     table = engine.runner.model.embed_tokens
     assert (table.device.type, table.is_pinned()) == (("cuda", False) if family == "gemma3" else ("cpu", True))
+    # the Triton backend keeps every NVFP4 weight in its kernels' word order (ops.prepare_nvfp4_weight)
+    layer = engine.runner.model.layers[0]
+    mlp = [layer.mlp.w13, layer.mlp.w2] if family == "qwen3_moe" else [layer.mlp.gate_up_proj.weight,
+                                                                       layer.mlp.down_proj.weight]
+    assert all(w.kernel_order for w in [layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight] + mlp)
     hf = hf_on_dequantized(family, Checkpoint(tiny_checkpoint(family, "modelopt")))
     check_against_transformers(engine, hf, family, kv)
 
@@ -35,7 +40,7 @@ def test_gpu_engine_with_a_quantized_lm_head_agrees_with_transformers():
     """Gemma3 ties the lm_head to the embedding; quantize_lm_head unties them, so the table moves to the host."""
     engine = make_engine("gemma3", "modelopt", kv_cache_dtype="bf16", device="cuda", max_num_seqs=8,
                          quantize_lm_head=True)
-    assert engine.runner.model.embed_tokens.is_pinned()
+    assert engine.runner.model.embed_tokens.is_pinned() and engine.runner.model.lm_head.weight.kernel_order
     hf = hf_on_dequantized("gemma3", Checkpoint(tiny_checkpoint("gemma3", "modelopt")))
     # the engine's own NVFP4 head (tests/test_lm_head_options.py checks it against compressed-tensors on the CPU;
     # that package is not on the GPU machine)

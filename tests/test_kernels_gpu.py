@@ -31,10 +31,11 @@ def poison_allocator():
     torch.manual_seed(torch.seed() % (1 << 31))  # fresh inputs every run
 
 
+@pytest.mark.parametrize("kernel_order", [True, False], ids=["kernel_order", "checkpoint_order"])
 @pytest.mark.parametrize("m", [1, 3, 16, 37, 64, 65, 300])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (96, 3072), (200, 208), (17000, 256)])  # wide N: weights as A
-def test_nvfp4_linear(m, n, k):
-    assert kc.case_nvfp4_linear(DEV, m, n, k) <= EXACT
+def test_nvfp4_linear(m, n, k, kernel_order):
+    assert kc.case_nvfp4_linear(DEV, m, n, k, kernel_order=kernel_order) <= EXACT
 
 
 @pytest.mark.parametrize("m", [256, 300, 2048])
@@ -45,9 +46,10 @@ def test_nvfp4_linear_prefill_path(m, parts, k):
     from adallm_core.ops.triton import nvfp4_linear
 
     w = kc.runs_nvfp4(parts, k, DEV)
+    op_w = w.in_kernel_order()  # as the engine holds it
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-    out = nvfp4_linear(x, w)
-    assert w.__dict__["_prefill_runs"] is not None, "the prefill path was not taken"
+    out = nvfp4_linear(x, op_w)
+    assert op_w.__dict__["_prefill_runs"] is not None, "the prefill path was not taken"
     assert kc.rel_err(out, reference.nvfp4_linear(x, w)) <= EXACT
 
 
@@ -75,15 +77,17 @@ def test_qk_norm_rope_cache(t, hq, hk, d, cache, offset):
     assert kc.case_qk_norm_rope_cache(DEV, t, hq, hk, d, dtype, offset) <= EXACT
 
 
-@pytest.mark.parametrize("math,swap", [(0, False), (1, False), (3, True), (0, True)])
+@pytest.mark.parametrize("math,swap", [(0, False), (1, False), (3, True), (3, False), (0, True)])
 @pytest.mark.parametrize("split", [1, 3, 8])
-def test_nvfp4_linear_variants(math, swap, split):
-    """Every decode variant (BF16 or fp32 multiply; weights as the A or the B operand; split-K with the
-    last-program reduction) gives the same result; repeated calls check that the split-K tickets reset themselves."""
-    cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=split, num_warps=4, num_stages=3, MATH=math,
+@pytest.mark.parametrize("block_k", [128, 512])
+def test_nvfp4_linear_variants(math, swap, split, block_k):
+    """Every decode variant (BF16 or fp32 multiply on checkpoint-ordered bytes, or the word dequantization on the
+    kernels' word order; weights as the A or the B operand; split-K with the last-program reduction) gives the same
+    result; repeated calls check that the split-K tickets reset themselves."""
+    cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=block_k, SPLIT_K=split, num_warps=4, num_stages=3, MATH=math,
                SWAP_AB=swap)
     for _ in range(3):
-        assert kc.case_nvfp4_linear(DEV, 5, 512, 2048, cfg) <= EXACT
+        assert kc.case_nvfp4_linear(DEV, 5, 512, 2048, cfg, kernel_order=math == 3) <= EXACT
 
 
 def test_nvfp4_linear_is_exact_in_fp32():
@@ -194,6 +198,7 @@ def test_moe_routing(t, experts, top_k, renormalize):
     assert kc.case_moe_routing(DEV, t, experts, top_k, renormalize) <= 1e-5
 
 
+@pytest.mark.parametrize("kernel_order", [True, False], ids=["kernel_order", "checkpoint_order"])
 @pytest.mark.parametrize("t", [1, 7, 64, 300])  # 300 x 4 pairs: the torch routing path
-def test_moe(t):
-    assert kc.case_moe(DEV, t, 256, 128, 16, 4) <= EXACT
+def test_moe(t, kernel_order):
+    assert kc.case_moe(DEV, t, 256, 128, 16, 4, kernel_order=kernel_order) <= EXACT

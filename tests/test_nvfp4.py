@@ -149,6 +149,47 @@ def test_stacked_experts_have_one_global_scale_each():
     assert stacked.to("cpu").device.type == "cpu"
 
 
+# --- the kernels' word order ------------------------------------------------------------------------------------
+def _bf16_pattern(code: torch.Tensor) -> torch.Tensor:
+    """The 16-bit pattern the GPU decode builds for a code: magnitude index at bits 6..8, sign at bit 15."""
+    return ((code & 7) << 6) | ((code & 8) << 12)
+
+
+def test_kernel_order_round_trips_and_decodes_with_the_kernels_shifts():
+    """The PTX decode (nvfp4_gemm._DEQUANT_ASM_KERNEL_ORDER) reads pair p = elements (2p, 2p + 1) of a word as
+    `(word << 3p) & 0x81C081C0` for p < 3 and three masked shifts for p = 3; here the same formulas in torch
+    against the codes unpacked from the checkpoint's order, and the pattern against the E2M1 table."""
+    packed = torch.randint(0, 256, (6, 32), dtype=torch.uint8)
+    moved = nvfp4.to_kernel_order(packed)
+    assert not torch.equal(moved, packed)
+    assert torch.equal(nvfp4.to_kernel_order(moved, inverse=True), packed)
+    word = moved.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    mask = 0x81C081C0
+    pairs = [word & mask, (word << 3) & mask, (word << 6) & mask,
+             ((word >> 4) & 0x00C000C0) | ((word >> 5) & 0x01000100) | ((word << 1) & 0x80008000)]
+    codes = nvfp4.unpack_fp4(packed).to(torch.int64).view(6, 8, 8)  # [row, word, element]
+    for p, got in enumerate(pairs):
+        want = _bf16_pattern(codes[..., 2 * p]) | (_bf16_pattern(codes[..., 2 * p + 1]) << 16)
+        assert torch.equal(got & 0xFFFFFFFF, want), f"pair {p}"
+    # the pattern is the BF16 bit pattern of v * 2^-126
+    all_codes = torch.arange(16)
+    values = (_bf16_pattern(all_codes).to(torch.int32) << 16).view(torch.float32) * 2.0**126
+    assert torch.equal(values, E2M1_VALUES)
+
+
+def test_weights_in_kernel_order_dequantize_the_same_and_join_only_alike():
+    w = NVFP4Weight.quantize(torch.randn(2, 48, 64))
+    k = w.in_kernel_order()
+    assert k.kernel_order and k.in_kernel_order() is k
+    assert torch.equal(k.dequantize(), w.dequantize())
+    assert torch.equal(k.dequantize(rows=slice(5, 9)), w.dequantize(rows=slice(5, 9)))
+    assert NVFP4Weight.cat([k, k]).kernel_order and NVFP4Weight.stack([k, k]).kernel_order
+    with pytest.raises(ValueError, match="word orders"):
+        NVFP4Weight.cat([w, k])
+    with pytest.raises(ValueError, match="whole 4-byte words"):
+        nvfp4.to_kernel_order(torch.zeros(3, 6, dtype=torch.uint8))
+
+
 def test_conventions_are_reciprocal():
     gen = torch.Generator().manual_seed(2)
     w = torch.randn(8, 64, generator=gen)

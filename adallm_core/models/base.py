@@ -34,7 +34,7 @@ class NVFP4LMHead:
             NVFP4Weight.quantize(dense[i : i + LM_HEAD_CHUNK_ROWS].to(device=device, dtype=torch.float32), "lm_head")
             for i in range(0, dense.shape[0], LM_HEAD_CHUNK_ROWS)
         ]
-        self.weight, self.ops = NVFP4Weight.cat(chunks), ops
+        self.weight, self.ops = ops.prepare_nvfp4_weight(NVFP4Weight.cat(chunks)), ops
 
     def __call__(self, x):
         return self.ops.nvfp4_linear(x, self.weight)

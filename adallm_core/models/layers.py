@@ -34,7 +34,7 @@ class NVFP4LinearMethod:
     def process_weights_after_loading(self, parts, device, dtype):
         # Per-row global scales make the fused q|k|v (gate|up) matrix exact.
         weight = parts[0] if len(parts) == 1 else NVFP4Weight.cat(list(parts))
-        return weight.to(device)
+        return self.ops.prepare_nvfp4_weight(weight.to(device))
 
     def apply(self, weight, x: torch.Tensor) -> torch.Tensor:
         return self.ops.nvfp4_linear(x, weight)
@@ -191,7 +191,8 @@ class SparseMoE:
                     raise ValueError(f"checkpoint linear {ex}.{name}: shape {_shape(p)}, config expects {shape}")
             w13.append(NVFP4Weight.cat(parts[:2]))
             w2.append(parts[2])
-        self.w13, self.w2 = NVFP4Weight.stack(w13).to(device), NVFP4Weight.stack(w2).to(device)
+        self.w13 = ops.prepare_nvfp4_weight(NVFP4Weight.stack(w13).to(device))
+        self.w2 = ops.prepare_nvfp4_weight(NVFP4Weight.stack(w2).to(device))
         self.top_k, self.renormalize, self.ops = cfg.num_experts_per_tok, cfg.norm_topk_prob, ops
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

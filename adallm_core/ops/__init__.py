@@ -34,6 +34,7 @@ OP_NAMES = (
     "attention",
     "moe",
     "embedding",
+    "prepare_nvfp4_weight",
 )
 BACKENDS = ("auto", "reference", "triton")
 
@@ -54,6 +55,7 @@ class Ops:
     attention: Callable
     moe: Callable
     embedding: Callable
+    prepare_nvfp4_weight: Callable  # once at load: NVFP4Weight -> the same weight in the layout the backend reads
     sources: dict = field(default_factory=dict)  # op name -> module that implements it
 
 

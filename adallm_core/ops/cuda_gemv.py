@@ -66,7 +66,7 @@ def load():
 
 
 def supports(x: torch.Tensor, w) -> bool:
-    return (x.is_cuda and x.dtype == torch.bfloat16 and 1 <= x.shape[0] <= MAX_M and x.shape[1] % K_TILE == 0
+    return (not w.kernel_order and x.is_cuda and x.dtype == torch.bfloat16 and 1 <= x.shape[0] <= MAX_M and x.shape[1] % K_TILE == 0
             and x.stride(1) == 1 and w.packed.is_contiguous() and w.block_scale.is_contiguous()
             and w.global_scale.dtype == torch.float32 and w.global_scale.is_contiguous())
 

@@ -38,6 +38,11 @@ def nvfp4_linear(x: torch.Tensor, w: "NVFP4Weight") -> torch.Tensor:
     return out.to(x.dtype)
 
 
+def prepare_nvfp4_weight(w: "NVFP4Weight") -> "NVFP4Weight":
+    """Weights stay as loaded (dequantize() reads either word order)."""
+    return w
+
+
 def embedding(input_ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """ids [T] -> [T, H] rows of table [V, H], on the ids' device (the table may live on the host)."""
     return F.embedding(input_ids.to(table.device), table).to(input_ids.device)

@@ -12,6 +12,7 @@ Each op is a thin wrapper that checks shapes and dtypes, then launches the kerne
   moe                        moe_nvfp4.py        tokens sorted by expert, one grouped launch per GEMM
                              moe_routing.py      softmax + top-k + the sort in one launch (decode batches)
   embedding                  embedding.py        row gather; the table may sit in pinned host memory
+  prepare_nvfp4_weight       nvfp4_gemm.py       at load: codes into the kernels' word order (nvfp4.to_kernel_order)
 Not in the op table, for comparison: w4a8_gemm.py (FP8 tensor cores, per-token FP8 activations) and quant.py.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from adallm_core.ops.triton.activation import gelu_tanh_and_mul, silu_and_mul
 from adallm_core.ops.triton.embedding import embedding
 from adallm_core.ops.triton.kv_cache_write import kv_write
 from adallm_core.ops.triton.moe_nvfp4 import moe
+from adallm_core.ops.triton.nvfp4_gemm import prepare_nvfp4_weight
 from adallm_core.ops.triton.nvfp4_prefill import nvfp4_linear
 from adallm_core.ops.triton.paged_attention import attention
 from adallm_core.ops.triton.qk_norm_rope import qk_norm_rope_cache
@@ -45,5 +47,5 @@ def check_device(device) -> None:
 
 __all__ = [
     "nvfp4_linear", "attention", "kv_write", "qk_norm_rope_cache", "rms_norm", "add_rms_norm", "rope", "silu_and_mul",
-    "gelu_tanh_and_mul", "moe", "embedding", "check_device",
+    "gelu_tanh_and_mul", "moe", "embedding", "prepare_nvfp4_weight", "check_device",
 ]

@@ -26,7 +26,7 @@ def moe_gemm_kernel(
     N, K, top_k,
     stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ge, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATHER: tl.constexpr,
-    WEIGHTED: tl.constexpr, MATH: tl.constexpr,
+    WEIGHTED: tl.constexpr, MATH: tl.constexpr, KERNEL_ORDER: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -53,10 +53,10 @@ def moe_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(0, K // BLOCK_K):  # the wrapper guarantees BLOCK_K divides K
         x = tl.load(x_ptrs + t * BLOCK_K, mask=ok_m[:, None], other=0.0)
-        if MATH == 3:  # the decode kernel's PTX dequantization, one dot in natural K order
+        if MATH == 3:  # the decode kernel's word dequantization, one dot in natural K order
             w = _dequant_words(w_ptrs + t * W_PER_TILE, s_ptrs + t * BLOCK_KS, ok_n[:, None], ok_n[:, None],
-                               BLOCK_N, W_PER_TILE)
-            acc = tl.dot(x.to(tl.bfloat16), tl.trans(w), acc)
+                               BLOCK_N, W_PER_TILE, KERNEL_ORDER)
+            acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
         else:
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_KH, 2)))
             lo, hi = _dequant_tile(w_ptrs + t * BLOCK_KH, s_ptrs + t * BLOCK_KS, ok_n[:, None], ok_n[:, None],
@@ -106,12 +106,16 @@ def _grouped(x, w, pairs, block_expert, route_w, top_k, out, gather, weighted, b
         raise ValueError(f"moe: expert in_features {k} must be a multiple of 32")
     tiles = dict(config or DEFAULT_TILES)
     grid = (block_expert.numel(), triton.cdiv(n, tiles["BLOCK_N"]))
-    packed = w.packed.view(torch.int32) if DEFAULT_MATH == 3 else w.packed  # 8 codes a word (K % 32 == 0)
+    math = tiles.pop("MATH", DEFAULT_MATH)
+    if w.kernel_order and math != 3:
+        raise ValueError(f"moe: MATH {math} reads checkpoint-ordered bytes; these experts are in the kernels' word order")
+    packed = w.packed.view(torch.int32) if math == 3 else w.packed  # 8 codes a word (K % 32 == 0)
     moe_gemm_kernel[grid](
         x, packed, w.block_scale, w.global_scale, out, pairs, block_expert, route_w,
         n, k, top_k, x.stride(0), packed.stride(0), packed.stride(1), w.block_scale.stride(0),
         w.block_scale.stride(1), w.global_scale.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_K=block_k, GATHER=gather, WEIGHTED=weighted, MATH=DEFAULT_MATH, **tiles,
+        BLOCK_M=block_m, BLOCK_K=block_k, GATHER=gather, WEIGHTED=weighted, MATH=math,
+        KERNEL_ORDER=w.kernel_order, **tiles,
     )
 
 

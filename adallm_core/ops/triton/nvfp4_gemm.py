@@ -26,7 +26,8 @@ _SCALE_PRE = tl.constexpr(2.0**118)
 _F16_PRE = tl.constexpr(2.0**6)  # fp16 path: v * 2^-14 times scale * 2^6 -> the same v * scale * 2^-8
 _EPI = tl.constexpr(2.0**8)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEFAULT_MATH = 2 if INTERPRET else 3
+_PORTABLE = tl.constexpr(INTERPRET)  # the interpreter runs no PTX: the word dequantization in Triton ops, fp32
+DEFAULT_MATH = 3
 
 
 @triton.jit
@@ -93,15 +94,82 @@ mov.b32 {$3, $7}, p3;
 """)
 
 
+# Words in the kernels' order (nvfp4.to_kernel_order): pair p holds elements (2p, 2p + 1), the (k, k + 1) register
+# pair of the tensor-core operand, and pairs 0-2 need one shift and one mask each.
+_DEQUANT_ASM_KERNEL_ORDER = tl.constexpr("""
+{
+.reg .b32 s2, z, t, u, p0, p1, p2, p3;
+mov.b32 s2, {$9, $9};
+mov.b32 z, 0x80008000;
+and.b32 p0, $8, 0x81C081C0;
+shl.b32 t, $8, 3;  and.b32 p1, t, 0x81C081C0;
+shl.b32 t, $8, 6;  and.b32 p2, t, 0x81C081C0;
+shr.b32 t, $8, 4;  and.b32 t, t, 0x00C000C0; shr.b32 u, $8, 5; and.b32 u, u, 0x01000100; or.b32 t, t, u;
+shl.b32 u, $8, 1;  and.b32 u, u, 0x80008000; or.b32 p3, t, u;
+fma.rn.bf16x2 p0, p0, s2, z;
+fma.rn.bf16x2 p1, p1, s2, z;
+fma.rn.bf16x2 p2, p2, s2, z;
+fma.rn.bf16x2 p3, p3, s2, z;
+mov.b32 {$0, $1}, p0;
+mov.b32 {$2, $3}, p1;
+mov.b32 {$4, $5}, p2;
+mov.b32 {$6, $7}, p3;
+}
+""")
+
+
 @triton.jit
-def _dequant_words(w_ptrs, s_ptrs, mask_w, mask_s, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
-    """Packed int32 words [BLOCK_N, BLOCK_KW] + scales -> BF16 [BLOCK_N, 8 * BLOCK_KW] in natural K order."""
+def _bf16_pairs(words, KERNEL_ORDER: tl.constexpr):
+    """The PTX's first half in Triton ops: int32 words -> four uint32 BF16x2 bit patterns of v * 2^-126."""
+    w = words.to(tl.uint32, bitcast=True)
+    mag = tl.full((), 0x01C001C0, tl.uint32)
+    sign = tl.full((), 0x80008000, tl.uint32)
+    if KERNEL_ORDER:
+        both = mag | sign
+        p0 = w & both
+        p1 = (w << 3) & both
+        p2 = (w << 6) & both
+        p3 = ((w >> 4) & tl.full((), 0x00C000C0, tl.uint32)) | ((w >> 5) & tl.full((), 0x01000100, tl.uint32))
+        p3 = p3 | ((w << 1) & sign)
+    else:
+        p0 = ((w << 6) & mag) | ((w << 12) & sign)
+        p1 = ((w << 2) & mag) | ((w << 8) & sign)
+        p2 = ((w >> 2) & mag) | ((w << 4) & sign)
+        p3 = ((w >> 6) & mag) | (w & sign)
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def _scaled_half(bits, s):
+    """A BF16 bit pattern of v * 2^-126 (in a uint32) times s = scale * 2^118, in fp32: v * scale * 2^-8, exact."""
+    return (bits << 16).to(tl.float32, bitcast=True) * s
+
+
+@triton.jit
+def _dequant_words(w_ptrs, s_ptrs, mask_w, mask_s, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+                   KERNEL_ORDER: tl.constexpr = False):
+    """Packed int32 words [BLOCK_N, BLOCK_KW] + scales -> [BLOCK_N, 8 * BLOCK_KW] in natural K order: BF16 on the
+    GPU; fp32 under the interpreter, from the same bit logic. KERNEL_ORDER: words in nvfp4.to_kernel_order."""
     words = tl.load(w_ptrs, mask=mask_w, other=0)
     s = tl.load(s_ptrs, mask=mask_s, other=0.0).to(tl.float32) * _SCALE_PRE
     s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_KW // 2, 2)), (BLOCK_N, BLOCK_KW))
-    o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-        _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [words, s.to(tl.bfloat16)],
-        dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    if _PORTABLE:
+        p0, p1, p2, p3 = _bf16_pairs(words, KERNEL_ORDER)
+        low, high = tl.full((), 0xFFFF, tl.uint32), 16
+        if KERNEL_ORDER:  # pair p = elements (2p, 2p + 1)
+            o0, o1 = _scaled_half(p0 & low, s), _scaled_half(p0 >> high, s)
+            o2, o3 = _scaled_half(p1 & low, s), _scaled_half(p1 >> high, s)
+            o4, o5 = _scaled_half(p2 & low, s), _scaled_half(p2 >> high, s)
+            o6, o7 = _scaled_half(p3 & low, s), _scaled_half(p3 >> high, s)
+        else:  # pair p = elements (p, p + 4)
+            o0, o4 = _scaled_half(p0 & low, s), _scaled_half(p0 >> high, s)
+            o1, o5 = _scaled_half(p1 & low, s), _scaled_half(p1 >> high, s)
+            o2, o6 = _scaled_half(p2 & low, s), _scaled_half(p2 >> high, s)
+            o3, o7 = _scaled_half(p3 & low, s), _scaled_half(p3 >> high, s)
+    else:
+        o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+            _DEQUANT_ASM_KERNEL_ORDER if KERNEL_ORDER else _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h",
+            [words, s.to(tl.bfloat16)], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
     # joins nest so that the flat index is 4a + 2b + c for o_{4a+2b+c} (see reshape's row-major order)
     x0 = tl.join(tl.join(o0, o4), tl.join(o2, o6))
     x1 = tl.join(tl.join(o1, o5), tl.join(o3, o7))
@@ -114,7 +182,7 @@ def nvfp4_gemm_kernel(
     M, N, K,
     stride_xm, stride_wn, stride_sn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    MATH: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr,
+    MATH: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, KERNEL_ORDER: tl.constexpr,
 ):
     # grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K); each split covers a contiguous range of K
     pid = tl.program_id(0)
@@ -161,11 +229,12 @@ def nvfp4_gemm_kernel(
             mask_w = mask_n[:, None] & ((t * W_PER_TILE + offs_w)[None, :] < K * W_PER_TILE // BLOCK_K)
             mask_s = mask_n[:, None] & ((t * BLOCK_KS + offs_ks)[None, :] < K // 16)
         if MATH == 3:  # w_ptr holds int32 words: 8 codes each
-            w = _dequant_words(w_ptrs + t * BLOCK_KW, s_ptrs + t * BLOCK_KS, mask_w, mask_s, BLOCK_N, BLOCK_KW)
+            w = _dequant_words(w_ptrs + t * BLOCK_KW, s_ptrs + t * BLOCK_KS, mask_w, mask_s, BLOCK_N, BLOCK_KW,
+                               KERNEL_ORDER)
             if SWAP_AB:
-                acc = tl.dot(w, tl.trans(x.to(tl.bfloat16)), acc)
+                acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc)
             else:
-                acc = tl.dot(x.to(tl.bfloat16), tl.trans(w), acc)
+                acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
         else:
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_KH, 2)))
             lo, hi = _dequant_tile(w_ptrs + t * BLOCK_KH, s_ptrs + t * BLOCK_KS, mask_w, mask_s, BLOCK_N, BLOCK_KH,
@@ -239,8 +308,16 @@ def pick_config(m: int, n: int, k: int, device) -> dict:
     split_k = 1
     while tiles * split_k < waves * sms and k // (block_k * split_k * 2) >= 2:
         split_k *= 2
+    if m <= 16 and k // (block_k * split_k) >= 6:  # long K loops: twice as long tiles, half the splits (swept:
+        block_k, split_k = 512, max(1, split_k // 2)  # gate_up 29.7 -> 27.2 us, down 18.0 -> 17.3 at M = 1)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=stages,
                 MATH=DEFAULT_MATH)
+
+
+def prepare_nvfp4_weight(w):
+    """Once at load: the codes in the kernels' word order, which decodes with fewer instructions and no register
+    shuffles before the tensor-core dot (benchmarks/NOTES.md); every kernel here reads both orders."""
+    return w.in_kernel_order()
 
 
 def check_args(x: torch.Tensor, w) -> None:
@@ -268,6 +345,10 @@ def nvfp4_linear(x: torch.Tensor, w, config: dict | None = None) -> torch.Tensor
     while cfg["BLOCK_K"] > 32 and k % cfg["BLOCK_K"]:
         cfg["BLOCK_K"] //= 2
     cfg["EVEN_K"] = k % cfg["BLOCK_K"] == 0
+    cfg["KERNEL_ORDER"] = w.kernel_order
+    if w.kernel_order and cfg["MATH"] != 3:
+        raise ValueError(f"nvfp4_linear: MATH {cfg['MATH']} reads checkpoint-ordered bytes; this weight is in the "
+                         "kernels' word order (MATH 3 only)")
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     part, lock = _workspace(x.device, cfg["SPLIT_K"], m, n, tiles) if cfg["SPLIT_K"] > 1 else (out, out)
     grid = (tiles, cfg["SPLIT_K"])

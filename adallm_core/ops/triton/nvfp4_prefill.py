@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from adallm_core.ops.triton.nvfp4_gemm import INTERPRET, _dequant_tile, _dequant_words, check_args
+from adallm_core.ops.triton.nvfp4_gemm import _dequant_words, check_args
 from adallm_core.ops.triton.nvfp4_gemm import nvfp4_linear as tiled_linear
 
 SLAB_ELEMS = 1 << 25  # weights per dequantized slab (64 MB of BF16)
@@ -26,19 +26,15 @@ EPI = 2.0**8  # the slab holds v * scale * 2^-8
 
 @triton.jit
 def dequant_rows_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr):
-    """Rows [N, K] of packed codes + scales -> out [N, K] of v * scale * 2^-8 (BF16: exact; fp32 in the interpreter)."""
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KERNEL_ORDER: tl.constexpr):
+    """Rows [N, K] of packed int32 words + scales -> out [N, K] of v * scale * 2^-8 (BF16: exact; fp32 in the
+    interpreter), with the decode kernel's word dequantization (nvfp4_gemm._dequant_words)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     mask_n = offs_n < N
     s_ptrs = s_ptr + offs_n[:, None] * stride_sn + (k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :]
-    if WORDS:  # int32 words, 8 codes each, PTX dequantization (nvfp4_gemm._dequant_words)
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :]
-        w = _dequant_words(w_ptrs, s_ptrs, mask_n[:, None], mask_n[:, None], BLOCK_N, BLOCK_K // 8)
-    else:  # bytes, fp32 math (the CPU interpreter has no BF16 arithmetic)
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
-        lo, hi = _dequant_tile(w_ptrs, s_ptrs, mask_n[:, None], mask_n[:, None], BLOCK_N, BLOCK_K // 2, 2)
-        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # even/odd columns back in K order
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :]
+    w = _dequant_words(w_ptrs, s_ptrs, mask_n[:, None], mask_n[:, None], BLOCK_N, BLOCK_K // 8, KERNEL_ORDER)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
              mask=mask_n[:, None])
@@ -79,14 +75,12 @@ def global_runs(w) -> list[tuple[int, int, float]] | None:
 def dequantize_rows(w, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
     """Rows [start, stop) of W as v * scale * 2^-8 into out [stop - start, K] (the global scale left out)."""
     n, k = stop - start, w.in_features
-    words = not INTERPRET
-    packed = w.packed[start:stop]
-    packed = packed.view(torch.int32) if words else packed
-    block_k = min(256, k & -k)  # a power of two dividing K (a multiple of 16)
+    packed = w.packed[start:stop].view(torch.int32)  # 8 codes a word (K is a multiple of 16)
+    block_k = min(256, k & -k)  # a power of two dividing K
     grid = (triton.cdiv(n, 32), triton.cdiv(k, block_k))
     dequant_rows_kernel[grid](packed, w.block_scale[start:stop], out, n, k, packed.stride(0),
-                              w.block_scale.stride(0), out.stride(0), BLOCK_N=32, BLOCK_K=block_k, WORDS=words,
-                              num_warps=4)
+                              w.block_scale.stride(0), out.stride(0), BLOCK_N=32, BLOCK_K=block_k,
+                              KERNEL_ORDER=w.kernel_order, num_warps=4)
     return out
 
 

@@ -72,6 +72,8 @@ def w4a8_linear(x: torch.Tensor, w, config: dict | None = None) -> torch.Tensor:
     check_args(x, w)
     if x.shape[1] % 32:
         raise ValueError(f"w4a8_linear: K={x.shape[1]} must be a multiple of 32 (one FP8 MMA step)")
+    if w.kernel_order:
+        raise ValueError("w4a8_linear reads checkpoint-ordered codes; this weight is in the kernels' word order")
     m, k = x.shape
     n = w.out_features
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
