@@ -153,10 +153,13 @@ class DecodeGraphs:
         return len(steps) <= self.buckets[-1] and all(len(s.token_ids) == 1 and s.sample for s in steps)
 
     @torch.inference_mode()
-    def run(self, steps: Sequence) -> torch.Tensor:
-        """Replay for n single-token steps -> float32 logits [n, vocab] (a copy: the buffer is reused)."""
+    def run(self, steps: Sequence, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay for n single-token steps -> float32 logits [n, vocab] (a copy: the buffer is reused).
+        input_ids: the steps' ids on the device (async scheduling), copied over the staged ones."""
         n = len(steps)
         b = self.bucket_of[n]
         self.inputs.stage(steps, b)
+        if input_ids is not None:
+            self.inputs.ids[:n].copy_(input_ids)
         self.graphs[b].replay()
         return self.logits[b][:n].clone()

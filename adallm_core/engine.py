@@ -1,5 +1,6 @@
 """LLMEngine: requests in, one step at a time: schedule -> runner.execute -> sample -> update -> outputs.
 
+With async_scheduling the next decode step is launched before this one's tokens are read (overlap.py).
 AsyncLLM (the background-loop engine for servers) lives in async_engine.py.
 """
 from __future__ import annotations
@@ -7,12 +8,16 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Optional, Union
+
+import torch
 
 from adallm_core.config import EngineArgs
 from adallm_core.kv_cache import KVCacheManager, KVGroupSpec
 from adallm_core.kv_sizing import blocks_per_group, check_fits, kv_budget_bytes
 from adallm_core.outputs import CompletionOutput, RequestOutput
+from adallm_core.overlap import DeviceTokens, TokenBuffers
 from adallm_core.sampler import Sampler, SamplingRow
 from adallm_core.sampling_params import RequestOutputKind, SamplingParams
 from adallm_core.scheduler import Scheduler, SchedulerOutput
@@ -22,6 +27,17 @@ from adallm_core.tokenizer import IncrementalDetokenizer, Tokenizer
 logger = logging.getLogger(__name__)
 
 BATCHED_TOKENS_DEFAULT_CAP = 8192
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose GPU work is queued: what to do with its logits once they are read."""
+
+    sched: SchedulerOutput
+    sampled: list[Sequence]  # sequences that get a token from this step, in logits row order
+    rows: list[SamplingRow]
+    logits: torch.Tensor
+    tokens: Optional[DeviceTokens]  # greedy tokens kept on the device (async scheduling), else sampled on reading
 
 
 class LLMEngine:
@@ -50,6 +66,11 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, args.max_num_seqs, self.max_num_batched_tokens)
         self.sampler = Sampler(args.seed, runner.device)
         self.requests: dict[str, Request] = {}
+        # a runner that takes input ids from the device can run a step ahead (the tensor-parallel one cannot)
+        self.async_scheduling = args.async_scheduling and getattr(runner, "accepts_device_input_ids", False)
+        self._token_buffers = TokenBuffers(args.max_num_seqs, runner.device) if self.async_scheduling else None
+        self._in_flight: Optional[LaunchedStep] = None
+        self.num_steps_run_ahead = 0
         logger.info("engine ready: kernel backend %s, KV blocks per group %s (block_size %d, windows %s), "
                     "max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d, prefix caching %s",
                     self.kernel_backend, counts, args.block_size, windows, self.max_model_len, args.max_num_seqs,
@@ -132,22 +153,79 @@ class LLMEngine:
 
     # --- the step -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
-        if not sched.scheduled:
-            if self.scheduler.has_unfinished():
-                raise RuntimeError("scheduler made no progress although requests are waiting (KV cache too small?)")
-            return []
-        logits = self.runner.execute(self._seq_steps(sched))
-        # Bookkeeping that needs no sampled token runs before the sampler waits for the GPU (on a GPU the step
-        # may still be running). Rows first: they read the output lengths, which update() does not change.
+        """Run one step and return its outputs. With async scheduling the step returned may be the one launched by
+        the previous call, and the next one is then already running on the device."""
+        launched, self._in_flight = self._in_flight, None
+        if launched is None:
+            sched = self.scheduler.schedule()
+            if not sched.scheduled:
+                if self.scheduler.has_unfinished():
+                    raise RuntimeError("scheduler made no progress although requests are waiting (KV cache too small?)")
+                return []
+            launched = self._launch(sched, self._seq_steps(sched))
+        if launched.tokens is not None and self._can_run_ahead(launched):
+            self._in_flight = self._launch_ahead(launched)
+        return self._finish(launched)
+
+    def _launch(self, sched: SchedulerOutput, steps: list, input_ids: Optional[torch.Tensor] = None) -> LaunchedStep:
+        logits = self.runner.execute(steps) if input_ids is None else self.runner.execute(steps, input_ids=input_ids)
+        # Bookkeeping that needs no sampled token runs before anything waits for the GPU (on a GPU the step may
+        # still be running). Rows first: they read the output lengths, which update() does not change.
         sampled = [s.seq for s in sched.scheduled if s.sample]
         rows = [self._sampling_row(seq) for seq in sampled]
         self.scheduler.update(sched)
-        result = self.sampler(logits, rows) if sampled else None
+        tokens = None
+        if self.async_scheduling and sampled and Sampler.argmax_only(rows):
+            tokens = self._token_buffers.tokens(logits)
+        return LaunchedStep(sched, sampled, rows, logits, tokens)
+
+    def _can_run_ahead(self, launched: LaunchedStep) -> bool:
+        """Every running sequence gets its next input from `launched` and nobody waits to join: the next schedule
+        is then all single-token decodes of those sequences (or fewer, if the cache forces a preemption)."""
+        running = self.scheduler.running
+        if self.scheduler.waiting or len(running) != len(launched.sampled):
+            return False
+        if all(len(seq.output_token_ids) + 1 >= seq.max_tokens for seq in launched.sampled):
+            return False  # every sequence ends with this token: a step ahead would be thrown away
+        ids = {seq.seq_id for seq in launched.sampled}
+        return all(seq.seq_id in ids for seq in running)
+
+    def _launch_ahead(self, launched: LaunchedStep) -> Optional[LaunchedStep]:
+        from adallm_core.runner import SeqStep
+
+        for seq in launched.sampled:  # its token exists on the device only: count it, its id comes later
+            seq.num_placeholders += 1
+        sched = self.scheduler.schedule()
+        row_of = {seq.seq_id: i for i, seq in enumerate(launched.sampled)}
+        if any(s.num_new_tokens != 1 or not s.sample or s.seq.seq_id not in row_of for s in sched.scheduled):
+            raise RuntimeError(f"async scheduling: the step ahead is not all decodes of the last step's sequences: "
+                               f"{sched.scheduled}")
+        if not sched.scheduled:
+            return None
+        rows = [row_of[s.seq.seq_id] for s in sched.scheduled]
+        ids = launched.tokens.ids
+        ids = ids[: len(rows)] if rows == list(range(len(rows))) else ids[torch.tensor(rows, device=ids.device)]
+        self.num_steps_run_ahead += 1
+        steps = [SeqStep([0], s.start_pos, s.seq.block_tables, True) for s in sched.scheduled]
+        return self._launch(sched, steps, ids)
+
+    def _finish(self, launched: LaunchedStep) -> list[RequestOutput]:
+        """Read the step's tokens (waiting for the device) and do its bookkeeping: stops, detokenization, outputs."""
+        if not launched.sampled:
+            return []
+        if launched.tokens is not None:
+            token_ids, logprobs = launched.tokens.tolist(), [None] * len(launched.sampled)
+        else:
+            result = self.sampler(launched.logits, launched.rows)
+            token_ids, logprobs = result.token_ids, result.logprobs
         touched: dict[str, Request] = {}
         requests = self.requests
-        for seq, token, logprobs in zip(sampled, result.token_ids, result.logprobs) if sampled else ():
-            self._append_token(seq, token, logprobs)
+        for seq, token, lp in zip(launched.sampled, token_ids, logprobs):
+            if seq.num_placeholders:  # the step ahead counted this token already
+                seq.num_placeholders -= 1
+            if seq.is_finished:  # stopped (or aborted) while this step ran ahead: its token is dropped
+                continue
+            self._append_token(seq, token, lp)
             touched[seq.request_id] = requests[seq.request_id]
         outputs = [o for req in touched.values() if (o := self._output(req)) is not None]
         for req in touched.values():
@@ -163,7 +241,8 @@ class LLMEngine:
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         p = seq.params
-        if len(seq.output_token_ids) < p.min_tokens:  # too early to stop: eos and stop tokens are not allowed
+        # a placeholder is a token generated before this one (async scheduling): it counts towards min_tokens
+        if len(seq.output_token_ids) + seq.num_placeholders < p.min_tokens:  # too early to stop: no eos / stop ids
             banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else self.eos_token_ids)
             return SamplingRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.index, banned)
         if seq.sampling_row is None:  # made once: it holds the sequence's live token lists
@@ -239,6 +318,7 @@ class LLMEngine:
             "prefix_cache_hit_tokens": self.kv.prefix_cache_hits,
             "num_preemptions": self.scheduler.num_preemptions,
             "kernel_backend": self.kernel_backend,
+            "num_steps_run_ahead": self.num_steps_run_ahead,
         }
 
     def shutdown(self) -> None:

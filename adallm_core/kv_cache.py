@@ -178,7 +178,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         done = self._num_registered.get(seq.seq_id, 0)
-        full = seq.num_computed_tokens // self.block_size
+        # a placeholder (a token the device is still sampling) has no id to hash yet: its block waits a step
+        full = min(seq.num_computed_tokens, seq.num_tokens - seq.num_placeholders) // self.block_size
         if full <= done:
             return
         hashes = self._block_hashes(seq, full)

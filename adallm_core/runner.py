@@ -12,7 +12,7 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -122,16 +122,26 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self, self.max_num_seqs)
 
     # --- one step ---------------------------------------------------------------------------------------
+    accepts_device_input_ids = True  # execute(input_ids=...): async scheduling can feed it a step ahead
+
     @torch.inference_mode()
-    def execute(self, steps: Sequence[SeqStep]) -> torch.Tensor:
-        """Run one forward step -> float32 logits [number of steps with sample=True, vocab], in step order."""
+    def execute(self, steps: Sequence[SeqStep], input_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run one forward step -> float32 logits [number of steps with sample=True, vocab], in step order.
+
+        input_ids: for single-token steps only, their ids as a device tensor (the previous step's tokens, not yet
+        on the host); the steps' own token_ids are then placeholders."""
         if not steps:
             raise ValueError("execute() needs at least one SeqStep")
+        if input_ids is not None and (input_ids.shape != (len(steps),) or any(len(s.token_ids) != 1 for s in steps)):
+            raise ValueError(f"execute(input_ids=...) needs one id per single-token step, got {tuple(input_ids.shape)} "
+                             f"for {len(steps)} steps")
         if self.graphs is not None and self.graphs.can_run(steps):
             # decode steps: earlier blocks were checked when they were written; only the one written now is new
             self._check(steps, [1] * len(steps), [st.start_pos for st in steps], new_blocks_only=True)
-            return self.graphs.run(steps)
+            return self.graphs.run(steps, input_ids)
         ids, ctx, sample_rows = self.prepare_inputs(steps)
+        if input_ids is not None:
+            ids.copy_(input_ids)
         hidden = self.model.forward(ids, ctx)
         return self.model.compute_logits(hidden[sample_rows])
 

@@ -44,16 +44,23 @@ class Sampler:
         self.generator = torch.Generator(self.device).manual_seed(seed)  # for unseeded requests
         self.row_generator = torch.Generator(self.device)  # re-seeded for each seeded row
 
+    @staticmethod
+    def argmax_only(rows: Seq[SamplingRow]) -> bool:
+        """The common case: every row greedy, no logprobs, nothing written into the logits: one argmax, which the
+        device can run without the host (async scheduling feeds it to the next step)."""
+        return all(r.params.temperature == 0.0 and r.params.logprobs is None and not r.banned_token_ids
+                   and not _has_penalty(r.params) for r in rows)
+
     def __call__(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> SamplerOutput:
         """logits: float32 [B, V], one row per entry of `rows` (read only: never written)."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
         logits = logits.float()
+        if self.argmax_only(rows):
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
         params = [r.params for r in rows]
         all_greedy = all(p.temperature == 0.0 for p in params)
         want_logprobs = any(p.logprobs is not None for p in params)
         in_place = any(r.banned_token_ids for r in rows) or any(_has_penalty(p) for p in params)
-        if all_greedy and not want_logprobs and not in_place:  # the common case: one argmax, nothing else
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
 
         if in_place:  # the processors below write into the logits: work on a copy
             logits = logits.clone()

@@ -48,6 +48,7 @@ class Sequence:
         self.max_tokens = max_tokens  # resolved: params.max_tokens or what fits in max_model_len
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
+        self.num_placeholders = 0  # async scheduling: a token still being sampled on the device, counted ahead
         self.num_cached_tokens = 0  # prompt tokens that came from the prefix cache at first schedule
         self.block_tables: list[list[int]] = []  # one per KV group, owned by KVCacheManager
         self.block_hashes: list[int] = []  # chained content hashes of this sequence's full blocks
@@ -68,7 +69,7 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_placeholders
 
     @property
     def num_output_tokens(self) -> int:

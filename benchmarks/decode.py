@@ -200,6 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine (rank 0 on cuda:0)")
     p.add_argument("--quantize-lm-head", action="store_true", help="the engine's lm_head in NVFP4 (lossy)")
     p.add_argument("--no-embedding-on-host", action="store_true", help="keep the input embedding table on the GPU")
+    p.add_argument("--no-async-scheduling", action="store_true", help="read each step's tokens before the next")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -208,7 +209,8 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batch.split(",") if b]
     hf_batches = batches if args.hf_batch is None else [int(b) for b in args.hf_batch.split(",") if b]
     bw = copy_bandwidth()
-    options = dict(quantize_lm_head=args.quantize_lm_head, embedding_on_host=not args.no_embedding_on_host)
+    options = dict(quantize_lm_head=args.quantize_lm_head, embedding_on_host=not args.no_embedding_on_host,
+                   async_scheduling=not args.no_async_scheduling)
     rows = bench_engine(args.shape, batches, args.input_len, args.output_len, args.enforce_eager, bw,
                         args.tensor_parallel_size, options)
     hf = bench_hf(args.shape, hf_batches, args.input_len, args.output_len, not args.no_hf_compile) if hf_batches else {}
@@ -223,7 +225,8 @@ def main(argv=None) -> int:
     print(f"\n{args.shape}: RANDOM NVFP4 weights of the real shapes, {args.input_len} in / {args.output_len} out, "
           f"FP8 KV, CUDA graphs {'off' if args.enforce_eager else 'on'}, tensor_parallel_size "
           f"{args.tensor_parallel_size}, lm_head {'NVFP4' if args.quantize_lm_head else 'BF16'}, embedding on "
-          f"{'GPU' if args.no_embedding_on_host else 'host'}; {torch.cuda.get_device_name()}, copy "
+          f"{'GPU' if args.no_embedding_on_host else 'host'}, async scheduling "
+          f"{'off' if args.no_async_scheduling else 'on'}; {torch.cuda.get_device_name()}, copy "
           f"{bw / 1e12:.2f} TB/s; HF = transformers BF16 static cache{'' if args.no_hf_compile else ' compiled'}")
     print(f"{'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'ms/step':>8} {'peak GB':>8} {'%roof':>6} "
           f"{'HF tok/s':>9} {'ratio':>6}")

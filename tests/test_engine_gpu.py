@@ -78,3 +78,21 @@ def check_against_transformers(engine, hf, family: str, kv: str) -> None:
     # turns BF16-sized differences in k/v into whole E4M3 steps now and then, and the router amplifies them.
     if not (family == "qwen3_moe" and kv == "fp8"):
         assert sum(agreed) >= NEW_TOKENS * len(PROMPTS) // 2, f"tokens agreed per prompt: {agreed}"
+
+
+def test_gpu_async_scheduling_gives_the_same_tokens():
+    """The step ahead takes its input ids from the previous step's argmax on the device (the graphs' input
+    buffer): the same greedy tokens as reading every step first."""
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    got = []
+    for on in (False, True):
+        engine = make_engine("qwen3", "modelopt", kv_cache_dtype="fp8", device="cuda", max_num_seqs=8,
+                             async_scheduling=on)
+        for i, prompt in enumerate(PROMPTS):
+            engine.add_request(f"r{i}", prompt, params)
+        done = run_all(engine)
+        got.append(({rid: out.outputs[0].token_ids for rid, out in done.items()},
+                     engine.stats()["num_steps_run_ahead"]))
+        assert engine.stats()["kv_blocks_used"] == 0
+    assert got[0][0] == got[1][0]
+    assert got[0][1] == 0 and got[1][1] > 10

@@ -30,6 +30,8 @@ logger = logging.getLogger(__name__)
 class TensorParallelRunner:
     """Starts ranks 1..N-1 through a launcher, joins the group as rank 0 and drives every step."""
 
+    accepts_device_input_ids = False  # every rank needs the step's ids from the host: no async scheduling
+
     def __init__(self, engine_args, model_path, launcher: Optional[WorkerLauncher] = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, checkpoint_factory=None):
         from adallm_core.model_config import ModelConfig
