@@ -37,7 +37,7 @@ class LaunchedStep:
     sampled: list[Sequence]  # sequences that get a token from this step, in logits row order
     rows: list[SamplingRow]
     logits: torch.Tensor
-    tokens: Optional[DeviceTokens]  # greedy tokens kept on the device (async scheduling), else sampled on reading
+    tokens: Optional[DeviceTokens]  # sampled on the device at launch (async scheduling), else when read
 
 
 class LLMEngine:
@@ -175,8 +175,8 @@ class LLMEngine:
         rows = [self._sampling_row(seq) for seq in sampled]
         self.scheduler.update(sched)
         tokens = None
-        if self.async_scheduling and sampled and Sampler.argmax_only(rows):
-            tokens = self._token_buffers.tokens(logits)
+        if self.async_scheduling and sampled and Sampler.on_device(rows):
+            tokens = self._token_buffers.tokens(self.sampler.sample_on_device(logits, rows))
         return LaunchedStep(sched, sampled, rows, logits, tokens)
 
     def _can_run_ahead(self, launched: LaunchedStep) -> bool:
@@ -244,9 +244,10 @@ class LLMEngine:
         # a placeholder is a token generated before this one (async scheduling): it counts towards min_tokens
         if len(seq.output_token_ids) + seq.num_placeholders < p.min_tokens:  # too early to stop: no eos / stop ids
             banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else self.eos_token_ids)
-            return SamplingRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.index, banned)
+            return SamplingRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.index, banned, seq.num_placeholders)
         if seq.sampling_row is None:  # made once: it holds the sequence's live token lists
             seq.sampling_row = SamplingRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.index)
+        seq.sampling_row.num_placeholders = seq.num_placeholders
         return seq.sampling_row
 
     def _append_token(self, seq: Sequence, token: int, logprobs: Optional[dict[int, float]]) -> None:

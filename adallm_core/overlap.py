@@ -1,12 +1,13 @@
 """Async scheduling's device side: a step's greedy tokens stay on the device as the next step's input ids, and
 reach the host through a pinned buffer while that next step already runs.
 
-LLMEngine.step with EngineArgs.async_scheduling: when every sequence of step t decodes greedily (one argmax, see
-Sampler.argmax_only) and nobody waits to join, the engine schedules step t+1 right after launching t, with one
-placeholder token per sequence (Sequence.num_placeholders), launches it with t's tokens as its input ids, and only
-then reads t's tokens and does t's bookkeeping (stop checks, detokenization, outputs) while the GPU runs t+1. A
-sequence that stopped at t spent its row of t+1 for nothing; that token is dropped. Everything else (sampling that
-needs the host, logprobs, prefills, waiting requests, a tensor-parallel runner) runs step by step as before.
+LLMEngine.step with EngineArgs.async_scheduling: when every sequence of step t samples on the device alone (greedy
+or random, seeded or not, top-k/p, min-p, min_tokens bans: see Sampler.on_device) and nobody waits to join, the
+engine schedules step t+1 right after launching t, with one placeholder token per sequence
+(Sequence.num_placeholders), launches it with t's tokens as its input ids, and only then reads t's tokens and does
+t's bookkeeping (stop checks, detokenization, outputs) while the GPU runs t+1. A sequence that stopped at t spent
+its row of t+1 for nothing; that token is dropped. Everything else (penalties and logprobs, which need the token
+history or results on the host; prefills; waiting requests; a tensor-parallel runner) runs step by step as before.
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import torch
 
 
 class DeviceTokens:
-    """One step's greedy tokens: `ids` on the device, a copy on its way to a pinned host buffer."""
+    """One step's sampled tokens: `ids` on the device, a copy on its way to a pinned host buffer."""
 
-    def __init__(self, logits: torch.Tensor, buffer: torch.Tensor, event):
-        self.ids = logits.argmax(dim=-1)
+    def __init__(self, ids: torch.Tensor, buffer: torch.Tensor, event):
+        self.ids = ids
         self._host = buffer[: self.ids.shape[0]]
         self._host.copy_(self.ids, non_blocking=True)
         self._event = event
@@ -39,6 +40,6 @@ class TokenBuffers:
         self._events = [torch.cuda.Event() if cuda else None for _ in range(2)]
         self._next = 0
 
-    def tokens(self, logits: torch.Tensor) -> DeviceTokens:
+    def tokens(self, ids: torch.Tensor) -> DeviceTokens:
         i, self._next = self._next, self._next ^ 1
-        return DeviceTokens(logits, self._buffers[i], self._events[i])
+        return DeviceTokens(ids, self._buffers[i], self._events[i])

@@ -26,6 +26,12 @@ class SamplingRow:
     output_token_ids: list[int]
     index: int = 0  # which of the request's n completions (seeds differ per completion)
     banned_token_ids: tuple[int, ...] = ()  # eos / stop ids while fewer than min_tokens were generated
+    num_placeholders: int = 0  # tokens generated before this one whose ids are still on the device (async)
+
+    @property
+    def step(self) -> int:
+        """How many tokens this sequence generated before the one sampled now (a seeded row's draw depends on it)."""
+        return len(self.output_token_ids) + self.num_placeholders
 
 
 @dataclass
@@ -45,18 +51,29 @@ class Sampler:
         self.row_generator = torch.Generator(self.device)  # re-seeded for each seeded row
 
     @staticmethod
-    def argmax_only(rows: Seq[SamplingRow]) -> bool:
-        """The common case: every row greedy, no logprobs, nothing written into the logits: one argmax, which the
-        device can run without the host (async scheduling feeds it to the next step)."""
-        return all(r.params.temperature == 0.0 and r.params.logprobs is None and not r.banned_token_ids
-                   and not _has_penalty(r.params) for r in rows)
+    def on_device(rows: Seq[SamplingRow]) -> bool:
+        """Rows the device samples with nothing from the host but their parameters: no penalties (they read the
+        generated tokens) and no logprobs (returned beside the token). Async scheduling runs a step ahead then."""
+        return all(r.params.logprobs is None and not _has_penalty(r.params) for r in rows)
+
+    def sample_on_device(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> torch.Tensor:
+        """The tokens of `on_device` rows as a device tensor, without waiting for the device."""
+        assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
+        logits = logits.float()
+        if any(r.banned_token_ids for r in rows):
+            logits = logits.clone()
+            self._ban(logits, rows)
+        greedy = [r.params.temperature == 0.0 for r in rows]
+        if all(greedy):
+            return logits.argmax(dim=-1)
+        return self._sample(logits, rows, greedy)
 
     def __call__(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> SamplerOutput:
         """logits: float32 [B, V], one row per entry of `rows` (read only: never written)."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
+        if self.on_device(rows):
+            return SamplerOutput(self.sample_on_device(logits, rows).tolist(), [None] * len(rows))
         logits = logits.float()
-        if self.argmax_only(rows):
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
         params = [r.params for r in rows]
         all_greedy = all(p.temperature == 0.0 for p in params)
         want_logprobs = any(p.logprobs is not None for p in params)
@@ -150,7 +167,7 @@ class Sampler:
         gen = self.row_generator
         for i in seeded:  # re-seeding one generator draws what a fresh generator with that seed would
             r = rows[i]
-            gen.manual_seed(step_seed(r.params.seed, r.index, len(r.output_token_ids)))
+            gen.manual_seed(step_seed(r.params.seed, r.index, r.step))
             q[i].exponential_(generator=gen)
         sampled = (probs / q.clamp_min_(1e-20)).argmax(dim=-1)
         if not any(greedy):

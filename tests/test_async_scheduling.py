@@ -1,6 +1,7 @@
 """Async scheduling (EngineArgs.async_scheduling): the next decode step is launched before this one's tokens are
 read. On the CPU nothing overlaps, but every bookkeeping path is the same as on a GPU, so each test runs one
-workload with it on and off and asks for identical outputs, and for the run-ahead path to have been taken."""
+workload with it on and off and asks for identical outputs (greedy and seeded sampling are reproducible), and for
+the run-ahead path to have been taken."""
 import pytest
 
 from adallm_core.sampling_params import SamplingParams
@@ -51,8 +52,8 @@ def mixed_requests(family: str) -> list:
         ("short", PROMPTS[6], SamplingParams(max_tokens=3, **GREEDY)),
         ("eos", PROMPTS[4], SamplingParams(max_tokens=30, temperature=0.0)),
         ("n2", PROMPTS[2], SamplingParams(n=2, max_tokens=12, **GREEDY)),
-        # host-side sampling: while these run, steps are read one by one
         ("seeded", PROMPTS[5], SamplingParams(max_tokens=10, temperature=0.9, seed=3, ignore_eos=True)),
+        # need the host (results or token history): while these run, steps are read one by one
         ("logprobs", PROMPTS[7], SamplingParams(max_tokens=8, logprobs=2, **GREEDY)),
         ("penalty", PROMPTS[2], SamplingParams(max_tokens=8, repetition_penalty=1.3, **GREEDY)),
     ]
@@ -134,4 +135,33 @@ def test_min_tokens_counts_the_token_still_on_the_device(generated, placeholders
     seq = Sequence("r", 0, [1, 2, 3], params, 0.0, 20)
     seq.output_token_ids.extend([5] * generated)
     seq.num_placeholders = placeholders
-    assert bool(engine._sampling_row(seq).banned_token_ids) is banned
+    row = engine._sampling_row(seq)
+    assert bool(row.banned_token_ids) is banned
+    assert row.step == generated + placeholders  # a seeded draw's step counts the token on the device
+
+
+def test_seeded_sampling_runs_ahead_with_the_same_draws():
+    """Random sampling needs nothing from the host but its parameters, so it runs ahead too; a seeded row's draw
+    depends on how many tokens it generated, the one still on the device included."""
+    requests = [
+        (f"s{i}", PROMPTS[i], SamplingParams(max_tokens=24, temperature=0.8, seed=11 + i, ignore_eos=True, **extra))
+        for i, extra in enumerate([{}, dict(top_k=20), dict(top_p=0.9), dict(min_p=0.05), dict(n=2),
+                                   dict(min_tokens=12, stop_token_ids=[3, 4, 5])])
+    ]
+    runs = []
+    for on in (False, True):
+        engine = make_engine(async_scheduling=on)
+        runs.append((outputs(run_staggered(engine, requests)), engine.stats()["num_steps_run_ahead"]))
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][1] == 0 and runs[1][1] > 10
+    assert len(set(tuple(o[0][0]) for o in runs[1][0].values())) == len(requests)  # really sampled: all differ
+
+
+def test_unseeded_sampling_runs_ahead():
+    engine = make_engine()
+    for i in range(4):
+        engine.add_request(f"u{i}", PROMPTS[i], SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95,
+                                                               ignore_eos=True))
+    done = run_all(engine)
+    assert all(len(done[f"u{i}"].outputs[0].token_ids) == 16 for i in range(4))
+    assert engine.stats()["num_steps_run_ahead"] > 5 and engine.stats()["kv_blocks_used"] == 0
