@@ -137,11 +137,13 @@ def _graph_gpu_ms(graphs, batch: int, reps: int = 30) -> float:
 
 def gpu_breakdown(shape: str, batches: list[int]) -> None:
     """On a GPU, the real engine on RANDOM weights of a real shape: a decode step's wall time beside its graph's
-    GPU time, and the host time of staging the inputs, launching the graph, and sampling (which waits for the GPU)."""
+    GPU time, and the host time of staging the inputs, launching the graph, and sampling (which waits for the GPU).
+    Async scheduling is off here: it hides this host time behind the next step, and this splits what it hides."""
     from adallm_core.sampling_params import SamplingParams
     from benchmarks.decode import build_engine
 
-    engine, runner = build_engine(shape, max(batches), PROMPT_LEN, OUTPUT_LEN, enforce_eager=False)
+    engine, runner = build_engine(shape, max(batches), PROMPT_LEN, OUTPUT_LEN, enforce_eager=False,
+                                  engine_options=dict(async_scheduling=False))
     acc = dict(stage=0.0, launch=0.0, sample=0.0)
     graphs = runner.graphs
     graphs.inputs.stage = _timed(graphs.inputs.stage, "stage", acc)
