@@ -33,7 +33,6 @@ BATCHED_TOKENS_DEFAULT_CAP = 8192
 class LaunchedStep:
     """A step whose GPU work is queued: what to do with its logits once they are read."""
 
-    sched: SchedulerOutput
     sampled: list[Sequence]  # sequences that get a token from this step, in logits row order
     rows: list[SamplingRow]
     logits: torch.Tensor
@@ -177,7 +176,7 @@ class LLMEngine:
         tokens = None
         if self.async_scheduling and sampled and Sampler.on_device(rows):
             tokens = self._token_buffers.tokens(self.sampler.sample_on_device(logits, rows))
-        return LaunchedStep(sched, sampled, rows, logits, tokens)
+        return LaunchedStep(sampled, rows, logits, tokens)
 
     def _can_run_ahead(self, launched: LaunchedStep) -> bool:
         """Every running sequence gets its next input from `launched` and nobody waits to join: the next schedule

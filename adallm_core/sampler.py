@@ -57,12 +57,14 @@ class Sampler:
         return all(r.params.logprobs is None and not _has_penalty(r.params) for r in rows)
 
     def sample_on_device(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> torch.Tensor:
-        """The tokens of `on_device` rows as a device tensor, without waiting for the device."""
+        """The sampled tokens as a device tensor, without waiting for the device (penalties read the rows' token
+        lists on the host: async scheduling only sends `on_device` rows here before their step is read)."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
         logits = logits.float()
-        if any(r.banned_token_ids for r in rows):
-            logits = logits.clone()
+        if any(r.banned_token_ids for r in rows) or any(_has_penalty(r.params) for r in rows):
+            logits = logits.clone()  # the processors below write into the logits: work on a copy
             self._ban(logits, rows)
+            self._apply_penalties(logits, rows)
         greedy = [r.params.temperature == 0.0 for r in rows]
         if all(greedy):
             return logits.argmax(dim=-1)
@@ -70,25 +72,10 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> SamplerOutput:
         """logits: float32 [B, V], one row per entry of `rows` (read only: never written)."""
-        assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
-        if self.on_device(rows):
-            return SamplerOutput(self.sample_on_device(logits, rows).tolist(), [None] * len(rows))
-        logits = logits.float()
         params = [r.params for r in rows]
-        all_greedy = all(p.temperature == 0.0 for p in params)
         want_logprobs = any(p.logprobs is not None for p in params)
-        in_place = any(r.banned_token_ids for r in rows) or any(_has_penalty(p) for p in params)
-
-        if in_place:  # the processors below write into the logits: work on a copy
-            logits = logits.clone()
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        self._ban(logits, rows)
-        self._apply_penalties(logits, rows)
-        if all_greedy:
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = self._sample(logits, rows, [p.temperature == 0.0 for p in params])
-
+        raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if want_logprobs else None
+        tokens = self.sample_on_device(logits, rows)
         token_list = tokens.tolist()
         out_logprobs: list[Optional[dict[int, float]]] = [None] * len(rows)
         if raw_logprobs is not None:

@@ -69,53 +69,35 @@ def _dequant_tile(w_ptrs, s_ptrs, mask_w, mask_s, BLOCK_N: tl.constexpr, BLOCK_K
             hi = hi.to(tl.bfloat16)
     return lo, hi
 
+def _dequant_asm(pairs: str, halves: tuple[str, ...]) -> str:
+    """One PTX program: `pairs` builds p0..p3 (BF16x2 bit patterns of v * 2^-126) from the word $8, then one
+    fma.rn.bf16x2 by (scale * 2^118, twice) with -0 addend scales both halves (fma.bf16 keeps subnormals: there is no
+    .ftz form; sm_80+), and p_i's halves go to the outputs named in halves[i]."""
+    scale = "".join(f"fma.rn.bf16x2 p{i}, p{i}, s2, z;\n" for i in range(4))
+    outputs = "".join(f"mov.b32 {{{h}}}, p{i};\n" for i, h in enumerate(halves))
+    return ("\n{\n.reg .b32 s2, z, t, u, p0, p1, p2, p3;\nmov.b32 s2, {$9, $9};\nmov.b32 z, 0x80008000;\n"
+            + pairs + scale + outputs + "}\n")
+
+
 # 8 codes of one int32 word (element k+i in bits 4i..4i+3) -> 8 BF16 values v * scale * 2^-8, exact.
 # Pair (i, i+4) sits 16 bits apart, as the two halves of a bf16x2: per pair two shifts and masks place the magnitude
-# at bits 6..8 and the sign at bit 15 of each half (BF16 bits of v * 2^-126), then one fma.rn.bf16x2 by
-# (scale * 2^118, twice) with -0 addend scales both (fma.bf16 keeps subnormals: there is no .ftz form; sm_80+).
-_DEQUANT_ASM = tl.constexpr("""
-{
-.reg .b32 s2, z, t, u, p0, p1, p2, p3;
-mov.b32 s2, {$9, $9};
-mov.b32 z, 0x80008000;
+# at bits 6..8 and the sign at bit 15 of each half (BF16 bits of v * 2^-126).
+_DEQUANT_ASM = tl.constexpr(_dequant_asm("""\
 shl.b32 t, $8, 6;  and.b32 t, t, 0x01C001C0; shl.b32 u, $8, 12; and.b32 u, u, 0x80008000; or.b32 p0, t, u;
 shl.b32 t, $8, 2;  and.b32 t, t, 0x01C001C0; shl.b32 u, $8, 8;  and.b32 u, u, 0x80008000; or.b32 p1, t, u;
 shr.b32 t, $8, 2;  and.b32 t, t, 0x01C001C0; shl.b32 u, $8, 4;  and.b32 u, u, 0x80008000; or.b32 p2, t, u;
 shr.b32 t, $8, 6;  and.b32 t, t, 0x01C001C0; and.b32 u, $8, 0x80008000; or.b32 p3, t, u;
-fma.rn.bf16x2 p0, p0, s2, z;
-fma.rn.bf16x2 p1, p1, s2, z;
-fma.rn.bf16x2 p2, p2, s2, z;
-fma.rn.bf16x2 p3, p3, s2, z;
-mov.b32 {$0, $4}, p0;
-mov.b32 {$1, $5}, p1;
-mov.b32 {$2, $6}, p2;
-mov.b32 {$3, $7}, p3;
-}
-""")
-
+""", ("$0, $4", "$1, $5", "$2, $6", "$3, $7")))
 
 # Words in the kernels' order (nvfp4.to_kernel_order): pair p holds elements (2p, 2p + 1), the (k, k + 1) register
 # pair of the tensor-core operand, and pairs 0-2 need one shift and one mask each.
-_DEQUANT_ASM_KERNEL_ORDER = tl.constexpr("""
-{
-.reg .b32 s2, z, t, u, p0, p1, p2, p3;
-mov.b32 s2, {$9, $9};
-mov.b32 z, 0x80008000;
+_DEQUANT_ASM_KERNEL_ORDER = tl.constexpr(_dequant_asm("""\
 and.b32 p0, $8, 0x81C081C0;
 shl.b32 t, $8, 3;  and.b32 p1, t, 0x81C081C0;
 shl.b32 t, $8, 6;  and.b32 p2, t, 0x81C081C0;
 shr.b32 t, $8, 4;  and.b32 t, t, 0x00C000C0; shr.b32 u, $8, 5; and.b32 u, u, 0x01000100; or.b32 t, t, u;
 shl.b32 u, $8, 1;  and.b32 u, u, 0x80008000; or.b32 p3, t, u;
-fma.rn.bf16x2 p0, p0, s2, z;
-fma.rn.bf16x2 p1, p1, s2, z;
-fma.rn.bf16x2 p2, p2, s2, z;
-fma.rn.bf16x2 p3, p3, s2, z;
-mov.b32 {$0, $1}, p0;
-mov.b32 {$2, $3}, p1;
-mov.b32 {$4, $5}, p2;
-mov.b32 {$6, $7}, p3;
-}
-""")
+""", ("$0, $1", "$2, $3", "$4, $5", "$6, $7")))
 
 
 @triton.jit
