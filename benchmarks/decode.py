@@ -45,11 +45,14 @@ def build_engine(shape: str, max_batch: int, input_len: int, output_len: int, en
 
     ckpt = RandomCheckpoint(shape, device, overrides=overrides) if tensor_parallel_size == 1 else None
     block_size = 16
+    options = dict(engine_options or {})
+    max_model_len = options.pop("max_model_len", None) or input_len + output_len
     blocks = max_batch * math.ceil((input_len + output_len) / block_size) + 8  # what the batch needs, no more
-    args = EngineArgs(model="random", max_model_len=input_len + output_len, max_num_seqs=max_batch,
+    blocks = max(blocks, math.ceil(max_model_len / block_size) + 8)  # and one sequence of the bound must fit
+    args = EngineArgs(model="random", max_model_len=max_model_len, max_num_seqs=max_batch,
                       max_num_batched_tokens=max(2048, max_batch * input_len), num_gpu_blocks_override=blocks,
                       kv_cache_dtype="fp8", enforce_eager=enforce_eager, enable_prefix_caching=False,
-                      block_size=block_size, tensor_parallel_size=tensor_parallel_size, **(engine_options or {}))
+                      block_size=block_size, tensor_parallel_size=tensor_parallel_size, **options)
     if tensor_parallel_size > 1:  # every rank makes only its own shard of the random weights
         import functools
 
@@ -201,6 +204,9 @@ def main(argv=None) -> int:
     p.add_argument("--quantize-lm-head", action="store_true", help="the engine's lm_head in NVFP4 (lossy)")
     p.add_argument("--no-embedding-on-host", action="store_true", help="keep the input embedding table on the GPU")
     p.add_argument("--no-async-scheduling", action="store_true", help="read each step's tokens before the next")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="the engine's length bound (default input + output); serving uses far longer ones, which "
+                        "the decode graphs pass to attention as its bound")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -210,7 +216,7 @@ def main(argv=None) -> int:
     hf_batches = batches if args.hf_batch is None else [int(b) for b in args.hf_batch.split(",") if b]
     bw = copy_bandwidth()
     options = dict(quantize_lm_head=args.quantize_lm_head, embedding_on_host=not args.no_embedding_on_host,
-                   async_scheduling=not args.no_async_scheduling)
+                   async_scheduling=not args.no_async_scheduling, max_model_len=args.max_model_len)
     rows = bench_engine(args.shape, batches, args.input_len, args.output_len, args.enforce_eager, bw,
                         args.tensor_parallel_size, options)
     hf = bench_hf(args.shape, hf_batches, args.input_len, args.output_len, not args.no_hf_compile) if hf_batches else {}
@@ -226,7 +232,8 @@ def main(argv=None) -> int:
           f"FP8 KV, CUDA graphs {'off' if args.enforce_eager else 'on'}, tensor_parallel_size "
           f"{args.tensor_parallel_size}, lm_head {'NVFP4' if args.quantize_lm_head else 'BF16'}, embedding on "
           f"{'GPU' if args.no_embedding_on_host else 'host'}, async scheduling "
-          f"{'off' if args.no_async_scheduling else 'on'}; {torch.cuda.get_device_name()}, copy "
+          f"{'off' if args.no_async_scheduling else 'on'}, max_model_len "
+          f"{args.max_model_len or args.input_len + args.output_len}; {torch.cuda.get_device_name()}, copy "
           f"{bw / 1e12:.2f} TB/s; HF = transformers BF16 static cache{'' if args.no_hf_compile else ' compiled'}")
     print(f"{'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'ms/step':>8} {'peak GB':>8} {'%roof':>6} "
           f"{'HF tok/s':>9} {'ratio':>6}")

@@ -40,6 +40,13 @@ def main() -> None:
                                               dtype=torch.float32),
         "attention_window_split": kc.case_attention(dev, [1, 1], [17, 30], hq=4, hk=2, d=16, fp8=False, window=8,
                                                     num_splits=4, dtype=torch.float32),
+        # decode parts sized from the real lengths: 1, 1, 3 and 5 of the 8 used, the rest empty
+        "attention_parts_from_lengths": kc.case_attention(dev, [1, 1, 1, 1], [0, 5, 40, 70], hq=4, hk=2, d=16,
+                                                          fp8=False, num_splits=8, dtype=torch.float32, calls=2,
+                                                          config=dict(BLOCK_N=16, num_warps=4, num_stages=2)),
+        "attention_parts_window": kc.case_attention(dev, [1, 1, 1], [33, 70, 9], hq=4, hk=2, d=16, fp8=False,
+                                                    window=40, num_splits=4, dtype=torch.float32, calls=2,
+                                                    config=dict(BLOCK_N=16, num_warps=4, num_stages=2)),
         "moe": kc.case_moe(dev, 5, 32, 32, 4, 2, dtype=torch.float32),
         "moe_kernel_order": kc.case_moe(dev, 5, 32, 32, 4, 2, dtype=torch.float32, kernel_order=True),
         "moe_routing": kc.case_moe_routing(dev, 5, 12, 3, True, block_m=4),

@@ -2,10 +2,11 @@
 
 One program owns one KV head of one sequence and a tile of BLOCK_M rows, each row a (query token, query head of
 that KV head's group) pair, so every KV block is read once for all the query heads that share it. Keys are walked
-in tiles of BLOCK_N positions through the block table with an online softmax in fp32. For long contexts the key
-range is cut into NUM_SPLITS parts (grid axis 2) whose partial results (normalized output + log-sum-exp) a second
-small kernel merges. FP8 caches are upcast to BF16 in registers; k_scale folds into the softmax scale and v_scale
-into the output.
+in tiles of BLOCK_N positions through the block table with an online softmax in fp32. Decode steps may cut the key
+range into up to NUM_SPLITS parts (grid axis 2) whose partial results (normalized output + log-sum-exp) a second
+small kernel merges. The parts are sized from the real lengths at run time (decode CUDA graphs know only a bound):
+parts past a short context's end see no key and weigh nothing in the merge. FP8 caches are upcast to BF16 in
+registers; k_scale folds into the softmax scale and v_scale into the output.
 """
 from __future__ import annotations
 
@@ -127,14 +128,24 @@ def combine_splits_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_tokens, hq, str
     tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-def num_splits_for(meta: AttentionMetadata, kv_heads: int, device) -> int:
-    """Split the key range only for decode-like steps whose (sequence, KV head) programs can't fill the GPU."""
-    if meta.max_query_len > 1 or meta.max_seq_len <= 1024:
+def _num_sms(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def num_splits_for(meta: AttentionMetadata, kv_heads: int, device, block_n: int = 64) -> int:
+    """Decode steps whose (sequence, KV head) programs can't fill the GPU get up to 16 parts. With few programs
+    (batch 1: 8) parts pay off even over a short bound, no more parts than the bound has key tiles; otherwise only
+    over bounds above 1024 keys, each part >= 512 of them (sweeps in NOTES.md)."""
+    if meta.max_query_len > 1:
         return 1
     programs = meta.num_seqs * kv_heads
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    few = programs * 4 <= _num_sms(device)
+    if not few and meta.max_seq_len <= 1024:
+        return 1
     splits = 1
-    while splits < 16 and programs * splits < 2 * sms and meta.max_seq_len // (splits * 2) >= 512:
+    while splits < 16 and programs * splits < 2 * _num_sms(device):
+        if (few and splits * block_n >= meta.max_seq_len) or (not few and meta.max_seq_len // (splits * 2) < 512):
+            break
         splits *= 2
     return splits
 
@@ -155,7 +166,8 @@ def attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, slidin
     out = torch.empty_like(q)
     if t == 0:
         return out
-    splits = num_splits or num_splits_for(meta, hk, q.device)
+    tiles = config or DEFAULT_TILES
+    splits = num_splits or num_splits_for(meta, hk, q.device, tiles["BLOCK_N"])
     if splits & (splits - 1):
         raise ValueError(f"attention: num_splits must be a power of two, got {splits}")
     if meta.max_query_len <= 1:
@@ -180,7 +192,7 @@ def attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, slidin
         G=g, HEAD_DIM=dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, NUM_SPLITS=splits,
         USE_WINDOW=sliding_window is not None, F32_DOT=INTERPRET,
         V_FP16=v_cache.dtype == torch.float8_e4m3fn,
-        **(config or DEFAULT_TILES),
+        **tiles,
     )
     if splits > 1:
         combine_splits_kernel[(t, hq)](part_o, part_lse, out, t, hq, out.stride(0), out.stride(1),
