@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from adallm_core.ops.metadata import AttentionMetadata
-from adallm_core.ops.triton.nvfp4_gemm import INTERPRET
+from adallm_core.ops.triton.nvfp4_gemm import INTERPRET, _num_sms
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -128,22 +128,18 @@ def combine_splits_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_tokens, hq, str
     tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-def _num_sms(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-
-
 def num_splits_for(meta: AttentionMetadata, kv_heads: int, device, block_n: int = 64) -> int:
     """Decode steps whose (sequence, KV head) programs can't fill the GPU get up to 16 parts. With few programs
     (batch 1: 8) parts pay off even over a short bound, no more parts than the bound has key tiles; otherwise only
     over bounds above 1024 keys, each part >= 512 of them (sweeps in NOTES.md)."""
     if meta.max_query_len > 1:
         return 1
-    programs = meta.num_seqs * kv_heads
-    few = programs * 4 <= _num_sms(device)
+    programs, sms = meta.num_seqs * kv_heads, _num_sms(device)
+    few = programs * 4 <= sms
     if not few and meta.max_seq_len <= 1024:
         return 1
     splits = 1
-    while splits < 16 and programs * splits < 2 * _num_sms(device):
+    while splits < 16 and programs * splits < 2 * sms:
         if (few and splits * block_n >= meta.max_seq_len) or (not few and meta.max_seq_len // (splits * 2) < 512):
             break
         splits *= 2
