@@ -8,6 +8,8 @@ One step = a flat batch of tokens from several sequences (prefill chunks and dec
 """
 from __future__ import annotations
 
+import gc
+
 import itertools
 import logging
 import math
@@ -120,6 +122,14 @@ class ModelRunner:
             from adallm_core.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self, self.max_num_seqs)
+
+    def release_graphs(self) -> None:
+        """Drop the decode CUDA graphs. Tensor-parallel ranks do this before destroying their NCCL group: graphs
+        that captured its all-reduces keep destroy_process_group waiting forever (seen on 2 GPUs)."""
+        self.graphs = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # --- one step ---------------------------------------------------------------------------------------
     accepts_device_input_ids = True  # execute(input_ids=...): async scheduling can feed it a step ahead

@@ -57,7 +57,8 @@ class TensorParallelRunner:
                 raise RuntimeError(f"tensor-parallel workers failed to start: {', '.join(dead)}") from e
             raise
         # runs once: on shutdown(), when the runner is collected, or at interpreter exit
-        self._finalizer = weakref.finalize(self, TensorParallelRunner._stop_all, self.group, self.launcher)
+        self._finalizer = weakref.finalize(self, TensorParallelRunner._stop_all, self.group, self.launcher,
+                                           self.runner)
         logger.info("tensor parallel: %d ranks on %s (backend %s)", world, device,
                     "nccl" if device.type == "cuda" else "gloo")
 
@@ -101,12 +102,14 @@ class TensorParallelRunner:
         self.group = None
 
     @staticmethod
-    def _stop_all(group, launcher) -> None:
+    def _stop_all(group, launcher, runner=None) -> None:
         try:
             if group is not None:
                 group.broadcast_object((SHUTDOWN, ()))
         except Exception as e:  # a worker already gone: stop the rest anyway
             logger.warning("tensor parallel shutdown message failed: %s", e)
         finally:
+            if runner is not None:
+                runner.release_graphs()  # graphs holding NCCL all-reduces block the group's destruction
             destroy_tensor_parallel()
             launcher.shutdown()

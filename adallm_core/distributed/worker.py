@@ -29,11 +29,14 @@ def worker_main(rank: int, world_size: int, init_method: str, engine_args: dict,
         torch.set_num_threads(num_threads)
     args = EngineArgs.from_dict(engine_args)
     group = init_tensor_parallel(rank, world_size, init_method, rank_device(args.device, rank, world_size), timeout_s)
+    runner = None
     try:
         checkpoint = (checkpoint_factory or open_checkpoint)(model_path, group.device)
         runner = ModelRunner(args, checkpoint, group.device, parallel=group)
         serve_forever(runner, group)
     finally:
+        if runner is not None:
+            runner.release_graphs()  # before the group they captured collectives of
         destroy_tensor_parallel()
 
 
