@@ -10,6 +10,7 @@ from typing import Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -42,6 +43,13 @@ def overloaded(exc: Exception) -> OpenAIError:
 
 
 SERVE_REJECTIONS = (BackPressureError, DeploymentUnavailableError)
+# The replica (or its node) went away under a request: another replica can take it while the client has seen nothing.
+REPLICA_LOST = (ActorDiedError, ActorUnavailableError)
+
+
+def replica_lost(exc: Exception) -> OpenAIError:
+    return OpenAIError(503, f"the replica serving this request was lost, retry: {type(exc).__name__}",
+                       code="replica_lost")
 
 
 def error_body(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:

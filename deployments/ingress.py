@@ -1,5 +1,7 @@
 """OpenAiIngress: the HTTP face (FastAPI through serve.ingress). Validates, then streams from LLMServer."""
 
+import asyncio
+import dataclasses
 import json
 import time
 from typing import AsyncIterator, Optional, Union
@@ -10,7 +12,9 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from deployments.errors import SERVE_REJECTIONS, OpenAIError, error_body, install_error_handlers, overloaded
+from deployments.errors import (
+    REPLICA_LOST, SERVE_REJECTIONS, OpenAIError, error_body, install_error_handlers, overloaded, replica_lost,
+)
 from deployments.llm_server import GenerateRequest, RequestError
 from deployments.metrics import RequestMetrics
 from deployments.openai_api import (
@@ -49,6 +53,11 @@ def _sse(body: BaseModel) -> str:
     return f"data: {body.model_dump_json()}\n\n"
 
 
+# A request whose replica dies before the client got a byte is sent again (Serve's router drops a dead replica once
+# it sees the death; a node that just vanished may take a few tries), with backoff: 0.25, 0.5, 1 s.
+RETRIES_ON_REPLICA_LOSS = 3
+
+
 async def _next(outputs: DeploymentResponseGenerator):
     # Module helpers sit above the class: Serve pickles the class when it is decorated.
     try:
@@ -84,8 +93,8 @@ class OpenAiIngress:
     async def completions(self, body: CompletionRequest):
         self._check_model(body.model)
         request = GenerateRequest(new_id("cmpl"), self._params(body), prompts=body.prompts())
-        builder = ResponseBuilder(request.request_id, self.model, False, body.logprobs, body.n, len(request.prompts))
-        return await self._serve("/v1/completions", body, request, builder)
+        return await self._serve("/v1/completions", body, request, lambda: ResponseBuilder(
+            request.request_id, self.model, False, body.logprobs, body.n, len(request.prompts)))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
     async def chat_completions(self, body: ChatCompletionRequest):
@@ -93,8 +102,8 @@ class OpenAiIngress:
         messages = [m.as_template_input() for m in body.messages]
         request = GenerateRequest(new_id("chatcmpl"), self._params(body), messages=messages)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        builder = ResponseBuilder(request.request_id, self.model, True, top, body.n, 1)
-        return await self._serve("/v1/chat/completions", body, request, builder)
+        return await self._serve("/v1/chat/completions", body, request,
+                                 lambda: ResponseBuilder(request.request_id, self.model, True, top, body.n, 1))
 
     # ---- shared path ---------------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
@@ -108,25 +117,34 @@ class OpenAiIngress:
         except ValueError as e:  # SamplingParams' own checks, beyond the schema's
             raise OpenAIError(400, str(e))
 
-    async def _serve(self, route: str, body, request: GenerateRequest, builder: ResponseBuilder):
-        outputs: DeploymentResponseGenerator = self.stream.generate.remote(request)
-        try:
-            first = await _next(outputs)
-        except SERVE_REJECTIONS as e:  # the replicas' queues are full: answer at once
-            raise overloaded(e) from e
-        if isinstance(first, RequestError):
-            raise OpenAIError(first.status, first.message, first.param)
-        if body.stream:
-            events = self._events(route, body.include_usage, builder, first, outputs)
-            return StreamingResponse(events, media_type="text/event-stream")
-        deltas = first
-        while deltas is not None:
-            if isinstance(deltas, RequestError):
-                raise OpenAIError(deltas.status, deltas.message, deltas.param)
-            builder.add(deltas)
-            deltas = await _next(outputs)
-        self._record(route, builder)
-        return builder.response()
+    async def _serve(self, route: str, body, request: GenerateRequest, make_builder):
+        for attempt in range(RETRIES_ON_REPLICA_LOSS + 1):
+            # each try under its own engine id: a replica only presumed lost may still be running the last one
+            sent = dataclasses.replace(request, request_id=f"{request.request_id}-{attempt}") if attempt else request
+            outputs: DeploymentResponseGenerator = self.stream.generate.remote(sent)
+            builder = make_builder()
+            try:
+                first = await _next(outputs)
+                if isinstance(first, RequestError):
+                    raise OpenAIError(first.status, first.message, first.param)
+                if body.stream:  # from here on the client has bytes: no more retries
+                    events = self._events(route, body.include_usage, builder, first, outputs)
+                    return StreamingResponse(events, media_type="text/event-stream")
+                deltas = first
+                while deltas is not None:
+                    if isinstance(deltas, RequestError):
+                        raise OpenAIError(deltas.status, deltas.message, deltas.param)
+                    builder.add(deltas)
+                    deltas = await _next(outputs)
+            except SERVE_REJECTIONS as e:  # the replicas' queues are full: answer at once
+                raise overloaded(e) from e
+            except REPLICA_LOST as e:
+                if attempt == RETRIES_ON_REPLICA_LOSS:
+                    raise replica_lost(e) from e
+                await asyncio.sleep(0.25 * 2**attempt)
+                continue
+            self._record(route, builder)
+            return builder.response()
 
     async def _events(self, route, include_usage, builder, first, outputs) -> AsyncIterator[str]:
         finished = False

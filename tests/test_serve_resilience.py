@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -98,6 +99,22 @@ def test_killed_replica_is_replaced(server, served_name):
     wait_until(lambda: _replica_actors(app_name("/")) - {old}, timeout_s=180, interval_s=1)
     reply = wait_until(lambda: (r := completion(server, served_name)).status_code == 200 and r, timeout_s=180, interval_s=1)
     assert reply.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_request_whose_replica_is_killed_is_answered_by_the_replacement(server, served_name):
+    """Nothing reached the client when its replica died: the ingress sends the request again, and the replica Serve
+    starts in its place answers it (before, the client got a 500)."""
+    import ray
+
+    (old,) = _replica_actors(app_name("/"))
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(completion, server, served_name, max_tokens=300)
+        wait_until(lambda: llm_stats("/")["num_requests"] == 1, timeout_s=60, interval_s=0.05)
+        ray.kill(ray.get_actor(*old), no_restart=True)
+        reply = pending.result(timeout=300)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] >= 1
+    assert _replica_actors(app_name("/")) - {old}
 
 
 def test_engine_dying_in_a_replica_turns_health_503_and_serve_replaces_it(server, served_name):
