@@ -158,7 +158,12 @@ class OpenAiIngress:
                     break
                 builder.add(deltas)
                 yield _sse(builder.chunk(deltas))
-                deltas = await _next(outputs)
+                try:
+                    deltas = await _next(outputs)
+                except REPLICA_LOST as e:  # the client has part of the answer: say why the rest is missing
+                    lost = replica_lost(e)
+                    yield f"data: {json.dumps(error_body(lost.status, lost.message, code=lost.code))}\n\n"
+                    break
             if include_usage:
                 yield _sse(builder.usage_chunk())
             yield "data: [DONE]\n\n"

@@ -117,6 +117,26 @@ def test_request_whose_replica_is_killed_is_answered_by_the_replacement(server, 
     assert _replica_actors(app_name("/")) - {old}
 
 
+def test_stream_whose_replica_is_killed_ends_with_an_error_event(server, served_name):
+    import ray
+
+    (old,) = _replica_actors(app_name("/"))
+    body = {"model": served_name, "prompt": "Once upon a time", "max_tokens": LONG, "temperature": 0, "stream": True}
+    with requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=120) as reply:
+        assert reply.status_code == 200
+        lines = reply.iter_lines()
+        for line in lines:  # the first chunk: the request runs on `old`
+            if line.startswith(b"data: {"):
+                break
+        ray.kill(ray.get_actor(*old), no_restart=True)
+        rest = [line[6:] for line in lines if line.startswith(b"data: ")]
+    errors = [json.loads(x)["error"] for x in rest if x.startswith(b'{"error"')]
+    assert errors and errors[0]["code"] == "replica_lost", rest[-3:]
+    assert rest[-1] == b"[DONE]"
+    wait_until(lambda: _replica_actors(app_name("/")) - {old}, timeout_s=180, interval_s=1)
+    assert wait_until(lambda: completion(server, served_name).status_code == 200, timeout_s=180, interval_s=1)
+
+
 def test_engine_dying_in_a_replica_turns_health_503_and_serve_replaces_it(server, served_name):
     import ray
 
