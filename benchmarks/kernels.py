@@ -1,6 +1,6 @@
 """Kernel benchmark on Qwen3-8B shapes: NVFP4 linears beside torch BF16 and FP8, attention beside torch SDPA.
 
-    python -m benchmarks.kernels [--sections linear,attention] [--sweep] [--json out.json]
+    python -m benchmarks.kernels [--sections linear,attention,launch] [--sweep] [--json out.json]
 
 Weights are random (real shapes, random values); each timing rotates through enough weight copies that L2 does not
 serve the reads, and kernels are timed inside a CUDA graph (launch gaps excluded), median of 20.
@@ -160,7 +160,8 @@ def print_linear(rows: list, bw: float) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="linear,attention", help="any of linear, attention, cuda_variants")
+    p.add_argument("--sections", default="linear,attention",
+                   help="any of linear, attention, launch (a linear's fixed cost beside a pure read), cuda_variants")
     p.add_argument("--sweep", action="store_true", help="also try a grid of decode tile configs")
     p.add_argument("--json", default=None, help="write every row here")
     p.add_argument("--skip-w4a8", action="store_true", help="leave out the (slow) W4A8 comparison")
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}; random weights of the real shapes")
-    results = {"copy_TBps": bw / 1e12, "linear": [], "attention": []}
+    results = {"copy_TBps": bw / 1e12, "linear": [], "attention": [], "launch": []}
     sections = args.sections.split(",")
     if "linear" in sections:
         bench_linear(args.sweep, results["linear"], log, not args.skip_w4a8, [int(m) for m in args.ms.split(",")],
@@ -190,6 +191,10 @@ def main(argv=None) -> int:
         from benchmarks.kernels_attention import bench_attention, print_attention
 
         bench_attention(results["attention"], log)
+    if "launch" in sections:
+        from benchmarks.kernels_launch import bench_launch
+
+        bench_launch(results["launch"], log)
     if "cuda_variants" in sections:
         results["cuda_variants"] = sweep_cuda_variants(log)
     if args.json:
@@ -199,6 +204,10 @@ def main(argv=None) -> int:
         print_linear(results["linear"], bw)
     if "attention" in sections:
         print_attention(results["attention"], bw)
+    if "launch" in sections:
+        from benchmarks.kernels_launch import print_launch
+
+        print_launch(results["launch"])
     return 0
 
 
