@@ -9,7 +9,6 @@ One step = a flat batch of tokens from several sequences (prefill chunks and dec
 from __future__ import annotations
 
 import gc
-
 import itertools
 import logging
 import math

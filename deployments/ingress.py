@@ -53,6 +53,10 @@ def _sse(body: BaseModel) -> str:
     return f"data: {body.model_dump_json()}\n\n"
 
 
+def _error_event(status: int, message: str, code: Optional[str] = None) -> str:
+    return f"data: {json.dumps(error_body(status, message, code=code))}\n\n"
+
+
 # A request whose replica dies before the client got a byte is sent again (Serve's router drops a dead replica once
 # it sees the death; a node that just vanished may take a few tries), with backoff: 0.25, 0.5, 1 s.
 RETRIES_ON_REPLICA_LOSS = 3
@@ -154,7 +158,7 @@ class OpenAiIngress:
             deltas = first
             while deltas is not None:
                 if isinstance(deltas, RequestError):  # the engine failed mid-stream
-                    yield f"data: {json.dumps(error_body(deltas.status, deltas.message))}\n\n"
+                    yield _error_event(deltas.status, deltas.message)
                     break
                 builder.add(deltas)
                 yield _sse(builder.chunk(deltas))
@@ -162,7 +166,7 @@ class OpenAiIngress:
                     deltas = await _next(outputs)
                 except REPLICA_LOST as e:  # the client has part of the answer: say why the rest is missing
                     lost = replica_lost(e)
-                    yield f"data: {json.dumps(error_body(lost.status, lost.message, code=lost.code))}\n\n"
+                    yield _error_event(lost.status, lost.message, lost.code)
                     break
             if include_usage:
                 yield _sse(builder.usage_chunk())
