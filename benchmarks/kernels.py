@@ -35,28 +35,38 @@ def copies(nbytes_one: int) -> int:
 
 
 def sweep_cuda_variants(log) -> list[dict]:
-    """csrc/nvfp4_gemv.cu's (warps, depth) variants beside the Triton decode kernel, M = 1..16."""
+    """csrc/nvfp4_gemv.cu's (row tiles, warps, stages) variants beside the Triton decode kernel, M = 1..8; `op` is
+    what the op picks (ops/cuda_gemv.py: the CUDA kernel's default for 1..DECODE_TOKENS tokens on narrow linears)."""
     from adallm_core.ops import cuda_gemv
     from adallm_core.ops.triton import nvfp4_gemm as lin
+    from adallm_core.ops.triton.nvfp4_prefill import nvfp4_linear as op_linear
 
     module, out = cuda_gemv.load(), []
+    variants = range(cuda_gemv.VARIANTS)
     for name, (n, k) in LINEARS.items():
-        ws = [random_nvfp4(n, k) for _ in range(copies(n * k // 2))]
-        for m in (1, 4, 8, 16):
+        ws = [random_nvfp4(n, k).in_kernel_order() for _ in range(copies(n * k // 2))]
+        for m in (1, 2, 3, 4, 8):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             cfg = lin.pick_config(m, n, k, x.device)
             row = dict(shape=name, M=m, TB=ws[0].nbytes / 1e12,
-                       triton=time_graph(lambda w: lin.nvfp4_linear(x, w, cfg), [(w,) for w in ws]) * 1e6)
-            for v in range(1, 5):
+                       triton=time_graph(lambda w: lin.nvfp4_linear(x, w, cfg), [(w,) for w in ws]) * 1e6,
+                       op=time_graph(lambda w: op_linear(x, w), [(w,) for w in ws]) * 1e6)
+            for v in variants:
                 row[f"v{v}"] = time_graph(lambda w: cuda_gemv.nvfp4_gemv(x, w, module, v), [(w,) for w in ws]) * 1e6
             log(json.dumps(row))
             out.append(row)
         del ws
-    print("\nCUDA decode kernel variants (warps, depth): v1 (8, 2) v2 (16, 2) v3 (4, 2) v4 (8, 3); us")
+    print("\nCUDA decode kernel variants (row tiles, warps, stages): v0 (2, 8, 2) v1 (1, 8, 4) v2 (2, 16, 2) "
+          "v3 (4, 4, 2); us")
     for r in out:
-        print(f"{r['shape']:8} M={r['M']:2d} triton {r['triton']:6.1f} | " + " ".join(
-            f"v{v} {r[f'v{v}']:6.1f}" for v in range(1, 5)) + f" | best {min(r[f'v{v}'] for v in range(1, 5)):.1f} us = "
-            f"{r['TB'] / min(r[f'v{v}'] for v in range(1, 5)) * 1e6:.2f} TB/s")
+        best = min(r[f"v{v}"] for v in variants)
+        print(f"{r['shape']:8} M={r['M']:2d} triton {r['triton']:6.2f} op {r['op']:6.2f} | "
+              + " ".join(f"v{v} {r[f'v{v}']:6.2f}" for v in variants)
+              + f" | best {best:.2f} us = {r['TB'] / best * 1e6:.2f} TB/s")
+    for m in sorted({r["M"] for r in out}):
+        sel = [r for r in out if r["M"] == m]
+        print(f"layer    M={m:2d} triton {sum(r['triton'] for r in sel):6.1f} op {sum(r['op'] for r in sel):6.1f} | "
+              + " ".join(f"v{v} {sum(r[f'v{v}'] for r in sel):6.1f}" for v in variants))
     return out
 
 

@@ -48,13 +48,28 @@ def test_gpu_engine_with_a_quantized_lm_head_agrees_with_transformers():
     check_against_transformers(engine, hf, "gemma3", "bf16")
 
 
-def check_against_transformers(engine, hf, family: str, kv: str) -> None:
+def test_gpu_engine_one_sequence_at_a_time_takes_the_cuda_decode_kernel():
+    """Batch 1: one-token decode steps send the linears whose K is a multiple of 128 (here down_proj) to
+    csrc/nvfp4_gemv.cu; the tokens still agree with transformers."""
+    from adallm_core.ops import cuda_gemv
+
+    engine = make_engine("qwen3", "modelopt", kv_cache_dtype="fp8", device="cuda", max_num_seqs=8)
+    down = engine.runner.model.layers[0].mlp.down_proj.weight
+    assert cuda_gemv.takes(torch.zeros(1, down.in_features, dtype=torch.bfloat16, device="cuda"), down)
+    hf = hf_on_dequantized("qwen3", Checkpoint(tiny_checkpoint("qwen3", "modelopt")))
+    check_against_transformers(engine, hf, "qwen3", "fp8", one_at_a_time=True)
+
+
+def check_against_transformers(engine, hf, family: str, kv: str, one_at_a_time: bool = False) -> None:
     top = TOP_MOE if family == "qwen3_moe" else TOP
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=top)
     prompt_ids = [engine.tokenizer.encode(p) for p in PROMPTS]
+    done = {}
     for i, ids in enumerate(prompt_ids):
         engine.add_request(str(i), ids, params)
-    done = run_all(engine)
+        if one_at_a_time:
+            done.update(run_all(engine))
+    done.update(run_all(engine))
     assert engine.stats()["kv_blocks_used"] == 0
 
     # an fp8 KV cache rounds keys and values to E4M3: so does the reference then

@@ -53,20 +53,40 @@ def test_nvfp4_linear_prefill_path(m, parts, k):
     assert kc.rel_err(out, reference.nvfp4_linear(x, w)) <= EXACT
 
 
-@pytest.mark.parametrize("m", [1, 2, 7, 8, 9, 16])
-@pytest.mark.parametrize("n,k", [(4096, 4096), (200, 384), (24, 12288)])
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (200, 384), (24, 12288), (40, 128)])
 def test_cuda_decode_kernel(m, n, k):
-    """csrc/nvfp4_gemv.cu (for comparison, not in the op table): builds here, exact in every variant (ragged N,
-    1 or 2 token tiles)."""
+    """csrc/nvfp4_gemv.cu: builds here, exact in every variant (ragged N, row tiles past N, one 128-K chunk, 1..8
+    tokens), on the kernels' word order; refuses what it cannot read."""
     from adallm_core.ops import cuda_gemv
 
     module = cuda_gemv.load()
     assert module is not None, "the CUDA decode kernel did not build (see the log)"
-    w = kc.random_nvfp4(n, k, DEV)
+    w = kc.random_nvfp4(n, k, DEV).in_kernel_order()
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     assert cuda_gemv.supports(x, w)
-    for variant in range(5):
-        assert kc.rel_err(cuda_gemv.nvfp4_gemv(x, w, module, variant), reference.nvfp4_linear(x, w)) <= EXACT
+    ref = reference.nvfp4_linear(x, w)
+    for variant in range(cuda_gemv.VARIANTS):
+        assert kc.rel_err(cuda_gemv.nvfp4_gemv(x, w, module, variant), ref) <= EXACT, variant
+    assert not cuda_gemv.supports(x, kc.random_nvfp4(n, k, DEV))  # checkpoint order: the Triton kernel's
+    unaligned = torch.empty(m, k + 8, device=DEV, dtype=torch.bfloat16)[:, 1 : k + 1]
+    assert not cuda_gemv.supports(unaligned, w)  # rows cp.async cannot copy in 16-byte pieces
+    with pytest.raises(RuntimeError, match="variant 9"):
+        cuda_gemv.nvfp4_gemv(x, w, module, 9)
+
+
+@pytest.mark.parametrize("m", [1, 4, 5])
+def test_op_decode_path(m):
+    """The op sends 1..DECODE_TOKENS tokens on narrow linears to the CUDA kernel, wide ones and more tokens to the
+    Triton kernel: exact either way."""
+    from adallm_core.ops import cuda_gemv
+    from adallm_core.ops.triton.nvfp4_prefill import nvfp4_linear
+
+    for n, k in [(1024, 2048), (cuda_gemv.WIDE_N, 256)]:
+        w = kc.random_nvfp4(n, k, DEV).in_kernel_order()
+        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        assert cuda_gemv.takes(x, w) == (m <= cuda_gemv.DECODE_TOKENS and n < cuda_gemv.WIDE_N)
+        assert kc.rel_err(nvfp4_linear(x, w), reference.nvfp4_linear(x, w)) <= EXACT
 
 
 @pytest.mark.parametrize("t,hq,hk,d", [(1, 32, 8, 128), (37, 16, 8, 256), (5, 6, 3, 64)])

@@ -3,6 +3,7 @@
 Each op is a thin wrapper that checks shapes and dtypes, then launches the kernel of one file:
   nvfp4_linear               nvfp4_prefill.py    M >= 256: weights dequantized once per slab, cuBLAS GEMM (exact)
                              nvfp4_gemm.py       exact BF16 compute; decode split-K stream, tiles up to M = 255
+                             ../cuda_gemv.py     CUDA C++ (csrc/nvfp4_gemv.cu): decode steps of 1-4 tokens
   attention                  paged_attention.py  paged FP8/BF16 KV, GQA rows per KV head, split-K for long decode
   kv_write                   kv_cache_write.py
   qk_norm_rope_cache         qk_norm_rope.py     per-head q/k norm + RoPE + k/v cache store, one launch
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from adallm_core.ops import cuda_gemv
 from adallm_core.ops.triton.activation import gelu_tanh_and_mul, silu_and_mul
 from adallm_core.ops.triton.embedding import embedding
 from adallm_core.ops.triton.kv_cache_write import kv_write
@@ -43,6 +45,7 @@ def check_device(device) -> None:
             f"kernel_backend 'triton' needs compute capability >= 8.9 (Ada, Hopper) for FP8, "
             f"got {cap[0]}.{cap[1]} on {torch.cuda.get_device_name(device)}; use kernel_backend='reference'"
         )
+    cuda_gemv.load()  # built (or found missing, and logged) at start-up, never inside a CUDA-graph capture
 
 
 __all__ = [

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from adallm_core.ops import cuda_gemv
 from adallm_core.ops.triton.nvfp4_gemm import _dequant_words, check_args
 from adallm_core.ops.triton.nvfp4_gemm import nvfp4_linear as tiled_linear
 
@@ -41,8 +42,10 @@ def dequant_rows_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, strid
 
 
 def nvfp4_linear(x: torch.Tensor, w) -> torch.Tensor:
-    """The op: this file's path where it applies (BF16 x, M >= MIN_TOKENS, few global-scale runs), the tiled kernel
-    everywhere else (decode steps go straight there)."""
+    """The op: this file's path where it applies (BF16 x, M >= MIN_TOKENS, few global-scale runs), the CUDA decode
+    kernel for steps of 1-4 tokens on narrow linears (ops/cuda_gemv.py), the tiled kernel everywhere else."""
+    if x.dim() == 2 and cuda_gemv.takes(x, w):
+        return cuda_gemv.nvfp4_gemv(x, w)
     if x.dim() == 2 and x.shape[0] >= MIN_TOKENS and x.dtype == torch.bfloat16:
         check_args(x, w)
         # reading the scales to the host (once per weight) would break a CUDA-graph capture
