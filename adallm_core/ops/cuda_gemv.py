@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from adallm_core.nvfp4 import to_kernel_order
+
 logger = logging.getLogger(__name__)
 
 MAX_M = 8  # the kernel's one token tile
@@ -24,7 +26,7 @@ DECODE_TOKENS = 4  # the op's bound: from 8 tokens on, qkv runs faster on the Tr
 WIDE_N = 16384  # and from this many rows on the Triton kernel streams faster
 K_TILE = 128
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "nvfp4_gemv.cu"
-ARCHS = "8.9;9.0"  # Ada (the product) and Hopper (the test machine)
+ARCHS = "8.9;9.0+PTX"  # Ada (the product), Hopper (the test machine), PTX for GPUs after them
 VARIANTS = 4  # 0 = the default; csrc names the rest
 
 _BINDING = r"""
@@ -51,7 +53,7 @@ _error: str | None = None
 
 
 def load():
-    """The compiled extension, or None (reason logged once) when it cannot be built or set up here."""
+    """The compiled extension, or None (reason logged once) when it cannot be built, set up or run here."""
     global _module, _error
     if _module is not None or _error is not None:
         return _module
@@ -59,21 +61,46 @@ def load():
         _error = "ADALLM_DISABLE_CUDA_GEMV=1"
     else:
         try:
-            from torch.utils.cpp_extension import load_inline
-
-            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ARCHS)
-            module = load_inline(
-                name="adallm_nvfp4_gemv_v2", cpp_sources=_BINDING, cuda_sources=SOURCE.read_text(),
-                extra_cuda_cflags=["-O3", "-std=c++17"], verbose=False)
+            module = _build()
             rc = module.init()  # shared-memory limits raised now, before any CUDA-graph capture
             if rc:
                 raise RuntimeError(f"setting the kernels' shared-memory limit failed (code {rc})")
+            _smoke_test(module)
             _module = module
-        except Exception as exc:  # no nvcc / compiler / CUDA headers: say why
+        except Exception as exc:  # no nvcc / compiler / CUDA headers / kernel image for this GPU: say why
             _error = f"{type(exc).__name__}: {str(exc)[-500:]}"
     if _error is not None:
         logger.warning("CUDA NVFP4 decode kernel unavailable, the Triton one runs every M: %s", _error)
     return _module
+
+
+def _build():
+    from torch.utils.cpp_extension import load_inline
+
+    saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ARCHS  # this kernel's targets, whatever the process asked for
+    try:
+        return load_inline(name="adallm_nvfp4_gemv_v2", cpp_sources=_BINDING, cuda_sources=SOURCE.read_text(),
+                           extra_cuda_cflags=["-O3", "-std=c++17"], verbose=False)
+    finally:
+        if saved is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved
+
+
+def _smoke_test(module) -> None:
+    """One launch on this GPU: a build without a kernel image for it fails here, not in the first decode step."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    x = torch.ones(1, K_TILE, dtype=torch.bfloat16, device=dev)
+    ones = torch.full((16, K_TILE // 2), 0x22, dtype=torch.uint8)  # two E2M1 1.0 codes a byte
+    words = to_kernel_order(ones).to(dev).view(torch.int32)
+    scales = torch.full((16, K_TILE // 16), 0x38, dtype=torch.uint8, device=dev)  # E4M3 1.0
+    out = torch.zeros(1, 16, dtype=torch.bfloat16, device=dev)
+    rc = module.nvfp4_gemv(x, words, scales, torch.ones(16, device=dev), out, 0)
+    torch.cuda.synchronize(dev)
+    if rc or not torch.equal(out, torch.full_like(out, K_TILE)):
+        raise RuntimeError(f"smoke test on {torch.cuda.get_device_name(dev)} failed (code {rc}, out {out[0, :4]})")
 
 
 def supports(x: torch.Tensor, w) -> bool:
