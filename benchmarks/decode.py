@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from adallm_core.ops import cuda_gemv
 from benchmarks.random_checkpoint import SHAPES, RandomCheckpoint, hf_config
 from benchmarks.timing import copy_bandwidth
 
@@ -233,7 +234,9 @@ def main(argv=None) -> int:
           f"{args.tensor_parallel_size}, lm_head {'NVFP4' if args.quantize_lm_head else 'BF16'}, embedding on "
           f"{'GPU' if args.no_embedding_on_host else 'host'}, async scheduling "
           f"{'off' if args.no_async_scheduling else 'on'}, max_model_len "
-          f"{args.max_model_len or args.input_len + args.output_len}; {torch.cuda.get_device_name()}, copy "
+          f"{args.max_model_len or args.input_len + args.output_len}, decode linears of 1-"
+          f"{cuda_gemv.DECODE_TOKENS} tokens on {'CUDA' if cuda_gemv.load() else 'Triton'}; "
+          f"{torch.cuda.get_device_name()}, copy "
           f"{bw / 1e12:.2f} TB/s; HF = transformers BF16 static cache{'' if args.no_hf_compile else ' compiled'}")
     print(f"{'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'ms/step':>8} {'peak GB':>8} {'%roof':>6} "
           f"{'HF tok/s':>9} {'ratio':>6}")
