@@ -207,17 +207,16 @@ template <int ROWS, int WARPS, int DEPTH>
 struct Variant {
   static constexpr auto kernel = adallm::nvfp4_gemv_kernel<ROWS, WARPS, DEPTH>;
   static int smem(int M) { return WARPS * DEPTH * adallm::stage_bytes(M, ROWS); }
-  // Up front, not at launch: a CUDA-graph capture must not meet the first call
+  // Up front, not at launch: a CUDA-graph capture must not meet the first call. Per device: the current one
   static int allow_smem(int optin) {
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, min(smem(8), optin)) !=
            cudaSuccess;
   }
-  static int launch(const void* x, const void* w, const void* s, const float* g, void* out, int M, int N, int K,
-                    long stride_xm, long stride_om, cudaStream_t stream) {
+  static void launch(const void* x, const void* w, const void* s, const float* g, void* out, int M, int N, int K,
+                     long stride_xm, long stride_om, cudaStream_t stream) {
     kernel<<<(N + 16 * ROWS - 1) / (16 * ROWS), WARPS * 32, smem(M), stream>>>(
         static_cast<const __nv_bfloat16*>(x), static_cast<const uint32_t*>(w), static_cast<const uint8_t*>(s), g,
         static_cast<__nv_bfloat16*>(out), M, N, K, stride_xm, stride_om);
-    return 0;
   }
 };
 

@@ -50,11 +50,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
 _module = None
 _error: str | None = None
+_device: int | None = None  # the GPU the kernels were set up and smoke-tested on
 
 
 def load():
     """The compiled extension, or None (reason logged once) when it cannot be built, set up or run here."""
-    global _module, _error
+    global _module, _error, _device
     if _module is not None or _error is not None:
         return _module
     if os.environ.get("ADALLM_DISABLE_CUDA_GEMV") == "1":
@@ -66,7 +67,7 @@ def load():
             if rc:
                 raise RuntimeError(f"setting the kernels' shared-memory limit failed (code {rc})")
             _smoke_test(module)
-            _module = module
+            _module, _device = module, torch.cuda.current_device()
         except Exception as exc:  # no nvcc / compiler / CUDA headers / kernel image for this GPU: say why
             _error = f"{type(exc).__name__}: {str(exc)[-500:]}"
     if _error is not None:
@@ -114,8 +115,10 @@ def supports(x: torch.Tensor, w) -> bool:
 
 
 def takes(x: torch.Tensor, w) -> bool:
-    """The op's choice: this kernel for decode steps of few tokens on linears narrower than WIDE_N."""
-    return x.shape[0] <= DECODE_TOKENS and w.out_features < WIDE_N and supports(x, w) and load() is not None
+    """The op's choice: this kernel for decode steps of few tokens on linears narrower than WIDE_N, on the GPU it was
+    set up on (its shared-memory limits are raised per device)."""
+    return (x.shape[0] <= DECODE_TOKENS and w.out_features < WIDE_N and supports(x, w) and load() is not None
+            and x.device.index == _device)
 
 
 def nvfp4_gemv(x: torch.Tensor, w, module=None, variant: int = 0) -> torch.Tensor:
