@@ -117,8 +117,11 @@ def supports(x: torch.Tensor, w) -> bool:
 def takes(x: torch.Tensor, w) -> bool:
     """The op's choice: this kernel for decode steps of few tokens on linears narrower than WIDE_N, on the GPU it was
     set up on (its shared-memory limits are raised per device)."""
-    return (x.shape[0] <= DECODE_TOKENS and w.out_features < WIDE_N and supports(x, w) and load() is not None
-            and x.device.index == _device)
+    if not (x.shape[0] <= DECODE_TOKENS and w.out_features < WIDE_N and supports(x, w)):
+        return False
+    if _module is None and _error is None and torch.cuda.is_current_stream_capturing():
+        return False  # set up (smoke launch, synchronize) only outside a capture: the engine does it at start-up
+    return load() is not None and x.device.index == _device
 
 
 def nvfp4_gemv(x: torch.Tensor, w, module=None, variant: int = 0) -> torch.Tensor:
