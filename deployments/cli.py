@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import time
 
@@ -51,20 +52,23 @@ def main(args: argparse.Namespace) -> int:
 
     split_args(app_args(args))  # bad options fail here, before Ray starts
     set_serve_environment()  # read by the proxy and controller of a Ray started here
-    ray.init(address=args.ray_address, log_to_driver=False)
-    app = build_app(app_args(args))  # after ray.init: sees whether the cluster has GPUs
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(app, name=APP_NAME, route_prefix="/")
-    print(f"adallm: OpenAI API at http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C, start-up included
     try:
+        ray.init(address=args.ray_address, log_to_driver=False)
+        signal.signal(signal.SIGTERM, _interrupt)  # ray.init installs a handler of its own: ours again
+        app = build_app(app_args(args))  # after ray.init: sees whether the cluster has GPUs
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        print(f"adallm: OpenAI API at http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
         print("adallm: shutting down", flush=True)
     finally:
-        serve.delete(APP_NAME)
-        ray.shutdown()
+        if ray.is_initialized():
+            with contextlib.suppress(Exception):  # stopped during start-up: nothing may be deployed yet
+                serve.delete(APP_NAME)
+            ray.shutdown()
     return 0
 
 

@@ -1,0 +1,51 @@
+"""`adallm serve` as a user runs it: a real process serving the demo model on 127.0.0.1, stopped by SIGTERM."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+from serve_helpers import free_port
+
+RAYLET = "ray/core/src/ray/raylet/raylet"
+
+
+def _raylets() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", RAYLET], capture_output=True, text=True).stdout
+    return {int(pid) for pid in out.split()}
+
+
+def test_sigterm_as_soon_as_the_endpoint_answers_stops_serve_and_ray():
+    """A `kill` can land while `serve.run` is still confirming a deployment that already answers: it gets the same
+    clean stop as Ctrl-C (exit status 0, 'shutting down'), and the Ray that the command started is gone after it."""
+    port = free_port()
+    before = _raylets()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [str(Path(sys.executable).with_name("adallm")), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, f"adallm serve exited during start-up:\n{proc.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, "adallm serve did not answer within 300 s"
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=90)[0]
+        assert proc.returncode == 0, output[-3000:]
+        assert "adallm: shutting down" in output
+        deadline = time.monotonic() + 30
+        while _raylets() - before and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _raylets() - before, "the Ray that `adallm serve` started is still running"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
