@@ -87,6 +87,8 @@ def test_op_decode_path(m):
         x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
         assert cuda_gemv.takes(x, w) == (m <= cuda_gemv.DECODE_TOKENS and n < cuda_gemv.WIDE_N)
         assert kc.rel_err(nvfp4_linear(x, w), reference.nvfp4_linear(x, w)) <= EXACT
+        with pytest.raises(ValueError, match=r"x must be \["):  # a wrong K is named, never read past the weight
+            nvfp4_linear(torch.randn(m, k + 128, device=DEV, dtype=torch.bfloat16), w)
 
 
 @pytest.mark.parametrize("t,hq,hk,d", [(1, 32, 8, 128), (37, 16, 8, 256), (5, 6, 3, 64)])

@@ -105,10 +105,12 @@ def _smoke_test(module) -> None:
 
 
 def supports(x: torch.Tensor, w) -> bool:
-    """What the kernel can read: BF16 x of 1..8 rows, K a multiple of 128, weights in the kernels' word order, and
-    16-byte aligned rows for its cp.async copies."""
+    """What the kernel can read: BF16 x of 1..8 rows of the weight's K, K a multiple of 128, weights in the kernels'
+    word order, and 16-byte aligned rows for its cp.async copies. Anything else (a wrong K included) goes to the tiled
+    kernel, whose argument checks name the problem."""
     return (w.kernel_order and x.is_cuda and x.dtype == torch.bfloat16 and 1 <= x.shape[0] <= MAX_M
-            and x.shape[1] % K_TILE == 0 and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
+            and x.shape[1] == w.in_features and x.shape[1] % K_TILE == 0
+            and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
             and w.packed.is_contiguous() and w.packed.data_ptr() % 16 == 0
             and w.block_scale.is_contiguous() and w.block_scale.data_ptr() % 8 == 0
             and w.global_scale.dtype == torch.float32 and w.global_scale.is_contiguous())
