@@ -18,6 +18,7 @@ from benchmarks.timing import copy_bandwidth, time_graph
 
 # Qwen3-8B: hidden 4096, 32 q heads + 8 kv heads of 128, MLP 12288
 LINEARS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)}
+GEMMA3_27B_LINEARS = {"qkv": (8192, 5376), "o": (5376, 4096), "gate_up": (43008, 5376), "down": (5376, 21504)}
 MS = (1, 16, 64, 128, 256, 512, 2048)
 ROTATE_BYTES = 256 << 20
 
@@ -35,38 +36,42 @@ def copies(nbytes_one: int) -> int:
 
 
 def sweep_cuda_variants(log) -> list[dict]:
-    """csrc/nvfp4_gemv.cu's (row tiles, warps, stages) variants beside the Triton decode kernel, M = 1..8; `op` is
-    what the op picks (ops/cuda_gemv.py: the CUDA kernel's default for 1..DECODE_TOKENS tokens on narrow linears)."""
+    """csrc/nvfp4_gemv.cu's (row tiles, warps, stages) variants beside the Triton decode kernel, M = 1..8, on Qwen3-8B's
+    and Gemma3-27B's linears; `op` is what the op picks (ops/cuda_gemv.py: takes, pick_variant)."""
     from adallm_core.ops import cuda_gemv
     from adallm_core.ops.triton import nvfp4_gemm as lin
     from adallm_core.ops.triton.nvfp4_prefill import nvfp4_linear as op_linear
 
     module, out = cuda_gemv.load(), []
     variants = range(cuda_gemv.VARIANTS)
-    for name, (n, k) in LINEARS.items():
-        ws = [random_nvfp4(n, k).in_kernel_order() for _ in range(copies(n * k // 2))]
-        for m in (1, 2, 3, 4, 8):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            cfg = lin.pick_config(m, n, k, x.device)
-            row = dict(shape=name, M=m, TB=ws[0].nbytes / 1e12,
-                       triton=time_graph(lambda w: lin.nvfp4_linear(x, w, cfg), [(w,) for w in ws]) * 1e6,
-                       op=time_graph(lambda w: op_linear(x, w), [(w,) for w in ws]) * 1e6)
-            for v in variants:
-                row[f"v{v}"] = time_graph(lambda w: cuda_gemv.nvfp4_gemv(x, w, module, v), [(w,) for w in ws]) * 1e6
-            log(json.dumps(row))
-            out.append(row)
-        del ws
+    for model, linears in (("qwen3-8b", LINEARS), ("gemma3-27b", GEMMA3_27B_LINEARS)):
+        for name, (n, k) in linears.items():
+            ws = [random_nvfp4(n, k).in_kernel_order() for _ in range(copies(n * k // 2))]
+            for m in (1, 2, 3, 4, 8):
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                cfg = lin.pick_config(m, n, k, x.device)
+                row = dict(model=model, shape=name, M=m, TB=ws[0].nbytes / 1e12,
+                           triton=time_graph(lambda w: lin.nvfp4_linear(x, w, cfg), [(w,) for w in ws]) * 1e6,
+                           op=time_graph(lambda w: op_linear(x, w), [(w,) for w in ws]) * 1e6)
+                for v in variants:
+                    row[f"v{v}"] = time_graph(lambda w: cuda_gemv.nvfp4_gemv(x, w, module, v),
+                                              [(w,) for w in ws]) * 1e6
+                log(json.dumps(row))
+                out.append(row)
+            del ws
     print("\nCUDA decode kernel variants (row tiles, warps, stages): v0 (2, 8, 2) v1 (1, 8, 4) v2 (2, 16, 2) "
-          "v3 (4, 4, 2); us")
+          "v3 (4, 8, 2); us")
     for r in out:
         best = min(r[f"v{v}"] for v in variants)
-        print(f"{r['shape']:8} M={r['M']:2d} triton {r['triton']:6.2f} op {r['op']:6.2f} | "
+        print(f"{r['model']:10} {r['shape']:8} M={r['M']:2d} triton {r['triton']:6.2f} op {r['op']:6.2f} | "
               + " ".join(f"v{v} {r[f'v{v}']:6.2f}" for v in variants)
               + f" | best {best:.2f} us = {r['TB'] / best * 1e6:.2f} TB/s")
-    for m in sorted({r["M"] for r in out}):
-        sel = [r for r in out if r["M"] == m]
-        print(f"layer    M={m:2d} triton {sum(r['triton'] for r in sel):6.1f} op {sum(r['op'] for r in sel):6.1f} | "
-              + " ".join(f"v{v} {sum(r[f'v{v}'] for r in sel):6.1f}" for v in variants))
+    for model in ("qwen3-8b", "gemma3-27b"):
+        for m in sorted({r["M"] for r in out}):
+            sel = [r for r in out if r["M"] == m and r["model"] == model]
+            print(f"{model:10} layer    M={m:2d} triton {sum(r['triton'] for r in sel):6.1f} "
+                  f"op {sum(r['op'] for r in sel):6.1f} | "
+                  + " ".join(f"v{v} {sum(r[f'v{v}'] for r in sel):6.1f}" for v in variants))
     return out
 
 

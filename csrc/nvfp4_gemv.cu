@@ -207,21 +207,26 @@ template <int ROWS, int WARPS, int DEPTH>
 struct Variant {
   static constexpr auto kernel = adallm::nvfp4_gemv_kernel<ROWS, WARPS, DEPTH>;
   static int smem(int M) { return WARPS * DEPTH * adallm::stage_bytes(M, ROWS); }
+  static inline int allowed = 0;  // bytes of shared memory a block may take on this process's GPU
   // Up front, not at launch: a CUDA-graph capture must not meet the first call. Per device: the current one
   static int allow_smem(int optin) {
-    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, min(smem(8), optin)) !=
-           cudaSuccess;
+    allowed = min(smem(8), optin);
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, allowed) != cudaSuccess;
   }
-  static void launch(const void* x, const void* w, const void* s, const float* g, void* out, int M, int N, int K,
-                     long stride_xm, long stride_om, cudaStream_t stream) {
+  static int launch(const void* x, const void* w, const void* s, const float* g, void* out, int M, int N, int K,
+                    long stride_xm, long stride_om, cudaStream_t stream) {
+    if (smem(M) > allowed) return 3;  // e.g. 4 row tiles of 7-8 tokens on Ada (99 KB a block)
     kernel<<<(N + 16 * ROWS - 1) / (16 * ROWS), WARPS * 32, smem(M), stream>>>(
         static_cast<const __nv_bfloat16*>(x), static_cast<const uint32_t*>(w), static_cast<const uint8_t*>(s), g,
         static_cast<__nv_bfloat16*>(out), M, N, K, stride_xm, stride_om);
+    return 0;
   }
 };
 
-// variant 0 is the default (2 row tiles, 8 warps, 2 stages); 1..3 are swept beside it by benchmarks.kernels
-#define ADALLM_VARIANTS(X) X(0, 2, 8, 2) X(1, 1, 8, 4) X(2, 2, 16, 2) X(3, 4, 4, 2)
+// variant 0 is the default (2 row tiles, 8 warps, 2 stages); 3 (4 row tiles) is what the op picks where two row
+// tiles would leave some SMs with one block and others with two (ops/cuda_gemv.py pick_variant); 1 and 2 are swept
+// beside them by benchmarks.kernels
+#define ADALLM_VARIANTS(X) X(0, 2, 8, 2) X(1, 1, 8, 4) X(2, 2, 16, 2) X(3, 4, 8, 2)
 
 extern "C" int adallm_nvfp4_gemv_init() {
   int device = 0, optin = 0;
@@ -237,12 +242,13 @@ extern "C" int adallm_nvfp4_gemv_init() {
 extern "C" int adallm_nvfp4_gemv(const void* x, const void* w, const void* s, const float* g, void* out, int M,
                                  int N, int K, long stride_xm, long stride_om, int variant, cudaStream_t stream) {
   if (M < 1 || M > 8 || K % adallm::kChunkK || N < 1) return 1;
+  int rc = 1;
   switch (variant) {
 #define ADALLM_CASE(V, R, W, D) \
-  case V: Variant<R, W, D>::launch(x, w, s, g, out, M, N, K, stride_xm, stride_om, stream); break;
+  case V: rc = Variant<R, W, D>::launch(x, w, s, g, out, M, N, K, stride_xm, stride_om, stream); break;
     ADALLM_VARIANTS(ADALLM_CASE)
 #undef ADALLM_CASE
-    default: return 1;
   }
+  if (rc) return rc;
   return cudaGetLastError() == cudaSuccess ? 0 : 2;
 }

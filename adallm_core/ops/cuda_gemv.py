@@ -1,16 +1,18 @@
 """NVFP4 decode linear in CUDA C++ (csrc/nvfp4_gemv.cu), built as a torch extension on first use, cached.
 
-The op (ops/triton/nvfp4_prefill.nvfp4_linear) sends it decode steps of at most DECODE_TOKENS tokens on linears
-narrower than WIDE_N; the Triton decode kernel takes everything else. Measured on the H100 (benchmarks/NOTES.md,
-2026-11-28): with no split-K round trip it beats the Triton kernel on qkv, o and down at 1-4 tokens (a Qwen3-8B
-layer's four linears at one token 62.1 vs 68.2 us, gate_up left to Triton); at 8 tokens, and on wide linears
-(gate_up), its per-block x traffic and block count make it the slower one.
+The op (ops/triton/nvfp4_prefill.nvfp4_linear) sends it decode steps of at most DECODE_TOKENS tokens; the Triton
+decode kernel takes everything else. Measured on the H100 (benchmarks/NOTES.md, 2026-11-28): with no split-K round
+trip it beats the Triton kernel on Qwen3-8B's qkv, o and down at 1-4 tokens (a layer's four linears at one token
+62.1 vs 68.2 us) and on all of Gemma3-27B's (gate_up 56.0 vs 68.0 us); from 8 tokens its per-block x traffic makes
+it the slower one, and on wide linears whose K the Triton kernel's 512-wide tiles divide (Qwen3-8B's gate_up) the
+two tie, so Triton keeps those.
 
 Where nvcc or a host compiler is missing, `load()` logs why once and returns None, and the Triton kernel takes
 every M (same results: both are exact). ADALLM_DISABLE_CUDA_GEMV=1 turns it off.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -23,11 +25,12 @@ logger = logging.getLogger(__name__)
 
 MAX_M = 8  # the kernel's one token tile
 DECODE_TOKENS = 4  # the op's bound: from 8 tokens on, qkv runs faster on the Triton kernel (NOTES.md)
-WIDE_N = 16384  # and from this many rows on the Triton kernel streams faster
+WIDE_N, WIDE_K_TILE = 16384, 512  # wide linears whose K divides into Triton's long tiles stream as fast there
 K_TILE = 128
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "nvfp4_gemv.cu"
 ARCHS = "8.9;9.0+PTX"  # Ada (the product), Hopper (the test machine), PTX for GPUs after them
 VARIANTS = 4  # 0 = the default; csrc names the rest
+FOUR_ROW_TILES = 3  # 64 rows a block, 8 warps
 
 _BINDING = r"""
 #include <torch/extension.h>
@@ -117,22 +120,41 @@ def supports(x: torch.Tensor, w) -> bool:
 
 
 def takes(x: torch.Tensor, w) -> bool:
-    """The op's choice: this kernel for decode steps of few tokens on linears narrower than WIDE_N, on the GPU it was
-    set up on (its shared-memory limits are raised per device)."""
-    if not (x.shape[0] <= DECODE_TOKENS and w.out_features < WIDE_N and supports(x, w)):
+    """The op's choice: this kernel for decode steps of few tokens, but for wide linears whose K the Triton kernel
+    tiles in 512s, on the GPU it was set up on (its shared-memory limits are raised per device)."""
+    if not (x.shape[0] <= DECODE_TOKENS and supports(x, w)):
+        return False
+    if w.out_features >= WIDE_N and x.shape[1] % WIDE_K_TILE == 0:
         return False
     if _module is None and _error is None and torch.cuda.is_current_stream_capturing():
         return False  # set up (smoke launch, synchronize) only outside a capture: the engine does it at start-up
     return load() is not None and x.device.index == _device
 
 
-def nvfp4_gemv(x: torch.Tensor, w, module=None, variant: int = 0) -> torch.Tensor:
-    """x [M <= 8, K] bf16 @ W.T -> [M, N] bf16 (caller checked supports()). variant: see csrc (sweeps only)."""
+@functools.cache
+def _sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def pick_variant(m: int, n: int, device_index: int) -> int:
+    """Two row tiles (32 rows) a block, unless that gives some SMs two blocks and others one (sms < blocks <= 2 sms):
+    then four, one block an SM at most, for up to DECODE_TOKENS tokens (their stages fit Ada's 99 KB a block).
+    Measured on the H100 (NOTES.md): Gemma3-27B's down (168 blocks of 32 rows) 35.7 -> 33.4 us at one token and
+    39.5 -> 35.4 at four; Qwen3-8B's qkv (192) 12.7 -> 11.8 at four tokens, 10.7 -> 11.1 at one."""
+    blocks, sms = -(-n // 32), _sms(device_index)
+    return FOUR_ROW_TILES if m <= DECODE_TOKENS and sms < blocks <= 2 * sms else 0
+
+
+def nvfp4_gemv(x: torch.Tensor, w, module=None, variant: int | None = None) -> torch.Tensor:
+    """x [M <= 8, K] bf16 @ W.T -> [M, N] bf16 (caller checked supports()). variant: see csrc; None = pick_variant."""
     module = module or load()
+    if variant is None:
+        variant = pick_variant(x.shape[0], w.out_features, x.device.index)
     out = torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
     rc = module.nvfp4_gemv(x, w.packed.view(torch.int32), w.block_scale.view(torch.uint8), w.global_scale, out,
                            variant)
     if rc:
-        raise RuntimeError(f"adallm nvfp4_gemv: launch failed (code {rc}: 1 bad arguments, 2 CUDA error) for "
-                           f"x {tuple(x.shape)}, W [{w.out_features}, {w.in_features}], variant {variant}")
+        raise RuntimeError(f"adallm nvfp4_gemv: launch failed (code {rc}: 1 bad arguments, 2 CUDA error, 3 more "
+                           f"shared memory than this GPU allows a block) for x {tuple(x.shape)}, "
+                           f"W [{w.out_features}, {w.in_features}], variant {variant}")
     return out
