@@ -27,7 +27,10 @@ MAX_M = 8  # the kernel's one token tile
 DECODE_TOKENS = 4  # the op's bound: from 8 tokens on, qkv runs faster on the Triton kernel (NOTES.md)
 WIDE_N, WIDE_K_TILE = 16384, 512  # wide linears whose K divides into Triton's long tiles stream as fast there
 K_TILE = 128
-SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "nvfp4_gemv.cu"
+_PACKAGE = Path(__file__).resolve().parents[1]
+# a wheel carries csrc/ inside the package (pyproject.toml); a source checkout or editable install has it beside it
+SOURCE = next((p for p in (_PACKAGE / "csrc" / "nvfp4_gemv.cu", _PACKAGE.parent / "csrc" / "nvfp4_gemv.cu")
+               if p.exists()), _PACKAGE.parent / "csrc" / "nvfp4_gemv.cu")
 ARCHS = "8.9;9.0+PTX"  # Ada (the product), Hopper (the test machine), PTX for GPUs after them
 VARIANTS = 4  # 0 = the default; csrc names the rest
 FOUR_ROW_TILES = 3  # 64 rows a block, 8 warps
