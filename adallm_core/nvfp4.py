@@ -178,6 +178,21 @@ def to_kernel_order(packed: torch.Tensor, inverse: bool = False) -> torch.Tensor
     return out.view(torch.uint8).reshape(packed.shape)
 
 
+TILE_ROWS, TILE_K = 16, 128  # the tile-major layout's unit: 16 rows x 128 inputs (1 KB of codes, 128 B of scales)
+
+
+def to_tile_major(rows: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
+    """Rows [N, C] of a linear with k inputs (packed codes, C = k/2, or block scales, C = k/16) -> the same bytes with
+    each band of 16 rows stored chunk by chunk, [N/16][k/128][16 rows][C / (k/128)] (or back). Whole bytes move, so
+    the codes' word order is kept; a band occupies the same bytes in both layouts, so bands slice alike."""
+    n, c = rows.shape
+    chunks = k // TILE_K
+    raw = rows.contiguous().view(torch.uint8)
+    shape = (n // TILE_ROWS, chunks, TILE_ROWS, c // chunks) if inverse else (n // TILE_ROWS, TILE_ROWS, chunks,
+                                                                                c // chunks)
+    return raw.view(shape).transpose(1, 2).contiguous().view(n, c).view(rows.dtype)
+
+
 @dataclass
 class NVFP4Weight:
     """THE in-memory form of a quantized linear [N, K], or a stack of them [E, N, K] (MoE experts).
@@ -191,6 +206,7 @@ class NVFP4Weight:
     block_scale: torch.Tensor  # float8_e4m3fn [..., N, K//16]
     global_scale: torch.Tensor  # float32 [..., N]
     kernel_order: bool = False  # packed words hold their codes in the kernels' order (to_kernel_order)
+    tile_major: bool = False  # codes and scales stored in 16-row x 128-K chunks (to_tile_major): 2-D, kernel order
 
     def __post_init__(self) -> None:
         p, s, g = self.packed, self.block_scale, self.global_scale
@@ -203,6 +219,9 @@ class NVFP4Weight:
                 f"NVFP4Weight shapes do not agree: packed {tuple(p.shape)}, block_scale {tuple(s.shape)}, "
                 f"global_scale {tuple(g.shape)} (want [..., N, K/2], [..., N, K/16], [..., N])"
             )
+        if self.tile_major and not (self.fits_tile_major and self.kernel_order):
+            raise ValueError(f"tile-major NVFP4 weights are 2-D in the kernels' word order with N % {TILE_ROWS} == 0 "
+                             f"and K % {TILE_K} == 0, got packed {tuple(p.shape)}, kernel_order={self.kernel_order}")
 
     @property
     def out_features(self) -> int:
@@ -217,30 +236,51 @@ class NVFP4Weight:
         return self.packed.device
 
     @property
+    def fits_tile_major(self) -> bool:
+        return self.packed.ndim == 2 and self.out_features % TILE_ROWS == 0 and self.in_features % TILE_K == 0
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.block_scale, self.global_scale))
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:
         """-> [..., N, K] (or only `rows` of N) in dtype."""
         rows = rows if rows is not None else slice(None)
-        packed = self.packed[..., rows, :]
+        packed, block_scale, offset = self.packed, self.block_scale, 0
+        if self.tile_major:  # untile only the bands that hold the rows
+            start, stop, _ = rows.indices(self.out_features)
+            lo, hi = start // TILE_ROWS * TILE_ROWS, -(-stop // TILE_ROWS) * TILE_ROWS
+            packed = to_tile_major(packed[lo:hi], self.in_features, inverse=True)
+            block_scale = to_tile_major(block_scale[lo:hi], self.in_features, inverse=True)
+            rows, offset = slice(start - lo, stop - lo), lo
+        packed = packed[..., rows, :]
+        global_rows = rows if not offset else slice(rows.start + offset, rows.stop + offset)
         return dequantize(
             to_kernel_order(packed, inverse=True) if self.kernel_order else packed,
-            self.block_scale[..., rows, :],
-            self.global_scale[..., rows],
+            block_scale[..., rows, :],
+            self.global_scale[..., global_rows],
             divides=False,
             dtype=dtype,
         )
 
     def to(self, device: torch.device | str) -> NVFP4Weight:
         return NVFP4Weight(self.packed.to(device), self.block_scale.to(device), self.global_scale.to(device),
-                           self.kernel_order)
+                           self.kernel_order, self.tile_major)
+
+    def in_tile_major(self) -> NVFP4Weight:
+        """The same weight stored in 16-row x 128-K chunks (to_tile_major), in the kernels' word order: each chunk a
+        decode kernel's warp copies is 1 KB of contiguous memory instead of 16 rows x 64 B (benchmarks/NOTES.md)."""
+        if self.tile_major:
+            return self
+        w = self.in_kernel_order()
+        k = self.in_features
+        return NVFP4Weight(to_tile_major(w.packed, k), to_tile_major(w.block_scale, k), w.global_scale, True, True)
 
     def in_kernel_order(self) -> NVFP4Weight:
         """The same weight with its codes in the kernels' word order (what the GPU kernels read fastest)."""
         if self.kernel_order:
             return self
-        return NVFP4Weight(to_kernel_order(self.packed), self.block_scale, self.global_scale, True)
+        return NVFP4Weight(to_kernel_order(self.packed), self.block_scale, self.global_scale, True, self.tile_major)
 
     @staticmethod
     def cat(weights: list[NVFP4Weight]) -> NVFP4Weight:
@@ -250,11 +290,14 @@ class NVFP4Weight:
             torch.cat([w.block_scale for w in weights], dim=-2),
             torch.cat([w.global_scale for w in weights], dim=-1),
             _one_order(weights),
+            _one_layout(weights),  # tile-major bands are whole: they concatenate as they are
         )
 
     @staticmethod
     def stack(weights: list[NVFP4Weight]) -> NVFP4Weight:
         """Stack same-shape linears (MoE experts) along a new leading dim -> [E, N, K]."""
+        if _one_layout(weights):
+            raise ValueError("cannot stack tile-major NVFP4 weights: the layout is 2-D")
         return NVFP4Weight(
             torch.stack([w.packed for w in weights]),
             torch.stack([w.block_scale for w in weights]),
@@ -289,3 +332,10 @@ def _one_order(weights: list[NVFP4Weight]) -> bool:
     if len(orders) != 1:
         raise ValueError("cannot join NVFP4 weights whose codes are in different word orders")
     return orders.pop()
+
+
+def _one_layout(weights: list[NVFP4Weight]) -> bool:
+    layouts = {w.tile_major for w in weights}
+    if len(layouts) != 1:
+        raise ValueError("cannot join tile-major and row-major NVFP4 weights")
+    return layouts.pop()

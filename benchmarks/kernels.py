@@ -46,7 +46,7 @@ def sweep_cuda_variants(log) -> list[dict]:
     variants = range(cuda_gemv.VARIANTS)
     for model, linears in (("qwen3-8b", LINEARS), ("gemma3-27b", GEMMA3_27B_LINEARS)):
         for name, (n, k) in linears.items():
-            ws = [random_nvfp4(n, k).in_kernel_order() for _ in range(copies(n * k // 2))]
+            ws = [random_nvfp4(n, k).in_tile_major() for _ in range(copies(n * k // 2))]
             for m in (1, 2, 3, 4, 8):
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 cfg = lin.pick_config(m, n, k, x.device)
@@ -82,9 +82,9 @@ def bench_linear(sweep: bool, rows: list, log, w4a8: bool = True, ms=MS, sweep_m
     from adallm_core.ops.triton.w4a8_gemm import w4a8_linear
 
     for name, (n, k) in LINEARS.items():
-        # as the engine holds them (ops.prepare_nvfp4_weight: the kernels' word order); W4A8 reads the checkpoint's
+        # as the engine holds them (ops.prepare_nvfp4_weight: tile-major, word order); W4A8 reads the checkpoint's
         checkpoint_ws = [random_nvfp4(n, k) for _ in range(copies(n * k // 2))]
-        ws = [w.in_kernel_order() for w in checkpoint_ws]
+        ws = [w.in_tile_major() for w in checkpoint_ws]
         wbytes = ws[0].nbytes
         nb = copies(n * k * 2)
         bf = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(nb)]

@@ -39,7 +39,7 @@ def bench_launch(rows: list, log) -> None:
     from benchmarks.kernels import LINEARS, copies, random_nvfp4
 
     for name, (n, k) in LINEARS.items():
-        ws = [random_nvfp4(n, k).in_kernel_order() for _ in range(copies(n * k // 2))]
+        ws = [random_nvfp4(n, k).in_tile_major() for _ in range(copies(n * k // 2))]
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         row = dict(shape=name, nbytes=ws[0].nbytes, read_us=time_read(ws[0].nbytes, len(ws)) * 1e6,
                    linear_us=time_graph(lambda w: lin.nvfp4_linear(x, w), [(w,) for w in ws]) * 1e6,

@@ -1,13 +1,15 @@
-// NVFP4 linear for decode (M <= 8 tokens): y[M, N] = x[M, K] @ W.T, W in the kernels' word order
-// (adallm_core/nvfp4.py to_kernel_order: a word holds 8 consecutive codes of a row, pair p = elements 2p, 2p + 1).
+// NVFP4 linear for decode (M <= 8 tokens): y[M, N] = x[M, K] @ W.T, W tile-major in the kernels' word order
+// (adallm_core/nvfp4.py: to_kernel_order, a word holds 8 consecutive codes of a row, pair p = elements 2p, 2p + 1;
+// to_tile_major, each band of 16 rows stored in 128-K chunks: 16 rows x 16 words, then their 16 x 8 scale bytes).
 //
 // Memory bound with a short tail. A block owns ROWS x 16 output rows and all of K; its warps split K in 128-wide
 // chunks (warp w takes chunks w, w + WARPS, ...), and each warp streams its chunks through a private ring of DEPTH
-// shared-memory stages filled by cp.async, so its loads are in flight without holding registers. A lane copies, and
-// later reads back, its own 16 B of rows g and g + 8 of each row tile (g = lane / 4: 32 codes at K = chunk + 32 t,
-// t = lane % 4) and its own 64 B of x (token g); only the rows' 8 scale bytes a chunk are shared in the warp. The
-// cross-warp sum goes through shared memory once at the end: no split-K partials in global memory, which is where
-// the Triton decode kernel's fixed cost a launch went (benchmarks/NOTES.md).
+// shared-memory stages filled by cp.async, so its loads are in flight without holding registers. Tile-major, one copy
+// of a warp reads 512 contiguous bytes (8 rows of a chunk), not 8 rows x 64 B a row apart: 8-13% faster
+// (benchmarks/NOTES.md). A lane copies, and later reads back, its own 16 B of rows g and g + 8 of each row tile
+// (g = lane / 4: 32 codes at K = chunk + 32 t, t = lane % 4) and its own 64 B of x (token g); only the rows' 8 scale
+// bytes a chunk are shared in the warp. The cross-warp sum goes through shared memory once at the end: no split-K
+// partials in global memory, which is where the Triton decode kernel's fixed cost a launch went.
 //
 // MMA: mma.sync m16n8k16 with W as A (rows g, g + 8) and x as B (tokens g). The MMA's K order is free as long as
 // A and B agree: lane t's K slots (2t, 2t + 1) and (2t + 8, 2t + 9) take elements (0, 1) and (2, 3) of a word, the
@@ -99,35 +101,33 @@ __global__ void __launch_bounds__(WARPS * 32) nvfp4_gemv_kernel(
   uint8_t* ring = smem + warp * DEPTH * stage;
   constexpr int kS = ROWS * kWBytes, kX = ROWS * (kWBytes + kSBytes);
 
-  // rows past N are computed from row N - 1 and dropped
-  const long words = K / 8;
-  const uint32_t* w_row[ROWS][2];
+  // row tiles past N (N is a multiple of 16) are computed from the last one and dropped
+  const int chunks = K / kChunkK;
+  const int last_tile = N / 16 - 1;
+  const uint32_t* w_tile[ROWS];  // a chunk of a row tile: 16 rows x 16 words; this lane's 4 words of row g
+  const uint8_t* s_tile[ROWS];   // and its 16 rows x 8 scale bytes
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) w_row[r][h] = w + min(row0 + 16 * r + 8 * h + grp, N - 1) * words + tig * 4;
-  constexpr int kScaleCopies = (16 * ROWS + 31) / 32;  // lanes copy the block's rows of scale bytes, 8 a row
-  const uint8_t* s_row[kScaleCopies];
-#pragma unroll
-  for (int j = 0; j < kScaleCopies; ++j)
-    s_row[j] = s + static_cast<long>(min(row0 + (lane + 32 * j) % (16 * ROWS), N - 1)) * (K / 16);
+  for (int r = 0; r < ROWS; ++r) {
+    const long tile = min(row0 / 16 + r, last_tile);
+    w_tile[r] = w + tile * chunks * 256 + grp * 16 + tig * 4;
+    s_tile[r] = s + tile * chunks * 128;
+  }
   const bool x_ok = grp < M;  // lane's token
   const __nv_bfloat16* x_lane = x + static_cast<long>(x_ok ? grp : 0) * stride_xm + tig * 32;
   const int x_slot = kX + lane * 64;
 
-  const int chunks = K / kChunkK;
   const int mine = chunks > warp ? (chunks - warp + WARPS - 1) / WARPS : 0;
 
   auto issue = [&](int i) {
     uint8_t* st = ring + (i % DEPTH) * stage;
-    const int k = (warp + i * WARPS) * kChunkK;
+    const int c = warp + i * WARPS, k = c * kChunkK;
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r)
+    for (int r = 0; r < ROWS; ++r) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) cp_async16(st + (2 * r + h) * 512 + lane * 16, w_row[r][h] + k / 8);
-#pragma unroll
-    for (int j = 0; j < kScaleCopies; ++j)
-      if (lane + 32 * j < 16 * ROWS) cp_async8(st + kS + (lane + 32 * j) * 8, s_row[j] + k / 16);
+      for (int h = 0; h < 2; ++h) cp_async16(st + (2 * r + h) * 512 + lane * 16, w_tile[r] + c * 256 + h * 128);
+      // the tile's 128 scale bytes of this chunk, 8 a lane from lanes 0..15
+      if (lane < 16) cp_async8(st + kS + r * 128 + lane * 8, s_tile[r] + c * 128 + lane * 8);
+    }
     if (x_ok)
 #pragma unroll
       for (int v = 0; v < 4; ++v) cp_async16(st + x_slot + v * 16, x_lane + k + v * 8);

@@ -28,6 +28,14 @@ def main() -> None:
         "linear_kernel_order": kc.case_nvfp4_linear(dev, 3, 32, 64, dict(small, SPLIT_K=1), torch.float32, True),
         "linear_kernel_order_split_ragged": kc.case_nvfp4_linear(dev, 5, 24, 160, dict(small, SPLIT_K=3),
                                                                  torch.float32, True),
+        # tile-major: K tiles of half a 128-K chunk (BLOCK_K 64) and of two (256), rows past N masked, split, swapped
+        "linear_tile_major": kc.case_nvfp4_linear(dev, 3, 32, 256, dict(small, BLOCK_K=64, SPLIT_K=1), torch.float32,
+                                             tile_major=True),
+        "linear_tile_major_split_masked": kc.case_nvfp4_linear(dev, 5, 48, 384, dict(small, BLOCK_N=32, BLOCK_K=256,
+                                                                                     SPLIT_K=2), torch.float32,
+                                                               tile_major=True),
+        "linear_tile_major_swap_ab": kc.case_nvfp4_linear(dev, 2, 32, 128, dict(small, SPLIT_K=1, SWAP_AB=True),
+                                                     torch.float32, tile_major=True),
         "rms_norm": kc.case_rms_norm(dev, 3, 24, dtype=torch.float32),
         "add_rms_norm_gemma": kc.case_rms_norm(dev, 3, 24, offset=1.0, add=True, dtype=torch.float32),
         "rope": kc.case_rope(dev, 5, 4, 2, 16, dtype=torch.float32),
@@ -56,6 +64,8 @@ def main() -> None:
         "prefill_runs": kc.case_nvfp4_prefill(dev, 5, [24, 8, 8], 48, dtype=torch.float32),
         "prefill_runs_kernel_order": kc.case_nvfp4_prefill(dev, 5, [24, 8, 8], 48, dtype=torch.float32,
                                                            kernel_order=True),
+        "prefill_runs_tile_major": kc.case_nvfp4_prefill(dev, 5, [32, 16, 16], 256, dtype=torch.float32,
+                                                         tile_major=True),
         "embedding_ragged": kc.case_embedding(dev, 7, 50, 40, dtype=torch.float32),
     }
     print(json.dumps(results))

@@ -28,18 +28,21 @@ def random_nvfp4(n: int, k: int, dev, experts: int | None = None, scale_exp=(-9.
     return NVFP4Weight(packed, scale, torch.rand(lead + (n,), device=dev) * 1e-2 + 1e-3)
 
 
-def _order(w: NVFP4Weight, kernel_order: bool) -> NVFP4Weight:
-    """The weight the kernel gets: kernel_order moves its codes into the kernels' word order, while the reference
-    keeps reading the checkpoint's order, so a wrong permutation or decode shows up as a wrong result."""
+def _order(w: NVFP4Weight, kernel_order: bool, tile_major: bool = False) -> NVFP4Weight:
+    """The weight the kernel gets: kernel_order moves its codes into the kernels' word order, tile_major also stores
+    them in 16 x 128 chunks (nvfp4.to_tile_major), while the reference keeps reading the checkpoint's order and
+    layout, so a wrong permutation, layout or decode shows up as a wrong result."""
+    if tile_major:
+        return w.in_tile_major()
     return w.in_kernel_order() if kernel_order else w
 
 
-def case_nvfp4_linear(dev, m, n, k, config=None, dtype=torch.bfloat16, kernel_order=False) -> float:
+def case_nvfp4_linear(dev, m, n, k, config=None, dtype=torch.bfloat16, kernel_order=False, tile_major=False) -> float:
     from adallm_core.ops.triton.nvfp4_gemm import nvfp4_linear
 
     w = random_nvfp4(n, k, dev)
     x = torch.randn(m, k, device=dev).to(torch.bfloat16).to(dtype)  # BF16 values: the kernel's dot is BF16
-    return rel_err(nvfp4_linear(x, _order(w, kernel_order), config), reference.nvfp4_linear(x, w))
+    return rel_err(nvfp4_linear(x, _order(w, kernel_order, tile_major), config), reference.nvfp4_linear(x, w))
 
 
 def case_rms_norm(dev, t, h, offset=0.0, add=False, dtype=torch.bfloat16) -> float:
@@ -177,12 +180,12 @@ def runs_nvfp4(parts: list[int], k: int, dev) -> "NVFP4Weight":
     return NVFP4Weight.cat(ws)
 
 
-def case_nvfp4_prefill(dev, m, parts, k, dtype=torch.bfloat16, kernel_order=False) -> float:
+def case_nvfp4_prefill(dev, m, parts, k, dtype=torch.bfloat16, kernel_order=False, tile_major=False) -> float:
     """The dequantize-once path (nvfp4_prefill.py) called directly, so the interpreter runs it at any M."""
     from adallm_core.ops.triton.nvfp4_prefill import global_runs, nvfp4_linear_prefill
 
     w = runs_nvfp4(parts, k, dev)
-    op_w = _order(w, kernel_order)
+    op_w = _order(w, kernel_order, tile_major)
     runs = global_runs(op_w)
     assert runs is not None and len(runs) >= len(parts)
     x = torch.randn(m, k, device=dev).to(torch.bfloat16).to(dtype)

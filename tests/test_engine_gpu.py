@@ -27,11 +27,14 @@ def test_gpu_engine_greedy_tokens_agree_with_transformers(family, kv):
     # embedding_on_host (the default): an untied table stays in pinned host memory, a tied one (Gemma) on the GPU
     table = engine.runner.model.embed_tokens
     assert (table.device.type, table.is_pinned()) == (("cuda", False) if family == "gemma3" else ("cpu", True))
-    # the Triton backend keeps every NVFP4 weight in its kernels' word order (ops.prepare_nvfp4_weight)
+    # the Triton backend keeps every NVFP4 weight in its kernels' word order, linears of whole 16 x 128 chunks
+    # tile-major (ops.prepare_nvfp4_weight): here down_proj (K = 128); the rest have K = 64, MoE experts are stacks
     layer = engine.runner.model.layers[0]
     mlp = [layer.mlp.w13, layer.mlp.w2] if family == "qwen3_moe" else [layer.mlp.gate_up_proj.weight,
                                                                        layer.mlp.down_proj.weight]
-    assert all(w.kernel_order for w in [layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight] + mlp)
+    weights = [layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight] + mlp
+    assert all(w.kernel_order and w.tile_major == w.fits_tile_major for w in weights)
+    assert any(w.tile_major for w in weights) == (family != "qwen3_moe")
     hf = hf_on_dequantized(family, Checkpoint(tiny_checkpoint(family, "modelopt")))
     check_against_transformers(engine, hf, family, kv)
 

@@ -38,15 +38,23 @@ def test_nvfp4_linear(m, n, k, kernel_order):
     assert kc.case_nvfp4_linear(DEV, m, n, k, kernel_order=kernel_order) <= EXACT
 
 
+@pytest.mark.parametrize("m", [1, 3, 16, 37, 64, 65, 300])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (96, 3072), (17008, 384)])  # wide N: weights as A
+def test_nvfp4_linear_tile_major(m, n, k):
+    """Linears of whole 16 x 128 chunks as the engine holds them (nvfp4.to_tile_major): the Triton kernel at every M."""
+    assert kc.case_nvfp4_linear(DEV, m, n, k, tile_major=True) <= EXACT
+
+
 @pytest.mark.parametrize("m", [256, 300, 2048])
 @pytest.mark.parametrize("parts,k", [([4096, 1024, 1024], 4096), ([200, 8], 208), ([12288, 12288], 4096)])
 def test_nvfp4_linear_prefill_path(m, parts, k):
     """M >= MIN_TOKENS with one global scale per part (as checkpoints have): the op dequantizes once per slab and
     runs cuBLAS (nvfp4_prefill.py); slabs split at the parts and at SLAB_ELEMS."""
-    from adallm_core.ops.triton import nvfp4_linear
+    from adallm_core.ops.triton import nvfp4_linear, prepare_nvfp4_weight
 
     w = kc.runs_nvfp4(parts, k, DEV)
-    op_w = w.in_kernel_order()  # as the engine holds it
+    op_w = prepare_nvfp4_weight(w)  # as the engine holds it: tile-major where the shape allows
+    assert op_w.tile_major == (k % 128 == 0)
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     out = nvfp4_linear(x, op_w)
     assert op_w.__dict__["_prefill_runs"] is not None, "the prefill path was not taken"
@@ -54,15 +62,15 @@ def test_nvfp4_linear_prefill_path(m, parts, k):
 
 
 @pytest.mark.parametrize("m", [1, 2, 5, 8])
-@pytest.mark.parametrize("n,k", [(4096, 4096), (200, 384), (24, 12288), (40, 128)])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (208, 384), (16, 12288), (48, 128)])
 def test_cuda_decode_kernel(m, n, k):
-    """csrc/nvfp4_gemv.cu: builds here, exact in every variant (ragged N, row tiles past N, one 128-K chunk, 1..8
-    tokens), on the kernels' word order; refuses what it cannot read."""
+    """csrc/nvfp4_gemv.cu: builds here, exact in every variant (row tiles past N, one 16-row tile, one 128-K chunk,
+    1..8 tokens), on tile-major weights in the kernels' word order; refuses what it cannot read."""
     from adallm_core.ops import cuda_gemv
 
     module = cuda_gemv.load()
     assert module is not None, "the CUDA decode kernel did not build (see the log)"
-    w = kc.random_nvfp4(n, k, DEV).in_kernel_order()
+    w = kc.random_nvfp4(n, k, DEV).in_tile_major()
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     assert cuda_gemv.supports(x, w)
     ref = reference.nvfp4_linear(x, w)
@@ -75,6 +83,7 @@ def test_cuda_decode_kernel(m, n, k):
             continue
         assert kc.rel_err(out, ref) <= EXACT, variant
     assert not cuda_gemv.supports(x, kc.random_nvfp4(n, k, DEV))  # checkpoint order: the Triton kernel's
+    assert not cuda_gemv.supports(x, kc.random_nvfp4(n, k, DEV).in_kernel_order())  # row-major
     unaligned = torch.empty(m, k + 8, device=DEV, dtype=torch.bfloat16)[:, 1 : k + 1]
     assert not cuda_gemv.supports(unaligned, w)  # rows cp.async cannot copy in 16-byte pieces
     with pytest.raises(RuntimeError, match="variant 9"):
@@ -83,17 +92,17 @@ def test_cuda_decode_kernel(m, n, k):
 
 @pytest.mark.parametrize("m", [1, 4, 5])
 def test_op_decode_path(m):
-    """The op sends 1..DECODE_TOKENS tokens to the CUDA kernel (four row tiles a block where two would leave SMs
-    unevenly loaded), but wide linears whose K the Triton kernel tiles in 512s, and more tokens, to the Triton
-    kernel: exact either way."""
+    """The op sends 1..DECODE_TOKENS tokens on tile-major weights to the CUDA kernel (four row tiles a block where
+    two would leave SMs unevenly loaded), more tokens and row-major weights to the Triton kernel: exact either way."""
     from adallm_core.ops import cuda_gemv
     from adallm_core.ops.triton.nvfp4_prefill import nvfp4_linear
 
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     uneven = (sms + 1) * 32  # sms + 1 blocks of two row tiles
-    for n, k, cuda in [(1024, 2048, True), (uneven, 256, True), (cuda_gemv.WIDE_N, 512, False),
-                       (cuda_gemv.WIDE_N, 384, True)]:
+    for n, k, cuda in [(1024, 2048, True), (uneven, 256, True), (24576, 512, True),
+                       (1000, 2048, False)]:  # 1000 rows: not whole bands, row-major
         w = kc.random_nvfp4(n, k, DEV).in_kernel_order()
+        w = w.in_tile_major() if w.fits_tile_major else w
         x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
         assert cuda_gemv.takes(x, w) == (m <= cuda_gemv.DECODE_TOKENS and cuda), (n, k)
         assert kc.rel_err(nvfp4_linear(x, w), reference.nvfp4_linear(x, w)) <= EXACT

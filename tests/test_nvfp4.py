@@ -190,6 +190,46 @@ def test_weights_in_kernel_order_dequantize_the_same_and_join_only_alike():
         nvfp4.to_kernel_order(torch.zeros(3, 6, dtype=torch.uint8))
 
 
+def test_tile_major_weights_store_chunks_contiguously_and_dequantize_the_same():
+    w = NVFP4Weight.quantize(torch.randn(48, 384))
+    t = w.in_tile_major()
+    assert t.tile_major and t.kernel_order and t.in_tile_major() is t and t.in_kernel_order() is t
+    kernel = w.in_kernel_order()
+    chunks = 384 // 128
+    flat_codes, flat_scales = t.packed.flatten(), t.block_scale.view(torch.uint8).flatten()
+    scales = w.block_scale.view(torch.uint8)
+    for row, chunk in [(0, 0), (17, 2), (47, 1)]:  # 16 rows x 64 code bytes, then 16 rows x 8 scale bytes
+        at = (row // 16 * chunks + chunk) * 16 + row % 16
+        assert torch.equal(flat_codes[at * 64 : at * 64 + 64], kernel.packed[row, chunk * 64 : chunk * 64 + 64])
+        assert torch.equal(flat_scales[at * 8 : at * 8 + 8], scales[row, chunk * 8 : chunk * 8 + 8])
+    assert torch.equal(nvfp4.to_tile_major(t.packed, 384, inverse=True), kernel.packed)
+    ref = w.dequantize()
+    assert torch.equal(t.dequantize(), ref)
+    for rows in [slice(5, 37), slice(16, 32), slice(40, 48), slice(None)]:
+        assert torch.equal(t.dequantize(rows=rows), ref[rows]), rows
+    assert torch.equal(NVFP4Weight.cat([t, t]).dequantize(), torch.cat([ref, ref]))  # whole bands join as they are
+    with pytest.raises(ValueError, match="tile-major and row-major"):
+        NVFP4Weight.cat([t, kernel])
+    with pytest.raises(ValueError, match="cannot stack tile-major"):
+        NVFP4Weight.stack([t, t])
+    assert not NVFP4Weight.quantize(torch.randn(40, 128)).fits_tile_major  # 40 rows: not whole bands
+    assert not NVFP4Weight.quantize(torch.randn(48, 64)).fits_tile_major  # K = 64: not a whole chunk
+    with pytest.raises(ValueError, match="tile-major NVFP4 weights are 2-D"):
+        NVFP4Weight(kernel.packed[:40], kernel.block_scale[:40], kernel.global_scale[:40], True, True)
+
+
+def test_prefill_slabs_of_a_tile_major_weight_are_whole_bands():
+    """The dequantize-once path slices rows at global-scale runs; a tile-major weight whose runs start inside a band of
+    16 rows is left to the tiled kernel (no runs), a row-major one is not."""
+    from kernel_cases import runs_nvfp4
+
+    from adallm_core.ops.triton.nvfp4_prefill import global_runs
+
+    assert global_runs(runs_nvfp4([24, 8], 128, "cpu").in_kernel_order()) is not None
+    assert global_runs(runs_nvfp4([24, 8], 128, "cpu").in_tile_major()) is None
+    assert [r[:2] for r in global_runs(runs_nvfp4([32, 16], 128, "cpu").in_tile_major())] == [(0, 32), (32, 48)]
+
+
 def test_conventions_are_reciprocal():
     gen = torch.Generator().manual_seed(2)
     w = torch.randn(8, 64, generator=gen)

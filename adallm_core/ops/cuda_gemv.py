@@ -1,11 +1,10 @@
 """NVFP4 decode linear in CUDA C++ (csrc/nvfp4_gemv.cu), built as a torch extension on first use, cached.
 
-The op (ops/triton/nvfp4_prefill.nvfp4_linear) sends it decode steps of at most DECODE_TOKENS tokens; the Triton
-decode kernel takes everything else. Measured on the H100 (benchmarks/NOTES.md, 2026-11-28): with no split-K round
-trip it beats the Triton kernel on Qwen3-8B's qkv, o and down at 1-4 tokens (a layer's four linears at one token
-62.1 vs 68.2 us) and on all of Gemma3-27B's (gate_up 56.0 vs 68.0 us); from 8 tokens its per-block x traffic makes
-it the slower one, and on wide linears whose K the Triton kernel's 512-wide tiles divide (Qwen3-8B's gate_up) the
-two tie, so Triton keeps those.
+The op (ops/triton/nvfp4_prefill.nvfp4_linear) sends it decode steps of at most DECODE_TOKENS tokens on tile-major
+weights (nvfp4.to_tile_major, what the engine holds for linears of whole 16 x 128 chunks); the Triton decode kernel
+takes everything else. Measured on the H100 (benchmarks/NOTES.md, 2026-11-28): with no split-K round trip and each
+warp copy 512 contiguous bytes it beats the Triton kernel on every linear of Qwen3-8B and Gemma3-27B at 1-4 tokens;
+from 8 tokens its per-block x traffic makes it the slower one.
 
 Where nvcc or a host compiler is missing, `load()` logs why once and returns None, and the Triton kernel takes
 every M (same results: both are exact). ADALLM_DISABLE_CUDA_GEMV=1 turns it off.
@@ -15,6 +14,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,13 +26,14 @@ logger = logging.getLogger(__name__)
 
 MAX_M = 8  # the kernel's one token tile
 DECODE_TOKENS = 4  # the op's bound: from 8 tokens on, qkv runs faster on the Triton kernel (NOTES.md)
-WIDE_N, WIDE_K_TILE = 16384, 512  # wide linears whose K divides into Triton's long tiles stream as fast there
 K_TILE = 128
 _PACKAGE = Path(__file__).resolve().parents[1]
 # a wheel carries csrc/ inside the package (pyproject.toml); a source checkout or editable install has it beside it
 SOURCE = next((p for p in (_PACKAGE / "csrc" / "nvfp4_gemv.cu", _PACKAGE.parent / "csrc" / "nvfp4_gemv.cu")
                if p.exists()), _PACKAGE.parent / "csrc" / "nvfp4_gemv.cu")
 ARCHS = "8.9;9.0+PTX"  # Ada (the product), Hopper (the test machine), PTX for GPUs after them
+EXTENSION = "adallm_nvfp4_gemv_v2"
+STALE_LOCK_S = 900  # a build takes about a minute on 16 cores, a few on 2
 VARIANTS = 4  # 0 = the default; csrc names the rest
 FOUR_ROW_TILES = 3  # 64 rows a block, 8 warps
 
@@ -81,14 +83,41 @@ def load():
     return _module
 
 
+def build_directory() -> Path:
+    """Torch's extension cache (TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions), one folder per torch and Python."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    return Path(root) / f"adallm_torch{torch.__version__}_py{sys.version_info[0]}{sys.version_info[1]}" / EXTENSION
+
+
+def clear_stale_lock(folder: Path) -> None:
+    """Torch serializes builds with a lock file and waits for it forever: a build killed midway (Ctrl-C during the
+    first start) would hang every later start. A lock older than any build is removed; a fresh one is named."""
+    lock = folder / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        logger.warning("removing %s, left %.0f s ago by a CUDA kernel build that did not finish", lock, age)
+        lock.unlink(missing_ok=True)
+    else:
+        logger.warning("waiting for another process's build of the CUDA decode kernel (lock %s; if no build is "
+                       "running, delete it)", lock)
+
+
 def _build():
     from torch.utils.cpp_extension import load_inline
 
+    folder = build_directory()
+    folder.mkdir(parents=True, exist_ok=True)
+    clear_stale_lock(folder)
     saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = ARCHS  # this kernel's targets, whatever the process asked for
     try:
-        return load_inline(name="adallm_nvfp4_gemv_v2", cpp_sources=_BINDING, cuda_sources=SOURCE.read_text(),
-                           extra_cuda_cflags=["-O3", "-std=c++17"], verbose=False)
+        return load_inline(name=EXTENSION, cpp_sources=_BINDING, cuda_sources=SOURCE.read_text(),
+                           extra_cuda_cflags=["-O3", "-std=c++17"], build_directory=str(folder), verbose=False)
     finally:
         if saved is None:
             os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
@@ -100,7 +129,7 @@ def _smoke_test(module) -> None:
     """One launch on this GPU: a build without a kernel image for it fails here, not in the first decode step."""
     dev = torch.device("cuda", torch.cuda.current_device())
     x = torch.ones(1, K_TILE, dtype=torch.bfloat16, device=dev)
-    ones = torch.full((16, K_TILE // 2), 0x22, dtype=torch.uint8)  # two E2M1 1.0 codes a byte
+    ones = torch.full((16, K_TILE // 2), 0x22, dtype=torch.uint8)  # two E2M1 1.0 codes a byte; one tile
     words = to_kernel_order(ones).to(dev).view(torch.int32)
     scales = torch.full((16, K_TILE // 16), 0x38, dtype=torch.uint8, device=dev)  # E4M3 1.0
     out = torch.zeros(1, 16, dtype=torch.bfloat16, device=dev)
@@ -111,10 +140,10 @@ def _smoke_test(module) -> None:
 
 
 def supports(x: torch.Tensor, w) -> bool:
-    """What the kernel can read: BF16 x of 1..8 rows of the weight's K, K a multiple of 128, weights in the kernels'
-    word order, and 16-byte aligned rows for its cp.async copies. Anything else (a wrong K included) goes to the tiled
-    kernel, whose argument checks name the problem."""
-    return (w.kernel_order and x.is_cuda and x.dtype == torch.bfloat16 and 1 <= x.shape[0] <= MAX_M
+    """What the kernel can read: BF16 x of 1..8 rows of the weight's K, weights tile-major in the kernels' word
+    order (nvfp4.to_tile_major: N % 16 == 0, K % 128 == 0), and 16-byte aligned rows for its cp.async copies.
+    Anything else (a wrong K included) goes to the Triton kernel, whose argument checks name the problem."""
+    return (w.tile_major and x.is_cuda and x.dtype == torch.bfloat16 and 1 <= x.shape[0] <= MAX_M
             and x.shape[1] == w.in_features and x.shape[1] % K_TILE == 0
             and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
             and w.packed.is_contiguous() and w.packed.data_ptr() % 16 == 0
@@ -123,11 +152,9 @@ def supports(x: torch.Tensor, w) -> bool:
 
 
 def takes(x: torch.Tensor, w) -> bool:
-    """The op's choice: this kernel for decode steps of few tokens, but for wide linears whose K the Triton kernel
-    tiles in 512s, on the GPU it was set up on (its shared-memory limits are raised per device)."""
+    """The op's choice: this kernel for decode steps of few tokens on the GPU it was set up on (its shared-memory
+    limits are raised per device)."""
     if not (x.shape[0] <= DECODE_TOKENS and supports(x, w)):
-        return False
-    if w.out_features >= WIDE_N and x.shape[1] % WIDE_K_TILE == 0:
         return False
     if _module is None and _error is None and torch.cuda.is_current_stream_capturing():
         return False  # set up (smoke launch, synchronize) only outside a capture: the engine does it at start-up

@@ -13,7 +13,7 @@ Each op is a thin wrapper that checks shapes and dtypes, then launches the kerne
   moe                        moe_nvfp4.py        tokens sorted by expert, one grouped launch per GEMM
                              moe_routing.py      softmax + top-k + the sort in one launch (decode batches)
   embedding                  embedding.py        row gather; the table may sit in pinned host memory
-  prepare_nvfp4_weight       nvfp4_gemm.py       at load: codes into the kernels' word order (nvfp4.to_kernel_order)
+  prepare_nvfp4_weight       nvfp4_gemm.py       at load: kernels' word order, tile-major (nvfp4.to_tile_major)
 Not in the op table, for comparison: w4a8_gemm.py (FP8 tensor cores, per-token FP8 activations) and quant.py.
 """
 from __future__ import annotations

@@ -159,12 +159,23 @@ def _dequant_words(w_ptrs, s_ptrs, mask_w, mask_s, BLOCK_N: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def _tile_major_offsets(offs_n, kw, ks, K):
+    """Word and scale-byte offsets of rows offs_n, words kw and scale groups ks in nvfp4.to_tile_major's layout:
+    bands of 16 rows stored in 128-K chunks of 16 words (and 8 scale bytes) a row."""
+    band = offs_n // 16 * (K // 128)
+    words = (band * 256 + offs_n % 16 * 16)[:, None] + (kw // 16 * 256 + kw % 16)[None, :]
+    scales = (band * 128 + offs_n % 16 * 8)[:, None] + (ks // 8 * 128 + ks % 8)[None, :]
+    return words, scales
+
+
+@triton.jit
 def nvfp4_gemm_kernel(
     x_ptr, w_ptr, s_ptr, g_ptr, out_ptr, part_ptr, lock_ptr,
     M, N, K,
     stride_xm, stride_wn, stride_sn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     MATH: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, KERNEL_ORDER: tl.constexpr,
+    TILE_MAJOR: tl.constexpr = False,
 ):
     # grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K); each split covers a contiguous range of K
     pid = tl.program_id(0)
@@ -211,8 +222,14 @@ def nvfp4_gemm_kernel(
             mask_w = mask_n[:, None] & ((t * W_PER_TILE + offs_w)[None, :] < K * W_PER_TILE // BLOCK_K)
             mask_s = mask_n[:, None] & ((t * BLOCK_KS + offs_ks)[None, :] < K // 16)
         if MATH == 3:  # w_ptr holds int32 words: 8 codes each
-            w = _dequant_words(w_ptrs + t * BLOCK_KW, s_ptrs + t * BLOCK_KS, mask_w, mask_s, BLOCK_N, BLOCK_KW,
-                               KERNEL_ORDER)
+            if TILE_MAJOR:
+                # offsets from the whole formula each tile: tile 0's plus a run-time number lost the loads' 16-byte
+                # alignment (2.7x slower from 16 tokens on the H100, benchmarks/NOTES.md)
+                tw, ts = _tile_major_offsets(offs_n, t * BLOCK_KW + offs_w, t * BLOCK_KS + offs_ks, K)
+                w = _dequant_words(w_ptr + tw, s_ptr + ts, mask_w, mask_s, BLOCK_N, BLOCK_KW, KERNEL_ORDER)
+            else:
+                w = _dequant_words(w_ptrs + t * BLOCK_KW, s_ptrs + t * BLOCK_KS, mask_w, mask_s, BLOCK_N, BLOCK_KW,
+                                   KERNEL_ORDER)
             if SWAP_AB:
                 acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc)
             else:
@@ -298,8 +315,10 @@ def pick_config(m: int, n: int, k: int, device) -> dict:
 
 def prepare_nvfp4_weight(w):
     """Once at load: the codes in the kernels' word order, which decodes with fewer instructions and no register
-    shuffles before the tensor-core dot (benchmarks/NOTES.md); every kernel here reads both orders."""
-    return w.in_kernel_order()
+    shuffles before the tensor-core dot, and linears of whole 16 x 128 chunks tile-major (nvfp4.to_tile_major),
+    which the decode kernels stream faster (benchmarks/NOTES.md); every kernel here reads all three layouts."""
+    w = w.in_kernel_order()
+    return w.in_tile_major() if w.fits_tile_major else w
 
 
 def check_args(x: torch.Tensor, w) -> None:
@@ -328,6 +347,7 @@ def nvfp4_linear(x: torch.Tensor, w, config: dict | None = None) -> torch.Tensor
         cfg["BLOCK_K"] //= 2
     cfg["EVEN_K"] = k % cfg["BLOCK_K"] == 0
     cfg["KERNEL_ORDER"] = w.kernel_order
+    cfg["TILE_MAJOR"] = w.tile_major
     if w.kernel_order and cfg["MATH"] != 3:
         raise ValueError(f"nvfp4_linear: MATH {cfg['MATH']} reads checkpoint-ordered bytes; this weight is in the "
                          "kernels' word order (MATH 3 only)")

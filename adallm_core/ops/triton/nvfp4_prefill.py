@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from adallm_core.ops import cuda_gemv
-from adallm_core.ops.triton.nvfp4_gemm import _dequant_words, check_args
+from adallm_core.ops.triton.nvfp4_gemm import _dequant_words, _tile_major_offsets, check_args
 from adallm_core.ops.triton.nvfp4_gemm import nvfp4_linear as tiled_linear
 
 SLAB_ELEMS = 1 << 25  # weights per dequantized slab (64 MB of BF16)
@@ -27,14 +27,22 @@ EPI = 2.0**8  # the slab holds v * scale * 2^-8
 
 @triton.jit
 def dequant_rows_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KERNEL_ORDER: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KERNEL_ORDER: tl.constexpr,
+                        TILE_MAJOR: tl.constexpr = False):
     """Rows [N, K] of packed int32 words + scales -> out [N, K] of v * scale * 2^-8 (BF16: exact; fp32 in the
-    interpreter), with the decode kernel's word dequantization (nvfp4_gemm._dequant_words)."""
+    interpreter), with the decode kernel's word dequantization (nvfp4_gemm._dequant_words). TILE_MAJOR: the rows are
+    whole bands of nvfp4.to_tile_major."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     mask_n = offs_n < N
-    s_ptrs = s_ptr + offs_n[:, None] * stride_sn + (k0 // 16 + tl.arange(0, BLOCK_K // 16))[None, :]
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :]
+    ks = k0 // 16 + tl.arange(0, BLOCK_K // 16)
+    kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    if TILE_MAJOR:
+        tw, ts = _tile_major_offsets(offs_n, kw, ks, K)
+        w_ptrs, s_ptrs = w_ptr + tw, s_ptr + ts
+    else:
+        s_ptrs = s_ptr + offs_n[:, None] * stride_sn + ks[None, :]
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + kw[None, :]
     w = _dequant_words(w_ptrs, s_ptrs, mask_n[:, None], mask_n[:, None], BLOCK_N, BLOCK_K // 8, KERNEL_ORDER)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
@@ -71,6 +79,8 @@ def global_runs(w) -> list[tuple[int, int, float]] | None:
             slabs = triton.cdiv((b - a) * w.in_features, SLAB_ELEMS)
             rows = triton.cdiv(triton.cdiv(b - a, slabs), 256) * 256
             runs += [(i, min(b, i + rows), g[a]) for i in range(a, b, rows)]
+        if w.tile_major and any(start % 16 for start, _, _ in runs):
+            runs = None  # a slab of a tile-major weight is whole bands of 16 rows
     w.__dict__["_prefill_runs"] = runs
     return runs
 
@@ -83,7 +93,7 @@ def dequantize_rows(w, start: int, stop: int, out: torch.Tensor) -> torch.Tensor
     grid = (triton.cdiv(n, 32), triton.cdiv(k, block_k))
     dequant_rows_kernel[grid](packed, w.block_scale[start:stop], out, n, k, packed.stride(0),
                               w.block_scale.stride(0), out.stride(0), BLOCK_N=32, BLOCK_K=block_k,
-                              KERNEL_ORDER=w.kernel_order, num_warps=4)
+                              KERNEL_ORDER=w.kernel_order, TILE_MAJOR=w.tile_major, num_warps=4)
     return out
 
 
