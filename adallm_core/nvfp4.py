@@ -246,19 +246,18 @@ class NVFP4Weight:
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:
         """-> [..., N, K] (or only `rows` of N) in dtype."""
         rows = rows if rows is not None else slice(None)
-        packed, block_scale, offset = self.packed, self.block_scale, 0
-        if self.tile_major:  # untile only the bands that hold the rows
+        packed, block_scale, global_scale = self.packed, self.block_scale, self.global_scale
+        if self.tile_major:  # back to rows: only the bands that hold the wanted ones
             start, stop, _ = rows.indices(self.out_features)
             lo, hi = start // TILE_ROWS * TILE_ROWS, -(-stop // TILE_ROWS) * TILE_ROWS
             packed = to_tile_major(packed[lo:hi], self.in_features, inverse=True)
             block_scale = to_tile_major(block_scale[lo:hi], self.in_features, inverse=True)
-            rows, offset = slice(start - lo, stop - lo), lo
+            global_scale, rows = global_scale[lo:hi], slice(start - lo, stop - lo)
         packed = packed[..., rows, :]
-        global_rows = rows if not offset else slice(rows.start + offset, rows.stop + offset)
         return dequantize(
             to_kernel_order(packed, inverse=True) if self.kernel_order else packed,
             block_scale[..., rows, :],
-            self.global_scale[..., global_rows],
+            global_scale[..., rows],
             divides=False,
             dtype=dtype,
         )
