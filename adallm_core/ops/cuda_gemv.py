@@ -3,8 +3,8 @@
 The op (ops/triton/nvfp4_prefill.nvfp4_linear) sends it decode steps of at most DECODE_TOKENS tokens on tile-major
 weights (nvfp4.to_tile_major, what the engine holds for linears of whole 16 x 128 chunks); the Triton decode kernel
 takes everything else. Measured on the H100 (benchmarks/NOTES.md, 2026-11-28): with no split-K round trip and each
-warp copy 512 contiguous bytes it beats the Triton kernel on every linear of Qwen3-8B and Gemma3-27B at 1-4 tokens;
-from 8 tokens its per-block x traffic makes it the slower one.
+warp copy 512 contiguous bytes it beats the Triton kernel on every linear of Qwen3-8B and Gemma3-27B at 1-4 tokens
+(and at 8 in the kernel sweep, where the op does not send it yet: not run end to end).
 
 Where nvcc or a host compiler is missing, `load()` logs why once and returns None, and the Triton kernel takes
 every M (same results: both are exact). ADALLM_DISABLE_CUDA_GEMV=1 turns it off.
@@ -25,12 +25,12 @@ from adallm_core.nvfp4 import to_kernel_order
 logger = logging.getLogger(__name__)
 
 MAX_M = 8  # the kernel's one token tile
-DECODE_TOKENS = 4  # the op's bound: from 8 tokens on, qkv runs faster on the Triton kernel (NOTES.md)
+DECODE_TOKENS = 4  # the op's bound: measured end to end up to here (NOTES.md: 8 would likely pay too)
 K_TILE = 128
 _PACKAGE = Path(__file__).resolve().parents[1]
 # a wheel carries csrc/ inside the package (pyproject.toml); a source checkout or editable install has it beside it
-SOURCE = next((p for p in (_PACKAGE / "csrc" / "nvfp4_gemv.cu", _PACKAGE.parent / "csrc" / "nvfp4_gemv.cu")
-               if p.exists()), _PACKAGE.parent / "csrc" / "nvfp4_gemv.cu")
+_IN_WHEEL = _PACKAGE / "csrc" / "nvfp4_gemv.cu"
+SOURCE = _IN_WHEEL if _IN_WHEEL.exists() else _PACKAGE.parent / "csrc" / "nvfp4_gemv.cu"
 ARCHS = "8.9;9.0+PTX"  # Ada (the product), Hopper (the test machine), PTX for GPUs after them
 EXTENSION = "adallm_nvfp4_gemv_v2"
 STALE_LOCK_S = 900  # a build takes about a minute on 16 cores, a few on 2
