@@ -14,7 +14,9 @@ from adallm_core.ops.metadata import AttentionMetadata
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert out.shape == ref.shape, (tuple(out.shape), tuple(ref.shape))
     out, ref = out.float(), ref.float()
+    assert ref.norm() > 0, "an all-zero reference checks nothing"
     if not torch.isfinite(out).all():
         return float("inf")  # unwritten (poisoned) or broken output
     return ((out - ref).norm() / ref.norm().clamp(min=1e-30)).item()

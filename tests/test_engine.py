@@ -102,7 +102,7 @@ def test_max_tokens_and_max_model_len_end_with_length(engine):
     engine.add_request("long", list(range(5, 250)), SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True))
     done = run_all(engine)
     assert len(done["short"].outputs[0].token_ids) == 3 and done["short"].outputs[0].finish_reason == "length"
-    assert len(done["long"].outputs[0].token_ids) == 256 - 245
+    assert len(done["long"].outputs[0].token_ids) == 256 - 245 and done["long"].outputs[0].finish_reason == "length"
 
 
 def test_output_kinds(engine):

@@ -68,17 +68,25 @@ def test_stop_string_across_token_boundaries_is_not_emitted(engine):
 
 def test_stop_token_ids_and_min_tokens(engine):
     tokens = greedy_tokens(engine, [PROMPTS[4]], max_tokens=12)[0]
-    stop_id = tokens[4]
-    first = tokens.index(stop_id)
+    first = next(i for i in range(1, len(tokens)) if tokens.index(tokens[i]) == i)  # a token new at i >= 1
+    stop_id = tokens[first]
     engine.add_request("st", PROMPTS[4], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
                                                         stop_token_ids=[stop_id]))
     c = run_all(engine)["st"].outputs[0]
     assert c.token_ids == tokens[: first + 1] and c.finish_reason == "stop" and c.stop_reason == stop_id
-    # min_tokens: the stop id is not allowed before min_tokens tokens exist
+    # min_tokens: the stop id is not allowed before min_tokens tokens exist, and stops the request from there on
     engine.add_request("mt", PROMPTS[4], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
                                                         stop_token_ids=[stop_id], min_tokens=first + 2))
     c = run_all(engine)["mt"].outputs[0]
     assert stop_id not in c.token_ids[: first + 2]
+    if stop_id in c.token_ids:  # sampled again later: the request ends there
+        assert c.token_ids.index(stop_id) == len(c.token_ids) - 1 and c.finish_reason == "stop"
+    else:
+        assert len(c.token_ids) == 12 and c.finish_reason == "length"
+    engine.add_request("mt0", PROMPTS[4], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                                         stop_token_ids=[stop_id], min_tokens=first))
+    c = run_all(engine)["mt0"].outputs[0]  # exactly min_tokens before it: allowed, so the plain stop's output
+    assert c.token_ids == tokens[: first + 1] and c.finish_reason == "stop" and c.stop_reason == stop_id
 
 
 def test_eos_from_generation_config(engine):

@@ -96,6 +96,7 @@ def test_batch_composition_does_not_change_logits(qwen3):
     alone = qwen3.execute([SeqStep(a, 0, blocks.tables_for("a", 11))])[0]
     blocks.tables_for("b", 6)
     qwen3.execute([SeqStep(b, 0, blocks.tables_for("b", 6))])
+    b_alone = qwen3.execute([SeqStep(b[-1:], 6, blocks.tables_for("b", 7))])[0]  # rewrites the same KV slot
     mixed = qwen3.execute([
         SeqStep(b[-1:] , 6, blocks.tables_for("b", 7)),
         SeqStep(a, 0, blocks.tables_for("a2", 11)),
@@ -103,6 +104,7 @@ def test_batch_composition_does_not_change_logits(qwen3):
     ])
     assert mixed.shape[0] == 2  # only sampled sequences come back, in order
     torch.testing.assert_close(mixed[1], alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(mixed[0], b_alone, rtol=0, atol=1e-5)
 
 
 def test_chunked_prefill_equals_one_prefill(qwen3):

@@ -98,9 +98,11 @@ def test_preemption_takes_the_newest_and_requeues_it_first():
     sched.running.remove(b)
     sched.running.insert(0, b)
     b.num_computed_tokens = 8
+    d = make_seq("d", 3, start=300)
+    sched.add([d])  # waits behind the preempted sequence: it came later
     out = sched.schedule()
     assert out.preempted == [c]  # the newest running sequence, not an older one
-    assert list(sched.waiting) == [c] and c.num_computed_tokens == 0 and c.block_tables == []
+    assert list(sched.waiting) == [c, d] and c.num_computed_tokens == 0 and c.block_tables == []
     assert sorted(s.seq.request_id for s in out.scheduled) == ["a", "b"]
 
 

@@ -156,6 +156,9 @@ def test_n_and_seed(client, served_name):
     again = client.completions.create(**kw)
     assert sorted(c.index for c in first.choices) == [0, 1, 2]
     assert [c.text for c in first.choices] == [c.text for c in again.choices]  # seeded: reproducible
+    assert len({c.text for c in first.choices}) > 1  # sampled: the n choices differ (a near-flat tiny model)
+    other = client.completions.create(**dict(kw, seed=8))
+    assert [c.text for c in other.choices] != [c.text for c in first.choices]  # the seed is used
 
 
 def test_64_concurrent_streams_are_correct_and_batched(server, served_name, offline):
@@ -209,7 +212,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "M", "prompt": "hi", "temperature": -0.5}, 400, "temperature", "temperature"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens", "max_tokens"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 10**12}, 400, "max_tokens", "max_model_len=128"),
-    ("/v1/completions", {"model": "M", "prompt": "hi", "n": 0}, 400, "n", "n"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "n": 0}, 400, "n", "'n': Input should be greater"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "top_p": 0}, 400, "top_p", "top_p"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "echo": True}, 400, "echo", "unsupported field 'echo'"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "logit_bias": {"1": 5}}, 400, "logit_bias", "logit_bias"),
