@@ -203,19 +203,22 @@ __global__ void __launch_bounds__(WARPS * 32) nvfp4_gemv_kernel(
 }  // namespace adallm
 
 // Host side: plain pointers, so the file builds without torch headers too (see adallm_core/ops/cuda_gemv.py).
+constexpr int kMaxM = 8;  // one MMA token tile (a second one lost to the Triton kernel: benchmarks/NOTES.md)
+
 template <int ROWS, int WARPS, int DEPTH>
 struct Variant {
   static constexpr auto kernel = adallm::nvfp4_gemv_kernel<ROWS, WARPS, DEPTH>;
   static int smem(int M) { return WARPS * DEPTH * adallm::stage_bytes(M, ROWS); }
   static inline int allowed = 0;  // bytes of shared memory a block may take on this process's GPU
+  static bool fits(int M) { return smem(M) <= allowed; }
   // Up front, not at launch: a CUDA-graph capture must not meet the first call. Per device: the current one
   static int allow_smem(int optin) {
-    allowed = min(smem(8), optin);
+    allowed = min(smem(kMaxM), optin);
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, allowed) != cudaSuccess;
   }
   static int launch(const void* x, const void* w, const void* s, const float* g, void* out, int M, int N, int K,
                     long stride_xm, long stride_om, cudaStream_t stream) {
-    if (smem(M) > allowed) return 3;  // e.g. 4 row tiles of 7-8 tokens on Ada (99 KB a block)
+    if (!fits(M)) return 3;  // e.g. 4 row tiles of 7-8 tokens on Ada (99 KB a block)
     kernel<<<(N + 16 * ROWS - 1) / (16 * ROWS), WARPS * 32, smem(M), stream>>>(
         static_cast<const __nv_bfloat16*>(x), static_cast<const uint32_t*>(w), static_cast<const uint8_t*>(s), g,
         static_cast<__nv_bfloat16*>(out), M, N, K, stride_xm, stride_om);
@@ -239,9 +242,20 @@ extern "C" int adallm_nvfp4_gemv_init() {
   return rc ? 4 : 0;
 }
 
+// whether `variant` can launch M tokens on this GPU (shared memory a block): the op asks before it picks a variant
+extern "C" int adallm_nvfp4_gemv_fits(int M, int variant) {
+  switch (variant) {
+#define ADALLM_FITS(V, R, W, D) \
+  case V: return M >= 1 && M <= kMaxM && Variant<R, W, D>::fits(M);
+    ADALLM_VARIANTS(ADALLM_FITS)
+#undef ADALLM_FITS
+  }
+  return 0;
+}
+
 extern "C" int adallm_nvfp4_gemv(const void* x, const void* w, const void* s, const float* g, void* out, int M,
                                  int N, int K, long stride_xm, long stride_om, int variant, cudaStream_t stream) {
-  if (M < 1 || M > 8 || K % adallm::kChunkK || N < 1) return 1;
+  if (M < 1 || M > kMaxM || K % adallm::kChunkK || N < 1) return 1;
   int rc = 1;
   switch (variant) {
 #define ADALLM_CASE(V, R, W, D) \

@@ -78,7 +78,7 @@ def test_cuda_decode_kernel(m, n, k):
         try:
             out = cuda_gemv.nvfp4_gemv(x, w, module, variant)
         except RuntimeError as exc:  # four row tiles of 7-8 tokens need ~106 KB a block: refused on Ada (99 KB)
-            assert "code 3" in str(exc) and m > cuda_gemv.DECODE_TOKENS, exc
+            assert "code 3" in str(exc) and not module.fits(m, variant), exc
             assert torch.cuda.get_device_properties(DEV).shared_memory_per_block_optin < 106_000
             continue
         assert kc.rel_err(out, ref) <= EXACT, variant
@@ -88,9 +88,10 @@ def test_cuda_decode_kernel(m, n, k):
     assert not cuda_gemv.supports(unaligned, w)  # rows cp.async cannot copy in 16-byte pieces
     with pytest.raises(RuntimeError, match="variant 9"):
         cuda_gemv.nvfp4_gemv(x, w, module, 9)
+    assert not module.fits(cuda_gemv.MAX_M + 1, 0) and not module.fits(m, 9)
 
 
-@pytest.mark.parametrize("m", [1, 4, 5])
+@pytest.mark.parametrize("m", [1, 4, 5, 8, 9])
 def test_op_decode_path(m):
     """The op sends 1..DECODE_TOKENS tokens on tile-major weights to the CUDA kernel (four row tiles a block where
     two would leave SMs unevenly loaded), more tokens and row-major weights to the Triton kernel: exact either way."""
@@ -109,7 +110,8 @@ def test_op_decode_path(m):
         with pytest.raises(ValueError, match=r"x must be \["):  # a wrong K is named, never read past the weight
             nvfp4_linear(torch.randn(m, k + 128, device=DEV, dtype=torch.bfloat16), w)
     device = torch.device(DEV).index or 0
-    assert cuda_gemv.pick_variant(m, uneven, device) == (cuda_gemv.FOUR_ROW_TILES if m <= 4 else 0)
+    four_fit = m <= cuda_gemv.MAX_M and bool(cuda_gemv.load().fits(m, cuda_gemv.FOUR_ROW_TILES))  # not 7-8 on Ada
+    assert cuda_gemv.pick_variant(m, uneven, device) == (cuda_gemv.FOUR_ROW_TILES if four_fit else 0)
     assert cuda_gemv.pick_variant(m, sms * 32, device) == cuda_gemv.pick_variant(m, 2 * sms * 32 + 32, device) == 0
 
 

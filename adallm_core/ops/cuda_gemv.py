@@ -2,9 +2,9 @@
 
 The op (ops/triton/nvfp4_prefill.nvfp4_linear) sends it decode steps of at most DECODE_TOKENS tokens on tile-major
 weights (nvfp4.to_tile_major, what the engine holds for linears of whole 16 x 128 chunks); the Triton decode kernel
-takes everything else. Measured on the H100 (benchmarks/NOTES.md, 2026-11-28): with no split-K round trip and each
-warp copy 512 contiguous bytes it beats the Triton kernel on every linear of Qwen3-8B and Gemma3-27B at 1-4 tokens
-(and at 8 in the kernel sweep, where the op does not send it yet: not run end to end).
+takes everything else. Measured (benchmarks/NOTES.md; H100 2026-11-28, H200 2026-12-03): with no split-K round trip
+and each warp copy 512 contiguous bytes it beats the Triton kernel on every linear of Qwen3-8B and Gemma3-27B at 1-8
+tokens (Qwen3-8B batch 8 on the H200: 2,171 -> 2,268 tok/s with the bound moved from 4 to 8 tokens).
 
 Where nvcc or a host compiler is missing, `load()` logs why once and returns None, and the Triton kernel takes
 every M (same results: both are exact). ADALLM_DISABLE_CUDA_GEMV=1 turns it off.
@@ -24,15 +24,15 @@ from adallm_core.nvfp4 import to_kernel_order
 
 logger = logging.getLogger(__name__)
 
-MAX_M = 8  # the kernel's one token tile
-DECODE_TOKENS = 4  # the op's bound: measured end to end up to here (NOTES.md: 8 would likely pay too)
+MAX_M = 8  # the kernel's one MMA token tile (a second one, for 9-16 tokens, lost to the Triton kernel: NOTES.md)
+DECODE_TOKENS = 8  # the op's bound: every linear of Qwen3-8B and Gemma3-27B is faster here up to 8 tokens
 K_TILE = 128
 _PACKAGE = Path(__file__).resolve().parents[1]
 # a wheel carries csrc/ inside the package (pyproject.toml); a source checkout or editable install has it beside it
 _IN_WHEEL = _PACKAGE / "csrc" / "nvfp4_gemv.cu"
 SOURCE = _IN_WHEEL if _IN_WHEEL.exists() else _PACKAGE.parent / "csrc" / "nvfp4_gemv.cu"
 ARCHS = "8.9;9.0+PTX"  # Ada (the product), Hopper (the test machine), PTX for GPUs after them
-EXTENSION = "adallm_nvfp4_gemv_v2"
+EXTENSION = "adallm_nvfp4_gemv_v3"
 STALE_LOCK_S = 900  # a build takes about a minute on 16 cores, a few on 2
 VARIANTS = 4  # 0 = the default; csrc names the rest
 FOUR_ROW_TILES = 3  # 64 rows a block, 8 warps
@@ -41,9 +41,11 @@ _BINDING = r"""
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 extern "C" int adallm_nvfp4_gemv_init();
+extern "C" int adallm_nvfp4_gemv_fits(int M, int variant);
 extern "C" int adallm_nvfp4_gemv(const void* x, const void* w, const void* s, const float* g, void* out, int M,
                                  int N, int K, long stride_xm, long stride_om, int variant, cudaStream_t stream);
 int64_t init() { return adallm_nvfp4_gemv_init(); }
+bool fits(int64_t m, int64_t variant) { return adallm_nvfp4_gemv_fits(m, variant); }
 int64_t nvfp4_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, torch::Tensor g, torch::Tensor out,
                    int64_t variant) {
   return adallm_nvfp4_gemv(x.data_ptr(), w.data_ptr(), s.data_ptr(), g.data_ptr<float>(), out.data_ptr(),
@@ -52,6 +54,7 @@ int64_t nvfp4_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, torch::Ten
 }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("init", &init);
+  m.def("fits", &fits);
   m.def("nvfp4_gemv", &nvfp4_gemv);
 }
 """
@@ -162,17 +165,25 @@ def takes(x: torch.Tensor, w) -> bool:
 
 
 @functools.cache
+def fits(m: int, variant: int) -> bool:
+    """Whether `variant`'s shared-memory stages for m tokens fit a block of this process's GPU (four row tiles of
+    7-8 tokens need ~106 KB: not on Ada, 99 KB)."""
+    return bool(load().fits(m, variant))
+
+
+@functools.cache
 def _sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def pick_variant(m: int, n: int, device_index: int) -> int:
     """Two row tiles (32 rows) a block, unless that gives some SMs two blocks and others one (sms < blocks <= 2 sms):
-    then four, one block an SM at most, for up to DECODE_TOKENS tokens (their stages fit Ada's 99 KB a block).
+    then four, one block an SM at most, where their stages fit the GPU's shared memory.
     Measured on the H100 (NOTES.md): Gemma3-27B's down (168 blocks of 32 rows) 35.7 -> 33.4 us at one token and
-    39.5 -> 35.4 at four; Qwen3-8B's qkv (192) 12.7 -> 11.8 at four tokens, 10.7 -> 11.1 at one."""
+    39.5 -> 35.4 at four; Qwen3-8B's qkv (192) 12.7 -> 11.8 at four tokens, 10.7 -> 11.1 at one. H200, 8 tokens:
+    Gemma3-27B's qkv 14.9 -> 13.0, o 11.8 -> 10.1, down 38.9 -> 36.0."""
     blocks, sms = -(-n // 32), _sms(device_index)
-    return FOUR_ROW_TILES if m <= DECODE_TOKENS and sms < blocks <= 2 * sms else 0
+    return FOUR_ROW_TILES if sms < blocks <= 2 * sms and fits(m, FOUR_ROW_TILES) else 0
 
 
 def nvfp4_gemv(x: torch.Tensor, w, module=None, variant: int | None = None) -> torch.Tensor:

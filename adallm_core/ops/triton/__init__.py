@@ -3,7 +3,7 @@
 Each op is a thin wrapper that checks shapes and dtypes, then launches the kernel of one file:
   nvfp4_linear               nvfp4_prefill.py    M >= 256: weights dequantized once per slab, cuBLAS GEMM (exact)
                              nvfp4_gemm.py       exact BF16 compute; decode split-K stream, tiles up to M = 255
-                             ../cuda_gemv.py     CUDA C++ (csrc/nvfp4_gemv.cu): decode steps of 1-4 tokens
+                             ../cuda_gemv.py     CUDA C++ (csrc/nvfp4_gemv.cu): decode steps of 1-8 tokens
   attention                  paged_attention.py  paged FP8/BF16 KV, GQA rows per KV head, split-K for long decode
   kv_write                   kv_cache_write.py
   qk_norm_rope_cache         qk_norm_rope.py     per-head q/k norm + RoPE + k/v cache store, one launch

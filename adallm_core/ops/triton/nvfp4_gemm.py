@@ -204,6 +204,9 @@ def nvfp4_gemm_kernel(
     offs_w = tl.arange(0, W_PER_TILE)
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :]
     s_ptrs = s_ptr + offs_n[:, None] * stride_sn + offs_ks[None, :]
+    if TILE_MAJOR:
+        tw0, ts0 = _tile_major_offsets(offs_n, offs_w, offs_ks, K)
+        w_tm, s_tm = w_ptr + tw0, s_ptr + ts0
     # SWAP_AB computes out.T = W @ x.T: the dequantized weight tile is then the A operand, which the MMA takes
     # straight from registers; as the B operand (x @ W.T) it must first go through shared memory.
     if SWAP_AB:
@@ -222,9 +225,13 @@ def nvfp4_gemm_kernel(
             mask_w = mask_n[:, None] & ((t * W_PER_TILE + offs_w)[None, :] < K * W_PER_TILE // BLOCK_K)
             mask_s = mask_n[:, None] & ((t * BLOCK_KS + offs_ks)[None, :] < K // 16)
         if MATH == 3:  # w_ptr holds int32 words: 8 codes each
-            if TILE_MAJOR:
-                # offsets from the whole formula each tile: tile 0's plus a run-time number lost the loads' 16-byte
-                # alignment (2.7x slower from 16 tokens on the H100, benchmarks/NOTES.md)
+            if TILE_MAJOR and BLOCK_KW % 16 == 0:
+                # whole 128-K chunks a tile: tile t is tile 0's offsets plus t chunks, a step the compiler sees as a
+                # multiple of 16 words (a step it cannot see loses the loads' 16-byte alignment: 2.7x slower from 16
+                # tokens on the H100, benchmarks/NOTES.md)
+                w = _dequant_words(w_tm + t * (BLOCK_KW * 16), s_tm + t * (BLOCK_KS * 16), mask_w, mask_s, BLOCK_N,
+                                   BLOCK_KW, KERNEL_ORDER)
+            elif TILE_MAJOR:
                 tw, ts = _tile_major_offsets(offs_n, t * BLOCK_KW + offs_w, t * BLOCK_KS + offs_ks, K)
                 w = _dequant_words(w_ptr + tw, s_ptr + ts, mask_w, mask_s, BLOCK_N, BLOCK_KW, KERNEL_ORDER)
             else:

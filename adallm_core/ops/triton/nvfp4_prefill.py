@@ -51,7 +51,7 @@ def dequant_rows_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, strid
 
 def nvfp4_linear(x: torch.Tensor, w) -> torch.Tensor:
     """The op: this file's path where it applies (BF16 x, M >= MIN_TOKENS, few global-scale runs), the CUDA decode
-    kernel for steps of 1-4 tokens on tile-major weights (ops/cuda_gemv.py), the tiled kernel everywhere else."""
+    kernel for steps of 1-8 tokens on tile-major weights (ops/cuda_gemv.py), the tiled kernel everywhere else."""
     if x.dim() == 2 and cuda_gemv.takes(x, w):
         return cuda_gemv.nvfp4_gemv(x, w)
     if x.dim() == 2 and x.shape[0] >= MIN_TOKENS and x.dtype == torch.bfloat16:
