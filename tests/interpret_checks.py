@@ -53,7 +53,7 @@ def main() -> None:
                                                           fp8=False, num_splits=8, dtype=torch.float32, calls=2,
                                                           config=dict(BLOCK_N=16, num_warps=4, num_stages=2)),
         "attention_decode_default_parts": kc.case_attention(dev, [1] * 5, [4, 900, 0, 300, 2000], hq=4, hk=2, d=16,
-                                                            fp8=False, dtype=torch.float32),  # the rule picks 16
+                                                            fp8=False, dtype=torch.float32, rule_splits=16),
         "attention_parts_window": kc.case_attention(dev, [1, 1, 1], [33, 70, 9], hq=4, hk=2, d=16, fp8=False,
                                                     window=40, num_splits=4, dtype=torch.float32, calls=2,
                                                     config=dict(BLOCK_N=16, num_warps=4, num_stages=2)),

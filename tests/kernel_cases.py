@@ -153,11 +153,14 @@ def build_paged_case(dev, q_lens, ctx_lens, hq, hk, d, block_size, fp8, num_bloc
 
 
 def case_attention(dev, q_lens, ctx_lens, hq=4, hk=2, d=32, block_size=4, fp8=True, window=None,
-                   num_splits=None, dtype=torch.bfloat16, config=None, calls=1) -> float:
-    """Worst error over `calls` calls in a row (no state may leak from one call into the next)."""
-    from adallm_core.ops.triton.paged_attention import attention
+                   num_splits=None, dtype=torch.bfloat16, config=None, calls=1, rule_splits=None) -> float:
+    """Worst error over `calls` calls in a row (no state may leak from one call into the next). rule_splits: the
+    part count the default rule must pick for this case (num_splits None)."""
+    from adallm_core.ops.triton.paged_attention import attention, num_splits_for
 
     q, kc, vc, meta = build_paged_case(dev, q_lens, ctx_lens, hq, hk, d, block_size, fp8, dtype=dtype)
+    if rule_splits is not None:
+        assert num_splits_for(meta, hk, q.device) == rule_splits, num_splits_for(meta, hk, q.device)
     args = (q, kc, vc, meta, d**-0.5, window, 0.7, 1.3)
     ref = reference.attention(*args)
     return max(rel_err(attention(*args, num_splits=num_splits, config=config), ref) for _ in range(calls))
