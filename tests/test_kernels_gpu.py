@@ -110,7 +110,7 @@ def test_op_decode_path(m):
         with pytest.raises(ValueError, match=r"x must be \["):  # a wrong K is named, never read past the weight
             nvfp4_linear(torch.randn(m, k + 128, device=DEV, dtype=torch.bfloat16), w)
     device = torch.device(DEV).index or 0
-    four_fit = m <= cuda_gemv.MAX_M and bool(cuda_gemv.load().fits(m, cuda_gemv.FOUR_ROW_TILES))  # not 7-8 on Ada
+    four_fit = cuda_gemv.fits(m, cuda_gemv.FOUR_ROW_TILES)  # not past MAX_M, nor 7-8 tokens on Ada
     assert cuda_gemv.pick_variant(m, uneven, device) == (cuda_gemv.FOUR_ROW_TILES if four_fit else 0)
     assert cuda_gemv.pick_variant(m, sms * 32, device) == cuda_gemv.pick_variant(m, 2 * sms * 32 + 32, device) == 0
 
