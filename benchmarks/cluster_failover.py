@@ -86,6 +86,10 @@ class SimulatedCluster:
         self.workers[node.node_id] = node
         return node.node_id
 
+    @property
+    def head(self) -> str:
+        return self.cluster.head_node.node_id
+
     def remove_worker(self, node_id: str) -> None:
         """Kill every process of that node at once, as when a machine is lost."""
         self.cluster.remove_node(self.workers.pop(node_id), allow_graceful=False)
@@ -157,6 +161,10 @@ def deploy(port: int, num_replicas: int, **engine) -> str:
 
 def replica_nodes() -> list[str]:
     return alive_actor_nodes(f"ServeReplica:{APP}:LLMServer")
+
+
+def ingress_nodes() -> list[str]:
+    return alive_actor_nodes(f"ServeReplica:{APP}:OpenAiIngress")
 
 
 def running_replicas() -> int:

@@ -25,6 +25,11 @@ DEMO_MODEL_NAME = "adallm-tiny-demo"
 # per request (benchmarks/RESULTS.md, serving). Replicas get it through their runtime_env; a local Ray that
 # `adallm serve` starts gets it for its proxy and controller too (set_serve_environment).
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+# The ingress replica lives on the head, beside Serve's controller and HTTP proxy: losing a worker must not take it
+# along. The proxy answers a request whose ingress replica vanished with a bare 500 and never retries it, and the
+# endpoint is down until Serve starts another. "node:__internal_head__" is the resource Ray gives the head node
+# (also the only node of a local Ray); serve_config.yaml asks for it too.
+ON_HEAD_NODE = {"node:__internal_head__": 0.001}
 
 
 class ServeOptions(BaseModel):
@@ -100,7 +105,7 @@ def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
     # The ingress never queues itself: LLMServer's queue is where overload is detected and answered in
     # OpenAI's shape, so the ingress admits everything that queue can hold, plus room for cheap requests.
     ingress = OpenAiIngress.options(
-        ray_actor_options={"num_cpus": 0.5, **serve_env},
+        ray_actor_options={"num_cpus": 0.5, "resources": dict(ON_HEAD_NODE), **serve_env},
         max_ongoing_requests=most_replicas * max_ongoing + max_queued + 64,
     )
     return ingress.bind(llm, options.served_model_name or served_name(engine.model))

@@ -9,7 +9,7 @@ import yaml
 
 import deployments
 from deployments import cli
-from deployments.app import SERVE_ENV, build_app, served_name
+from deployments.app import ON_HEAD_NODE, SERVE_ENV, build_app, served_name
 
 CONFIG = Path(deployments.__file__).parent / "serve_config.yaml"
 
@@ -25,6 +25,7 @@ def test_cpu_replicas_ask_for_no_gpu_and_limits_come_from_engine_capacity():
     llm = d["llm"]
     assert llm.ray_actor_options == {"num_cpus": 1, "num_gpus": 0, "runtime_env": {"env_vars": SERVE_ENV}}
     assert d["ingress"].ray_actor_options["runtime_env"] == {"env_vars": SERVE_ENV}
+    assert d["ingress"].ray_actor_options["resources"] == ON_HEAD_NODE  # a lost worker never takes it along
     assert llm.max_ongoing_requests == 8 and llm._deployment_config.max_queued_requests == 16
     assert llm.num_replicas == 2
     assert llm.user_config == {"max_batch_size": 32, "batch_wait_timeout_s": 0.005, "stream_interval_s": 0.1}
@@ -93,6 +94,8 @@ def test_serve_config_yaml_is_valid_and_names_the_app_deployments():
     llm = next(d for d in app["deployments"] if d["name"] == "LLMServer")
     assert llm["max_ongoing_requests"] == app["args"]["max_num_seqs"]
     assert set(llm["user_config"]) == {"max_batch_size", "batch_wait_timeout_s", "stream_interval_s"}
+    ingress = next(d for d in app["deployments"] if d["name"] == "OpenAiIngress")
+    assert ingress["ray_actor_options"]["resources"] == ON_HEAD_NODE  # the file's options replace the code's
     # The file's ray_actor_options take the place of the code's: the app-level runtime_env carries SERVE_ENV.
     assert app["runtime_env"]["env_vars"] == SERVE_ENV
 
