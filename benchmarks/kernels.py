@@ -35,9 +35,13 @@ def copies(nbytes_one: int) -> int:
     return max(2, min(32, ROTATE_BYTES // max(1, nbytes_one)))
 
 
-def sweep_cuda_variants(log) -> list[dict]:
-    """csrc/nvfp4_gemv.cu's (row tiles, warps, stages) variants beside the Triton decode kernel, M = 1..8, on Qwen3-8B's
-    and Gemma3-27B's linears; `op` is what the op picks (ops/cuda_gemv.py: takes, pick_variant)."""
+CUDA_VARIANTS = "(row tiles, warps, stages): v0 (2, 8, 2) v1 (1, 8, 4) v2 (2, 16, 2) v3 (4, 8, 2)"
+
+
+def sweep_cuda_variants(log, ms=(1, 2, 4, 6, 8)) -> list[dict]:
+    """csrc/nvfp4_gemv.cu's variants beside the Triton decode kernel on Qwen3-8B's and Gemma3-27B's linears; `op` is
+    what the op picks (ops/cuda_gemv.py: takes, pick_variant). A variant whose stages do not fit this GPU at M (four
+    row tiles of 7-8 tokens on Ada) shows as '-'."""
     from adallm_core.ops import cuda_gemv
     from adallm_core.ops.triton import nvfp4_gemm as lin
     from adallm_core.ops.triton.nvfp4_prefill import nvfp4_linear as op_linear
@@ -47,31 +51,35 @@ def sweep_cuda_variants(log) -> list[dict]:
     for model, linears in (("qwen3-8b", LINEARS), ("gemma3-27b", GEMMA3_27B_LINEARS)):
         for name, (n, k) in linears.items():
             ws = [random_nvfp4(n, k).in_tile_major() for _ in range(copies(n * k // 2))]
-            for m in (1, 2, 4, 6, 8):
+            for m in ms:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                 cfg = lin.pick_config(m, n, k, x.device)
                 row = dict(model=model, shape=name, M=m, TB=ws[0].nbytes / 1e12,
                            triton=time_graph(lambda w: lin.nvfp4_linear(x, w, cfg), [(w,) for w in ws]) * 1e6,
                            op=time_graph(lambda w: op_linear(x, w), [(w,) for w in ws]) * 1e6)
                 for v in variants:
-                    row[f"v{v}"] = time_graph(lambda w: cuda_gemv.nvfp4_gemv(x, w, module, v),
-                                              [(w,) for w in ws]) * 1e6
+                    row[f"v{v}"] = (time_graph(lambda w: cuda_gemv.nvfp4_gemv(x, w, module, v),
+                                               [(w,) for w in ws]) * 1e6 if module.fits(m, v) else None)
                 log(json.dumps(row))
                 out.append(row)
             del ws
-    print("\nCUDA decode kernel variants (row tiles, warps, stages): v0 (2, 8, 2) v1 (1, 8, 4) v2 (2, 16, 2) "
-          "v3 (4, 8, 2); us")
+
+    def us(t):
+        return f"{t:6.2f}" if t is not None else f"{'-':>6}"
+
+    print(f"\nCUDA decode kernel variants: {CUDA_VARIANTS}; us")
     for r in out:
-        best = min(r[f"v{v}"] for v in variants)
+        best = min(r[f"v{v}"] for v in variants if r[f"v{v}"] is not None)
         print(f"{r['model']:10} {r['shape']:8} M={r['M']:2d} triton {r['triton']:6.2f} op {r['op']:6.2f} | "
-              + " ".join(f"v{v} {r[f'v{v}']:6.2f}" for v in variants)
+              + " ".join(f"v{v} {us(r[f'v{v}'])}" for v in variants)
               + f" | best {best:.2f} us = {r['TB'] / best * 1e6:.2f} TB/s")
     for model in ("qwen3-8b", "gemma3-27b"):
         for m in sorted({r["M"] for r in out}):
             sel = [r for r in out if r["M"] == m and r["model"] == model]
+            layer = {v: (sum(r[f"v{v}"] for r in sel) if all(r[f"v{v}"] is not None for r in sel) else None)
+                     for v in variants}
             print(f"{model:10} layer    M={m:2d} triton {sum(r['triton'] for r in sel):6.1f} "
-                  f"op {sum(r['op'] for r in sel):6.1f} | "
-                  + " ".join(f"v{v} {sum(r[f'v{v}'] for r in sel):6.1f}" for v in variants))
+                  f"op {sum(r['op'] for r in sel):6.1f} | " + " ".join(f"v{v} {us(layer[v])}" for v in variants))
     return out
 
 
@@ -183,6 +191,7 @@ def main(argv=None) -> int:
     p.add_argument("--log", default=None, help="append progress lines here")
     p.add_argument("--ms", default=",".join(map(str, MS)), help="token counts M of the linear section")
     p.add_argument("--sweep-ms", default="1,16,64", help="the M values --sweep tries configs at")
+    p.add_argument("--cuda-ms", default="1,2,4,6,8", help="the M values (at most 8) of the cuda_variants section")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks.kernels needs a CUDA GPU", file=sys.stderr)
@@ -211,7 +220,7 @@ def main(argv=None) -> int:
 
         bench_launch(results["launch"], log)
     if "cuda_variants" in sections:
-        results["cuda_variants"] = sweep_cuda_variants(log)
+        results["cuda_variants"] = sweep_cuda_variants(log, [int(m) for m in args.cuda_ms.split(",")])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)

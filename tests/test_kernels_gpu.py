@@ -75,8 +75,9 @@ def test_cuda_decode_kernel(m, n, k):
     assert cuda_gemv.supports(x, w)
     ref = reference.nvfp4_linear(x, w)
     for variant in range(cuda_gemv.VARIANTS):
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device=DEV)  # poisoned: every entry written
         try:
-            out = cuda_gemv.nvfp4_gemv(x, w, module, variant)
+            assert cuda_gemv.nvfp4_gemv(x, w, module, variant, out=out) is out
         except RuntimeError as exc:  # four row tiles of 7-8 tokens need ~106 KB a block: refused on Ada (99 KB)
             assert "code 3" in str(exc) and not module.fits(m, variant), exc
             assert torch.cuda.get_device_properties(DEV).shared_memory_per_block_optin < 106_000
@@ -86,20 +87,22 @@ def test_cuda_decode_kernel(m, n, k):
     assert not cuda_gemv.supports(x, kc.random_nvfp4(n, k, DEV).in_kernel_order())  # row-major
     unaligned = torch.empty(m, k + 8, device=DEV, dtype=torch.bfloat16)[:, 1 : k + 1]
     assert not cuda_gemv.supports(unaligned, w)  # rows cp.async cannot copy in 16-byte pieces
-    with pytest.raises(RuntimeError, match="variant 9"):
-        cuda_gemv.nvfp4_gemv(x, w, module, 9)
-    assert not module.fits(cuda_gemv.MAX_M + 1, 0) and not module.fits(m, 9)
+    with pytest.raises(RuntimeError, match=f"variant {cuda_gemv.VARIANTS}"):
+        cuda_gemv.nvfp4_gemv(x, w, module, cuda_gemv.VARIANTS)
+    assert not module.fits(cuda_gemv.MAX_M + 1, 0) and not module.fits(m, cuda_gemv.VARIANTS)
 
 
-@pytest.mark.parametrize("m", [1, 4, 5, 8, 9])
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9])
 def test_op_decode_path(m):
     """The op sends 1..DECODE_TOKENS tokens on tile-major weights to the CUDA kernel (four row tiles a block where
-    two would leave SMs unevenly loaded), more tokens and row-major weights to the Triton kernel: exact either way."""
+    two would leave SMs unevenly loaded, or on wide linears from WIDE_FOUR_FROM tokens), more tokens and row-major
+    weights to the Triton kernel: exact either way."""
     from adallm_core.ops import cuda_gemv
     from adallm_core.ops.triton.nvfp4_prefill import nvfp4_linear
 
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     uneven = (sms + 1) * 32  # sms + 1 blocks of two row tiles
+    wide = (2 * sms + 1) * 32
     for n, k, cuda in [(1024, 2048, True), (uneven, 256, True), (24576, 512, True),
                        (1000, 2048, False)]:  # 1000 rows: not whole bands, row-major
         w = kc.random_nvfp4(n, k, DEV).in_kernel_order()
@@ -110,9 +113,10 @@ def test_op_decode_path(m):
         with pytest.raises(ValueError, match=r"x must be \["):  # a wrong K is named, never read past the weight
             nvfp4_linear(torch.randn(m, k + 128, device=DEV, dtype=torch.bfloat16), w)
     device = torch.device(DEV).index or 0
-    four_fit = cuda_gemv.fits(m, cuda_gemv.FOUR_ROW_TILES)  # not past MAX_M, nor 7-8 tokens on Ada
-    assert cuda_gemv.pick_variant(m, uneven, device) == (cuda_gemv.FOUR_ROW_TILES if four_fit else 0)
-    assert cuda_gemv.pick_variant(m, sms * 32, device) == cuda_gemv.pick_variant(m, 2 * sms * 32 + 32, device) == 0
+    four = cuda_gemv.FOUR_ROW_TILES if cuda_gemv.fits(m, cuda_gemv.FOUR_ROW_TILES) else 0  # 7-8 tokens on Ada: 0
+    assert cuda_gemv.pick_variant(m, uneven, device) == four
+    assert cuda_gemv.pick_variant(m, wide, device) == (four if m >= cuda_gemv.WIDE_FOUR_FROM else 0)
+    assert cuda_gemv.pick_variant(m, sms * 32, device) == 0
 
 
 @pytest.mark.parametrize("t,hq,hk,d", [(1, 32, 8, 128), (37, 16, 8, 256), (5, 6, 3, 64)])

@@ -36,6 +36,7 @@ EXTENSION = "adallm_nvfp4_gemv_v3"
 STALE_LOCK_S = 900  # a build takes about a minute on 16 cores, a few on 2
 VARIANTS = 4  # 0 = the default; csrc names the rest
 FOUR_ROW_TILES = 3  # 64 rows a block, 8 warps
+WIDE_FOUR_FROM = 4  # tokens from which wide linears take four row tiles too (pick_variant)
 
 _BINDING = r"""
 #include <torch/extension.h>
@@ -177,21 +178,28 @@ def _sms(device_index: int) -> int:
 
 
 def pick_variant(m: int, n: int, device_index: int) -> int:
-    """Two row tiles (32 rows) a block, unless that gives some SMs two blocks and others one (sms < blocks <= 2 sms):
-    then four, one block an SM at most, where their stages fit the GPU's shared memory.
-    Measured on the H100 (NOTES.md): Gemma3-27B's down (168 blocks of 32 rows) 35.7 -> 33.4 us at one token and
-    39.5 -> 35.4 at four; Qwen3-8B's qkv (192) 12.7 -> 11.8 at four tokens, 10.7 -> 11.1 at one. H200, 8 tokens:
-    Gemma3-27B's qkv 14.9 -> 13.0, o 11.8 -> 10.1, down 38.9 -> 36.0."""
+    """Two row tiles (32 rows) a block, unless that gives some SMs two blocks and others one (sms < blocks <= 2 sms),
+    or the linear is wide (blocks > 2 sms) and the step has WIDE_FOUR_FROM tokens or more: then four, where their
+    stages fit the GPU's shared memory. Measured on the H100 (NOTES.md): Gemma3-27B's down (168 blocks of 32 rows)
+    35.7 -> 33.4 us at one token and 39.5 -> 35.4 at four; Qwen3-8B's qkv (192) 12.7 -> 11.8 at four tokens, 10.7 ->
+    11.1 at one. H200, 8 tokens: Gemma3-27B's qkv 14.9 -> 13.0, o 11.8 -> 10.1, down 38.9 -> 36.0. Wide gate_up on
+    the H200: four row tiles from 4 tokens (8 tokens: Qwen3-8B 28.8 -> 25.7 us, Gemma3-27B 59.2 -> 51.3), two below
+    (Gemma3-27B at 3 tokens 45.4 vs 48.0)."""
     blocks, sms = -(-n // 32), _sms(device_index)
-    return FOUR_ROW_TILES if sms < blocks <= 2 * sms and fits(m, FOUR_ROW_TILES) else 0
+    uneven = sms < blocks <= 2 * sms
+    wide = blocks > 2 * sms and m >= WIDE_FOUR_FROM
+    return FOUR_ROW_TILES if (uneven or wide) and fits(m, FOUR_ROW_TILES) else 0
 
 
-def nvfp4_gemv(x: torch.Tensor, w, module=None, variant: int | None = None) -> torch.Tensor:
-    """x [M <= 8, K] bf16 @ W.T -> [M, N] bf16 (caller checked supports()). variant: see csrc; None = pick_variant."""
+def nvfp4_gemv(x: torch.Tensor, w, module=None, variant: int | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M <= 8, K] bf16 @ W.T -> [M, N] bf16 (caller checked supports()). variant: see csrc; None = pick_variant.
+    out: a contiguous [M, N] bf16 tensor to write (tests poison it), else a new one."""
     module = module or load()
     if variant is None:
         variant = pick_variant(x.shape[0], w.out_features, x.device.index)
-    out = torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
     rc = module.nvfp4_gemv(x, w.packed.view(torch.int32), w.block_scale.view(torch.uint8), w.global_scale, out,
                            variant)
     if rc:
