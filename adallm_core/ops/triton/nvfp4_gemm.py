@@ -204,7 +204,7 @@ def nvfp4_gemm_kernel(
     offs_w = tl.arange(0, W_PER_TILE)
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :]
     s_ptrs = s_ptr + offs_n[:, None] * stride_sn + offs_ks[None, :]
-    if TILE_MAJOR:
+    if TILE_MAJOR and BLOCK_KW % 16 == 0:  # whole 128-K chunks a tile: offsets stepped per tile (the K loop)
         tw0, ts0 = _tile_major_offsets(offs_n, offs_w, offs_ks, K)
         w_tm, s_tm = w_ptr + tw0, s_ptr + ts0
     # SWAP_AB computes out.T = W @ x.T: the dequantized weight tile is then the A operand, which the MMA takes
