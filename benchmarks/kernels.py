@@ -193,6 +193,9 @@ def main(argv=None) -> int:
     p.add_argument("--sweep-ms", default="1,16,64", help="the M values --sweep tries configs at")
     p.add_argument("--cuda-ms", default="1,2,4,6,8", help="the M values (at most 8) of the cuda_variants section")
     args = p.parse_args(argv)
+    cuda_ms = [int(m) for m in args.cuda_ms.split(",")]
+    if not all(1 <= m <= 8 for m in cuda_ms):
+        p.error(f"--cuda-ms takes token counts of 1-8 (the CUDA kernel's one token tile), got {args.cuda_ms}")
     if not torch.cuda.is_available():
         print("benchmarks.kernels needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -220,7 +223,7 @@ def main(argv=None) -> int:
 
         bench_launch(results["launch"], log)
     if "cuda_variants" in sections:
-        results["cuda_variants"] = sweep_cuda_variants(log, [int(m) for m in args.cuda_ms.split(",")])
+        results["cuda_variants"] = sweep_cuda_variants(log, cuda_ms)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)
