@@ -7,7 +7,8 @@ no host sync; the grid is sized for the worst case and blocks past the end exit)
     sorted_pairs [P]  pair id (token * top_k + k) or -1 for padding;  block_expert [P / BLOCK_M]  expert or -1
 One launch computes x[token] @ w13[e].T for every pair (rows gathered, weights dequantized in registers exactly as in
 nvfp4_gemm, with its PTX word dequantization on the GPU), then silu_and_mul, then one launch of h @ w2[e].T scaled
-by the pair's routing weight; the top_k rows of each token are summed at the end.
+by the pair's routing weight, then one launch that sums each token's top_k rows. (SiLU-and-mul computed in the
+second GEMM's loads instead lost: the activation lands on the operand's path in every N tile, benchmarks/NOTES.md.)
 """
 from __future__ import annotations
 
@@ -143,4 +144,25 @@ def moe(x, router_logits, w13, w2, top_k: int, renormalize: bool, config: dict |
     h = silu_and_mul(gate_up)
     y = torch.empty(t * top_k, hidden, dtype=torch.float32, device=x.device)
     _grouped(h, w2, pairs, block_expert, route_w, top_k, y, False, True, block_m, config)
-    return y.view(t, top_k, hidden).sum(dim=1).to(x.dtype)
+    return sum_pairs(y, t, top_k, x.dtype)
+
+
+@triton.jit
+def sum_pairs_kernel(y_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < hidden
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        acc += tl.load(y_ptr + (t * TOP_K + k) * hidden + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + t * hidden + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def sum_pairs(y: torch.Tensor, t: int, top_k: int, dtype) -> torch.Tensor:
+    """y [T * top_k, H] fp32 (a token's rows adjacent) -> [T, H] in dtype: summed in fp32 in k order, rounded once;
+    one launch where torch's sum and cast take two."""
+    hidden = y.shape[1]
+    out = torch.empty(t, hidden, dtype=dtype, device=y.device)
+    block = min(256, triton.next_power_of_2(hidden))
+    sum_pairs_kernel[(t, triton.cdiv(hidden, block))](y, out, hidden, TOP_K=top_k, BLOCK=block, num_warps=2)
+    return out
