@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from adallm_core.ops import cuda_gemv
+from adallm_core.ops import cuda_gemv, pdl
 from benchmarks.random_checkpoint import SHAPES, RandomCheckpoint, hf_config
 from benchmarks.timing import copy_bandwidth
 
@@ -235,7 +235,8 @@ def main(argv=None) -> int:
           f"{'GPU' if args.no_embedding_on_host else 'host'}, async scheduling "
           f"{'off' if args.no_async_scheduling else 'on'}, max_model_len "
           f"{args.max_model_len or args.input_len + args.output_len}, decode linears of 1-"
-          f"{cuda_gemv.DECODE_TOKENS} tokens on {'CUDA' if cuda_gemv.load() else 'Triton'}; "
+          f"{cuda_gemv.DECODE_TOKENS} tokens on {'CUDA' if cuda_gemv.load() else 'Triton'}, programmatic dependent "
+          f"launch {f'on up to {pdl.MAX_TOKENS} tokens' if pdl.enabled(torch.device('cuda')) else 'off'}; "
           f"{torch.cuda.get_device_name()}, copy "
           f"{bw / 1e12:.2f} TB/s; HF = transformers BF16 static cache{'' if args.no_hf_compile else ' compiled'}")
     print(f"{'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'ms/step':>8} {'peak GB':>8} {'%roof':>6} "

@@ -18,6 +18,9 @@
 // Exactness (see ops/triton/nvfp4_gemm.py): pair p's magnitude and sign bits moved to bits 6..8 and 15 of each
 // half ARE the BF16 patterns of v * 2^-126; one fma.rn.bf16x2 by (scale * 2^118) gives v * scale * 2^-8 exactly;
 // fp32 accumulation; the epilogue multiplies by global_scale * 2^8. sm_80+ (built for sm_89 Ada and sm_90 Hopper).
+//
+// Launched with programmatic dependent launch on sm_90+ (adallm_core/ops/pdl.py), a block fills its ring's first
+// weight stages before it waits for the kernel that writes x.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <cstdint>
@@ -46,6 +49,16 @@ __device__ __forceinline__ void cp_async8(void* dst, const void* src) {
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Programmatic dependent launch (sm_90+; adallm_core/ops/pdl.py): wait for the kernel before this one to complete
+// and its writes to be visible, then let the next one's blocks start. Without a PDL launch the wait returns at once;
+// on Ada (no PDL) both compile to nothing.
+__device__ __forceinline__ void wait_for_prior_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -118,9 +131,9 @@ __global__ void __launch_bounds__(WARPS * 32) nvfp4_gemv_kernel(
 
   const int mine = chunks > warp ? (chunks - warp + WARPS - 1) / WARPS : 0;
 
-  auto issue = [&](int i) {
+  auto issue_weights = [&](int i) {
     uint8_t* st = ring + (i % DEPTH) * stage;
-    const int c = warp + i * WARPS, k = c * kChunkK;
+    const int c = warp + i * WARPS;
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
 #pragma unroll
@@ -128,14 +141,24 @@ __global__ void __launch_bounds__(WARPS * 32) nvfp4_gemv_kernel(
       // the tile's 128 scale bytes of this chunk, 8 a lane from lanes 0..15
       if (lane < 16) cp_async8(st + kS + r * 128 + lane * 8, s_tile[r] + c * 128 + lane * 8);
     }
+  };
+  auto issue_x = [&](int i) {
+    uint8_t* st = ring + (i % DEPTH) * stage;
+    const int k = (warp + i * WARPS) * kChunkK;
     if (x_ok)
 #pragma unroll
       for (int v = 0; v < 4; ++v) cp_async16(st + x_slot + v * 16, x_lane + k + v * 8);
   };
 
+  // The ring's first weights are constants: they stream while a PDL launch still waits for the kernel that writes x.
+  // They join chunk 0's group, so the loop's wait for chunk 0 also covers them.
+#pragma unroll
+  for (int d = 0; d < DEPTH; ++d)
+    if (d < mine) issue_weights(d);
+  wait_for_prior_kernel();
 #pragma unroll
   for (int d = 0; d < DEPTH; ++d) {
-    if (d < mine) issue(d);
+    if (d < mine) issue_x(d);
     cp_async_commit();  // one group per chunk, empty or not, so wait_group counts chunks
   }
 
@@ -158,7 +181,10 @@ __global__ void __launch_bounds__(WARPS * 32) nvfp4_gemv_kernel(
     for (int v = 0; v < 4; ++v)
       xv[v] = x_ok ? *reinterpret_cast<const uint4*>(st + x_slot + v * 16) : make_uint4(0, 0, 0, 0);
     __syncwarp();  // the stage is read: refill it
-    if (i + DEPTH < mine) issue(i + DEPTH);
+    if (i + DEPTH < mine) {
+      issue_weights(i + DEPTH);
+      issue_x(i + DEPTH);
+    }
     cp_async_commit();
 
 #pragma unroll
@@ -217,12 +243,21 @@ struct Variant {
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, allowed) != cudaSuccess;
   }
   static int launch(const void* x, const void* w, const void* s, const float* g, void* out, int M, int N, int K,
-                    long stride_xm, long stride_om, cudaStream_t stream) {
+                    long stride_xm, long stride_om, int pdl, cudaStream_t stream) {
     if (!fits(M)) return 3;  // e.g. 4 row tiles of 7-8 tokens on Ada (99 KB a block)
-    kernel<<<(N + 16 * ROWS - 1) / (16 * ROWS), WARPS * 32, smem(M), stream>>>(
-        static_cast<const __nv_bfloat16*>(x), static_cast<const uint32_t*>(w), static_cast<const uint8_t*>(s), g,
-        static_cast<__nv_bfloat16*>(out), M, N, K, stride_xm, stride_om);
-    return 0;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3((N + 16 * ROWS - 1) / (16 * ROWS));
+    config.blockDim = dim3(WARPS * 32);
+    config.dynamicSmemBytes = smem(M);
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = attribute;
+    config.numAttrs = pdl ? 1 : 0;
+    return cudaLaunchKernelEx(&config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint32_t*>(w),
+                              static_cast<const uint8_t*>(s), g, static_cast<__nv_bfloat16*>(out), M, N, K,
+                              stride_xm, stride_om) == cudaSuccess ? 0 : 2;
   }
 };
 
@@ -253,13 +288,15 @@ extern "C" int adallm_nvfp4_gemv_fits(int M, int variant) {
   return 0;
 }
 
+// pdl: launch with programmatic dependent launch (sm_90+ only; the caller decides, adallm_core/ops/pdl.py)
 extern "C" int adallm_nvfp4_gemv(const void* x, const void* w, const void* s, const float* g, void* out, int M,
-                                 int N, int K, long stride_xm, long stride_om, int variant, cudaStream_t stream) {
+                                 int N, int K, long stride_xm, long stride_om, int variant, int pdl,
+                                 cudaStream_t stream) {
   if (M < 1 || M > kMaxM || K % adallm::kChunkK || N < 1) return 1;
   int rc = 1;
   switch (variant) {
 #define ADALLM_CASE(V, R, W, D) \
-  case V: rc = Variant<R, W, D>::launch(x, w, s, g, out, M, N, K, stride_xm, stride_om, stream); break;
+  case V: rc = Variant<R, W, D>::launch(x, w, s, g, out, M, N, K, stride_xm, stride_om, pdl, stream); break;
     ADALLM_VARIANTS(ADALLM_CASE)
 #undef ADALLM_CASE
   }

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from adallm_core.nvfp4 import to_kernel_order
+from adallm_core.ops import pdl
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ _PACKAGE = Path(__file__).resolve().parents[1]
 _IN_WHEEL = _PACKAGE / "csrc" / "nvfp4_gemv.cu"
 SOURCE = _IN_WHEEL if _IN_WHEEL.exists() else _PACKAGE.parent / "csrc" / "nvfp4_gemv.cu"
 ARCHS = "8.9;9.0+PTX"  # Ada (the product), Hopper (the test machine), PTX for GPUs after them
-EXTENSION = "adallm_nvfp4_gemv_v3"
+EXTENSION = "adallm_nvfp4_gemv_v4"
 STALE_LOCK_S = 900  # a build takes about a minute on 16 cores, a few on 2
 VARIANTS = 4  # 0 = the default; csrc names the rest
 FOUR_ROW_TILES = 3  # 64 rows a block, 8 warps
@@ -44,14 +45,15 @@ _BINDING = r"""
 extern "C" int adallm_nvfp4_gemv_init();
 extern "C" int adallm_nvfp4_gemv_fits(int M, int variant);
 extern "C" int adallm_nvfp4_gemv(const void* x, const void* w, const void* s, const float* g, void* out, int M,
-                                 int N, int K, long stride_xm, long stride_om, int variant, cudaStream_t stream);
+                                 int N, int K, long stride_xm, long stride_om, int variant, int pdl,
+                                 cudaStream_t stream);
 int64_t init() { return adallm_nvfp4_gemv_init(); }
 bool fits(int64_t m, int64_t variant) { return adallm_nvfp4_gemv_fits(m, variant); }
 int64_t nvfp4_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, torch::Tensor g, torch::Tensor out,
-                   int64_t variant) {
+                   int64_t variant, bool pdl) {
   return adallm_nvfp4_gemv(x.data_ptr(), w.data_ptr(), s.data_ptr(), g.data_ptr<float>(), out.data_ptr(),
                            x.size(0), out.size(1), x.size(1), x.stride(0), out.stride(0),
-                           static_cast<int>(variant), at::cuda::getCurrentCUDAStream());
+                           static_cast<int>(variant), pdl, at::cuda::getCurrentCUDAStream());
 }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("init", &init);
@@ -137,7 +139,7 @@ def _smoke_test(module) -> None:
     words = to_kernel_order(ones).to(dev).view(torch.int32)
     scales = torch.full((16, K_TILE // 16), 0x38, dtype=torch.uint8, device=dev)  # E4M3 1.0
     out = torch.zeros(1, 16, dtype=torch.bfloat16, device=dev)
-    rc = module.nvfp4_gemv(x, words, scales, torch.ones(16, device=dev), out, 0)
+    rc = module.nvfp4_gemv(x, words, scales, torch.ones(16, device=dev), out, 0, pdl.enabled(dev))
     torch.cuda.synchronize(dev)
     if rc or not torch.equal(out, torch.full_like(out, K_TILE)):
         raise RuntimeError(f"smoke test on {torch.cuda.get_device_name(dev)} failed (code {rc}, out {out[0, :4]})")
@@ -201,7 +203,7 @@ def nvfp4_gemv(x: torch.Tensor, w, module=None, variant: int | None = None,
     if out is None:
         out = torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
     rc = module.nvfp4_gemv(x, w.packed.view(torch.int32), w.block_scale.view(torch.uint8), w.global_scale, out,
-                           variant)
+                           variant, pdl.enabled(x.device, x.shape[0]))
     if rc:
         raise RuntimeError(f"adallm nvfp4_gemv: launch failed (code {rc}: 1 bad arguments, 2 CUDA error, 3 more "
                            f"shared memory than this GPU allows a block) for x {tuple(x.shape)}, "

@@ -5,6 +5,9 @@ import torch
 import triton
 import triton.language as tl
 
+from adallm_core.ops import pdl
+from adallm_core.ops.triton.grid_dependency import wait_for_prior_kernel
+
 
 @triton.jit
 def _tanh(x):
@@ -12,7 +15,9 @@ def _tanh(x):
 
 
 @triton.jit
-def act_and_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr, GELU: tl.constexpr):
+def act_and_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr, GELU: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    wait_for_prior_kernel(PDL)
     t = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < inter
@@ -34,7 +39,8 @@ def _act_and_mul(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
     if t:
         block = min(1024, triton.next_power_of_2(inter))
         act_and_mul_kernel[(t, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0), out.stride(0),
-                                                           BLOCK=block, GELU=gelu, num_warps=4)
+                                                           BLOCK=block, GELU=gelu, num_warps=4,
+                                                           **pdl.triton_args(gate_up.device, t))
     return out
 
 

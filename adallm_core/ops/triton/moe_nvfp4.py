@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 
 from adallm_core.ops.triton.activation import silu_and_mul
+from adallm_core.ops import pdl
+from adallm_core.ops.triton.grid_dependency import wait_for_prior_kernel
 from adallm_core.ops.triton.moe_routing import MAX_PAIRS, padded_pairs, route_and_sort
 from adallm_core.ops.triton.nvfp4_gemm import DEFAULT_MATH, _EPI, _dequant_tile, _dequant_words
 
@@ -27,8 +29,9 @@ def moe_gemm_kernel(
     N, K, top_k,
     stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ge, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATHER: tl.constexpr,
-    WEIGHTED: tl.constexpr, MATH: tl.constexpr, KERNEL_ORDER: tl.constexpr,
+    WEIGHTED: tl.constexpr, MATH: tl.constexpr, KERNEL_ORDER: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    wait_for_prior_kernel(PDL)  # before the early return: see ops/pdl.py
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m)
@@ -111,12 +114,13 @@ def _grouped(x, w, pairs, block_expert, route_w, top_k, out, gather, weighted, b
     if w.kernel_order and math != 3:
         raise ValueError(f"moe: MATH {math} reads checkpoint-ordered bytes; these experts are in the kernels' word order")
     packed = w.packed.view(torch.int32) if math == 3 else w.packed  # 8 codes a word (K % 32 == 0)
+    tokens = x.shape[0] if gather else x.shape[0] // top_k  # the step's, for ops/pdl.py
     moe_gemm_kernel[grid](
         x, packed, w.block_scale, w.global_scale, out, pairs, block_expert, route_w,
         n, k, top_k, x.stride(0), packed.stride(0), packed.stride(1), w.block_scale.stride(0),
         w.block_scale.stride(1), w.global_scale.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_K=block_k, GATHER=gather, WEIGHTED=weighted, MATH=math,
-        KERNEL_ORDER=w.kernel_order, **tiles,
+        KERNEL_ORDER=w.kernel_order, **tiles, **pdl.triton_args(x.device, tokens),
     )
 
 
@@ -148,7 +152,8 @@ def moe(x, router_logits, w13, w2, top_k: int, renormalize: bool, config: dict |
 
 
 @triton.jit
-def sum_pairs_kernel(y_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+def sum_pairs_kernel(y_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_prior_kernel(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < hidden
@@ -164,5 +169,6 @@ def sum_pairs(y: torch.Tensor, t: int, top_k: int, dtype) -> torch.Tensor:
     hidden = y.shape[1]
     out = torch.empty(t, hidden, dtype=dtype, device=y.device)
     block = min(256, triton.next_power_of_2(hidden))
-    sum_pairs_kernel[(t, triton.cdiv(hidden, block))](y, out, hidden, TOP_K=top_k, BLOCK=block, num_warps=2)
+    sum_pairs_kernel[(t, triton.cdiv(hidden, block))](y, out, hidden, TOP_K=top_k, BLOCK=block, num_warps=2,
+                                                      **pdl.triton_args(y.device, t))
     return out

@@ -13,6 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from adallm_core.ops import pdl
+from adallm_core.ops.triton.grid_dependency import wait_for_prior_kernel
+
 MAX_PAIRS = 256
 
 
@@ -20,7 +23,9 @@ MAX_PAIRS = 256
 def moe_routing_kernel(logits_ptr, experts_ptr, weights_ptr, pairs_ptr, block_expert_ptr,
                        T, E, stride_l, num_slots, num_blocks,
                        TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                       T2: tl.constexpr, E2: tl.constexpr, P2: tl.constexpr, S2: tl.constexpr, NB2: tl.constexpr):
+                       T2: tl.constexpr, E2: tl.constexpr, P2: tl.constexpr, S2: tl.constexpr, NB2: tl.constexpr,
+                       PDL: tl.constexpr = False):
+    wait_for_prior_kernel(PDL)
     t = tl.arange(0, T2)
     e = tl.arange(0, E2)
     ok_t = t < T
@@ -93,6 +98,6 @@ def route_and_sort(router_logits: torch.Tensor, top_k: int, renormalize: bool, b
         slots // block_m, TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_M=block_m,
         T2=max(2, triton.next_power_of_2(t)), E2=triton.next_power_of_2(num_experts),
         P2=max(2, triton.next_power_of_2(t * top_k)), S2=triton.next_power_of_2(slots),
-        NB2=max(2, triton.next_power_of_2(slots // block_m)), num_warps=num_warps,
+        NB2=max(2, triton.next_power_of_2(slots // block_m)), num_warps=num_warps, **pdl.triton_args(dev, t),
     )
     return weights, pairs, block_expert

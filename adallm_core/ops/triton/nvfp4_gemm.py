@@ -21,6 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from adallm_core.ops import pdl
+from adallm_core.ops.triton.grid_dependency import wait_for_prior_kernel
+
 # Per-row scale prefactor: bf16(bits) = v * 2^-126, times scale * 2^118 -> v * scale * 2^-8.
 _SCALE_PRE = tl.constexpr(2.0**118)
 _F16_PRE = tl.constexpr(2.0**6)  # fp16 path: v * 2^-14 times scale * 2^6 -> the same v * scale * 2^-8
@@ -175,7 +178,7 @@ def nvfp4_gemm_kernel(
     stride_xm, stride_wn, stride_sn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     MATH: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, KERNEL_ORDER: tl.constexpr,
-    TILE_MAJOR: tl.constexpr = False,
+    TILE_MAJOR: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     # grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K); each split covers a contiguous range of K
     pid = tl.program_id(0)
@@ -207,6 +210,7 @@ def nvfp4_gemm_kernel(
     if TILE_MAJOR and BLOCK_KW % 16 == 0:  # whole 128-K chunks a tile: offsets stepped per tile (the K loop)
         tw0, ts0 = _tile_major_offsets(offs_n, offs_w, offs_ks, K)
         w_tm, s_tm = w_ptr + tw0, s_ptr + ts0
+    wait_for_prior_kernel(PDL)  # nothing before it reads or writes what a kernel writes (ops/pdl.py)
     # SWAP_AB computes out.T = W @ x.T: the dequantized weight tile is then the A operand, which the MMA takes
     # straight from registers; as the B operand (x @ W.T) it must first go through shared memory.
     if SWAP_AB:
@@ -355,6 +359,7 @@ def nvfp4_linear(x: torch.Tensor, w, config: dict | None = None) -> torch.Tensor
     cfg["EVEN_K"] = k % cfg["BLOCK_K"] == 0
     cfg["KERNEL_ORDER"] = w.kernel_order
     cfg["TILE_MAJOR"] = w.tile_major
+    cfg.update(pdl.triton_args(x.device, m))
     if w.kernel_order and cfg["MATH"] != 3:
         raise ValueError(f"nvfp4_linear: MATH {cfg['MATH']} reads checkpoint-ordered bytes; this weight is in the "
                          "kernels' word order (MATH 3 only)")

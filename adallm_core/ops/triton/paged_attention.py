@@ -14,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from adallm_core.ops import pdl
 from adallm_core.ops.metadata import AttentionMetadata
+from adallm_core.ops.triton.grid_dependency import wait_for_prior_kernel
 from adallm_core.ops.triton.nvfp4_gemm import INTERPRET, _num_sms
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -29,8 +31,9 @@ def paged_attention_kernel(
     num_tokens, q_blocks,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr,
-    F32_DOT: tl.constexpr, V_FP16: tl.constexpr,
+    F32_DOT: tl.constexpr, V_FP16: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    wait_for_prior_kernel(PDL)  # before the early return: see ops/pdl.py
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -113,7 +116,8 @@ def paged_attention_kernel(
 
 @triton.jit
 def combine_splits_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_tokens, hq, stride_ot, stride_oh,
-                          NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+                          NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_prior_kernel(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.arange(0, NUM_SPLITS)
@@ -188,9 +192,9 @@ def attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, slidin
         G=g, HEAD_DIM=dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, NUM_SPLITS=splits,
         USE_WINDOW=sliding_window is not None, F32_DOT=INTERPRET,
         V_FP16=v_cache.dtype == torch.float8_e4m3fn,
-        **tiles,
+        **tiles, **pdl.triton_args(q.device, t),
     )
     if splits > 1:
         combine_splits_kernel[(t, hq)](part_o, part_lse, out, t, hq, out.stride(0), out.stride(1),
-                                       NUM_SPLITS=splits, HEAD_DIM=dim)
+                                       NUM_SPLITS=splits, HEAD_DIM=dim, **pdl.triton_args(q.device, t))
     return out

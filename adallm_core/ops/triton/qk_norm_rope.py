@@ -10,6 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+from adallm_core.ops import pdl
+from adallm_core.ops.triton.grid_dependency import wait_for_prior_kernel
+
 _FP8_MAX = tl.constexpr(448.0)
 
 
@@ -36,7 +39,9 @@ def qk_norm_rope_cache_kernel(
     qkv_ptr, qw_ptr, kw_ptr, pos_ptr, cs_ptr, q_out_ptr, kc_ptr, vc_ptr, slot_ptr,
     hq, hk, eps, offset, inv_k, inv_v, stride_t, stride_cs, stride_qo, stride_slot,
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, FP8: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_prior_kernel(PDL)
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
     j = tl.arange(0, HALF)[None, :]
@@ -95,5 +100,5 @@ def qk_norm_rope_cache(qkv, q_weight, k_weight, eps: float, weight_offset: float
             hq, hk, float(eps), float(weight_offset), 1.0 / k_scale, 1.0 / v_scale, qkv.stride(0),
             cos_sin.stride(0), q.stride(0), slot_mapping.stride(0),
             HALF=d // 2, BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk),
-            FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=4)
+            FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=4, **pdl.triton_args(qkv.device, t))
     return q

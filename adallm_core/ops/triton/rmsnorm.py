@@ -5,10 +5,14 @@ import torch
 import triton
 import triton.language as tl
 
+from adallm_core.ops import pdl
+from adallm_core.ops.triton.grid_dependency import wait_for_prior_kernel
+
 
 @triton.jit
 def rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, sum_ptr, H, eps, offset, stride_x, stride_r, stride_o, stride_s,
-                    BLOCK: tl.constexpr, ADD: tl.constexpr):
+                    BLOCK: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_prior_kernel(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < H
@@ -34,7 +38,7 @@ def _launch(x, residual, weight, eps, weight_offset):
         r = residual if residual is not None else x
         rms_norm_kernel[(t,)](x, r, weight, out, summed, h, float(eps), float(weight_offset), x.stride(0),
                               r.stride(0), out.stride(0), summed.stride(0), BLOCK=block, ADD=residual is not None,
-                              num_warps=min(16, max(1, block // 512)))
+                              num_warps=min(16, max(1, block // 512)), **pdl.triton_args(x.device, t))
     return out, summed
 
 

@@ -1,0 +1,63 @@
+"""Programmatic dependent launch (PDL) for the decode kernels on Hopper and later GPUs.
+
+A kernel launched with PDL may start while the kernel before it in the stream is still running: its blocks are
+scheduled as the earlier kernel's blocks finish, set up, and wait in `griddepcontrol.wait` until that kernel has
+completed and its writes are visible. That hides the launch and ramp-up every decode kernel otherwise pays
+(benchmarks/NOTES.md: a fixed ~4.5 us a linear beyond its bytes), and the CUDA decode linear streams its first
+weight chunks (constants, never written by a kernel) before it waits.
+
+The rule every PDL kernel here keeps: every program executes the wait before it reads anything an earlier kernel
+may write and before it writes anything. (The CUDA linear's early weight reads rely on weights being written once,
+at load, long before any decode kernel runs.) Then each kernel completes only after its predecessor has, so completion
+stays in stream order and a kernel launched without PDL (cuBLAS, torch) sees everything before it as usual.
+
+Only steps of at most MAX_TOKENS tokens launch so. Measured on the H200 (benchmarks/NOTES.md, decode ms a step,
+without -> with PDL on every kernel): Qwen3-8B batch 1 2.72 -> 2.51, batch 8 3.23 -> 3.11, batch 16 3.49 -> 3.36,
+batch 32 4.65 -> 4.95, batch 64 5.89 -> 5.81; Gemma3-27B batch 1 7.94 -> 7.38, batch 16 11.00 -> 11.26; Qwen3-30B-A3B
+batch 1 3.11 -> 2.76. Up to 8 tokens (the CUDA decode linear's steps) it wins on every shape; above, it loses on some.
+
+Ada (sm_89), the product's target, has no PDL: there the same kernels compile without the wait and launch as
+before. ADALLM_DISABLE_PDL=1 turns it off everywhere (A/B runs, debugging).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+MIN_CAPABILITY = (9, 0)
+MAX_TOKENS = 8
+
+
+@functools.cache
+def _device_supports(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= MIN_CAPABILITY and _triton_supports()
+
+
+@functools.cache
+def _triton_supports() -> bool:
+    """Triton's grid-dependency ops and `launch_pdl` (Triton 3.4 and later)."""
+    try:
+        from triton.language.extra import cuda
+    except ImportError:
+        return False
+    return hasattr(cuda, "gdc_wait") and hasattr(cuda, "gdc_launch_dependents")
+
+
+def enabled(device: torch.device, tokens: int = 1) -> bool:
+    """Whether a kernel over `tokens` tokens on `device` launches with PDL: at most MAX_TOKENS of them, a CUDA
+    device of compute capability >= 9.0, a Triton that has the grid-dependency ops, the Triton interpreter off, and
+    ADALLM_DISABLE_PDL not set to 1."""
+    if tokens > MAX_TOKENS or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if os.environ.get("ADALLM_DISABLE_PDL") == "1":
+        return False
+    return _device_supports(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def triton_args(device: torch.device, tokens: int) -> dict:
+    """Keyword arguments for a Triton launch, over `tokens` tokens, of a kernel with a `PDL: tl.constexpr`."""
+    if enabled(device, tokens):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}

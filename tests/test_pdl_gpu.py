@@ -1,0 +1,84 @@
+"""Programmatic dependent launch (ops/pdl.py) on Hopper and later GPUs.
+
+Chains of dependent decode kernels (each reads the output of the one before), captured in a CUDA graph as the
+engine's decode steps are, must give the same bits as the same chain launched plainly without PDL. A kernel that
+read its input or wrote its output before `griddepcontrol.wait` would see the previous replay's values instead.
+"""
+from __future__ import annotations
+
+import kernel_cases as kc
+import pytest
+import torch
+
+from adallm_core.ops import pdl
+
+DEV = "cuda"
+HIDDEN, LAYERS = 2048, 6
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= pdl.MIN_CAPABILITY
+
+
+def _layers(tile_major: bool):
+    def weight(n):
+        w = kc.random_nvfp4(n, HIDDEN, DEV, scale_exp=(-6.0, -4.0)).in_kernel_order()
+        return w.in_tile_major() if tile_major else w
+
+    return [(torch.rand(HIDDEN, device=DEV, dtype=torch.bfloat16) + 0.5, weight(2 * HIDDEN), weight(HIDDEN))
+            for _ in range(LAYERS)]
+
+
+def _decoder(x, layers):
+    """What a decode step's MLP halves do: residual add + RMSNorm, gate_up, SiLU gating, down."""
+    from adallm_core.ops.triton import add_rms_norm, nvfp4_linear, silu_and_mul
+
+    h, residual = x, torch.zeros_like(x)
+    for norm, gate_up, down in layers:
+        normed, residual = add_rms_norm(h, residual, norm, 1e-6)
+        h = nvfp4_linear(silu_and_mul(nvfp4_linear(normed, gate_up)), down)
+    return h + residual
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="programmatic dependent launch needs compute capability >= 9.0")
+@pytest.mark.parametrize("m,tile_major", [(1, True), (8, True), (5, False), (12, True)],
+                         ids=["cuda_1", "cuda_8", "triton_5", "plain_12"])  # the linear's kernel; 12 > MAX_TOKENS
+def test_dependent_launches_in_a_graph_give_the_plain_launches_bits(m, tile_major, monkeypatch):
+    from adallm_core.ops import cuda_gemv
+
+    layers = _layers(tile_major)
+    x = torch.empty(m, HIDDEN, device=DEV, dtype=torch.bfloat16)
+    assert pdl.enabled(x.device, m) == (m <= pdl.MAX_TOKENS)
+    assert cuda_gemv.takes(x, layers[0][1]) == (tile_major and m <= cuda_gemv.DECODE_TOKENS)
+    x.normal_()
+    _decoder(x, layers)  # compile and set up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _decoder(x, layers)
+    for _ in range(3):
+        x.normal_()
+        out.fill_(float("nan"))
+        graph.replay()
+        with monkeypatch.context() as env:
+            env.setenv("ADALLM_DISABLE_PDL", "1")
+            assert not pdl.enabled(x.device, m)
+            ref = _decoder(x, layers)
+        torch.cuda.synchronize()
+        assert torch.isfinite(ref).all()
+        assert torch.equal(out, ref)
+
+
+def test_pdl_is_off_where_it_cannot_run(monkeypatch):
+    """The interpreter, the CPU, steps over MAX_TOKENS and ADALLM_DISABLE_PDL=1 launch plainly; Hopper turns it on
+    by default."""
+    assert not pdl.enabled(torch.device("cpu"))
+    assert pdl.triton_args(torch.device("cpu"), 1) == {"PDL": False}
+    if _hopper():
+        assert pdl.triton_args(torch.device(DEV), pdl.MAX_TOKENS) == {"PDL": True, "launch_pdl": True}
+        assert pdl.triton_args(torch.device(DEV), pdl.MAX_TOKENS + 1) == {"PDL": False}
+        monkeypatch.setenv("ADALLM_DISABLE_PDL", "1")
+        assert not pdl.enabled(torch.device(DEV))
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.delenv("ADALLM_DISABLE_PDL")
+        assert not pdl.enabled(torch.device(DEV))
