@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from adallm_core.ops.triton.activation import silu_and_mul
 from adallm_core.ops import pdl
+from adallm_core.ops.triton.activation import silu_and_mul
 from adallm_core.ops.triton.grid_dependency import wait_for_prior_kernel
 from adallm_core.ops.triton.moe_routing import MAX_PAIRS, padded_pairs, route_and_sort
 from adallm_core.ops.triton.nvfp4_gemm import DEFAULT_MATH, _EPI, _dequant_tile, _dequant_words
