@@ -36,6 +36,8 @@ def main() -> None:
                                                                tile_major=True),
         "linear_tile_major_swap_ab": kc.case_nvfp4_linear(dev, 2, 32, 128, dict(small, SPLIT_K=1, SWAP_AB=True),
                                                      torch.float32, tile_major=True),
+        # the interpreter reads the scales as bytes, as GPUs before Ada do (nvfp4_gemm.block_scales)
+        "linear_every_e4m3_scale": kc.case_every_e4m3_scale(dev, dict(small, BLOCK_K=32, SPLIT_K=1), torch.float32),
         "rms_norm": kc.case_rms_norm(dev, 3, 24, dtype=torch.float32),
         "add_rms_norm_gemma": kc.case_rms_norm(dev, 3, 24, offset=1.0, add=True, dtype=torch.float32),
         "rope": kc.case_rope(dev, 5, 4, 2, 16, dtype=torch.float32),

@@ -47,6 +47,21 @@ def case_nvfp4_linear(dev, m, n, k, config=None, dtype=torch.bfloat16, kernel_or
     return rel_err(nvfp4_linear(x, _order(w, kernel_order, tile_major), config), reference.nvfp4_linear(x, w))
 
 
+def case_every_e4m3_scale(dev, config=None, dtype=torch.bfloat16, tile_major=False, k=32) -> float:
+    """One row per finite E4M3 block scale (both signs, zero, the subnormals), every weight 1.0: row r of the output is
+    k * scale_r, so a wrong decoding of any scale byte shows. Returns the largest error of a row relative to it."""
+    from adallm_core.ops.triton.nvfp4_gemm import nvfp4_linear
+
+    finite = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)  # 254 values
+    scales = torch.cat([finite, torch.zeros(2, dtype=torch.uint8)]).view(256, 1).expand(256, k // 16).contiguous()
+    w = NVFP4Weight(torch.full((256, k // 2), 0x22, dtype=torch.uint8), scales.view(torch.float8_e4m3fn),
+                    torch.ones(256)).to(dev)
+    x = torch.ones(1, k, device=dev, dtype=dtype)
+    out, ref = nvfp4_linear(x, _order(w, True, tile_major), config).float(), reference.nvfp4_linear(x, w).float()
+    assert ref.abs().max() > 0 and torch.isfinite(ref).all()
+    return ((out - ref).abs() / ref.abs().clamp(min=1e-30)).max().item()
+
+
 def case_rms_norm(dev, t, h, offset=0.0, add=False, dtype=torch.bfloat16) -> float:
     from adallm_core.ops.triton import add_rms_norm, rms_norm
 

@@ -61,6 +61,30 @@ def test_nvfp4_linear_prefill_path(m, parts, k):
     assert kc.rel_err(out, reference.nvfp4_linear(x, w)) <= EXACT
 
 
+@pytest.mark.parametrize("fp8", [True, False], ids=["e4m3_scales", "byte_scales"])
+@pytest.mark.parametrize("tile_major", [False, True])
+def test_every_e4m3_scale(fp8, tile_major, monkeypatch):
+    """Every finite E4M3 block scale decodes exactly: in hardware (Ada and later), and from its bytes, the path of GPUs
+    before Ada (nvfp4_gemm.block_scales), forced here."""
+    from adallm_core.ops.triton import nvfp4_gemm
+
+    if not fp8:
+        monkeypatch.setattr(nvfp4_gemm, "fp8_scales", lambda device: False)
+    assert kc.case_every_e4m3_scale(DEV, tile_major=tile_major, k=128) <= 1e-6
+
+
+def test_byte_scales_in_every_kernel(monkeypatch):
+    """The kernels that read block scales (linear, prefill dequantization, MoE), with the scales as bytes as GPUs before
+    Ada read them: exact against the reference on random weights."""
+    from adallm_core.ops.triton import nvfp4_gemm
+
+    monkeypatch.setattr(nvfp4_gemm, "fp8_scales", lambda device: False)
+    assert kc.case_nvfp4_linear(DEV, 3, 256, 384, kernel_order=True, tile_major=True) <= EXACT
+    assert kc.case_nvfp4_linear(DEV, 37, 208, 256, kernel_order=True) <= EXACT
+    assert kc.case_nvfp4_prefill(DEV, 300, [128, 64], 256, kernel_order=True, tile_major=True) <= EXACT
+    assert kc.case_moe(DEV, 7, 256, 128, 16, 4, kernel_order=True) <= EXACT
+
+
 @pytest.mark.parametrize("m", [1, 2, 5, 8])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (208, 384), (16, 12288), (48, 128)])
 def test_cuda_decode_kernel(m, n, k):

@@ -20,7 +20,7 @@ from adallm_core.ops import pdl
 from adallm_core.ops.triton.activation import silu_and_mul
 from adallm_core.ops.triton.grid_dependency import wait_for_prior_kernel
 from adallm_core.ops.triton.moe_routing import MAX_PAIRS, padded_pairs, route_and_sort
-from adallm_core.ops.triton.nvfp4_gemm import DEFAULT_MATH, _EPI, _dequant_tile, _dequant_words
+from adallm_core.ops.triton.nvfp4_gemm import DEFAULT_MATH, _EPI, _dequant_tile, _dequant_words, block_scales
 
 
 @triton.jit
@@ -116,7 +116,7 @@ def _grouped(x, w, pairs, block_expert, route_w, top_k, out, gather, weighted, b
     packed = w.packed.view(torch.int32) if math == 3 else w.packed  # 8 codes a word (K % 32 == 0)
     tokens = x.shape[0] if gather else x.shape[0] // top_k  # the step's, for ops/pdl.py
     moe_gemm_kernel[grid](
-        x, packed, w.block_scale, w.global_scale, out, pairs, block_expert, route_w,
+        x, packed, block_scales(w, x.device), w.global_scale, out, pairs, block_expert, route_w,
         n, k, top_k, x.stride(0), packed.stride(0), packed.stride(1), w.block_scale.stride(0),
         w.block_scale.stride(1), w.global_scale.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_K=block_k, GATHER=gather, WEIGHTED=weighted, MATH=math,

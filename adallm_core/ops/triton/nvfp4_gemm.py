@@ -15,6 +15,7 @@ So the kernel never interleaves weights: it splits x into even and odd columns a
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -48,6 +49,21 @@ def _e2m1_f16(code):
 
 
 @triton.jit
+def _load_scales(s_ptrs, mask):
+    """E4M3 block scales -> fp32. Through an FP8 pointer the hardware converts (sm_89 and later); a uint8 view of the
+    same bytes (GPUs before Ada have no E4M3 type in Triton; the interpreter) decodes by bits: 2^(E-7) (1 + m/8),
+    E = 0 the subnormals m 2^-9 (block_scales() picks)."""
+    raw = tl.load(s_ptrs, mask=mask, other=0.0)
+    if s_ptrs.dtype.element_ty == tl.uint8:
+        b = raw.to(tl.int32)
+        normal = (((b & 0x7F) << 20) + (120 << 23)).to(tl.float32, bitcast=True)  # exponent E + 120, m on top
+        v = tl.where((b & 0x78) == 0, (b & 7).to(tl.float32) * 0.001953125, normal)
+        return tl.where((b & 0x80) != 0, -v, v)
+    else:
+        return raw.to(tl.float32)
+
+
+@triton.jit
 def _dequant_tile(w_ptrs, s_ptrs, mask_w, mask_s, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
                   MATH: tl.constexpr):
     """Load packed [BLOCK_N, BLOCK_KH] bytes + their scales -> (even, odd) tiles of v * scale * 2^-8, exact.
@@ -57,7 +73,7 @@ def _dequant_tile(w_ptrs, s_ptrs, mask_w, mask_s, BLOCK_N: tl.constexpr, BLOCK_K
     more conversions). 2: as 1 but stays fp32 (the Triton CPU interpreter has no BF16 arithmetic or BF16 dot).
     """
     b = tl.load(w_ptrs, mask=mask_w, other=0).to(tl.int16)
-    s = tl.load(s_ptrs, mask=mask_s, other=0.0).to(tl.float32)
+    s = _load_scales(s_ptrs, mask_s)
     s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_KH // 8, 8)), (BLOCK_N, BLOCK_KH))
     if MATH == 0:
         s = (s * _SCALE_PRE).to(tl.bfloat16)  # exact: a power-of-two multiple of an E4M3 value
@@ -136,7 +152,7 @@ def _dequant_words(w_ptrs, s_ptrs, mask_w, mask_s, BLOCK_N: tl.constexpr, BLOCK_
     """Packed int32 words [BLOCK_N, BLOCK_KW] + scales -> [BLOCK_N, 8 * BLOCK_KW] in natural K order: BF16 on the
     GPU; fp32 under the interpreter, from the same bit logic. KERNEL_ORDER: words in nvfp4.to_kernel_order."""
     words = tl.load(w_ptrs, mask=mask_w, other=0)
-    s = tl.load(s_ptrs, mask=mask_s, other=0.0).to(tl.float32) * _SCALE_PRE
+    s = _load_scales(s_ptrs, mask_s) * _SCALE_PRE
     s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_KW // 2, 2)), (BLOCK_N, BLOCK_KW))
     if _PORTABLE:
         p0, p1, p2, p3 = _bf16_pairs(words, KERNEL_ORDER)
@@ -299,6 +315,25 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
+FP8_CAPABILITY = (8, 9)  # Ada: Triton's E4M3 type and conversions
+
+
+@functools.cache
+def _has_fp8(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= FP8_CAPABILITY
+
+
+def fp8_scales(device) -> bool:
+    """Whether the kernels read block scales as E4M3 on `device` (converted in hardware), or as their bytes."""
+    return device.type == "cuda" and not INTERPRET and _has_fp8(device.index if device.index is not None else
+                                                                 torch.cuda.current_device())
+
+
+def block_scales(w, device) -> torch.Tensor:
+    """The scale tensor a kernel gets: E4M3 where the GPU converts it, else the same bytes as uint8 (_load_scales)."""
+    return w.block_scale if fp8_scales(device) else w.block_scale.view(torch.uint8)
+
+
 def pick_config(m: int, n: int, k: int, device) -> dict:
     """Tile choice by shape (from the H100 sweeps in benchmarks/NOTES.md): small M is a memory-bound stream over W,
     split along K until the programs fill the SMs; large M is a tensor-core GEMM with wide M tiles."""
@@ -370,7 +405,7 @@ def nvfp4_linear(x: torch.Tensor, w, config: dict | None = None) -> torch.Tensor
     if cfg["MATH"] == 3:  # 8 codes per int32 word (K is a multiple of 16, so rows stay word-aligned)
         packed, stride_wn = packed.view(torch.int32), stride_wn // 4
     nvfp4_gemm_kernel[grid](
-        x, packed, w.block_scale, w.global_scale, out, part, lock,
+        x, packed, block_scales(w, x.device), w.global_scale, out, part, lock,
         m, n, k, x.stride(0), stride_wn, w.block_scale.stride(0), out.stride(0),
         **cfg,
     )

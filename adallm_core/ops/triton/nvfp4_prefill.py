@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from adallm_core.ops import cuda_gemv
-from adallm_core.ops.triton.nvfp4_gemm import _dequant_words, _tile_major_offsets, check_args
+from adallm_core.ops.triton.nvfp4_gemm import _dequant_words, _tile_major_offsets, block_scales, check_args
 from adallm_core.ops.triton.nvfp4_gemm import nvfp4_linear as tiled_linear
 
 SLAB_ELEMS = 1 << 25  # weights per dequantized slab (64 MB of BF16)
@@ -91,7 +91,7 @@ def dequantize_rows(w, start: int, stop: int, out: torch.Tensor) -> torch.Tensor
     packed = w.packed[start:stop].view(torch.int32)  # 8 codes a word (K is a multiple of 16)
     block_k = min(256, k & -k)  # a power of two dividing K
     grid = (triton.cdiv(n, 32), triton.cdiv(k, block_k))
-    dequant_rows_kernel[grid](packed, w.block_scale[start:stop], out, n, k, packed.stride(0),
+    dequant_rows_kernel[grid](packed, block_scales(w, out.device)[start:stop], out, n, k, packed.stride(0),
                               w.block_scale.stride(0), out.stride(0), BLOCK_N=32, BLOCK_K=block_k,
                               KERNEL_ORDER=w.kernel_order, TILE_MAJOR=w.tile_major, num_warps=4)
     return out
