@@ -73,6 +73,8 @@ class ModelRunner:
         self.kv_cache_dtype = torch.float8_e4m3fn if engine_args.kv_cache_dtype == "fp8" else (
             torch.float32 if self.dtype == torch.float32 else torch.bfloat16
         )
+        if self.kv_cache_dtype == torch.float8_e4m3fn and self.kernel_backend == "triton":
+            _check_fp8_kv(self.device)
         model_cls = get_model_class(cfg.architecture)
         with torch.inference_mode():
             self.model = model_cls(cfg, checkpoint, self.ops, self.device, self.dtype, self.max_model_len,
@@ -214,3 +216,14 @@ def _resolve_max_model_len(requested, cfg: ModelConfig) -> int:
             f"max_model_len {requested} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}"
         )
     return requested
+
+
+def _check_fp8_kv(device: torch.device) -> None:
+    """The Triton kernels read and write an FP8 cache with Ada's E4M3 conversions: refuse it on an older GPU, by name."""
+    from adallm_core.ops.triton.nvfp4_gemm import FP8_CAPABILITY
+
+    cap = torch.cuda.get_device_capability(device)
+    if cap < FP8_CAPABILITY:
+        raise ValueError(f"kv_cache_dtype 'fp8' needs compute capability >= 8.9 (Ada, Hopper); "
+                         f"{torch.cuda.get_device_name(device)} is {cap[0]}.{cap[1]}: use kv_cache_dtype 'bf16' "
+                         f"(--kv-cache-dtype bf16)")

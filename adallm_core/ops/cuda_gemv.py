@@ -33,6 +33,7 @@ _PACKAGE = Path(__file__).resolve().parents[1]
 _IN_WHEEL = _PACKAGE / "csrc" / "nvfp4_gemv.cu"
 SOURCE = _IN_WHEEL if _IN_WHEEL.exists() else _PACKAGE.parent / "csrc" / "nvfp4_gemv.cu"
 ARCHS = "8.9;9.0+PTX"  # Ada (the product), Hopper (the test machine), PTX for GPUs after them
+MIN_CAPABILITY = (8, 9)  # before Ada (Ampere) the Triton kernel runs every M
 EXTENSION = "adallm_nvfp4_gemv_v4"
 STALE_LOCK_S = 900  # a build takes about a minute on 16 cores, a few on 2
 VARIANTS = 4  # 0 = the default; csrc names the rest
@@ -74,6 +75,8 @@ def load():
         return _module
     if os.environ.get("ADALLM_DISABLE_CUDA_GEMV") == "1":
         _error = "ADALLM_DISABLE_CUDA_GEMV=1"
+    elif torch.cuda.get_device_capability() < MIN_CAPABILITY:
+        _error = f"built for sm_89 and sm_90, this GPU is sm_{''.join(map(str, torch.cuda.get_device_capability()))}"
     else:
         try:
             module = _build()

@@ -34,7 +34,7 @@ from adallm_core.ops.triton.qk_norm_rope import qk_norm_rope_cache
 from adallm_core.ops.triton.rmsnorm import add_rms_norm, rms_norm
 from adallm_core.ops.triton.rotary import rope
 
-MIN_CAPABILITY = (8, 9)  # Ada: FP8 (E4M3) conversions and tensor cores
+MIN_CAPABILITY = (8, 0)  # Ampere: BF16 tensor cores. FP8 (the KV cache, hardware scale conversion) needs Ada, 8.9
 
 
 def check_device(device) -> None:
@@ -44,7 +44,7 @@ def check_device(device) -> None:
     cap = torch.cuda.get_device_capability(device)
     if cap < MIN_CAPABILITY:
         raise ValueError(
-            f"kernel_backend 'triton' needs compute capability >= 8.9 (Ada, Hopper) for FP8, "
+            f"kernel_backend 'triton' needs compute capability >= 8.0 (Ampere, Ada, Hopper) for BF16 tensor cores, "
             f"got {cap[0]}.{cap[1]} on {torch.cuda.get_device_name(device)}; use kernel_backend='reference'"
         )
     cuda_gemv.load()  # built (or found missing, and logged) at start-up, never inside a CUDA-graph capture

@@ -1,0 +1,126 @@
+"""CI (no GPU): the Triton kernels compile ahead of time for GPUs this machine does not have.
+
+Ampere (sm_80, sm_86) runs the exact BF16-compute path with a BF16 KV cache: Triton has no E4M3 type there, so the
+kernels read the block scales as bytes (nvfp4_gemm.block_scales) and the scale pointer is uint8. triton.compile
+with a GPU target runs Triton's whole pipeline and ptxas without a device; a kernel that still needed FP8 on these
+GPUs would fail here, as the last test shows for an FP8 scale pointer.
+"""
+from __future__ import annotations
+
+import pytest
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+FLOATS = {"sm_scale", "k_scale", "v_scale"}
+
+
+def compile_for(fn, capability: int, pointers: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 2):
+    """fn's arguments: `pointers` by name ('*bf16', ...), `constexprs` by value, FLOATS fp32, everything else i32."""
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = pointers.get(name, "fp32" if name in FLOATS else "i32")
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def linear_case(scale_type: str, **tiles):
+    from adallm_core.ops.triton.nvfp4_gemm import nvfp4_gemm_kernel
+
+    pointers = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr=scale_type, g_ptr="*fp32", out_ptr="*bf16", part_ptr="*fp32",
+                    lock_ptr="*i32")
+    constexprs = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=512, SPLIT_K=2, MATH=3, EVEN_K=True, SWAP_AB=False,
+                      KERNEL_ORDER=True, TILE_MAJOR=True, PDL=False)
+    constexprs.update(tiles)
+    return nvfp4_gemm_kernel, pointers, constexprs
+
+
+def moe_case():
+    from adallm_core.ops.triton.moe_nvfp4 import moe_gemm_kernel
+
+    pointers = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", g_ptr="*fp32", out_ptr="*bf16", pairs_ptr="*i32",
+                    block_expert_ptr="*i32", route_w_ptr="*fp32")
+    constexprs = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GATHER=True, WEIGHTED=False, MATH=3, KERNEL_ORDER=True,
+                      PDL=False)
+    return moe_gemm_kernel, pointers, constexprs
+
+
+def dequant_rows_case():
+    from adallm_core.ops.triton.nvfp4_prefill import dequant_rows_kernel
+
+    return (dequant_rows_kernel, dict(w_ptr="*i32", s_ptr="*u8", out_ptr="*bf16"),
+            dict(BLOCK_N=32, BLOCK_K=256, KERNEL_ORDER=True, TILE_MAJOR=True))
+
+
+def attention_case():
+    from adallm_core.ops.triton.paged_attention import paged_attention_kernel
+
+    pointers = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", part_o_ptr="*fp32",
+                    part_lse_ptr="*fp32", qsl_ptr="*i32", seq_lens_ptr="*i32", bt_ptr="*i32")
+    constexprs = dict(G=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=16, BLOCK_N=64, NUM_SPLITS=4, USE_WINDOW=True,
+                      F32_DOT=False, V_FP16=False, PDL=False)
+    return paged_attention_kernel, pointers, constexprs
+
+
+CASES = {
+    "linear_decode": lambda: linear_case("*u8"),  # 1-16 tokens, split-K
+    "linear_tiles": lambda: linear_case("*u8", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, SWAP_AB=True),
+    "linear_checkpoint_order": lambda: linear_case("*u8", MATH=0, KERNEL_ORDER=False, TILE_MAJOR=False, BLOCK_K=256),
+    "moe": moe_case,
+    "prefill_dequant": dequant_rows_case,
+    "attention_bf16_cache": attention_case,
+}
+
+
+@pytest.mark.parametrize("capability", [80, 86])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kernel_compiles_for_ampere(case, capability):
+    fn, pointers, constexprs = CASES[case]()
+    kernel = compile_for(fn, capability, pointers, constexprs)
+    assert kernel.asm["cubin"], case
+
+
+def test_fp8_scales_need_ada():
+    """What the byte view avoids: an E4M3 scale pointer does not compile for sm_86, and does for sm_89."""
+    fn, pointers, constexprs = linear_case("*fp8e4nv")
+    with pytest.raises(Exception, match="fp8e4nv"):
+        compile_for(fn, 86, pointers, constexprs)
+    assert compile_for(fn, 89, pointers, constexprs).asm["cubin"]
+
+
+def test_what_a_gpu_before_ada_gets(monkeypatch):
+    """On an sm_86 card (faked: no such GPU here) the Triton backend starts, the kernels get the scales as bytes, the
+    CUDA decode kernel stays out with its reason, and an FP8 KV cache is refused by name; Ada gets FP8 scales."""
+    import torch
+
+    from adallm_core import runner
+    from adallm_core.nvfp4 import NVFP4Weight
+    from adallm_core.ops import cuda_gemv
+    from adallm_core.ops.triton import check_device, nvfp4_gemm
+
+    capability = [(8, 6)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3090")
+    monkeypatch.setattr(nvfp4_gemm, "_has_fp8", nvfp4_gemm._has_fp8.__wrapped__)  # no cached answers
+    monkeypatch.setattr(cuda_gemv, "_module", None)
+    monkeypatch.setattr(cuda_gemv, "_error", None)
+    gpu = torch.device("cuda", 0)
+    check_device(gpu)  # the kernels' own minimum is Ampere
+    assert cuda_gemv.load() is None and "built for sm_89 and sm_90, this GPU is sm_86" in cuda_gemv._error
+    w = NVFP4Weight(torch.zeros(16, 64, dtype=torch.uint8), torch.zeros(16, 8).to(torch.float8_e4m3fn), torch.ones(16))
+    assert nvfp4_gemm.block_scales(w, gpu).dtype == torch.uint8
+    with pytest.raises(ValueError, match=r"kv_cache_dtype 'fp8' needs compute capability >= 8.9.*RTX 3090 is 8\.6.*"
+                                         r"--kv-cache-dtype bf16"):
+        runner._check_fp8_kv(gpu)
+    capability[0] = (8, 9)
+    runner._check_fp8_kv(gpu)
+    assert nvfp4_gemm.block_scales(w, gpu).dtype == torch.float8_e4m3fn
+    capability[0] = (7, 5)
+    with pytest.raises(ValueError, match="needs compute capability >= 8.0"):
+        check_device(gpu)
