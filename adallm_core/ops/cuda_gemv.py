@@ -75,7 +75,7 @@ def load():
         return _module
     if os.environ.get("ADALLM_DISABLE_CUDA_GEMV") == "1":
         _error = "ADALLM_DISABLE_CUDA_GEMV=1"
-    elif torch.cuda.get_device_capability() < MIN_CAPABILITY:
+    elif torch.cuda.is_available() and torch.cuda.get_device_capability() < MIN_CAPABILITY:
         _error = f"built for sm_89 and sm_90, this GPU is sm_{''.join(map(str, torch.cuda.get_device_capability()))}"
     else:
         try:
