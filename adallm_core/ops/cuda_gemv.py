@@ -75,8 +75,8 @@ def load():
         return _module
     if os.environ.get("ADALLM_DISABLE_CUDA_GEMV") == "1":
         _error = "ADALLM_DISABLE_CUDA_GEMV=1"
-    elif torch.cuda.is_available() and torch.cuda.get_device_capability() < MIN_CAPABILITY:
-        _error = f"built for sm_89 and sm_90, this GPU is sm_{''.join(map(str, torch.cuda.get_device_capability()))}"
+    elif torch.cuda.is_available() and (cap := torch.cuda.get_device_capability()) < MIN_CAPABILITY:
+        _error = f"built for sm_89 and sm_90, this GPU is sm_{cap[0]}{cap[1]}"
     else:
         try:
             module = _build()
