@@ -46,6 +46,11 @@ def main() -> None:
         "kv_write_bf16": kc.case_kv_write(dev, 5, 2, 16, fp8=False),  # the interpreter rounds FP8 wrongly
         "qk_norm_rope_cache_bf16": kc.case_qk_norm_rope_cache(dev, 5, 4, 2, 16, torch.float32, offset=1.0,
                                                               dtype=torch.float32),
+        # decode from the qkv row: one launch; parts of one key tile, a window, a padding row
+        "qk_norm_rope_attention": kc.case_qk_norm_rope_attention(dev, [4, 9, 0, 30, 17], 4, 2, 16, fp8=False,
+                                                                 window=12, num_splits=4, dtype=torch.float32,
+                                                                 offset=1.0, config=dict(BLOCK_N=4, num_warps=4,
+                                                                                         num_stages=2)),
         "attention_mixed": kc.case_attention(dev, [3, 1, 5], [4, 9, 0], hq=4, hk=2, d=16, fp8=False,
                                               dtype=torch.float32),
         "attention_window_split": kc.case_attention(dev, [1, 1], [17, 30], hq=4, hk=2, d=16, fp8=False, window=8,

@@ -181,6 +181,32 @@ def case_attention(dev, q_lens, ctx_lens, hq=4, hk=2, d=32, block_size=4, fp8=Tr
     return max(rel_err(attention(*args, num_splits=num_splits, config=config), ref) for _ in range(calls))
 
 
+def case_qk_norm_rope_attention(dev, ctx_lens, hq, hk, d, fp8, window=None, num_splits=None, dtype=torch.bfloat16,
+                                offset=0.0, block_size=4, config=None) -> float:
+    """A decode step from the qkv projection's output (one launch on the GPU) against the reference ops in sequence:
+    the output and both caches. Sequence 0 is a CUDA-graph padding row (slot -1: nothing stored)."""
+    from adallm_core.ops.triton import qk_norm_rope_attention
+
+    q_lens = [1] * len(ctx_lens)
+    _, k_cache, v_cache, meta = build_paged_case(dev, q_lens, ctx_lens, hq, hk, d, block_size, fp8, dtype=dtype)
+    pos = meta.seq_lens.long() - 1
+    tables = meta.block_tables.long().clamp(min=0)
+    slots = tables.gather(1, (pos // block_size)[:, None])[:, 0] * block_size + pos % block_size
+    slots[0] = -1
+    qkv = (torch.randn(len(ctx_lens), (hq + 2 * hk) * d, device=dev) * 3).to(dtype)
+    wq, wk = (torch.randn(d, device=dev).to(dtype) for _ in range(2))
+    freqs = torch.arange(int(pos.max()) + 1, device=dev, dtype=torch.float32)[:, None] * \
+        torch.rand(d // 2, device=dev)[None, :] * 0.1
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype)
+    ref_caches = k_cache.clone(), v_cache.clone()
+    args = (wq, wk, 1e-6, offset, pos, cos_sin)
+    tail = (0.05, 0.5, hq, hk, meta, d**-0.5, window)
+    out = qk_norm_rope_attention(qkv, *args, k_cache, v_cache, slots, *tail, num_splits=num_splits, config=config)
+    ref = reference.qk_norm_rope_attention(qkv, *args, *ref_caches, slots, *tail)
+    return max(rel_err(out, ref), rel_err(k_cache.float(), ref_caches[0].float()),
+               rel_err(v_cache.float(), ref_caches[1].float()))
+
+
 def case_moe(dev, t, hidden, inter, experts, top_k, dtype=torch.bfloat16, kernel_order=False) -> float:
     from adallm_core.ops.triton import moe
 

@@ -33,3 +33,4 @@ def test_decode_parts_follow_programs_and_bound(num_seqs, bound, parts):
 
 def test_prefill_is_never_split():
     assert num_splits_for(_meta(1, 7, 8192), 8, torch.device("cpu")) == 1
+

@@ -13,7 +13,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-FLOATS = {"sm_scale", "k_scale", "v_scale", "eps", "offset", "inv_k", "inv_v"}
+FLOATS = {"sm_scale", "k_scale", "v_scale", "eps", "offset", "norm_offset", "inv_k", "inv_v"}
 
 
 def compile_for(fn, capability: int, pointers: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 2):
@@ -57,13 +57,14 @@ def dequant_rows_case():
             dict(BLOCK_N=32, BLOCK_K=256, KERNEL_ORDER=True, TILE_MAJOR=True))
 
 
-def attention_case():
+def attention_case(qk_norm: bool = False):
     from adallm_core.ops.triton.paged_attention import paged_attention_kernel
 
     pointers = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", part_o_ptr="*fp32",
-                    part_lse_ptr="*fp32", qsl_ptr="*i32", seq_lens_ptr="*i32", bt_ptr="*i32")
-    constexprs = dict(G=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=16, BLOCK_N=64, NUM_SPLITS=4, USE_WINDOW=True,
-                      F32_DOT=False, V_FP16=False, PDL=False)
+                    part_lse_ptr="*fp32", qsl_ptr="*i32", seq_lens_ptr="*i32", bt_ptr="*i32", qw_ptr="*bf16",
+                    kw_ptr="*bf16", pos_ptr="*i64", cs_ptr="*fp32", slot_ptr="*i64")
+    constexprs = dict(G=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=16, BLOCK_N=64, NUM_SPLITS=4,
+                      USE_WINDOW=True, F32_DOT=False, FP8_CACHE=False, QK_NORM=qk_norm, PDL=False)
     return paged_attention_kernel, pointers, constexprs
 
 
@@ -95,6 +96,7 @@ CASES = {
     "moe": moe_case,
     "prefill_dequant": dequant_rows_case,
     "attention_bf16_cache": attention_case,
+    "qk_norm_rope_attention_bf16_cache": lambda: attention_case(qk_norm=True),
     "qk_norm_rope_bf16_cache": qk_norm_rope_case,
 }
 

@@ -253,6 +253,8 @@ ATTN_CASES = [
     ([1, 1, 1], [3000, 17, 1500], 32, 8, 16, None, 4),  # long decode, split along the sequence
     ([1, 1], [2500, 40], 32, 16, 16, 1024, 8),  # Gemma-like: sliding window with splits
     ([1] * 16, [3, 150, 0, 1000] * 4, 32, 8, 16, None, 16),  # parts sized from real lengths: 1 to 16 used
+    ([1] * 40, [3, 700, 0, 1500, 200] * 8, 32, 8, 16, None, 4),  # many programs, parts from the real lengths
+    ([1] * 40, [3, 700, 0, 1500, 200] * 8, 32, 8, 16, 600, 8),  # the same with a window
     ([7, 130, 1, 64], [0, 20, 9, 100], 32, 8, 16, None, None),  # prefill chunks mixed with a decode
     ([200, 33], [0, 60], 32, 16, 16, 48, None),  # prefill with a short sliding window
     ([5, 1], [3, 8], 4, 4, 4, None, None),  # no GQA, tiny blocks
@@ -264,6 +266,26 @@ ATTN_CASES = [
 def test_attention(q_lens, ctx_lens, hq, hk, bs, window, splits, fp8):
     err = kc.case_attention(DEV, q_lens, ctx_lens, hq=hq, hk=hk, d=128, block_size=bs, fp8=fp8, window=window,
                             num_splits=splits, calls=2)
+    assert err <= EXACT
+
+
+QK_ATTN_CASES = [
+    # ctx_lens (sequence 0 is a padding row), hq, hk, head_dim, window, splits
+    ([100, 5, 0, 77] * 4, 32, 8, 128, None, None),  # Qwen3-8B heads, the default parts
+    ([3000, 17, 1500, 0], 32, 8, 128, None, 8),  # long: the newest key in the last used part
+    ([2500, 40, 600], 32, 16, 128, 1024, 4),  # Gemma3-27B heads, sliding window with parts
+    ([3, 700, 0, 1500, 200] * 8, 32, 8, 128, None, 4),  # many programs, 1 to 4 parts used
+    ([9, 3, 31], 6, 3, 64, None, None),  # three query heads a KV head, head_dim 64
+]
+
+
+@pytest.mark.parametrize("cache", ["fp8", "bf16"])
+@pytest.mark.parametrize("ctx_lens,hq,hk,d,window,splits", QK_ATTN_CASES)
+def test_qk_norm_rope_attention(ctx_lens, hq, hk, d, window, splits, cache):
+    """A decode step's attention from the qkv row in one launch: output and both caches against the reference ops."""
+    offset = 1.0 if window else 0.0  # Gemma3 norms weigh 1 + w
+    err = kc.case_qk_norm_rope_attention(DEV, ctx_lens, hq, hk, d, cache == "fp8", window=window, num_splits=splits,
+                                         offset=offset, block_size=16)
     assert err <= EXACT
 
 

@@ -108,7 +108,7 @@ def load_embedding(ckpt, name: str, vocab_size: int, hidden_size: int, device, d
 
 # --- attention ---------------------------------------------------------------------------------------------
 class PagedAttention:
-    """Attention over the layer's paged cache (the runner binds it; qk_norm_rope_cache stores this step's k/v)."""
+    """A layer's paged cache and attention settings: the runner binds the cache, ops.qk_norm_rope_attention reads it."""
 
     def __init__(self, num_heads, num_kv_heads, head_dim, scale, sliding_window: Optional[int], kv_group: int, ops):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -122,11 +122,6 @@ class PagedAttention:
     def check_bound(self) -> None:
         if self.k_cache is None:
             raise RuntimeError("KV cache not allocated: call ModelRunner.allocate_kv_cache first")
-
-    def attend(self, q, ctx: ForwardContext) -> torch.Tensor:
-        """Attention over the cache, this step's k/v already stored."""
-        return self.ops.attention(q, self.k_cache, self.v_cache, ctx.attn[self.kv_group], self.scale,
-                                  self.sliding_window, self.k_scale, self.v_scale)
 
 
 class QKNormAttention:
@@ -149,12 +144,13 @@ class QKNormAttention:
     def __call__(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         attn, t = self.attn, x.shape[0]
         attn.check_bound()
-        # QK-norm per head, then RoPE, then k/v into the cache: one op (one kernel on the GPU)
-        q = attn.ops.qk_norm_rope_cache(
+        # QK-norm per head, RoPE, k/v into the cache, attention: one op (one kernel for a decode step on the GPU)
+        out = attn.ops.qk_norm_rope_attention(
             self.qkv_proj(x), self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.weight_offset,
             ctx.positions, self.rotary.cos_sin, attn.k_cache, attn.v_cache, ctx.slot_mapping[attn.kv_group],
-            attn.k_scale, attn.v_scale, attn.num_heads, attn.num_kv_heads)
-        return self.o_proj(attn.attend(q, ctx).reshape(t, -1))
+            attn.k_scale, attn.v_scale, attn.num_heads, attn.num_kv_heads, ctx.attn[attn.kv_group], attn.scale,
+            attn.sliding_window)
+        return self.o_proj(out.reshape(t, -1))
 
 
 # --- MLPs --------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ OP_NAMES = (
     "kv_write",
     "qk_norm_rope_cache",
     "attention",
+    "qk_norm_rope_attention",
     "moe",
     "embedding",
     "prepare_nvfp4_weight",
@@ -53,6 +54,7 @@ class Ops:
     kv_write: Callable
     qk_norm_rope_cache: Callable
     attention: Callable
+    qk_norm_rope_attention: Callable  # qk_norm_rope_cache then attention; the backend may fuse them
     moe: Callable
     embedding: Callable
     prepare_nvfp4_weight: Callable  # once at load: NVFP4Weight -> the same weight in the layout the backend reads

@@ -158,6 +158,15 @@ def attention(
     return out
 
 
+def qk_norm_rope_attention(qkv, q_weight, k_weight, eps: float, weight_offset: float, positions, cos_sin, k_cache,
+                           v_cache, slot_mapping, k_scale: float, v_scale: float, num_heads: int, num_kv_heads: int,
+                           meta: AttentionMetadata, scale: float, sliding_window: Optional[int]) -> torch.Tensor:
+    """A layer's attention from its fused qkv projection: qk_norm_rope_cache, then attention -> [T, Hq, D]."""
+    q = qk_norm_rope_cache(qkv, q_weight, k_weight, eps, weight_offset, positions, cos_sin, k_cache, v_cache,
+                           slot_mapping, k_scale, v_scale, num_heads, num_kv_heads)
+    return attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale)
+
+
 def _attend(q, block_tables, seq_lens, q_lens, token_to_seq, token_index, qmax: int, s: int,
             k_cache, v_cache, scale, sliding_window, k_scale, v_scale) -> torch.Tensor:
     """attention() for B sequences whose queries are padded to qmax and contexts to s."""

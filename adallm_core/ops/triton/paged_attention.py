@@ -5,8 +5,8 @@ that KV head's group) pair, so every KV block is read once for all the query hea
 in tiles of BLOCK_N positions through the block table with an online softmax in fp32. Decode steps may cut the key
 range into up to NUM_SPLITS parts (grid axis 2) whose partial results (normalized output + log-sum-exp) a second
 small kernel merges. The parts are sized from the real lengths at run time (decode CUDA graphs know only a bound):
-parts past a short context's end see no key and weigh nothing in the merge. FP8 caches are upcast to BF16 in
-registers; k_scale folds into the softmax scale and v_scale into the output.
+parts past a short context's end return at once, and the merge reads only the used ones. FP8 caches are upcast to
+BF16 in registers; k_scale folds into the softmax scale and v_scale into the output.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from adallm_core.ops import pdl
 from adallm_core.ops.metadata import AttentionMetadata
 from adallm_core.ops.triton.grid_dependency import wait_for_prior_kernel
 from adallm_core.ops.triton.nvfp4_gemm import INTERPRET, _num_sms
+from adallm_core.ops.triton.qk_norm_rope import check_args as check_qk_args
+from adallm_core.ops.triton.qk_norm_rope import norm_rope_rows, qk_norm_rope_cache, store_kv_rows
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -29,10 +31,15 @@ def paged_attention_kernel(
     sm_scale, k_scale, v_scale, window,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt, stride_ot, stride_oh,
     num_tokens, q_blocks,
+    qw_ptr, kw_ptr, pos_ptr, cs_ptr, slot_ptr, eps, norm_offset, inv_k, inv_v, stride_cs,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr,
-    F32_DOT: tl.constexpr, V_FP16: tl.constexpr, PDL: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    USE_WINDOW: tl.constexpr, F32_DOT: tl.constexpr, FP8_CACHE: tl.constexpr, QK_NORM: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
+    """QK_NORM (decode steps only): q_ptr is the qkv projection's output and q/k/v rows are raw; q is normed and
+    rotated here, and the program whose part ends at the newest key stores this step's k/v before reading the
+    cache (qk_norm_rope.py's helpers, the same rounding as qk_norm_rope_cache): one launch instead of two."""
     wait_for_prior_kernel(PDL)  # before the early return: see ops/pdl.py
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -51,17 +58,32 @@ def paged_attention_kernel(
     head = kvh * G + rows % G
     qpos = seq_len - q_len + tok
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q_rows = q_ptr + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh
+    if QK_NORM:
+        cs_row = cs_ptr + tl.load(pos_ptr + q_start) * stride_cs
+        q = norm_rope_rows(q_rows, row_ok[:, None], qw_ptr, eps, norm_offset, cs_row, HEAD_DIM // 2)
+        q = q.to(q_ptr.dtype.element_ty)
+    else:
+        q = tl.load(q_rows + d[None, :], mask=row_ok[:, None], other=0.0)
 
     # keys this tile of rows can see: [lo, hi)
     hi = tl.minimum(seq_len, seq_len - q_len + (qb * BLOCK_M + BLOCK_M - 1) // G + 1)
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(0, seq_len - q_len + (qb * BLOCK_M) // G - window + 1)
-    span = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    span, parts = _parts(hi - lo, NUM_SPLITS, BLOCK_N)
+    if split >= parts:
+        return
     k_lo = lo + split * span
     k_hi = tl.minimum(hi, k_lo + span)
+    if QK_NORM:
+        new_slot = tl.load(slot_ptr + q_start)
+        if (split == parts - 1) & (new_slot >= 0):  # -1: a padding row of a CUDA graph
+            hk = tl.num_programs(1)
+            kv_head = kvh + tl.zeros((1, 1), tl.int32)
+            store_kv_rows(q_ptr + q_start * stride_qt, kv_head, kv_head < hk, hk * G, hk, kw_ptr, eps, norm_offset,
+                          cs_row, new_slot, k_ptr, v_ptr, stride_ks, inv_k, inv_v, HEAD_DIM // 2, FP8_CACHE)
+            tl.debug_barrier()  # the block's stores are visible to its loads below
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -82,7 +104,7 @@ def paged_attention_kernel(
         if F32_DOT:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        elif V_FP16:  # E4M3 values are exact in FP16, whose 11-bit mantissa keeps the probabilities sharper
+        elif FP8_CACHE:  # E4M3 values are exact in FP16, whose 11-bit mantissa keeps the probabilities sharper
             k = k.to(tl.bfloat16)
             v = v.to(tl.float16)
         else:  # BF16 cache: probabilities in TF32 (11 bits, like FP16) against exact BF16 values
@@ -103,9 +125,11 @@ def paged_attention_kernel(
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None] * v_scale
     t = q_start + tok
+    out_dst = out_ptr + t[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    # stores chosen by NUM_SPLITS alone: a store that also depended on the run-time part count (a sequence's one part
+    # writing `out` itself) made the whole loop 45% slower at batch 16 over 8k keys (benchmarks/NOTES.md)
     if NUM_SPLITS == 1:
-        tl.store(out_ptr + t[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(out_dst, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
         hq = tl.num_programs(1) * G
@@ -115,19 +139,39 @@ def paged_attention_kernel(
 
 
 @triton.jit
-def combine_splits_kernel(part_o_ptr, part_lse_ptr, out_ptr, num_tokens, hq, stride_ot, stride_oh,
-                          NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr = False):
+def _parts(keys, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A decode range of `keys` keys -> (keys a part, parts used): whole key tiles, at least one part (an empty
+    range's part writes zeros)."""
+    span = tl.cdiv(tl.maximum(tl.cdiv(keys, NUM_SPLITS), BLOCK_N), BLOCK_N) * BLOCK_N
+    return span, tl.maximum(tl.cdiv(keys, span), 1)
+
+
+@triton.jit
+def combine_splits_kernel(part_o_ptr, part_lse_ptr, out_ptr, qsl_ptr, seq_lens_ptr, window, num_tokens, hq,
+                          stride_ot, stride_oh, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
+                          PDL: tl.constexpr = False):
+    """Decode steps (one query token a sequence): merges the parts one sequence used."""
     wait_for_prior_kernel(PDL)
-    t = tl.program_id(0)
+    b = tl.program_id(0)
     h = tl.program_id(1)
+    t = tl.load(qsl_ptr + b)
+    seq_len = tl.load(seq_lens_ptr + b)
+    lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(0, seq_len - window)
+    _, parts = _parts(seq_len - lo, NUM_SPLITS, BLOCK_N)
+    if tl.load(qsl_ptr + b + 1) == t:  # no query token
+        return
     sp = tl.arange(0, NUM_SPLITS)
+    used = sp < parts
     d = tl.arange(0, HEAD_DIM)
     base = (sp * num_tokens + t) * hq + h
-    lse = tl.load(part_lse_ptr + base)
+    lse = tl.load(part_lse_ptr + base, mask=used, other=float("-inf"))
     m = tl.max(lse, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)  # empty splits: exp2(-inf) = 0
-    o = tl.load(part_o_ptr + base[:, None] * HEAD_DIM + d[None, :])
+    w = tl.exp2(lse - m)  # empty and unused parts: exp2(-inf) = 0
+    o = tl.load(part_o_ptr + base[:, None] * HEAD_DIM + d[None, :], mask=used[:, None], other=0.0)
     out = tl.sum(o * w[:, None], axis=0) / tl.maximum(tl.sum(w, axis=0), 1e-30)
     tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
@@ -156,6 +200,36 @@ DEFAULT_TILES = dict(BLOCK_N=64, num_warps=4, num_stages=2)  # prefill and decod
 def attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window, k_scale: float,
               v_scale: float, num_splits: int | None = None, config: dict | None = None) -> torch.Tensor:
     """q [T, Hq, D] over caches [num_blocks, block_size, Hk, D] -> [T, Hq, D] (q.dtype); see ops.reference."""
+    return _attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale, num_splits, config)
+
+
+def qk_norm_rope_attention(qkv, q_weight, k_weight, eps: float, weight_offset: float, positions, cos_sin, k_cache,
+                           v_cache, slot_mapping, k_scale: float, v_scale: float, num_heads: int, num_kv_heads: int,
+                           meta: AttentionMetadata, scale: float, sliding_window, num_splits: int | None = None,
+                           config: dict | None = None) -> torch.Tensor:
+    """qk_norm_rope_cache, then attention (see ops.reference): one launch for decode steps (the attention kernel
+    norms and rotates q itself, and stores the step's k/v before it reads them), the two kernels otherwise."""
+    if meta.max_query_len > 1:
+        q = qk_norm_rope_cache(qkv, q_weight, k_weight, eps, weight_offset, positions, cos_sin, k_cache, v_cache,
+                               slot_mapping, k_scale, v_scale, num_heads, num_kv_heads)
+        return attention(q, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale, num_splits, config)
+    check_qk_args(qkv, positions, cos_sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
+    if slot_mapping.stride(0) != 1 or positions.stride(0) != 1:
+        raise ValueError("qk_norm_rope_attention: slot_mapping and positions must be contiguous")
+    t, d = qkv.shape[0], k_cache.shape[-1]
+    fused = dict(qw_ptr=q_weight, kw_ptr=k_weight, pos_ptr=positions, cs_ptr=cos_sin, slot_ptr=slot_mapping,
+                 eps=float(eps), norm_offset=float(weight_offset), inv_k=1.0 / k_scale, inv_v=1.0 / v_scale,
+                 stride_cs=cos_sin.stride(0), QK_NORM=True)
+    return _attention(qkv[:, : num_heads * d].view(t, num_heads, d), k_cache, v_cache, meta, scale, sliding_window,
+                      k_scale, v_scale, num_splits, config, fused)
+
+
+_UNFUSED = dict(qw_ptr=None, kw_ptr=None, pos_ptr=None, cs_ptr=None, slot_ptr=None, eps=0.0, norm_offset=0.0,
+                inv_k=1.0, inv_v=1.0, stride_cs=0)
+
+
+def _attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window, k_scale: float,
+               v_scale: float, num_splits: int | None, config: dict | None, fused: dict = _UNFUSED) -> torch.Tensor:
     t, hq, dim = q.shape
     _, block_size, hk, dk = k_cache.shape
     if dk != dim or hq % hk or v_cache.shape != k_cache.shape or k_cache.dtype != v_cache.dtype:
@@ -163,13 +237,16 @@ def attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, slidin
     if dim & (dim - 1) or q.stride(2) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
         raise ValueError("attention: head_dim must be a power of two and q, caches contiguous in the last dim")
     g = hq // hk
-    out = torch.empty_like(q)
+    out = torch.empty(t, hq, dim, dtype=q.dtype, device=q.device)
     if t == 0:
         return out
     tiles = config or DEFAULT_TILES
     splits = num_splits or num_splits_for(meta, hk, q.device, tiles["BLOCK_N"])
     if splits & (splits - 1):
         raise ValueError(f"attention: num_splits must be a power of two, got {splits}")
+    if splits > 1 and meta.max_query_len > 1:
+        raise ValueError(f"attention: num_splits {splits} is for decode steps (one query token a sequence), "
+                         f"this step has up to {meta.max_query_len}")
     if meta.max_query_len <= 1:
         block_m = max(16, triton.next_power_of_2(g))
     else:
@@ -188,13 +265,15 @@ def attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, slidin
         float(v_scale) if v_cache.dtype == torch.float8_e4m3fn else 1.0, int(sliding_window or 0),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         meta.block_tables.stride(0), out.stride(0), out.stride(1),
-        t, q_blocks,
+        t, q_blocks, **fused,
         G=g, HEAD_DIM=dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, NUM_SPLITS=splits,
         USE_WINDOW=sliding_window is not None, F32_DOT=INTERPRET,
-        V_FP16=v_cache.dtype == torch.float8_e4m3fn,
+        FP8_CACHE=v_cache.dtype == torch.float8_e4m3fn,
         **tiles, **pdl.triton_args(q.device, t),
     )
     if splits > 1:
-        combine_splits_kernel[(t, hq)](part_o, part_lse, out, t, hq, out.stride(0), out.stride(1),
-                                       NUM_SPLITS=splits, HEAD_DIM=dim, **pdl.triton_args(q.device, t))
+        combine_splits_kernel[(meta.num_seqs, hq)](
+            part_o, part_lse, out, meta.query_start_loc, meta.seq_lens, int(sliding_window or 0), t, hq,
+            out.stride(0), out.stride(1), NUM_SPLITS=splits, HEAD_DIM=dim, BLOCK_N=tiles["BLOCK_N"],
+            USE_WINDOW=sliding_window is not None, **pdl.triton_args(q.device, t))
     return out

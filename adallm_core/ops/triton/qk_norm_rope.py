@@ -17,21 +17,41 @@ _FP8_MAX = tl.constexpr(448.0)
 
 
 @triton.jit
-def _norm_rope(x_ptr, w_ptr, heads, eps, offset, cos, sin, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Heads [BLOCK_H, 2 * HALF] at x_ptr (contiguous) -> rotated halves (fp32, rounded like the unfused ops)."""
-    h = tl.arange(0, BLOCK_H)[:, None]
-    j = tl.arange(0, HALF)[None, :]
-    ok = h < heads
-    x1 = tl.load(x_ptr + h * (2 * HALF) + j, mask=ok, other=0.0)
-    x2 = tl.load(x_ptr + h * (2 * HALF) + HALF + j, mask=ok, other=0.0)
-    dt = x1.dtype
-    a, b = x1.to(tl.float32), x2.to(tl.float32)
-    rstd = 1.0 / tl.sqrt((tl.sum(a * a, axis=1) + tl.sum(b * b, axis=1)) / (2 * HALF) + eps)
-    w1 = tl.load(w_ptr + j).to(tl.float32) + offset
-    w2 = tl.load(w_ptr + HALF + j).to(tl.float32) + offset
-    a = (a * rstd[:, None] * w1).to(dt).to(tl.float32)
-    b = (b * rstd[:, None] * w2).to(dt).to(tl.float32)
-    return a * cos - b * sin, b * cos + a * sin
+def norm_rope_rows(heads_ptr, ok, w_ptr, eps, offset, cs_row, HALF: tl.constexpr):
+    """Heads at heads_ptr ([R, 1] pointers to rows of 2 * HALF contiguous values) -> per-head RMSNorm (rounded to
+    the source dtype, as the unfused op stores it) and NeoX RoPE with the position's cos | sin row, in fp32."""
+    D: tl.constexpr = 2 * HALF
+    d = tl.arange(0, D)[None, :]
+    partner = (d + HALF) % D  # the other half's element that rotates with d
+    x = tl.load(heads_ptr + d, mask=ok, other=0.0)
+    dt = x.dtype
+    x = x.to(tl.float32)
+    xp = tl.load(heads_ptr + partner, mask=ok, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
+    a = (x * rstd * (tl.load(w_ptr + d).to(tl.float32) + offset)).to(dt).to(tl.float32)
+    ap = (xp * rstd * (tl.load(w_ptr + partner).to(tl.float32) + offset)).to(dt).to(tl.float32)
+    cos = tl.load(cs_row + d % HALF).to(tl.float32)
+    sin = tl.load(cs_row + HALF + d % HALF).to(tl.float32)
+    return a * cos + tl.where(d < HALF, -ap, ap) * sin
+
+
+@triton.jit
+def store_kv_rows(row, kv_heads, ok, hq, hk, kw_ptr, eps, offset, cs_row, slot, kc_ptr, vc_ptr, stride_slot,
+                  inv_k, inv_v, HALF: tl.constexpr, FP8: tl.constexpr):
+    """One token's k (normed, rotated) and v of the KV heads kv_heads ([R, 1]) from its qkv row into cache slot
+    `slot`; k rounded to the activation dtype first, FP8 caches scaled by 1/scale and saturated (a plain cast
+    would turn overflow into NaN)."""
+    D: tl.constexpr = 2 * HALF
+    d = tl.arange(0, D)[None, :]
+    k = norm_rope_rows(row + (hq + kv_heads) * D, ok, kw_ptr, eps, offset, cs_row, HALF)
+    k = k.to(row.dtype.element_ty).to(tl.float32)
+    v = tl.load(row + (hq + hk + kv_heads) * D + d, mask=ok, other=0.0).to(tl.float32)
+    if FP8:
+        k = tl.clamp(k * inv_k, -_FP8_MAX, _FP8_MAX)
+        v = tl.clamp(v * inv_v, -_FP8_MAX, _FP8_MAX)
+    dst = slot.to(tl.int64) * stride_slot + kv_heads * D + d
+    tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=ok)
+    tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -43,47 +63,24 @@ def qk_norm_rope_cache_kernel(
 ):
     wait_for_prior_kernel(PDL)
     t = tl.program_id(0)
-    pos = tl.load(pos_ptr + t)
-    j = tl.arange(0, HALF)[None, :]
-    cos = tl.load(cs_ptr + pos * stride_cs + j).to(tl.float32)
-    sin = tl.load(cs_ptr + pos * stride_cs + HALF + j).to(tl.float32)
+    cs_row = cs_ptr + tl.load(pos_ptr + t) * stride_cs
     row = qkv_ptr + t * stride_t
     D: tl.constexpr = 2 * HALF
+    d = tl.arange(0, D)[None, :]
 
-    q1, q2 = _norm_rope(row, qw_ptr, hq, eps, offset, cos, sin, HALF, BLOCK_HQ)
-    hq_i = tl.arange(0, BLOCK_HQ)[:, None]
-    q_dst = q_out_ptr + t * stride_qo + hq_i * D + j
-    tl.store(q_dst, q1.to(q_out_ptr.dtype.element_ty), mask=hq_i < hq)
-    tl.store(q_dst + HALF, q2.to(q_out_ptr.dtype.element_ty), mask=hq_i < hq)
+    heads = tl.arange(0, BLOCK_HQ)[:, None]
+    q = norm_rope_rows(row + heads * D, heads < hq, qw_ptr, eps, offset, cs_row, HALF)
+    tl.store(q_out_ptr + t * stride_qo + heads * D + d, q.to(q_out_ptr.dtype.element_ty), mask=heads < hq)
 
     slot = tl.load(slot_ptr + t * stride_slot)
     if slot >= 0:  # -1: a padding row of a CUDA graph, nothing to store
-        k1, k2 = _norm_rope(row + hq * D, kw_ptr, hk, eps, offset, cos, sin, HALF, BLOCK_HK)
-        hk_i = tl.arange(0, BLOCK_HK)[:, None]
-        ok = hk_i < hk
-        v_src = row + (hq + hk) * D + hk_i * D + j
-        v1 = tl.load(v_src, mask=ok, other=0.0).to(tl.float32)
-        v2 = tl.load(v_src + HALF, mask=ok, other=0.0).to(tl.float32)
-        dt = q_out_ptr.dtype.element_ty
-        k1, k2 = k1.to(dt).to(tl.float32), k2.to(dt).to(tl.float32)
-        if FP8:  # saturate: a plain cast would turn overflow into NaN
-            k1 = tl.clamp(k1 * inv_k, -_FP8_MAX, _FP8_MAX)
-            k2 = tl.clamp(k2 * inv_k, -_FP8_MAX, _FP8_MAX)
-            v1 = tl.clamp(v1 * inv_v, -_FP8_MAX, _FP8_MAX)
-            v2 = tl.clamp(v2 * inv_v, -_FP8_MAX, _FP8_MAX)
-        dst = slot.to(tl.int64) * (hk * D) + hk_i * D + j
-        tl.store(kc_ptr + dst, k1.to(kc_ptr.dtype.element_ty), mask=ok)
-        tl.store(kc_ptr + dst + HALF, k2.to(kc_ptr.dtype.element_ty), mask=ok)
-        tl.store(vc_ptr + dst, v1.to(vc_ptr.dtype.element_ty), mask=ok)
-        tl.store(vc_ptr + dst + HALF, v2.to(vc_ptr.dtype.element_ty), mask=ok)
+        kv_heads = tl.arange(0, BLOCK_HK)[:, None]
+        store_kv_rows(row, kv_heads, kv_heads < hk, hq, hk, kw_ptr, eps, offset, cs_row, slot, kc_ptr, vc_ptr,
+                      hk * D, inv_k, inv_v, HALF, FP8)
 
 
-def qk_norm_rope_cache(qkv, q_weight, k_weight, eps: float, weight_offset: float, positions, cos_sin, k_cache,
-                       v_cache, slot_mapping, k_scale: float, v_scale: float, num_heads: int,
-                       num_kv_heads: int) -> torch.Tensor:
-    """See ops.reference.qk_norm_rope_cache: q [T, Hq, D] out; this step's k/v stored in the caches."""
-    t = qkv.shape[0]
-    d = k_cache.shape[-1]
+def check_args(qkv, positions, cos_sin, k_cache, v_cache, slot_mapping, num_heads: int, num_kv_heads: int) -> None:
+    t, d = qkv.shape[0], k_cache.shape[-1]
     hq, hk = num_heads, num_kv_heads
     if (qkv.dim() != 2 or qkv.shape[1] != (hq + 2 * hk) * d or qkv.stride(1) != 1 or k_cache.shape[2:] != (hk, d)
             or v_cache.shape != k_cache.shape or slot_mapping.shape != (t,) or positions.shape != (t,)
@@ -93,6 +90,15 @@ def qk_norm_rope_cache(qkv, q_weight, k_weight, eps: float, weight_offset: float
                          f"{tuple(positions.shape)}, cos_sin {tuple(cos_sin.shape)} do not fit")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and cos_sin.stride(1) == 1):
         raise ValueError("qk_norm_rope_cache: caches and cos_sin must be contiguous")
+
+
+def qk_norm_rope_cache(qkv, q_weight, k_weight, eps: float, weight_offset: float, positions, cos_sin, k_cache,
+                       v_cache, slot_mapping, k_scale: float, v_scale: float, num_heads: int,
+                       num_kv_heads: int) -> torch.Tensor:
+    """See ops.reference.qk_norm_rope_cache: q [T, Hq, D] out; this step's k/v stored in the caches."""
+    check_args(qkv, positions, cos_sin, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
+    t, d = qkv.shape[0], k_cache.shape[-1]
+    hq, hk = num_heads, num_kv_heads
     q = torch.empty(t, hq, d, dtype=qkv.dtype, device=qkv.device)
     if t:
         qk_norm_rope_cache_kernel[(t,)](
