@@ -38,8 +38,8 @@ def test_nvfp4_linear(m, n, k, kernel_order):
     assert kc.case_nvfp4_linear(DEV, m, n, k, kernel_order=kernel_order) <= EXACT
 
 
-@pytest.mark.parametrize("m", [1, 3, 16, 37, 64, 65, 300])
-@pytest.mark.parametrize("n,k", [(4096, 4096), (96, 3072), (17008, 384)])  # wide N: weights as A
+@pytest.mark.parametrize("m", [1, 3, 12, 16, 37, 64, 65, 300])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (96, 3072), (17008, 384), (4096, 12288)])  # wide N: weights as A; long K
 def test_nvfp4_linear_tile_major(m, n, k):
     """Linears of whole 16 x 128 chunks as the engine holds them (nvfp4.to_tile_major): the Triton kernel at every M."""
     assert kc.case_nvfp4_linear(DEV, m, n, k, tile_major=True) <= EXACT

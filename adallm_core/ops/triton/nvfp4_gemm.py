@@ -353,8 +353,10 @@ def pick_config(m: int, n: int, k: int, device) -> dict:
     split_k = 1
     while tiles * split_k < waves * sms and k // (block_k * split_k * 2) >= 2:
         split_k *= 2
-    if m <= 16 and k // (block_k * split_k) >= 6:  # long K loops: twice as long tiles, half the splits (swept:
-        block_k, split_k = 512, max(1, split_k // 2)  # gate_up 29.7 -> 27.2 us, down 18.0 -> 17.3 at M = 1)
+    # long K loops: twice as long tiles, half the splits (swept at M = 1: gate_up 29.7 -> 27.2 us, down 18.0 -> 17.3);
+    # from 9 tokens only where there is no split to halve (H200, 16 tokens: Gemma3-27B down 37.2 -> 48.9 us halved)
+    if m <= 16 and k // (block_k * split_k) >= 6 and (m <= 8 or split_k == 1):
+        block_k, split_k = 512, max(1, split_k // 2)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=stages,
                 MATH=DEFAULT_MATH)
 
