@@ -12,9 +12,12 @@ at load, long before any decode kernel runs.) Then each kernel completes only af
 stays in stream order and a kernel launched without PDL (cuBLAS, torch) sees everything before it as usual.
 
 Only steps of at most MAX_TOKENS tokens launch so. Measured on the H200 (benchmarks/NOTES.md, decode ms a step,
-without -> with PDL on every kernel): Qwen3-8B batch 1 2.72 -> 2.51, batch 8 3.23 -> 3.11, batch 16 3.49 -> 3.36,
-batch 32 4.65 -> 4.95, batch 64 5.89 -> 5.81; Gemma3-27B batch 1 7.94 -> 7.38, batch 16 11.00 -> 11.26; Qwen3-30B-A3B
-batch 1 3.11 -> 2.76. Up to 8 tokens (the CUDA decode linear's steps) it wins on every shape; above, it loses on some.
+without -> with PDL on every kernel): Qwen3-8B batch 1 2.72 -> 2.51, batch 4 2.83 -> 2.65, batch 8 3.19 -> 3.14,
+batch 16 3.49 -> 3.36 (a tie, 3.44, after the attention fusion), batch 32 4.65 -> 4.95; Gemma3-27B batch 1 7.94 ->
+7.38, batch 4 8.38 -> 8.01, batches 5-8 8.93-9.00 -> 9.48-9.55, batch 16 11.00 -> 11.26; Qwen3-30B-A3B batch 1 3.11
+-> 2.76, batch 8 5.95 -> 5.71. Up to 4 tokens it wins on every shape measured. At 5-8 it depends on the model
+(Gemma3-27B 6% slower, Qwen3-8B 1.5% and Qwen3-30B-A3B 4% faster) for a reason not found yet, so those steps
+launch plainly, as they do on Ada.
 
 Ada (sm_89), the product's target, has no PDL: there the same kernels compile without the wait and launch as
 before. ADALLM_DISABLE_PDL=1 turns it off everywhere (A/B runs, debugging).
@@ -27,7 +30,7 @@ import os
 import torch
 
 MIN_CAPABILITY = (9, 0)
-MAX_TOKENS = 8
+MAX_TOKENS = 4
 
 
 @functools.cache
