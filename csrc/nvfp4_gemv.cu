@@ -19,6 +19,11 @@
 // half ARE the BF16 patterns of v * 2^-126; one fma.rn.bf16x2 by (scale * 2^118) gives v * scale * 2^-8 exactly;
 // fp32 accumulation; the epilogue multiplies by global_scale * 2^8. sm_80+ (built for sm_89 Ada and sm_90 Hopper).
 //
+// act (1 SiLU, 2 GELU-tanh): W is a fused gate|up [N = 2I, K], out [M, I] = act(x @ gate.T) * (x @ up.T). A block's
+// even row tiles are gate rows and each odd one the up rows of the tile before it, so the epilogue has both; each
+// is rounded to BF16 first, as the linear's own output would be (the activation op's input), then act(gate) * up
+// in fp32, rounded once.
+//
 // Launched with programmatic dependent launch on sm_90+ (adallm_core/ops/pdl.py), a block fills its ring's first
 // weight stages before it waits for the kernel that writes x.
 #include <cuda_bf16.h>
@@ -93,6 +98,20 @@ __device__ __forceinline__ uint32_t scale_bf16x2(uint32_t byte) {
   return bits | (bits << 16);
 }
 
+__device__ __forceinline__ float bf16_round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
+// act(gate) * up in fp32, as the Triton activation op (ops/triton/activation.py act_mul)
+__device__ __forceinline__ float act_mul(float g, float u, int act) {
+  float a;
+  if (act == 2) {  // tanh approximation, as gelu_pytorch_tanh
+    const float z = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+    a = 0.5f * g * (1.f + (2.f / (1.f + __expf(-2.f * z)) - 1.f));
+  } else {
+    a = g / (1.f + __expf(-g));
+  }
+  return a * u;
+}
+
 __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -105,7 +124,7 @@ template <int ROWS, int WARPS, int DEPTH>
 __global__ void __launch_bounds__(WARPS * 32) nvfp4_gemv_kernel(
     const __nv_bfloat16* __restrict__ x, const uint32_t* __restrict__ w, const uint8_t* __restrict__ s,
     const float* __restrict__ g, __nv_bfloat16* __restrict__ out, int M, int N, int K, long stride_xm,
-    long stride_om) {
+    long stride_om, int act) {
   extern __shared__ __align__(16) uint8_t smem[];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int grp = lane >> 2, tig = lane & 3;
@@ -117,11 +136,13 @@ __global__ void __launch_bounds__(WARPS * 32) nvfp4_gemv_kernel(
   // row tiles past N (N is a multiple of 16) are computed from the last one and dropped
   const int chunks = K / kChunkK;
   const int last_tile = N / 16 - 1;
+  const int gate_tiles = N / 32;  // act: tile r of the block is gate tile row0 / 32 + r / 2, or its up tile
   const uint32_t* w_tile[ROWS];  // a chunk of a row tile: 16 rows x 16 words; this lane's 4 words of row g
   const uint8_t* s_tile[ROWS];   // and its 16 rows x 8 scale bytes
 #pragma unroll
   for (int r = 0; r < ROWS; ++r) {
-    const long tile = min(row0 / 16 + r, last_tile);
+    const long tile = act ? (r & 1) * gate_tiles + min(row0 / 32 + r / 2, gate_tiles - 1)
+                          : min(row0 / 16 + r, last_tile);
     w_tile[r] = w + tile * chunks * 256 + grp * 16 + tig * 4;
     s_tile[r] = s + tile * chunks * 128;
   }
@@ -214,6 +235,26 @@ __global__ void __launch_bounds__(WARPS * 32) nvfp4_gemv_kernel(
 #pragma unroll
     for (int i = 0; i < 4; ++i) red[warp * kPerWarp + (r * 4 + i) * 32 + lane] = acc[r][i];
   __syncthreads();
+  if (act) {
+    // tile r = 2p holds gate rows, r + 1 their up rows; output column = gate row
+    for (int idx = threadIdx.x; idx < kPerWarp / 2; idx += WARPS * 32) {
+      const int p = idx / 128, i = (idx / 32) % 4, l = idx % 32;
+      float gate = 0.f, up = 0.f;
+#pragma unroll
+      for (int wi = 0; wi < WARPS; ++wi) {
+        gate += red[wi * kPerWarp + 256 * p + idx % 128];
+        up += red[wi * kPerWarp + 256 * p + 128 + idx % 128];
+      }
+      const int col = row0 / 2 + 16 * p + (l >> 2) + (i >= 2 ? 8 : 0);
+      const int m = 2 * (l & 3) + (i & 1);
+      if (col < N / 2 && m < M) {
+        gate = bf16_round(gate * g[col] * 256.f);
+        up = bf16_round(up * g[N / 2 + col] * 256.f);
+        out[m * stride_om + col] = __float2bfloat16_rn(act_mul(gate, up, act));
+      }
+    }
+    return;
+  }
   for (int idx = threadIdx.x; idx < kPerWarp; idx += WARPS * 32) {
     float sum = 0.f;
 #pragma unroll
@@ -243,7 +284,8 @@ struct Variant {
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, allowed) != cudaSuccess;
   }
   static int launch(const void* x, const void* w, const void* s, const float* g, void* out, int M, int N, int K,
-                    long stride_xm, long stride_om, int pdl, cudaStream_t stream) {
+                    long stride_xm, long stride_om, int act, int pdl, cudaStream_t stream) {
+    if (act && (ROWS % 2 || N % 32)) return 1;  // a block pairs gate and up tiles
     if (!fits(M)) return 3;  // e.g. 4 row tiles of 7-8 tokens on Ada (99 KB a block)
     cudaLaunchConfig_t config = {};
     config.gridDim = dim3((N + 16 * ROWS - 1) / (16 * ROWS));
@@ -257,7 +299,7 @@ struct Variant {
     config.numAttrs = pdl ? 1 : 0;
     return cudaLaunchKernelEx(&config, kernel, static_cast<const __nv_bfloat16*>(x), static_cast<const uint32_t*>(w),
                               static_cast<const uint8_t*>(s), g, static_cast<__nv_bfloat16*>(out), M, N, K,
-                              stride_xm, stride_om) == cudaSuccess ? 0 : 2;
+                              stride_xm, stride_om, act) == cudaSuccess ? 0 : 2;
   }
 };
 
@@ -288,15 +330,16 @@ extern "C" int adallm_nvfp4_gemv_fits(int M, int variant) {
   return 0;
 }
 
-// pdl: launch with programmatic dependent launch (sm_90+ only; the caller decides, adallm_core/ops/pdl.py)
+// act: 0 a plain linear, 1 / 2 a fused gate|up with SiLU / GELU-tanh (out [M, N / 2]; variants of even ROWS, N a
+// multiple of 32). pdl: launch with programmatic dependent launch (sm_90+ only; adallm_core/ops/pdl.py decides)
 extern "C" int adallm_nvfp4_gemv(const void* x, const void* w, const void* s, const float* g, void* out, int M,
-                                 int N, int K, long stride_xm, long stride_om, int variant, int pdl,
+                                 int N, int K, long stride_xm, long stride_om, int variant, int act, int pdl,
                                  cudaStream_t stream) {
-  if (M < 1 || M > kMaxM || K % adallm::kChunkK || N < 1) return 1;
+  if (M < 1 || M > kMaxM || K % adallm::kChunkK || N < 1 || act < 0 || act > 2) return 1;
   int rc = 1;
   switch (variant) {
 #define ADALLM_CASE(V, R, W, D) \
-  case V: rc = Variant<R, W, D>::launch(x, w, s, g, out, M, N, K, stride_xm, stride_om, pdl, stream); break;
+  case V: rc = Variant<R, W, D>::launch(x, w, s, g, out, M, N, K, stride_xm, stride_om, act, pdl, stream); break;
     ADALLM_VARIANTS(ADALLM_CASE)
 #undef ADALLM_CASE
   }

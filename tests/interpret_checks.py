@@ -36,6 +36,14 @@ def main() -> None:
                                                                tile_major=True),
         "linear_tile_major_swap_ab": kc.case_nvfp4_linear(dev, 2, 32, 128, dict(small, SPLIT_K=1, SWAP_AB=True),
                                                      torch.float32, tile_major=True),
+        # gate|up with the activation in the epilogue: output columns past I masked, split, swapped, tile-major
+        "linear_gated_silu_split_masked": kc.case_nvfp4_gated(dev, 5, 24, 160, "silu", dict(small, SPLIT_K=3),
+                                                              torch.float32),
+        "linear_gated_gelu_tile_major_split": kc.case_nvfp4_gated(dev, 3, 48, 384, "gelu_tanh",
+                                                                  dict(small, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2),
+                                                                  torch.float32, tile_major=True),
+        "linear_gated_swap_ab": kc.case_nvfp4_gated(dev, 2, 16, 64, "silu", dict(small, SPLIT_K=1, SWAP_AB=True),
+                                                    torch.float32),
         # the interpreter reads the scales as bytes, as GPUs before Ada do (nvfp4_gemm.block_scales)
         "linear_every_e4m3_scale": kc.case_every_e4m3_scale(dev, dict(small, BLOCK_K=32, SPLIT_K=1), torch.float32),
         "rms_norm": kc.case_rms_norm(dev, 3, 24, dtype=torch.float32),

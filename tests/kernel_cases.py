@@ -47,6 +47,17 @@ def case_nvfp4_linear(dev, m, n, k, config=None, dtype=torch.bfloat16, kernel_or
     return rel_err(nvfp4_linear(x, _order(w, kernel_order, tile_major), config), reference.nvfp4_linear(x, w))
 
 
+def case_nvfp4_gated(dev, m, inter, k, activation: str, config=None, dtype=torch.bfloat16, tile_major=False) -> float:
+    """The fused gate|up linear with its activation in the epilogue, against the linear and then the activation op."""
+    from adallm_core.ops.triton.nvfp4_gemm import nvfp4_linear
+
+    w = random_nvfp4(2 * inter, k, dev)
+    x = torch.randn(m, k, device=dev).to(torch.bfloat16).to(dtype)
+    act = {"silu": reference.silu_and_mul, "gelu_tanh": reference.gelu_tanh_and_mul}[activation]
+    out = nvfp4_linear(x, _order(w, True, tile_major), config, activation=activation)
+    return rel_err(out, act(reference.nvfp4_linear(x, w)))
+
+
 def case_every_e4m3_scale(dev, config=None, dtype=torch.bfloat16, tile_major=False, k=32) -> float:
     """One row per finite E4M3 block scale (both signs, zero, the subnormals), every weight 1.0: row r of the output is
     k * scale_r, so a wrong decoding of any scale byte shows. Returns the largest error of a row relative to it."""

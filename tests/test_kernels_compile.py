@@ -35,7 +35,7 @@ def linear_case(scale_type: str, **tiles):
     pointers = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr=scale_type, g_ptr="*fp32", out_ptr="*bf16", part_ptr="*fp32",
                     lock_ptr="*i32")
     constexprs = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=512, SPLIT_K=2, MATH=3, EVEN_K=True, SWAP_AB=False,
-                      KERNEL_ORDER=True, TILE_MAJOR=True, PDL=False)
+                      KERNEL_ORDER=True, TILE_MAJOR=True, PDL=False, GATED=0)
     constexprs.update(tiles)
     return nvfp4_gemm_kernel, pointers, constexprs
 
@@ -46,7 +46,7 @@ def moe_case():
     pointers = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", g_ptr="*fp32", out_ptr="*bf16", pairs_ptr="*i32",
                     block_expert_ptr="*i32", route_w_ptr="*fp32")
     constexprs = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GATHER=True, WEIGHTED=False, MATH=3, KERNEL_ORDER=True,
-                      PDL=False)
+                      PDL=False, GATED=1)
     return moe_gemm_kernel, pointers, constexprs
 
 
@@ -92,6 +92,9 @@ def small_ops_cases():
 CASES = {
     "linear_decode": lambda: linear_case("*u8"),  # 1-16 tokens, split-K
     "linear_tiles": lambda: linear_case("*u8", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, SWAP_AB=True),
+    "linear_decode_gated": lambda: linear_case("*u8", GATED=1),  # SiLU in the epilogue
+    "linear_tiles_gated": lambda: linear_case("*u8", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, SWAP_AB=True,
+                                              GATED=2),
     "linear_checkpoint_order": lambda: linear_case("*u8", MATH=0, KERNEL_ORDER=False, TILE_MAJOR=False, BLOCK_K=256),
     "moe": moe_case,
     "prefill_dequant": dequant_rows_case,

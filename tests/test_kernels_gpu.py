@@ -116,6 +116,59 @@ def test_cuda_decode_kernel(m, n, k):
     assert not module.fits(cuda_gemv.MAX_M + 1, 0) and not module.fits(m, cuda_gemv.VARIANTS)
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("inter,k", [(12288, 512), (208, 384), (16, 128)])
+def test_cuda_decode_kernel_gated(m, inter, k, activation):
+    """A fused gate|up with the activation in the CUDA kernel's epilogue: exact against the linear and then the
+    activation op in every variant that pairs gate and up tiles (an even number of row tiles); the rest refuse."""
+    from adallm_core.ops import cuda_gemv
+
+    module = cuda_gemv.load()
+    assert module is not None, "the CUDA decode kernel did not build (see the log)"
+    w = kc.random_nvfp4(2 * inter, k, DEV).in_tile_major()
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    assert cuda_gemv.supports(x, w, gated=True)
+    ref = reference.nvfp4_gated_linear(x, w, activation)
+    for variant in (0, 2, cuda_gemv.FOUR_ROW_TILES):
+        if not module.fits(m, variant):
+            continue
+        out = torch.full((m, inter), float("nan"), dtype=torch.bfloat16, device=DEV)
+        assert cuda_gemv.nvfp4_gemv(x, w, module, variant, out=out, activation=activation) is out
+        assert kc.rel_err(out, ref) <= EXACT, variant
+    with pytest.raises(RuntimeError, match="code 1"):  # one row tile a block: no up rows beside the gate rows
+        cuda_gemv.nvfp4_gemv(x, w, module, 1, activation=activation)
+    assert not cuda_gemv.supports(x, kc.random_nvfp4(2 * inter + 16, k, DEV).in_tile_major(), gated=True)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("m", [1, 5, 8, 9, 16, 37, 300])
+def test_gated_linear_op(m, activation):
+    """ops.nvfp4_gated_linear as the engine calls it: the CUDA kernel (1-8 tokens, gate and up of whole 16-row
+    tiles), the Triton kernel's epilogue (more tokens, or 8-row halves), the prefill path's linear + activation."""
+    from adallm_core.ops import cuda_gemv
+    from adallm_core.ops.triton import nvfp4_gated_linear, prepare_nvfp4_weight
+
+    for inter, k, cuda in [(1024, 2048, True), (12288, 512, True), (200, 256, False)]:
+        w = kc.random_nvfp4(2 * inter, k, DEV)
+        op_w = prepare_nvfp4_weight(w)
+        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        assert cuda_gemv.takes(x, op_w, gated=True) == (m <= cuda_gemv.DECODE_TOKENS and cuda), (inter, k)
+        out = nvfp4_gated_linear(x, op_w, activation)
+        assert kc.rel_err(out, reference.nvfp4_gated_linear(x, w, activation)) <= EXACT, (inter, k)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        nvfp4_gated_linear(x, op_w, "relu")
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("m", [9, 12, 16, 64])
+@pytest.mark.parametrize("tile_major", [False, True])
+def test_nvfp4_linear_gated_epilogue(m, activation, tile_major):
+    """The Triton kernel with the activation in its epilogue, split and unsplit: Qwen3-8B's gate|up, and K of 21 chunks."""
+    for inter, k in [(12288, 4096), (5376, 2688)]:
+        assert kc.case_nvfp4_gated(DEV, m, inter, k, activation, tile_major=tile_major) <= EXACT, (inter, k)
+
+
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9])
 def test_op_decode_path(m):
     """The op sends 1..DECODE_TOKENS tokens on tile-major weights to the CUDA kernel (four row tiles a block where

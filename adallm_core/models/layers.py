@@ -39,15 +39,25 @@ class NVFP4LinearMethod:
     def apply(self, weight, x: torch.Tensor) -> torch.Tensor:
         return self.ops.nvfp4_linear(x, weight)
 
+    def apply_gated(self, weight, x: torch.Tensor, activation: str) -> torch.Tensor:
+        return self.ops.nvfp4_gated_linear(x, weight, activation)
+
 
 class DenseLinearMethod:
     """An unquantized linear (excluded from quantization by the checkpoint), kept in the model dtype."""
+
+    def __init__(self, ops: Ops):
+        self.ops = ops
 
     def process_weights_after_loading(self, parts, device, dtype):
         return torch.cat([p.to(dtype) for p in parts]).to(device)
 
     def apply(self, weight, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
+
+    def apply_gated(self, weight, x: torch.Tensor, activation: str) -> torch.Tensor:
+        act = {"silu": self.ops.silu_and_mul, "gelu_tanh": self.ops.gelu_tanh_and_mul}[activation]
+        return act(F.linear(x, weight))
 
 
 def _shape(part) -> tuple[int, int]:
@@ -67,12 +77,16 @@ class Linear:
         dense = [isinstance(p, torch.Tensor) for p in parts]
         if any(dense) and not all(dense):
             raise ValueError(f"cannot fuse quantized and unquantized linears: {list(prefixes)}")
-        self.method = DenseLinearMethod() if all(dense) else NVFP4LinearMethod(ops)
+        self.method = DenseLinearMethod(ops) if all(dense) else NVFP4LinearMethod(ops)
         self.weight = self.method.process_weights_after_loading(parts, device, dtype)
         self.out_features = sum(out_features)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self.weight, x)
+
+    def gated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
+        """For a fused gate|up: act(x @ gate.T) * (x @ up.T), the activation fused in where the backend can."""
+        return self.method.apply_gated(self.weight, x, activation)
 
 
 # --- norms, rotary, embedding ----------------------------------------------------------------------------
@@ -161,10 +175,12 @@ class GatedMLP:
         gate_up = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
         self.gate_up_proj = Linear(ckpt, gate_up, hidden, [intermediate, intermediate], ops, device, dtype)
         self.down_proj = Linear(ckpt, [f"{prefix}.down_proj"], intermediate, [hidden], ops, device, dtype)
-        self.act = {"silu": ops.silu_and_mul, "gelu_tanh": ops.gelu_tanh_and_mul}[activation]
+        if activation not in ("silu", "gelu_tanh"):
+            raise ValueError(f"GatedMLP: activation must be 'silu' or 'gelu_tanh', got {activation!r}")
+        self.activation = activation
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj.gated(x, self.activation))
 
 
 class SparseMoE:

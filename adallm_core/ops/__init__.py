@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 OP_NAMES = (
     "nvfp4_linear",
+    "nvfp4_gated_linear",
     "rms_norm",
     "add_rms_norm",
     "rope",
@@ -46,6 +47,7 @@ class Ops:
 
     name: str  # backend asked for after resolving 'auto'
     nvfp4_linear: Callable
+    nvfp4_gated_linear: Callable  # fused gate|up -> act(gate) * up; the backend may fuse the activation in
     rms_norm: Callable
     add_rms_norm: Callable
     rope: Callable

@@ -34,7 +34,7 @@ _IN_WHEEL = _PACKAGE / "csrc" / "nvfp4_gemv.cu"
 SOURCE = _IN_WHEEL if _IN_WHEEL.exists() else _PACKAGE.parent / "csrc" / "nvfp4_gemv.cu"
 ARCHS = "8.9;9.0+PTX"  # Ada (the product), Hopper (the test machine), PTX for GPUs after them
 MIN_CAPABILITY = (8, 9)  # before Ada (Ampere) the Triton kernel runs every M
-EXTENSION = "adallm_nvfp4_gemv_v4"
+EXTENSION = "adallm_nvfp4_gemv_v5"
 STALE_LOCK_S = 900  # a build takes about a minute on 16 cores, a few on 2
 VARIANTS = 4  # 0 = the default; csrc names the rest
 FOUR_ROW_TILES = 3  # 64 rows a block, 8 warps
@@ -46,15 +46,15 @@ _BINDING = r"""
 extern "C" int adallm_nvfp4_gemv_init();
 extern "C" int adallm_nvfp4_gemv_fits(int M, int variant);
 extern "C" int adallm_nvfp4_gemv(const void* x, const void* w, const void* s, const float* g, void* out, int M,
-                                 int N, int K, long stride_xm, long stride_om, int variant, int pdl,
+                                 int N, int K, long stride_xm, long stride_om, int variant, int act, int pdl,
                                  cudaStream_t stream);
 int64_t init() { return adallm_nvfp4_gemv_init(); }
 bool fits(int64_t m, int64_t variant) { return adallm_nvfp4_gemv_fits(m, variant); }
 int64_t nvfp4_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, torch::Tensor g, torch::Tensor out,
-                   int64_t variant, bool pdl) {
+                   int64_t variant, int64_t act, bool pdl) {
   return adallm_nvfp4_gemv(x.data_ptr(), w.data_ptr(), s.data_ptr(), g.data_ptr<float>(), out.data_ptr(),
-                           x.size(0), out.size(1), x.size(1), x.stride(0), out.stride(0),
-                           static_cast<int>(variant), pdl, at::cuda::getCurrentCUDAStream());
+                           x.size(0), g.size(0), x.size(1), x.stride(0), out.stride(0),
+                           static_cast<int>(variant), static_cast<int>(act), pdl, at::cuda::getCurrentCUDAStream());
 }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("init", &init);
@@ -142,17 +142,18 @@ def _smoke_test(module) -> None:
     words = to_kernel_order(ones).to(dev).view(torch.int32)
     scales = torch.full((16, K_TILE // 16), 0x38, dtype=torch.uint8, device=dev)  # E4M3 1.0
     out = torch.zeros(1, 16, dtype=torch.bfloat16, device=dev)
-    rc = module.nvfp4_gemv(x, words, scales, torch.ones(16, device=dev), out, 0, pdl.enabled(dev))
+    rc = module.nvfp4_gemv(x, words, scales, torch.ones(16, device=dev), out, 0, 0, pdl.enabled(dev))
     torch.cuda.synchronize(dev)
     if rc or not torch.equal(out, torch.full_like(out, K_TILE)):
         raise RuntimeError(f"smoke test on {torch.cuda.get_device_name(dev)} failed (code {rc}, out {out[0, :4]})")
 
 
-def supports(x: torch.Tensor, w) -> bool:
+def supports(x: torch.Tensor, w, gated: bool = False) -> bool:
     """What the kernel can read: BF16 x of 1..8 rows of the weight's K, weights tile-major in the kernels' word
-    order (nvfp4.to_tile_major: N % 16 == 0, K % 128 == 0), and 16-byte aligned rows for its cp.async copies.
+    order (nvfp4.to_tile_major: N % 16 == 0, K % 128 == 0), and 16-byte aligned rows for its cp.async copies;
+    gated (a fused gate|up with its activation), whole 16-row tiles of gate and of up rows (N % 32 == 0).
     Anything else (a wrong K included) goes to the Triton kernel, whose argument checks name the problem."""
-    return (w.tile_major and x.is_cuda and x.dtype == torch.bfloat16 and 1 <= x.shape[0] <= MAX_M
+    return (w.tile_major and (not gated or w.out_features % 32 == 0) and x.is_cuda and x.dtype == torch.bfloat16 and 1 <= x.shape[0] <= MAX_M
             and x.shape[1] == w.in_features and x.shape[1] % K_TILE == 0
             and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
             and w.packed.is_contiguous() and w.packed.data_ptr() % 16 == 0
@@ -160,10 +161,10 @@ def supports(x: torch.Tensor, w) -> bool:
             and w.global_scale.dtype == torch.float32 and w.global_scale.is_contiguous())
 
 
-def takes(x: torch.Tensor, w) -> bool:
+def takes(x: torch.Tensor, w, gated: bool = False) -> bool:
     """The op's choice: this kernel for decode steps of few tokens on the GPU it was set up on (its shared-memory
     limits are raised per device)."""
-    if not (x.shape[0] <= DECODE_TOKENS and supports(x, w)):
+    if not (x.shape[0] <= DECODE_TOKENS and supports(x, w, gated)):
         return False
     if _module is None and _error is None and torch.cuda.is_current_stream_capturing():
         return False  # set up (smoke launch, synchronize) only outside a capture: the engine does it at start-up
@@ -196,19 +197,24 @@ def pick_variant(m: int, n: int, device_index: int) -> int:
     return FOUR_ROW_TILES if (uneven or wide) and fits(m, FOUR_ROW_TILES) else 0
 
 
-def nvfp4_gemv(x: torch.Tensor, w, module=None, variant: int | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+ACTIVATIONS = {None: 0, "silu": 1, "gelu_tanh": 2}  # csrc's act
+
+
+def nvfp4_gemv(x: torch.Tensor, w, module=None, variant: int | None = None, out: torch.Tensor | None = None,
+               activation: str | None = None) -> torch.Tensor:
     """x [M <= 8, K] bf16 @ W.T -> [M, N] bf16 (caller checked supports()). variant: see csrc; None = pick_variant.
-    out: a contiguous [M, N] bf16 tensor to write (tests poison it), else a new one."""
+    out: a contiguous [M, N] bf16 tensor to write (tests poison it), else a new one. activation ('silu' |
+    'gelu_tanh'): W is a fused gate|up and the result act(x @ gate.T) * (x @ up.T) [M, N / 2] (even-ROWS variants)."""
     module = module or load()
     if variant is None:
         variant = pick_variant(x.shape[0], w.out_features, x.device.index)
+    act = ACTIVATIONS[activation]
     if out is None:
-        out = torch.empty(x.shape[0], w.out_features, dtype=x.dtype, device=x.device)
+        out = torch.empty(x.shape[0], w.out_features // 2 if act else w.out_features, dtype=x.dtype, device=x.device)
     rc = module.nvfp4_gemv(x, w.packed.view(torch.int32), w.block_scale.view(torch.uint8), w.global_scale, out,
-                           variant, pdl.enabled(x.device, x.shape[0]))
+                           variant, act, pdl.enabled(x.device, x.shape[0]))
     if rc:
         raise RuntimeError(f"adallm nvfp4_gemv: launch failed (code {rc}: 1 bad arguments, 2 CUDA error, 3 more "
                            f"shared memory than this GPU allows a block) for x {tuple(x.shape)}, "
-                           f"W [{w.out_features}, {w.in_features}], variant {variant}")
+                           f"W [{w.out_features}, {w.in_features}], variant {variant}, activation {activation})")
     return out

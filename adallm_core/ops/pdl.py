@@ -19,6 +19,9 @@ batch 16 3.49 -> 3.36 (a tie, 3.44, after the attention fusion), batch 32 4.65 -
 (Gemma3-27B 6% slower, Qwen3-8B 1.5% and Qwen3-30B-A3B 4% faster) for a reason not found yet, so those steps
 launch plainly, as they do on Ada.
 
+In steps that launch so, the gate|up linear keeps its activation kernel after it (ops/triton/nvfp4_prefill.py
+nvfp4_gated_linear): fused into its epilogue, gate|up followed directly by down was slower with PDL.
+
 Ada (sm_89), the product's target, has no PDL: there the same kernels compile without the wait and launch as
 before. ADALLM_DISABLE_PDL=1 turns it off everywhere (A/B runs, debugging).
 """

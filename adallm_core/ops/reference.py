@@ -85,6 +85,18 @@ def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return (F.gelu(gate, approximate="tanh") * up).to(gate_up.dtype)
 
 
+GATED_ACTIVATIONS = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}
+
+
+def nvfp4_gated_linear(x: torch.Tensor, w: "NVFP4Weight", activation: str) -> torch.Tensor:
+    """x [M, K] and a fused gate|up W [2I, K] -> act(x @ gate.T) * (x @ up.T) [M, I]: the linear, then the activation
+    op on its rounded output (a backend may fuse them, with these roundings)."""
+    if activation not in GATED_ACTIVATIONS:
+        raise ValueError(f"nvfp4_gated_linear: activation must be one of {sorted(GATED_ACTIVATIONS)}, "
+                         f"got {activation!r}")
+    return GATED_ACTIVATIONS[activation](nvfp4_linear(x, w))
+
+
 def _is_fp8(cache: torch.Tensor) -> bool:
     return cache.dtype == torch.float8_e4m3fn
 

@@ -15,6 +15,16 @@ def _tanh(x):
 
 
 @triton.jit
+def act_mul(g, u, GELU: tl.constexpr):
+    """act(gate) * up in fp32 (the fused gate|up linear's epilogue calls it too: nvfp4_gemm.py)."""
+    if GELU:  # tanh approximation, as gelu_pytorch_tanh
+        a = 0.5 * g * (1.0 + _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
+    else:
+        a = g / (1.0 + tl.exp(-g))
+    return a * u
+
+
+@triton.jit
 def act_and_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr, GELU: tl.constexpr,
                        PDL: tl.constexpr = False):
     wait_for_prior_kernel(PDL)
@@ -23,11 +33,7 @@ def act_and_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_o, BLOCK: tl.cons
     ok = offs < inter
     g = tl.load(x_ptr + t * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + t * stride_x + inter + offs, mask=ok, other=0.0).to(tl.float32)
-    if GELU:  # tanh approximation, as gelu_pytorch_tanh
-        a = 0.5 * g * (1.0 + _tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)))
-    else:
-        a = g / (1.0 + tl.exp(-g))
-    tl.store(out_ptr + t * stride_o + offs, (a * u).to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + t * stride_o + offs, act_mul(g, u, GELU).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def _act_and_mul(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
@@ -50,3 +56,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return _act_and_mul(gate_up, gelu=True)
+
+
+GATED_ACTIVATIONS = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}

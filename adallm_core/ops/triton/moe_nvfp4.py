@@ -6,9 +6,11 @@ Layout after sorting, each expert's pairs padded to a multiple of BLOCK_M (graph
 no host sync; the grid is sized for the worst case and blocks past the end exit):
     sorted_pairs [P]  pair id (token * top_k + k) or -1 for padding;  block_expert [P / BLOCK_M]  expert or -1
 One launch computes x[token] @ w13[e].T for every pair (rows gathered, weights dequantized in registers exactly as in
-nvfp4_gemm, with its PTX word dequantization on the GPU), then silu_and_mul, then one launch of h @ w2[e].T scaled
-by the pair's routing weight, then one launch that sums each token's top_k rows. (SiLU-and-mul computed in the
-second GEMM's loads instead lost: the activation lands on the operand's path in every N tile, benchmarks/NOTES.md.)
+nvfp4_gemm, with its PTX word dequantization on the GPU) with SiLU-and-mul in its epilogue (a program's rows are
+gate rows and the same up rows, as nvfp4_gemm's GATED; a separate launch in steps with PDL, where it pays), then
+one launch of h @ w2[e].T scaled by the pair's routing
+weight, then one launch that sums each token's top_k rows. (SiLU-and-mul computed in the second GEMM's loads
+instead lost: the activation lands on the operand's path in every N tile, benchmarks/NOTES.md.)
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from adallm_core.ops import pdl
 from adallm_core.ops.triton.activation import silu_and_mul
 from adallm_core.ops.triton.grid_dependency import wait_for_prior_kernel
 from adallm_core.ops.triton.moe_routing import MAX_PAIRS, padded_pairs, route_and_sort
-from adallm_core.ops.triton.nvfp4_gemm import DEFAULT_MATH, _EPI, _dequant_tile, _dequant_words, block_scales
+from adallm_core.ops.triton.nvfp4_gemm import (DEFAULT_MATH, _EPI, _dequant_tile, _dequant_words, _store_out,
+                                               block_scales)
 
 
 @triton.jit
@@ -30,6 +33,7 @@ def moe_gemm_kernel(
     stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_ge, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATHER: tl.constexpr,
     WEIGHTED: tl.constexpr, MATH: tl.constexpr, KERNEL_ORDER: tl.constexpr, PDL: tl.constexpr = False,
+    GATED: tl.constexpr = 0,
 ):
     wait_for_prior_kernel(PDL)  # before the early return: see ops/pdl.py
     pid_m = tl.program_id(0)
@@ -44,8 +48,14 @@ def moe_gemm_kernel(
     pair = tl.maximum(pair, 0)
     # GATHER: the first GEMM reads token rows of x; the second reads the pair's own row of h
     row = pair // top_k if GATHER else pair
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok_n = offs_n < N
+    if GATED:  # w13 rows of the program: gate rows of its output columns, then their up rows (nvfp4_gemm.py)
+        j = tl.arange(0, BLOCK_N)
+        cols = pid_n * (BLOCK_N // 2) + j % (BLOCK_N // 2)
+        offs_n = cols + (j >= BLOCK_N // 2).to(tl.int32) * (N // 2)
+        ok_n = cols < N // 2
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok_n = offs_n < N
     offs_kx = tl.arange(0, BLOCK_K)
     W_PER_TILE: tl.constexpr = BLOCK_K // 8 if MATH == 3 else BLOCK_KH  # int32 words (MATH 3) or bytes
     offs_w = tl.arange(0, W_PER_TILE)
@@ -72,8 +82,11 @@ def moe_gemm_kernel(
     y = acc * g[None, :]
     if WEIGHTED:  # round like the unfused path (bf16 linear output), then weight in fp32
         y = y.to(x_ptr.dtype.element_ty).to(tl.float32) * tl.load(route_w_ptr + pair, mask=ok_m, other=0.0)[:, None]
-    tl.store(out_ptr + pair[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=ok_m[:, None] & ok_n[None, :])
+    if GATED:
+        _store_out(out_ptr, y, pair, ok_m, pid_n, N, stride_om, BLOCK_M, BLOCK_N, GATED)
+    else:
+        tl.store(out_ptr + pair[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=ok_m[:, None] & ok_n[None, :])
 
 
 def sort_by_expert(experts: torch.Tensor, num_experts: int, block_m: int):
@@ -100,7 +113,7 @@ def sort_by_expert(experts: torch.Tensor, num_experts: int, block_m: int):
 DEFAULT_TILES = dict(BLOCK_N=64, num_warps=4, num_stages=3)  # config= overrides (sweeps)
 
 
-def _grouped(x, w, pairs, block_expert, route_w, top_k, out, gather, weighted, block_m, config):
+def _grouped(x, w, pairs, block_expert, route_w, top_k, out, gather, weighted, block_m, config, gated=0):
     e, n, kh = w.packed.shape
     k = kh * 2
     block_k = 256
@@ -109,7 +122,7 @@ def _grouped(x, w, pairs, block_expert, route_w, top_k, out, gather, weighted, b
     if block_k < 32:
         raise ValueError(f"moe: expert in_features {k} must be a multiple of 32")
     tiles = dict(config or DEFAULT_TILES)
-    grid = (block_expert.numel(), triton.cdiv(n, tiles["BLOCK_N"]))
+    grid = (block_expert.numel(), triton.cdiv(out.shape[1], tiles["BLOCK_N"] // 2 if gated else tiles["BLOCK_N"]))
     math = tiles.pop("MATH", DEFAULT_MATH)
     if w.kernel_order and math != 3:
         raise ValueError(f"moe: MATH {math} reads checkpoint-ordered bytes; these experts are in the kernels' word order")
@@ -120,7 +133,7 @@ def _grouped(x, w, pairs, block_expert, route_w, top_k, out, gather, weighted, b
         n, k, top_k, x.stride(0), packed.stride(0), packed.stride(1), w.block_scale.stride(0),
         w.block_scale.stride(1), w.global_scale.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_K=block_k, GATHER=gather, WEIGHTED=weighted, MATH=math,
-        KERNEL_ORDER=w.kernel_order, **tiles, **pdl.triton_args(x.device, tokens),
+        KERNEL_ORDER=w.kernel_order, GATED=gated, **tiles, **pdl.triton_args(x.device, tokens),
     )
 
 
@@ -143,9 +156,15 @@ def moe(x, router_logits, w13, w2, top_k: int, renormalize: bool, config: dict |
             weights = weights / weights.sum(dim=-1, keepdim=True)
         pairs, block_expert = sort_by_expert(experts, num_experts, block_m)
         route_w = weights.flatten().contiguous()
-    gate_up = torch.empty(t * top_k, two_i, dtype=x.dtype, device=x.device)
-    _grouped(x, w13, pairs, block_expert, route_w, top_k, gate_up, True, False, block_m, config)
-    h = silu_and_mul(gate_up)
+    if two_i % 2:
+        raise ValueError(f"moe: w13 stacks gate and up rows, so its {two_i} rows must be even")
+    if pdl.enabled(x.device, t):  # as nvfp4_gated_linear: with PDL the activation kernel between the GEMMs pays
+        gate_up = torch.empty(t * top_k, two_i, dtype=x.dtype, device=x.device)
+        _grouped(x, w13, pairs, block_expert, route_w, top_k, gate_up, True, False, block_m, config)
+        h = silu_and_mul(gate_up)
+    else:  # SiLU(gate) * up in the GEMM's epilogue
+        h = torch.empty(t * top_k, two_i // 2, dtype=x.dtype, device=x.device)
+        _grouped(x, w13, pairs, block_expert, route_w, top_k, h, True, False, block_m, config, gated=1)
     y = torch.empty(t * top_k, hidden, dtype=torch.float32, device=x.device)
     _grouped(h, w2, pairs, block_expert, route_w, top_k, y, False, True, block_m, config)
     return sum_pairs(y, t, top_k, x.dtype)

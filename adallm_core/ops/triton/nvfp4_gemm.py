@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from adallm_core.ops import pdl
+from adallm_core.ops.triton.activation import act_mul
 from adallm_core.ops.triton.grid_dependency import wait_for_prior_kernel
 
 # Per-row scale prefactor: bf16(bits) = v * 2^-126, times scale * 2^118 -> v * scale * 2^-8.
@@ -194,12 +195,15 @@ def nvfp4_gemm_kernel(
     stride_xm, stride_wn, stride_sn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     MATH: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr, KERNEL_ORDER: tl.constexpr,
-    TILE_MAJOR: tl.constexpr = False, PDL: tl.constexpr = False,
+    TILE_MAJOR: tl.constexpr = False, PDL: tl.constexpr = False, GATED: tl.constexpr = 0,
 ):
-    # grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K); each split covers a contiguous range of K
+    # grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K); each split covers a contiguous range of K.
+    # GATED (1 SiLU, 2 GELU-tanh): W is a fused gate|up [N = 2I, K] and out [M, I] = act(x @ gate.T) * (x @ up.T); a
+    # program's rows are BLOCK_N / 2 gate rows and the same up rows, so the activation runs in its epilogue.
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_n = tl.cdiv(N, BLOCK_N)
+    OUT_N: tl.constexpr = BLOCK_N // 2 if GATED else BLOCK_N  # output columns a program
+    num_n = tl.cdiv(N // 2 if GATED else N, OUT_N)
     pid_m = pid // num_n
     pid_n = pid % num_n
     BLOCK_KH: tl.constexpr = BLOCK_K // 2
@@ -208,11 +212,17 @@ def nvfp4_gemm_kernel(
     W_PER_TILE: tl.constexpr = BLOCK_KW if MATH == 3 else BLOCK_KH  # w_ptr elements per K tile
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_kx = tl.arange(0, BLOCK_K)
     offs_ks = tl.arange(0, BLOCK_KS)
     mask_m = offs_m < M
-    mask_n = offs_n < N
+    if GATED:  # rows j < BLOCK_N / 2: gate rows of the program's output columns; the rest: their up rows
+        j = tl.arange(0, BLOCK_N)
+        cols = pid_n * OUT_N + j % OUT_N
+        offs_n = cols + (j >= OUT_N).to(tl.int32) * (N // 2)
+        mask_n = cols < N // 2
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
 
     k_tiles = tl.cdiv(K, BLOCK_K)
     tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
@@ -276,10 +286,9 @@ def nvfp4_gemm_kernel(
         acc = tl.trans(acc)
 
     g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0) * _EPI
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
-        tl.store(out_ptrs, (acc * g[None, :]).to(out_ptr.dtype.element_ty), mask=out_mask)
+        _store_out(out_ptr, acc * g[None, :], offs_m, mask_m, pid_n, N, stride_om, BLOCK_M, BLOCK_N, GATED)
     else:
         # Each split writes fp32 partials; the last one to finish (atomic ticket) sums them and resets the ticket,
         # so one launch does the whole job and the lock array stays zero between calls (CUDA-graph safe).
@@ -292,8 +301,26 @@ def nvfp4_gemm_kernel(
             for i in range(SPLIT_K):
                 q_ptrs = part_ptr + (i * M + offs_m[:, None]) * N + offs_n[None, :]
                 total += tl.load(q_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptrs, (total * g[None, :]).to(out_ptr.dtype.element_ty), mask=out_mask)
+            _store_out(out_ptr, total * g[None, :], offs_m, mask_m, pid_n, N, stride_om, BLOCK_M, BLOCK_N, GATED)
             tl.atomic_xchg(lock_ptr + tile, 0)
+
+
+@triton.jit
+def _store_out(out_ptr, y, offs_m, mask_m, pid_n, N, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               GATED: tl.constexpr):
+    """y [BLOCK_M, BLOCK_N] fp32 -> out. GATED: y's columns are gate rows then up rows (the kernel's GATED); each is
+    rounded to out's dtype first, as the linear's own output would be, then act(gate) * up is rounded once."""
+    dt = out_ptr.dtype.element_ty
+    if GATED:
+        half: tl.constexpr = BLOCK_N // 2
+        gate, up = tl.split(tl.permute(tl.reshape(y.to(dt).to(tl.float32), (BLOCK_M, 2, half)), (0, 2, 1)))
+        cols = pid_n * half + tl.arange(0, half)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + cols[None, :], act_mul(gate, up, GATED == 2).to(dt),
+                 mask=mask_m[:, None] & (cols < N // 2)[None, :])
+    else:
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + cols[None, :], y.to(dt),
+                 mask=mask_m[:, None] & (cols < N)[None, :])
 
 
 _WORKSPACE: dict = {}
@@ -380,15 +407,26 @@ def check_args(x: torch.Tensor, w) -> None:
         raise ValueError("nvfp4_linear: x, packed and block_scale need a contiguous last dim")
 
 
-def nvfp4_linear(x: torch.Tensor, w, config: dict | None = None) -> torch.Tensor:
-    """x [M, K] (bf16/fp16/fp32) @ W.T -> [M, N] in x.dtype, exact BF16 products, fp32 accumulation."""
+GATES = {None: 0, "silu": 1, "gelu_tanh": 2}  # the kernel's GATED
+
+
+def nvfp4_linear(x: torch.Tensor, w, config: dict | None = None, activation: str | None = None) -> torch.Tensor:
+    """x [M, K] (bf16/fp16/fp32) @ W.T -> [M, N] in x.dtype, exact BF16 products, fp32 accumulation.
+    activation ('silu' | 'gelu_tanh'): W is a fused gate|up [2I, K] and the result act(x @ gate.T) * (x @ up.T)
+    [M, I], computed in the epilogue with the roundings of the linear followed by the activation op."""
     check_args(x, w)
+    if activation not in GATES:
+        raise ValueError(f"nvfp4_linear: activation must be one of {sorted(a for a in GATES if a)}, got {activation!r}")
     m, k = x.shape
     n = w.out_features
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    gated = GATES[activation]
+    if gated and n % 2:
+        raise ValueError(f"nvfp4_linear: a fused gate|up weight has an even number of rows, got {n}")
+    out = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     cfg = dict(config or pick_config(m, n, k, x.device))
+    cfg["GATED"] = gated
     cfg.setdefault("MATH", DEFAULT_MATH)
     cfg.setdefault("SWAP_AB", False)
     while cfg["BLOCK_K"] > 32 and k % cfg["BLOCK_K"]:
@@ -400,7 +438,8 @@ def nvfp4_linear(x: torch.Tensor, w, config: dict | None = None) -> torch.Tensor
     if w.kernel_order and cfg["MATH"] != 3:
         raise ValueError(f"nvfp4_linear: MATH {cfg['MATH']} reads checkpoint-ordered bytes; this weight is in the "
                          "kernels' word order (MATH 3 only)")
-    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    out_n = cfg["BLOCK_N"] // 2 if gated else cfg["BLOCK_N"]  # output columns a program
+    tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(out.shape[1], out_n)
     part, lock = _workspace(x.device, cfg["SPLIT_K"], m, n, tiles) if cfg["SPLIT_K"] > 1 else (out, out)
     grid = (tiles, cfg["SPLIT_K"])
     packed, stride_wn = w.packed, w.packed.stride(0)
