@@ -164,7 +164,7 @@ def test_gated_linear_op(m, activation):
 @pytest.mark.parametrize("m", [9, 12, 16, 64])
 @pytest.mark.parametrize("tile_major", [False, True])
 def test_nvfp4_linear_gated_epilogue(m, activation, tile_major):
-    """The Triton kernel with the activation in its epilogue, split and unsplit: Qwen3-8B's gate|up, and K of 21 chunks."""
+    """The Triton kernel with the activation in its epilogue, split and unsplit: Qwen3-8B's gate|up; K of 21 chunks."""
     for inter, k in [(12288, 4096), (5376, 2688)]:
         assert kc.case_nvfp4_gated(DEV, m, inter, k, activation, tile_major=tile_major) <= EXACT, (inter, k)
 

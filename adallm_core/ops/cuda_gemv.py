@@ -153,7 +153,8 @@ def supports(x: torch.Tensor, w, gated: bool = False) -> bool:
     order (nvfp4.to_tile_major: N % 16 == 0, K % 128 == 0), and 16-byte aligned rows for its cp.async copies;
     gated (a fused gate|up with its activation), whole 16-row tiles of gate and of up rows (N % 32 == 0).
     Anything else (a wrong K included) goes to the Triton kernel, whose argument checks name the problem."""
-    return (w.tile_major and (not gated or w.out_features % 32 == 0) and x.is_cuda and x.dtype == torch.bfloat16 and 1 <= x.shape[0] <= MAX_M
+    return (w.tile_major and (not gated or w.out_features % 32 == 0)
+            and x.is_cuda and x.dtype == torch.bfloat16 and 1 <= x.shape[0] <= MAX_M
             and x.shape[1] == w.in_features and x.shape[1] % K_TILE == 0
             and x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
             and w.packed.is_contiguous() and w.packed.data_ptr() % 16 == 0

@@ -53,6 +53,6 @@ def check_device(device) -> None:
 
 
 __all__ = [
-    "nvfp4_linear", "nvfp4_gated_linear", "attention", "kv_write", "qk_norm_rope_cache", "rms_norm", "add_rms_norm", "rope", "silu_and_mul",
-    "gelu_tanh_and_mul", "moe", "embedding", "prepare_nvfp4_weight", "check_device",
+    "nvfp4_linear", "nvfp4_gated_linear", "attention", "kv_write", "qk_norm_rope_cache", "rms_norm", "add_rms_norm",
+    "rope", "silu_and_mul", "gelu_tanh_and_mul", "moe", "embedding", "prepare_nvfp4_weight", "check_device",
 ]
