@@ -62,6 +62,14 @@ class Ops:
     prepare_nvfp4_weight: Callable  # once at load: NVFP4Weight -> the same weight in the layout the backend reads
     sources: dict = field(default_factory=dict)  # op name -> module that implements it
 
+    def gated_activation(self, name: str) -> Callable:
+        """The act-and-mul op for a gated MLP's activation name ('silu' | 'gelu_tanh')."""
+        if name == "silu":
+            return self.silu_and_mul
+        if name == "gelu_tanh":
+            return self.gelu_tanh_and_mul
+        raise ValueError(f"gated MLP activation must be 'silu' or 'gelu_tanh', got {name!r}")
+
 
 def select_ops(backend: str, device) -> Ops:
     device = torch.device(device)

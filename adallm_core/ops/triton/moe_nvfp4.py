@@ -8,9 +8,9 @@ no host sync; the grid is sized for the worst case and blocks past the end exit)
 One launch computes x[token] @ w13[e].T for every pair (rows gathered, weights dequantized in registers exactly as in
 nvfp4_gemm, with its PTX word dequantization on the GPU) with SiLU-and-mul in its epilogue (a program's rows are
 gate rows and the same up rows, as nvfp4_gemm's GATED; a separate launch in steps with PDL, where it pays), then
-one launch of h @ w2[e].T scaled by the pair's routing
-weight, then one launch that sums each token's top_k rows. (SiLU-and-mul computed in the second GEMM's loads
-instead lost: the activation lands on the operand's path in every N tile, benchmarks/NOTES.md.)
+one launch of h @ w2[e].T scaled by the pair's routing weight, then one launch that sums each token's top_k rows.
+(SiLU-and-mul computed in the second GEMM's loads instead lost: the activation lands on the operand's path in every
+N tile, benchmarks/NOTES.md.)
 """
 from __future__ import annotations
 
