@@ -25,7 +25,10 @@
 // in fp32, rounded once.
 //
 // Launched with programmatic dependent launch on sm_90+ (adallm_core/ops/pdl.py), a block fills its ring's first
-// weight stages before it waits for the kernel that writes x.
+// weight stages before it waits for the kernel that writes x. A grid of at most one block an SM then asks for more
+// than half an SM's shared memory: its blocks are placed while the kernel before it still runs, and without that
+// they pile two or three onto the SMs that free first (fused gate|up then down at one token: down on ~108 SMs, its
+// slowest block 16 us instead of 10.8; benchmarks/NOTES.md).
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <cstdint>
@@ -272,6 +275,9 @@ __global__ void __launch_bounds__(WARPS * 32) nvfp4_gemv_kernel(
 // Host side: plain pointers, so the file builds without torch headers too (see adallm_core/ops/cuda_gemv.py).
 constexpr int kMaxM = 8;  // one MMA token tile (a second one lost to the Triton kernel: benchmarks/NOTES.md)
 
+// Set per device by adallm_nvfp4_gemv_init: the SM count, and the shared memory that leaves room for one block an SM
+static int g_sms = 0, g_one_block_an_sm = 0;
+
 template <int ROWS, int WARPS, int DEPTH>
 struct Variant {
   static constexpr auto kernel = adallm::nvfp4_gemv_kernel<ROWS, WARPS, DEPTH>;
@@ -281,16 +287,18 @@ struct Variant {
   // Up front, not at launch: a CUDA-graph capture must not meet the first call. Per device: the current one
   static int allow_smem(int optin) {
     allowed = min(smem(kMaxM), optin);
-    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, allowed) != cudaSuccess;
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                max(allowed, g_one_block_an_sm)) != cudaSuccess;
   }
   static int launch(const void* x, const void* w, const void* s, const float* g, void* out, int M, int N, int K,
                     long stride_xm, long stride_om, int act, int pdl, cudaStream_t stream) {
     if (act && (ROWS % 2 || N % 32)) return 1;  // a block pairs gate and up tiles
     if (!fits(M)) return 3;  // e.g. 4 row tiles of 7-8 tokens on Ada (99 KB a block)
     cudaLaunchConfig_t config = {};
-    config.gridDim = dim3((N + 16 * ROWS - 1) / (16 * ROWS));
+    const int blocks = (N + 16 * ROWS - 1) / (16 * ROWS);
+    config.gridDim = dim3(blocks);
     config.blockDim = dim3(WARPS * 32);
-    config.dynamicSmemBytes = smem(M);
+    config.dynamicSmemBytes = pdl && blocks <= g_sms ? max(smem(M), g_one_block_an_sm) : smem(M);
     config.stream = stream;
     cudaLaunchAttribute attribute[1];
     attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -309,9 +317,13 @@ struct Variant {
 #define ADALLM_VARIANTS(X) X(0, 2, 8, 2) X(1, 1, 8, 4) X(2, 2, 16, 2) X(3, 4, 8, 2)
 
 extern "C" int adallm_nvfp4_gemv_init() {
-  int device = 0, optin = 0;
+  int device = 0, optin = 0, per_sm = 0, reserved = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 5;
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
+  cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device);
+  cudaDeviceGetAttribute(&g_sms, cudaDevAttrMultiProcessorCount, device);
+  g_one_block_an_sm = min(optin, per_sm / 2 - reserved + 1024);  // two such blocks exceed the SM
   int rc = 0;
 #define ADALLM_ALLOW(V, R, W, D) rc |= Variant<R, W, D>::allow_smem(optin);
   ADALLM_VARIANTS(ADALLM_ALLOW)

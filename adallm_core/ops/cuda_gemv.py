@@ -34,7 +34,7 @@ _IN_WHEEL = _PACKAGE / "csrc" / "nvfp4_gemv.cu"
 SOURCE = _IN_WHEEL if _IN_WHEEL.exists() else _PACKAGE.parent / "csrc" / "nvfp4_gemv.cu"
 ARCHS = "8.9;9.0+PTX"  # Ada (the product), Hopper (the test machine), PTX for GPUs after them
 MIN_CAPABILITY = (8, 9)  # before Ada (Ampere) the Triton kernel runs every M
-EXTENSION = "adallm_nvfp4_gemv_v5"
+EXTENSION = "adallm_nvfp4_gemv_v6"
 STALE_LOCK_S = 900  # a build takes about a minute on 16 cores, a few on 2
 VARIANTS = 4  # 0 = the default; csrc names the rest
 FOUR_ROW_TILES = 3  # 64 rows a block, 8 warps

@@ -12,15 +12,16 @@ at load, long before any decode kernel runs.) Then each kernel completes only af
 stays in stream order and a kernel launched without PDL (cuBLAS, torch) sees everything before it as usual.
 
 Only steps of at most MAX_TOKENS tokens launch so. Measured on the H200 (benchmarks/NOTES.md, decode ms a step,
-without -> with PDL on every kernel): Qwen3-8B batch 1 2.72 -> 2.51, batch 4 2.83 -> 2.65, batch 8 3.19 -> 3.14,
-batch 16 3.49 -> 3.36 (a tie, 3.44, after the attention fusion), batch 32 4.65 -> 4.95; Gemma3-27B batch 1 7.94 ->
-7.38, batch 4 8.38 -> 8.01, batches 5-8 8.93-9.00 -> 9.48-9.55, batch 16 11.00 -> 11.26; Qwen3-30B-A3B batch 1 3.11
--> 2.76, batch 8 5.95 -> 5.71. Up to 4 tokens it wins on every shape measured. At 5-8 it depends on the model
-(Gemma3-27B 6% slower, Qwen3-8B 1.5% and Qwen3-30B-A3B 4% faster) for a reason not found yet, so those steps
-launch plainly, as they do on Ada.
+without -> with PDL on every kernel): Qwen3-8B batch 1 2.72 -> 2.51, batch 4 2.83 -> 2.65, batch 16 3.49 -> 3.36 (a
+tie, 3.44, after the attention fusion), batch 32 4.65 -> 4.95; Gemma3-27B batch 1 7.94 -> 7.38, batch 16 11.00 ->
+11.26. Steps of 5-8 tokens lost on Gemma3-27B (8.98 -> 9.54 ms at batch 8) until the CUDA linear's one-wave grids
+took one block an SM under PDL (csrc/nvfp4_gemv.cu): a grid placed while the kernel before it still runs had piled
+two or three blocks onto the SMs that freed first. With that, batch 8 runs Qwen3-8B 3.14 -> 2.89 ms and Gemma3-27B
+8.75 -> 8.35 against PDL up to 4 tokens. Above 8 tokens the Triton linear runs, whose blocks cannot be spread so.
 
-In steps that launch so, the gate|up linear keeps its activation kernel after it (ops/triton/nvfp4_prefill.py
-nvfp4_gated_linear): fused into its epilogue, gate|up followed directly by down was slower with PDL.
+The gate|up linear fuses its activation in these steps only on the CUDA kernel (ops/triton/nvfp4_prefill.py
+nvfp4_gated_linear; the MoE keeps its activation kernel): down, a Triton kernel right after a Triton gate|up, would
+pile up as above.
 
 Ada (sm_89), the product's target, has no PDL: there the same kernels compile without the wait and launch as
 before. ADALLM_DISABLE_PDL=1 turns it off everywhere (A/B runs, debugging).
@@ -33,7 +34,7 @@ import os
 import torch
 
 MIN_CAPABILITY = (9, 0)
-MAX_TOKENS = 4
+MAX_TOKENS = 8
 
 
 @functools.cache

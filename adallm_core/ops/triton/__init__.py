@@ -17,7 +17,7 @@ Each op is a thin wrapper that checks shapes and dtypes, then launches the kerne
   embedding                  embedding.py        row gather; the table may sit in pinned host memory
   prepare_nvfp4_weight       nvfp4_gemm.py       at load: kernels' word order, tile-major (nvfp4.to_tile_major)
 Not in the op table, for comparison: w4a8_gemm.py (FP8 tensor cores, per-token FP8 activations) and quant.py.
-The decode kernels start with grid_dependency.wait_for_prior_kernel: on sm_90+ steps of up to 4 tokens launch with
+The decode kernels start with grid_dependency.wait_for_prior_kernel: on sm_90+ steps of up to 8 tokens launch with
 programmatic dependent launch (../pdl.py).
 """
 from __future__ import annotations
