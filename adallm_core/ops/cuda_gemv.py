@@ -22,6 +22,7 @@ import torch
 
 from adallm_core.nvfp4 import to_kernel_order
 from adallm_core.ops import pdl
+from adallm_core.ops.triton.activation import EPILOGUE_CODES
 
 logger = logging.getLogger(__name__)
 
@@ -198,9 +199,6 @@ def pick_variant(m: int, n: int, device_index: int) -> int:
     return FOUR_ROW_TILES if (uneven or wide) and fits(m, FOUR_ROW_TILES) else 0
 
 
-ACTIVATIONS = {None: 0, "silu": 1, "gelu_tanh": 2}  # csrc's act
-
-
 def nvfp4_gemv(x: torch.Tensor, w, module=None, variant: int | None = None, out: torch.Tensor | None = None,
                activation: str | None = None) -> torch.Tensor:
     """x [M <= 8, K] bf16 @ W.T -> [M, N] bf16 (caller checked supports()). variant: see csrc; None = pick_variant.
@@ -209,7 +207,7 @@ def nvfp4_gemv(x: torch.Tensor, w, module=None, variant: int | None = None, out:
     module = module or load()
     if variant is None:
         variant = pick_variant(x.shape[0], w.out_features, x.device.index)
-    act = ACTIVATIONS[activation]
+    act = EPILOGUE_CODES[activation]
     if out is None:
         out = torch.empty(x.shape[0], w.out_features // 2 if act else w.out_features, dtype=x.dtype, device=x.device)
     rc = module.nvfp4_gemv(x, w.packed.view(torch.int32), w.block_scale.view(torch.uint8), w.global_scale, out,

@@ -59,3 +59,5 @@ def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 GATED_ACTIVATIONS = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}
+# the code a linear's epilogue takes for each (Triton GATED, csrc act; both use act_mul's formulas)
+EPILOGUE_CODES = {None: 0, "silu": 1, "gelu_tanh": 2}

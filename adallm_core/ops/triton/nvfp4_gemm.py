@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from adallm_core.ops import pdl
-from adallm_core.ops.triton.activation import act_mul
+from adallm_core.ops.triton.activation import EPILOGUE_CODES, act_mul
 from adallm_core.ops.triton.grid_dependency import wait_for_prior_kernel
 
 # Per-row scale prefactor: bf16(bits) = v * 2^-126, times scale * 2^118 -> v * scale * 2^-8.
@@ -407,19 +407,17 @@ def check_args(x: torch.Tensor, w) -> None:
         raise ValueError("nvfp4_linear: x, packed and block_scale need a contiguous last dim")
 
 
-GATES = {None: 0, "silu": 1, "gelu_tanh": 2}  # the kernel's GATED
-
-
 def nvfp4_linear(x: torch.Tensor, w, config: dict | None = None, activation: str | None = None) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32) @ W.T -> [M, N] in x.dtype, exact BF16 products, fp32 accumulation.
     activation ('silu' | 'gelu_tanh'): W is a fused gate|up [2I, K] and the result act(x @ gate.T) * (x @ up.T)
     [M, I], computed in the epilogue with the roundings of the linear followed by the activation op."""
     check_args(x, w)
-    if activation not in GATES:
-        raise ValueError(f"nvfp4_linear: activation must be one of {sorted(a for a in GATES if a)}, got {activation!r}")
+    if activation not in EPILOGUE_CODES:
+        raise ValueError(f"nvfp4_linear: activation must be one of {sorted(a for a in EPILOGUE_CODES if a)}, "
+                         f"got {activation!r}")
     m, k = x.shape
     n = w.out_features
-    gated = GATES[activation]
+    gated = EPILOGUE_CODES[activation]
     if gated and n % 2:
         raise ValueError(f"nvfp4_linear: a fused gate|up weight has an even number of rows, got {n}")
     out = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)

@@ -70,7 +70,8 @@ def nvfp4_gated_linear(x: torch.Tensor, w, activation: str) -> torch.Tensor:
     linear's epilogue (CUDA or tiled kernel), one launch fewer a layer; the prefill path runs the linear, then the
     activation. In steps that launch with programmatic dependent launch (pdl.py) only the CUDA kernel fuses: its
     grids of one wave take one block an SM there (csrc/nvfp4_gemv.cu), while a Triton down placed during gate|up's
-    last blocks piles onto the SMs that free first, and the activation kernel between them pays (benchmarks/NOTES.md)."""
+    last blocks piles onto the SMs that free first, and the activation kernel between them pays
+    (benchmarks/NOTES.md)."""
     if activation not in GATED_ACTIVATIONS:
         raise ValueError(f"nvfp4_gated_linear: activation must be one of {sorted(GATED_ACTIVATIONS)}, "
                          f"got {activation!r}")
