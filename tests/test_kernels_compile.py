@@ -46,7 +46,7 @@ def moe_case():
     pointers = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*u8", g_ptr="*fp32", out_ptr="*bf16", pairs_ptr="*i32",
                     block_expert_ptr="*i32", route_w_ptr="*fp32")
     constexprs = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GATHER=True, WEIGHTED=False, MATH=3, KERNEL_ORDER=True,
-                      PDL=False, GATED=1)
+                      PDL=False, GATED=1, SWAP_AB=True)
     return moe_gemm_kernel, pointers, constexprs
 
 
@@ -90,7 +90,8 @@ def small_ops_cases():
 
 
 CASES = {
-    "linear_decode": lambda: linear_case("*u8"),  # 1-16 tokens, split-K
+    "linear_decode": lambda: linear_case("*u8"),  # split-K
+    "linear_decode_swap_ab": lambda: linear_case("*u8", SWAP_AB=True),  # 1-16 tokens (pick_config)
     "linear_tiles": lambda: linear_case("*u8", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, SWAP_AB=True),
     "linear_decode_gated": lambda: linear_case("*u8", GATED=1),  # SiLU in the epilogue
     "linear_tiles_gated": lambda: linear_case("*u8", BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, SWAP_AB=True,
