@@ -150,8 +150,10 @@ def sweep_configs(m: int) -> list[dict]:
             out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages,
                             MATH=3))
     # weights as the MMA's A operand (SWAP_AB, straight from registers); the B-operand grid was swept before
-    # (benchmarks/NOTES.md), its best configs are the default table
-    for bn, bk, warps, stages in ((64, 256, 4, 3), (64, 128, 4, 4), (128, 128, 4, 3), (128, 256, 8, 3)):
+    # (benchmarks/NOTES.md), its best configs are the default table. Two warps keep Hopper on mma.sync (the 9-16-token
+    # default); four put 64+ rows on wgmma there
+    for bn, bk, warps, stages in ((32, 256, 2, 3), (32, 512, 2, 3), (64, 256, 2, 3), (64, 256, 4, 3), (64, 128, 4, 4),
+                                  (128, 128, 4, 3), (128, 256, 8, 3)):
         for split in (1, 2, 4, 8):
             out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages,
                             MATH=3, SWAP_AB=True))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -95,9 +96,13 @@ def ray_head():
     """`ray start --head --block`, stopped by signalling that process (a plain `ray stop` would stop every Ray
     on the machine, other users' included). Drivers run in their own processes, as users' do."""
     temp_dir = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # short: Ray's unix socket paths live under it
-    # Ray's token auth: the head and every client use ~/.ray/auth_token; a client joining an existing cluster
-    # only sends it when told to.
+    # Ray's token auth: the head and every client (drivers, `ray job submit`) read this file; a client joining an
+    # existing cluster only sends it when told to. `ray start` does not create one, and ~/.ray/auth_token exists
+    # only where a local `ray.init()` ran before, so the head gets its own.
+    token = Path(temp_dir) / "auth_token"
+    token.write_text(secrets.token_hex(32))
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(token),
            "RAY_raylet_start_wait_time_s": "120", "RAY_agent_register_timeout_ms": "120000"}
     for attempt in range(3):  # start-up on a loaded 2-core machine can exceed Ray's fixed 30 s waits
         port, dashboard = _free_port(), _free_port()
