@@ -119,6 +119,34 @@ def test_small_ops_compile_for_ampere():
         assert compile_for(fn, 86, pointers, constexprs).asm["cubin"], fn.__name__
 
 
+def _sass(cubin: bytes, tmp_path) -> str:
+    """Triton's own nvdisasm (bundled with its wheel) on a cubin."""
+    import subprocess
+    from pathlib import Path
+
+    path = tmp_path / "kernel.cubin"
+    path.write_bytes(cubin)
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    return subprocess.run([str(nvdisasm), "-c", str(path)], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_decode_tiles_stay_on_mma_sync_on_hopper(gated, tmp_path):
+    """The 9-16-token tiles pick_config gives (weights as the MMA's A operand, 64+ rows for wide shapes) must compile to
+    mma.sync on Hopper, as on Ada: with four warps Triton lowers such a dot to wgmma, which sends the dequantized tile
+    through shared memory (1.6x slower at 16 tokens, benchmarks/NOTES.md session 25)."""
+    import torch
+
+    from adallm_core.ops.triton.nvfp4_gemm import pick_config
+
+    cfg = pick_config(16, 24576, 4096, torch.device("cpu"), gated=gated)
+    tiles = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")}
+    fn, pointers, constexprs = linear_case("*fp8e4nv", SWAP_AB=cfg.get("SWAP_AB", False), GATED=int(gated), **tiles)
+    kernel = compile_for(fn, 90, pointers, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    sass = _sass(kernel.asm["cubin"], tmp_path)
+    assert "HMMA" in sass and "HGMMA" not in sass, cfg
+
+
 def test_fp8_scales_need_ada():
     """What the byte view avoids: an E4M3 scale pointer does not compile for sm_86, and does for sm_89."""
     fn, pointers, constexprs = linear_case("*fp8e4nv")
