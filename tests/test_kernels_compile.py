@@ -132,9 +132,9 @@ def _sass(cubin: bytes, tmp_path) -> str:
 
 @pytest.mark.parametrize("gated", [False, True])
 def test_decode_tiles_stay_on_mma_sync_on_hopper(gated, tmp_path):
-    """The 9-16-token tiles pick_config gives (weights as the MMA's A operand, 64+ rows for wide shapes) must compile to
-    mma.sync on Hopper, as on Ada: with four warps Triton lowers such a dot to wgmma, which sends the dequantized tile
-    through shared memory (1.6x slower at 16 tokens, benchmarks/NOTES.md session 25)."""
+    """The 9-16-token tiles pick_config gives (the swapped ones: weights as the MMA's A operand) must compile to
+    mma.sync on Hopper, as on Ada: as 64 rows on four warps Triton lowers that dot to wgmma, which sends the
+    dequantized tile through shared memory (1.6x slower at 16 tokens, benchmarks/NOTES.md session 25)."""
     import torch
 
     from adallm_core.ops.triton.nvfp4_gemm import pick_config

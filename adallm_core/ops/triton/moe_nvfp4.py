@@ -23,7 +23,7 @@ from adallm_core.ops.triton.activation import silu_and_mul
 from adallm_core.ops.triton.grid_dependency import wait_for_prior_kernel
 from adallm_core.ops.triton.moe_routing import MAX_PAIRS, padded_pairs, route_and_sort
 from adallm_core.ops.triton.nvfp4_gemm import (DEFAULT_MATH, _EPI, _dequant_tile, _dequant_words, _store_out,
-                                               block_scales)
+                                               block_scales, dot_xw)
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def moe_gemm_kernel(
     x_ptrs = x_ptr + row.to(tl.int64)[:, None] * stride_xm + offs_kx[None, :]
     w_ptrs = w_ptr + e64 * stride_we + offs_n[:, None] * stride_wn + offs_w[None, :]
     s_ptrs = s_ptr + e64 * stride_se + offs_n[:, None] * stride_sn + offs_ks[None, :]
-    # SWAP_AB (MATH 3): the dequantized weights as the A operand, as nvfp4_gemm's decode tiles
+    # SWAP_AB: the dequantized weights as the A operand, as nvfp4_gemm's decode tiles
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -74,17 +74,13 @@ def moe_gemm_kernel(
         if MATH == 3:  # the decode kernel's word dequantization, one dot in natural K order
             w = _dequant_words(w_ptrs + t * W_PER_TILE, s_ptrs + t * BLOCK_KS, ok_n[:, None], ok_n[:, None],
                                BLOCK_N, W_PER_TILE, KERNEL_ORDER)
-            if SWAP_AB:
-                acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc)
-            else:
-                acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
+            acc = dot_xw(acc, x, w, SWAP_AB)
         else:
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_KH, 2)))
             lo, hi = _dequant_tile(w_ptrs + t * BLOCK_KH, s_ptrs + t * BLOCK_KS, ok_n[:, None], ok_n[:, None],
                                    BLOCK_N, BLOCK_KH, MATH)
-            dt = lo.dtype
-            acc = tl.dot(x_even.to(dt), tl.trans(lo), acc)
-            acc = tl.dot(x_odd.to(dt), tl.trans(hi), acc)
+            acc = dot_xw(acc, x_even, lo, SWAP_AB)
+            acc = dot_xw(acc, x_odd, hi, SWAP_AB)
     if SWAP_AB:
         acc = tl.trans(acc)
     g = tl.load(g_ptr + e64 * stride_ge + offs_n, mask=ok_n, other=0.0) * _EPI

@@ -179,6 +179,16 @@ def _dequant_words(w_ptrs, s_ptrs, mask_w, mask_s, BLOCK_N: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def dot_xw(acc, x, w, SWAP_AB: tl.constexpr):
+    """acc + x @ w.T for x [M, K] and a dequantized weight tile w [N, K]; SWAP_AB: acc is [N, M] and gets w @ x.T,
+    with the weights as the MMA's A operand."""
+    if SWAP_AB:
+        return tl.dot(w, tl.trans(x.to(w.dtype)), acc)
+    else:
+        return tl.dot(x.to(w.dtype), tl.trans(w), acc)
+
+
+@triton.jit
 def _tile_major_offsets(offs_n, kw, ks, K):
     """Word and scale-byte offsets of rows offs_n, words kw and scale groups ks in nvfp4.to_tile_major's layout:
     bands of 16 rows stored in 128-K chunks of 16 words (and 8 scale bytes) a row."""
@@ -268,21 +278,13 @@ def nvfp4_gemm_kernel(
             else:
                 w = _dequant_words(w_ptrs + t * BLOCK_KW, s_ptrs + t * BLOCK_KS, mask_w, mask_s, BLOCK_N, BLOCK_KW,
                                    KERNEL_ORDER)
-            if SWAP_AB:
-                acc = tl.dot(w, tl.trans(x.to(w.dtype)), acc)
-            else:
-                acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
+            acc = dot_xw(acc, x, w, SWAP_AB)
         else:
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_KH, 2)))
             lo, hi = _dequant_tile(w_ptrs + t * BLOCK_KH, s_ptrs + t * BLOCK_KS, mask_w, mask_s, BLOCK_N, BLOCK_KH,
                                    MATH)
-            dt = lo.dtype
-            if SWAP_AB:
-                acc = tl.dot(lo, tl.trans(x_even.to(dt)), acc)
-                acc = tl.dot(hi, tl.trans(x_odd.to(dt)), acc)
-            else:
-                acc = tl.dot(x_even.to(dt), tl.trans(lo), acc)
-                acc = tl.dot(x_odd.to(dt), tl.trans(hi), acc)
+            acc = dot_xw(acc, x_even, lo, SWAP_AB)
+            acc = dot_xw(acc, x_odd, hi, SWAP_AB)
     if SWAP_AB:
         acc = tl.trans(acc)
 
@@ -372,9 +374,9 @@ def pick_config(m: int, n: int, k: int, device, gated: bool = False) -> dict:
         # gate|up epilogue of swapped tiles lost end to end on Qwen3-8B (H200, NOTES.md)
         block_m, block_n, block_k, stages, waves = 16, 64, 256, 3, 2
     elif m <= 16:
-        # weights as the A operand of mma.sync (no moves to build x's fragments); two warps, as four would make
-        # Hopper's Triton pick wgmma, which takes the weight tile through shared memory (H200 at 16 tokens: Qwen3-8B
-        # layer 66.2 -> 64.2 us, Gemma3-27B 127.8 -> 120.2; benchmarks/NOTES.md)
+        # weights as the A operand of mma.sync (no moves to build x's fragments), 32 rows on two warps: 64 rows on
+        # four make Hopper's Triton pick wgmma, which takes the weight tile through shared memory (H200 at 16 tokens:
+        # Qwen3-8B layer 66.2 -> 64.2 us, Gemma3-27B 127.8 -> 120.2; benchmarks/NOTES.md)
         block_m, block_n, block_k, stages, waves = 16, 32, 256, 3, 4
         swap, warps = dict(SWAP_AB=True), 2
     elif m < 256:  # more rows reuse each dequantized tile; wider N where there are enough tiles
