@@ -131,7 +131,8 @@ def _sass(cubin: bytes, tmp_path) -> str:
 
 
 @pytest.mark.parametrize("gated", [False, True])
-def test_decode_tiles_stay_on_mma_sync_on_hopper(gated, tmp_path):
+@pytest.mark.parametrize("n, k", [(24576, 4096), (43008, 5376)])  # Qwen3-8B's and Gemma3-27B's gate|up: 32, 64 rows
+def test_decode_tiles_stay_on_mma_sync_on_hopper(gated, n, k, tmp_path):
     """The 9-16-token tiles pick_config gives (the swapped ones: weights as the MMA's A operand) must compile to
     mma.sync on Hopper, as on Ada: as 64 rows on four warps Triton lowers that dot to wgmma, which sends the
     dequantized tile through shared memory (1.6x slower at 16 tokens, benchmarks/NOTES.md session 25)."""
@@ -139,7 +140,8 @@ def test_decode_tiles_stay_on_mma_sync_on_hopper(gated, tmp_path):
 
     from adallm_core.ops.triton.nvfp4_gemm import pick_config
 
-    cfg = pick_config(16, 24576, 4096, torch.device("cpu"), gated=gated)
+    cfg = pick_config(16, n, k, torch.device("cpu"))
+    assert cfg.get("SWAP_AB"), cfg
     tiles = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")}
     fn, pointers, constexprs = linear_case("*fp8e4nv", SWAP_AB=cfg.get("SWAP_AB", False), GATED=int(gated), **tiles)
     kernel = compile_for(fn, 90, pointers, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

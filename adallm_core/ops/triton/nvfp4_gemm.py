@@ -364,20 +364,20 @@ def block_scales(w, device) -> torch.Tensor:
     return w.block_scale if fp8_scales(device) else w.block_scale.view(torch.uint8)
 
 
-def pick_config(m: int, n: int, k: int, device, gated: bool = False) -> dict:
+def pick_config(m: int, n: int, k: int, device) -> dict:
     """Tile choice by shape (from the H100 sweeps in benchmarks/NOTES.md): small M is a memory-bound stream over W,
     split along K until the programs fill the SMs; large M is a tensor-core GEMM with wide M tiles."""
     sms = _num_sms(device)
     swap, warps = {}, 4
-    if m <= 8 or (m <= 16 and gated):
-        # 1-8 tokens run here only before Ada (the CUDA kernel takes them after), unmeasured with swapped tiles; the
-        # gate|up epilogue of swapped tiles lost end to end on Qwen3-8B (H200, NOTES.md)
+    if m <= 8:
+        # 1-8 tokens run here only before Ada (the CUDA kernel takes them after), unmeasured with swapped tiles
         block_m, block_n, block_k, stages, waves = 16, 64, 256, 3, 2
     elif m <= 16:
-        # weights as the A operand of mma.sync (no moves to build x's fragments), 32 rows on two warps: 64 rows on
-        # four make Hopper's Triton pick wgmma, which takes the weight tile through shared memory (H200 at 16 tokens:
-        # Qwen3-8B layer 66.2 -> 64.2 us, Gemma3-27B 127.8 -> 120.2; benchmarks/NOTES.md)
-        block_m, block_n, block_k, stages, waves = 16, 32, 256, 3, 4
+        # weights as the A operand of mma.sync (no moves to build x's fragments) on two warps: 64 rows on four make
+        # Hopper's Triton pick wgmma, which takes the weight tile through shared memory. 64 rows a program where
+        # they still make 4 waves (Gemma3-27B's gate|up), else 32 (H200 at 16 tokens, benchmarks/NOTES.md)
+        block_m, block_k, stages, waves = 16, 256, 3, 4
+        block_n = 64 if triton.cdiv(n, 64) >= waves * sms else 32
         swap, warps = dict(SWAP_AB=True), 2
     elif m < 256:  # more rows reuse each dequantized tile; wider N where there are enough tiles
         block_m, block_k, stages, waves = (32 if m <= 32 else 64), 128, 4, 1
@@ -393,8 +393,8 @@ def pick_config(m: int, n: int, k: int, device, gated: bool = False) -> dict:
     while tiles * split_k < waves * sms and k // (block_k * split_k * 2) >= 2:
         split_k *= 2
     # long K loops: twice as long tiles, half the splits (swept at M = 1: gate_up 29.7 -> 27.2 us, down 18.0 -> 17.3);
-    # from 9 tokens only where there is no split to halve (H200, 16 tokens: Gemma3-27B down 37.2 -> 48.9 us halved)
-    if m <= 16 and k // (block_k * split_k) >= 6 and (m <= 8 or split_k == 1):
+    # not from 9 tokens (H200, 16 tokens: Gemma3-27B down 37.2 -> 48.9 us halved, Qwen3-8B gate|up 25.6 -> 32.8)
+    if m <= 8 and k // (block_k * split_k) >= 6:
         block_k, split_k = 512, max(1, split_k // 2)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=warps,
                 num_stages=stages, MATH=DEFAULT_MATH, **swap)
@@ -435,7 +435,7 @@ def nvfp4_linear(x: torch.Tensor, w, config: dict | None = None, activation: str
     out = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    cfg = dict(config or pick_config(m, n, k, x.device, gated=bool(gated)))
+    cfg = dict(config or pick_config(m, n, k, x.device))
     cfg["GATED"] = gated
     cfg.setdefault("MATH", DEFAULT_MATH)
     cfg.setdefault("SWAP_AB", False)
