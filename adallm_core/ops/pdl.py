@@ -17,7 +17,9 @@ tie, 3.44, after the attention fusion), batch 32 4.65 -> 4.95; Gemma3-27B batch 
 11.26. Steps of 5-8 tokens lost on Gemma3-27B (8.98 -> 9.54 ms at batch 8) until the CUDA linear's one-wave grids
 took one block an SM under PDL (csrc/nvfp4_gemv.cu): a grid placed while the kernel before it still runs had piled
 two or three blocks onto the SMs that freed first. With that, batch 8 runs Qwen3-8B 3.14 -> 2.89 ms and Gemma3-27B
-8.75 -> 8.35 against PDL up to 4 tokens. Above 8 tokens the Triton linear runs, whose blocks cannot be spread so.
+8.75 -> 8.35 against PDL up to 4 tokens. Above 8 tokens the Triton linear runs, whose blocks cannot be spread so:
+PDL to 16 tokens took Qwen3-8B batch 16 3.16 -> 3.03 ms but Gemma3-27B 9.31 -> 9.61, its down piling up after
+gate|up (a trace: +7.4 us a layer), and Qwen3-8B's gain needs down under PDL too.
 
 The gate|up linear fuses its activation in these steps only on the CUDA kernel (ops/triton/nvfp4_prefill.py
 nvfp4_gated_linear; the MoE keeps its activation kernel): down, a Triton kernel right after a Triton gate|up, would
