@@ -164,8 +164,9 @@ def test_gated_linear_op(m, activation):
 @pytest.mark.parametrize("m", [9, 12, 16, 64])
 @pytest.mark.parametrize("tile_major", [False, True])
 def test_nvfp4_linear_gated_epilogue(m, activation, tile_major):
-    """The Triton kernel with the activation in its epilogue, split and unsplit: Qwen3-8B's gate|up; K of 21 chunks."""
-    for inter, k in [(12288, 4096), (5376, 2688)]:
+    """The Triton kernel with the activation in its epilogue, split and unsplit: Qwen3-8B's gate|up; K of 21 chunks;
+    Gemma3-27B's gate|up (64-row tiles from 9 tokens, pick_config)."""
+    for inter, k in [(12288, 4096), (5376, 2688), (21504, 5376)]:
         assert kc.case_nvfp4_gated(DEV, m, inter, k, activation, tile_major=tile_major) <= EXACT, (inter, k)
 
 
