@@ -1,7 +1,9 @@
 """Where a decode step's time goes: the engine's whole step against its CUDA graph replay alone (the difference is
 host time the GPU waits for), the kernels of one eager step by CUDA time, and the host's hottest Python calls.
+--replay-trace adds the kernels of one graph replay by their share of its span: with programmatic dependent launch
+kernels start before their predecessor ends, so their own durations overlap and no longer add up to the step.
 
-    python -m benchmarks.step_profile --shape qwen3-8b --batch 1,16
+    python -m benchmarks.step_profile --shape qwen3-8b --batch 1,16 [--replay-trace]
 
 RANDOM weights of the real shapes (built on the GPU, nothing downloaded): only time means anything.
 """
@@ -10,9 +12,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import pstats
 import sys
 import time
+from collections import defaultdict
 
 import torch
 
@@ -54,6 +58,40 @@ def kernel_table(runner, batch: int, top: int = 14) -> list[tuple[str, float, in
     return rows[:top], sum(r[1] for r in rows)
 
 
+def span_shares(kernels: list[dict]) -> tuple[list[tuple[str, float, float, int]], float]:
+    """Chrome-trace kernel events (ts, dur in us; name; args.grid) -> rows (kernel and grid, share, summed duration,
+    count) by share, and the span. A kernel's share is how far it moves the running end of everything before it (an
+    idle gap counts to the kernel that ends it), so the shares add up to the span however the kernels overlap."""
+    kernels = sorted(kernels, key=lambda e: e["ts"])
+    share, dur, count = defaultdict(float), defaultdict(float), defaultdict(int)
+    end = kernels[0]["ts"]
+    for e in kernels:
+        key = f"{e['name'][:48]} grid {tuple(e.get('args', {}).get('grid', ()))}"
+        stop = e["ts"] + e["dur"]
+        share[key] += max(0.0, stop - end)
+        dur[key] += e["dur"]
+        count[key] += 1
+        end = max(end, stop)
+    rows = sorted(((k, share[k], dur[k], count[k]) for k in share), key=lambda r: -r[1])
+    return rows, end - kernels[0]["ts"]
+
+
+def replay_trace(runner, batch: int, path: str) -> tuple[list, float]:
+    """One graph replay of the bucket serving `batch` under the profiler (CUPTI sees the graph's kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs = runner.graphs
+    graph = graphs.graphs[next(b for b in graphs.buckets if b >= batch)]
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        return span_shares([e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel"])
+
+
 def host_profile(engine, batch: int, vocab: int) -> str:
     prof = cProfile.Profile()
     prof.enable()
@@ -77,6 +115,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="qwen3-8b")
     p.add_argument("--batch", default="1,16")
+    p.add_argument("--replay-trace", action="store_true", help="also the kernels of one graph replay by their share "
+                   "of its span (the Chrome trace is left in the working directory)")
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batch.split(",")]
     engine, runner = build_engine(args.shape, max(batches), 128, 128, enforce_eager=False)
@@ -97,6 +137,13 @@ def main(argv=None) -> int:
         for name, ms, n in kernels:
             print(f"{ms:8.3f} {n:5d}  {name}")
         print(f"{eager_gpu:8.3f}        total CUDA time of the eager step")
+        if args.replay_trace:
+            path = f"replay_trace_{args.shape}_b{b}.json"
+            rows, span = replay_trace(runner, b, path)
+            print(f"\n== batch {b}: one graph replay, span {span / 1e3:.3f} ms ({path}): share ms, duration ms, "
+                  "calls ==")
+            for key, share, dur, n in rows[:16]:
+                print(f"{share / 1e3:8.3f} {dur / 1e3:8.3f} {n:5d}  {key}")
         t0 = time.perf_counter()
         print(host_profile(engine, b, vocab))
         print(f"(host profile run {time.perf_counter() - t0:.2f} s, slowed by cProfile)")
