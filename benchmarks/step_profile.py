@@ -23,10 +23,14 @@ import torch
 from benchmarks.decode import build_engine, reachable, run_batch
 
 
-def replay_ms(runner, batch: int, reps: int = 50) -> float:
+def bucket_graph(runner, batch: int):
+    """The decode CUDA graph that serves `batch` sequences (the engine's own bucket choice)."""
     graphs = runner.graphs
-    bucket = next(b for b in graphs.buckets if b >= batch)
-    graph = graphs.graphs[bucket]
+    return graphs.graphs[graphs.bucket_of[batch]]
+
+
+def replay_ms(runner, batch: int, reps: int = 50) -> float:
+    graph = bucket_graph(runner, batch)
     graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -80,8 +84,7 @@ def replay_trace(runner, batch: int, path: str) -> tuple[list, float]:
     """One graph replay of the bucket serving `batch` under the profiler (CUPTI sees the graph's kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
-    graphs = runner.graphs
-    graph = graphs.graphs[next(b for b in graphs.buckets if b >= batch)]
+    graph = bucket_graph(runner, batch)
     graph.replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -142,8 +142,8 @@ def test_decode_tiles_stay_on_mma_sync_on_hopper(gated, n, k, tmp_path):
 
     cfg = pick_config(16, n, k, torch.device("cpu"))
     assert cfg.get("SWAP_AB"), cfg
-    tiles = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")}
-    fn, pointers, constexprs = linear_case("*fp8e4nv", SWAP_AB=cfg.get("SWAP_AB", False), GATED=int(gated), **tiles)
+    tiles = {name: cfg[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K")}
+    fn, pointers, constexprs = linear_case("*fp8e4nv", SWAP_AB=True, GATED=int(gated), **tiles)
     kernel = compile_for(fn, 90, pointers, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     sass = _sass(kernel.asm["cubin"], tmp_path)
     assert "HMMA" in sass and "HGMMA" not in sass, cfg
