@@ -39,7 +39,8 @@ def test_nvfp4_linear(m, n, k, kernel_order):
 
 
 @pytest.mark.parametrize("m", [1, 3, 12, 16, 37, 64, 65, 300])
-@pytest.mark.parametrize("n,k", [(4096, 4096), (96, 3072), (17008, 384), (4096, 12288)])  # wide N: weights as A; long K
+@pytest.mark.parametrize("n,k", [(4096, 4096), (96, 3072), (17008, 384), (4096, 12288),  # wide N: weights as A; long K
+                                 (5376, 4096), (5376, 21504)])  # Gemma3-27B o, down: 6 splits from 9 tokens, uneven
 def test_nvfp4_linear_tile_major(m, n, k):
     """Linears of whole 16 x 128 chunks as the engine holds them (nvfp4.to_tile_major): the Triton kernel at every M."""
     assert kc.case_nvfp4_linear(DEV, m, n, k, tile_major=True) <= EXACT
@@ -168,6 +169,35 @@ def test_nvfp4_linear_gated_epilogue(m, activation, tile_major):
     Gemma3-27B's gate|up (64-row tiles from 9 tokens, pick_config)."""
     for inter, k in [(12288, 4096), (5376, 2688), (21504, 5376)]:
         assert kc.case_nvfp4_gated(DEV, m, inter, k, activation, tile_major=tile_major) <= EXACT, (inter, k)
+
+
+@pytest.mark.parametrize("n,k,gated", [(5376, 4096, False), (43008, 5376, True)])  # 32-row, 64-row tiles
+def test_resident_programs_match_the_compiled_kernel(n, k, gated):
+    """pick_config splits 9-16-token linears until their programs fill what the SMs hold at once, counted from an
+    estimate of a program's shared memory and registers: it must agree with the compiled kernel's own figures, by
+    the occupancy arithmetic (registers allocated 256 a warp, 1 KB of shared memory reserved a block)."""
+    from adallm_core.ops.triton import nvfp4_gemm
+
+    kernels = nvfp4_gemm.nvfp4_gemm_kernel.device_caches[torch.cuda.current_device()][0]
+    earlier = dict(kernels)
+    kernels.clear()  # this launch's kernel alone (Triton's disk cache makes it quick)
+    try:
+        cfg = nvfp4_gemm.pick_config(16, n, k, torch.device(DEV))
+        err = (kc.case_nvfp4_gated(DEV, 16, n // 2, k, "silu", tile_major=True) if gated else
+               kc.case_nvfp4_linear(DEV, 16, n, k, kernel_order=True, tile_major=True))
+        compiled = list(kernels.values())
+    finally:
+        kernels.update(earlier)
+    assert err <= EXACT and len(compiled) == 1, (err, len(compiled))
+    kernel, props = compiled[0], torch.cuda.get_device_properties(DEV)
+    warps = kernel.metadata.num_warps
+    by_smem = props.shared_memory_per_multiprocessor // (kernel.metadata.shared + 1024)
+    by_regs = 65536 // (-(-kernel.n_regs * 32 // 256) * 256) // warps
+    by_threads = props.max_threads_per_multi_processor // (32 * warps)
+    expected = min(by_smem, by_regs, by_threads)
+    estimate = nvfp4_gemm.resident_programs(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"], warps,
+                                            torch.device(DEV))
+    assert estimate == expected, (estimate, kernel.n_regs, kernel.metadata.shared, by_smem, by_regs, by_threads)
 
 
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9])

@@ -46,8 +46,8 @@ def _decoder(x, layers, fused: bool):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="programmatic dependent launch needs compute capability >= 9.0")
 @pytest.mark.parametrize("fused", [False, True], ids=["act_kernel", "act_fused"])
-@pytest.mark.parametrize("m,tile_major", [(1, True), (4, True), (3, False), (8, True), (12, True)],
-                         ids=["cuda_1", "cuda_4", "triton_3", "cuda_8", "plain_12"])  # above MAX_TOKENS: plain
+@pytest.mark.parametrize("m,tile_major", [(1, True), (4, True), (3, False), (8, True), (12, True), (20, True)],
+                         ids=["cuda_1", "cuda_4", "triton_3", "cuda_8", "triton_12", "plain_20"])  # plain above 16
 def test_dependent_launches_in_a_graph_give_the_plain_launches_bits(m, tile_major, fused, monkeypatch):
     """The CUDA linear's grids here are of one wave (gate_up 128 blocks of 32 rows, down 64), so with PDL they take
     one block an SM (csrc/nvfp4_gemv.cu); fused, gate|up with its activation is followed directly by down."""

@@ -12,18 +12,18 @@ at load, long before any decode kernel runs.) Then each kernel completes only af
 stays in stream order and a kernel launched without PDL (cuBLAS, torch) sees everything before it as usual.
 
 Only steps of at most MAX_TOKENS tokens launch so. Measured on the H200 (benchmarks/NOTES.md, decode ms a step,
-without -> with PDL on every kernel): Qwen3-8B batch 1 2.72 -> 2.51, batch 4 2.83 -> 2.65, batch 16 3.49 -> 3.36 (a
-tie, 3.44, after the attention fusion), batch 32 4.65 -> 4.95; Gemma3-27B batch 1 7.94 -> 7.38, batch 16 11.00 ->
-11.26. Steps of 5-8 tokens lost on Gemma3-27B (8.98 -> 9.54 ms at batch 8) until the CUDA linear's one-wave grids
-took one block an SM under PDL (csrc/nvfp4_gemv.cu): a grid placed while the kernel before it still runs had piled
-two or three blocks onto the SMs that freed first. With that, batch 8 runs Qwen3-8B 3.14 -> 2.89 ms and Gemma3-27B
-8.75 -> 8.35 against PDL up to 4 tokens. Above 8 tokens the Triton linear runs, whose blocks cannot be spread so:
-PDL to 16 tokens took Qwen3-8B batch 16 3.16 -> 3.03 ms but Gemma3-27B 9.31 -> 9.61, its down piling up after
-gate|up (a trace: +7.4 us a layer), and Qwen3-8B's gain needs down under PDL too.
+without -> with PDL on every kernel): Qwen3-8B batch 1 2.72 -> 2.51, batch 4 2.83 -> 2.65, batch 32 4.65 -> 4.95;
+Gemma3-27B batch 1 7.94 -> 7.38. Steps of 5-8 tokens lost on Gemma3-27B (8.98 -> 9.54 ms at batch 8) until the CUDA
+linear's one-wave grids took one block an SM under PDL (csrc/nvfp4_gemv.cu): a grid placed while the kernel before
+it still runs had piled two or three blocks onto the SMs that freed first. Steps of 9-16 tokens run the Triton
+linear, whose blocks cannot be spread so; they gain once its grids fill the SMs' resident limit, leaving no room to
+pile up (ops/triton/nvfp4_gemm.pick_config): batch 16, Qwen3-8B 3.12 -> 2.99 ms, Gemma3-27B 9.20 -> 8.74 (where
+PDL alone had taken Gemma3-27B 9.31 -> 9.61, its down piling up after gate|up, +7.4 us a layer).
 
-The gate|up linear fuses its activation in these steps only on the CUDA kernel (ops/triton/nvfp4_prefill.py
-nvfp4_gated_linear; the MoE keeps its activation kernel): down, a Triton kernel right after a Triton gate|up, would
-pile up as above.
+The MoE's grouped kernels keep PDL to MOE_MAX_TOKENS: above it they lost (Qwen3-30B-A3B batch 16 7.62 -> 7.80 ms
+with them, 7.65 without). In steps of at most 8 tokens the gate|up linear fuses its activation only on the CUDA
+kernel (ops/triton/nvfp4_prefill.py nvfp4_gated_linear; the MoE keeps its activation kernel): down, a Triton
+kernel of two waves right after a Triton gate|up, would pile up as above.
 
 Ada (sm_89), the product's target, has no PDL: there the same kernels compile without the wait and launch as
 before. ADALLM_DISABLE_PDL=1 turns it off everywhere (A/B runs, debugging).
@@ -36,7 +36,8 @@ import os
 import torch
 
 MIN_CAPABILITY = (9, 0)
-MAX_TOKENS = 8
+MAX_TOKENS = 16
+MOE_MAX_TOKENS = 8
 
 
 @functools.cache
@@ -54,19 +55,19 @@ def _triton_supports() -> bool:
     return hasattr(cuda, "gdc_wait") and hasattr(cuda, "gdc_launch_dependents")
 
 
-def enabled(device: torch.device, tokens: int = 1) -> bool:
-    """Whether a kernel over `tokens` tokens on `device` launches with PDL: at most MAX_TOKENS of them, a CUDA
+def enabled(device: torch.device, tokens: int = 1, max_tokens: int = MAX_TOKENS) -> bool:
+    """Whether a kernel over `tokens` tokens on `device` launches with PDL: at most `max_tokens` of them, a CUDA
     device of compute capability >= 9.0, a Triton that has the grid-dependency ops, the Triton interpreter off, and
     ADALLM_DISABLE_PDL not set to 1."""
-    if tokens > MAX_TOKENS or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if tokens > max_tokens or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     if os.environ.get("ADALLM_DISABLE_PDL") == "1":
         return False
     return _device_supports(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def triton_args(device: torch.device, tokens: int) -> dict:
+def triton_args(device: torch.device, tokens: int, max_tokens: int = MAX_TOKENS) -> dict:
     """Keyword arguments for a Triton launch, over `tokens` tokens, of a kernel with a `PDL: tl.constexpr`."""
-    if enabled(device, tokens):
+    if enabled(device, tokens, max_tokens):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}

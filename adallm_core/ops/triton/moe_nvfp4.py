@@ -142,7 +142,8 @@ def _grouped(x, w, pairs, block_expert, route_w, top_k, out, gather, weighted, b
         n, k, top_k, x.stride(0), packed.stride(0), packed.stride(1), w.block_scale.stride(0),
         w.block_scale.stride(1), w.global_scale.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_K=block_k, GATHER=gather, WEIGHTED=weighted, MATH=math,
-        KERNEL_ORDER=w.kernel_order, GATED=gated, **tiles, **pdl.triton_args(x.device, tokens),
+        KERNEL_ORDER=w.kernel_order, GATED=gated, **tiles,
+        **pdl.triton_args(x.device, tokens, pdl.MOE_MAX_TOKENS),
     )
 
 
@@ -167,7 +168,8 @@ def moe(x, router_logits, w13, w2, top_k: int, renormalize: bool, config: dict |
         route_w = weights.flatten().contiguous()
     if two_i % 2:
         raise ValueError(f"moe: w13 stacks gate and up rows, so its {two_i} rows must be even")
-    if pdl.enabled(x.device, t):  # as nvfp4_gated_linear: with PDL the activation kernel between the GEMMs pays
+    # as nvfp4_gated_linear at 1-8 tokens: with PDL the activation kernel between the GEMMs pays
+    if pdl.enabled(x.device, t, pdl.MOE_MAX_TOKENS):
         gate_up = torch.empty(t * top_k, two_i, dtype=x.dtype, device=x.device)
         _grouped(x, w13, pairs, block_expert, route_w, top_k, gate_up, True, False, block_m, config)
         h = silu_and_mul(gate_up)
@@ -198,5 +200,5 @@ def sum_pairs(y: torch.Tensor, t: int, top_k: int, dtype) -> torch.Tensor:
     out = torch.empty(t, hidden, dtype=dtype, device=y.device)
     block = min(256, triton.next_power_of_2(hidden))
     sum_pairs_kernel[(t, triton.cdiv(hidden, block))](y, out, hidden, TOP_K=top_k, BLOCK=block, num_warps=2,
-                                                      **pdl.triton_args(y.device, t))
+                                                      **pdl.triton_args(y.device, t, pdl.MOE_MAX_TOKENS))
     return out

@@ -390,6 +390,14 @@ def pick_config(m: int, n: int, k: int, device) -> dict:
                     num_stages=3, MATH=DEFAULT_MATH)
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     split_k = 1
+    if m > 8:
+        # split until the programs fill what the SMs hold at once (two K tiles a split at least): a grid with room
+        # left piles onto the SMs that free first when it launches with PDL (ops/pdl.py). H200, batch 16, without
+        # PDL: Gemma3-27B o and down 4 -> 6 splits, 9.19 -> 9.00 ms a step; Qwen3-8B's grids already filled
+        k_tiles = max(1, k // block_k)
+        split_k = max(1, min(k_tiles // 2, resident_programs(block_m, block_n, block_k, stages, warps, device) * sms
+                             // tiles))
+        split_k = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split_k))  # no split left without a K tile
     while tiles * split_k < waves * sms and k // (block_k * split_k * 2) >= 2:
         split_k *= 2
     # long K loops: twice as long tiles, half the splits (swept at M = 1: gate_up 29.7 -> 27.2 us, down 18.0 -> 17.3);
@@ -398,6 +406,34 @@ def pick_config(m: int, n: int, k: int, device) -> dict:
         block_k, split_k = 512, max(1, split_k // 2)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=warps,
                 num_stages=stages, MATH=DEFAULT_MATH, **swap)
+
+
+REGS_PER_THREAD = 96  # the 9-16-token swapped tiles compile to 94 on sm_90, allocated 8 at a time
+
+
+def resident_programs(block_m, block_n, block_k, stages, warps, device) -> int:
+    """Programs of a decode tile that one SM holds at once: by shared memory (stages - 1 buffers of x, the packed
+    weights and their scales, plus the 1 KB reserved a block), by registers (REGS_PER_THREAD) and by threads. The
+    H200 holds 8 of the 9-16-token tiles of 32 rows and 6 of 64, as the compiled kernels' own figures give
+    (tests/test_kernels_gpu.py)."""
+    props = _device_properties(device)
+    smem = (stages - 1) * (block_m * block_k * 2 + block_n * block_k // 2 + block_n * block_k // 16) + 1024
+    threads = 32 * warps
+    return max(1, min(props["smem"] // smem, props["regs"] // (REGS_PER_THREAD * threads),
+                      props["threads"] // threads))
+
+
+@functools.cache
+def _sm_limits(index: int) -> dict:
+    p = torch.cuda.get_device_properties(index)
+    return dict(smem=p.shared_memory_per_multiprocessor, regs=getattr(p, "regs_per_multiprocessor", 65536),
+                threads=p.max_threads_per_multi_processor)
+
+
+def _device_properties(device) -> dict:
+    if device.type != "cuda":  # the CPU and the interpreter: an H100's
+        return dict(smem=233472, regs=65536, threads=2048)
+    return _sm_limits(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def prepare_nvfp4_weight(w):

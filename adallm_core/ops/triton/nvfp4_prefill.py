@@ -68,17 +68,18 @@ def nvfp4_linear(x: torch.Tensor, w) -> torch.Tensor:
 def nvfp4_gated_linear(x: torch.Tensor, w, activation: str) -> torch.Tensor:
     """act(x @ gate.T) * (x @ up.T) [M, I] for a fused gate|up W [2I, K]. Decode steps run the activation in the
     linear's epilogue (CUDA or tiled kernel), one launch fewer a layer; the prefill path runs the linear, then the
-    activation. In steps that launch with programmatic dependent launch (pdl.py) only the CUDA kernel fuses: its
-    grids of one wave take one block an SM there (csrc/nvfp4_gemv.cu), while a Triton down placed during gate|up's
-    last blocks piles onto the SMs that free first, and the activation kernel between them pays
-    (benchmarks/NOTES.md)."""
+    activation. In steps of 1-8 tokens that launch with programmatic dependent launch (pdl.py) only the CUDA kernel
+    fuses: its grids of one wave take one block an SM there (csrc/nvfp4_gemv.cu), while a Triton down placed during
+    gate|up's last blocks piles onto the SMs that free first, and the activation kernel between them pays
+    (benchmarks/NOTES.md). From 9 tokens down's splits fill the SMs (nvfp4_gemm.pick_config) and the Triton
+    gate|up fuses again."""
     if activation not in GATED_ACTIVATIONS:
         raise ValueError(f"nvfp4_gated_linear: activation must be one of {sorted(GATED_ACTIVATIONS)}, "
                          f"got {activation!r}")
     if x.dim() == 2 and x.shape[0] < MIN_TOKENS:
         if cuda_gemv.takes(x, w, gated=True):
             return cuda_gemv.nvfp4_gemv(x, w, activation=activation)
-        if not pdl.enabled(x.device, x.shape[0]):
+        if not pdl.enabled(x.device, x.shape[0]) or x.shape[0] > cuda_gemv.DECODE_TOKENS:
             return tiled_linear(x, w, activation=activation)
     return GATED_ACTIVATIONS[activation](nvfp4_linear(x, w))
 
