@@ -44,6 +44,8 @@ def main() -> None:
                                                                   torch.float32, tile_major=True),
         "linear_gated_swap_ab": kc.case_nvfp4_gated(dev, 2, 16, 64, "silu", dict(small, SPLIT_K=1, SWAP_AB=True),
                                                     torch.float32),
+        # the op's own tile choice (pick_config) at 12 tokens, K shorter than one of its K tiles
+        "linear_picked_12_short_k": kc.case_nvfp4_linear(dev, 12, 32, 208, None, torch.float32, True),
         # the interpreter reads the scales as bytes, as GPUs before Ada do (nvfp4_gemm.block_scales)
         "linear_every_e4m3_scale": kc.case_every_e4m3_scale(dev, dict(small, BLOCK_K=32, SPLIT_K=1), torch.float32),
         "rms_norm": kc.case_rms_norm(dev, 3, 24, dtype=torch.float32),

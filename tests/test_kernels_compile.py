@@ -149,6 +149,32 @@ def test_decode_tiles_stay_on_mma_sync_on_hopper(gated, n, k, tmp_path):
     assert "HMMA" in sass and "HGMMA" not in sass, cfg
 
 
+# (N, K) of Qwen3-8B's, Gemma3-27B's and Qwen3-30B-A3B's decode linears, and K shorter than one K tile
+DECODE_SHAPES = [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288), (8192, 5376), (5376, 4096),
+                 (43008, 5376), (5376, 21504), (5120, 2048), (2048, 4096), (32, 208)]
+
+
+@pytest.mark.parametrize("m", [9, 12, 16])
+def test_decode_splits_fill_the_sms_without_empty_splits(m):
+    """From 9 tokens pick_config splits K until the programs fill what the SMs hold at once (on an H100's figures
+    off the GPU): never past that, no split without a K tile. Gemma3-27B's o and down get 6 splits, 1,008 programs
+    of the 1,056 the SMs hold (4 made 672, which piled up under PDL: benchmarks/NOTES.md, session 27)."""
+    import torch
+
+    from adallm_core.ops.triton.nvfp4_gemm import pick_config, resident_programs
+
+    cpu = torch.device("cpu")
+    for n, k in DECODE_SHAPES:
+        cfg = pick_config(m, n, k, cpu)
+        split, k_tiles = cfg["SPLIT_K"], max(1, k // cfg["BLOCK_K"])
+        programs = triton.cdiv(n, cfg["BLOCK_N"]) * split
+        held = resident_programs(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"], cfg["num_warps"],
+                                 cpu) * 132
+        assert programs <= held and triton.cdiv(k_tiles, split) * (split - 1) < k_tiles, (n, k, cfg)
+    for n, k in [(5376, 4096), (5376, 21504)]:
+        assert pick_config(m, n, k, cpu)["SPLIT_K"] == 6
+
+
 def test_fp8_scales_need_ada():
     """What the byte view avoids: an E4M3 scale pointer does not compile for sm_86, and does for sm_89."""
     fn, pointers, constexprs = linear_case("*fp8e4nv")
