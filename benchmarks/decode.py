@@ -6,7 +6,8 @@ Weights are RANDOM (real shapes, random values; built on the GPU, nothing downlo
 only speed and memory mean anything. Per batch size: total generated tokens, seconds (prefill included, as the
 reference runtime reports), tok/s, decode ms/step, peak GPU memory, and % of the bandwidth roofline (bytes a decode
 step must read: NVFP4 linears, the lm_head (BF16; NVFP4 with --quantize-lm-head), the KV cache at mid-generation, over the measured copy bandwidth).
-Then Hugging Face transformers BF16 on the same shapes (static cache, torch.compile) and the ratio.
+Then Hugging Face transformers BF16 on the same shapes (static cache, torch.compile) and the ratio. Each side's
+figure is the fastest of --repeats timed runs (3) after a warm-up.
 """
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ def run_batch(engine, batch: int, input_len: int, output_len: int, vocab: int) -
 
 
 def bench_engine(shape, batches, input_len, output_len, enforce_eager, bw, tensor_parallel_size=1,
-                 engine_options=None) -> list[dict]:
+                 engine_options=None, repeats: int = 1) -> list[dict]:
     torch.cuda.reset_peak_memory_stats()
     engine, runner = build_engine(shape, max(batches), input_len, output_len, enforce_eager,
                                   tensor_parallel_size=tensor_parallel_size, engine_options=engine_options)
@@ -149,7 +150,8 @@ def bench_engine(shape, batches, input_len, output_len, enforce_eager, bw, tenso
     for b in batches:
         run_batch(engine, b, input_len, 4, vocab)  # warm-up: kernels compiled for this batch's shapes
         torch.cuda.reset_peak_memory_stats()
-        row = run_batch(engine, b, input_len, output_len, vocab)
+        runs = [run_batch(engine, b, input_len, output_len, vocab) for _ in range(repeats)]
+        row = min(runs, key=lambda r: r["seconds"])
         row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
         need = step_bytes(runner, b, input_len + output_len // 2)
         row["roofline_ms_step"] = need / bw * 1e3
@@ -163,8 +165,9 @@ def bench_engine(shape, batches, input_len, output_len, enforce_eager, bw, tenso
     return rows
 
 
-def bench_hf(shape, batches, input_len, output_len, compile_model: bool) -> dict:
-    """transformers BF16, random weights of the same shapes, static cache, compiled: generated tok/s per batch."""
+def bench_hf(shape, batches, input_len, output_len, compile_model: bool, repeats: int = 1) -> dict:
+    """transformers BF16, random weights of the same shapes, static cache, compiled: generated tok/s per batch, the
+    fastest of `repeats` timed runs."""
     from transformers import AutoModelForCausalLM
 
     cfg = hf_config(shape)
@@ -178,11 +181,13 @@ def bench_hf(shape, batches, input_len, output_len, compile_model: bool) -> dict
                   cache_implementation="static", pad_token_id=0, disable_compile=not compile_model)
         for _ in range(2):  # compile, then settle
             model.generate(ids, **kw)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        res = model.generate(ids, **kw)
-        torch.cuda.synchronize()
-        secs = time.perf_counter() - start
+        secs = float("inf")
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            res = model.generate(ids, **kw)
+            torch.cuda.synchronize()
+            secs = min(secs, time.perf_counter() - start)
         out[b] = dict(hf_tok_s=b * (res.shape[1] - input_len) / secs, hf_seconds=secs,
                       hf_peak_gb=torch.cuda.max_memory_allocated() / 1e9)
         print(json.dumps({"hf_batch": b, **out[b]}), file=sys.stderr, flush=True)
@@ -208,8 +213,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="the engine's length bound (default input + output); serving uses far longer ones, which "
                         "the decode graphs pass to attention as its bound")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs a batch, for the engine and transformers alike; the fastest is reported (transformers' "
+                        "single runs moved by up to a quarter between calls)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     if not torch.cuda.is_available():
         print("benchmarks.decode needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -219,8 +229,9 @@ def main(argv=None) -> int:
     options = dict(quantize_lm_head=args.quantize_lm_head, embedding_on_host=not args.no_embedding_on_host,
                    async_scheduling=not args.no_async_scheduling, max_model_len=args.max_model_len)
     rows = bench_engine(args.shape, batches, args.input_len, args.output_len, args.enforce_eager, bw,
-                        args.tensor_parallel_size, options)
-    hf = bench_hf(args.shape, hf_batches, args.input_len, args.output_len, not args.no_hf_compile) if hf_batches else {}
+                        args.tensor_parallel_size, options, args.repeats)
+    hf = (bench_hf(args.shape, hf_batches, args.input_len, args.output_len, not args.no_hf_compile, args.repeats)
+          if hf_batches else {})
     for r in rows:
         r.update(hf.get(r["batch"], {}))
         if "hf_tok_s" in r:
@@ -236,7 +247,8 @@ def main(argv=None) -> int:
           f"{'off' if args.no_async_scheduling else 'on'}, max_model_len "
           f"{args.max_model_len or args.input_len + args.output_len}, decode linears of 1-"
           f"{cuda_gemv.DECODE_TOKENS} tokens on {'CUDA' if cuda_gemv.load() else 'Triton'}, programmatic dependent "
-          f"launch {f'on up to {pdl.MAX_TOKENS} tokens' if pdl.enabled(torch.device('cuda')) else 'off'}; "
+          f"launch {f'on up to {pdl.MAX_TOKENS} tokens' if pdl.enabled(torch.device('cuda')) else 'off'}, fastest of "
+          f"{args.repeats} runs; "
           f"{torch.cuda.get_device_name()}, copy "
           f"{bw / 1e12:.2f} TB/s; HF = transformers BF16 static cache{'' if args.no_hf_compile else ' compiled'}")
     print(f"{'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'ms/step':>8} {'peak GB':>8} {'%roof':>6} "
