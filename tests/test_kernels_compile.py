@@ -175,6 +175,22 @@ def test_decode_splits_fill_the_sms_without_empty_splits(m):
         assert pick_config(m, n, k, cpu)["SPLIT_K"] == 6
 
 
+@pytest.mark.parametrize("m", [17, 32, 64, 255])
+def test_splits_from_17_tokens_keep_the_one_wave_rule(m):
+    """The filling rule is for the 9-16-token tiles only (measured there): from 17 tokens K splits double until the
+    programs make one wave of the SMs, or a split would have fewer than two K tiles."""
+    import torch
+
+    from adallm_core.ops.triton.nvfp4_gemm import pick_config
+
+    for n, k in DECODE_SHAPES:
+        cfg = pick_config(m, n, k, torch.device("cpu"))
+        split, tiles = cfg["SPLIT_K"], triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(m, cfg["BLOCK_M"])
+        assert split & (split - 1) == 0, (n, k, cfg)
+        assert split == 1 or tiles * split // 2 < 132, (n, k, cfg)  # one doubling fewer was short of a wave
+        assert tiles * split >= 132 or k // (cfg["BLOCK_K"] * split * 2) < 2, (n, k, cfg)
+
+
 def test_fp8_scales_need_ada():
     """What the byte view avoids: an E4M3 scale pointer does not compile for sm_86, and does for sm_89."""
     fn, pointers, constexprs = linear_case("*fp8e4nv")

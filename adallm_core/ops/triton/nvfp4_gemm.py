@@ -390,7 +390,7 @@ def pick_config(m: int, n: int, k: int, device) -> dict:
                     num_stages=3, MATH=DEFAULT_MATH)
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     split_k = 1
-    if m > 8:
+    if 8 < m <= 16:
         # split until the programs fill what the SMs hold at once (two K tiles a split at least): a grid with room
         # left piles onto the SMs that free first when it launches with PDL (ops/pdl.py). H200, batch 16, without
         # PDL: Gemma3-27B o and down 4 -> 6 splits, 9.19 -> 9.00 ms a step; Qwen3-8B's grids already filled
