@@ -1,6 +1,6 @@
 """Sparse SwiGLU MoE over NVFP4 experts: route, sort (token, expert) pairs by expert, two grouped GEMM launches.
 
-Routing: one launch for decode-sized batches (moe_routing.py, up to MAX_PAIRS pairs), torch ops beyond (prefill).
+Routing: one launch for decode-sized batches (moe_routing.py: up to MAX_PAIRS pairs, fewer on Ada), torch ops beyond.
 
 Layout after sorting, each expert's pairs padded to a multiple of BLOCK_M (graph-safe: all index math on the GPU,
 no host sync; the grid is sized for the worst case and blocks past the end exit):
@@ -21,7 +21,7 @@ import triton.language as tl
 from adallm_core.ops import pdl
 from adallm_core.ops.triton.activation import silu_and_mul
 from adallm_core.ops.triton.grid_dependency import wait_for_prior_kernel
-from adallm_core.ops.triton.moe_routing import MAX_PAIRS, padded_pairs, route_and_sort
+from adallm_core.ops.triton.moe_routing import fits, padded_pairs, route_and_sort
 from adallm_core.ops.triton.nvfp4_gemm import (DEFAULT_MATH, _EPI, _dequant_tile, _dequant_words, _store_out,
                                                block_scales, dot_xw)
 
@@ -157,7 +157,7 @@ def moe(x, router_logits, w13, w2, top_k: int, renormalize: bool, config: dict |
     if t == 0:
         return torch.empty_like(x)
     block_m = 16 if t * top_k <= 4 * num_experts * 16 else 64
-    if t * top_k <= MAX_PAIRS:  # decode: one routing launch (moe_routing.py)
+    if fits(t * top_k, num_experts, x.device):  # decode: one routing launch (moe_routing.py)
         route_w, pairs, block_expert = route_and_sort(router_logits, top_k, renormalize, block_m)
     else:
         probs = torch.softmax(router_logits.float(), dim=-1)

@@ -2,9 +2,10 @@
 
 The torch version (moe_nvfp4.sort_by_expert after softmax and topk) is about 20 small kernels, ~70 us a layer on the
 H100 whatever the batch: more than the expert GEMMs themselves at batch 1 (benchmarks/NOTES.md). Here one program
-does it for up to MAX_PAIRS (token, expert) pairs, with the same output contract: route weights [T * top_k],
-sorted_pairs [P] (pair ids grouped by expert, each group padded to BLOCK_M, -1 in the padding) and block_expert
-[P / BLOCK_M] (-1 past the used blocks), P the worst-case padded length, so the grid never depends on the routing.
+does it for up to MAX_PAIRS (token, expert) pairs (fewer where a block has less shared memory: `fits`), with the
+same output contract: route weights [T * top_k], sorted_pairs [P] (pair ids grouped by expert, each group padded
+to BLOCK_M, -1 in the padding) and block_expert [P / BLOCK_M] (-1 past the used blocks), P the worst-case padded
+length, so the grid never depends on the routing.
 Top-k is taken on the logits (softmax keeps their order); pairs of one expert keep their token order.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import triton.language as tl
 
 from adallm_core.ops import pdl
 from adallm_core.ops.triton.grid_dependency import wait_for_prior_kernel
+from adallm_core.ops.triton import nvfp4_gemm
 
 MAX_PAIRS = 256
 
@@ -72,6 +74,15 @@ def moe_routing_kernel(logits_ptr, experts_ptr, weights_ptr, pairs_ptr, block_ex
     tl.store(block_expert_ptr + b, tl.where(owner < E, owner, -1).to(tl.int32), mask=b < num_blocks)
 
 
+def fits(pairs: int, num_experts: int, device) -> bool:
+    """Whether one routing launch takes `pairs` pairs over `num_experts` experts on `device`: at most MAX_PAIRS, and
+    its rank count (a cumulative sum down a [pairs, experts] int32 tile, which Triton lays out in shared memory)
+    within what one block may take. 256 pairs of 128 experts need 128 KB: an H100 has 227, Ada 99
+    (benchmarks/compile_report.py), so there batches of 17-32 tokens at top 8 route with torch ops."""
+    tile = max(2, triton.next_power_of_2(pairs)) * triton.next_power_of_2(num_experts) * 4
+    return pairs <= MAX_PAIRS and tile <= nvfp4_gemm.sm_figures(device)["block_smem"]
+
+
 def padded_pairs(pairs: int, num_experts: int, block_m: int) -> int:
     """Worst-case length of the expert-grouped layout: each used expert's group padded to block_m, and at most
     min(experts, pairs) experts are used (one token at batch 1 needs top_k blocks, not one per expert)."""
@@ -81,10 +92,11 @@ def padded_pairs(pairs: int, num_experts: int, block_m: int) -> int:
 def route_and_sort(router_logits: torch.Tensor, top_k: int, renormalize: bool, block_m: int):
     """router_logits [T, E] -> (route weights [T * top_k] fp32, sorted_pairs [P] int32, block_expert [P / block_m])."""
     t, num_experts = router_logits.shape
-    if t * top_k > MAX_PAIRS or top_k > num_experts:
-        raise ValueError(f"moe routing: {t} tokens x top_k {top_k} over {num_experts} experts is out of range "
-                         f"(at most {MAX_PAIRS} pairs)")
     dev = router_logits.device
+    if top_k > num_experts or not fits(t * top_k, num_experts, dev):
+        raise ValueError(f"moe routing: {t} tokens x top_k {top_k} over {num_experts} experts is out of range for "
+                         f"one launch on {dev} (at most {MAX_PAIRS} pairs, and a [pairs, experts] int32 tile within "
+                         "a block's shared memory)")
     slots = padded_pairs(t * top_k, num_experts, block_m)
     # H100, 128 experts, top 8 (benchmarks/NOTES.md): 1 token 10.8 us with 4 warps (14.4 with 8), 16 tokens 15.7 with
     # 8, 32 tokens 36.1 with 16 (45.9 with 8)

@@ -342,7 +342,7 @@ def _workspace(device, split_k: int, m: int, n: int, tiles: int):
 
 
 def _num_sms(device) -> int:
-    return _sm_figures(device)["sms"]
+    return sm_figures(device)["sms"]
 
 
 FP8_CAPABILITY = (8, 9)  # Ada: Triton's E4M3 type and conversions
@@ -416,25 +416,28 @@ def resident_programs(block_m, block_n, block_k, stages, warps, device) -> int:
     weights and their scales, plus the 1 KB reserved a block), by registers (REGS_PER_THREAD) and by threads. The
     H200 holds 8 of the 9-16-token tiles of 32 rows and 6 of 64, as the compiled kernels' own figures give
     (tests/test_kernels_gpu.py)."""
-    props = _sm_figures(device)
+    props = sm_figures(device)
     smem = (stages - 1) * (block_m * block_k * 2 + block_n * block_k // 2 + block_n * block_k // 16) + 1024
     threads = 32 * warps
     return max(1, min(props["smem"] // smem, props["regs"] // (REGS_PER_THREAD * threads),
                       props["threads"] // threads))
 
 
-_H100_SM = dict(sms=132, smem=233472, regs=65536, threads=2048)  # the tiles' figures off the GPU (CPU, interpreter)
+# the tiles' figures off the GPU (CPU, interpreter); block_smem: the most shared memory one block may take
+_H100_SM = dict(sms=132, smem=233472, regs=65536, threads=2048, block_smem=232448)
 
 
 @functools.cache
 def _cuda_sm_figures(index: int) -> dict:
     p = torch.cuda.get_device_properties(index)
-    return dict(sms=p.multi_processor_count, smem=p.shared_memory_per_multiprocessor,
-                regs=getattr(p, "regs_per_multiprocessor", 65536), threads=p.max_threads_per_multi_processor)
+    smem = p.shared_memory_per_multiprocessor
+    return dict(sms=p.multi_processor_count, smem=smem, regs=getattr(p, "regs_per_multiprocessor", 65536),
+                threads=p.max_threads_per_multi_processor,
+                block_smem=getattr(p, "shared_memory_per_block_optin", smem - 1024))
 
 
-def _sm_figures(device) -> dict:
-    """The SM count and what one SM holds (shared memory, registers, threads)."""
+def sm_figures(device) -> dict:
+    """The SM count, what one SM holds (shared memory, registers, threads) and the shared memory a block may take."""
     if device.type != "cuda":
         return _H100_SM
     return _cuda_sm_figures(device.index if device.index is not None else torch.cuda.current_device())

@@ -1,0 +1,88 @@
+"""CI (no GPU): the Triton kernels as the ops launch them for the real models' shapes, compiled for Ada (sm_89), the
+product's target, which the lent GPU is not.
+
+benchmarks/compile_report.py takes each launch the ops make on CPU tensors, compiles it for the named GPU (Triton's
+pipeline and ptxas, with the launch's own specialization) and skips it; the figures are those a GPU of that
+architecture loads. On sm_90 they equal what the H200 reported for the same kernels (benchmarks/NOTES.md).
+"""
+from __future__ import annotations
+
+import pytest
+
+triton = pytest.importorskip("triton")
+import torch  # noqa: E402
+
+from benchmarks.compile_report import GPUS, StepInputs, compiled_for, report  # noqa: E402
+
+ADA = GPUS[89]["RTX 4090"]
+SHAPES = ["qwen3-8b", "gemma3-27b", "qwen3-30b-a3b"]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_decode_and_prefill_launches_fit_ada(shape):
+    """Every kernel of a layer's decode step (12, 16, 32 sequences) and prefill chunk (16, 32 tokens) compiles for
+    sm_89 within a block's shared memory there (99 KB, against an H100's 227), and the decode kernels keep
+    everything in registers. Qwen3-30B-A3B's routing of 32 tokens took 128 KB: it routes with torch ops on Ada."""
+    records = report(shape, 89, [12, 16, 32], context=192)
+    kernels = {r.kernel for r in records}
+    assert {"nvfp4_gemm_kernel", "paged_attention_kernel", "qk_norm_rope_cache_kernel", "rms_norm_kernel"} <= kernels
+    if shape == "qwen3-30b-a3b":
+        assert {"moe_routing_kernel", "moe_gemm_kernel", "sum_pairs_kernel"} <= kernels
+    for r in records:
+        assert r.arch == 89 and r.shared <= ADA["block_smem"] and r.blocks_per_sm(ADA) >= 1, r
+        if r.op.startswith("decode"):
+            assert r.spilled == 0, r
+
+
+@pytest.mark.parametrize("m", [12, 16])
+def test_resident_programs_match_the_compiled_decode_tiles_on_ada(m):
+    """nvfp4_gemm.resident_programs, which sizes the 9-16-token splits, against the blocks an Ada SM holds by the
+    compiled kernels' own registers and shared memory: 32-row tiles (Qwen3-8B) and 64-row ones (Gemma3-27B's
+    gate|up), plain and with the gated epilogue. Shared memory binds there: 3 and 2 blocks an SM."""
+    from adallm_core.ops.triton import nvfp4_gemm
+
+    cpu = torch.device("cpu")
+    with compiled_for(89) as (records, set_op):
+        for name, (n, k) in {"qkv": (6144, 4096), "gate_up": (24576, 4096), "gemma gate_up": (43008, 5376)}.items():
+            set_op(name)
+            w = StepInputs._linear(n, k)
+            x = torch.zeros(m, k, dtype=torch.bfloat16)
+            if "gate_up" in name:
+                nvfp4_gemm.nvfp4_linear(x, w, activation="silu")
+            else:
+                nvfp4_gemm.nvfp4_linear(x, w)
+        estimates = [nvfp4_gemm.resident_programs(r.tiles["BLOCK_M"], r.tiles["BLOCK_N"], r.tiles["BLOCK_K"],
+                                                  r.num_stages, r.num_warps, cpu) for r in records]
+    assert [r.tiles["BLOCK_N"] for r in records] == [32, 32, 64]
+    assert estimates == [r.blocks_per_sm(ADA) for r in records] == [3, 3, 2], records
+
+
+def test_routing_shared_memory_estimate_bounds_the_compiled_kernel():
+    """moe_routing.fits sizes the routing kernel's shared memory as a [pairs, experts] int32 tile: never below what
+    the compiled kernel takes (sm_90, where every size up to MAX_PAIRS launches), equal where the tile is large."""
+    from adallm_core.ops.triton.moe_routing import route_and_sort
+
+    cases = [(t, e) for e in (8, 128) for t in (1, 4, 16, 32)]
+    with compiled_for(89):  # first for another GPU in the same process: each compiles for its own
+        route_and_sort(torch.zeros(1, 8, dtype=torch.bfloat16), 8, True, 16)
+    with compiled_for(90) as (records, _):
+        for t, e in cases:
+            route_and_sort(torch.zeros(t, e, dtype=torch.bfloat16), 8, True, 16)
+    assert len(records) == len(cases) and {r.arch for r in records} == {90}
+    for (t, e), r in zip(cases, records):
+        tile = triton.next_power_of_2(t * 8) * triton.next_power_of_2(e) * 4
+        assert r.shared <= tile, (t, e, r)
+        if e == 128 and t >= 4:
+            assert r.shared == tile, (t, e, r)
+
+
+def test_ada_routes_beyond_its_shared_memory_with_torch():
+    """The routing launch is refused where its tile does not fit the GPU's block, with the sizes named, and the op
+    takes the torch route there (the test above: no routing kernel over 99 KB on Ada)."""
+    from adallm_core.ops.triton.moe_routing import fits, route_and_sort
+
+    with compiled_for(89):
+        assert fits(128, 128, torch.device("cpu")) and not fits(256, 128, torch.device("cpu"))
+        with pytest.raises(ValueError, match="32 tokens x top_k 8 over 128 experts"):
+            route_and_sort(torch.zeros(32, 128, dtype=torch.bfloat16), 8, True, 16)
+    assert fits(256, 128, torch.device("cpu"))  # off the GPU: an H100's figures
