@@ -408,7 +408,9 @@ def pick_config(m: int, n: int, k: int, device) -> dict:
                 num_stages=stages, MATH=DEFAULT_MATH, **swap)
 
 
-REGS_PER_THREAD = 96  # the 9-16-token swapped tiles compile to 94 on sm_90, allocated 8 at a time
+# the 9-16-token swapped tiles of 32 rows compile to 94-96 registers at 16 tokens and 108-114 at 9-15, on sm_90
+# and sm_89 alike (benchmarks/compile_report.py); shared memory binds before registers on both either way
+REGS_PER_THREAD = 96
 
 
 def resident_programs(block_m, block_n, block_k, stages, warps, device) -> int:
