@@ -69,6 +69,7 @@ class SimulatedCluster:
             if ray.is_initialized():
                 serve.shutdown()
         finally:
+            self._record_threads()
             ray.shutdown()
             self.cluster.shutdown()
             if self._saved_tmpdir is None:
@@ -76,6 +77,20 @@ class SimulatedCluster:
             else:
                 os.environ["RAY_TMPDIR"] = self._saved_tmpdir
             shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def _record_threads(self) -> None:
+        """Once, a driver thread that called into Ray after ray.shutdown() made Ray end this process (its "core
+        worker has already been shutdown" exit, rc 1, in CI). The threads alive at shutdown and their stacks go to
+        a file in this cluster's temp dir, which is removed only when the process gets past the teardown."""
+        import sys
+        import threading
+        import traceback
+
+        frames = sys._current_frames()
+        with open(os.path.join(self.tmpdir, "threads-at-shutdown.txt"), "w") as out:
+            for thread in threading.enumerate():
+                out.write(f"--- {thread.name} (daemon={thread.daemon}, ident={thread.native_id})\n")
+                out.write("".join(traceback.format_stack(frames.get(thread.ident))) if thread.ident in frames else "")
 
     def add_worker(self) -> str:
         """A node like cluster.yaml's `l4` type; the autoscaler's role when a replica is pending."""
