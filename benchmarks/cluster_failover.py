@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -70,6 +71,9 @@ class SimulatedCluster:
                 serve.shutdown()
         finally:
             self._record_threads()
+            # Ray objects left in garbage cycles (a lost actor's streaming generators) free themselves through
+            # Ray; collected after ray.shutdown(), in whatever thread the collector then runs, Ray ends the process
+            gc.collect()
             ray.shutdown()
             self.cluster.shutdown()
             if self._saved_tmpdir is None:
