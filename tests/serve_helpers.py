@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import socket
 import time
@@ -45,6 +46,7 @@ def serve_apps(apps: dict[str, dict], metrics_export_port: Optional[int] = None)
         yield url
     finally:
         serve.shutdown()
+        gc.collect()  # Ray objects in garbage cycles free through Ray: after ray.shutdown() that ends the process
         ray.shutdown()
         for k, v in saved.items():
             if v is None:
