@@ -35,7 +35,7 @@ GPUS = {
     86: {"RTX 3090": dict(AMPERE_SM, sms=82), "A10": dict(AMPERE_SM, sms=72)},
 }
 RESERVED_SMEM = 1024  # a block's share the driver keeps (sm_80 and later)
-TILE_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "NUM_SPLITS", "QK_NORM", "GATED", "FP8_CACHE")
+TILE_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "NUM_SPLITS", "QK_NORM", "GATED", "FP8_CACHE", "CHUNK")
 
 
 @dataclass

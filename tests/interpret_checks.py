@@ -78,6 +78,8 @@ def main() -> None:
         "moe_kernel_order": kc.case_moe(dev, 5, 32, 32, 4, 2, dtype=torch.float32, kernel_order=True),
         "moe_routing": kc.case_moe_routing(dev, 5, 12, 3, True, block_m=4),
         "moe_routing_plain": kc.case_moe_routing(dev, 1, 16, 4, False),
+        "moe_routing_chunked": kc.case_moe_routing(dev, 5, 12, 3, True, block_m=4, chunk=4),  # 15 pairs, 4 chunks
+        "moe_routing_chunked_ragged": kc.case_moe_routing(dev, 9, 6, 3, False, block_m=4, chunk=8),  # 27 pairs of 32
         "prefill_runs": kc.case_nvfp4_prefill(dev, 5, [24, 8, 8], 48, dtype=torch.float32),
         "prefill_runs_kernel_order": kc.case_nvfp4_prefill(dev, 5, [24, 8, 8], 48, dtype=torch.float32,
                                                            kernel_order=True),

@@ -249,13 +249,13 @@ def case_nvfp4_prefill(dev, m, parts, k, dtype=torch.bfloat16, kernel_order=Fals
     return rel_err(nvfp4_linear_prefill(x, op_w, runs), reference.nvfp4_linear(x, w))
 
 
-def case_moe_routing(dev, t, experts, top_k, renormalize, block_m=16) -> float:
+def case_moe_routing(dev, t, experts, top_k, renormalize, block_m=16, chunk=None) -> float:
     """One-launch routing vs torch softmax + topk: every pair once, in a block of its expert, groups in expert order
-    and in token order inside; returns the route weights' error."""
+    and in token order inside; returns the route weights' error. chunk: pairs ranked at a time (None: the GPU's)."""
     from adallm_core.ops.triton.moe_routing import route_and_sort
 
     logits = torch.randn(t, experts, device=dev)
-    weights, pairs, block_expert = route_and_sort(logits, top_k, renormalize, block_m)
+    weights, pairs, block_expert = route_and_sort(logits, top_k, renormalize, block_m, chunk=chunk)
     ref_w, ref_e = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
     if renormalize:
         ref_w = ref_w / ref_w.sum(dim=-1, keepdim=True)

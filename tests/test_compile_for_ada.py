@@ -22,12 +22,15 @@ SHAPES = ["qwen3-8b", "gemma3-27b", "qwen3-30b-a3b"]
 def test_decode_and_prefill_launches_fit_ada(shape):
     """Every kernel of a layer's decode step (12, 16, 32 sequences) and prefill chunk (16, 32 tokens) compiles for
     sm_89 within a block's shared memory there (99 KB, against an H100's 227), and the decode kernels keep
-    everything in registers. Qwen3-30B-A3B's routing of 32 tokens took 128 KB: it routes with torch ops on Ada."""
+    everything in registers. Qwen3-30B-A3B's routing of 32 tokens took 128 KB in one tile: on Ada it ranks the
+    pairs in chunks of 128."""
     records = report(shape, 89, [12, 16, 32], context=192)
     kernels = {r.kernel for r in records}
     assert {"nvfp4_gemm_kernel", "paged_attention_kernel", "qk_norm_rope_cache_kernel", "rms_norm_kernel"} <= kernels
     if shape == "qwen3-30b-a3b":
         assert {"moe_routing_kernel", "moe_gemm_kernel", "sum_pairs_kernel"} <= kernels
+        routing = {r.op: r.tiles["CHUNK"] for r in records if r.kernel == "moe_routing_kernel"}
+        assert routing == {"decode 12: moe": 0, "decode 16: moe": 0, "decode 32: moe": 128}, routing
     for r in records:
         assert r.arch == 89 and r.shared <= ADA["block_smem"] and r.blocks_per_sm(ADA) >= 1, r
         if r.op.startswith("decode"):
@@ -58,31 +61,32 @@ def test_resident_programs_match_the_compiled_decode_tiles_on_ada(m):
 
 
 def test_routing_shared_memory_estimate_bounds_the_compiled_kernel():
-    """moe_routing.fits sizes the routing kernel's shared memory as a [pairs, experts] int32 tile: never below what
-    the compiled kernel takes (sm_90, where every size up to MAX_PAIRS launches), equal where the tile is large."""
+    """moe_routing.chunk_for sizes the routing kernel's shared memory as a [pairs or chunk, experts] int32 tile:
+    never below what the compiled kernel takes (sm_90, where every size up to MAX_PAIRS fits whole), equal where
+    the tile is large; chunks of 128 and 16 pairs take their share."""
     from adallm_core.ops.triton.moe_routing import route_and_sort
 
-    cases = [(t, e) for e in (8, 128) for t in (1, 4, 16, 32)]
+    cases = [(t, e, 0) for e in (8, 128) for t in (1, 4, 16, 32)] + [(32, 128, 128), (32, 128, 16)]
     with compiled_for(89):  # first for another GPU in the same process: each compiles for its own
         route_and_sort(torch.zeros(1, 8, dtype=torch.bfloat16), 8, True, 16)
     with compiled_for(90) as (records, _):
-        for t, e in cases:
-            route_and_sort(torch.zeros(t, e, dtype=torch.bfloat16), 8, True, 16)
+        for t, e, chunk in cases:
+            route_and_sort(torch.zeros(t, e, dtype=torch.bfloat16), 8, True, 16, chunk=chunk)
     assert len(records) == len(cases) and {r.arch for r in records} == {90}
-    for (t, e), r in zip(cases, records):
-        tile = triton.next_power_of_2(t * 8) * triton.next_power_of_2(e) * 4
-        assert r.shared <= tile, (t, e, r)
-        if e == 128 and t >= 4:
+    for (t, e, chunk), r in zip(cases, records):
+        tile = (chunk or triton.next_power_of_2(t * 8)) * triton.next_power_of_2(e) * 4
+        assert r.tiles["CHUNK"] == chunk and r.shared <= tile, (t, e, r)
+        if e == 128 and (chunk or t * 8) >= 32:
             assert r.shared == tile, (t, e, r)
 
 
-def test_ada_routes_beyond_its_shared_memory_with_torch():
-    """The routing launch is refused where its tile does not fit the GPU's block, with the sizes named, and the op
-    takes the torch route there (the test above: no routing kernel over 99 KB on Ada)."""
-    from adallm_core.ops.triton.moe_routing import fits, route_and_sort
+def test_ada_ranks_the_pairs_in_chunks_its_block_holds():
+    """The chunk the GPU's block holds: whole up to 16 tokens at top 8 of 128 experts on Ada, 128 pairs at a time
+    from 17; whole on an H100 (the figures off the GPU) up to MAX_PAIRS."""
+    from adallm_core.ops.triton.moe_routing import chunk_for, fits
 
+    cpu = torch.device("cpu")
     with compiled_for(89):
-        assert fits(128, 128, torch.device("cpu")) and not fits(256, 128, torch.device("cpu"))
-        with pytest.raises(ValueError, match="32 tokens x top_k 8 over 128 experts"):
-            route_and_sort(torch.zeros(32, 128, dtype=torch.bfloat16), 8, True, 16)
-    assert fits(256, 128, torch.device("cpu"))  # off the GPU: an H100's figures
+        assert [chunk_for(p, 128, cpu) for p in (8, 128, 136, 256)] == [0, 0, 128, 128]
+        assert fits(256, 128, cpu) and not fits(264, 128, cpu)
+    assert chunk_for(256, 128, cpu) == 0 and fits(256, 128, cpu)

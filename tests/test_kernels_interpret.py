@@ -36,7 +36,7 @@ CASES = [
     "attention_parts_from_lengths", "attention_parts_window", "attention_decode_default_parts",
     "linear_tile_major", "linear_tile_major_split_masked", "linear_tile_major_swap_ab", "prefill_runs_tile_major",
     "linear_every_e4m3_scale", "linear_gated_silu_split_masked", "linear_gated_gelu_tile_major_split",
-    "linear_gated_swap_ab", "linear_picked_12_short_k",
+    "linear_gated_swap_ab", "linear_picked_12_short_k", "moe_routing_chunked", "moe_routing_chunked_ragged",
 ]
 
 

@@ -1,6 +1,6 @@
 """Sparse SwiGLU MoE over NVFP4 experts: route, sort (token, expert) pairs by expert, two grouped GEMM launches.
 
-Routing: one launch for decode-sized batches (moe_routing.py: up to MAX_PAIRS pairs, fewer on Ada), torch ops beyond.
+Routing: one launch for decode-sized batches (moe_routing.py, up to MAX_PAIRS pairs), torch ops beyond (prefill).
 
 Layout after sorting, each expert's pairs padded to a multiple of BLOCK_M (graph-safe: all index math on the GPU,
 no host sync; the grid is sized for the worst case and blocks past the end exit):

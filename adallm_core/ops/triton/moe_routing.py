@@ -2,10 +2,11 @@
 
 The torch version (moe_nvfp4.sort_by_expert after softmax and topk) is about 20 small kernels, ~70 us a layer on the
 H100 whatever the batch: more than the expert GEMMs themselves at batch 1 (benchmarks/NOTES.md). Here one program
-does it for up to MAX_PAIRS (token, expert) pairs (fewer where a block has less shared memory: `fits`), with the
-same output contract: route weights [T * top_k], sorted_pairs [P] (pair ids grouped by expert, each group padded
-to BLOCK_M, -1 in the padding) and block_expert [P / BLOCK_M] (-1 past the used blocks), P the worst-case padded
-length, so the grid never depends on the routing.
+does it for up to MAX_PAIRS (token, expert) pairs (ranked in chunks where a block has too little shared memory for
+all at once: Ada from 17 tokens at top 8 of 128 experts), with the same output contract: route weights
+[T * top_k], sorted_pairs [P] (pair ids grouped by expert, each group padded to BLOCK_M, -1 in the padding) and
+block_expert [P / BLOCK_M] (-1 past the used blocks), P the worst-case padded length, so the grid never depends on
+the routing.
 Top-k is taken on the logits (softmax keeps their order); pairs of one expert keep their token order.
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ def moe_routing_kernel(logits_ptr, experts_ptr, weights_ptr, pairs_ptr, block_ex
                        T, E, stride_l, num_slots, num_blocks,
                        TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_M: tl.constexpr,
                        T2: tl.constexpr, E2: tl.constexpr, P2: tl.constexpr, S2: tl.constexpr, NB2: tl.constexpr,
-                       PDL: tl.constexpr = False):
+                       CHUNK: tl.constexpr = 0, PDL: tl.constexpr = False):
+    """CHUNK (a power of two below P2, or 0 for all at once): pairs ranked a chunk at a time (see _rank_in_chunks)."""
     wait_for_prior_kernel(PDL)
     t = tl.arange(0, T2)
     e = tl.arange(0, E2)
@@ -54,33 +56,78 @@ def moe_routing_kernel(logits_ptr, experts_ptr, weights_ptr, pairs_ptr, block_ex
         rest = tl.where(pick, float("-inf"), rest)
     tl.debug_barrier()
 
-    # counting sort of the pairs by expert: rank within the expert from a running count over pair order
-    p = tl.arange(0, P2)
-    ok_p = p < T * TOP_K
-    expert = tl.load(experts_ptr + p, mask=ok_p, other=E2)  # E2 matches no column
-    onehot = (expert[:, None] == e[None, :]).to(tl.int32)  # [P2, E2]
-    counts = tl.sum(onehot, axis=0)
-    rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1
-    blocks = (counts + BLOCK_M - 1) // BLOCK_M
-    block_end = tl.cumsum(blocks, axis=0)
-    pad_start = (block_end - blocks) * BLOCK_M
-    dest = tl.sum(onehot * pad_start[None, :], axis=1) + rank
-    s = tl.arange(0, S2)
-    tl.store(pairs_ptr + s, tl.full((S2,), -1, tl.int32), mask=s < num_slots)
-    tl.debug_barrier()  # the padding is written before the pairs land on it
-    tl.store(pairs_ptr + dest, p.to(tl.int32), mask=ok_p)
+    if CHUNK == 0:
+        # counting sort of the pairs by expert: rank within the expert from a running count over pair order
+        p = tl.arange(0, P2)
+        ok_p = p < T * TOP_K
+        expert = tl.load(experts_ptr + p, mask=ok_p, other=E2)  # E2 matches no column
+        onehot = (expert[:, None] == e[None, :]).to(tl.int32)  # [P2, E2]
+        counts = tl.sum(onehot, axis=0)
+        rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1
+        blocks = (counts + BLOCK_M - 1) // BLOCK_M
+        block_end = tl.cumsum(blocks, axis=0)
+        pad_start = (block_end - blocks) * BLOCK_M
+        dest = tl.sum(onehot * pad_start[None, :], axis=1) + rank
+        s = tl.arange(0, S2)
+        tl.store(pairs_ptr + s, tl.full((S2,), -1, tl.int32), mask=s < num_slots)
+        tl.debug_barrier()  # the padding is written before the pairs land on it
+        tl.store(pairs_ptr + dest, p.to(tl.int32), mask=ok_p)
+    else:
+        block_end = _rank_in_chunks(experts_ptr, pairs_ptr, T * TOP_K, num_slots, e, BLOCK_M, E2, P2, S2, CHUNK)
     b = tl.arange(0, NB2)
     owner = tl.sum((block_end[None, :] <= b[:, None]).to(tl.int32), axis=1)  # experts whose blocks end by b
     tl.store(block_expert_ptr + b, tl.where(owner < E, owner, -1).to(tl.int32), mask=b < num_blocks)
 
 
+@triton.jit
+def _rank_in_chunks(experts_ptr, pairs_ptr, num_pairs, num_slots, e, BLOCK_M: tl.constexpr, E2: tl.constexpr,
+                    P2: tl.constexpr, S2: tl.constexpr, CHUNK: tl.constexpr):
+    """The counting sort CHUNK pairs at a time, for blocks without room for the [P2, E2] tile: one pass counts each
+    expert's pairs, a second ranks each chunk's pairs from the count of earlier chunks and stores them. Returns
+    block_end, as the one-tile sort computes it."""
+    counts = tl.zeros((E2,), tl.int32)
+    for c in tl.static_range(P2 // CHUNK):
+        p = c * CHUNK + tl.arange(0, CHUNK)
+        expert = tl.load(experts_ptr + p, mask=p < num_pairs, other=E2)  # E2 matches no column
+        counts += tl.sum((expert[:, None] == e[None, :]).to(tl.int32), axis=0)
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    block_end = tl.cumsum(blocks, axis=0)
+    pad_start = (block_end - blocks) * BLOCK_M
+    s = tl.arange(0, S2)
+    tl.store(pairs_ptr + s, tl.full((S2,), -1, tl.int32), mask=s < num_slots)
+    tl.debug_barrier()  # the padding is written before the pairs land on it
+    earlier = tl.zeros((E2,), tl.int32)  # each expert's pairs in the chunks before this one
+    for c in tl.static_range(P2 // CHUNK):
+        p = c * CHUNK + tl.arange(0, CHUNK)
+        ok_p = p < num_pairs
+        onehot = (tl.load(experts_ptr + p, mask=ok_p, other=E2)[:, None] == e[None, :]).to(tl.int32)  # [CHUNK, E2]
+        rank = tl.sum((tl.cumsum(onehot, axis=0) + earlier[None, :]) * onehot, axis=1) - 1
+        dest = tl.sum(onehot * pad_start[None, :], axis=1) + rank
+        tl.store(pairs_ptr + dest, p.to(tl.int32), mask=ok_p)
+        earlier += tl.sum(onehot, axis=0)
+    return block_end
+
+
+MIN_CHUNK = 16
+
+
+def chunk_for(pairs: int, num_experts: int, device) -> int:
+    """Pairs the sort ranks at a time: all of them (0) where the [pairs, experts] int32 tile of its running count,
+    which Triton lays out in shared memory, fits one block, else the largest power of two that fits. 256 pairs of
+    128 experts take 128 KB: an H100 block may have 227, an Ada one 99 (benchmarks/compile_report.py)."""
+    p2, e2 = max(2, triton.next_power_of_2(pairs)), triton.next_power_of_2(num_experts)
+    limit = nvfp4_gemm.sm_figures(device)["block_smem"]
+    chunk = p2
+    while chunk * e2 * 4 > limit and chunk > MIN_CHUNK:
+        chunk //= 2
+    return 0 if chunk == p2 else chunk
+
+
 def fits(pairs: int, num_experts: int, device) -> bool:
     """Whether one routing launch takes `pairs` pairs over `num_experts` experts on `device`: at most MAX_PAIRS, and
-    its rank count (a cumulative sum down a [pairs, experts] int32 tile, which Triton lays out in shared memory)
-    within what one block may take. 256 pairs of 128 experts need 128 KB: an H100 has 227, Ada 99
-    (benchmarks/compile_report.py), so there batches of 17-32 tokens at top 8 route with torch ops."""
-    tile = max(2, triton.next_power_of_2(pairs)) * triton.next_power_of_2(num_experts) * 4
-    return pairs <= MAX_PAIRS and tile <= nvfp4_gemm.sm_figures(device)["block_smem"]
+    a chunk of MIN_CHUNK pairs within one block's shared memory."""
+    return pairs <= MAX_PAIRS and MIN_CHUNK * triton.next_power_of_2(num_experts) * 4 <= \
+        nvfp4_gemm.sm_figures(device)["block_smem"]
 
 
 def padded_pairs(pairs: int, num_experts: int, block_m: int) -> int:
@@ -89,14 +136,20 @@ def padded_pairs(pairs: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(pairs + min(num_experts, pairs) * (block_m - 1), block_m) * block_m
 
 
-def route_and_sort(router_logits: torch.Tensor, top_k: int, renormalize: bool, block_m: int):
-    """router_logits [T, E] -> (route weights [T * top_k] fp32, sorted_pairs [P] int32, block_expert [P / block_m])."""
+def route_and_sort(router_logits: torch.Tensor, top_k: int, renormalize: bool, block_m: int,
+                   chunk: int | None = None):
+    """router_logits [T, E] -> (route weights [T * top_k] fp32, sorted_pairs [P] int32, block_expert [P / block_m]).
+    chunk: pairs the sort ranks at a time (a power of two, 0 all), else chunk_for's choice (tests force chunks)."""
     t, num_experts = router_logits.shape
     dev = router_logits.device
     if top_k > num_experts or not fits(t * top_k, num_experts, dev):
         raise ValueError(f"moe routing: {t} tokens x top_k {top_k} over {num_experts} experts is out of range for "
-                         f"one launch on {dev} (at most {MAX_PAIRS} pairs, and a [pairs, experts] int32 tile within "
-                         "a block's shared memory)")
+                         f"one launch on {dev} (at most {MAX_PAIRS} pairs, and a [{MIN_CHUNK}, experts] int32 tile "
+                         "within a block's shared memory)")
+    p2 = max(2, triton.next_power_of_2(t * top_k))
+    chunk = chunk_for(t * top_k, num_experts, dev) if chunk is None else chunk
+    if chunk and (chunk & (chunk - 1) or chunk >= p2):
+        raise ValueError(f"moe routing: chunk must be 0 or a power of two below {p2} pairs, got {chunk}")
     slots = padded_pairs(t * top_k, num_experts, block_m)
     # H100, 128 experts, top 8 (benchmarks/NOTES.md): 1 token 10.8 us with 4 warps (14.4 with 8), 16 tokens 15.7 with
     # 8, 32 tokens 36.1 with 16 (45.9 with 8)
@@ -109,8 +162,8 @@ def route_and_sort(router_logits: torch.Tensor, top_k: int, renormalize: bool, b
         router_logits, experts, weights, pairs, block_expert, t, num_experts, router_logits.stride(0), slots,
         slots // block_m, TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_M=block_m,
         T2=max(2, triton.next_power_of_2(t)), E2=triton.next_power_of_2(num_experts),
-        P2=max(2, triton.next_power_of_2(t * top_k)), S2=triton.next_power_of_2(slots),
-        NB2=max(2, triton.next_power_of_2(slots // block_m)), num_warps=num_warps,
+        P2=p2, S2=triton.next_power_of_2(slots), NB2=max(2, triton.next_power_of_2(slots // block_m)), CHUNK=chunk,
+        num_warps=num_warps,
         **pdl.triton_args(dev, t, pdl.MOE_MAX_TOKENS),
     )
     return weights, pairs, block_expert
