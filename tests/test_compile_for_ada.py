@@ -31,8 +31,21 @@ def test_decode_and_prefill_launches_fit_ada(shape):
         assert {"moe_routing_kernel", "moe_gemm_kernel", "sum_pairs_kernel"} <= kernels
         routing = {r.op: r.tiles["CHUNK"] for r in records if r.kernel == "moe_routing_kernel"}
         assert routing == {"decode 12: moe": 0, "decode 16: moe": 0, "decode 32: moe": 128}, routing
+    assert_fit(records, 89, ADA)
+
+
+def test_launches_fit_ampere():
+    """Ampere (sm_86: RTX 3090, A10) runs the Triton linears at every token count and a BF16 cache; its blocks
+    have Ada's 99 KB. Qwen3-30B-A3B covers every kernel the dense models launch, and the MoE's."""
+    records = report("qwen3-30b-a3b", 86, [1, 8, 16, 32], context=192)
+    assert {"nvfp4_gemm_kernel", "moe_routing_kernel", "moe_gemm_kernel"} <= {r.kernel for r in records}
+    assert {r.tiles.get("FP8_CACHE") for r in records if r.kernel == "paged_attention_kernel"} == {False}
+    assert_fit(records, 86, GPUS[86]["RTX 3090"])
+
+
+def assert_fit(records, arch: int, sm: dict) -> None:
     for r in records:
-        assert r.arch == 89 and r.shared <= ADA["block_smem"] and r.blocks_per_sm(ADA) >= 1, r
+        assert r.arch == arch and r.shared <= sm["block_smem"] and r.blocks_per_sm(sm) >= 1, r
         if r.op.startswith("decode"):
             assert r.spilled == 0, r
 
