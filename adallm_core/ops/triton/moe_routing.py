@@ -64,19 +64,32 @@ def moe_routing_kernel(logits_ptr, experts_ptr, weights_ptr, pairs_ptr, block_ex
         onehot = (expert[:, None] == e[None, :]).to(tl.int32)  # [P2, E2]
         counts = tl.sum(onehot, axis=0)
         rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1
-        blocks = (counts + BLOCK_M - 1) // BLOCK_M
-        block_end = tl.cumsum(blocks, axis=0)
-        pad_start = (block_end - blocks) * BLOCK_M
+        block_end, pad_start = _expert_blocks(counts, BLOCK_M)
         dest = tl.sum(onehot * pad_start[None, :], axis=1) + rank
-        s = tl.arange(0, S2)
-        tl.store(pairs_ptr + s, tl.full((S2,), -1, tl.int32), mask=s < num_slots)
-        tl.debug_barrier()  # the padding is written before the pairs land on it
+        _pad_slots(pairs_ptr, num_slots, S2)
         tl.store(pairs_ptr + dest, p.to(tl.int32), mask=ok_p)
     else:
         block_end = _rank_in_chunks(experts_ptr, pairs_ptr, T * TOP_K, num_slots, e, BLOCK_M, E2, P2, S2, CHUNK)
     b = tl.arange(0, NB2)
     owner = tl.sum((block_end[None, :] <= b[:, None]).to(tl.int32), axis=1)  # experts whose blocks end by b
     tl.store(block_expert_ptr + b, tl.where(owner < E, owner, -1).to(tl.int32), mask=b < num_blocks)
+
+
+@triton.jit
+def _expert_blocks(counts, BLOCK_M: tl.constexpr):
+    """Each expert's pairs padded to whole blocks of BLOCK_M, experts in order: (block_end [E2], the index of each
+    expert's first block past its last; pad_start [E2], each expert's first slot)."""
+    blocks = (counts + BLOCK_M - 1) // BLOCK_M
+    block_end = tl.cumsum(blocks, axis=0)
+    return block_end, (block_end - blocks) * BLOCK_M
+
+
+@triton.jit
+def _pad_slots(pairs_ptr, num_slots, S2: tl.constexpr):
+    """Every slot -1 (padding), visible to the block before the pairs land on their slots."""
+    s = tl.arange(0, S2)
+    tl.store(pairs_ptr + s, tl.full((S2,), -1, tl.int32), mask=s < num_slots)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -90,12 +103,8 @@ def _rank_in_chunks(experts_ptr, pairs_ptr, num_pairs, num_slots, e, BLOCK_M: tl
         p = c * CHUNK + tl.arange(0, CHUNK)
         expert = tl.load(experts_ptr + p, mask=p < num_pairs, other=E2)  # E2 matches no column
         counts += tl.sum((expert[:, None] == e[None, :]).to(tl.int32), axis=0)
-    blocks = (counts + BLOCK_M - 1) // BLOCK_M
-    block_end = tl.cumsum(blocks, axis=0)
-    pad_start = (block_end - blocks) * BLOCK_M
-    s = tl.arange(0, S2)
-    tl.store(pairs_ptr + s, tl.full((S2,), -1, tl.int32), mask=s < num_slots)
-    tl.debug_barrier()  # the padding is written before the pairs land on it
+    block_end, pad_start = _expert_blocks(counts, BLOCK_M)
+    _pad_slots(pairs_ptr, num_slots, S2)
     earlier = tl.zeros((E2,), tl.int32)  # each expert's pairs in the chunks before this one
     for c in tl.static_range(P2 // CHUNK):
         p = c * CHUNK + tl.arange(0, CHUNK)
