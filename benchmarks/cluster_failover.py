@@ -94,7 +94,8 @@ class SimulatedCluster:
         with open(os.path.join(self.tmpdir, "threads-at-shutdown.txt"), "w") as out:
             for thread in threading.enumerate():
                 out.write(f"--- {thread.name} (daemon={thread.daemon}, ident={thread.native_id})\n")
-                out.write("".join(traceback.format_stack(frames.get(thread.ident))) if thread.ident in frames else "")
+                if thread.ident in frames:
+                    out.writelines(traceback.format_stack(frames[thread.ident]))
 
     def add_worker(self) -> str:
         """A node like cluster.yaml's `l4` type; the autoscaler's role when a replica is pending."""

@@ -105,8 +105,7 @@ def compiled_for(arch: int):
     records: list[Compiled] = []
     seen: set = set()
     label = ["?"]
-    sm = next(iter(GPUS[arch].values()))
-    figures = dict(sms=sm["sms"], smem=sm["smem"], regs=sm["regs"], threads=sm["threads"], block_smem=sm["block_smem"])
+    sm = next(iter(GPUS[arch].values()))  # what nvfp4_gemm.sm_figures reads, for that GPU
 
     def hook(*, key, fn, compile, **_):
         jit = fn.jit_function
@@ -131,7 +130,7 @@ def compiled_for(arch: int):
     driver.set_active(_TargetDriver(arch))
     knobs.runtime.jit_cache_hook = hook
     try:
-        with mock.patch.object(nvfp4_gemm, "sm_figures", lambda device: figures), \
+        with mock.patch.object(nvfp4_gemm, "sm_figures", lambda device: sm), \
                 mock.patch.object(nvfp4_gemm, "fp8_scales", lambda device: arch >= 89):
             yield records, lambda name: label.__setitem__(0, name)
     finally:
