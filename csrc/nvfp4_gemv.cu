@@ -123,8 +123,17 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Before Hopper, ptxas given no minimum of blocks an SM held the default variant to 64 registers and spilled 8
+// bytes a thread (nvcc 13.0, sm_89); a minimum of one lets it take the 80 it needs. Shared memory, not registers,
+// bounds these blocks there (two an SM at most). sm_90 keeps the bound it was measured with.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define ADALLM_GEMV_BOUNDS(threads) __launch_bounds__(threads, 1)
+#else
+#define ADALLM_GEMV_BOUNDS(threads) __launch_bounds__(threads)
+#endif
+
 template <int ROWS, int WARPS, int DEPTH>
-__global__ void __launch_bounds__(WARPS * 32) nvfp4_gemv_kernel(
+__global__ void ADALLM_GEMV_BOUNDS(WARPS * 32) nvfp4_gemv_kernel(
     const __nv_bfloat16* __restrict__ x, const uint32_t* __restrict__ w, const uint8_t* __restrict__ s,
     const float* __restrict__ g, __nv_bfloat16* __restrict__ out, int M, int N, int K, long stride_xm,
     long stride_om, int act) {
