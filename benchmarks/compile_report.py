@@ -51,6 +51,7 @@ class Compiled:
     shared: int  # bytes of dynamic shared memory a block
     registers: int  # a thread
     spilled: int  # bytes of local memory a thread (stack frame + spills)
+    fp_fusion: bool  # multiply-adds fused (the ops pin it on; Triton 3.10's default is off)
 
     def blocks_per_sm(self, sm: dict) -> int:
         """Blocks one SM holds at once: by shared memory, registers (allocated 256 a warp), threads, blocks."""
@@ -123,7 +124,8 @@ def compiled_for(arch: int):
                  if (name := jit.arg_names[index]) in TILE_NAMES}
         registers, spilled = resource_usage(kernel.asm["cubin"])
         records.append(Compiled(label[0], jit.__name__, kernel.metadata.target.arch, names, compile["num_warps"],
-                                compile["num_stages"], kernel.metadata.shared, registers, spilled))
+                                compile["num_stages"], kernel.metadata.shared, registers, spilled,
+                                compile["enable_fp_fusion"]))
         return True  # skip the launch
 
     previous_driver, previous_hook = driver._active, knobs.runtime.jit_cache_hook

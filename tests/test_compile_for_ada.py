@@ -18,6 +18,38 @@ ADA = GPUS[89]["RTX 4090"]
 SHAPES = ["qwen3-8b", "gemma3-27b", "qwen3-30b-a3b"]
 
 
+@pytest.fixture(autouse=True)
+def fp_fusion_off_by_default():
+    """Triton's default as 3.10 announces it: no fused multiply-adds. The ops pin fusion on at every launch (what
+    the GPU measured and the tests checked), so each compile below must still have it (assert_fit)."""
+    from triton import knobs
+
+    with knobs.language.scope():
+        knobs.language.default_fp_fusion = False
+        yield
+
+
+def test_every_triton_launch_pins_fp_fusion():
+    """The runtime check above sees the kernels a layer's steps launch; this one reads every launch in the ops'
+    source (embedding, prefill dequantization, the comparison kernels too): `name_kernel[grid](...)` calls."""
+    import ast
+    from pathlib import Path
+
+    import adallm_core.ops.triton as package
+
+    launches, unpinned = 0, []
+    for path in sorted(Path(package.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id.endswith("_kernel")):
+                continue
+            launches += 1
+            pinned = [k for k in node.keywords if k.arg == "enable_fp_fusion"]
+            if not (pinned and isinstance(pinned[0].value, ast.Constant) and pinned[0].value.value is True):
+                unpinned.append(f"{path.name}:{node.lineno} {node.func.value.id}")
+    assert launches >= 15 and not unpinned, (launches, unpinned)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_decode_and_prefill_launches_fit_ada(shape):
     """Every kernel of a layer's decode step (12, 16, 32 sequences) and prefill chunk (16, 32 tokens) compiles for
@@ -46,6 +78,7 @@ def test_launches_fit_ampere():
 def assert_fit(records, arch: int, sm: dict) -> None:
     for r in records:
         assert r.arch == arch and r.shared <= sm["block_smem"] and r.blocks_per_sm(sm) >= 1, r
+        assert r.fp_fusion, f"{r.kernel} launched without enable_fp_fusion=True: {r}"
         if r.op.startswith("decode"):
             assert r.spilled == 0, r
 

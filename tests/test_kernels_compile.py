@@ -26,7 +26,7 @@ def compile_for(fn, capability: int, pointers: dict, constexprs: dict, num_warps
             signature[name] = pointers.get(name, "fp32" if name in FLOATS else "i32")
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                          options=dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=True))
 
 
 def linear_case(scale_type: str, **tiles):

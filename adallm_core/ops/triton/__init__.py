@@ -19,6 +19,8 @@ Each op is a thin wrapper that checks shapes and dtypes, then launches the kerne
 Not in the op table, for comparison: w4a8_gemm.py (FP8 tensor cores, per-token FP8 activations) and quant.py.
 The decode kernels start with grid_dependency.wait_for_prior_kernel: on sm_90+ steps of up to 8 tokens launch with
 programmatic dependent launch (../pdl.py).
+Every launch passes enable_fp_fusion=True: fused multiply-adds are what the GPU measured and the tests checked, and
+Triton 3.10 turns them off by default (3.9 warns of it at the first compile of a launch that leaves it unset).
 """
 from __future__ import annotations
 

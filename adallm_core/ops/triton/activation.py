@@ -45,7 +45,7 @@ def _act_and_mul(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
     if t:
         block = min(1024, triton.next_power_of_2(inter))
         act_and_mul_kernel[(t, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0), out.stride(0),
-                                                           BLOCK=block, GELU=gelu, num_warps=4,
+                                                           BLOCK=block, GELU=gelu, num_warps=4, enable_fp_fusion=True,
                                                            **pdl.triton_args(gate_up.device, t))
     return out
 

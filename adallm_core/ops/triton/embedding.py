@@ -31,5 +31,5 @@ def embedding(input_ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     if t:
         block = min(1024, triton.next_power_of_2(h))
         embedding_kernel[(t, triton.cdiv(h, block))](input_ids, table, out, h, table.stride(0), out.stride(0),
-                                                      BLOCK=block, num_warps=4)
+                                                      BLOCK=block, num_warps=4, enable_fp_fusion=True)
     return out

@@ -39,4 +39,4 @@ def kv_write(k, v, k_cache, v_cache, slot_mapping, k_scale: float, v_scale: floa
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     kv_write_kernel[(t,)](k, v, k_cache, v_cache, slot_mapping, 1.0 / k_scale, 1.0 / v_scale,
                           k.stride(0), v.stride(0), k_cache.stride(1), ROW=hk * d,
-                          BLOCK=triton.next_power_of_2(hk * d), FP8=fp8, num_warps=4)
+                          BLOCK=triton.next_power_of_2(hk * d), FP8=fp8, num_warps=4, enable_fp_fusion=True)

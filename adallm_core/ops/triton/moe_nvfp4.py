@@ -142,7 +142,7 @@ def _grouped(x, w, pairs, block_expert, route_w, top_k, out, gather, weighted, b
         n, k, top_k, x.stride(0), packed.stride(0), packed.stride(1), w.block_scale.stride(0),
         w.block_scale.stride(1), w.global_scale.stride(0), out.stride(0),
         BLOCK_M=block_m, BLOCK_K=block_k, GATHER=gather, WEIGHTED=weighted, MATH=math,
-        KERNEL_ORDER=w.kernel_order, GATED=gated, **tiles,
+        KERNEL_ORDER=w.kernel_order, GATED=gated, **tiles, enable_fp_fusion=True,
         **pdl.triton_args(x.device, tokens, pdl.MOE_MAX_TOKENS),
     )
 
@@ -200,5 +200,6 @@ def sum_pairs(y: torch.Tensor, t: int, top_k: int, dtype) -> torch.Tensor:
     out = torch.empty(t, hidden, dtype=dtype, device=y.device)
     block = min(256, triton.next_power_of_2(hidden))
     sum_pairs_kernel[(t, triton.cdiv(hidden, block))](y, out, hidden, TOP_K=top_k, BLOCK=block, num_warps=2,
-                                                      **pdl.triton_args(y.device, t, pdl.MOE_MAX_TOKENS))
+                                                      **pdl.triton_args(y.device, t, pdl.MOE_MAX_TOKENS),
+                                                      enable_fp_fusion=True)
     return out

@@ -172,7 +172,7 @@ def route_and_sort(router_logits: torch.Tensor, top_k: int, renormalize: bool, b
         slots // block_m, TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_M=block_m,
         T2=max(2, triton.next_power_of_2(t)), E2=triton.next_power_of_2(num_experts),
         P2=p2, S2=triton.next_power_of_2(slots), NB2=max(2, triton.next_power_of_2(slots // block_m)), CHUNK=chunk,
-        num_warps=num_warps,
+        num_warps=num_warps, enable_fp_fusion=True,
         **pdl.triton_args(dev, t, pdl.MOE_MAX_TOKENS),
     )
     return weights, pairs, block_expert

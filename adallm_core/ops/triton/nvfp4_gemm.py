@@ -503,6 +503,6 @@ def nvfp4_linear(x: torch.Tensor, w, config: dict | None = None, activation: str
     nvfp4_gemm_kernel[grid](
         x, packed, block_scales(w, x.device), w.global_scale, out, part, lock,
         m, n, k, x.stride(0), stride_wn, w.block_scale.stride(0), out.stride(0),
-        **cfg,
+        **cfg, enable_fp_fusion=True,
     )
     return out

@@ -113,7 +113,8 @@ def dequantize_rows(w, start: int, stop: int, out: torch.Tensor) -> torch.Tensor
     grid = (triton.cdiv(n, 32), triton.cdiv(k, block_k))
     dequant_rows_kernel[grid](packed, block_scales(w, out.device)[start:stop], out, n, k, packed.stride(0),
                               w.block_scale.stride(0), out.stride(0), BLOCK_N=32, BLOCK_K=block_k,
-                              KERNEL_ORDER=w.kernel_order, TILE_MAJOR=w.tile_major, num_warps=4)
+                              KERNEL_ORDER=w.kernel_order, TILE_MAJOR=w.tile_major, num_warps=4,
+                              enable_fp_fusion=True)
     return out
 
 

@@ -269,11 +269,11 @@ def _attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, slidi
         G=g, HEAD_DIM=dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, NUM_SPLITS=splits,
         USE_WINDOW=sliding_window is not None, F32_DOT=INTERPRET,
         FP8_CACHE=v_cache.dtype == torch.float8_e4m3fn,
-        **tiles, **pdl.triton_args(q.device, t),
+        **tiles, **pdl.triton_args(q.device, t), enable_fp_fusion=True,
     )
     if splits > 1:
         combine_splits_kernel[(meta.num_seqs, hq)](
             part_o, part_lse, out, meta.query_start_loc, meta.seq_lens, int(sliding_window or 0), t, hq,
             out.stride(0), out.stride(1), NUM_SPLITS=splits, HEAD_DIM=dim, BLOCK_N=tiles["BLOCK_N"],
-            USE_WINDOW=sliding_window is not None, **pdl.triton_args(q.device, t))
+            USE_WINDOW=sliding_window is not None, **pdl.triton_args(q.device, t), enable_fp_fusion=True)
     return out

@@ -106,5 +106,6 @@ def qk_norm_rope_cache(qkv, q_weight, k_weight, eps: float, weight_offset: float
             hq, hk, float(eps), float(weight_offset), 1.0 / k_scale, 1.0 / v_scale, qkv.stride(0),
             cos_sin.stride(0), q.stride(0), slot_mapping.stride(0),
             HALF=d // 2, BLOCK_HQ=triton.next_power_of_2(hq), BLOCK_HK=triton.next_power_of_2(hk),
-            FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=4, **pdl.triton_args(qkv.device, t))
+            FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=4, **pdl.triton_args(qkv.device, t),
+            enable_fp_fusion=True)
     return q

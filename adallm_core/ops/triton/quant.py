@@ -34,7 +34,8 @@ def per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:
         block = min(4096, triton.next_power_of_2(k))
-        per_token_fp8_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block, num_warps=8 if block >= 2048 else 4)
+        per_token_fp8_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block,
+                                   num_warps=8 if block >= 2048 else 4, enable_fp_fusion=True)
     return q, s
 
 

@@ -38,7 +38,8 @@ def _launch(x, residual, weight, eps, weight_offset):
         r = residual if residual is not None else x
         rms_norm_kernel[(t,)](x, r, weight, out, summed, h, float(eps), float(weight_offset), x.stride(0),
                               r.stride(0), out.stride(0), summed.stride(0), BLOCK=block, ADD=residual is not None,
-                              num_warps=min(16, max(1, block // 512)), **pdl.triton_args(x.device, t))
+                              num_warps=min(16, max(1, block // 512)), **pdl.triton_args(x.device, t),
+                              enable_fp_fusion=True)
     return out, summed
 
 

@@ -46,5 +46,5 @@ def rope(q, k, positions, cos_sin):
         rope_kernel[(t,)](q, k, q_out, k_out, positions, cos_sin, hq, hk, q.stride(0), q.stride(1), k.stride(0),
                           k.stride(1), q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
                           cos_sin.stride(0), HALF=d // 2, BLOCK_HQ=triton.next_power_of_2(hq),
-                          BLOCK_HK=triton.next_power_of_2(hk), num_warps=4)
+                          BLOCK_HK=triton.next_power_of_2(hk), num_warps=4, enable_fp_fusion=True)
     return q_out, k_out

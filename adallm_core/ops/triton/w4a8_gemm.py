@@ -86,6 +86,6 @@ def w4a8_linear(x: torch.Tensor, w, config: dict | None = None) -> torch.Tensor:
     w4a8_gemm_kernel[grid](
         xq, xs, w.packed, w.block_scale, w.global_scale, out,
         m, n, k, xq.stride(0), w.packed.stride(0), w.block_scale.stride(0), out.stride(0),
-        **cfg,
+        **cfg, enable_fp_fusion=True,
     )
     return out
