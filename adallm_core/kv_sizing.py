@@ -8,7 +8,8 @@ import torch
 
 
 def kv_budget_bytes(device: torch.device, gpu_memory_utilization: float, cpu_kv_cache_gb: float) -> int:
-    """CUDA: that share of the device memory still free after the weights loaded. CPU: cpu_kv_cache_gb."""
+    """CUDA: that share of the device memory still free after the weights loaded (the engine takes the largest
+    step's own memory from it: memory_profile). CPU: cpu_kv_cache_gb."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * gpu_memory_utilization)
@@ -52,5 +53,6 @@ def check_fits(counts: Sequence[int], windows: Sequence[Optional[int]], block_si
             raise ValueError(
                 f"KV cache too small: a KV group has {n - 1} usable blocks of {block_size} tokens, one sequence of "
                 f"max_model_len={max_model_len} needs {need}; raise gpu_memory_utilization / cpu_kv_cache_gb / "
-                f"num_gpu_blocks_override, or lower max_model_len"
+                f"num_gpu_blocks_override, or lower max_model_len (on a GPU also max_num_batched_tokens: the budget "
+                f"leaves room for a step of that many tokens)"
             )

@@ -105,8 +105,9 @@ class ModelRunner:
         per_layer = 2 * self.block_size * cfg.num_kv_heads * cfg.head_dim * self.kv_cache_dtype.itemsize
         return [len(g.layers) * per_layer for g in self.kv_groups]
 
-    def allocate_kv_cache(self, num_blocks: Union[int, Sequence[int]]) -> None:
-        """One zeroed tensor [layers_in_group, 2, num_blocks, block_size, Hk, D] per KV group."""
+    def allocate_kv_cache(self, num_blocks: Union[int, Sequence[int]], capture_graphs: bool = True) -> None:
+        """One zeroed tensor [layers_in_group, 2, num_blocks, block_size, Hk, D] per KV group; then the decode CUDA
+        graphs, unless capture_graphs is False (a temporary cache: memory_profile)."""
         counts = [num_blocks] * len(self.kv_groups) if isinstance(num_blocks, int) else list(num_blocks)
         if len(counts) != len(self.kv_groups) or min(counts) < 1:
             raise ValueError(f"num_blocks: need one positive count per KV group ({len(self.kv_groups)}), got {num_blocks}")
@@ -119,10 +120,17 @@ class ModelRunner:
             self.kv_caches.append(cache)
             for j, layer in enumerate(group.layers):
                 attn_layers[layer].bind_cache(cache[j, 0], cache[j, 1], *self.kv_scales[layer])
-        if self.use_cuda_graphs:
+        if self.use_cuda_graphs and capture_graphs:
             from adallm_core.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self, self.max_num_seqs)
+
+    def free_kv_cache(self) -> None:
+        """Unbind and drop the KV cache (and the graphs that read it), so its memory can return to the device."""
+        self.graphs = None
+        for layer in self.model.attention_layers():
+            layer.bind_cache(None, None, 1.0, 1.0)
+        self.kv_caches = []
 
     def release_graphs(self) -> None:
         """Drop the decode CUDA graphs. Tensor-parallel ranks do this before destroying their NCCL group: graphs

@@ -114,3 +114,37 @@ def test_gpu_async_scheduling_gives_the_same_tokens():
         assert engine.stats()["kv_blocks_used"] == 0
     assert got[0][0] == got[1][0]
     assert got[0][1] == 0 and got[1][1] > 10
+
+
+def test_gpu_kv_budget_leaves_room_for_the_largest_step():
+    """Without a block count the engine measures its largest step first (adallm_core/memory_profile.py) and takes
+    that from the KV budget. Then a real step of that size, sampled the costliest way, peaks within the measured
+    figure, and the tokens are those of an engine given its blocks outright."""
+    from adallm_core.memory_profile import WORST_CASE_SAMPLING
+
+    tokens, seqs = 4096, 16
+    kw = dict(kv_cache_dtype="fp8", device="cuda", max_num_seqs=seqs, max_model_len=512,
+              max_num_batched_tokens=tokens)
+    measured = make_engine("qwen3", "modelopt", num_gpu_blocks_override=None, gpu_memory_utilization=0.05, **kw)
+    assert measured.step_peak_bytes > 2**20, measured.step_peak_bytes
+    given = make_engine("qwen3", "modelopt", **kw)
+    assert given.step_peak_bytes == 0
+    vocab = measured.runner.model_config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, vocab, (tokens // seqs,), generator=g).tolist() for _ in range(seqs)]
+    params = SamplingParams(**{**vars(WORST_CASE_SAMPLING), "max_tokens": 4, "ignore_eos": True})
+    outputs = []
+    for engine in (measured, given):
+        for i, ids in enumerate(prompts):
+            engine.add_request(str(i), ids, params)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        engine.step()  # every prompt whole: the largest step
+        torch.cuda.synchronize()
+        if engine is measured:
+            assert torch.cuda.max_memory_allocated() - before <= measured.step_peak_bytes * 1.05 + 2**20
+        done = run_all(engine)
+        outputs.append({rid: out.outputs[0].token_ids for rid, out in done.items()})
+        assert engine.stats()["kv_blocks_used"] == 0
+    assert outputs[0] == outputs[1]

@@ -1,0 +1,79 @@
+"""The CUDA memory the largest step takes beyond the weights and the KV cache, measured once at start-up so the KV
+budget leaves room for it (as vLLM's profiling run does).
+
+The largest step the scheduler can form is max_num_batched_tokens prompt tokens over up to max_num_seqs sequences,
+each sampled, followed by the sampler's worst case over those rows (top-k/top-p sort, min-p, penalties, logprobs).
+It matters on the cards this project is for: Gemma3-27B leaves about 6 GB of a 24 GB card free after its weights,
+gpu_memory_utilization 0.9 gives 5.4 GB of that to the KV cache, and a step of 8192 prompt tokens needs more than the
+0.6 GB left (its gate|up output alone is 704 MB), as does the sampler's sort over 64 x 262k logits. Without the
+measurement that step would fail mid-serving instead of at start-up.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from adallm_core.runner import SeqStep
+from adallm_core.sampler import Sampler, SamplingRow
+from adallm_core.sampling_params import SamplingParams
+
+# every logits processor and the logprobs at once: the sampler's most memory
+WORST_CASE_SAMPLING = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
+                                     frequency_penalty=0.5, presence_penalty=0.5, logprobs=20, seed=0)
+
+
+def largest_step(tokens: int, num_seqs: int, max_model_len: int) -> list[int]:
+    """Prompt lengths of the largest step: `tokens` split evenly over min(num_seqs, tokens) sequences, none longer
+    than max_model_len (so at most num_seqs x max_model_len tokens in all)."""
+    seqs = min(num_seqs, tokens)
+    tokens = min(tokens, seqs * max_model_len)
+    return [tokens // seqs + (i < tokens % seqs) for i in range(seqs)]
+
+
+def run_largest_step(runner, tokens: int, num_seqs: int) -> torch.Tensor:
+    """Run the largest step on a temporary KV cache that holds just its tokens, then sample its logits the
+    costliest way, and free the cache. Random token ids from a generator of its own: no state of the engine's
+    (its sampler's generators, its KV blocks, its prefix cache) is touched. Returns the step's logits."""
+    lengths = largest_step(tokens, num_seqs, runner.max_model_len)
+    blocks = [math.ceil(n / runner.block_size) for n in lengths]
+    tables, first = [], 1  # block 0 is the KV manager's null block
+    for b in blocks:
+        tables.append(list(range(first, first + b)))
+        first += b
+    ids = torch.randint(runner.model_config.vocab_size, (sum(lengths),), generator=torch.Generator().manual_seed(0))
+    ids = ids.tolist()
+    steps, start = [], 0
+    for n, table in zip(lengths, tables):
+        steps.append(SeqStep(ids[start:start + n], 0, [table] * len(runner.kv_groups)))
+        start += n
+    runner.allocate_kv_cache([first] * len(runner.kv_groups), capture_graphs=False)
+    try:
+        logits = runner.execute(steps)
+        rows = [SamplingRow(WORST_CASE_SAMPLING, s.token_ids[-8:], s.token_ids[:8], index=i,
+                            banned_token_ids=(0,)) for i, s in enumerate(steps)]
+        Sampler(0, runner.device)(logits, rows)
+    finally:
+        runner.free_kv_cache()
+    return logits
+
+
+def step_peak_bytes(runner, tokens: int, num_seqs: int) -> int:
+    """CUDA bytes the largest step allocates at its peak beyond what was allocated before it and its temporary KV
+    cache: activations, logits, the sampler's temporaries, workspaces. The cache's blocks go back to the device."""
+    dev = runner.device
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    kv_bytes = sum(math.ceil(n / runner.block_size) for n in largest_step(tokens, num_seqs, runner.max_model_len))
+    kv_bytes = (kv_bytes + 1) * sum(runner.kv_block_bytes())
+    try:
+        run_largest_step(runner, tokens, num_seqs)
+        torch.cuda.synchronize(dev)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ValueError(f"a step of {tokens} prompt tokens over up to {num_seqs} sequences does not fit in the "
+                         f"memory the weights left on {dev}: lower max_num_batched_tokens or max_num_seqs") from exc
+    peak = torch.cuda.max_memory_allocated(dev) - before - kv_bytes
+    torch.cuda.empty_cache()
+    return max(0, peak)
