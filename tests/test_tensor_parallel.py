@@ -85,6 +85,22 @@ class TestSameAsOneRank:
             # the rest is sharded, except the per-row global scales of row-parallel layers (a few hundred bytes)
             assert 0.49 < (b - replicated) / (full - replicated) < 0.52, (family, per_rank, full, replicated)
 
+    def test_start_up_memory_step_matches_single_rank(self, pair):
+        """The largest step the engine measures at start-up on a GPU (adallm_core/memory_profile.py) runs on every
+        rank, each on a temporary cache that every rank frees: the same logits as one rank, and the caches
+        allocated afterwards serve as before. Last in the class: it replaces the engines' caches."""
+        from adallm_core.memory_profile import run_largest_step
+
+        family, single, tp = pair
+        want, got = run_largest_step(single.runner, 70, 3), run_largest_step(tp.runner, 70, 3)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=family)
+        assert single.runner.kv_caches == [] and tp.runner.kv_caches == []
+        for engine in (single, tp):
+            engine.runner.allocate_kv_cache([BLOCKS] * len(engine.runner.kv_groups))
+        test_tokens = torch.randint(3, 384, (9,), generator=torch.Generator().manual_seed(2)).tolist()
+        step = SeqStep(test_tokens, 0, [[1, 2, 3]] * len(single.runner.kv_groups))
+        torch.testing.assert_close(tp.runner.execute([step]), single.runner.execute([step]), rtol=1e-4, atol=1e-4)
+
 
 # --- sharding rules, without processes -----------------------------------------------------------------------------
 def test_kv_heads_split_or_replicated():

@@ -1,7 +1,7 @@
 """TensorParallelRunner: rank 0 of a tensor-parallel group, with the ModelRunner interface the engine uses.
 
 The engine (scheduler, sampler, detokenizer) lives in rank 0's process only. Each call that touches the model
-(allocate_kv_cache, execute) is broadcast once to the workers as one (method, args) message, then run here too:
+(allocate_kv_cache, free_kv_cache, execute) is broadcast once to the workers as one (method, args) message, then run here too:
 
     rank 0:  engine.step -> schedule -> broadcast(("execute", steps)) -> runner.execute -> sample
     rank k:                             broadcast() --------------------> runner.execute (logits dropped)
@@ -71,8 +71,13 @@ class TensorParallelRunner:
     def kv_block_bytes(self) -> list[int]:
         return self.runner.kv_block_bytes()  # per rank: each GPU holds its own KV heads
 
-    def allocate_kv_cache(self, num_blocks) -> None:
-        self._everywhere("allocate_kv_cache", num_blocks)
+    def allocate_kv_cache(self, num_blocks, capture_graphs: bool = True) -> None:
+        self._everywhere("allocate_kv_cache", num_blocks, capture_graphs)
+
+    def free_kv_cache(self) -> None:
+        """Every rank's (the start-up memory step's temporary cache: adallm_core/memory_profile.py). Rank 0's
+        device measures the step: its peak is the largest, with the sampler's on top of what every rank holds."""
+        self._everywhere("free_kv_cache")
 
     def execute(self, steps: Sequence) -> torch.Tensor:
         return self._everywhere("execute", list(steps))
