@@ -57,16 +57,16 @@ class LLMEngine:
         windows = [g.sliding_window for g in runner.kv_groups]
         # CUDA: the largest step's own memory, measured before the KV budget is taken from what is free
         self.step_peak_bytes = 0
-        if runner.device.type == "cuda" and args.num_gpu_blocks_override is None and hasattr(runner, "free_kv_cache"):
+        if runner.device.type == "cuda" and args.num_gpu_blocks_override is None:
             self.step_peak_bytes = step_peak_bytes(runner, self.max_num_batched_tokens, args.max_num_seqs)
         budget = kv_budget_bytes(runner.device, args.gpu_memory_utilization, args.cpu_kv_cache_gb)
+        budget = max(0, budget - self.step_peak_bytes)
         if self.step_peak_bytes:
             logger.info("KV budget: %.2f GB (%.0f%% of the memory free after the weights, less %.2f GB that a step "
-                        "of %d tokens measured)", max(0, budget - self.step_peak_bytes) / 2**30,
-                        100 * args.gpu_memory_utilization, self.step_peak_bytes / 2**30, self.max_num_batched_tokens)
-        counts = blocks_per_group(
-            max(0, budget - self.step_peak_bytes), runner.kv_block_bytes(), windows, args.block_size,
-            args.max_num_seqs, self.max_num_batched_tokens, args.num_gpu_blocks_override)
+                        "of %d tokens measured)", budget / 2**30, 100 * args.gpu_memory_utilization,
+                        self.step_peak_bytes / 2**30, self.max_num_batched_tokens)
+        counts = blocks_per_group(budget, runner.kv_block_bytes(), windows, args.block_size, args.max_num_seqs,
+                                  self.max_num_batched_tokens, args.num_gpu_blocks_override)
         check_fits(counts, windows, args.block_size, self.max_model_len, self.max_num_batched_tokens)
         runner.allocate_kv_cache(counts)
         self.kv = KVCacheManager([KVGroupSpec(n, args.block_size, w) for n, w in zip(counts, windows)],

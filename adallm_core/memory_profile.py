@@ -3,13 +3,14 @@ budget leaves room for it (as vLLM's profiling run does).
 
 The largest step the scheduler can form is max_num_batched_tokens prompt tokens over up to max_num_seqs sequences,
 each sampled, followed by the sampler's worst case over those rows (top-k/top-p sort, min-p, penalties, logprobs).
-It matters on the cards this project is for: Gemma3-27B leaves about 6 GB of a 24 GB card free after its weights,
-gpu_memory_utilization 0.9 gives 5.4 GB of that to the KV cache, and a step of 8192 prompt tokens needs more than the
-0.6 GB left (its gate|up output alone is 704 MB), as does the sampler's sort over 64 x 262k logits. Without the
+It matters on the cards this project is for: Gemma3-27B leaves about 5-6 GB of a 24 GB card free after its weights,
+gpu_memory_utilization 0.9 gives 90% of that to the KV cache, and a step of 8192 prompt tokens needs more than the
+~0.6 GB left (its gate|up output alone is 704 MB), as does the sampler's sort over 64 x 262k logits. Without the
 measurement that step would fail mid-serving instead of at start-up.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -31,23 +32,24 @@ def largest_step(tokens: int, num_seqs: int, max_model_len: int) -> list[int]:
     return [tokens // seqs + (i < tokens % seqs) for i in range(seqs)]
 
 
+def block_ends(lengths: list[int], block_size: int) -> list[int]:
+    """The temporary cache's layout: sequence i takes blocks ends[i] .. ends[i + 1] - 1, after the KV manager's
+    null block 0; ends[-1] is the cache's block count."""
+    return list(itertools.accumulate((math.ceil(n / block_size) for n in lengths), initial=1))
+
+
 def run_largest_step(runner, tokens: int, num_seqs: int) -> torch.Tensor:
     """Run the largest step on a temporary KV cache that holds just its tokens, then sample its logits the
     costliest way, and free the cache. Random token ids from a generator of its own: no state of the engine's
     (its sampler's generators, its KV blocks, its prefix cache) is touched. Returns the step's logits."""
     lengths = largest_step(tokens, num_seqs, runner.max_model_len)
-    blocks = [math.ceil(n / runner.block_size) for n in lengths]
-    tables, first = [], 1  # block 0 is the KV manager's null block
-    for b in blocks:
-        tables.append(list(range(first, first + b)))
-        first += b
+    ends = block_ends(lengths, runner.block_size)
     ids = torch.randint(runner.model_config.vocab_size, (sum(lengths),), generator=torch.Generator().manual_seed(0))
     ids = ids.tolist()
-    steps, start = [], 0
-    for n, table in zip(lengths, tables):
-        steps.append(SeqStep(ids[start:start + n], 0, [table] * len(runner.kv_groups)))
-        start += n
-    runner.allocate_kv_cache([first] * len(runner.kv_groups), capture_graphs=False)
+    starts = list(itertools.accumulate(lengths, initial=0))
+    steps = [SeqStep(ids[starts[i]:starts[i + 1]], 0, [list(range(ends[i], ends[i + 1]))] * len(runner.kv_groups))
+             for i in range(len(lengths))]
+    runner.allocate_kv_cache([ends[-1]] * len(runner.kv_groups), capture_graphs=False)
     try:
         logits = runner.execute(steps)
         rows = [SamplingRow(WORST_CASE_SAMPLING, s.token_ids[-8:], s.token_ids[:8], index=i,
@@ -66,8 +68,8 @@ def step_peak_bytes(runner, tokens: int, num_seqs: int) -> int:
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated(dev)
     torch.cuda.reset_peak_memory_stats(dev)
-    kv_bytes = sum(math.ceil(n / runner.block_size) for n in largest_step(tokens, num_seqs, runner.max_model_len))
-    kv_bytes = (kv_bytes + 1) * sum(runner.kv_block_bytes())
+    lengths = largest_step(tokens, num_seqs, runner.max_model_len)
+    kv_bytes = block_ends(lengths, runner.block_size)[-1] * sum(runner.kv_block_bytes())
     try:
         run_largest_step(runner, tokens, num_seqs)
         torch.cuda.synchronize(dev)

@@ -1,7 +1,8 @@
 """TensorParallelRunner: rank 0 of a tensor-parallel group, with the ModelRunner interface the engine uses.
 
 The engine (scheduler, sampler, detokenizer) lives in rank 0's process only. Each call that touches the model
-(allocate_kv_cache, free_kv_cache, execute) is broadcast once to the workers as one (method, args) message, then run here too:
+(allocate_kv_cache, free_kv_cache, execute) is broadcast once to the workers as one (method, args) message, then
+run here too:
 
     rank 0:  engine.step -> schedule -> broadcast(("execute", steps)) -> runner.execute -> sample
     rank k:                             broadcast() --------------------> runner.execute (logits dropped)
