@@ -2,8 +2,8 @@
 
 The torch version (moe_nvfp4.sort_by_expert after softmax and topk) is about 20 small kernels, ~70 us a layer on the
 H100 whatever the batch: more than the expert GEMMs themselves at batch 1 (benchmarks/NOTES.md). Here one program
-does it for up to MAX_PAIRS (token, expert) pairs (ranked in chunks where a block has too little shared memory for
-all at once: Ada from 17 tokens at top 8 of 128 experts), with the same output contract: route weights
+does it for up to MAX_PAIRS (token, expert) pairs (ranked in chunks where their running count would take more than
+TILE_BYTES of shared memory: from 17 tokens at top 8 of 128 experts), with the same output contract: route weights
 [T * top_k], sorted_pairs [P] (pair ids grouped by expert, each group padded to BLOCK_M, -1 in the padding) and
 block_expert [P / BLOCK_M] (-1 past the used blocks), P the worst-case padded length, so the grid never depends on
 the routing.
@@ -20,6 +20,9 @@ from adallm_core.ops.triton.grid_dependency import wait_for_prior_kernel
 from adallm_core.ops.triton import nvfp4_gemm
 
 MAX_PAIRS = 256
+# Largest [pairs, experts] int32 running-count tile ranked at once. H100, 128 experts (benchmarks/NOTES.md): 32 tokens
+# whole (128 KB) 30.5 us, in chunks of 128 pairs (64 KB) 22.7; 16 tokens whole (64 KB) 12.1, chunks of 64 13.1.
+TILE_BYTES = 64 * 1024
 
 
 @triton.jit
@@ -122,10 +125,11 @@ MIN_CHUNK = 16
 
 def chunk_for(pairs: int, num_experts: int, device) -> int:
     """Pairs the sort ranks at a time: all of them (0) where the [pairs, experts] int32 tile of its running count,
-    which Triton lays out in shared memory, fits one block, else the largest power of two that fits. 256 pairs of
-    128 experts take 128 KB: an H100 block may have 227, an Ada one 99 (benchmarks/compile_report.py)."""
+    which Triton lays out in shared memory, takes at most TILE_BYTES and fits one block, else the largest power of
+    two that does. 256 pairs of 128 experts take 128 KB: faster in chunks on an H100 (227 KB a block), and more
+    than an Ada block has (99 KB; benchmarks/compile_report.py)."""
     p2, e2 = max(2, triton.next_power_of_2(pairs)), triton.next_power_of_2(num_experts)
-    limit = nvfp4_gemm.sm_figures(device)["block_smem"]
+    limit = min(TILE_BYTES, nvfp4_gemm.sm_figures(device)["block_smem"])
     chunk = p2
     while chunk * e2 * 4 > limit and chunk > MIN_CHUNK:
         chunk //= 2
