@@ -5,8 +5,8 @@ The largest step the scheduler can form is max_num_batched_tokens prompt tokens 
 each sampled, followed by the sampler's worst case over those rows (top-k/top-p sort, min-p, penalties, logprobs).
 It matters on the cards this project is for: Gemma3-27B leaves about 5-6 GB of a 24 GB card free after its weights,
 gpu_memory_utilization 0.9 gives 90% of that to the KV cache, and a step of 8192 prompt tokens needs more than the
-~0.6 GB left (its gate|up output alone is 704 MB), as does the sampler's sort over 64 x 262k logits. Without the
-measurement that step would fail mid-serving instead of at start-up.
+~0.6 GB left: 1.34 GB at its peak over 64 sequences (its gate|up output alone is 704 MB; H200, random weights,
+benchmarks/NOTES.md). Without the measurement that step would fail mid-serving instead of at start-up.
 """
 from __future__ import annotations
 
