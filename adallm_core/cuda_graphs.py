@@ -1,8 +1,9 @@
 """Decode CUDA graphs: one graph per batch-size bucket, captured at start-up, replayed for pure-decode steps.
 
 A slow host spends ~100 ms launching an 8B model's kernels one by one (shared/KERNELS.md); a graph replays the
-whole decode step with one launch. Every graph reads the same static input buffers and writes one static logits
-buffer; they are captured largest bucket first into one memory pool, so the smaller graphs reuse its memory.
+whole decode step with one launch. Every graph reads the same static input buffers and writes the rows of one
+float32 logits buffer (one per bucket would take ~0.3 GB for Gemma3's 262k vocabulary at 64 sequences); they are
+captured largest bucket first into one memory pool, so the smaller graphs reuse its memory.
 A batch of n decodes runs in the smallest bucket >= n; the padding rows decode token 0 at position 0 of block 0
 with slot -1 (nothing is stored) and their logits are dropped. The host writes each step's inputs into a pinned
 mirror of the static buffers (DecodeInputs) and sends them with a few non-blocking copies. Attention metadata
@@ -119,7 +120,8 @@ class DecodeGraphs:
                                    runner.device)
         self.qsl = torch.arange(self.buckets[-1] + 1, dtype=torch.int32, device=runner.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        vocab = runner.model_config.vocab_size
+        self.logits = torch.empty(self.buckets[-1], vocab, dtype=torch.float32, device=runner.device)
         self._capture()
 
     def _forward(self, b: int) -> torch.Tensor:
@@ -128,7 +130,7 @@ class DecodeGraphs:
                       for t in inp.tables)
         ctx = ForwardContext(inp.positions[:b], metas, tuple(s[:b] for s in inp.slots))
         model = self.runner.model
-        return model.compute_logits(model.forward(inp.ids[:b], ctx))
+        return model.compute_logits(model.forward(inp.ids[:b], ctx), out=self.logits[:b])
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -143,7 +145,7 @@ class DecodeGraphs:
             torch.cuda.synchronize(self.runner.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[b] = self._forward(b)
+                self._forward(b)
             self.graphs[b] = graph
         torch.cuda.synchronize(self.runner.device)
         logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s", len(self.graphs), self.buckets,
@@ -162,4 +164,4 @@ class DecodeGraphs:
         if input_ids is not None:
             self.inputs.ids[:n].copy_(input_ids)
         self.graphs[b].replay()
-        return self.logits[b][:n].clone()
+        return self.logits[:n].clone()

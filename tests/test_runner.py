@@ -205,3 +205,30 @@ def test_unquantized_checkpoint_runs_on_dense_linears():
     with torch.no_grad():
         ref = hf(torch.tensor([p])).logits[0, -1]
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
+
+
+def test_logits_into_a_given_buffer_equal_fresh_ones_and_transformers_softcap():
+    """compute_logits(out=) (the decode graphs' shared buffer) writes what it returns fresh: the softcap, which
+    Gemma3 checkpoints may set, applied in place as transformers applies it. A small cap so it saturates."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    runner = runner_for("gemma3", None)
+    model = runner.model
+    model.cfg = dataclasses.replace(model.cfg, final_logit_softcapping=0.05)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("gemma3", None), dtype=torch.float32).eval()
+    hf.config.final_logit_softcapping = 0.05
+    p = tokens(19, 4)
+    fresh = runner.execute([SeqStep(p, 0, Blocks(BS, 2).tables_for(0, 19))])[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([p])).logits[0, -1]
+    assert ref.abs().max() > 0.045  # saturated: the cap changes the logits
+    torch.testing.assert_close(fresh, ref, rtol=0, atol=1e-5)
+    buf = torch.full((4, fresh.numel()), float("nan"))
+    compute = model.compute_logits
+    model.compute_logits = lambda hidden: compute(hidden, out=buf[: hidden.shape[0]])
+    into = runner.execute([SeqStep(p, 0, Blocks(BS, 2).tables_for(1, 19))])[0]
+    torch.testing.assert_close(into, fresh, rtol=0, atol=0)
+    torch.testing.assert_close(buf[0], fresh, rtol=0, atol=0)
+    assert buf[1:].isnan().all()

@@ -97,11 +97,13 @@ class CausalLM:
             x, residual = layer(x, residual, ctx)
         return self.norm.add(x, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits [tokens, vocab], into `out` when given (the decode graphs' one shared buffer)."""
+        logits = self.lm_head(hidden)
+        logits = logits.float() if out is None else out.copy_(logits)
         cap = self.cfg.final_logit_softcapping
         if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
+            logits = logits.div_(cap).tanh_().mul_(cap)
         return logits
 
     def attention_layers(self) -> list:
