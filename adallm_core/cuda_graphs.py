@@ -124,13 +124,14 @@ class DecodeGraphs:
         self.logits = torch.empty(self.buckets[-1], vocab, dtype=torch.float32, device=runner.device)
         self._capture()
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int) -> None:
+        """One decode step of bucket b, its logits into rows [0, b) of the shared buffer."""
         inp = self.inputs
         metas = tuple(AttentionMetadata(self.qsl[: b + 1], inp.seq_lens[:b], t[:b], 1, self.runner.max_model_len)
                       for t in inp.tables)
         ctx = ForwardContext(inp.positions[:b], metas, tuple(s[:b] for s in inp.slots))
         model = self.runner.model
-        return model.compute_logits(model.forward(inp.ids[:b], ctx), out=self.logits[:b])
+        model.compute_logits(model.forward(inp.ids[:b], ctx), out=self.logits[:b])
 
     @torch.inference_mode()
     def _capture(self) -> None:

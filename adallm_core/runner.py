@@ -127,7 +127,7 @@ class ModelRunner:
 
     def free_kv_cache(self) -> None:
         """Unbind and drop the KV cache (and the graphs that read it), so its memory can return to the device."""
-        self.graphs = None
+        self.release_graphs()
         for layer in self.model.attention_layers():
             layer.bind_cache(None, None, 1.0, 1.0)
         self.kv_caches = []
