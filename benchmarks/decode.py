@@ -17,9 +17,11 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+import adallm_core
 from adallm_core.ops import cuda_gemv, pdl
 from benchmarks.random_checkpoint import SHAPES, RandomCheckpoint, hf_config
 from benchmarks.timing import copy_bandwidth
@@ -250,7 +252,8 @@ def main(argv=None) -> int:
           f"launch {f'on up to {pdl.MAX_TOKENS} tokens' if pdl.enabled(torch.device('cuda')) else 'off'}, fastest of "
           f"{args.repeats} runs; "
           f"{torch.cuda.get_device_name()}, copy "
-          f"{bw / 1e12:.2f} TB/s; HF = transformers BF16 static cache{'' if args.no_hf_compile else ' compiled'}")
+          f"{bw / 1e12:.2f} TB/s; HF = transformers BF16 static cache{'' if args.no_hf_compile else ' compiled'}; "
+          f"adallm_core from {Path(adallm_core.__file__).parent}")  # which tree ran: A/B runs of two trees
     print(f"{'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'ms/step':>8} {'peak GB':>8} {'%roof':>6} "
           f"{'HF tok/s':>9} {'ratio':>6}")
     for r in rows:
