@@ -9,8 +9,9 @@ takes each launch, compiles it for `--arch` (Triton's whole pipeline and ptxas) 
 are the ops' own, specialization included, so the figures are those a GPU of that architecture would compile: on
 sm_90 they equal what the H200 reported for the same kernels (benchmarks/NOTES.md). Per kernel: registers a
 thread, spilled bytes, shared memory a block, and the blocks one SM of each GPU of that architecture holds at once.
-On Ada, steps of 1-8 tokens run the linears in CUDA C++ (csrc/, tests/test_cuda_source.py), and no step launches
-with PDL (sm_90+): so neither appears here.
+On Ada, steps of 1-8 tokens run the linears in CUDA C++ (csrc/, tests/test_cuda_source.py), so they do not appear
+here; for sm_90 the launches of decode steps that take programmatic dependent launch (ops/pdl.py) compile with it
+(PDL=1), as on the GPU.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ GPUS = {
     86: {"RTX 3090": dict(AMPERE_SM, sms=82), "A10": dict(AMPERE_SM, sms=72)},
 }
 RESERVED_SMEM = 1024  # a block's share the driver keeps (sm_80 and later)
-TILE_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "NUM_SPLITS", "QK_NORM", "GATED", "FP8_CACHE", "CHUNK")
+TILE_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "NUM_SPLITS", "QK_NORM", "GATED", "FP8_CACHE", "CHUNK", "PDL")
 
 
 @dataclass
@@ -101,6 +102,7 @@ def compiled_for(arch: int):
     from triton import knobs
     from triton.runtime.driver import driver
 
+    from adallm_core.ops import pdl
     from adallm_core.ops.triton import nvfp4_gemm
 
     records: list[Compiled] = []
@@ -133,7 +135,9 @@ def compiled_for(arch: int):
     knobs.runtime.jit_cache_hook = hook
     try:
         with mock.patch.object(nvfp4_gemm, "sm_figures", lambda device: sm), \
-                mock.patch.object(nvfp4_gemm, "fp8_scales", lambda device: arch >= 89):
+                mock.patch.object(nvfp4_gemm, "fp8_scales", lambda device: arch >= 89), \
+                mock.patch.object(pdl, "enabled", lambda device, tokens=1, max_tokens=pdl.MAX_TOKENS:
+                                  (arch // 10, arch % 10) >= pdl.MIN_CAPABILITY and tokens <= max_tokens):
             yield records, lambda name: label.__setitem__(0, name)
     finally:
         knobs.runtime.jit_cache_hook = previous_hook
@@ -262,11 +266,11 @@ def main(argv=None) -> None:
     counts = ", ".join(f"{name} {figures['sms']}" for name, figures in gpus.items())
     print(f"{args.shape}, compiled for sm_{args.arch} on this machine (no GPU; weights empty, shapes real). "
           f"Blocks/SM: what one SM holds at once (SMs: {counts})")
-    print(f"{'first launched by':<28} {'kernel':<28} {'tiles':<44} {'warps':>5} {'stages':>6} {'regs':>4} "
+    print(f"{'first launched by':<28} {'kernel':<28} {'tiles':<50} {'warps':>5} {'stages':>6} {'regs':>4} "
           f"{'spill':>5} {'smem KB':>7} {'blocks/SM':>9}")
     for r in records:
         tiles = " ".join(f"{k.split('_')[-1] if k.startswith('BLOCK') else k}={int(v)}" for k, v in r.tiles.items())
-        print(f"{r.op:<28} {r.kernel:<28} {tiles:<44} {r.num_warps:>5} {r.num_stages:>6} {r.registers:>4} "
+        print(f"{r.op:<28} {r.kernel:<28} {tiles:<50} {r.num_warps:>5} {r.num_stages:>6} {r.registers:>4} "
               f"{r.spilled:>5} {r.shared / 1024:>7.1f} {r.blocks_per_sm(sm):>9}")
     too_big = [r for r in records if r.shared > sm["block_smem"]]
     print(f"{len(records)} kernels; spilling: {sum(r.spilled > 0 for r in records)}; over a block's shared memory "

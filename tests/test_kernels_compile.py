@@ -121,6 +121,17 @@ def test_small_ops_compile_for_ampere():
         assert compile_for(fn, 86, pointers, constexprs).asm["cubin"], fn.__name__
 
 
+def test_pdl_forms_compile_for_hopper():
+    """Every decode kernel's programmatic-dependent-launch form (PDL=True: Hopper only, ops/pdl.py), with the grid
+    dependency wait in it: the interpreter and Ada never run those lines, so this is where a broken one shows
+    without a GPU."""
+    forms = [CASES[name]() for name in sorted(CASES) if "PDL" in CASES[name]()[2]] + list(small_ops_cases())
+    assert len(forms) >= 12
+    for fn, pointers, constexprs in forms:
+        kernel = compile_for(fn, 90, pointers, dict(constexprs, PDL=True))
+        assert "griddepcontrol.wait" in kernel.asm["ptx"], fn.__name__
+
+
 def _sass(cubin: bytes, tmp_path) -> str:
     """Triton's own nvdisasm (bundled with its wheel) on a cubin."""
     import subprocess
