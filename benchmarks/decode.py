@@ -4,7 +4,8 @@
 
 Weights are RANDOM (real shapes, random values; built on the GPU, nothing downloaded), so the text is noise and
 only speed and memory mean anything. Per batch size: total generated tokens, seconds (prefill included, as the
-reference runtime reports), tok/s, decode ms/step, peak GPU memory, and % of the bandwidth roofline (bytes a decode
+reference runtime reports), tok/s, decode ms/step, prefill ms (from the start until every request has its first
+token), peak GPU memory, and % of the bandwidth roofline (bytes a decode
 step must read: NVFP4 linears, the lm_head (BF16; NVFP4 with --quantize-lm-head), the KV cache at mid-generation, over the measured copy bandwidth).
 Then Hugging Face transformers BF16 on the same shapes (static cache, torch.compile) and the ratio. Each side's
 figure is the fastest of --repeats timed runs (3) after a warm-up.
@@ -139,7 +140,8 @@ def run_batch(engine, batch: int, input_len: int, output_len: int, vocab: int) -
     tokens = sum(generated.values())
     decode_steps = steps - first_decode[1]
     return dict(batch=batch, total_tokens=tokens, seconds=end - start, tok_s=tokens / (end - start),
-                decode_ms_step=1e3 * (end - first_decode[0]) / max(1, decode_steps))
+                decode_ms_step=1e3 * (end - first_decode[0]) / max(1, decode_steps),
+                prefill_ms=1e3 * (first_decode[0] - start))  # counted in seconds too: the reference's tok/s does
 
 
 def bench_engine(shape, batches, input_len, output_len, enforce_eager, bw, tensor_parallel_size=1,
@@ -254,12 +256,12 @@ def main(argv=None) -> int:
           f"{torch.cuda.get_device_name()}, copy "
           f"{bw / 1e12:.2f} TB/s; HF = transformers BF16 static cache{'' if args.no_hf_compile else ' compiled'}; "
           f"adallm_core from {Path(adallm_core.__file__).parent}")  # which tree ran: A/B runs of two trees
-    print(f"{'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'ms/step':>8} {'peak GB':>8} {'%roof':>6} "
-          f"{'HF tok/s':>9} {'ratio':>6}")
+    print(f"{'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'ms/step':>8} {'prefill ms':>10} {'peak GB':>8} "
+          f"{'%roof':>6} {'HF tok/s':>9} {'ratio':>6}")
     for r in rows:
         hf_s = f"{r['hf_tok_s']:9.1f} {r['ratio_vs_hf']:6.2f}" if "hf_tok_s" in r else f"{'':9} {'':6}"
         print(f"{r['batch']:5d} {r['total_tokens']:7d} {r['seconds']:8.2f} {r['tok_s']:8.1f} {r['decode_ms_step']:8.2f} "
-              f"{r['peak_gb']:8.2f} {r['pct_roofline']:5.0f}% {hf_s}")
+              f"{r['prefill_ms']:10.1f} {r['peak_gb']:8.2f} {r['pct_roofline']:5.0f}% {hf_s}")
     return 0
 
 
