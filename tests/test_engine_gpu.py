@@ -66,8 +66,8 @@ def test_gpu_engine_one_sequence_at_a_time_takes_the_cuda_decode_kernel():
 @pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "gemma3"])
 def test_gpu_engine_on_adas_launch_path_agrees_with_transformers(family, monkeypatch):
     """What an Ada card runs, short of its instructions: no programmatic dependent launch (sm_90+ only) and the
-    tiles, K splits and MoE routing chunks the ops pick for an RTX 4090's SMs. The decode graphs are captured that
-    way; the tokens still agree with transformers."""
+    Triton ops' tiles, K splits and MoE routing chunks for an RTX 4090's SMs (the CUDA decode kernel still picks
+    its variant by this GPU's). The decode graphs are captured that way; the tokens still agree with transformers."""
     from adallm_core.ops.triton import nvfp4_gemm
     from benchmarks.compile_report import GPUS
 
