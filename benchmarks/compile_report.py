@@ -137,7 +137,7 @@ def compiled_for(arch: int):
         with mock.patch.object(nvfp4_gemm, "sm_figures", lambda device: sm), \
                 mock.patch.object(nvfp4_gemm, "fp8_scales", lambda device: arch >= 89), \
                 mock.patch.object(pdl, "enabled", lambda device, tokens=1, max_tokens=pdl.MAX_TOKENS:
-                                  (arch // 10, arch % 10) >= pdl.MIN_CAPABILITY and tokens <= max_tokens):
+                                  pdl.allowed(tokens, max_tokens) and pdl.supports(divmod(arch, 10))):
             yield records, lambda name: label.__setitem__(0, name)
     finally:
         knobs.runtime.jit_cache_hook = previous_hook

@@ -125,7 +125,7 @@ def test_pdl_forms_compile_for_hopper():
     """Every decode kernel's programmatic-dependent-launch form (PDL=True: Hopper only, ops/pdl.py), with the grid
     dependency wait in it: the interpreter and Ada never run those lines, so this is where a broken one shows
     without a GPU."""
-    forms = [CASES[name]() for name in sorted(CASES) if "PDL" in CASES[name]()[2]] + list(small_ops_cases())
+    forms = [form for form in (CASES[name]() for name in sorted(CASES)) if "PDL" in form[2]] + list(small_ops_cases())
     assert len(forms) >= 12
     for fn, pointers, constexprs in forms:
         kernel = compile_for(fn, 90, pointers, dict(constexprs, PDL=True))

@@ -40,9 +40,15 @@ MAX_TOKENS = 16
 MOE_MAX_TOKENS = 8
 
 
+def supports(capability: tuple[int, int]) -> bool:
+    """Whether a GPU of this compute capability can launch with PDL here: 9.0 or later, and a Triton that has the
+    grid-dependency ops."""
+    return capability >= MIN_CAPABILITY and _triton_supports()
+
+
 @functools.cache
 def _device_supports(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= MIN_CAPABILITY and _triton_supports()
+    return supports(torch.cuda.get_device_capability(index))
 
 
 @functools.cache
@@ -59,11 +65,16 @@ def enabled(device: torch.device, tokens: int = 1, max_tokens: int = MAX_TOKENS)
     """Whether a kernel over `tokens` tokens on `device` launches with PDL: at most `max_tokens` of them, a CUDA
     device of compute capability >= 9.0, a Triton that has the grid-dependency ops, the Triton interpreter off, and
     ADALLM_DISABLE_PDL not set to 1."""
-    if tokens > max_tokens or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    if os.environ.get("ADALLM_DISABLE_PDL") == "1":
+    if device.type != "cuda" or not allowed(tokens, max_tokens):
         return False
     return _device_supports(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def allowed(tokens: int, max_tokens: int = MAX_TOKENS) -> bool:
+    """The rules that do not depend on the GPU: at most `max_tokens` tokens, the Triton interpreter off and
+    ADALLM_DISABLE_PDL not set to 1."""
+    return (tokens <= max_tokens and os.environ.get("TRITON_INTERPRET") != "1"
+            and os.environ.get("ADALLM_DISABLE_PDL") != "1")
 
 
 def triton_args(device: torch.device, tokens: int, max_tokens: int = MAX_TOKENS) -> dict:
