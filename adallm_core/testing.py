@@ -179,6 +179,10 @@ def _save_bf16_checkpoint(family: str, out_dir: Path, seed: int) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _model_class(family)(config).to(torch.bfloat16).eval()
+        with torch.no_grad():  # transformers starts every norm at one scale (Gemma: at 0, scaled by 1 + w), which
+            for name, param in model.named_parameters():  # would hide a norm applied with another norm's weight
+                if name.endswith("norm.weight"):
+                    param.add_(torch.randn_like(param) * 0.2)
     model.generation_config = GenerationConfig(
         bos_token_id=ids["bos_token_id"],
         eos_token_id=[tokenizer.convert_tokens_to_ids(t) for t in spec["generation_eos"]],

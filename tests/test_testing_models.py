@@ -66,6 +66,17 @@ def test_configs_exercise_the_model_features(models):
         assert isinstance(gen["eos_token_id"], list) and len(gen["eos_token_id"]) == 2
 
 
+def test_every_norm_has_its_own_weights(models):
+    """transformers starts every norm at the same scale; the builder randomizes them, so a layer that applied one
+    norm's weight in another's place would fail the parity tests."""
+    for family, path in models.items():
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            norms = [f.get_tensor(n).float() for n in sorted(f.keys()) if n.endswith("norm.weight")]
+        assert len(norms) >= 4, family
+        assert all(n.std() > 0.1 for n in norms), family
+        assert all(not torch.equal(a, b) for i, a in enumerate(norms) for b in norms[i + 1:] if a.shape == b.shape)
+
+
 def test_moe_checkpoint_uses_published_per_expert_names(models):
     with safe_open(str(models["qwen3_moe"] / "model.safetensors"), "pt") as f:
         names = set(f.keys())
