@@ -1,19 +1,15 @@
 """CI (no GPU): the Triton kernels' logic under the Triton CPU interpreter at tiny shapes, vs ops.reference.
 
-The interpreter is switched on by an environment variable read at import time, so the cases run in a subprocess
-(tests/interpret_checks.py): setting it here would change how every later-imported kernel behaves in this process.
+The cases run in a subprocess (tests/interpret_checks.py, tests/interpreter.py says why).
 The interpreter lacks BF16 arithmetic and rounds FP8/BF16 casts differently from the GPU, so these cases use fp32
 activations (the kernels then do exact fp32 dots) and a BF16 KV cache; tests/test_kernels_gpu.py covers the rest.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from interpreter import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -22,10 +18,7 @@ CHECKS = Path(__file__).with_name("interpret_checks.py")
 
 @pytest.fixture(scope="module")
 def errors() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, str(CHECKS)], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(CHECKS, timeout=300)
 
 
 CASES = [
