@@ -1,3 +1,6 @@
+import faulthandler
+import sys
+
 import pytest
 import torch
 
@@ -14,3 +17,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """After pytest's own fault handler is gone: a crash while Python shuts down (after the summary; seen once in CI,
+    not reproduced) then prints every thread's stack instead of a bare exit status."""
+    faulthandler.enable(file=sys.__stderr__, all_threads=True)
