@@ -13,28 +13,22 @@ import os
 
 import torch
 from model_helpers import hf_on_dequantized, tiny_checkpoint
-from test_models_parity import mixed_then_decode, prompts
+from test_models_parity import PROMPT_LENS, make_runner, mixed_then_decode, prompts
 
 import adallm_core.ops
 import adallm_core.ops.triton
 from adallm_core.checkpoint.read import Checkpoint
-from adallm_core.config import EngineArgs
-from adallm_core.runner import ModelRunner
-
-FAMILIES = ("qwen3", "qwen3_moe", "gemma3")
+from adallm_core.testing import FAMILIES
 
 
 def family_errors(family: str) -> dict:
     ckpt = Checkpoint(tiny_checkpoint(family, "modelopt"))
     hf = hf_on_dequantized(family, ckpt)
     hf.set_attn_implementation("sdpa")
-    args = EngineArgs(model=str(ckpt.path), dtype="float32", kv_cache_dtype="bf16", block_size=4, max_model_len=256,
-                      kernel_backend="triton")
-    runner = ModelRunner(args, ckpt, "cpu")
-    runner.allocate_kv_cache([128] * len(runner.kv_groups), capture_graphs=False)
+    runner = make_runner(ckpt, "bf16", kernel_backend="triton")
     diff = largest = 0.0
     steps = 0
-    for ours, ref in mixed_then_decode(runner, hf, prompts(runner.model_config.vocab_size, (37, 20, 9))):
+    for ours, ref in mixed_then_decode(runner, hf, prompts(runner.model_config.vocab_size, PROMPT_LENS)):
         diff = max(diff, (ours - ref).abs().max().item())
         largest = max(largest, ref.abs().max().item())
         steps += 1

@@ -27,9 +27,9 @@ BLOCK_SIZE = 4
 FP8_VS_EXACT_REL = 0.45  # of the largest |logit|; measured worst 0.37 (qwen3_moe), 0.12 (dense families)
 
 
-def make_runner(ckpt, kv_cache_dtype: str) -> ModelRunner:
+def make_runner(ckpt, kv_cache_dtype: str, kernel_backend: str = "auto") -> ModelRunner:
     args = EngineArgs(model=str(ckpt.path), dtype="float32", kv_cache_dtype=kv_cache_dtype,
-                      block_size=BLOCK_SIZE, max_model_len=256)
+                      block_size=BLOCK_SIZE, max_model_len=256, kernel_backend=kernel_backend)
     runner = ModelRunner(args, ckpt, "cpu")
     runner.allocate_kv_cache([128] * len(runner.kv_groups))
     return runner

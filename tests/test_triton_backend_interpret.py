@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 from interpreter import run_interpreted
+from test_models_parity import DECODE_STEPS
+
+from adallm_core.testing import FAMILIES
 
 pytest.importorskip("triton")
 
@@ -19,10 +22,10 @@ def results() -> dict:
     return run_interpreted(SCRIPT, timeout=600)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "gemma3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_triton_backend_logits_match_transformers(results, family):
     r = results[family]
     kernels = {"nvfp4_linear", "attention", "qk_norm_rope_attention", "rms_norm", "moe"}
     assert r["backend"] == "triton" and kernels <= set(r["triton_ops"]), r
-    assert r["steps"] == 18 and r["largest"] > 0.5, r  # logits with some spread: a zero model would pass anything
+    assert r["steps"] == 3 * (DECODE_STEPS + 1) and r["largest"] > 0.5, r  # logits with some spread: a zero model would pass anything
     assert r["diff"] <= 1e-4, r
