@@ -1,6 +1,7 @@
 """The whole engine on CUDA (Triton kernels, decode CUDA graphs, BF16 activations) against transformers' own model
 class in fp32 on the dequantized weights, with vLLM's check for models run at different precisions: greedy tokens
-agree until the first position where they differ, and there each side's token is among the other's top 5."""
+agree until the first position where they differ, and there each side's token is among the other's top 5; and
+most positions agree, transformers fed our tokens."""
 import pytest
 import torch
 
@@ -93,25 +94,31 @@ def check_against_transformers(engine, hf, family: str, kv: str, one_at_a_time: 
 
     # an fp8 KV cache rounds keys and values to E4M3: so does the reference then
     hf.config._attn_implementation = "fp8_kv_sdpa" if kv == "fp8" else "sdpa"
-    agreed = []
+    first_splits, agreed = [], 0
     for i, ids in enumerate(prompt_ids):
         out = done[str(i)].outputs[0]
         ours = out.token_ids
         with torch.no_grad():  # teacher-forced: transformers' next-token logits at each of our positions
             logits = hf(torch.tensor([ids + ours[:-1]])).logits[0, len(ids) - 1:].float()
         theirs = logits.argmax(dim=-1).tolist()
+        agreed += sum(a == b for a, b in zip(ours, theirs))
         first = next((j for j in range(NEW_TOKENS) if ours[j] != theirs[j]), NEW_TOKENS)
-        agreed.append(first)
+        first_splits.append(first)
         if first < NEW_TOKENS:
             hf_top = logits[first].topk(top).indices.tolist()
             assert ours[first] in hf_top, f"prompt {i} token {first}: ours {ours[first]} not in HF top {hf_top}"
             assert theirs[first] in out.logprobs[first], (
                 f"prompt {i} token {first}: HF's {theirs[first]} not in our top {list(out.logprobs[first])}")
-    # near-ties do split BF16 from fp32 now and then, but most continuations agree for many tokens. Not so for the
-    # MoE model with an FP8 cache (measured on the H100: 27 of 256 tokens before the first split): E4M3 rounding
+    # Near-ties split BF16 from fp32 now and then: the tiny models' top two logits are often within 0.1-0.2% of
+    # the largest, under one BF16 step, so where the first split falls is a matter of luck (the reference ops
+    # themselves in BF16 on the CPU, no kernel of ours, split after 82 of 256 tokens on the tiny Qwen3 with an FP8
+    # cache). Every position is compared instead: transformers is fed our tokens, so both sides see the same
+    # prefix at each, and most positions agree (that reference run: 240 of 256; Gemma3 255, Qwen3-MoE 233). Not so
+    # for the MoE model with an FP8 cache on the GPU (H100: 27 of 256 tokens before the first split): E4M3 rounding
     # turns BF16-sized differences in k/v into whole E4M3 steps now and then, and the router amplifies them.
     if not (family == "qwen3_moe" and kv == "fp8"):
-        assert sum(agreed) >= NEW_TOKENS * len(PROMPTS) // 2, f"tokens agreed per prompt: {agreed}"
+        assert agreed >= 0.8 * NEW_TOKENS * len(PROMPTS), (
+            f"{agreed} of {NEW_TOKENS * len(PROMPTS)} positions agree; first splits per prompt: {first_splits}")
 
 
 def test_gpu_async_scheduling_gives_the_same_tokens():
