@@ -17,8 +17,8 @@ from model_helpers import Blocks, hf_greedy, hf_last_logits, hf_on_dequantized, 
 from adallm_core.checkpoint.read import Checkpoint
 from adallm_core.config import EngineArgs
 from adallm_core.runner import ModelRunner, SeqStep
+from adallm_core.testing import FAMILIES
 
-FAMILIES = ("qwen3", "qwen3_moe", "gemma3")
 FORMATS = ("modelopt", "compressed-tensors")
 PROMPT_LENS = (37, 20, 9)
 CHUNK = 16  # prompt 0 is prefilled in two chunks: 16 tokens, then 21

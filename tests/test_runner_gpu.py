@@ -9,10 +9,10 @@ from model_helpers import Blocks, tiny_checkpoint
 from adallm_core.checkpoint.read import Checkpoint
 from adallm_core.config import EngineArgs
 from adallm_core.runner import ModelRunner, SeqStep
+from adallm_core.testing import FAMILIES
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-FAMILIES = ("qwen3", "qwen3_moe", "gemma3")
 BS = 16
 # bf16 activations: 8 mantissa bits, rounded at every layer boundary of a 2-4 layer model
 BF16_REL = 0.03

@@ -21,9 +21,9 @@ from adallm_core.engine import LLMEngine
 from adallm_core.model_config import ModelConfig
 from adallm_core.models.layers import RMSNorm, SparseMoE
 from adallm_core.runner import SeqStep
+from adallm_core.testing import FAMILIES
 
 pytestmark = pytest.mark.timeout(900)
-FAMILIES = ["qwen3", "qwen3_moe", "gemma3"]
 BLOCKS = 256
 
 
