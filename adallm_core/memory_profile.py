@@ -10,6 +10,7 @@ benchmarks/NOTES.md). Without the measurement that step would fail mid-serving i
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 
@@ -64,6 +65,7 @@ def step_peak_bytes(runner, tokens: int, num_seqs: int) -> int:
     """CUDA bytes the largest step allocates at its peak beyond what was allocated before it and its temporary KV
     cache: activations, logits, the sampler's temporaries, workspaces. The cache's blocks go back to the device."""
     dev = runner.device
+    gc.collect()  # garbage of cycles counted in `before` and freed by a collection mid-step would hide part of the peak
     torch.cuda.synchronize(dev)
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated(dev)

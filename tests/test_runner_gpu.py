@@ -16,6 +16,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 BS = 16
 # bf16 activations: 8 mantissa bits, rounded at every layer boundary of a 2-4 layer model
 BF16_REL = 0.03
+# a MoE layer's router scores, ours against the reference's: their inputs carry every earlier layer's rounding
+# (0.033 of the largest score measured on the H100 with the FP8 cache); another token's or layer's differ by ~1
+ROUTER_REL = 2 * BF16_REL
 
 
 def runner(family, device, **kw):
@@ -62,7 +65,7 @@ def route_alike(recorder, borrower):
     """MoE: BF16 rounding differences flip a near-tied top-k routing choice now and then (the tiny model's router
     scores often tie within a BF16 step), which moves that token's logits by far more than rounding (0.13 of the
     largest logit, measured on the H200). So the borrower's MoE layers take the recorder's router scores, each first
-    checked to be within BF16 rounding of its own; the recorder must run first."""
+    checked to be within ROUTER_REL of its own; the recorder must run first."""
     scores = []
 
     def record(moe):
@@ -75,7 +78,7 @@ def route_alike(recorder, borrower):
         def call(x, router_logits, *rest):
             theirs = scores.pop(0).to(router_logits.dtype)
             err = float((theirs - router_logits).abs().max() / router_logits.abs().max())
-            assert err <= BF16_REL, f"router scores differ by {err:.4f} of the largest (bound {BF16_REL})"
+            assert err <= ROUTER_REL, f"router scores differ by {err:.4f} of the largest (bound {ROUTER_REL})"
             return moe(x, theirs, *rest)
         return call
 
@@ -94,7 +97,9 @@ def test_triton_backend_matches_reference_on_cuda(family, kv):
     ref = runner(family, "cuda", kernel_backend="reference", **kw)
     scores = route_alike(fast, ref) if family == "qwen3_moe" else []
     got = drive(fast)
-    assert_rel_close(got, drive(ref), BF16_REL)
+    # the MoE with an FP8 cache: 0.038 at a decode step (H100), routing shared; the cache rounds values that differ
+    # by BF16 rounding to FP8 neighbours 6% apart now and then, and the experts' sums carry that further
+    assert_rel_close(got, drive(ref), 2 * BF16_REL if (family, kv) == ("qwen3_moe", "fp8") else BF16_REL)
     assert not scores  # the reference made every MoE call the triton runner made
 
 
