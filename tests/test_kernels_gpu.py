@@ -46,19 +46,26 @@ def test_nvfp4_linear_tile_major(m, n, k):
     assert kc.case_nvfp4_linear(DEV, m, n, k, tile_major=True) <= EXACT
 
 
+@pytest.mark.parametrize("slab", [None, 1 << 24], ids=["engine_slabs", "small_slabs"])
 @pytest.mark.parametrize("m", [256, 300, 2048])
 @pytest.mark.parametrize("parts,k", [([4096, 1024, 1024], 4096), ([200, 8], 208), ([12288, 12288], 4096)])
-def test_nvfp4_linear_prefill_path(m, parts, k):
+def test_nvfp4_linear_prefill_path(m, parts, k, slab, monkeypatch):
     """M >= MIN_TOKENS with one global scale per part (as checkpoints have): the op dequantizes once per slab and
-    runs cuBLAS (nvfp4_prefill.py); slabs split at the parts and at SLAB_ELEMS."""
-    from adallm_core.ops.triton import nvfp4_linear, prepare_nvfp4_weight
+    runs cuBLAS (nvfp4_prefill.py); slabs split at the parts and at SLAB_ELEMS (the engine's, and one small enough
+    to split each 12288-row part)."""
+    from adallm_core.ops.triton import nvfp4_linear, nvfp4_prefill, prepare_nvfp4_weight
+
+    if slab is not None:
+        monkeypatch.setattr(nvfp4_prefill, "SLAB_ELEMS", slab)
 
     w = kc.runs_nvfp4(parts, k, DEV)
     op_w = prepare_nvfp4_weight(w)  # as the engine holds it: tile-major where the shape allows
     assert op_w.tile_major == (k % 128 == 0)
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     out = nvfp4_linear(x, op_w)
-    assert op_w.__dict__["_prefill_runs"] is not None, "the prefill path was not taken"
+    runs = op_w.__dict__["_prefill_runs"]
+    assert runs is not None, "the prefill path was not taken"
+    assert len(runs) >= len(parts) + (slab is not None and parts[0] * k > slab)
     assert kc.rel_err(out, reference.nvfp4_linear(x, w)) <= EXACT
 
 

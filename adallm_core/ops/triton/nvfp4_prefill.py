@@ -3,7 +3,7 @@ GEMM per slab. Everything else goes to the tiled kernel (nvfp4_gemm.py).
 
 The tiled kernel (nvfp4_gemm.py) repeats the dequantization of each weight tile for every tile of M rows, which at
 M = 2048 costs as much as its MMAs (benchmarks/NOTES.md). Here each weight is dequantized once per call into a
-reused slab (at most SLAB_ELEMS weights: 64 MB of BF16, a fraction of one linear, never a copy of the model), and
+reused slab (at most SLAB_ELEMS weights: 128 MB of BF16, never a copy of the model), and
 the GEMM runs at cuBLAS speed. Exact like the tiled kernel: the slab holds v * scale * 2^-8 (exact in BF16) and
 the global scale * 2^8 is the GEMM's fp32 alpha, applied before the one rounding to BF16. Alpha is one number per
 GEMM, so a slab never spans rows with different global scales: checkpoints have one per linear (q|k|v fused: three
@@ -20,7 +20,7 @@ from adallm_core.ops.triton.activation import GATED_ACTIVATIONS
 from adallm_core.ops.triton.nvfp4_gemm import _dequant_words, _tile_major_offsets, block_scales, check_args
 from adallm_core.ops.triton.nvfp4_gemm import nvfp4_linear as tiled_linear
 
-SLAB_ELEMS = 1 << 25  # weights per dequantized slab (64 MB of BF16)
+SLAB_ELEMS = 1 << 26  # weights per dequantized slab (128 MB of BF16): fewer slabs, less host time (NOTES.md)
 MAX_RUNS = 16
 MIN_TOKENS = 256  # H100 (benchmarks/NOTES.md): below this the tiled kernel wins
 EPI = 2.0**8  # the slab holds v * scale * 2^-8
