@@ -38,6 +38,34 @@ def test_nvfp4_linear(m, n, k, kernel_order):
     assert kc.case_nvfp4_linear(DEV, m, n, k, kernel_order=kernel_order) <= EXACT
 
 
+def test_a_captured_graph_keeps_its_split_k_workspace(monkeypatch):
+    """A graph captured with the split-K workspace keeps writing that buffer after an eager call of more tokens has
+    grown the workspace: the old buffer must stay allocated, or the replay writes into the next tensor the
+    allocator hands its memory to (here a sentinel of exactly its size)."""
+    from adallm_core.ops.triton import nvfp4_gemm
+
+    monkeypatch.setattr(nvfp4_gemm, "_WORKSPACE", {})
+    monkeypatch.setattr(nvfp4_gemm, "_RETIRED", [])
+    n = k = 4096
+    w = kc.random_nvfp4(n, k, DEV)
+    x = torch.randn(16, k, device=DEV).to(torch.bfloat16)
+    small = dict(nvfp4_gemm.pick_config(16, n, k, x.device), SPLIT_K=2)
+    nvfp4_gemm.nvfp4_linear(x, w, small)  # warm-up: compiles, sizes the workspace
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = nvfp4_gemm.nvfp4_linear(x, w, small)
+    captured = nvfp4_gemm._WORKSPACE[x.device][0].numel()
+    big = dict(nvfp4_gemm.pick_config(64, n, k, x.device), SPLIT_K=8)
+    nvfp4_gemm.nvfp4_linear(torch.randn(64, k, device=DEV).to(torch.bfloat16), w, big)
+    assert nvfp4_gemm._WORKSPACE[x.device][0].numel() > captured  # grown: the captured buffer was replaced
+    sentinel = torch.full((captured,), 7.0, device=DEV)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert bool((sentinel == 7.0).all()), "the replay wrote into memory the workspace no longer owns"
+    assert kc.rel_err(out, reference.nvfp4_linear(x, w)) <= EXACT
+
+
 @pytest.mark.parametrize("m", [1, 3, 12, 16, 37, 64, 65, 300])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (96, 3072), (17008, 384), (4096, 12288),  # wide N: weights as A; long K
                                  (5376, 4096), (5376, 21504)])  # Gemma3-27B o, down: 6 splits from 9 tokens, uneven

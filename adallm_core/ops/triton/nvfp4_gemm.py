@@ -327,6 +327,10 @@ def _store_out(out_ptr, y, offs_m, mask_m, pid_n, N, stride_om, BLOCK_M: tl.cons
 
 
 _WORKSPACE: dict = {}
+# Workspaces replaced by larger ones. A CUDA graph captured with one keeps writing its address, so it must never be
+# freed: an eager step of more tokens after the capture (65-255 tokens run split-K tiles too) grows the workspace,
+# and the freed buffer would go to whatever the allocator hands it to next.
+_RETIRED: list = []
 
 
 def _workspace(device, split_k: int, m: int, n: int, tiles: int):
@@ -334,8 +338,10 @@ def _workspace(device, split_k: int, m: int, n: int, tiles: int):
     key = device
     part, lock = _WORKSPACE.get(key, (None, None))
     if part is None or part.numel() < split_k * m * n:
+        _RETIRED.append(part) if part is not None else None
         part = torch.empty(max(split_k * m * n, 1 << 20), dtype=torch.float32, device=device)
     if lock is None or lock.numel() < tiles:
+        _RETIRED.append(lock) if lock is not None else None
         lock = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
     _WORKSPACE[key] = (part, lock)
     return part, lock
