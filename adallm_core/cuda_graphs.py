@@ -8,7 +8,7 @@ A batch of n decodes runs in the smallest bucket >= n; the padding rows decode t
 with slot -1 (nothing is stored) and their logits are dropped. The host writes each step's inputs into a pinned
 mirror of the static buffers (DecodeInputs) and sends them with a few non-blocking copies. Attention metadata
 carries max_seq_len = max_model_len, an upper bound, so the kernels' grids do not depend on the step.
-EngineArgs.enforce_eager turns this off; prefill and mixed steps always run eagerly.
+EngineArgs.enforce_eager turns this off; prefill and mixed steps have graphs of their own (prefill_graphs.py).
 """
 from __future__ import annotations
 
@@ -111,7 +111,9 @@ class DecodeInputs:
 class DecodeGraphs:
     """Captured decode steps for one ModelRunner (its KV caches must be allocated and bound)."""
 
-    def __init__(self, runner, max_num_seqs: int):
+    def __init__(self, runner, max_num_seqs: int, logits: torch.Tensor | None = None, pool=None):
+        """logits: a float32 buffer of >= max_num_seqs rows to write into (shared with the prefill graphs);
+        pool: a graph memory pool to capture into (shared too: a step replays one graph at a time)."""
         self.runner = runner
         self.buckets = batch_buckets(max_num_seqs)
         self.bucket_of = [next(b for b in self.buckets if b >= n) for n in range(self.buckets[-1] + 1)]
@@ -120,9 +122,11 @@ class DecodeGraphs:
                                    runner.device)
         self.qsl = torch.arange(self.buckets[-1] + 1, dtype=torch.int32, device=runner.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        vocab = runner.model_config.vocab_size
-        self.logits = torch.empty(self.buckets[-1], vocab, dtype=torch.float32, device=runner.device)
-        self._capture()
+        if logits is None:
+            logits = torch.empty(self.buckets[-1], runner.model_config.vocab_size, dtype=torch.float32,
+                                 device=runner.device)
+        self.logits = logits
+        self._capture(pool)
 
     def _forward(self, b: int) -> None:
         """One decode step of bucket b, its logits into rows [0, b) of the shared buffer."""
@@ -134,9 +138,9 @@ class DecodeGraphs:
         model.compute_logits(model.forward(inp.ids[:b], ctx), out=self.logits[:b])
 
     @torch.inference_mode()
-    def _capture(self) -> None:
+    def _capture(self, pool) -> None:
         start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
+        pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.runner.device)
         for b in reversed(self.buckets):  # largest first: the pool grows once
             stream.wait_stream(torch.cuda.current_stream())

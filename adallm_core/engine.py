@@ -18,6 +18,7 @@ from adallm_core.kv_cache import KVCacheManager, KVGroupSpec
 from adallm_core.kv_sizing import blocks_per_group, check_fits, kv_budget_bytes
 from adallm_core.memory_profile import step_peak_bytes
 from adallm_core.outputs import CompletionOutput, RequestOutput
+from adallm_core.prefill_graphs import MAX_TOKENS as PREFILL_GRAPH_TOKENS
 from adallm_core.overlap import DeviceTokens, TokenBuffers
 from adallm_core.sampler import Sampler, SamplingRow
 from adallm_core.sampling_params import RequestOutputKind, SamplingParams
@@ -56,15 +57,21 @@ class LLMEngine:
 
         windows = [g.sliding_window for g in runner.kv_groups]
         # CUDA: the largest step's own memory, measured before the KV budget is taken from what is free
-        self.step_peak_bytes = 0
+        self.step_peak_bytes = self.graph_pool_bytes = 0
         if runner.device.type == "cuda" and args.num_gpu_blocks_override is None:
             self.step_peak_bytes = step_peak_bytes(runner, self.max_num_batched_tokens, args.max_num_seqs)
+            if getattr(runner, "use_cuda_graphs", False):
+                # the prefill graphs keep a pool for good, as large as their largest step's memory (that step's
+                # eager peak counts the sampler's temporaries too: an upper bound)
+                largest = min(PREFILL_GRAPH_TOKENS, self.max_num_batched_tokens)
+                self.graph_pool_bytes = step_peak_bytes(runner, largest, args.max_num_seqs)
         budget = kv_budget_bytes(runner.device, args.gpu_memory_utilization, args.cpu_kv_cache_gb)
-        budget = max(0, budget - self.step_peak_bytes)
+        budget = max(0, budget - self.step_peak_bytes - self.graph_pool_bytes)
         if self.step_peak_bytes:
             logger.info("KV budget: %.2f GB (%.0f%% of the memory free after the weights, less %.2f GB that a step "
-                        "of %d tokens measured)", budget / 2**30, 100 * args.gpu_memory_utilization,
-                        self.step_peak_bytes / 2**30, self.max_num_batched_tokens)
+                        "of %d tokens measured and %.2f GB for the prefill graphs)", budget / 2**30,
+                        100 * args.gpu_memory_utilization, self.step_peak_bytes / 2**30, self.max_num_batched_tokens,
+                        self.graph_pool_bytes / 2**30)
         counts = blocks_per_group(budget, runner.kv_block_bytes(), windows, args.block_size, args.max_num_seqs,
                                   self.max_num_batched_tokens, args.num_gpu_blocks_override)
         check_fits(counts, windows, args.block_size, self.max_model_len, self.max_num_batched_tokens)

@@ -91,7 +91,9 @@ class ModelRunner:
         self.use_cuda_graphs = (self.device.type == "cuda" and not engine_args.enforce_eager
                                 and self.kernel_backend != "reference")
         self.max_num_seqs = engine_args.max_num_seqs
+        self.max_num_batched_tokens = engine_args.max_num_batched_tokens
         self.graphs = None
+        self.prefill_graphs = None  # adallm_core.prefill_graphs: steps of up to 512 tokens that are not pure decode
         logger.info(
             "model %s on %s: dtype %s, kv cache %s (%d KV groups), kernel backend %s, max_model_len %d",
             cfg.architecture, self.device, self.dtype, self.kv_cache_dtype, len(self.kv_groups),
@@ -122,8 +124,15 @@ class ModelRunner:
                 attn_layers[layer].bind_cache(cache[j, 0], cache[j, 1], *self.kv_scales[layer])
         if self.use_cuda_graphs and capture_graphs:
             from adallm_core.cuda_graphs import DecodeGraphs
+            from adallm_core.prefill_graphs import PrefillGraphs
 
-            self.graphs = DecodeGraphs(self, self.max_num_seqs)
+            pool = torch.cuda.graph_pool_handle()
+            logits = torch.empty(self.max_num_seqs, self.model_config.vocab_size, dtype=torch.float32,
+                                 device=self.device)
+            # the prefill graphs' steps are the larger: captured first, the shared pool grows once
+            self.prefill_graphs = PrefillGraphs(self, logits, pool,
+                                                max_num_batched_tokens=self.max_num_batched_tokens)
+            self.graphs = DecodeGraphs(self, self.max_num_seqs, logits, pool)
 
     def free_kv_cache(self) -> None:
         """Unbind and drop the KV cache (and the graphs that read it), so its memory can return to the device."""
@@ -133,9 +142,9 @@ class ModelRunner:
         self.kv_caches = []
 
     def release_graphs(self) -> None:
-        """Drop the decode CUDA graphs. Tensor-parallel ranks do this before destroying their NCCL group: graphs
-        that captured its all-reduces keep destroy_process_group waiting forever (seen on 2 GPUs)."""
-        self.graphs = None
+        """Drop the CUDA graphs. Tensor-parallel ranks do this before destroying their NCCL group: graphs that
+        captured its all-reduces keep destroy_process_group waiting forever (seen on 2 GPUs)."""
+        self.graphs = self.prefill_graphs = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -158,6 +167,10 @@ class ModelRunner:
             # decode steps: earlier blocks were checked when they were written; only the one written now is new
             self._check(steps, [1] * len(steps), [st.start_pos for st in steps], new_blocks_only=True)
             return self.graphs.run(steps, input_ids)
+        bucket = self.prefill_graphs.bucket_for(steps) if self.prefill_graphs is not None else None
+        if bucket is not None and input_ids is None:
+            self._check(steps, [len(s.token_ids) for s in steps], [s.start_pos for s in steps])
+            return self.prefill_graphs.run(steps, bucket)
         ids, ctx, sample_rows = self.prepare_inputs(steps)
         if input_ids is not None:
             ids.copy_(input_ids)

@@ -1,5 +1,5 @@
 """ModelRunner on CUDA: the reference backend agrees with the CPU, the triton backend with the reference, and the
-decode CUDA graphs with eager steps. Every runner is fed the same tokens, so logits compare step by step."""
+CUDA graphs (prefill and decode) with eager steps. Every runner is fed the same tokens, so logits compare step by step."""
 import dataclasses
 
 import pytest
@@ -104,7 +104,9 @@ def test_triton_backend_matches_reference_on_cuda(family, kv):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_decode_cuda_graphs_match_eager(family):
+def test_cuda_graphs_match_eager(family):
+    """The mixed step and the chunk replay prefill graphs (padded to 64 and 16 tokens), the decodes decode graphs."""
     graphs = runner(family, "cuda", enforce_eager=False)
-    assert graphs.graphs is not None
+    assert graphs.graphs is not None and graphs.prefill_graphs is not None
     assert_rel_close(drive(graphs), drive(runner(family, "cuda", enforce_eager=True)), 0.01)
+    assert graphs.prefill_graphs.replays == 2
