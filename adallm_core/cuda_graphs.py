@@ -12,6 +12,8 @@ EngineArgs.enforce_eager turns this off; prefill and mixed steps have graphs of 
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import math
 import time
@@ -23,6 +25,22 @@ from adallm_core.models.layers import ForwardContext
 from adallm_core.ops import AttentionMetadata
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def no_collection_while_capturing():
+    """Collect garbage first, and none while capturing. A collection mid-capture that frees an earlier runner's
+    graphs (a reference cycle) destroys them while the stream captures, which invalidates the capture: seen in the
+    GPU tests as "operation not permitted when stream is capturing (function reset)", ten times, one per graph of
+    the runner before. Torch's own capture no longer collects first."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -138,6 +156,7 @@ class DecodeGraphs:
         model.compute_logits(model.forward(inp.ids[:b], ctx), out=self.logits[:b])
 
     @torch.inference_mode()
+    @no_collection_while_capturing()
     def _capture(self, pool) -> None:
         start = time.perf_counter()
         pool = pool if pool is not None else torch.cuda.graph_pool_handle()

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from adallm_core.cuda_graphs import no_collection_while_capturing
 from adallm_core.models.layers import ForwardContext
 from adallm_core.ops import AttentionMetadata
 
@@ -143,6 +144,7 @@ class PrefillGraphs:
         model.compute_logits(hidden.index_select(0, inp.sample_rows[:rows]), out=self.logits[:rows])
 
     @torch.inference_mode()
+    @no_collection_while_capturing()
     def _capture(self, pool) -> None:
         start = time.perf_counter()
         device = self.runner.device
