@@ -1,13 +1,16 @@
 """Prefill time of the real engine on random NVFP4 weights of a real model's shapes: one prompt, one token out.
 
-    python -m benchmarks.prefill --shape qwen3-8b --input-len 2048
+    python -m benchmarks.prefill --shape qwen3-8b --input-len 16,128,512,2048 [--tiled]
 
-Weights are RANDOM (real shapes, random values; built on the GPU). Times the large-M linears both ways: the
-dequantize-once path the op picks (ops/triton/nvfp4_prefill.py) and the tiled kernel alone (nvfp4_gemm.py).
+Weights are RANDOM (real shapes, random values; built on the GPU). Each prompt length runs on the engine as it
+starts (prompts of up to 512 tokens replay the prefill CUDA graphs, adallm_core/prefill_graphs.py) and on one with
+enforce_eager (every launch from the host). --tiled adds the eager engine with the large-M linears on the tiled
+kernel alone (nvfp4_gemm.py) instead of the dequantize-once path the op picks (ops/triton/nvfp4_prefill.py).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 import torch
@@ -16,31 +19,49 @@ from benchmarks.decode import build_engine, run_batch
 from benchmarks.random_checkpoint import SHAPES
 
 
+def time_prompts(shape: str, lengths: list[int], eager: bool, repeat: int, min_tokens: int | None = None) -> list:
+    """Best seconds of `repeat` runs for one prompt of each length, on a fresh engine."""
+    from adallm_core.ops.triton import nvfp4_prefill
+
+    default_min = nvfp4_prefill.MIN_TOKENS
+    engine, runner = build_engine(shape, 1, max(lengths), 1, eager)
+    vocab = runner.model_config.vocab_size
+    nvfp4_prefill.MIN_TOKENS = default_min if min_tokens is None else min_tokens
+    try:
+        best = []
+        for n in lengths:
+            run_batch(engine, 1, n, 1, vocab)  # warm-up
+            best.append(min(run_batch(engine, 1, n, 1, vocab)["seconds"] for _ in range(repeat)))
+    finally:
+        nvfp4_prefill.MIN_TOKENS = default_min
+        engine.shutdown()
+    del engine, runner
+    gc.collect()
+    torch.cuda.empty_cache()
+    return best
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-8b")
-    p.add_argument("--input-len", type=int, default=2048)
+    p.add_argument("--input-len", default="2048", help="comma-separated prompt lengths")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--tiled", action="store_true", help="also time the tiled kernel for the large-M linears")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks.prefill needs a CUDA GPU", file=sys.stderr)
         return 2
-    from adallm_core.ops.triton import nvfp4_prefill
-
-    engine, runner = build_engine(args.shape, 1, args.input_len, 1, False)
-    vocab = runner.model_config.vocab_size
-    default_min = nvfp4_prefill.MIN_TOKENS
-    results = {}
-    for name, min_tokens in (("dequantize-once", default_min), ("tiled kernel", 1 << 30)):
-        nvfp4_prefill.MIN_TOKENS = min_tokens
-        run_batch(engine, 1, args.input_len, 1, vocab)  # warm-up
-        results[name] = min(run_batch(engine, 1, args.input_len, 1, vocab)["seconds"] for _ in range(args.repeat))
-    nvfp4_prefill.MIN_TOKENS = default_min
-    engine.shutdown()
-    print(f"{args.shape}: RANDOM NVFP4 weights, one prompt of {args.input_len} tokens, 1 token out; "
+    lengths = [int(n) for n in args.input_len.split(",")]
+    columns = {"engine": time_prompts(args.shape, lengths, False, args.repeat),
+               "enforce_eager": time_prompts(args.shape, lengths, True, args.repeat)}
+    if args.tiled:
+        columns["eager, tiled"] = time_prompts(args.shape, lengths, True, args.repeat, min_tokens=1 << 30)
+    print(f"{args.shape}: RANDOM NVFP4 weights, one prompt, 1 token out, best of {args.repeat}; "
           f"{torch.cuda.get_device_name()}")
-    for name, secs in results.items():
-        print(f"{name:16} {secs * 1e3:8.1f} ms  {args.input_len / secs:9.0f} prompt tok/s")
+    print(f"{'tokens':>6} " + " ".join(f"{name + ' ms':>17}" for name in columns) + f" {'engine tok/s':>13}")
+    for i, n in enumerate(lengths):
+        cells = " ".join(f"{secs[i] * 1e3:17.1f}" for secs in columns.values())
+        print(f"{n:6d} {cells} {n / columns['engine'][i]:13.0f}")
     return 0
 
 
