@@ -66,3 +66,23 @@ def test_buckets_stop_at_the_step_budget():
     assert token_buckets(None) == [16, 32, 64, 128, 256, 512]
     assert token_buckets(100) == [16, 32, 64, 128]
     assert token_buckets(4096) == [16, 32, 64, 128, 256, 512]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_engine_tokens_with_padded_steps(family):
+    """The engine's own steps through the padded path: chunked prompts (a 40-token budget), prefix-cache hits (the
+    prompts share a long prefix, so later ones start past cached blocks), decodes beside chunks, Gemma3's window
+    dropping blocks. Greedy tokens equal those of the engine's plain steps."""
+    from engine_fixtures import PROMPTS, greedy_tokens, make_engine
+
+    prompts = [PROMPTS[3] + p for p in PROMPTS] + PROMPTS[:3]
+    kw = dict(max_num_batched_tokens=40, max_num_seqs=6, enable_prefix_caching=True)
+    padded = make_engine(family, **kw)
+    runner = padded.runner
+    runner.prefill_graphs = PrefillGraphs(runner, torch.empty(6, runner.model_config.vocab_size), capture=False,
+                                          max_num_batched_tokens=40)
+    got = greedy_tokens(padded, prompts)
+    assert runner.prefill_graphs.replays > len(prompts)  # prompts in chunks, and decodes beside them
+    stats = padded.stats()
+    assert stats["kv_blocks_used"] == 0 and stats["prefix_cache_hit_tokens"] > 0
+    assert got == greedy_tokens(make_engine(family, **kw), prompts)
