@@ -17,7 +17,7 @@ import gc
 import logging
 import math
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -41,6 +41,29 @@ def no_collection_while_capturing():
     finally:
         if enabled:
             gc.enable()
+
+
+@no_collection_while_capturing()
+def capture_buckets(forward: Callable[[int], None], buckets: Sequence[int], pool, device,
+                    stage: Callable[[int], None] | None = None) -> dict[int, torch.cuda.CUDAGraph]:
+    """One graph of forward(b) per bucket b, largest first (the shared pool grows once). Each is run once on a side
+    stream first (compiles kernels, sizes their workspaces); stage(b), if given, writes its inputs beforehand."""
+    graphs = {}
+    stream = torch.cuda.Stream(device)
+    for b in sorted(buckets, reverse=True):
+        if stage is not None:
+            stage(b)
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            forward(b)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            forward(b)
+        graphs[b] = graph
+    torch.cuda.synchronize(device)
+    return graphs
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -129,7 +152,7 @@ class DecodeInputs:
 class DecodeGraphs:
     """Captured decode steps for one ModelRunner (its KV caches must be allocated and bound)."""
 
-    def __init__(self, runner, max_num_seqs: int, logits: torch.Tensor | None = None, pool=None):
+    def __init__(self, runner, max_num_seqs: int, logits: torch.Tensor, pool):
         """logits: a float32 buffer of >= max_num_seqs rows to write into (shared with the prefill graphs);
         pool: a graph memory pool to capture into (shared too: a step replays one graph at a time)."""
         self.runner = runner
@@ -139,10 +162,6 @@ class DecodeGraphs:
         self.inputs = DecodeInputs(self.buckets[-1], self.max_blocks, len(runner.kv_groups), runner.block_size,
                                    runner.device)
         self.qsl = torch.arange(self.buckets[-1] + 1, dtype=torch.int32, device=runner.device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        if logits is None:
-            logits = torch.empty(self.buckets[-1], runner.model_config.vocab_size, dtype=torch.float32,
-                                 device=runner.device)
         self.logits = logits
         self._capture(pool)
 
@@ -156,22 +175,9 @@ class DecodeGraphs:
         model.compute_logits(model.forward(inp.ids[:b], ctx), out=self.logits[:b])
 
     @torch.inference_mode()
-    @no_collection_while_capturing()
     def _capture(self, pool) -> None:
         start = time.perf_counter()
-        pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(self.runner.device)
-        for b in reversed(self.buckets):  # largest first: the pool grows once
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up: compiles kernels, sizes their workspaces
-                self._forward(b)
-            torch.cuda.current_stream().wait_stream(stream)
-            torch.cuda.synchronize(self.runner.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._forward(b)
-            self.graphs[b] = graph
-        torch.cuda.synchronize(self.runner.device)
+        self.graphs = capture_buckets(self._forward, self.buckets, pool, self.runner.device)
         logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s", len(self.graphs), self.buckets,
                     time.perf_counter() - start)
 

@@ -18,8 +18,8 @@ from adallm_core.kv_cache import KVCacheManager, KVGroupSpec
 from adallm_core.kv_sizing import blocks_per_group, check_fits, kv_budget_bytes
 from adallm_core.memory_profile import step_peak_bytes
 from adallm_core.outputs import CompletionOutput, RequestOutput
-from adallm_core.prefill_graphs import MAX_TOKENS as PREFILL_GRAPH_TOKENS
 from adallm_core.overlap import DeviceTokens, TokenBuffers
+from adallm_core.prefill_graphs import token_buckets
 from adallm_core.sampler import Sampler, SamplingRow
 from adallm_core.sampling_params import RequestOutputKind, SamplingParams
 from adallm_core.scheduler import Scheduler, SchedulerOutput
@@ -61,9 +61,9 @@ class LLMEngine:
         if runner.device.type == "cuda" and args.num_gpu_blocks_override is None:
             self.step_peak_bytes = step_peak_bytes(runner, self.max_num_batched_tokens, args.max_num_seqs)
             if getattr(runner, "use_cuda_graphs", False):
-                # the prefill graphs keep a pool for good, as large as their largest step's memory (that step's
-                # eager peak counts the sampler's temporaries too: an upper bound)
-                largest = min(PREFILL_GRAPH_TOKENS, self.max_num_batched_tokens)
+                # the prefill graphs keep a pool for good, as large as their largest bucket's step (its eager peak
+                # counts the sampler's temporaries too: an upper bound)
+                largest = token_buckets(args.max_num_batched_tokens)[-1]
                 self.graph_pool_bytes = step_peak_bytes(runner, largest, args.max_num_seqs)
         budget = kv_budget_bytes(runner.device, args.gpu_memory_utilization, args.cpu_kv_cache_gb)
         budget = max(0, budget - self.step_peak_bytes - self.graph_pool_bytes)

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from adallm_core.cuda_graphs import no_collection_while_capturing
+from adallm_core.cuda_graphs import capture_buckets
 from adallm_core.models.layers import ForwardContext
 from adallm_core.ops import AttentionMetadata
 
@@ -144,23 +144,11 @@ class PrefillGraphs:
         model.compute_logits(hidden.index_select(0, inp.sample_rows[:rows]), out=self.logits[:rows])
 
     @torch.inference_mode()
-    @no_collection_while_capturing()
     def _capture(self, pool) -> None:
         start = time.perf_counter()
-        device = self.runner.device
-        stream = torch.cuda.Stream(device)
-        for b in reversed(self.buckets):  # largest first: the pool grows once
-            self.inputs.stage([], b, self.rows[b])  # every token a padding token: stores nothing
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up: compiles kernels, sizes their workspaces
-                self._forward(b)
-            torch.cuda.current_stream().wait_stream(stream)
-            torch.cuda.synchronize(device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._forward(b)
-            self.graphs[b] = graph
-        torch.cuda.synchronize(device)
+        # warm-up and capture read every token as a padding token: nothing is stored
+        self.graphs = capture_buckets(self._forward, self.buckets, pool, self.runner.device,
+                                      stage=lambda b: self.inputs.stage([], b, self.rows[b]))
         logger.info("captured %d prefill CUDA graphs (up to %s tokens) in %.1f s", len(self.graphs), self.buckets,
                     time.perf_counter() - start)
 

@@ -338,10 +338,12 @@ def _workspace(device, split_k: int, m: int, n: int, tiles: int):
     key = device
     part, lock = _WORKSPACE.get(key, (None, None))
     if part is None or part.numel() < split_k * m * n:
-        _RETIRED.append(part) if part is not None else None
+        if part is not None:
+            _RETIRED.append(part)
         part = torch.empty(max(split_k * m * n, 1 << 20), dtype=torch.float32, device=device)
     if lock is None or lock.numel() < tiles:
-        _RETIRED.append(lock) if lock is not None else None
+        if lock is not None:
+            _RETIRED.append(lock)
         lock = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
     _WORKSPACE[key] = (part, lock)
     return part, lock
