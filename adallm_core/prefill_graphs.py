@@ -5,9 +5,11 @@ of wall time for 8.4 ms of GPU work, 512 tokens 25.6-56.6 ms for 18.4, while 204
 (benchmarks/NOTES.md, session 36). Steps of up to MAX_TOKENS tokens that are not pure decode replay a graph instead.
 
 A step of n sequences and t tokens runs in the smallest bucket T >= t. Its sequences take rows [0, n) of the
-metadata; the T - t padding tokens form one more sequence (row n) that starts at position 0 of block 0 and stores
-nothing (slot -1); rows past n are sequences without queries, which the kernels skip. The metadata carries
-max_query_len = T and max_seq_len = max_model_len, upper bounds, so no kernel's grid depends on the step. A graph
+metadata; the T - t padding tokens form one more sequence (row n) over block 0 that stores nothing (slot -1), every
+token at rotary position 0; rows past n are sequences without queries, which the kernels skip. The padding can be
+longer than max_model_len (a 512-token bucket, a model of 256), so the tables and max_seq_len are as wide as the
+larger of the two. The metadata carries max_query_len = T and that max_seq_len, upper bounds, so no kernel's grid
+depends on the step. A graph
 computes the logits of min(T, max_num_seqs) rows (the sampled sequences' last tokens first) into the logits buffer
 it shares with the decode graphs, and all graphs share one memory pool: a step replays one graph at a time.
 """
@@ -91,7 +93,7 @@ class PrefillInputs:
         seq_of_token = np.repeat(np.arange(n), q_lens)
         pos = self._pos
         pos[:t] = np.arange(t) - qsl[:n][seq_of_token] + starts[seq_of_token]
-        pos[t:tokens] = np.arange(tokens - t)
+        pos[t:tokens] = 0  # the rotary table has max_model_len rows; the padding's rotation does not matter
         self._ids[:t] = [i for s in steps for i in s.token_ids]
         self._ids[t:tokens] = 0
         bs, width = self.block_size, self.width
@@ -126,7 +128,8 @@ class PrefillGraphs:
         self.runner, self.logits, self.capture = runner, logits, capture
         self.buckets = token_buckets(max_num_batched_tokens)
         self.rows = {b: min(b, runner.max_num_seqs, logits.shape[0]) for b in self.buckets}
-        self.inputs = PrefillInputs(self.buckets[-1], max(self.rows.values()), math.ceil(runner.max_model_len /
+        self.max_seq_len = max(runner.max_model_len, self.buckets[-1])  # the padding sequence's too
+        self.inputs = PrefillInputs(self.buckets[-1], max(self.rows.values()), math.ceil(self.max_seq_len /
                                     runner.block_size), len(runner.kv_groups), runner.block_size, runner.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.replays = 0
@@ -137,7 +140,7 @@ class PrefillGraphs:
         """One step of bucket `tokens`, the logits of its rows into the shared buffer."""
         inp, rows, runner = self.inputs, self.rows[tokens], self.runner
         metas = tuple(AttentionMetadata(inp.qsl[:rows + 2], inp.seq_lens[:rows + 1], t[:rows + 1], tokens,
-                                        runner.max_model_len) for t in inp.tables)
+                                        self.max_seq_len) for t in inp.tables)
         ctx = ForwardContext(inp.positions[:tokens], metas, tuple(s[:tokens] for s in inp.slots))
         model = runner.model
         hidden = model.forward(inp.ids[:tokens], ctx)

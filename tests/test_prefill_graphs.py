@@ -14,9 +14,9 @@ from adallm_core.testing import FAMILIES
 BS = 4
 
 
-def runner_for(family, max_num_seqs=8):
+def runner_for(family, max_num_seqs=8, max_model_len=128):
     ckpt = Checkpoint(tiny_checkpoint(family, "modelopt"))
-    args = EngineArgs(model=str(ckpt.path), block_size=BS, max_model_len=128, kv_cache_dtype="bf16",
+    args = EngineArgs(model=str(ckpt.path), block_size=BS, max_model_len=max_model_len, kv_cache_dtype="bf16",
                       max_num_seqs=max_num_seqs)
     runner = ModelRunner(args, ckpt, "cpu")
     runner.allocate_kv_cache([96] * len(runner.kv_groups))
@@ -50,6 +50,21 @@ def test_padded_steps_match_eager_steps(family):
     assert [a.shape for a in got] == [b.shape for b in want]
     for step, (a, b) in enumerate(zip(got, want)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"step {step}: {m}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padding_longer_than_max_model_len(family):
+    """Three prompts of 30 tokens in a model of max_model_len 32 fill bucket 128 with 38 padding tokens: more than
+    any real sequence may hold. Their rotary positions and block table must stay inside the buffers (past them the
+    GPU read out of bounds in one test order: an illegal memory access during Gemma3's capture)."""
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 384, (30,), generator=g).tolist() for _ in range(3)]
+    padded, eager = runner_for(family, max_model_len=32), runner_for(family, max_model_len=32)
+    padded.prefill_graphs = PrefillGraphs(padded, torch.empty(8, padded.model_config.vocab_size), capture=False)
+    got, want = ([r.execute([SeqStep(p, 0, Blocks(BS, len(r.kv_groups)).tables_for(i, 30))
+                             for i, p in enumerate(prompts)])] for r in (padded, eager))
+    assert padded.prefill_graphs.replays == 1
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
 
 
 def test_steps_past_the_buckets_run_eagerly():
