@@ -14,6 +14,7 @@ from typing import Optional, Union
 import torch
 
 from adallm_core.config import EngineArgs
+from adallm_core.cuda_graphs import capture_stream
 from adallm_core.kv_cache import KVCacheManager, KVGroupSpec
 from adallm_core.kv_sizing import blocks_per_group, check_fits, kv_budget_bytes
 from adallm_core.memory_profile import step_peak_bytes
@@ -63,8 +64,10 @@ class LLMEngine:
             if getattr(runner, "use_cuda_graphs", False):
                 # the prefill graphs keep a pool for good, as large as their largest bucket's step (its eager peak
                 # counts the sampler's temporaries too: an upper bound)
+                # counts too, on the capture stream, the cuBLAS workspace that stream keeps
                 largest = token_buckets(args.max_num_batched_tokens)[-1]
-                self.graph_pool_bytes = step_peak_bytes(runner, largest, args.max_num_seqs)
+                with torch.cuda.stream(capture_stream(runner.device)):
+                    self.graph_pool_bytes = step_peak_bytes(runner, largest, args.max_num_seqs)
         budget = kv_budget_bytes(runner.device, args.gpu_memory_utilization, args.cpu_kv_cache_gb)
         budget = max(0, budget - self.step_peak_bytes - self.graph_pool_bytes)
         if self.step_peak_bytes:
