@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,6 +26,7 @@ class Tokenizer:
         # AsyncLLM encodes on the callers' thread while its loop thread decodes; the Rust tokenizer raises
         # "Already borrowed" when an encode that resets truncation/padding meets a concurrent call.
         self._lock = threading.Lock()
+        self._byte_alphabet = _byte_alphabet(self._backend or getattr(self.hf, "backend_tokenizer", None))
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids: list[int] = []
@@ -51,6 +53,31 @@ class Tokenizer:
                 return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
             return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes, which may be part of a character: a byte-level BPE piece read back through its
+        byte alphabet, a SentencePiece byte piece (<0xE5>) as that byte, any other token as its text's UTF-8."""
+        with self._lock:
+            piece = self.hf.convert_ids_to_tokens(int(token_id))
+        byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece or "")
+        if byte:
+            return bytes([int(byte.group(1), 16)])
+        if self._byte_alphabet is not None and piece and all(c in self._byte_alphabet for c in piece):
+            return bytes(self._byte_alphabet[c] for c in piece)
+        return self.decode([token_id], skip_special_tokens=False).encode()
+
+    def token_text(self, token_id: int) -> str:
+        """One token as the OpenAI API shows it in logprobs: its text, or "bytes:\\xe5\\x8f" for a token that is
+        part of a character. Decoded alone, every such token reads U+FFFD, so two of them shared one key of a
+        completion's top_logprobs and the client got fewer alternatives than it asked for."""
+        text = self.decode([token_id])
+        if "\ufffd" not in text:
+            return text
+        raw = self.token_bytes(token_id)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         if not self.hf.chat_template:
             raise ValueError(f"tokenizer at {self.path} has no chat template; use generate() with a plain prompt")
@@ -60,6 +87,17 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         # The template already writes the special tokens (bos): don't add them twice.
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
+
+
+def _byte_alphabet(backend) -> Optional[dict[str, int]]:
+    """Byte-level BPE (Qwen3's tokenizers) spells each byte as one printable character: that map, reversed; None
+    for other tokenizers."""
+    decoder = getattr(backend, "decoder", None)
+    if decoder is None or "ByteLevel" not in repr(decoder):
+        return None
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 class IncrementalDetokenizer:

@@ -228,11 +228,11 @@ class LLMServer:
         ]
 
     def _logprobs(self, token_ids: list[int], logprobs: list[dict[int, float]]) -> list[TokenLogprob]:
-        decode = self.engine.tokenizer.decode
+        text = self.engine.tokenizer.token_text
         result = []
         for tid, top in zip(token_ids, logprobs):
             ranked = sorted(top.items(), key=lambda kv: -kv[1])
-            result.append((decode([tid]), top[tid], [(decode([t]), lp) for t, lp in ranked]))
+            result.append((text(tid), top[tid], [(text(t), lp) for t, lp in ranked]))
         return result
 
     async def model_info(self) -> dict:

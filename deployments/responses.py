@@ -23,6 +23,13 @@ from deployments.openai_api import (
 )
 
 
+def token_bytes(token: str) -> list[int]:
+    """A logprobs token's bytes; Tokenizer.token_text spells part of a character as "bytes:\\xe5\\x8f"."""
+    if token.startswith("bytes:"):
+        return list(bytes.fromhex(token[len("bytes:"):].replace("\\x", "")))
+    return list(token.encode())
+
+
 @dataclass
 class _Choice:
     text: str = ""
@@ -128,8 +135,8 @@ class ResponseBuilder:
             ChatTokenLogprob(
                 token=tok,
                 logprob=lp,
-                bytes=list(tok.encode()),
-                top_logprobs=[TopLogprob(token=t, logprob=l, bytes=list(t.encode())) for t, l in top[: self.top_logprobs]],
+                bytes=token_bytes(tok),
+                top_logprobs=[TopLogprob(token=t, logprob=l, bytes=token_bytes(t)) for t, l in top[: self.top_logprobs]],
             )
             for tok, lp, top in logprobs
         ]

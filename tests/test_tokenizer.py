@@ -108,3 +108,39 @@ def test_missing_chat_template_is_a_clear_error(tok_dir, tmp_path):
     fast.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no chat template"):
         Tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_token_bytes_spell_the_text(tok):
+    """Byte-level BPE: the tokens' own bytes, joined, are the text's UTF-8, characters split across tokens too."""
+    text = "naïve 你好 € hello"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some token is part of a character
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode()
+
+
+def test_token_text_names_each_part_of_a_character(tok):
+    """Tokens that are part of a character get OpenAI's "bytes:\\x.." spelling (distinct, and read back by the
+    responses' bytes field); whole tokens keep their text."""
+    from deployments.responses import token_bytes
+
+    ids = tok.encode("你好 hello", add_special_tokens=False)
+    texts = [tok.token_text(i) for i in ids]
+    partial = [t for t, i in zip(texts, ids) if "\ufffd" in tok.decode([i])]
+    assert len(partial) >= 6 and all(t.startswith("bytes:\\x") for t in partial)
+    assert len(set(partial)) == len(set(i for i in ids if "\ufffd" in tok.decode([i])))
+    assert [bytes(token_bytes(t)) for t in texts] == [tok.token_bytes(i) for i in ids]
+    assert texts[-1] == tok.decode([ids[-1]]) and "\ufffd" not in texts[-1]
+
+
+def test_sentencepiece_byte_pieces(tmp_path):
+    """A byte-fallback vocabulary (<0xE4>) gives that byte."""
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}, "\u2581": 257, "a": 258}
+    raw = RawTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>").save_pretrained(tmp_path)
+    sp = Tokenizer(tmp_path)
+    ids = sp.encode("a你", add_special_tokens=False)
+    assert [sp.token_bytes(i) for i in ids if i <= 256] == list(map(bytes, (["你".encode()[k]] for k in range(3))))
+    assert [sp.token_text(i) for i in ids if i <= 256] == ["bytes:\\xe4", "bytes:\\xbd", "bytes:\\xa0"]
+    assert sp.token_text(258) == "a"
