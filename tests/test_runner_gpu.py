@@ -110,3 +110,22 @@ def test_cuda_graphs_match_eager(family):
     assert graphs.graphs is not None and graphs.prefill_graphs is not None
     assert_rel_close(drive(graphs), drive(runner(family, "cuda", enforce_eager=True)), 0.01)
     assert graphs.prefill_graphs.replays == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_graph_padding_longer_than_max_model_len(family):
+    """Three 30-token prompts in a model of max_model_len 32 replay bucket 128 with 38 padding tokens, more than a
+    sequence may hold (the rotary table and block tables once ended before them: an illegal memory access during a
+    capture, in one test order). The replay gives the eager step's logits; the decodes after it read the cache."""
+    def steps(r):
+        g = torch.Generator().manual_seed(7)
+        seqs = [torch.randint(3, 384, (30,), generator=g).tolist() for _ in range(3)]
+        blocks = Blocks(BS, len(r.kv_groups))
+        out = [r.execute([SeqStep(s, 0, blocks.tables_for(i, 30)) for i, s in enumerate(seqs)])]
+        out.append(r.execute([SeqStep([5], 30, blocks.tables_for(i, 31)) for i in range(3)]))
+        return [o.float().cpu() for o in out]
+
+    graphs = runner(family, "cuda", enforce_eager=False, max_model_len=32)
+    assert graphs.prefill_graphs.buckets[-1] > graphs.max_model_len
+    assert_rel_close(steps(graphs), steps(runner(family, "cuda", enforce_eager=True, max_model_len=32)), 0.01)
+    assert graphs.prefill_graphs.replays == 1
