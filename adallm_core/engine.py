@@ -63,8 +63,8 @@ class LLMEngine:
             self.step_peak_bytes = step_peak_bytes(runner, self.max_num_batched_tokens, args.max_num_seqs)
             if getattr(runner, "use_cuda_graphs", False):
                 # the prefill graphs keep a pool for good, as large as their largest bucket's step (its eager peak
-                # counts the sampler's temporaries too: an upper bound)
-                # counts too, on the capture stream, the cuBLAS workspace that stream keeps
+                # counts the sampler's temporaries too: an upper bound); measured on the capture stream, so the
+                # cuBLAS workspace that stream keeps exists before the budget reads the free memory
                 largest = token_buckets(args.max_num_batched_tokens)[-1]
                 with torch.cuda.stream(capture_stream(runner.device)):
                     self.graph_pool_bytes = step_peak_bytes(runner, largest, args.max_num_seqs)

@@ -9,9 +9,9 @@ metadata; the T - t padding tokens form one more sequence (row n) over block 0 t
 token at rotary position 0; rows past n are sequences without queries, which the kernels skip. The padding can be
 longer than max_model_len (a 512-token bucket, a model of 256), so the tables and max_seq_len are as wide as the
 larger of the two. The metadata carries max_query_len = T and that max_seq_len, upper bounds, so no kernel's grid
-depends on the step. A graph
-computes the logits of min(T, max_num_seqs) rows (the sampled sequences' last tokens first) into the logits buffer
-it shares with the decode graphs, and all graphs share one memory pool: a step replays one graph at a time.
+depends on the step. A graph computes the logits of min(T, max_num_seqs) rows (the sampled sequences' last tokens
+first) into the logits buffer it shares with the decode graphs, and all graphs share one memory pool: a step
+replays one graph at a time.
 """
 from __future__ import annotations
 
