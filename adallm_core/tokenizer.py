@@ -26,7 +26,7 @@ class Tokenizer:
         # AsyncLLM encodes on the callers' thread while its loop thread decodes; the Rust tokenizer raises
         # "Already borrowed" when an encode that resets truncation/padding meets a concurrent call.
         self._lock = threading.Lock()
-        self._byte_alphabet = _byte_alphabet(self._backend or getattr(self.hf, "backend_tokenizer", None))
+        self._byte_alphabet = _byte_alphabet(getattr(self.hf, "backend_tokenizer", None))
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids: list[int] = []
@@ -76,7 +76,7 @@ class Tokenizer:
         try:
             return raw.decode()
         except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            return _BYTES_PREFIX + "".join(f"\\x{b:02x}" for b in raw)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         if not self.hf.chat_template:
@@ -87,6 +87,16 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         # The template already writes the special tokens (bos): don't add them twice.
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
+
+
+_BYTES_PREFIX = "bytes:"
+
+
+def bytes_of_token_text(text: str) -> bytes:
+    """The bytes of a token as Tokenizer.token_text spells it (the OpenAI API's bytes field)."""
+    if text.startswith(_BYTES_PREFIX):
+        return bytes.fromhex(text[len(_BYTES_PREFIX):].replace("\\x", ""))
+    return text.encode()
 
 
 def _byte_alphabet(backend) -> Optional[dict[str, int]]:

@@ -5,6 +5,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from adallm_core.tokenizer import bytes_of_token_text
 from deployments.llm_server import ChoiceDelta, TokenLogprob
 from deployments.openai_api import (
     AssistantMessage,
@@ -21,13 +22,6 @@ from deployments.openai_api import (
     TopLogprob,
     Usage,
 )
-
-
-def token_bytes(token: str) -> list[int]:
-    """A logprobs token's bytes; Tokenizer.token_text spells part of a character as "bytes:\\xe5\\x8f"."""
-    if token.startswith("bytes:"):
-        return list(bytes.fromhex(token[len("bytes:"):].replace("\\x", "")))
-    return list(token.encode())
 
 
 @dataclass
@@ -135,8 +129,9 @@ class ResponseBuilder:
             ChatTokenLogprob(
                 token=tok,
                 logprob=lp,
-                bytes=token_bytes(tok),
-                top_logprobs=[TopLogprob(token=t, logprob=l, bytes=token_bytes(t)) for t, l in top[: self.top_logprobs]],
+                bytes=list(bytes_of_token_text(tok)),
+                top_logprobs=[TopLogprob(token=t, logprob=l, bytes=list(bytes_of_token_text(t)))
+                              for t, l in top[: self.top_logprobs]],
             )
             for tok, lp, top in logprobs
         ]

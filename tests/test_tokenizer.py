@@ -5,7 +5,7 @@ import pytest
 from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from adallm_core.tokenizer import IncrementalDetokenizer, Tokenizer
+from adallm_core.tokenizer import IncrementalDetokenizer, Tokenizer, bytes_of_token_text
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -121,14 +121,12 @@ def test_token_bytes_spell_the_text(tok):
 def test_token_text_names_each_part_of_a_character(tok):
     """Tokens that are part of a character get OpenAI's "bytes:\\x.." spelling (distinct, and read back by the
     responses' bytes field); whole tokens keep their text."""
-    from deployments.responses import token_bytes
-
     ids = tok.encode("你好 hello", add_special_tokens=False)
     texts = [tok.token_text(i) for i in ids]
     partial = [t for t, i in zip(texts, ids) if "\ufffd" in tok.decode([i])]
     assert len(partial) >= 6 and all(t.startswith("bytes:\\x") for t in partial)
     assert len(set(partial)) == len(set(i for i in ids if "\ufffd" in tok.decode([i])))
-    assert [bytes(token_bytes(t)) for t in texts] == [tok.token_bytes(i) for i in ids]
+    assert [bytes_of_token_text(t) for t in texts] == [tok.token_bytes(i) for i in ids]
     assert texts[-1] == tok.decode([ids[-1]]) and "\ufffd" not in texts[-1]
 
 
@@ -141,6 +139,6 @@ def test_sentencepiece_byte_pieces(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>").save_pretrained(tmp_path)
     sp = Tokenizer(tmp_path)
     ids = sp.encode("a你", add_special_tokens=False)
-    assert [sp.token_bytes(i) for i in ids if i <= 256] == list(map(bytes, (["你".encode()[k]] for k in range(3))))
+    assert [sp.token_bytes(i) for i in ids if i <= 256] == [bytes([b]) for b in "你".encode()]
     assert [sp.token_text(i) for i in ids if i <= 256] == ["bytes:\\xe4", "bytes:\\xbd", "bytes:\\xa0"]
     assert sp.token_text(258) == "a"
