@@ -17,7 +17,7 @@ from adallm_core.config import EngineArgs
 from adallm_core.cuda_graphs import capture_stream
 from adallm_core.kv_cache import KVCacheManager, KVGroupSpec
 from adallm_core.kv_sizing import blocks_per_group, check_fits, kv_budget_bytes
-from adallm_core.memory_profile import step_peak_bytes
+from adallm_core.memory_profile import graph_step_seqs, step_peak_bytes
 from adallm_core.outputs import CompletionOutput, RequestOutput
 from adallm_core.overlap import DeviceTokens, TokenBuffers
 from adallm_core.prefill_graphs import token_buckets
@@ -67,7 +67,8 @@ class LLMEngine:
                 # cuBLAS workspace that stream keeps exists before the budget reads the free memory
                 largest = token_buckets(args.max_num_batched_tokens)[-1]
                 with torch.cuda.stream(capture_stream(runner.device)):
-                    self.graph_pool_bytes = step_peak_bytes(runner, largest, args.max_num_seqs)
+                    seqs = graph_step_seqs(largest, args.max_num_seqs, self.max_model_len)
+                    self.graph_pool_bytes = step_peak_bytes(runner, largest, seqs)
         budget = kv_budget_bytes(runner.device, args.gpu_memory_utilization, args.cpu_kv_cache_gb)
         budget = max(0, budget - self.step_peak_bytes - self.graph_pool_bytes)
         if self.step_peak_bytes:

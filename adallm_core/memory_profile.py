@@ -33,6 +33,13 @@ def largest_step(tokens: int, num_seqs: int, max_model_len: int) -> list[int]:
     return [tokens // seqs + (i < tokens % seqs) for i in range(seqs)]
 
 
+def graph_step_seqs(bucket: int, num_seqs: int, max_model_len: int) -> int:
+    """Sequences for measuring a captured bucket's step. Its padding fills the bucket whatever the sequences hold,
+    so where max_num_seqs sequences of max_model_len fall short of it, as many as make up its tokens (each one
+    sampled: more rows than the graph's, an upper bound)."""
+    return max(num_seqs, -(-bucket // max_model_len))
+
+
 def block_ends(lengths: list[int], block_size: int) -> list[int]:
     """The temporary cache's layout: sequence i takes blocks ends[i] .. ends[i + 1] - 1, after the KV manager's
     null block 0; ends[-1] is the cache's block count."""

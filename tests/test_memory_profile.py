@@ -7,7 +7,7 @@ from model_helpers import hf_last_logits, hf_on_dequantized, tiny_checkpoint
 
 from adallm_core.checkpoint.read import Checkpoint
 from adallm_core.config import EngineArgs
-from adallm_core.memory_profile import largest_step, run_largest_step
+from adallm_core.memory_profile import graph_step_seqs, largest_step, run_largest_step
 from adallm_core.runner import ModelRunner, SeqStep
 
 
@@ -16,6 +16,15 @@ def test_largest_step_splits_the_tokens_over_the_sequences():
     assert largest_step(10, 4, 100) == [3, 3, 2, 2]
     assert largest_step(3, 64, 100) == [1, 1, 1]  # fewer tokens than sequences: one token each
     assert largest_step(4096, 2, 1000) == [1000, 1000]  # no sequence past max_model_len
+
+
+@pytest.mark.parametrize("bucket,num_seqs,max_model_len", [(512, 2, 64), (512, 16, 512), (16, 1, 8), (512, 3, 100)])
+def test_the_graph_pool_is_measured_over_the_whole_bucket(bucket, num_seqs, max_model_len):
+    """A captured prefill graph runs its bucket's tokens whatever the sequences hold (the padding fills it), so the
+    step that sizes its pool holds them all, even where max_num_seqs sequences of max_model_len hold fewer."""
+    lengths = largest_step(bucket, graph_step_seqs(bucket, num_seqs, max_model_len), max_model_len)
+    assert sum(lengths) == bucket and max(lengths) <= max_model_len
+    assert len(lengths) >= min(num_seqs, bucket)  # never fewer rows than the engine samples
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "gemma3"])
