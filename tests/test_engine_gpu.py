@@ -173,25 +173,27 @@ def test_gpu_kv_budget_leaves_room_for_the_largest_step():
     assert outputs[0] == outputs[1]
 
 
-def test_gpu_kv_budget_leaves_room_for_the_prefill_graphs():
+@pytest.mark.parametrize("max_num_seqs,max_model_len", [(16, 512), (2, 64)])  # the second: padding fills the bucket
+def test_gpu_kv_budget_leaves_room_for_the_prefill_graphs(max_num_seqs, max_model_len):
     """The prefill graphs keep a memory pool for good; the engine measures their largest step eagerly, on the
     capture stream, and takes that from the KV budget too. The pools a capture then reserves (prefill and decode
     graphs share one) fit in that step's figure, allowing for the allocator's 2 MiB segments: the tiny model's
     steps take less than one (H100: 4.28 MB reserved against 0.67 MB measured), so four are allowed. A capture
     adds no cuBLAS workspace either: every capture runs on one stream (a fresh stream each time added 32 MiB)."""
     from adallm_core.cuda_graphs import capture_stream
-    from adallm_core.memory_profile import step_peak_bytes
+    from adallm_core.memory_profile import graph_step_seqs, step_peak_bytes
     from adallm_core.prefill_graphs import token_buckets
 
     engine = make_engine("qwen3", "modelopt", num_gpu_blocks_override=None, gpu_memory_utilization=0.05,
-                         kv_cache_dtype="fp8", device="cuda", max_num_seqs=16, max_model_len=512,
-                         max_num_batched_tokens=1024)
+                         kv_cache_dtype="fp8", device="cuda", max_num_seqs=max_num_seqs,
+                         max_model_len=max_model_len, max_num_batched_tokens=1024)
     runner = engine.runner
     assert runner.prefill_graphs is not None
     counts = [cache.shape[2] for cache in runner.kv_caches]
     runner.free_kv_cache()
     with torch.cuda.stream(capture_stream(runner.device)):  # its workspace exists now: the step's own memory
-        step = step_peak_bytes(runner, token_buckets(1024)[-1], 16)
+        bucket = token_buckets(1024)[-1]
+        step = step_peak_bytes(runner, bucket, graph_step_seqs(bucket, max_num_seqs, max_model_len))
     assert 0 < step <= engine.graph_pool_bytes * 1.05 + 2**20
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
