@@ -5,8 +5,8 @@ today's words: timing only), and a kernel that only reads the same bytes.
     python -m benchmarks.kernels_bounds [--ms 12,16]
 
 If the tile without its decoding runs near the read, the decoding's instructions are what is left to cut; if it runs
-near the whole tile, they are not (benchmarks/NOTES.md, session 38). Each tile compiles in a child process of its own:
-Triton keys a kernel by its callees' source when it first compiles it, so a process holds one variant.
+near the whole tile, they are not (benchmarks/NOTES.md, session 38). Each tile compiles in a child process of its
+own, with its word decoding swapped in for the kernel's before the first launch.
 """
 from __future__ import annotations
 
@@ -16,13 +16,12 @@ import subprocess
 import sys
 
 import torch
-import triton
 import triton.language as tl
 
-from adallm_core.ops.triton.nvfp4_gemm import _dequant_asm, _load_scales
+from adallm_core.ops.triton.nvfp4_gemm import _dequant_asm
 from benchmarks.timing import copy_bandwidth, time_graph
 
-# each word's halves as the eight BF16 outputs; the scale (operand $9) stays an input, so its load and conversion stay
+# each word's halves as the eight BF16 outputs; the scale stays an input ($9), so its load and conversion stay
 _MOVES_ASM = tl.constexpr("mov.b32 {$0, $1}, $8;\nmov.b32 {$2, $3}, $8;\nmov.b32 {$4, $5}, $8;\n"
                           "mov.b32 {$6, $7}, $8;\nmov.b16 $7, $9;")
 
@@ -39,33 +38,8 @@ or.b32 p3, t, u;
 """, ("$0, $1", "$2, $3", "$4, $5", "$6, $7")))
 
 
-@triton.jit
-def _words_through(w_ptrs, s_ptrs, mask_w, mask_s, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, ASM: tl.constexpr):
-    """nvfp4_gemm._dequant_words (loads, scale conversion, output shape) with another word decoding, `ASM`."""
-    words = tl.load(w_ptrs, mask=mask_w, other=0)
-    s = _load_scales(s_ptrs, mask_s) * 2.0**118
-    s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, BLOCK_KW // 2, 2)), (BLOCK_N, BLOCK_KW))
-    o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-        ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,h", [words, s.to(tl.bfloat16)], dtype=(tl.bfloat16,) * 8, is_pure=True,
-        pack=1)
-    x0 = tl.join(tl.join(o0, o4), tl.join(o2, o6))
-    x1 = tl.join(tl.join(o1, o5), tl.join(o3, o7))
-    return tl.reshape(tl.join(x0, x1), (BLOCK_N, 8 * BLOCK_KW))
-
-
-@triton.jit
-def words_undecoded(w_ptrs, s_ptrs, mask_w, mask_s, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                    KERNEL_ORDER: tl.constexpr = False):
-    return _words_through(w_ptrs, s_ptrs, mask_w, mask_s, BLOCK_N, BLOCK_KW, _MOVES_ASM)
-
-
-@triton.jit
-def words_rotated(w_ptrs, s_ptrs, mask_w, mask_s, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                  KERNEL_ORDER: tl.constexpr = False):
-    return _words_through(w_ptrs, s_ptrs, mask_w, mask_s, BLOCK_N, BLOCK_KW, _ROTATED_ASM)
-
-
-VARIANTS = {"decoded": None, "rotated": words_rotated, "undecoded": words_undecoded}
+# each variant is the PTX program that decodes a word in the kernels' order (nvfp4_gemm._DEQUANT_ASM_KERNEL_ORDER)
+VARIANTS = {"decoded": None, "rotated": _ROTATED_ASM, "undecoded": _MOVES_ASM}
 
 
 def time_tiles(ms: list[int], variant: str) -> list[dict]:
@@ -73,7 +47,7 @@ def time_tiles(ms: list[int], variant: str) -> list[dict]:
     from benchmarks.kernels import LINEARS, copies, random_nvfp4
 
     if VARIANTS[variant] is not None:
-        lin._dequant_words = VARIANTS[variant]
+        lin._DEQUANT_ASM_KERNEL_ORDER = VARIANTS[variant]
     rows = []
     for name, (n, k) in LINEARS.items():
         ws = [lin.prepare_nvfp4_weight(random_nvfp4(n, k)) for _ in range(copies(n * k // 2))]
