@@ -136,6 +136,8 @@ def compiled_for(arch: int):
     try:
         with mock.patch.object(nvfp4_gemm, "sm_figures", lambda device: sm), \
                 mock.patch.object(nvfp4_gemm, "fp8_scales", lambda device: arch >= 89), \
+                mock.patch.object(nvfp4_gemm, "register_cap",
+                                  lambda device: nvfp4_gemm.register_cap_for(divmod(arch, 10))), \
                 mock.patch.object(pdl, "enabled", lambda device, tokens=1, max_tokens=pdl.MAX_TOKENS:
                                   pdl.allowed(tokens, max_tokens) and pdl.supports(divmod(arch, 10))):
             yield records, lambda name: label.__setitem__(0, name)

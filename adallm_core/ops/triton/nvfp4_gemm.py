@@ -361,6 +361,24 @@ def _has_fp8(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= FP8_CAPABILITY
 
 
+# ptxas for sm_89, left to choose, squeezes the 17-32-token tiles (~130-145 registers) to 128 and spills a few
+# bytes (gate|up at 20 tokens: 16); under an explicit cap it keeps them in registers, 118-168
+# (benchmarks/NOTES.md, session 39). Elsewhere ptxas chooses, as the H100 measured.
+ADA_REGISTER_CAP = 168
+
+
+def register_cap(device) -> dict:
+    """The launch options of the 17-32-token decode tiles on `device`: maxnreg on Ada, none elsewhere."""
+    if device.type != "cuda" or INTERPRET:
+        return {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return register_cap_for(torch.cuda.get_device_capability(index))
+
+
+def register_cap_for(capability: tuple[int, int]) -> dict:
+    return dict(maxnreg=ADA_REGISTER_CAP) if capability == FP8_CAPABILITY else {}
+
+
 def fp8_scales(device) -> bool:
     """Whether the kernels read block scales as E4M3 on `device` (converted in hardware), or as their bytes."""
     return device.type == "cuda" and not INTERPRET and _has_fp8(device.index if device.index is not None else
@@ -376,7 +394,7 @@ def pick_config(m: int, n: int, k: int, device) -> dict:
     """Tile choice by shape (from the H100 sweeps in benchmarks/NOTES.md): small M is a memory-bound stream over W,
     split along K until the programs fill the SMs; large M is a tensor-core GEMM with wide M tiles."""
     sms = _num_sms(device)
-    swap, warps = {}, 4
+    options, warps = {}, 4
     if m <= 8:
         # 1-8 tokens run here only before Ada (the CUDA kernel takes them after), unmeasured with swapped tiles
         block_m, block_n, block_k, stages, waves = 16, 64, 256, 3, 2
@@ -386,13 +404,15 @@ def pick_config(m: int, n: int, k: int, device) -> dict:
         # they still make 4 waves (Gemma3-27B's gate|up), else 32 (H200 at 16 tokens, benchmarks/NOTES.md)
         block_m, block_k, stages, waves = 16, 256, 3, 4
         block_n = 64 if triton.cdiv(n, 64) >= waves * sms else 32
-        swap, warps = dict(SWAP_AB=True), 2
+        options, warps = dict(SWAP_AB=True), 2
     elif m < 256:  # more rows reuse each dequantized tile; wider N where there are enough tiles
         block_m, block_k, stages, waves = (32 if m <= 32 else 64), 128, 4, 1
         block_n = 128 if triton.cdiv(n, 128) >= sms else 64
+        if m <= 32:
+            options = register_cap(device)
         if triton.cdiv(n, 128) >= sms:  # wide N (gate_up): weights as the A operand, no split (swept: -20%)
             return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=3,
-                        MATH=DEFAULT_MATH, SWAP_AB=True)
+                        MATH=DEFAULT_MATH, SWAP_AB=True, **options)
     else:
         return dict(BLOCK_M=256 if m >= 1024 else 128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, num_warps=8,
                     num_stages=3, MATH=DEFAULT_MATH)
@@ -413,7 +433,7 @@ def pick_config(m: int, n: int, k: int, device) -> dict:
     if m <= 8 and k // (block_k * split_k) >= 6:
         block_k, split_k = 512, max(1, split_k // 2)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=warps,
-                num_stages=stages, MATH=DEFAULT_MATH, **swap)
+                num_stages=stages, MATH=DEFAULT_MATH, **options)
 
 
 # the 9-16-token swapped tiles of 32 rows compile to 94-96 registers at 16 tokens and 108-114 at 9-15, on sm_90
