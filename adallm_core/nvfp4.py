@@ -139,11 +139,12 @@ def dequantize(
 # Kernel word order. The GPU kernels read 32-bit words of 8 codes and turn each into four BF16 pairs, the register
 # pairs the tensor cores take (ops/triton/nvfp4_gemm.py). In the checkpoint's order a pair's magnitude and sign bits
 # need four shifts; in this order (a permutation of the bits inside each word, applied once at load) pairs 0-2 become
-# BF16 bit patterns with one shift and one mask (`(word << 3 * p) & 0x81C081C0`), pair 3 with three of each.
+# BF16 bit patterns with one rotation and one mask (`rotl(word, (0, 4, 10)[p]) & 0x81C081C0`), pair 3 with two of
+# each and an OR: 9 integer operations a word.
 # _KERNEL_BITS[i] = where element i's code bits (magnitude 0, 1, 2, sign) go in the word.
 _KERNEL_BITS = (
-    (6, 7, 8, 15), (22, 23, 24, 31), (3, 4, 5, 12), (19, 20, 21, 28),
-    (0, 1, 2, 9), (16, 17, 18, 25), (10, 11, 13, 14), (26, 27, 29, 30),
+    (6, 7, 8, 15), (22, 23, 24, 31), (2, 3, 4, 11), (18, 19, 20, 27),
+    (28, 29, 30, 5), (12, 13, 14, 21), (0, 25, 26, 1), (16, 9, 10, 17),
 )
 
 

@@ -1,12 +1,12 @@
 """What bounds a 9-16-token decode linear (Qwen3-8B shapes, random weights): the tile the op picks, the same tile
-with a cheaper word decoding that a new word order would allow and with none (register moves; both wrong values on
-today's words: timing only), and a kernel that only reads the same bytes.
+with its word decoding replaced by register moves (wrong values: timing only), and a kernel that only reads the same
+bytes.
 
     python -m benchmarks.kernels_bounds [--ms 12,16]
 
 If the tile without its decoding runs near the read, the decoding's instructions are what is left to cut; if it runs
-near the whole tile, they are not (benchmarks/NOTES.md, session 38). Each tile compiles in a child process of its
-own, with its word decoding swapped in for the kernel's before the first launch.
+near the whole tile, they are not (benchmarks/NOTES.md, sessions 38-39). Each tile compiles in a child process of
+its own, with its word decoding swapped in for the kernel's before the first launch.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import sys
 import torch
 import triton.language as tl
 
-from adallm_core.ops.triton.nvfp4_gemm import _dequant_asm
 from benchmarks.timing import copy_bandwidth, time_graph
 
 # each word's halves as the eight BF16 outputs; the scale stays an input ($9), so its load and conversion stay
@@ -26,20 +25,8 @@ _MOVES_ASM = tl.constexpr("mov.b32 {$0, $1}, $8;\nmov.b32 {$2, $3}, $8;\nmov.b32
                           "mov.b32 {$6, $7}, $8;\nmov.b16 $7, $9;")
 
 
-# A word order no checkpoint conversion writes yet (NOTES.md, session 38): pairs at rotations 0, 4 and 10 of the word,
-# the fourth from rotations 6 and 14; 9 integer operations a word against 11. On today's words its values are wrong,
-# its time is the layout's
-_ROTATED_ASM = tl.constexpr(_dequant_asm("""\
-and.b32 p0, $8, 0x81C081C0;
-shf.l.wrap.b32 t, $8, $8, 4;  and.b32 p1, t, 0x81C081C0;
-shf.l.wrap.b32 t, $8, $8, 10; and.b32 p2, t, 0x81C081C0;
-shf.l.wrap.b32 t, $8, $8, 6;  and.b32 t, t, 0x00400040; shf.l.wrap.b32 u, $8, $8, 14; and.b32 u, u, 0x81808180;
-or.b32 p3, t, u;
-""", ("$0, $1", "$2, $3", "$4, $5", "$6, $7")))
-
-
 # each variant is the PTX program that decodes a word in the kernels' order (nvfp4_gemm._DEQUANT_ASM_KERNEL_ORDER)
-VARIANTS = {"decoded": None, "rotated": _ROTATED_ASM, "undecoded": _MOVES_ASM}
+VARIANTS = {"decoded": None, "undecoded": _MOVES_ASM}
 
 
 def time_tiles(ms: list[int], variant: str) -> list[dict]:
@@ -83,16 +70,14 @@ def main(argv=None) -> int:
         tiles[variant] = {(r["shape"], r["M"]): r for r in json.loads(out.strip().splitlines()[-1])}
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}, copy {bw / 1e12:.2f} TB/s; RANDOM weights of Qwen3-8B's shapes")
-    print(f"{'shape':8} {'M':>3} {'MB':>6} {'read us':>8} {'tile us':>8} {'rotated us':>11} {'undecoded us':>13} "
-          "config")
+    print(f"{'shape':8} {'M':>3} {'MB':>6} {'read us':>8} {'tile us':>8} {'undecoded us':>13} config")
     for name, (n, k) in LINEARS.items():
         nbytes = tiles["decoded"][(name, ms[0])]["nbytes"]
         read = time_read(nbytes, copies(n * k // 2)) * 1e6
         for m in ms:
-            full, rotated, bare = (tiles[v][(name, m)] for v in VARIANTS)
+            full, bare = (tiles[v][(name, m)] for v in VARIANTS)
             cfg = {key: full["config"][key] for key in ("BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps")}
-            print(f"{name:8} {m:3d} {nbytes / 1e6:6.1f} {read:8.2f} {full['us']:8.2f} {rotated['us']:11.2f} "
-                  f"{bare['us']:13.2f} {cfg}")
+            print(f"{name:8} {m:3d} {nbytes / 1e6:6.1f} {read:8.2f} {full['us']:8.2f} {bare['us']:13.2f} {cfg}")
     return 0
 
 

@@ -155,18 +155,21 @@ def _bf16_pattern(code: torch.Tensor) -> torch.Tensor:
     return ((code & 7) << 6) | ((code & 8) << 12)
 
 
-def test_kernel_order_round_trips_and_decodes_with_the_kernels_shifts():
+def test_kernel_order_round_trips_and_decodes_with_the_kernels_rotations():
     """The PTX decode (nvfp4_gemm._DEQUANT_ASM_KERNEL_ORDER) reads pair p = elements (2p, 2p + 1) of a word as
-    `(word << 3p) & 0x81C081C0` for p < 3 and three masked shifts for p = 3; here the same formulas in torch
-    against the codes unpacked from the checkpoint's order, and the pattern against the E2M1 table."""
+    `rotl(word, (0, 4, 10)[p]) & 0x81C081C0` for p < 3 and two masked rotations for p = 3; here the same formulas
+    in torch against the codes unpacked from the checkpoint's order, and the pattern against the E2M1 table."""
     packed = torch.randint(0, 256, (6, 32), dtype=torch.uint8)
     moved = nvfp4.to_kernel_order(packed)
     assert not torch.equal(moved, packed)
     assert torch.equal(nvfp4.to_kernel_order(moved, inverse=True), packed)
     word = moved.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     mask = 0x81C081C0
-    pairs = [word & mask, (word << 3) & mask, (word << 6) & mask,
-             ((word >> 4) & 0x00C000C0) | ((word >> 5) & 0x01000100) | ((word << 1) & 0x80008000)]
+
+    def rotl(r):
+        return ((word << r) | (word >> (32 - r))) & 0xFFFFFFFF
+
+    pairs = [word & mask, rotl(4) & mask, rotl(10) & mask, (rotl(6) & 0x00400040) | (rotl(14) & 0x81808180)]
     codes = nvfp4.unpack_fp4(packed).to(torch.int64).view(6, 8, 8)  # [row, word, element]
     for p, got in enumerate(pairs):
         want = _bf16_pattern(codes[..., 2 * p]) | (_bf16_pattern(codes[..., 2 * p + 1]) << 16)

@@ -110,14 +110,19 @@ shr.b32 t, $8, 6;  and.b32 t, t, 0x01C001C0; and.b32 u, $8, 0x80008000; or.b32 p
 """, ("$0, $4", "$1, $5", "$2, $6", "$3, $7")))
 
 # Words in the kernels' order (nvfp4.to_kernel_order): pair p holds elements (2p, 2p + 1), the (k, k + 1) register
-# pair of the tensor-core operand, and pairs 0-2 need one shift and one mask each.
+# pair of the tensor-core operand; pairs 0-2 need one rotation and one mask each, pair 3 two of each and an OR.
 _DEQUANT_ASM_KERNEL_ORDER = tl.constexpr(_dequant_asm("""\
 and.b32 p0, $8, 0x81C081C0;
-shl.b32 t, $8, 3;  and.b32 p1, t, 0x81C081C0;
-shl.b32 t, $8, 6;  and.b32 p2, t, 0x81C081C0;
-shr.b32 t, $8, 4;  and.b32 t, t, 0x00C000C0; shr.b32 u, $8, 5; and.b32 u, u, 0x01000100; or.b32 t, t, u;
-shl.b32 u, $8, 1;  and.b32 u, u, 0x80008000; or.b32 p3, t, u;
+shf.l.wrap.b32 t, $8, $8, 4;  and.b32 p1, t, 0x81C081C0;
+shf.l.wrap.b32 t, $8, $8, 10; and.b32 p2, t, 0x81C081C0;
+shf.l.wrap.b32 t, $8, $8, 6;  and.b32 t, t, 0x00400040; shf.l.wrap.b32 u, $8, $8, 14; and.b32 u, u, 0x81808180;
+or.b32 p3, t, u;
 """, ("$0, $1", "$2, $3", "$4, $5", "$6, $7")))
+
+
+@triton.jit
+def _rotl(w, r: tl.constexpr):
+    return (w << r) | (w >> (32 - r))
 
 
 @triton.jit
@@ -129,10 +134,9 @@ def _bf16_pairs(words, KERNEL_ORDER: tl.constexpr):
     if KERNEL_ORDER:
         both = mag | sign
         p0 = w & both
-        p1 = (w << 3) & both
-        p2 = (w << 6) & both
-        p3 = ((w >> 4) & tl.full((), 0x00C000C0, tl.uint32)) | ((w >> 5) & tl.full((), 0x01000100, tl.uint32))
-        p3 = p3 | ((w << 1) & sign)
+        p1 = _rotl(w, 4) & both
+        p2 = _rotl(w, 10) & both
+        p3 = (_rotl(w, 6) & tl.full((), 0x00400040, tl.uint32)) | (_rotl(w, 14) & tl.full((), 0x81808180, tl.uint32))
     else:
         p0 = ((w << 6) & mag) | ((w << 12) & sign)
         p1 = ((w << 2) & mag) | ((w << 8) & sign)
@@ -362,8 +366,9 @@ def _has_fp8(index: int) -> bool:
 
 
 # ptxas for sm_89, left to choose, squeezes the 17-32-token tiles (~130-145 registers) to 128 and spills a few
-# bytes (gate|up at 20 tokens: 16); under an explicit cap it keeps them in registers, 118-168
-# (benchmarks/NOTES.md, session 39). Elsewhere ptxas chooses, as the H100 measured.
+# bytes (gate|up at 20 tokens: 16; qkv and o at 32 tokens since the word order of session 39: 8); under an
+# explicit cap it keeps them in registers, 118-168 (benchmarks/NOTES.md, session 39). Elsewhere ptxas chooses, as
+# the H100 measured.
 ADA_REGISTER_CAP = 168
 
 
