@@ -226,7 +226,7 @@ def test_what_a_gpu_before_ada_gets(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 3090")
-    monkeypatch.setattr(nvfp4_gemm, "_has_fp8", nvfp4_gemm._has_fp8.__wrapped__)  # no cached answers
+    monkeypatch.setattr(nvfp4_gemm, "_capability", nvfp4_gemm._capability.__wrapped__)  # no cached answers
     monkeypatch.setattr(cuda_gemv, "_module", None)
     monkeypatch.setattr(cuda_gemv, "_error", None)
     gpu = torch.device("cuda", 0)
@@ -234,12 +234,14 @@ def test_what_a_gpu_before_ada_gets(monkeypatch):
     assert cuda_gemv.load() is None and "built for sm_89 and sm_90, this GPU is sm_86" in cuda_gemv._error
     w = NVFP4Weight(torch.zeros(16, 64, dtype=torch.uint8), torch.zeros(16, 8).to(torch.float8_e4m3fn), torch.ones(16))
     assert nvfp4_gemm.block_scales(w, gpu).dtype == torch.uint8
+    assert nvfp4_gemm.register_cap(gpu) == {}  # ptxas chooses, as everywhere but Ada
     with pytest.raises(ValueError, match=r"kv_cache_dtype 'fp8' needs compute capability >= 8.9.*RTX 3090 is 8\.6.*"
                                          r"--kv-cache-dtype bf16"):
         runner._check_fp8_kv(gpu)
     capability[0] = (8, 9)
     runner._check_fp8_kv(gpu)
     assert nvfp4_gemm.block_scales(w, gpu).dtype == torch.float8_e4m3fn
+    assert nvfp4_gemm.register_cap(gpu) == {"maxnreg": nvfp4_gemm.ADA_REGISTER_CAP}
     capability[0] = (7, 5)
     with pytest.raises(ValueError, match="needs compute capability >= 8.0"):
         check_device(gpu)

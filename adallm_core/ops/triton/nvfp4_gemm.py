@@ -360,9 +360,8 @@ def _num_sms(device) -> int:
 FP8_CAPABILITY = (8, 9)  # Ada: Triton's E4M3 type and conversions
 
 
-@functools.cache
 def _has_fp8(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= FP8_CAPABILITY
+    return _capability(index) >= FP8_CAPABILITY
 
 
 # ptxas for sm_89, left to choose, squeezes the 17-32-token tiles (~130-145 registers) to 128 and spills a few
@@ -376,12 +375,16 @@ def register_cap(device) -> dict:
     """The launch options of the 17-32-token decode tiles on `device`: maxnreg on Ada, none elsewhere."""
     if device.type != "cuda" or INTERPRET:
         return {}
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return register_cap_for(torch.cuda.get_device_capability(index))
+    return register_cap_for(_capability(device.index if device.index is not None else torch.cuda.current_device()))
 
 
 def register_cap_for(capability: tuple[int, int]) -> dict:
     return dict(maxnreg=ADA_REGISTER_CAP) if capability == FP8_CAPABILITY else {}
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def fp8_scales(device) -> bool:
