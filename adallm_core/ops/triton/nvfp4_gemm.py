@@ -360,10 +360,6 @@ def _num_sms(device) -> int:
 FP8_CAPABILITY = (8, 9)  # Ada: Triton's E4M3 type and conversions
 
 
-def _has_fp8(index: int) -> bool:
-    return _capability(index) >= FP8_CAPABILITY
-
-
 # ptxas for sm_89, left to choose, squeezes the 17-32-token tiles (~130-145 registers) to 128 and spills a few
 # bytes (gate|up at 20 tokens: 16; qkv and o at 32 tokens since the word order of session 39: 8); under an
 # explicit cap it keeps them in registers, 118-168 (benchmarks/NOTES.md, session 39). Elsewhere ptxas chooses, as
@@ -375,7 +371,7 @@ def register_cap(device) -> dict:
     """The launch options of the 17-32-token decode tiles on `device`: maxnreg on Ada, none elsewhere."""
     if device.type != "cuda" or INTERPRET:
         return {}
-    return register_cap_for(_capability(device.index if device.index is not None else torch.cuda.current_device()))
+    return register_cap_for(_capability(_cuda_index(device)))
 
 
 def register_cap_for(capability: tuple[int, int]) -> dict:
@@ -387,10 +383,13 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def _cuda_index(device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def fp8_scales(device) -> bool:
     """Whether the kernels read block scales as E4M3 on `device` (converted in hardware), or as their bytes."""
-    return device.type == "cuda" and not INTERPRET and _has_fp8(device.index if device.index is not None else
-                                                                 torch.cuda.current_device())
+    return device.type == "cuda" and not INTERPRET and _capability(_cuda_index(device)) >= FP8_CAPABILITY
 
 
 def block_scales(w, device) -> torch.Tensor:
@@ -478,7 +477,7 @@ def sm_figures(device) -> dict:
     """The SM count, what one SM holds (shared memory, registers, threads) and the shared memory a block may take."""
     if device.type != "cuda":
         return _H100_SM
-    return _cuda_sm_figures(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_sm_figures(_cuda_index(device))
 
 
 def prepare_nvfp4_weight(w):
