@@ -309,7 +309,9 @@ def nvfp4_gemm_kernel(
                 q_ptrs = part_ptr + (i * M + offs_m[:, None]) * N + offs_n[None, :]
                 total += tl.load(q_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
             _store_out(out_ptr, total * g[None, :], offs_m, mask_m, pid_n, N, stride_om, BLOCK_M, BLOCK_N, GATED)
-            tl.atomic_xchg(lock_ptr + tile, 0)
+            # relaxed: no fence before the reset, which only the next launch reads, after this grid has completed
+            # (stream order, or griddepcontrol.wait under PDL); acq_rel put a fence at every merging program's end
+            tl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed")
 
 
 @triton.jit
