@@ -83,7 +83,7 @@ def sweep_cuda_variants(log, ms=(1, 2, 4, 6, 8)) -> list[dict]:
     return out
 
 
-def bench_linear(sweep: bool, rows: list, log, w4a8: bool = True, ms=MS, sweep_ms=(1, 16, 64)) -> None:
+def bench_linear(sweep: bool, rows: list, log, w4a8: bool = True, ms=MS, sweep_ms=(1, 16, 64), only=None) -> None:
     from adallm_core.ops.triton import nvfp4_gemm as lin
     from adallm_core.ops.triton.nvfp4_prefill import global_runs, nvfp4_linear_prefill
     from adallm_core.ops.triton.nvfp4_prefill import nvfp4_linear as op_linear
@@ -112,7 +112,7 @@ def bench_linear(sweep: bool, rows: list, log, w4a8: bool = True, ms=MS, sweep_m
                                                [(w,) for w in ws]) * 1e6
             if sweep and m in sweep_ms:
                 best = (t, row["nvfp4_cfg"])
-                for cfg in sweep_configs(m):
+                for cfg in sweep_configs(m, only):
                     try:
                         tc = time_graph(lambda w: lin.nvfp4_linear(x, w, cfg), [(w,) for w in ws], reps=10)
                     except Exception as exc:  # a config the compiler rejects (shared memory): skip it, log it
@@ -138,7 +138,24 @@ def bench_linear(sweep: bool, rows: list, log, w4a8: bool = True, ms=MS, sweep_m
         torch.cuda.empty_cache()
 
 
-def sweep_configs(m: int) -> list[dict]:
+def parse_only(parser, spec: str) -> dict:
+    """--sweep-only 'BLOCK_N=64,num_warps=2' -> {'BLOCK_N': 64, 'num_warps': 2}."""
+    only = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if not value.lstrip("-").isdigit():
+            parser.error(f"--sweep-only takes KEY=INTEGER pairs separated by commas, got {item!r}")
+        only[key.strip()] = int(value)
+    return only
+
+
+def sweep_configs(m: int, only: dict | None = None) -> list[dict]:
+    """The tile configs --sweep tries at m tokens; `only`: just those with these values."""
+    configs = _sweep_configs(m)
+    return [c for c in configs if all(c.get(key) == value for key, value in (only or {}).items())]
+
+
+def _sweep_configs(m: int) -> list[dict]:
     if m >= 256:  # tensor-core tiles
         return [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=w, num_stages=st, MATH=3)
                 for bm, bn, bk, w, st in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 128, 8, 3),
@@ -151,10 +168,12 @@ def sweep_configs(m: int) -> list[dict]:
                             MATH=3))
     # weights as the MMA's A operand (SWAP_AB, straight from registers); the B-operand grid was swept before
     # (benchmarks/NOTES.md), its best configs are the default table. Two warps keep Hopper on mma.sync (the 9-16-token
-    # default); four put 64+ rows on wgmma there
+    # default); four put 64+ rows on wgmma there. 64 rows on two warps with K tiles of 128 read x once per 64 rows
+    # (half the L2 traffic of 32) in 110-128 registers, with deeper rings for the bytes in flight (session 40)
     for bn, bk, warps, stages in ((32, 256, 2, 3), (32, 512, 2, 3), (64, 256, 2, 3), (64, 256, 4, 3), (64, 128, 4, 4),
-                                  (128, 128, 4, 3), (128, 256, 8, 3)):
-        for split in (1, 2, 4, 8):
+                                  (128, 128, 4, 3), (128, 256, 8, 3), (64, 128, 2, 4), (64, 128, 2, 5), (64, 128, 2, 6),
+                                  (32, 128, 2, 5)):
+        for split in (1, 2, 4, 8, 16):
             out.append(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages,
                             MATH=3, SWAP_AB=True))
     return out
@@ -193,8 +212,10 @@ def main(argv=None) -> int:
     p.add_argument("--log", default=None, help="append progress lines here")
     p.add_argument("--ms", default=",".join(map(str, MS)), help="token counts M of the linear section")
     p.add_argument("--sweep-ms", default="1,16,64", help="the M values --sweep tries configs at")
+    p.add_argument("--sweep-only", default="", help="keep the --sweep configs that match, e.g. BLOCK_N=64,num_warps=2")
     p.add_argument("--cuda-ms", default="1,2,4,6,8", help="the M values (at most 8) of the cuda_variants section")
     args = p.parse_args(argv)
+    sweep_only = parse_only(p, args.sweep_only)
     cuda_ms = [int(m) for m in args.cuda_ms.split(",")]
     if not all(1 <= m <= 8 for m in cuda_ms):
         p.error(f"--cuda-ms takes token counts of 1-8 (the CUDA kernel's one token tile), got {args.cuda_ms}")
@@ -215,7 +236,7 @@ def main(argv=None) -> int:
     sections = args.sections.split(",")
     if "linear" in sections:
         bench_linear(args.sweep, results["linear"], log, not args.skip_w4a8, [int(m) for m in args.ms.split(",")],
-                     [int(m) for m in args.sweep_ms.split(",")])
+                     [int(m) for m in args.sweep_ms.split(",")], sweep_only)
     if "attention" in sections:
         from benchmarks.kernels_attention import bench_attention, print_attention
 
