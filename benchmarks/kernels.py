@@ -138,21 +138,25 @@ def bench_linear(sweep: bool, rows: list, log, w4a8: bool = True, ms=MS, sweep_m
         torch.cuda.empty_cache()
 
 
+SWEEP_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
+
+
 def parse_only(parser, spec: str) -> dict:
-    """--sweep-only 'BLOCK_N=64,num_warps=2' -> {'BLOCK_N': 64, 'num_warps': 2}."""
+    """--sweep-only 'BLOCK_N=64,num_warps=2' -> {'BLOCK_N': 64, 'num_warps': 2}; a misspelt key would leave the
+    sweep empty, so it is refused."""
     only = {}
     for item in filter(None, spec.split(",")):
-        key, _, value = item.partition("=")
-        if not value.lstrip("-").isdigit():
-            parser.error(f"--sweep-only takes KEY=INTEGER pairs separated by commas, got {item!r}")
-        only[key.strip()] = int(value)
+        key, _, value = (part.strip() for part in item.partition("="))
+        if key not in SWEEP_KEYS or not value.lstrip("-").isdigit():
+            parser.error(f"--sweep-only takes KEY=INTEGER pairs separated by commas, KEY one of {SWEEP_KEYS}; "
+                         f"got {item!r}")
+        only[key] = int(value)
     return only
 
 
 def sweep_configs(m: int, only: dict | None = None) -> list[dict]:
     """The tile configs --sweep tries at m tokens; `only`: just those with these values."""
-    configs = _sweep_configs(m)
-    return [c for c in configs if all(c.get(key) == value for key, value in (only or {}).items())]
+    return [c for c in _sweep_configs(m) if all(c[key] == value for key, value in (only or {}).items())]
 
 
 def _sweep_configs(m: int) -> list[dict]:
