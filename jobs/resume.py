@@ -2,7 +2,8 @@
 
 Output folder layout (any pyarrow filesystem):
     part-<hash of the file's row ids>.parquet    finished files; a file appears whole or not at all
-    .tmp-<uuid>-part-....parquet                 being written (or left by a kill); ignored, removed on start
+    .tmp-<uuid>-part-....parquet                 being written (or left by a killed write); ignored, removed on
+                                                 start and when the job's writes complete
     _summary.json                                the last run's summary
 A part file's name is a hash of the ids it holds, so a write that Ray retries (its task died after the
 rename) rewrites the same name with the same rows instead of adding a duplicate file. Parquet readers
@@ -141,3 +142,5 @@ class AtomicParquetDatasink(Datasink):
 
     def on_write_complete(self, write_result) -> None:
         self.stats = combine_stats(write_result.write_returns)
+        # every write has finished; a temp file now is one a lost worker left mid-write (its rows were written again)
+        remove_temp_files(self.fs, self.root)

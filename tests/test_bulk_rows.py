@@ -120,6 +120,21 @@ def test_resume_ignores_temp_files_and_drops_written_rows(tmp_path):
     assert resume.drop_written(batch, "id", resume.written_ids(fs, root, "id")).column("id").to_pylist() == [3, 4]
 
 
+def test_a_completed_job_leaves_no_temp_files(tmp_path):
+    """A worker lost mid-write leaves its temp file while Ray writes the rows again elsewhere: once every write has
+    completed, the sink removes it, so the folder holds only whole part files and the summary."""
+    from ray.data.datasource import WriteResult
+
+    fs, root = pafs.LocalFileSystem(), str(tmp_path)
+    sink = resume.AtomicParquetDatasink(fs, root, "id")
+    done = output_table(pa.table({"id": [1, 2]}), [RowResult(generated_text="a", num_generated_tokens=3)] * 2)
+    stats = sink.write([done], ctx=None)
+    (tmp_path / f"{resume.TEMP_PREFIX}lost-part-y.parquet").write_bytes(b"")  # the lost worker's file, 0 bytes
+    sink.on_write_complete(WriteResult(num_rows=2, size_bytes=0, write_returns=[stats]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [resume.part_name(done.column("id"))]
+    assert sink.stats["generated_tokens"] == 6
+
+
 def test_summary_line_and_json():
     s = JobSummary(rows=10, rows_failed=2, prompt_tokens=50, generated_tokens=80, wall_time_s=4.0, rows_skipped=5)
     assert s.line() == ("bulk_generate: 10 rows (2 failed, 5 already written), 50 prompt tokens, "
