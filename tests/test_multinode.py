@@ -100,7 +100,7 @@ def test_serve_replica_per_worker_survives_node_loss(sim, reference):
 
 
 def test_bulk_job_spreads_over_workers_and_survives_node_loss(sim, reference, tmp_path):
-    from jobs import bulk_generate
+    from jobs import bulk_generate, resume
 
     two_workers(sim)
     source = tmp_path / "prompts.parquet"
@@ -129,7 +129,8 @@ def test_bulk_job_spreads_over_workers_and_survives_node_loss(sim, reference, tm
         job.start()
         # Both engines up, one per worker; then lose a worker while the job is still going.
         wait_until(lambda: sorted(alive_actor_nodes("EngineActor")) == sorted(sim.workers), 600, "an engine per worker")
-        wait_until(lambda: list(out.glob("part-*.parquet")) or not job.is_alive(), 600, "the first output file")
+        first_part = f"{resume.PART_PREFIX}*.parquet"
+        wait_until(lambda: list(out.glob(first_part)) or not job.is_alive(), 600, "the first output file")
         assert job.is_alive(), f"the job ended before a node could be removed mid-job: {result}"
         sim.remove_worker(alive_actor_nodes("EngineActor")[0])
         job.join(timeout=600)
@@ -139,7 +140,7 @@ def test_bulk_job_spreads_over_workers_and_survives_node_loss(sim, reference, tm
     assert result.get("rc") == 0, result
 
     # the lost worker's half-written temp file (if the loss caught one) is gone; the folder reads as users read it
-    assert not list(out.glob(".tmp-*")), sorted(p.name for p in out.iterdir())
+    assert not list(out.glob(f"{resume.TEMP_PREFIX}*")), sorted(p.name for p in out.iterdir())
     table = pq.read_table(out).to_pydict()
     assert sorted(table["row_id"]) == list(range(len(JOB_PROMPTS)))  # every row, exactly once
     assert table["error"] == [None] * len(JOB_PROMPTS)
