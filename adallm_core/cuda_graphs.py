@@ -1,4 +1,5 @@
-"""Decode CUDA graphs: one graph per batch-size bucket, captured at start-up, replayed for pure-decode steps.
+"""Decode CUDA graphs: one graph per batch-size bucket and context bound, captured at start-up, replayed for
+pure-decode steps.
 
 A slow host spends ~100 ms launching an 8B model's kernels one by one (shared/KERNELS.md); a graph replays the
 whole decode step with one launch. Every graph reads the same static input buffers and writes the rows of one
@@ -7,11 +8,14 @@ captured largest bucket first into one memory pool, so the smaller graphs reuse 
 A batch of n decodes runs in the smallest bucket >= n; the padding rows decode token 0 at position 0 of block 0
 with slot -1 (nothing is stored) and their logits are dropped. The host writes each step's inputs into a pinned
 mirror of the static buffers (DecodeInputs) and sends them with a few non-blocking copies. Attention metadata
-carries max_seq_len = max_model_len, an upper bound, so the kernels' grids do not depend on the step.
+carries max_seq_len = the graph's context bound, so the kernels' grids do not depend on the step: a step runs the
+graphs of the smallest bound its longest sequence fits (context_bounds), so short contexts under a long
+max_model_len skip the split attention's parts and merge, which only long ones need.
 EngineArgs.enforce_eager turns this off; prefill and mixed steps have graphs of their own (prefill_graphs.py).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import logging
@@ -78,6 +82,23 @@ def capture_buckets(forward: Callable[[int], None], buckets: Sequence[int], pool
         graphs[b] = graph
     torch.cuda.synchronize(device)
     return graphs
+
+
+# The decode attention splits the keys into parts only over bounds above this many keys, unless its programs are
+# few (ops/triton/paged_attention.num_splits_for); a step of shorter contexts under a longer max_model_len runs the
+# graphs captured with this bound instead, without the parts' merge (H200, batch 16 at 192 keys: 15.1 us a layer
+# with the 4 parts a bound of 8192 gets, 11.7 with one; benchmarks/NOTES.md)
+SHORT_CONTEXT = 1024
+
+
+def context_bounds(max_model_len: int) -> list[int]:
+    """The context bounds decode graphs are captured for: SHORT_CONTEXT and max_model_len where it is longer."""
+    return [SHORT_CONTEXT, max_model_len] if max_model_len > SHORT_CONTEXT else [max_model_len]
+
+
+def bound_for(bounds: Sequence[int], context: int) -> int:
+    """The smallest of the (ascending) bounds that holds `context` keys; the longest where none does."""
+    return next((b for b in bounds if b >= context), bounds[-1])
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -176,14 +197,16 @@ class DecodeGraphs:
         self.inputs = DecodeInputs(self.buckets[-1], self.max_blocks, len(runner.kv_groups), runner.block_size,
                                    runner.device)
         self.qsl = torch.arange(self.buckets[-1] + 1, dtype=torch.int32, device=runner.device)
+        self.bounds = context_bounds(runner.max_model_len)
+        self.replays = collections.Counter()  # (bucket, bound) -> replays
         self.logits = logits
         self._capture(pool)
 
-    def _forward(self, b: int) -> None:
-        """One decode step of bucket b, its logits into rows [0, b) of the shared buffer."""
+    def _forward(self, b: int, bound: int) -> None:
+        """One decode step of bucket b over contexts of up to `bound` keys, its logits into rows [0, b) of the shared
+        buffer."""
         inp = self.inputs
-        metas = tuple(AttentionMetadata(self.qsl[: b + 1], inp.seq_lens[:b], t[:b], 1, self.runner.max_model_len)
-                      for t in inp.tables)
+        metas = tuple(AttentionMetadata(self.qsl[: b + 1], inp.seq_lens[:b], t[:b], 1, bound) for t in inp.tables)
         ctx = ForwardContext(inp.positions[:b], metas, tuple(s[:b] for s in inp.slots))
         model = self.runner.model
         model.compute_logits(model.forward(inp.ids[:b], ctx), out=self.logits[:b])
@@ -191,9 +214,24 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _capture(self, pool) -> None:
         start = time.perf_counter()
-        self.graphs = capture_buckets(self._forward, self.buckets, pool, self.runner.device)
-        logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s", len(self.graphs), self.buckets,
-                    time.perf_counter() - start)
+        self.graphs = {}
+        for bound in sorted(self.bounds, reverse=True):  # the longest's split buffers first: the pool grows once
+            captured = capture_buckets(lambda b, bound=bound: self._forward(b, bound), self.buckets, pool,
+                                       self.runner.device)
+            self.graphs.update({(b, bound): graph for b, graph in captured.items()})
+        logger.info("captured %d decode CUDA graphs (batch sizes %s, contexts up to %s) in %.1f s", len(self.graphs),
+                    self.buckets, self.bounds, time.perf_counter() - start)
+
+    def graph_for(self, batch: int, context: int) -> tuple[int, int]:
+        """The (bucket, bound) of the graph that runs `batch` sequences whose longest has `context` keys."""
+        return self.bucket_of[batch], bound_for(self.bounds, context)
+
+    def most_replayed(self, batch: int) -> tuple[int, int]:
+        """The (bucket, bound) the steps of `batch` sequences replayed most (the graph the step benchmarks time);
+        the longest bound's if none ran."""
+        bucket = self.bucket_of[batch]
+        ran = [key for key in self.replays if key[0] == bucket]
+        return max(ran, key=self.replays.__getitem__) if ran else (bucket, self.bounds[-1])
 
     def can_run(self, steps: Sequence) -> bool:
         return len(steps) <= self.buckets[-1] and all(len(s.token_ids) == 1 and s.sample for s in steps)
@@ -203,9 +241,10 @@ class DecodeGraphs:
         """Replay for n single-token steps -> float32 logits [n, vocab] (a copy: the buffer is reused).
         input_ids: the steps' ids on the device (async scheduling), copied over the staged ones."""
         n = len(steps)
-        b = self.bucket_of[n]
-        self.inputs.stage(steps, b)
+        key = self.graph_for(n, max(s.start_pos for s in steps) + 1)
+        self.inputs.stage(steps, key[0])
         if input_ids is not None:
             self.inputs.ids[:n].copy_(input_ids)
-        self.graphs[b].replay()
+        self.graphs[key].replay()
+        self.replays[key] += 1
         return self.logits[:n].clone()

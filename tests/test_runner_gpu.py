@@ -21,12 +21,12 @@ BF16_REL = 0.03
 ROUTER_REL = 2 * BF16_REL
 
 
-def runner(family, device, **kw):
+def runner(family, device, blocks=64, **kw):
     ckpt = Checkpoint(tiny_checkpoint(family, "modelopt"))
     args = dict(model=str(ckpt.path), block_size=BS, max_model_len=256, max_num_seqs=8)
     args.update(kw)
     r = ModelRunner(EngineArgs(**args), ckpt, device)
-    r.allocate_kv_cache([64] * len(r.kv_groups))
+    r.allocate_kv_cache([blocks] * len(r.kv_groups))
     return r
 
 
@@ -110,6 +110,37 @@ def test_cuda_graphs_match_eager(family):
     assert graphs.graphs is not None and graphs.prefill_graphs is not None
     assert_rel_close(drive(graphs), drive(runner(family, "cuda", enforce_eager=True)), 0.01)
     assert graphs.prefill_graphs.replays == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decode_graphs_of_each_context_bound_match_eager(family):
+    """Under a max_model_len above SHORT_CONTEXT, decodes of short contexts replay the graphs captured with that bound
+    and a batch holding a longer context those of max_model_len; both give the eager steps' logits."""
+    from adallm_core.cuda_graphs import SHORT_CONTEXT
+
+    def steps(r):
+        g = torch.Generator().manual_seed(11)
+        seqs = [torch.randint(3, 384, (n,), generator=g).tolist() for n in (20, 9, SHORT_CONTEXT + 40)]
+        blocks = Blocks(BS, len(r.kv_groups))
+
+        def prefill(ids):
+            return r.execute([SeqStep(seqs[i], 0, blocks.tables_for(i, len(seqs[i]))) for i in ids])
+
+        def decode(live):
+            for s in seqs[:live]:
+                s.append(int(torch.randint(3, 384, (1,), generator=g)))
+            return r.execute([SeqStep([s[-1]], len(s) - 1, blocks.tables_for(i, len(s)))
+                              for i, s in enumerate(seqs[:live])])
+
+        # the short prompts, two decodes of them; the long prompt (eager), two decodes of all three
+        out = [prefill([0, 1]), decode(2), decode(2), prefill([2]), decode(3), decode(3)]
+        return [o.float().cpu() for o in out]
+
+    kw = dict(max_model_len=2 * SHORT_CONTEXT, blocks=160)
+    graphs = runner(family, "cuda", enforce_eager=False, **kw)
+    assert graphs.graphs.bounds == [SHORT_CONTEXT, 2 * SHORT_CONTEXT]
+    assert_rel_close(steps(graphs), steps(runner(family, "cuda", enforce_eager=True, **kw)), 0.01)
+    assert dict(graphs.graphs.replays) == {(2, SHORT_CONTEXT): 2, (4, 2 * SHORT_CONTEXT): 2}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
