@@ -20,7 +20,9 @@ def _meta(num_seqs: int, max_query_len: int, bound: int) -> AttentionMetadata:
     (1, 256, 4),  # batch 1 (8 programs): parts even over a short bound, one per 64-key tile of it
     (1, 100, 2),
     (1, 64, 1),
-    (4, 256, 4),  # 32 programs: still few (a quarter of the 132 SMs)
+    (4, 256, 4),  # 32 programs: still few
+    (8, 256, 4),  # 64 programs: few up to half the 132 SMs
+    (8, 128, 2),
     (1, 8192, 16),  # at most 16
     (16, 256, 1),  # 128 programs: short bounds are not split
     (16, 1024, 1),

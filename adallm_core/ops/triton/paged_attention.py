@@ -178,12 +178,12 @@ def combine_splits_kernel(part_o_ptr, part_lse_ptr, out_ptr, qsl_ptr, seq_lens_p
 
 def num_splits_for(meta: AttentionMetadata, kv_heads: int, device, block_n: int = 64) -> int:
     """Decode steps whose (sequence, KV head) programs can't fill the GPU get up to 16 parts. With few programs
-    (batch 1: 8) parts pay off even over a short bound, no more parts than the bound has key tiles; otherwise only
-    over bounds above 1024 keys, each part >= 512 of them (sweeps in NOTES.md)."""
+    (at most half the SMs: batch 1-8 of 8 KV heads on 132) parts pay off even over a short bound, no more parts than
+    the bound has key tiles; otherwise only over bounds above 1024 keys, each part >= 512 of them (NOTES.md)."""
     if meta.max_query_len > 1:
         return 1
     programs, sms = meta.num_seqs * kv_heads, _num_sms(device)
-    few = programs * 4 <= sms
+    few = programs * 2 <= sms
     if not few and meta.max_seq_len <= 1024:
         return 1
     splits = 1
