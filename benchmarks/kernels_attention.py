@@ -27,6 +27,22 @@ def _paged(batch: int, ctx: int, q_len: int, dev="cuda", max_seq_len: int | None
     return q, k_cache, v_cache, meta
 
 
+def _fused_decode(batch: int, ctx: int, bound: int, dev="cuda"):
+    """The engine's decode launch (qk_norm_rope_attention) for `batch` sequences of `ctx` keys under `bound`: a
+    closure over random q|k|v rows, norm weights and rotary table that stores each sequence's newest k/v."""
+    from adallm_core.ops.triton import qk_norm_rope_attention
+
+    _, kc, vc, meta = _paged(batch, ctx, 1, dev, max_seq_len=bound)
+    pos = meta.seq_lens.long() - 1
+    slots = meta.block_tables.long().gather(1, (pos // BLOCK)[:, None])[:, 0] * BLOCK + pos % BLOCK
+    qkv = torch.randn(batch, (HQ + 2 * HK) * D, device=dev, dtype=torch.bfloat16)
+    wq, wk = (torch.randn(D, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    freqs = torch.arange(ctx, device=dev, dtype=torch.float32)[:, None] * torch.rand(D // 2, device=dev)[None, :]
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(torch.bfloat16)
+    return lambda config=None: qk_norm_rope_attention(qkv, wq, wk, 1e-6, 0.0, pos, cos_sin, kc, vc, slots, 1.0,
+                                                      1.0, HQ, HK, meta, D**-0.5, None, config=config)
+
+
 def bench_attention(rows: list, log) -> None:
     from adallm_core.ops.triton.paged_attention import attention, num_splits_for
 
@@ -66,6 +82,18 @@ def bench_attention(rows: list, log) -> None:
                 continue
             log(json.dumps(dict(kind="decode_sweep", batch=batch, ctx=ctx, bound=bound, us=t * 1e6, **cfg)))
             rows.append(dict(kind="decode_sweep", batch=batch, ctx=ctx, us=t * 1e6, cfg=cfg))
+    # the engine's fused decode launch under the decode graphs' short bound (cuda_graphs.SHORT_CONTEXT)
+    for batch, ctx in ((8, 192), (16, 192), (16, 1000)):
+        step = _fused_decode(batch, ctx, 1024)
+        for bn, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (1, 2)):
+            cfg = dict(BLOCK_N=bn, num_warps=warps, num_stages=stages)
+            try:
+                t = time_graph(lambda: step(cfg), [()])
+            except Exception as exc:  # shared memory: skip, log
+                log(f"fused decode config {cfg} failed: {type(exc).__name__}")
+                continue
+            log(json.dumps(dict(kind="fused_decode_sweep", batch=batch, ctx=ctx, bound=1024, us=t * 1e6, **cfg)))
+            rows.append(dict(kind="decode_sweep", batch=batch, ctx=ctx, us=t * 1e6, cfg=cfg, fused=True))
     for ctx in (2048, 8192):  # one prefill of ctx tokens, causal
         q, kc, vc, meta = _paged(1, ctx, ctx)
         t = time_graph(lambda: attention(q, kc, vc, meta, D**-0.5, None, 1.0, 1.0), [()], reps=5)
@@ -88,10 +116,11 @@ def print_attention(rows: list, bw: float) -> None:
     sweeps = {}
     for r in rows:
         if r["kind"] == "decode_sweep":
-            sweeps.setdefault((r["batch"], r["ctx"]), []).append((r["us"], r["cfg"]))
-    for (batch, ctx), tried in sweeps.items():
+            sweeps.setdefault((r.get("fused", False), r["batch"], r["ctx"]), []).append((r["us"], r["cfg"]))
+    for (fused, batch, ctx), tried in sweeps.items():
         tried.sort(key=lambda x: x[0])
-        print(f"decode sweep batch {batch:3d} ctx {ctx:5d}: best {tried[0][0]:.1f} us {tried[0][1]}, "
+        what = "fused decode (bound 1024)" if fused else "decode"
+        print(f"{what} sweep batch {batch:3d} ctx {ctx:5d}: best {tried[0][0]:.1f} us {tried[0][1]}, "
               f"default {next(us for us, c in tried if c == DEFAULT_TILES):.1f} us")
     for r in rows:
         if r["kind"] == "decode_sweep":
