@@ -85,7 +85,7 @@ def bench_attention(rows: list, log) -> None:
     # the engine's fused decode launch under the decode graphs' short bound (cuda_graphs.SHORT_CONTEXT)
     for batch, ctx in ((8, 192), (16, 192), (16, 1000)):
         step = _fused_decode(batch, ctx, 1024)
-        for bn, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (1, 2)):
+        for bn, warps, stages in itertools.product((32, 64, 128, 256), (2, 4, 8), (1, 2)):  # 256: one tile
             cfg = dict(BLOCK_N=bn, num_warps=warps, num_stages=stages)
             try:
                 t = time_graph(lambda: step(cfg), [()])
