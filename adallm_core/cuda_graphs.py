@@ -84,11 +84,12 @@ def capture_buckets(forward: Callable[[int], None], buckets: Sequence[int], pool
     return graphs
 
 
-# The decode attention splits the keys into parts only over bounds above this many keys, unless its programs are
-# few (ops/triton/paged_attention.num_splits_for); a step of shorter contexts under a longer max_model_len runs the
-# graphs captured with this bound instead, without the parts' merge (H200, batch 16 at 192 keys: 15.1 us a layer
-# with the 4 parts a bound of 8192 gets, 11.7 with one; benchmarks/NOTES.md)
-SHORT_CONTEXT = 1024
+# Under a long max_model_len the decode attention cuts each sequence's keys into parts and merges them, which pays
+# for long contexts but not for short ones once the (sequence, KV head) programs fill the GPU: batch 16 at 192 keys
+# took 15.1 us a layer in 4 parts and 11.7 in one (H200); at ~1000 keys 4 parts took 22.5 (H200) and one 38.7 (H100).
+# Steps whose contexts all fit this bound replay graphs captured with it, under which the split rule (ops/triton/
+# paged_attention.num_splits_for) leaves such batches one part. Lines through those figures cross at ~220-380 keys.
+SHORT_CONTEXT = 256
 
 
 def context_bounds(max_model_len: int) -> list[int]:

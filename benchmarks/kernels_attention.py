@@ -39,8 +39,9 @@ def _fused_decode(batch: int, ctx: int, bound: int, dev="cuda"):
     wq, wk = (torch.randn(D, device=dev, dtype=torch.bfloat16) for _ in range(2))
     freqs = torch.arange(ctx, device=dev, dtype=torch.float32)[:, None] * torch.rand(D // 2, device=dev)[None, :]
     cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(torch.bfloat16)
-    return lambda config=None: qk_norm_rope_attention(qkv, wq, wk, 1e-6, 0.0, pos, cos_sin, kc, vc, slots, 1.0,
-                                                      1.0, HQ, HK, meta, D**-0.5, None, config=config)
+    return lambda config=None, num_splits=None: qk_norm_rope_attention(
+        qkv, wq, wk, 1e-6, 0.0, pos, cos_sin, kc, vc, slots, 1.0, 1.0, HQ, HK, meta, D**-0.5, None,
+        num_splits=num_splits, config=config)
 
 
 def bench_attention(rows: list, log) -> None:
@@ -82,9 +83,19 @@ def bench_attention(rows: list, log) -> None:
                 continue
             log(json.dumps(dict(kind="decode_sweep", batch=batch, ctx=ctx, bound=bound, us=t * 1e6, **cfg)))
             rows.append(dict(kind="decode_sweep", batch=batch, ctx=ctx, us=t * 1e6, cfg=cfg))
-    # the engine's fused decode launch under the decode graphs' short bound (cuda_graphs.SHORT_CONTEXT)
-    for batch, ctx in ((8, 192), (16, 192), (16, 1000)):
-        step = _fused_decode(batch, ctx, 1024)
+    # the engine's fused decode launch: where one part stops beating the serving bound's parts (cuda_graphs.
+    # SHORT_CONTEXT), then tiles under the short bound
+    from adallm_core.cuda_graphs import SHORT_CONTEXT
+
+    for batch, ctx in itertools.product((16, 32), (128, 192, 256, 320, 384, 512, 768, 1000)):
+        step = _fused_decode(batch, ctx, 8192)
+        for splits in (1, 2, 4):
+            t = time_graph(lambda: step(num_splits=splits), [()])
+            row = dict(kind="fused_decode_parts", batch=batch, ctx=ctx, splits=splits, us=t * 1e6)
+            log(json.dumps(row))
+            rows.append(row)
+    for batch, ctx in ((8, 192), (16, 192), (16, SHORT_CONTEXT)):
+        step = _fused_decode(batch, ctx, SHORT_CONTEXT)
         for bn, warps, stages in itertools.product((32, 64, 128, 256), (2, 4, 8), (1, 2)):  # 256: one tile
             cfg = dict(BLOCK_N=bn, num_warps=warps, num_stages=stages)
             try:
@@ -92,7 +103,8 @@ def bench_attention(rows: list, log) -> None:
             except Exception as exc:  # shared memory: skip, log
                 log(f"fused decode config {cfg} failed: {type(exc).__name__}")
                 continue
-            log(json.dumps(dict(kind="fused_decode_sweep", batch=batch, ctx=ctx, bound=1024, us=t * 1e6, **cfg)))
+            log(json.dumps(dict(kind="fused_decode_sweep", batch=batch, ctx=ctx, bound=SHORT_CONTEXT, us=t * 1e6,
+                                **cfg)))
             rows.append(dict(kind="decode_sweep", batch=batch, ctx=ctx, us=t * 1e6, cfg=cfg, fused=True))
     for ctx in (2048, 8192):  # one prefill of ctx tokens, causal
         q, kc, vc, meta = _paged(1, ctx, ctx)
@@ -119,11 +131,18 @@ def print_attention(rows: list, bw: float) -> None:
             sweeps.setdefault((r.get("fused", False), r["batch"], r["ctx"]), []).append((r["us"], r["cfg"]))
     for (fused, batch, ctx), tried in sweeps.items():
         tried.sort(key=lambda x: x[0])
-        what = "fused decode (bound 1024)" if fused else "decode"
+        what = "fused decode (short bound)" if fused else "decode"
         print(f"{what} sweep batch {batch:3d} ctx {ctx:5d}: best {tried[0][0]:.1f} us {tried[0][1]}, "
               f"default {next(us for us, c in tried if c == DEFAULT_TILES):.1f} us")
+    parts = {}
     for r in rows:
-        if r["kind"] == "decode_sweep":
+        if r["kind"] == "fused_decode_parts":
+            parts.setdefault((r["batch"], r["ctx"]), {})[r["splits"]] = r["us"]
+    for (batch, ctx), us in parts.items():
+        print(f"fused decode batch {batch:3d} ctx {ctx:5d}, us by parts: "
+              + ", ".join(f"{n}: {t:.1f}" for n, t in sorted(us.items())))
+    for r in rows:
+        if r["kind"] in ("decode_sweep", "fused_decode_parts"):
             continue
         if r["kind"] == "decode":
             bound = f" bound {r['bound']}" + (" (auto)" if r["auto"] else "") if "bound" in r else ""
