@@ -150,6 +150,9 @@ def bench_engine(shape, batches, input_len, output_len, enforce_eager, bw, tenso
     engine, runner = build_engine(shape, max(batches), input_len, output_len, enforce_eager,
                                   tensor_parallel_size=tensor_parallel_size, engine_options=engine_options)
     vocab = runner.model_config.vocab_size
+    kinds = (("decode", "graphs"), ("prefill", "prefill_graphs"))
+    capture = {kind: round(graphs.capture_seconds, 1) for kind, attr in kinds
+               if (graphs := getattr(runner, attr, None)) is not None}  # none under tensor parallelism or eager
     rows = []
     for b in batches:
         run_batch(engine, b, input_len, 4, vocab)  # warm-up: kernels compiled for this batch's shapes
@@ -160,6 +163,7 @@ def bench_engine(shape, batches, input_len, output_len, enforce_eager, bw, tenso
         need = step_bytes(runner, b, input_len + output_len // 2)
         row["roofline_ms_step"] = need / bw * 1e3
         row["pct_roofline"] = 100 * row["roofline_ms_step"] / row["decode_ms_step"]
+        row["graph_capture_s"] = capture
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     engine.shutdown()
@@ -262,6 +266,9 @@ def main(argv=None) -> int:
         hf_s = f"{r['hf_tok_s']:9.1f} {r['ratio_vs_hf']:6.2f}" if "hf_tok_s" in r else f"{'':9} {'':6}"
         print(f"{r['batch']:5d} {r['total_tokens']:7d} {r['seconds']:8.2f} {r['tok_s']:8.1f} {r['decode_ms_step']:8.2f} "
               f"{r['prefill_ms']:10.1f} {r['peak_gb']:8.2f} {r['pct_roofline']:5.0f}% {hf_s}")
+    if rows and rows[0]["graph_capture_s"]:
+        print("CUDA graph capture at start-up, s (Triton compiles included where the cache was cold): "
+              + ", ".join(f"{kind} {s}" for kind, s in rows[0]["graph_capture_s"].items()))
     return 0
 
 
