@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
         if ray.is_initialized():
             with contextlib.suppress(Exception):  # stopped during start-up: nothing may be deployed yet
                 serve.delete(APP_NAME)
-            ray.shutdown()
+            ray.shutdown(wait_for_processes=True)  # return once the Ray this started is gone (its ports too)
     return 0
 
 

@@ -17,6 +17,15 @@ def _raylets() -> set[int]:
     return {int(pid) for pid in out.split()}
 
 
+def _state(pid: int) -> str:
+    """A process's State and PPid lines (why a raylet outlived its driver: stopped, in a syscall, orphaned)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return f"{pid}: gone"
+    return f"{pid}: " + ", ".join(line for line in lines if line.startswith(("State:", "PPid:")))
+
+
 def test_sigterm_as_soon_as_the_endpoint_answers_stops_serve_and_ray():
     """A `kill` can land while `serve.run` is still confirming a deployment that already answers: it gets the same
     clean stop as Ctrl-C (exit status 0, 'shutting down'), and the Ray that the command started is gone after it."""
@@ -44,7 +53,8 @@ def test_sigterm_as_soon_as_the_endpoint_answers_stops_serve_and_ray():
         deadline = time.monotonic() + 30
         while _raylets() - before and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not _raylets() - before, "the Ray that `adallm serve` started is still running"
+        left = _raylets() - before
+        assert not left, f"the Ray that `adallm serve` started is still running: {[_state(pid) for pid in left]}"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
