@@ -12,34 +12,42 @@ from serve_helpers import free_port
 RAYLET = "ray/core/src/ray/raylet/raylet"
 
 
-def _raylets() -> set[int]:
+def _raylets(parent: int | None = None) -> set[int]:
+    """Raylet processes: every Ray's on this machine, or those `parent` started."""
     out = subprocess.run(["pgrep", "-f", RAYLET], capture_output=True, text=True).stdout
-    return {int(pid) for pid in out.split()}
+    pids = {int(pid) for pid in out.split()}
+    return pids if parent is None else {pid for pid in pids if _status(pid).get("PPid") == str(parent)}
 
 
-def _state(pid: int) -> str:
-    """A process's State and PPid lines (why a raylet outlived its driver: stopped, in a syscall, orphaned)."""
+def _status(pid: int) -> dict[str, str]:
     try:
         lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     except OSError:
-        return f"{pid}: gone"
-    return f"{pid}: " + ", ".join(line for line in lines if line.startswith(("State:", "PPid:")))
+        return {}
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def _state(pid: int) -> str:
+    """Why a raylet outlived its driver: stopped, in a syscall, orphaned."""
+    status = _status(pid)
+    return f"{pid}: state {status.get('State', 'gone')}, parent {status.get('PPid')}"
 
 
 def test_sigterm_as_soon_as_the_endpoint_answers_stops_serve_and_ray():
     """A `kill` can land while `serve.run` is still confirming a deployment that already answers: it gets the same
     clean stop as Ctrl-C (exit status 0, 'shutting down'), and the Ray that the command started is gone after it."""
     port = free_port()
-    before = _raylets()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     cmd = [str(Path(sys.executable).with_name("adallm")), "serve", "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
+    started: set[int] = set()  # its own raylet, not another Ray's (a test before may have left one starting up)
     try:
         deadline = time.monotonic() + 300
         while True:
             assert proc.poll() is None, f"adallm serve exited during start-up:\n{proc.stdout.read()[-3000:]}"
             assert time.monotonic() < deadline, "adallm serve did not answer within 300 s"
+            started = started or _raylets(parent=proc.pid)
             try:
                 if requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).ok:
                     break
@@ -47,13 +55,14 @@ def test_sigterm_as_soon_as_the_endpoint_answers_stops_serve_and_ray():
                 pass
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
+        assert started, "adallm serve did not start a Ray of its own"
         output = proc.communicate(timeout=90)[0]
         assert proc.returncode == 0, output[-3000:]
         assert "adallm: shutting down" in output
         deadline = time.monotonic() + 30
-        while _raylets() - before and time.monotonic() < deadline:
+        while _raylets() & started and time.monotonic() < deadline:
             time.sleep(0.5)
-        left = _raylets() - before
+        left = _raylets() & started
         assert not left, f"the Ray that `adallm serve` started is still running: {[_state(pid) for pid in left]}"
     finally:
         if proc.poll() is None:
