@@ -44,6 +44,19 @@ def _fused_decode(batch: int, ctx: int, bound: int, dev="cuda"):
         num_splits=num_splits, config=config)
 
 
+def _sweep_tiles(run, block_ns, log):
+    """Yields (config, seconds) for run(config) timed in a graph over key tiles x warps x stages; configs that fail
+    to compile or launch (shared memory) are logged and skipped."""
+    for bn, warps, stages in itertools.product(block_ns, (2, 4, 8), (1, 2)):
+        cfg = dict(BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        try:
+            t = time_graph(lambda: run(cfg), [()])
+        except Exception as exc:
+            log(f"attention config {cfg} failed: {type(exc).__name__}")
+            continue
+        yield cfg, t
+
+
 def bench_attention(rows: list, log) -> None:
     from adallm_core.ops.triton.paged_attention import attention, num_splits_for
 
@@ -74,13 +87,10 @@ def bench_attention(rows: list, log) -> None:
     # decode tile sweep at the automatic split count
     for batch, ctx, bound in ((1, 192, 8192), (16, 192, 8192), (16, 8192, 8192)):
         q, kc, vc, meta = _paged(batch, ctx, 1, max_seq_len=bound)
-        for bn, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (1, 2)):
-            cfg = dict(BLOCK_N=bn, num_warps=warps, num_stages=stages)
-            try:
-                t = time_graph(lambda: attention(q, kc, vc, meta, D**-0.5, None, 1.0, 1.0, config=cfg), [()])
-            except Exception as exc:  # shared memory: skip, log
-                log(f"attention config {cfg} failed: {type(exc).__name__}")
-                continue
+        def run(cfg, q=q, kc=kc, vc=vc, meta=meta):
+            return attention(q, kc, vc, meta, D**-0.5, None, 1.0, 1.0, config=cfg)
+
+        for cfg, t in _sweep_tiles(run, (32, 64, 128), log):
             log(json.dumps(dict(kind="decode_sweep", batch=batch, ctx=ctx, bound=bound, us=t * 1e6, **cfg)))
             rows.append(dict(kind="decode_sweep", batch=batch, ctx=ctx, us=t * 1e6, cfg=cfg))
     # the engine's fused decode launch: where one part stops beating the serving bound's parts (cuda_graphs.
@@ -96,13 +106,7 @@ def bench_attention(rows: list, log) -> None:
             rows.append(row)
     for batch, ctx in ((8, 192), (16, 192), (16, SHORT_CONTEXT)):
         step = _fused_decode(batch, ctx, SHORT_CONTEXT)
-        for bn, warps, stages in itertools.product((32, 64, 128, 256), (2, 4, 8), (1, 2)):  # 256: one tile
-            cfg = dict(BLOCK_N=bn, num_warps=warps, num_stages=stages)
-            try:
-                t = time_graph(lambda: step(cfg), [()])
-            except Exception as exc:  # shared memory: skip, log
-                log(f"fused decode config {cfg} failed: {type(exc).__name__}")
-                continue
+        for cfg, t in _sweep_tiles(step, (32, 64, 128, 256), log):  # 256: the short bound in one tile
             log(json.dumps(dict(kind="fused_decode_sweep", batch=batch, ctx=ctx, bound=SHORT_CONTEXT, us=t * 1e6,
                                 **cfg)))
             rows.append(dict(kind="decode_sweep", batch=batch, ctx=ctx, us=t * 1e6, cfg=cfg, fused=True))

@@ -18,8 +18,9 @@ def test_context_bounds(max_model_len, bounds):
     assert context_bounds(max_model_len) == bounds
 
 
-@pytest.mark.parametrize("context,bound", [(1, SHORT_CONTEXT), (SHORT_CONTEXT // 2, SHORT_CONTEXT), (SHORT_CONTEXT, SHORT_CONTEXT),
-                                           (SHORT_CONTEXT + 1, 8192), (8192, 8192), (9000, 8192)])
+@pytest.mark.parametrize("context,bound", [(1, SHORT_CONTEXT), (SHORT_CONTEXT // 2, SHORT_CONTEXT),
+                                           (SHORT_CONTEXT, SHORT_CONTEXT), (SHORT_CONTEXT + 1, 8192), (8192, 8192),
+                                           (9000, 8192)])
 def test_a_step_takes_the_smallest_bound_that_holds_its_longest_context(context, bound):
     assert bound_for(context_bounds(8192), context) == bound
 
