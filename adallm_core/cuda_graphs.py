@@ -85,11 +85,11 @@ def capture_buckets(forward: Callable[[int], None], buckets: Sequence[int], pool
 
 
 # Under a long max_model_len the decode attention cuts each sequence's keys into parts and merges them, which pays
-# for long contexts but not for short ones once the (sequence, KV head) programs fill the GPU: batch 16 at 192 keys
-# took 15.1 us a layer in 4 parts and 11.7 in one (H200); at ~1000 keys 4 parts took 22.5 (H200) and one 38.7 (H100).
-# Steps whose contexts all fit this bound replay graphs captured with it, under which the split rule (ops/triton/
-# paged_attention.num_splits_for) leaves such batches one part. Lines through those figures cross at ~220-380 keys.
-SHORT_CONTEXT = 256
+# for long contexts but not for short ones once the (sequence, KV head) programs fill the GPU. Steps whose contexts
+# all fit this bound replay graphs captured with it, under which such batches run one part in one or two key tiles
+# (ops/triton/paged_attention.tiles_for): at batch 16 and 256-512 keys 10-16 us a layer against 18-24 in the serving
+# bound's 4 parts, and 3.54 -> 3.37 ms a step at 320 keys in (H100; benchmarks/NOTES.md, session 43).
+SHORT_CONTEXT = 512
 
 
 def context_bounds(max_model_len: int) -> list[int]:

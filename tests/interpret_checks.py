@@ -15,6 +15,7 @@ import kernel_cases as kc
 
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    from adallm_core.ops.triton.paged_attention import SHORT_TILES
     torch.manual_seed(0)
     dev = "cpu"
     small = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1)
@@ -61,6 +62,10 @@ def main() -> None:
                                                                  window=12, num_splits=4, dtype=torch.float32,
                                                                  offset=1.0, config=dict(BLOCK_N=4, num_warps=4,
                                                                                          num_stages=2)),
+        # the engine's decode launch under a short bound in two 256-key tiles (the tiles of batches that fill the GPU)
+        "qk_norm_rope_attention_short_bound": kc.case_qk_norm_rope_attention(dev, [4, 300, 0, 256], 4, 2, 16,
+                                                                             fp8=False, dtype=torch.float32,
+                                                                             num_splits=1, config=SHORT_TILES),
         "attention_mixed": kc.case_attention(dev, [3, 1, 5], [4, 9, 0], hq=4, hk=2, d=16, fp8=False,
                                               dtype=torch.float32),
         "attention_window_split": kc.case_attention(dev, [1, 1], [17, 30], hq=4, hk=2, d=16, fp8=False, window=8,

@@ -7,7 +7,8 @@ import torch
 pytest.importorskip("triton")
 
 from adallm_core.ops.metadata import AttentionMetadata  # noqa: E402
-from adallm_core.ops.triton.paged_attention import num_splits_for  # noqa: E402
+from adallm_core.ops.triton.paged_attention import (  # noqa: E402
+    DEFAULT_TILES, SHORT_BOUND, SHORT_TILES, SHORT_TILES_MANY, num_splits_for, tiles_for)
 
 
 def _meta(num_seqs: int, max_query_len: int, bound: int) -> AttentionMetadata:
@@ -36,3 +37,25 @@ def test_decode_parts_follow_programs_and_bound(num_seqs, bound, parts):
 def test_prefill_is_never_split():
     assert num_splits_for(_meta(1, 7, 8192), 8, torch.device("cpu")) == 1
 
+
+
+@pytest.mark.parametrize("num_seqs,max_query_len,bound,tiles", [
+    (16, 1, SHORT_BOUND, SHORT_TILES),  # decode under the short bound, 128 programs: 256-key tiles
+    (16, 1, 100, SHORT_TILES),
+    (32, 1, 300, SHORT_TILES_MANY),  # 256 programs on 132 SMs: the tile that leaves two blocks an SM
+    (8, 1, 300, DEFAULT_TILES),  # few programs keep their parts of one 64-key tile
+    (1, 1, 100, DEFAULT_TILES),
+    (16, 1, SHORT_BOUND + 1, DEFAULT_TILES),
+    (16, 1, 8192, DEFAULT_TILES),
+    (16, 7, 200, DEFAULT_TILES),  # prefill chunks keep the prefill tiles
+])
+def test_decode_tiles_follow_the_bound_and_programs(num_seqs, max_query_len, bound, tiles):
+    assert tiles_for(_meta(num_seqs, max_query_len, bound), 8, torch.device("cpu")) == tiles
+
+
+@pytest.mark.parametrize("num_seqs,parts", [(1, 8), (8, 8), (16, 1), (32, 1)])
+def test_short_bound_parts(num_seqs, parts):
+    """Few programs split the short bound once per 64-key tile (up to the programs' limit); the batches that fill
+    the GPU run one part."""
+    meta = _meta(num_seqs, 1, SHORT_BOUND)
+    assert num_splits_for(meta, 8, torch.device("cpu"), tiles_for(meta, 8, torch.device("cpu"))["BLOCK_N"]) == parts

@@ -368,7 +368,8 @@ def test_kv_write(t, hk, d, fp8):
 
 ATTN_CASES = [
     # q_lens, ctx_lens, hq, hk, block_size, window, splits
-    ([1] * 16, [100, 5, 0, 77] * 4, 32, 8, 16, None, None),  # decode, ragged contexts
+    ([1] * 16, [100, 5, 0, 77] * 4, 32, 8, 16, None, None),  # decode, ragged contexts (the short bound's tiles)
+    ([1] * 40, [100, 5, 0, 300, 77] * 8, 32, 8, 16, None, None),  # more programs than SMs: the narrower short tiles
     ([1, 1, 1], [3000, 17, 1500], 32, 8, 16, None, 4),  # long decode, split along the sequence
     ([1, 1], [2500, 40], 32, 16, 16, 1024, 8),  # Gemma-like: sliding window with splits
     ([1] * 16, [3, 150, 0, 1000] * 4, 32, 8, 16, None, 16),  # parts sized from real lengths: 1 to 16 used
@@ -390,7 +391,8 @@ def test_attention(q_lens, ctx_lens, hq, hk, bs, window, splits, fp8):
 
 QK_ATTN_CASES = [
     # ctx_lens (sequence 0 is a padding row), hq, hk, head_dim, window, splits
-    ([100, 5, 0, 77] * 4, 32, 8, 128, None, None),  # Qwen3-8B heads, the default parts
+    ([100, 5, 0, 77] * 4, 32, 8, 128, None, None),  # Qwen3-8B heads, the default parts (the short bound's tiles)
+    ([100, 5, 0, 300, 77] * 8, 32, 8, 128, None, None),  # more programs than SMs: the narrower short tiles
     ([3000, 17, 1500, 0], 32, 8, 128, None, 8),  # long: the newest key in the last used part
     ([2500, 40, 600], 32, 16, 128, 1024, 4),  # Gemma3-27B heads, sliding window with parts
     ([3, 700, 0, 1500, 200] * 8, 32, 8, 128, None, 4),  # many programs, 1 to 4 parts used

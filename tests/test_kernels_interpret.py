@@ -23,7 +23,8 @@ def errors() -> dict:
 
 CASES = [
     "linear_m3", "linear_split3_ragged", "linear_k_not_tile", "linear_swap_ab", "linear_swap_ab_split_ragged", "rms_norm", "add_rms_norm_gemma", "rope",
-    "silu_and_mul", "gelu_tanh_and_mul", "kv_write_bf16", "qk_norm_rope_cache_bf16", "qk_norm_rope_attention", "attention_mixed", "attention_window_split", "moe",
+    "silu_and_mul", "gelu_tanh_and_mul", "kv_write_bf16", "qk_norm_rope_cache_bf16", "qk_norm_rope_attention",
+    "qk_norm_rope_attention_short_bound", "attention_mixed", "attention_window_split", "moe",
     "embedding_ragged", "prefill_runs", "moe_routing", "moe_routing_plain",
     "linear_kernel_order", "linear_kernel_order_split_ragged", "moe_kernel_order", "prefill_runs_kernel_order",
     "attention_parts_from_lengths", "attention_parts_window", "attention_decode_default_parts",

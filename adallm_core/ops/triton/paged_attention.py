@@ -176,14 +176,19 @@ def combine_splits_kernel(part_o_ptr, part_lse_ptr, out_ptr, qsl_ptr, seq_lens_p
     tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
+def _few_programs(meta: AttentionMetadata, kv_heads: int, device) -> bool:
+    """Whether a step's (sequence, KV head) programs fill at most half the SMs (batch 1-8 of 8 KV heads on 132)."""
+    return meta.num_seqs * kv_heads * 2 <= _num_sms(device)
+
+
 def num_splits_for(meta: AttentionMetadata, kv_heads: int, device, block_n: int = 64) -> int:
     """Decode steps whose (sequence, KV head) programs can't fill the GPU get up to 16 parts. With few programs
-    (at most half the SMs: batch 1-8 of 8 KV heads on 132) parts pay off even over a short bound, no more parts than
-    the bound has key tiles; otherwise only over bounds above 1024 keys, each part >= 512 of them (NOTES.md)."""
+    (_few_programs) parts pay off even over a short bound, no more parts than the bound has key tiles; otherwise
+    only over bounds above 1024 keys, each part >= 512 of them (NOTES.md)."""
     if meta.max_query_len > 1:
         return 1
     programs, sms = meta.num_seqs * kv_heads, _num_sms(device)
-    few = programs * 2 <= sms
+    few = _few_programs(meta, kv_heads, device)
     if not few and meta.max_seq_len <= 1024:
         return 1
     splits = 1
@@ -195,6 +200,20 @@ def num_splits_for(meta: AttentionMetadata, kv_heads: int, device, block_n: int 
 
 
 DEFAULT_TILES = dict(BLOCK_N=64, num_warps=4, num_stages=2)  # prefill and decode; config= overrides (sweeps)
+# Decode under a bound of at most SHORT_BOUND keys (cuda_graphs.SHORT_CONTEXT) whose programs fill the GPU: one part
+# in 256-key tiles, so a program waits on one or two block-table and K/V round trips, not one a 64-key tile. That
+# tile holds one block an SM (registers): past one program an SM, 128-key tiles (two blocks an SM) win. Few programs
+# keep the 64-key tiles and a part each: batch 1 lost 2% in two 256-key parts (NOTES.md, session 43).
+SHORT_BOUND = 512
+SHORT_TILES = dict(BLOCK_N=256, num_warps=8, num_stages=1)
+SHORT_TILES_MANY = dict(BLOCK_N=128, num_warps=8, num_stages=1)
+
+
+def tiles_for(meta: AttentionMetadata, kv_heads: int, device) -> dict:
+    """The tiles a launch takes unless config= names others."""
+    if meta.max_query_len > 1 or meta.max_seq_len > SHORT_BOUND or _few_programs(meta, kv_heads, device):
+        return DEFAULT_TILES
+    return SHORT_TILES if meta.num_seqs * kv_heads <= _num_sms(device) else SHORT_TILES_MANY
 
 
 def attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window, k_scale: float,
@@ -240,7 +259,7 @@ def _attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, slidi
     out = torch.empty(t, hq, dim, dtype=q.dtype, device=q.device)
     if t == 0:
         return out
-    tiles = config or DEFAULT_TILES
+    tiles = config or tiles_for(meta, hk, q.device)
     splits = num_splits or num_splits_for(meta, hk, q.device, tiles["BLOCK_N"])
     if splits & (splits - 1):
         raise ValueError(f"attention: num_splits must be a power of two, got {splits}")
