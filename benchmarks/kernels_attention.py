@@ -44,6 +44,14 @@ def _fused_decode(batch: int, ctx: int, bound: int, dev="cuda"):
         num_splits=num_splits, config=config)
 
 
+def _engine_tiles(batch: int, bound: int) -> dict:
+    """The tiles the engine's decode launch takes for `batch` sequences under `bound` (paged_attention.tiles_for)."""
+    from adallm_core.ops.triton.paged_attention import tiles_for
+
+    _, _, _, meta = _paged(batch, 1, 1, max_seq_len=bound)
+    return tiles_for(meta, HK, meta.seq_lens.device)
+
+
 def _sweep_tiles(run, block_ns, log):
     """Yields (config, seconds) for run(config) timed in a graph over key tiles x warps x stages; configs that fail
     to compile or launch (shared memory) are logged and skipped."""
@@ -92,7 +100,8 @@ def bench_attention(rows: list, log) -> None:
 
         for cfg, t in _sweep_tiles(run, (32, 64, 128), log):
             log(json.dumps(dict(kind="decode_sweep", batch=batch, ctx=ctx, bound=bound, us=t * 1e6, **cfg)))
-            rows.append(dict(kind="decode_sweep", batch=batch, ctx=ctx, us=t * 1e6, cfg=cfg))
+            rows.append(dict(kind="decode_sweep", batch=batch, ctx=ctx, us=t * 1e6, cfg=cfg,
+                             engine=cfg == _engine_tiles(batch, bound)))
     # the engine's fused decode launch: where one part stops beating the serving bound's parts (cuda_graphs.
     # SHORT_CONTEXT), then tiles under the short bound
     from adallm_core.cuda_graphs import SHORT_CONTEXT
@@ -104,12 +113,13 @@ def bench_attention(rows: list, log) -> None:
             row = dict(kind="fused_decode_parts", batch=batch, ctx=ctx, splits=splits, us=t * 1e6)
             log(json.dumps(row))
             rows.append(row)
-    for batch, ctx in ((8, 192), (16, 192), (16, SHORT_CONTEXT)):
+    for batch, ctx in ((8, 192), (16, 192), (16, SHORT_CONTEXT), (32, 384)):
         step = _fused_decode(batch, ctx, SHORT_CONTEXT)
-        for cfg, t in _sweep_tiles(step, (32, 64, 128, 256), log):  # 256: the short bound in one tile
+        for cfg, t in _sweep_tiles(step, (32, 64, 128, 256), log):  # 256: half the short bound in one tile
             log(json.dumps(dict(kind="fused_decode_sweep", batch=batch, ctx=ctx, bound=SHORT_CONTEXT, us=t * 1e6,
                                 **cfg)))
-            rows.append(dict(kind="decode_sweep", batch=batch, ctx=ctx, us=t * 1e6, cfg=cfg, fused=True))
+            rows.append(dict(kind="decode_sweep", batch=batch, ctx=ctx, us=t * 1e6, cfg=cfg, fused=True,
+                             engine=cfg == _engine_tiles(batch, SHORT_CONTEXT)))
     for ctx in (2048, 8192):  # one prefill of ctx tokens, causal
         q, kc, vc, meta = _paged(1, ctx, ctx)
         t = time_graph(lambda: attention(q, kc, vc, meta, D**-0.5, None, 1.0, 1.0), [()], reps=5)
@@ -126,18 +136,17 @@ def bench_attention(rows: list, log) -> None:
 
 
 def print_attention(rows: list, bw: float) -> None:
-    from adallm_core.ops.triton.paged_attention import DEFAULT_TILES
-
     print(f"\nAttention, Qwen3-8B heads (32 q / 8 kv x 128), FP8 paged cache (block {BLOCK}) vs torch SDPA on BF16")
     sweeps = {}
     for r in rows:
         if r["kind"] == "decode_sweep":
-            sweeps.setdefault((r.get("fused", False), r["batch"], r["ctx"]), []).append((r["us"], r["cfg"]))
+            sweeps.setdefault((r.get("fused", False), r["batch"], r["ctx"]), []).append(r)
     for (fused, batch, ctx), tried in sweeps.items():
-        tried.sort(key=lambda x: x[0])
+        tried.sort(key=lambda r: r["us"])
         what = "fused decode (short bound)" if fused else "decode"
-        print(f"{what} sweep batch {batch:3d} ctx {ctx:5d}: best {tried[0][0]:.1f} us {tried[0][1]}, "
-              f"default {next(us for us, c in tried if c == DEFAULT_TILES):.1f} us")
+        engine = next((f"{r['us']:.1f} us" for r in tried if r.get("engine")), "not swept")
+        print(f"{what} sweep batch {batch:3d} ctx {ctx:5d}: best {tried[0]['us']:.1f} us {tried[0]['cfg']}, "
+              f"the engine's tiles {engine}")
     parts = {}
     for r in rows:
         if r["kind"] == "fused_decode_parts":
