@@ -203,7 +203,7 @@ DEFAULT_TILES = dict(BLOCK_N=64, num_warps=4, num_stages=2)  # prefill and decod
 # Decode under a bound of at most SHORT_BOUND keys (cuda_graphs.SHORT_CONTEXT) whose programs fill the GPU: one part
 # in 256-key tiles, so a program waits on one or two block-table and K/V round trips, not one a 64-key tile. That
 # tile holds one block an SM (registers): past one program an SM, 128-key tiles (two blocks an SM) win. Few programs
-# keep the 64-key tiles and a part each: batch 1 lost 2% in two 256-key parts (NOTES.md, session 43).
+# keep the 64-key tiles, a part per tile: batch 1 lost 2% in two 256-key parts (NOTES.md, session 43).
 SHORT_BOUND = 512
 SHORT_TILES = dict(BLOCK_N=256, num_warps=8, num_stages=1)
 SHORT_TILES_MANY = dict(BLOCK_N=128, num_warps=8, num_stages=1)
