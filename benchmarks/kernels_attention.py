@@ -49,7 +49,7 @@ def _engine_tiles(batch: int, bound: int) -> dict:
     from adallm_core.ops.triton.paged_attention import tiles_for
 
     _, _, _, meta = _paged(batch, 1, 1, max_seq_len=bound)
-    return tiles_for(meta, HK, meta.seq_lens.device)
+    return tiles_for(meta, HK, D, meta.seq_lens.device)
 
 
 def _sweep_tiles(run, block_ns, log):

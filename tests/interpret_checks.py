@@ -15,10 +15,10 @@ import kernel_cases as kc
 
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    from adallm_core.ops.triton.paged_attention import SHORT_TILES
     torch.manual_seed(0)
     dev = "cpu"
     small = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=1)
+    one_wave = dict(BLOCK_N=256, num_warps=8, num_stages=1)  # paged_attention.tiles_for's at 128 dims
     results = {
         "linear_m3": kc.case_nvfp4_linear(dev, 3, 32, 64, dict(small, SPLIT_K=1), torch.float32),
         "linear_split3_ragged": kc.case_nvfp4_linear(dev, 5, 24, 160, dict(small, SPLIT_K=3), torch.float32),
@@ -65,7 +65,7 @@ def main() -> None:
         # the engine's decode launch under a short bound in two 256-key tiles (the tiles of batches that fill the GPU)
         "qk_norm_rope_attention_short_bound": kc.case_qk_norm_rope_attention(dev, [4, 300, 0, 256], 4, 2, 16,
                                                                              fp8=False, dtype=torch.float32,
-                                                                             num_splits=1, config=SHORT_TILES),
+                                                                             num_splits=1, config=one_wave),
         "attention_mixed": kc.case_attention(dev, [3, 1, 5], [4, 9, 0], hq=4, hk=2, d=16, fp8=False,
                                               dtype=torch.float32),
         "attention_window_split": kc.case_attention(dev, [1, 1], [17, 30], hq=4, hk=2, d=16, fp8=False, window=8,

@@ -8,7 +8,10 @@ pytest.importorskip("triton")
 
 from adallm_core.ops.metadata import AttentionMetadata  # noqa: E402
 from adallm_core.ops.triton.paged_attention import (  # noqa: E402
-    DEFAULT_TILES, SHORT_BOUND, SHORT_TILES, SHORT_TILES_MANY, num_splits_for, tiles_for)
+    DEFAULT_TILES, SHORT_BOUND, num_splits_for, tiles_for)
+
+ONE_WAVE = dict(BLOCK_N=256, num_warps=8, num_stages=1)  # the short bound's tiles at 128 dims (NOTES.md, session 43)
+TWO_WAVES = dict(BLOCK_N=128, num_warps=8, num_stages=1)
 
 
 def _meta(num_seqs: int, max_query_len: int, bound: int) -> AttentionMetadata:
@@ -40,9 +43,9 @@ def test_prefill_is_never_split():
 
 
 @pytest.mark.parametrize("num_seqs,max_query_len,bound,tiles", [
-    (16, 1, SHORT_BOUND, SHORT_TILES),  # decode under the short bound, 128 programs: 256-key tiles
-    (16, 1, 100, SHORT_TILES),
-    (32, 1, 300, SHORT_TILES_MANY),  # 256 programs on 132 SMs: the tile that leaves two blocks an SM
+    (16, 1, SHORT_BOUND, ONE_WAVE),  # decode under the short bound, 128 programs: 256-key tiles
+    (16, 1, 100, ONE_WAVE),
+    (32, 1, 300, TWO_WAVES),  # 256 programs on 132 SMs: the tile that leaves two blocks an SM
     (8, 1, 300, DEFAULT_TILES),  # few programs keep their parts of one 64-key tile
     (1, 1, 100, DEFAULT_TILES),
     (16, 1, SHORT_BOUND + 1, DEFAULT_TILES),
@@ -50,12 +53,22 @@ def test_prefill_is_never_split():
     (16, 7, 200, DEFAULT_TILES),  # prefill chunks keep the prefill tiles
 ])
 def test_decode_tiles_follow_the_bound_and_programs(num_seqs, max_query_len, bound, tiles):
-    assert tiles_for(_meta(num_seqs, max_query_len, bound), 8, torch.device("cpu")) == tiles
+    assert tiles_for(_meta(num_seqs, max_query_len, bound), 8, 128, torch.device("cpu")) == tiles
+
+
+@pytest.mark.parametrize("head_dim,one_wave,two_waves", [(256, 128, 128), (64, 256, 256), (16, 256, 256)])
+def test_short_tiles_at_other_head_dims(head_dim, one_wave, two_waves):
+    """Gemma3-4B/12B's 256-dim heads take 128 keys a tile (tests/test_compile_for_ada.py: no spills); narrower heads
+    keep 256 keys, the most measured."""
+    cpu = torch.device("cpu")
+    assert tiles_for(_meta(16, 1, 300), 8, head_dim, cpu)["BLOCK_N"] == one_wave
+    assert tiles_for(_meta(32, 1, 300), 8, head_dim, cpu)["BLOCK_N"] == two_waves
 
 
 @pytest.mark.parametrize("num_seqs,parts", [(1, 8), (8, 8), (16, 1), (32, 1)])
 def test_short_bound_parts(num_seqs, parts):
     """Few programs split the short bound once per 64-key tile (up to the programs' limit); the batches that fill
     the GPU run one part."""
+    cpu = torch.device("cpu")
     meta = _meta(num_seqs, 1, SHORT_BOUND)
-    assert num_splits_for(meta, 8, torch.device("cpu"), tiles_for(meta, 8, torch.device("cpu"))["BLOCK_N"]) == parts
+    assert num_splits_for(meta, 8, cpu, tiles_for(meta, 8, 128, cpu)["BLOCK_N"]) == parts

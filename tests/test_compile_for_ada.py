@@ -76,6 +76,33 @@ def test_launches_fit_ampere():
     assert_fit(records, 86, GPUS[86]["RTX 3090"])
 
 
+@pytest.mark.parametrize("arch", [89, 90])
+def test_short_bound_decode_attention_fits_wide_heads(arch):
+    """The engine's decode attention under the short bound at 128 and 256 dims (Qwen3 / Gemma3-4B and 12B), with
+    one and two programs an SM: its default tiles compile without spills and fit a block."""
+    from kernel_cases import build_paged_case
+
+    from adallm_core.ops.triton import qk_norm_rope_attention
+
+    sm = next(iter(GPUS[arch].values()))
+    with compiled_for(arch) as (records, set_op):
+        for d in (128, 256):
+            for batch in (16, 32):  # 8 KV heads: 128 and 256 programs
+                set_op(f"decode {batch}: attention, {d} dims")
+                _, kc, vc, meta = build_paged_case("cpu", [1] * batch, [300] * batch, 16, 8, d, 16, True)
+                pos = meta.seq_lens.long() - 1
+                slots = meta.block_tables.long()[:, 0] * 16 + pos % 16
+                qkv = torch.zeros(batch, 32 * d, dtype=torch.bfloat16)
+                w, cos_sin = torch.zeros(d, dtype=torch.bfloat16), torch.zeros(400, d, dtype=torch.bfloat16)
+                qk_norm_rope_attention(qkv, w, w, 1e-6, 0.0, pos, cos_sin, kc, vc, slots, 1.0, 1.0, 16, 8, meta,
+                                       d**-0.5, None)
+    want = {f"decode {b}: attention, {d} dims": n for b, d, n in ((16, 128, 256), (32, 128, 128), (16, 256, 128),
+                                                                   (32, 256, 128))}
+    tiles = {r.op: r.tiles["BLOCK_N"] for r in records}  # a launch of an already compiled specialization: no record
+    assert len(tiles) >= 3 and all(want[op] == n for op, n in tiles.items()), records
+    assert_fit(records, arch, sm)
+
+
 def assert_fit(records, arch: int, sm: dict) -> None:
     for r in records:
         assert r.arch == arch and r.shared <= sm["block_smem"] and r.blocks_per_sm(sm) >= 1, r

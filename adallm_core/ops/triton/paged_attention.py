@@ -201,19 +201,20 @@ def num_splits_for(meta: AttentionMetadata, kv_heads: int, device, block_n: int 
 
 DEFAULT_TILES = dict(BLOCK_N=64, num_warps=4, num_stages=2)  # prefill and decode; config= overrides (sweeps)
 # Decode under a bound of at most SHORT_BOUND keys (cuda_graphs.SHORT_CONTEXT) whose programs fill the GPU: one part
-# in 256-key tiles, so a program waits on one or two block-table and K/V round trips, not one a 64-key tile. That
-# tile holds one block an SM (registers): past one program an SM, 128-key tiles (two blocks an SM) win. Few programs
-# keep the 64-key tiles, a part per tile: batch 1 lost 2% in two 256-key parts (NOTES.md, session 43).
+# in tiles of 256 keys x 128 dims, so a program waits on one or two block-table and K/V round trips, not one a 64-key
+# tile. Past one program an SM, tiles of half the keys won (batch 32). Few programs keep the 64-key tiles, a part per
+# tile: batch 1 lost 2% in two 256-key parts (NOTES.md, session 43). Wider heads (Gemma3-4B/12B: 256 dims) take
+# 128 keys a tile: 256 x 256 spilled registers, and 64 x 256 at 8 warps spilled on sm_89.
 SHORT_BOUND = 512
-SHORT_TILES = dict(BLOCK_N=256, num_warps=8, num_stages=1)
-SHORT_TILES_MANY = dict(BLOCK_N=128, num_warps=8, num_stages=1)
+SHORT_TILE_ELEMENTS = 256 * 128
 
 
-def tiles_for(meta: AttentionMetadata, kv_heads: int, device) -> dict:
+def tiles_for(meta: AttentionMetadata, kv_heads: int, head_dim: int, device) -> dict:
     """The tiles a launch takes unless config= names others."""
     if meta.max_query_len > 1 or meta.max_seq_len > SHORT_BOUND or _few_programs(meta, kv_heads, device):
         return DEFAULT_TILES
-    return SHORT_TILES if meta.num_seqs * kv_heads <= _num_sms(device) else SHORT_TILES_MANY
+    elements = SHORT_TILE_ELEMENTS if meta.num_seqs * kv_heads <= _num_sms(device) else SHORT_TILE_ELEMENTS // 2
+    return dict(BLOCK_N=max(128, min(256, elements // head_dim)), num_warps=8, num_stages=1)
 
 
 def attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window, k_scale: float,
@@ -259,7 +260,7 @@ def _attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, slidi
     out = torch.empty(t, hq, dim, dtype=q.dtype, device=q.device)
     if t == 0:
         return out
-    tiles = config or tiles_for(meta, hk, q.device)
+    tiles = config or tiles_for(meta, hk, dim, q.device)
     splits = num_splits or num_splits_for(meta, hk, q.device, tiles["BLOCK_N"])
     if splits & (splits - 1):
         raise ValueError(f"attention: num_splits must be a power of two, got {splits}")
