@@ -21,6 +21,11 @@ SHAPES = {
         num_key_value_heads=16, head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-6,
         query_pre_attn_scalar=168, sliding_window=1024, tie_word_embeddings=True,
         rope_scaling={"rope_type": "linear", "factor": 8.0})),
+    "gemma3-12b": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(  # 256-dim heads, like Gemma3-4B
+        vocab_size=262208, hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=256, max_position_embeddings=131072, rms_norm_eps=1e-6,
+        query_pre_attn_scalar=256, sliding_window=1024, tie_word_embeddings=True,
+        rope_scaling={"rope_type": "linear", "factor": 8.0})),
     "qwen3-30b-a3b": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
         vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
         num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=48, num_attention_heads=32,

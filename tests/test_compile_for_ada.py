@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from benchmarks.compile_report import GPUS, StepInputs, compiled_for, report  # noqa: E402
 
 ADA = GPUS[89]["RTX 4090"]
-SHAPES = ["qwen3-8b", "gemma3-27b", "qwen3-30b-a3b"]
+SHAPES = ["qwen3-8b", "gemma3-27b", "gemma3-12b", "qwen3-30b-a3b"]  # gemma3-12b: 256-dim heads
 
 
 @pytest.fixture(autouse=True)
