@@ -393,6 +393,7 @@ QK_ATTN_CASES = [
     # ctx_lens (sequence 0 is a padding row), hq, hk, head_dim, window, splits
     ([100, 5, 0, 77] * 4, 32, 8, 128, None, None),  # Qwen3-8B heads, the default parts (the short bound's tiles)
     ([100, 5, 0, 300, 77] * 8, 32, 8, 128, None, None),  # more programs than SMs: the narrower short tiles
+    ([100, 5, 0, 300] * 4, 16, 8, 256, None, None),  # Gemma3-4B/12B's 256-dim heads: 128-key short tiles
     ([3000, 17, 1500, 0], 32, 8, 128, None, 8),  # long: the newest key in the last used part
     ([2500, 40, 600], 32, 16, 128, 1024, 4),  # Gemma3-27B heads, sliding window with parts
     ([3, 700, 0, 1500, 200] * 8, 32, 8, 128, None, 4),  # many programs, 1 to 4 parts used
