@@ -98,10 +98,10 @@ def bench_attention(rows: list, log) -> None:
         def run(cfg, q=q, kc=kc, vc=vc, meta=meta):
             return attention(q, kc, vc, meta, D**-0.5, None, 1.0, 1.0, config=cfg)
 
+        engine = _engine_tiles(batch, bound)
         for cfg, t in _sweep_tiles(run, (32, 64, 128), log):
             log(json.dumps(dict(kind="decode_sweep", batch=batch, ctx=ctx, bound=bound, us=t * 1e6, **cfg)))
-            rows.append(dict(kind="decode_sweep", batch=batch, ctx=ctx, us=t * 1e6, cfg=cfg,
-                             engine=cfg == _engine_tiles(batch, bound)))
+            rows.append(dict(kind="decode_sweep", batch=batch, ctx=ctx, us=t * 1e6, cfg=cfg, engine=cfg == engine))
     # the engine's fused decode launch: where one part stops beating the serving bound's parts (cuda_graphs.
     # SHORT_CONTEXT), then tiles under the short bound
     from adallm_core.cuda_graphs import SHORT_CONTEXT
@@ -114,12 +114,12 @@ def bench_attention(rows: list, log) -> None:
             log(json.dumps(row))
             rows.append(row)
     for batch, ctx in ((8, 192), (16, 192), (16, SHORT_CONTEXT), (32, 384)):
-        step = _fused_decode(batch, ctx, SHORT_CONTEXT)
+        step, engine = _fused_decode(batch, ctx, SHORT_CONTEXT), _engine_tiles(batch, SHORT_CONTEXT)
         for cfg, t in _sweep_tiles(step, (32, 64, 128, 256), log):  # 256: half the short bound in one tile
             log(json.dumps(dict(kind="fused_decode_sweep", batch=batch, ctx=ctx, bound=SHORT_CONTEXT, us=t * 1e6,
                                 **cfg)))
             rows.append(dict(kind="decode_sweep", batch=batch, ctx=ctx, us=t * 1e6, cfg=cfg, fused=True,
-                             engine=cfg == _engine_tiles(batch, SHORT_CONTEXT)))
+                             engine=cfg == engine))
     for ctx in (2048, 8192):  # one prefill of ctx tokens, causal
         q, kc, vc, meta = _paged(1, ctx, ctx)
         t = time_graph(lambda: attention(q, kc, vc, meta, D**-0.5, None, 1.0, 1.0), [()], reps=5)

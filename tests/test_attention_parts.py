@@ -41,11 +41,10 @@ def test_prefill_is_never_split():
     assert num_splits_for(_meta(1, 7, 8192), 8, torch.device("cpu")) == 1
 
 
-
 @pytest.mark.parametrize("num_seqs,max_query_len,bound,tiles", [
     (16, 1, SHORT_BOUND, ONE_WAVE),  # decode under the short bound, 128 programs: 256-key tiles
     (16, 1, 100, ONE_WAVE),
-    (32, 1, 300, TWO_WAVES),  # 256 programs on 132 SMs: the tile that leaves two blocks an SM
+    (32, 1, 300, TWO_WAVES),  # 256 programs on 132 SMs: half the keys a tile (won at batch 32)
     (8, 1, 300, DEFAULT_TILES),  # few programs keep their parts of one 64-key tile
     (1, 1, 100, DEFAULT_TILES),
     (16, 1, SHORT_BOUND + 1, DEFAULT_TILES),
