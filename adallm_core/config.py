@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 KV_CACHE_DTYPES = ("fp8", "bf16")

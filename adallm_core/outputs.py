@@ -1,7 +1,7 @@
 """What the engine returns: vLLM's RequestOutput / CompletionOutput shapes."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 # One dict per generated token: {token_id: logprob} holding the sampled token and the top-N.

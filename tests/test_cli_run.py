@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 from adallm_core.cli import main
 from engine_fixtures import tiny_model

@@ -26,7 +26,6 @@ def w4a8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
     # group programs along M so that neighbours share weight tiles in L2
     pid_m = pid % tl.cdiv(M, BLOCK_M)
     pid_n = pid // tl.cdiv(M, BLOCK_M)
