@@ -7,6 +7,8 @@ import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
+import jinja2
+
 # Prompt tokens kept as decoding context, so the first generated token decodes as it would after the prompt.
 _CONTEXT_TOKENS = 8
 
@@ -81,8 +83,11 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         if not self.hf.chat_template:
             raise ValueError(f"tokenizer at {self.path} has no chat template; use generate() with a plain prompt")
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                           **kwargs)
+        try:
+            return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                               **kwargs)
+        except jinja2.TemplateError as e:  # the template refused these messages (e.g. roles that do not alternate)
+            raise ValueError(f"the model's chat template rejected the messages: {e}") from e
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         # The template already writes the special tokens (bos): don't add them twice.

@@ -22,6 +22,17 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
+MAX_STOP_STRINGS = 16
+NULL_MEANS_DEFAULT = ("temperature", "top_p", "top_k", "min_p", "n", "presence_penalty", "frequency_penalty", "stream")
+
+
+def only_with_true(value, info, other: str):
+    """A field validator's check that a field is given only alongside `other: true` (declared before it)."""
+    if value is not None and not info.data.get(other):
+        raise ValueError(f"{info.field_name} can only be given with {other}: true")
+    return value
+
+
 class SamplingFields(Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -32,13 +43,31 @@ class SamplingFields(Strict):
     top_k: int = Field(0, ge=-1, le=INT64_MAX)
     min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
     seed: Optional[int] = Field(None, ge=-(2**63), le=INT64_MAX)
-    stop: Optional[Union[str, list[str]]] = Field(None, max_length=16)
+    stop: Optional[Union[str, list[str]]] = None
     n: int = Field(1, ge=1, le=16)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+
+    @field_validator(*NULL_MEANS_DEFAULT, mode="before")
+    @classmethod
+    def _null_is_default(cls, value, info):
+        # OpenAI's API and client type these as nullable: null asks for the default, as omitting them does
+        return cls.model_fields[info.field_name].default if value is None else value
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_16_stop_strings(cls, value):
+        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(value)}")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, value, info):
+        return only_with_true(value, info, "stream")
 
     def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
         return SamplingParams(
@@ -103,8 +132,13 @@ class ChatMessage(Strict):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1, le=INT64_MAX)
-    logprobs: bool = False
+    logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value, info):
+        return only_with_true(value, info, "logprobs")
 
     def to_sampling_params(self) -> SamplingParams:
         max_tokens = self.max_completion_tokens or self.max_tokens  # None: up to max_model_len

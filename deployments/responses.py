@@ -1,6 +1,7 @@
 """From the LLMServer's ChoiceDeltas to OpenAI bodies: streamed chunks, or one response at the end."""
 from __future__ import annotations
 
+import codecs
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -29,7 +30,17 @@ class _Choice:
     text: str = ""
     num_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    text_offsets: list[int] = field(default_factory=list)  # of each logprobs token, in characters of the text
     finish_reason: Optional[str] = None
+    _chars: int = 0
+    _utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+
+    def add_logprobs(self, logprobs: list[TokenLogprob]) -> None:
+        for entry in logprobs:
+            self.logprobs.append(entry)
+            self.text_offsets.append(self._chars)
+            # a token that is only part of a character adds no character until the one that completes it
+            self._chars += len(self._utf8.decode(bytes_of_token_text(entry[0])))
 
 
 class ResponseBuilder:
@@ -53,7 +64,7 @@ class ResponseBuilder:
             c = self.choices[d.index]
             c.text += d.text
             c.num_tokens += d.num_tokens
-            c.logprobs.extend(d.logprobs or ())
+            c.add_logprobs(d.logprobs or ())
             c.finish_reason = d.finish_reason or c.finish_reason
             self.prompt_tokens[d.index // self.n] = d.prompt_tokens
 
@@ -84,7 +95,8 @@ class ResponseBuilder:
             CompletionChoice(
                 index=d.index,
                 text=d.text,
-                logprobs=self._completion_logprobs(d.logprobs, len(self.choices[d.index].text) - len(d.text)),
+                logprobs=self._completion_logprobs(d.logprobs, self.choices[d.index].text_offsets[-len(d.logprobs):]
+                                                   if d.logprobs else []),
                 finish_reason=d.finish_reason,
             )
             for d in deltas
@@ -114,7 +126,8 @@ class ResponseBuilder:
             CompletionChoice(
                 index=i,
                 text=c.text,
-                logprobs=self._completion_logprobs(c.logprobs if self.top_logprobs is not None else None, 0),
+                logprobs=self._completion_logprobs(c.logprobs if self.top_logprobs is not None else None,
+                                                   c.text_offsets),
                 finish_reason=c.finish_reason,
             )
             for i, c in enumerate(self.choices)
@@ -137,14 +150,14 @@ class ResponseBuilder:
         ]
         return ChatLogprobs(content=content)
 
-    def _completion_logprobs(self, logprobs: Optional[list[TokenLogprob]], offset: int) -> Optional[CompletionLogprobs]:
+    def _completion_logprobs(self, logprobs: Optional[list[TokenLogprob]],
+                             text_offsets: list[int]) -> Optional[CompletionLogprobs]:
         if logprobs is None or self.top_logprobs is None:
             return None
-        result = CompletionLogprobs()
+        result = CompletionLogprobs(text_offset=list(text_offsets))
         for tok, lp, top in logprobs:
             result.tokens.append(tok)
             result.token_logprobs.append(lp)
-            result.top_logprobs.append({t: l for t, l in top[: max(self.top_logprobs, 1)]})
-            result.text_offset.append(offset)
-            offset += len(tok)
+            # the top `logprobs` tokens and always the sampled one, as OpenAI's completions give (up to logprobs+1)
+            result.top_logprobs.append({**dict(top[: self.top_logprobs]), tok: lp})
         return result

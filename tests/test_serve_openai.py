@@ -141,6 +141,15 @@ def test_chat_equals_offline_llm(client, served_name, offline):
     assert text == expected.outputs[0].text
 
 
+def test_null_fields_and_a_long_stop_string_as_the_openai_client_sends_them(client, served_name, offline):
+    """The client types temperature, top_p, n, penalties as nullable (null: the default); a stop string may be long."""
+    (expected,) = offline.chat(CHAT, greedy(), use_tqdm=False)
+    reply = client.chat.completions.create(model=served_name, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0,
+                                           top_p=None, n=None, presence_penalty=None, frequency_penalty=None,
+                                           stop="a stop string this tiny model never writes")
+    assert reply.choices[0].message.content == expected.outputs[0].text
+
+
 def test_logprobs_equal_offline_llm(client, served_name, offline):
     (expected,) = offline.generate(PROMPTS[0], greedy(max_tokens=4, logprobs=2), use_tqdm=False)
     got = client.completions.create(model=served_name, prompt=PROMPTS[0], max_tokens=4, temperature=0, logprobs=2)
@@ -233,6 +242,11 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user"}]}, 400, "messages.0.content", "content"),
     ("/v1/chat/completions", {"model": "M", "messages": CHAT, "tools": []}, 400, "tools", "unsupported field 'tools'"),
     ("/v1/chat/completions", {"model": "M", "messages": CHAT, "top_logprobs": 99}, 400, "top_logprobs", "top_logprobs"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs",
+     "top_logprobs can only be given with logprobs: true"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "stream_options": {"include_usage": True}}, 400,
+     "stream_options", "stream_options can only be given with stream: true"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "stop": ["s"] * 17}, 400, "stop", "at most 16 stop strings"),
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": LONG_PROMPT}]}, 400, "messages",
      "max_model_len is 128"),
     ("/v1/nothing-here", {}, 404, None, "Not Found"),

@@ -110,6 +110,19 @@ def test_missing_chat_template_is_a_clear_error(tok_dir, tmp_path):
         Tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}])
 
 
+def test_a_template_that_refuses_the_messages_is_a_value_error_naming_why(tok_dir, tmp_path):
+    """Real templates raise on messages they cannot render (Qwen3: no user message; Gemma3: roles that do not
+    alternate). That is the caller's mistake, a ValueError (a 400 from the server), not a template crash."""
+    fast = PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    fast.chat_template = ("{% if messages[-1]['role'] != 'user' %}{{ raise_exception('No user query found in "
+                          "messages.') }}{% endif %}{{ messages[-1]['content'] }}")
+    fast.save_pretrained(tmp_path)
+    tokenizer = Tokenizer(tmp_path)
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"
+    with pytest.raises(ValueError, match="chat template rejected the messages: No user query found in messages"):
+        tokenizer.encode_chat([{"role": "system", "content": "hi"}])
+
+
 def test_token_bytes_spell_the_text(tok):
     """Byte-level BPE: the tokens' own bytes, joined, are the text's UTF-8, characters split across tokens too."""
     text = "naïve 你好 € hello"

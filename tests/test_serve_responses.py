@@ -1,0 +1,76 @@
+"""ResponseBuilder (deployments/responses.py) and the request bodies (deployments/openai_api.py) without a server:
+OpenAI's completions logprobs and the fields its client may send as null."""
+import pytest
+from pydantic import ValidationError
+
+from deployments.llm_server import ChoiceDelta
+from deployments.openai_api import ChatCompletionRequest, CompletionRequest
+from deployments.responses import ResponseBuilder
+
+CHAT = [{"role": "user", "content": "hi"}]
+# "a語のb" as a byte-level tokenizer may cut it: 語 (e8 aa 9e) in two tokens that are each part of a character
+TOKENS = ["a", "bytes:\\xe8\\xaa", "bytes:\\x9e", "の", "b"]
+TEXT = "a語のb"
+
+
+def delta(tokens: list[str], text: str, finish_reason=None) -> ChoiceDelta:
+    logprobs = [(t, -1.0 - i, [("z", -0.1), ("y", -0.2), (t, -1.0 - i)]) for i, t in enumerate(tokens)]
+    return ChoiceDelta(0, 3, text, len(tokens), logprobs, finish_reason)
+
+
+def test_completion_top_logprobs_always_hold_the_sampled_token():
+    """OpenAI's completions give the top `logprobs` tokens plus the sampled one (up to logprobs + 1 entries)."""
+    builder = ResponseBuilder("cmpl-1", "m", chat=False, top_logprobs=2, n=1, num_prompts=1)
+    builder.add([delta(["x"], "x", "length")])
+    (choice,) = builder.response().choices
+    assert choice.logprobs.top_logprobs == [{"z": -0.1, "y": -0.2, "x": -1.0}]
+    builder = ResponseBuilder("cmpl-2", "m", chat=False, top_logprobs=0, n=1, num_prompts=1)
+    builder.add([delta(["x"], "x", "length")])
+    assert builder.response().choices[0].logprobs.top_logprobs == [{"x": -1.0}]
+
+
+@pytest.mark.parametrize("cut", [0, 1, 2, 3, 5])  # streamed in two chunks cut at each place, 0: not streamed
+def test_text_offsets_count_characters_of_the_text(cut):
+    """text_offset[i] is where token i starts in the text, in characters: a token that is only part of a character
+    starts where that character does, and the next one after it."""
+    builder = ResponseBuilder("cmpl-3", "m", chat=False, top_logprobs=1, n=1, num_prompts=1)
+    if cut:
+        whole = delta(TOKENS, TEXT, "length").logprobs
+        first = ChoiceDelta(0, 3, "", cut, whole[:cut], None)
+        second = ChoiceDelta(0, 3, TEXT, len(TOKENS) - cut, whole[cut:], "length")
+        builder.add([first])
+        streamed = builder.chunk([first]).choices[0].logprobs.text_offset
+        builder.add([second])
+        streamed += builder.chunk([second]).choices[0].logprobs.text_offset
+    else:
+        builder.add([delta(TOKENS, TEXT, "length")])
+    offsets = builder.response().choices[0].logprobs.text_offset
+    assert offsets == [0, 1, 1, 2, 3]
+    assert [TEXT[o] for o in offsets] == ["a", "語", "語", "の", "b"]
+    if cut:
+        assert streamed == offsets
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "top_k", "min_p", "n", "presence_penalty",
+                                   "frequency_penalty", "stream"])
+def test_null_means_the_default(field):
+    """The openai client types these as nullable; null is the default, as if the field were left out."""
+    given = ChatCompletionRequest(model="m", messages=CHAT, **{field: None})
+    assert getattr(given, field) == getattr(ChatCompletionRequest(model="m", messages=CHAT), field)
+    assert ChatCompletionRequest(model="m", messages=CHAT, logprobs=None).to_sampling_params().logprobs is None
+
+
+def test_stop_strings_of_any_length_and_at_most_16_of_them():
+    long_stop = "\n### Instruction:"
+    assert CompletionRequest(model="m", prompt="x", stop=long_stop).to_sampling_params().stop == [long_stop]
+    assert len(CompletionRequest(model="m", prompt="x", stop=["s"] * 16).stop) == 16
+    with pytest.raises(ValidationError, match="at most 16 stop strings, got 17"):
+        CompletionRequest(model="m", prompt="x", stop=["s"] * 17)
+
+
+@pytest.mark.parametrize(("fields", "named"), [(dict(top_logprobs=2), "top_logprobs can only be given with logprobs"),
+                                               (dict(stream_options={"include_usage": True}),
+                                                "stream_options can only be given with stream: true")])
+def test_fields_that_need_another(fields, named):
+    with pytest.raises(ValidationError, match=named):
+        ChatCompletionRequest(model="m", messages=CHAT, **fields)
