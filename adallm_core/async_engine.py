@@ -124,8 +124,12 @@ class AsyncLLM:
 
     def _queue_abort(self, request_id: str, done: Optional[asyncio.Future]) -> None:
         with self._cond:
-            self._pending_aborts.append((request_id, done))
-            self._cond.notify()
+            if self._error is None and not self._stopping:
+                self._pending_aborts.append((request_id, done))
+                self._cond.notify()
+                return
+        if done is not None:  # the loop has ended and failed every stream: nothing holds blocks any more
+            _set_done(done)
 
     # --- the loop (the only thread that touches the engine) ---------------------------------------
     def _run_loop(self) -> None:
@@ -136,7 +140,7 @@ class AsyncLLM:
                                or self.engine.has_unfinished_requests()):
                         self._cond.wait()
                     if self._stopping:
-                        return
+                        break
                     admit, self._pending = self._pending, []
                     aborts, self._pending_aborts = self._pending_aborts, []
                 for req in admit:
@@ -149,11 +153,19 @@ class AsyncLLM:
             logger.exception("engine loop died")
             with self._cond:
                 self._error = e
-                streams, self._streams = list(self._streams.values()), {}
-                aborts, self._pending_aborts = self._pending_aborts, []
-            for stream in streams:
-                stream.put(EngineDeadError(f"engine loop died: {e!r}"))
-            self._deliver([], aborts)
+            self._end_streams(EngineDeadError(f"engine loop died: {e!r}"))
+            return
+        self._end_streams(EngineDeadError("engine is shut down"))
+
+    def _end_streams(self, error: EngineDeadError) -> None:
+        """The loop has ended: every open stream fails with `error`, and every waiting abort returns."""
+        with self._cond:
+            streams, self._streams = list(self._streams.values()), {}
+            aborts, self._pending_aborts = self._pending_aborts, []
+            self._pending = []
+        for stream in streams:
+            stream.put(error)
+        self._deliver([], aborts)
 
     def _deliver(self, outputs: list[RequestOutput], aborts) -> None:
         with self._cond:

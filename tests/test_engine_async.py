@@ -111,11 +111,23 @@ def test_dead_loop_fails_streams_and_health(llm):
     asyncio.run(main())
     with pytest.raises(EngineDeadError):
         llm.check_health()
+    # a server's clean-up aborts its requests after the death: that returns (bounded here), never waits forever
+    asyncio.run(asyncio.wait_for(llm.abort("x"), timeout=10))
 
 
-def test_shutdown_stops_the_loop(llm):
+def test_shutdown_stops_the_loop_and_ends_open_streams(llm):
     llm.check_health()
-    llm.shutdown()
+
+    async def main():
+        params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
+        stream = llm.generate(PROMPTS[0], params, request_id="long")
+        await stream.__anext__()  # running
+        await asyncio.get_running_loop().run_in_executor(None, llm.shutdown)
+        with pytest.raises(EngineDeadError, match="shut down"):
+            await asyncio.wait_for(collect(stream), timeout=10)
+        await asyncio.wait_for(llm.abort("long"), timeout=10)
+
+    asyncio.run(main())
     with pytest.raises(EngineDeadError, match="shut down"):
         llm.check_health()
 
