@@ -289,11 +289,11 @@ class LLMEngine:
             status = SequenceStatus.FINISHED_LENGTH
         if status is None:
             return
-        self.scheduler.finish(seq, status)
         if seq.stop_reason is None or isinstance(seq.stop_reason, int):
             stop = seq.detokenizer.flush()  # text held back for an unfinished character
-            if stop is not None:  # ...which completed a stop string after all
-                seq.stop_reason = stop
+            if stop is not None:  # ...which completed a stop string after all: the text ends before it
+                status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
+        self.scheduler.finish(seq, status)
 
     # --- outputs ------------------------------------------------------------------------------------
     def _output(self, req: Request, force: bool = False) -> Optional[RequestOutput]:

@@ -225,7 +225,8 @@ class KVCacheManager:
                     if b != NULL_BLOCK:
                         pool.touch(b)
             seq.num_computed_tokens = num_hit
-            seq.num_cached_tokens = num_hit
+            if seq.num_preemptions == 0:  # a re-admission after preemption hits its own recomputed blocks
+                seq.num_cached_tokens = num_hit
             if self.enable_prefix_caching:  # counted here, once per admission (a failed try is retried later)
                 self.prefix_cache_queries += seq.num_tokens
                 self.prefix_cache_hits += num_hit

@@ -65,7 +65,7 @@ class Sampler:
             logits = logits.clone()  # the processors below write into the logits: work on a copy
             self._ban(logits, rows)
             self._apply_penalties(logits, rows)
-        greedy = [r.params.temperature == 0.0 for r in rows]
+        greedy = [r.params.greedy for r in rows]
         if all(greedy):
             return logits.argmax(dim=-1)
         return self._sample(logits, rows, greedy)

@@ -134,7 +134,6 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.stop = list(stop)
-        self.max_stop_len = max((len(s) for s in self.stop), default=0)
         self.text = ""  # everything decoded so far (cut at a stop string once one is found)
         self.stop_string: Optional[str] = None
 
@@ -170,9 +169,10 @@ class IncrementalDetokenizer:
     def _add(self, piece: str, check_stop: bool) -> Optional[str]:
         if not piece:
             return None
-        search_from = max(0, len(self.text) - self.max_stop_len + 1)
+        before = len(self.text)
         self.text += piece
-        hits = [(i, s) for s in self.stop if check_stop and (i := self.text.find(s, search_from)) >= 0]
+        # a match must end in the new piece: text from before min_tokens (check_stop off) is never searched again
+        hits = [(i, s) for s in self.stop if check_stop and (i := self.text.find(s, max(0, before - len(s) + 1))) >= 0]
         if hits:
             index, self.stop_string = min(hits)
             self.text = self.text[:index]

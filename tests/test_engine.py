@@ -45,6 +45,15 @@ def test_preemption_gives_the_same_outputs(engine, alone):
     stats = small.stats()
     assert stats["num_preemptions"] > 0
     assert stats["kv_blocks_used"] == 0
+    # num_cached_tokens counts prompt tokens from the prefix cache at first admission; a re-admission after
+    # preemption hits its own recomputed blocks, prompt and generated, which must not count
+    preempted_before = stats["num_preemptions"]
+    for i in range(4):
+        small.add_request(f"c{i}", PROMPTS[i], SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True))
+    done = run_all(small)
+    assert small.stats()["num_preemptions"] > preempted_before
+    assert all(o.num_cached_tokens <= len(o.prompt_token_ids) for o in done.values()), \
+        {k: (o.num_cached_tokens, len(o.prompt_token_ids)) for k, o in done.items()}
 
 
 def test_prefix_cache_reuses_blocks_and_gives_the_same_output(engine):

@@ -89,6 +89,31 @@ def test_stop_token_ids_and_min_tokens(engine):
     assert c.token_ids == tokens[: first + 1] and c.finish_reason == "stop" and c.stop_reason == stop_id
 
 
+class ScriptedSampler:
+    """Samples the given tokens in order (the engine's sampler stands in for a model that would write them)."""
+
+    def __init__(self, script: list[int]):
+        self.script = script
+
+    def __call__(self, logits, rows):
+        from adallm_core.sampler import SamplerOutput
+
+        return SamplerOutput([self.script[len(r.output_token_ids)] for r in rows], [None] * len(rows))
+
+
+def test_held_back_text_that_completes_a_stop_string_finishes_with_stop():
+    """A token that ends in part of a character is held back; when the request ends on length, the flushed text is
+    checked for stop strings too, and one found there makes the finish reason "stop", not "length"."""
+    engine = make_engine("qwen3", async_scheduling=False)
+    tok = engine.tokenizer
+    split = next(i for i in range(tok.vocab_size) if len(s := tok.decode([i])) >= 2 and s[0] != "\ufffd"
+                 and s.endswith("\ufffd"))  # e.g. "a" then the first byte of a character
+    engine.sampler = ScriptedSampler([split])
+    engine.add_request("r", PROMPTS[0], SamplingParams(max_tokens=1, ignore_eos=True, stop=[tok.decode([split])[0]]))
+    c = run_all(engine)["r"].outputs[0]
+    assert (c.text, c.token_ids, c.finish_reason) == ("", [split], "stop")
+
+
 def test_eos_from_generation_config(engine):
     import json
     from pathlib import Path
@@ -123,6 +148,7 @@ def _mutated(**kw):
     ("hi", _mutated(presence_penalty=math.inf), "presence_penalty"),
     ("hi", _mutated(max_tokens=0), "max_tokens"),
     ("hi", _mutated(stop=[3]), "stop"),
+    ("hi", _mutated(max_tokens=4, min_tokens=5), "min_tokens=5: must be at most max_tokens=4"),
     ("hi", {"temperature": 0}, "must be a SamplingParams"),
     (3.5, None, "prompt must be a string or a list of token ids"),
 ])
@@ -138,3 +164,10 @@ def test_bad_request_is_rejected_alone(engine, prompt, params, match):
     assert set(done) == {"ok"}
     assert done["ok"].outputs[0].token_ids == greedy_tokens(engine, [PROMPTS[3]], max_tokens=10)[0]
     assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_a_tiny_positive_temperature_samples_the_argmax(engine):
+    """logits / 1e-39 overflows to inf (NaN probabilities, token 0): temperatures below vLLM's 1e-5 are greedy."""
+    greedy = greedy_tokens(engine, [PROMPTS[5]], max_tokens=6)[0]
+    engine.add_request("t", PROMPTS[5], SamplingParams(temperature=1e-39, max_tokens=6, ignore_eos=True, seed=3))
+    assert run_all(engine)["t"].outputs[0].token_ids == greedy
