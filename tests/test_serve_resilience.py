@@ -83,6 +83,17 @@ def test_client_disconnect_aborts_and_frees_kv_blocks(server, served_name):
     assert after["aborted_requests"] == idle["aborted_requests"] + 1
 
 
+def test_client_that_stops_waiting_for_a_whole_answer_aborts_and_frees_kv_blocks(server, served_name):
+    """The same without streaming: a client that times out closes the connection before any byte came back."""
+    idle = llm_stats("/")
+    body = {"model": served_name, "prompt": "Once upon a time", "max_tokens": LONG, "temperature": 0}
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(f"{server}/v1/completions", json=body, timeout=(10, 2))
+    after = wait_until(lambda: (s := llm_stats("/"))["num_requests"] == 0 and s, timeout_s=20)
+    assert after["kv_blocks_used"] == idle["kv_blocks_used"]
+    assert after["aborted_requests"] == idle["aborted_requests"] + 1
+
+
 def _replica_actors(app: str) -> set[tuple[str, str]]:
     import ray
 
