@@ -18,11 +18,12 @@ def test_engine_args_cli_round_trip():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("kv_cache_dtype", "int4"), ("max_num_seqs", 0), ("gpu_memory_utilization", 1.5), ("block_size", 12)],
+    [("kv_cache_dtype", "int4"), ("max_num_seqs", 0), ("gpu_memory_utilization", 1.5), ("block_size", 12),
+     ("max_num_batched_tokens", 63)],  # fewer than max_num_seqs (64): some decodes would wait for others to end
 )
 def test_engine_args_reject_bad_values_by_name(field, value):
     with pytest.raises(ValueError, match=field):
-        EngineArgs(**{field: value})
+        EngineArgs(**{field: value, **({"max_num_seqs": 64} if field == "max_num_batched_tokens" else {})})
 
 
 def test_engine_args_from_dict_names_unknown_keys():
