@@ -97,11 +97,13 @@ class LLMEngine:
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
+        from adallm_core.checkpoint.files import load_config
         from adallm_core.checkpoint.read import Checkpoint
         from adallm_core.model_source import resolve_model_path
         from adallm_core.runner import ModelRunner
 
         path = resolve_model_path(engine_args.model)
+        load_config(path)  # a folder that is no checkpoint is named as such before its tokenizer is tried
         tokenizer = Tokenizer(resolve_model_path(engine_args.tokenizer) if engine_args.tokenizer else path)
         if engine_args.tensor_parallel_size > 1:
             from adallm_core.distributed.executor import TensorParallelRunner

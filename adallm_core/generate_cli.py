@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     EngineArgs.add_cli_args(parser, with_model=False)
 
 
-def read_prompts(path: Path) -> list[dict]:
+def read_prompts(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) for every non-blank line; a bad line is a ValueError naming it."""
     rows = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -35,8 +36,22 @@ def read_prompts(path: Path) -> list[dict]:
             raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
         if not isinstance(row, dict) or not {"prompt", "prompt_token_ids", "messages"} & row.keys():
             raise ValueError(f"{path}:{n}: needs a 'prompt', 'prompt_token_ids' or 'messages' field")
-        rows.append(row)
+        messages = row.get("messages")
+        if "messages" in row and not (isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages)):
+            raise ValueError(f"{path}:{n}: 'messages' must be a non-empty list of {{role, content}} strings")
+        rows.append((n, row))
     return rows
+
+
+def check_output(input_path: Path, output: Path) -> None:
+    """Before the model loads: a path the generations can be written to, without overwriting the input."""
+    if output.exists() and output.resolve() == input_path.resolve():
+        raise ValueError(f"--output {output} is the input file")
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a folder; give the path of a .jsonl file")
+    output.parent.mkdir(parents=True, exist_ok=True)  # a file in the way is an OSError, reported as such
 
 
 def main(args: argparse.Namespace) -> int:
@@ -44,39 +59,54 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         rows = read_prompts(args.input)
+        check_output(args.input, args.output)
         params = sampling_params_from_args(args)
         engine_args = EngineArgs.from_cli_args(args)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     engine_args.model = args.model
-    llm = LLM(**engine_args.to_dict())
-    tok = llm.get_tokenizer()
-    prompts = []
-    for row in rows:
-        if "messages" in row:
-            prompts.append({"prompt_token_ids": tok.encode_chat(row["messages"])})
-        elif "prompt_token_ids" in row:
-            prompts.append({"prompt_token_ids": row["prompt_token_ids"]})
-        else:
-            prompts.append(row["prompt"])
     try:
+        llm = LLM(**engine_args.to_dict())
+    except (OSError, ValueError) as e:  # the model or the engine options: CheckpointError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        prompts = [prompt_of(llm.get_tokenizer(), args.input, n, row) for n, row in rows]
         outputs = llm.generate(prompts, params, use_tqdm=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{args.output.name}.", dir=args.output.parent)
+    write_atomically(args.output, [
+        {"id": row.get("id", i), "text": out.outputs[0].text, "token_ids": out.outputs[0].token_ids,
+         "finish_reason": out.outputs[0].finish_reason, "num_prompt_tokens": len(out.prompt_token_ids)}
+        for i, ((_, row), out) in enumerate(zip(rows, outputs))])
+    print(f"wrote {len(outputs)} generations to {args.output}", file=sys.stderr)
+    return 0
+
+
+def prompt_of(tok, path: Path, n: int, row: dict):
+    if "messages" in row:
+        try:
+            return {"prompt_token_ids": tok.encode_chat(row["messages"])}
+        except ValueError as e:  # the chat template refused them
+            raise ValueError(f"{path}:{n}: {e}") from None
+    if "prompt_token_ids" in row:
+        return {"prompt_token_ids": row["prompt_token_ids"]}
+    return row["prompt"]
+
+
+def write_atomically(output: Path, lines: list[dict]) -> None:
+    """The file appears complete or not at all, with the permissions a plain open() would give it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it 0600
         with os.fdopen(fd, "w") as f:
-            for i, (row, out) in enumerate(zip(rows, outputs)):
-                c = out.outputs[0]
-                f.write(json.dumps({"id": row.get("id", i), "text": c.text, "token_ids": c.token_ids,
-                                    "finish_reason": c.finish_reason, "num_prompt_tokens": len(out.prompt_token_ids)},
-                                   ensure_ascii=False) + "\n")
-        os.replace(tmp, args.output)
+            for line in lines:
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        os.replace(tmp, output)
     except BaseException:
         os.unlink(tmp)
         raise
-    print(f"wrote {len(outputs)} generations to {args.output}", file=sys.stderr)
-    return 0

@@ -45,7 +45,11 @@ def main(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = s
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engine = LLMEngine.from_engine_args(engine_args)
+    try:
+        engine = LLMEngine.from_engine_args(engine_args)
+    except (OSError, ValueError) as e:  # the model or the engine options: CheckpointError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
 
     def answer(user_text: str) -> Optional[str]:

@@ -1,13 +1,14 @@
 """Tokenizer (transformers AutoTokenizer + generation_config.json eos) and the incremental detokenizer."""
 from __future__ import annotations
 
-import json
 import re
 import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
 import jinja2
+
+from adallm_core.checkpoint.files import read_json
 
 # Prompt tokens kept as decoding context, so the first generated token decodes as it would after the prompt.
 _CONTEXT_TOKENS = 8
@@ -34,7 +35,7 @@ class Tokenizer:
         ids: list[int] = []
         gen = self.path / "generation_config.json"
         if gen.is_file():
-            value = json.loads(gen.read_text()).get("eos_token_id")
+            value = read_json(gen).get("eos_token_id")  # a broken file is an error naming it
             ids += value if isinstance(value, list) else [value] if value is not None else []
         if self.hf.eos_token_id is not None:
             ids.append(self.hf.eos_token_id)

@@ -2,8 +2,10 @@
 import io
 import json
 import subprocess
+import os
 import sys
 
+import pytest
 
 from adallm_core.cli import main
 from engine_fixtures import tiny_model
@@ -80,6 +82,42 @@ def test_generate_bad_input_line_names_the_line(tmp_path, capsys):
                *ENGINE_FLAGS])
     assert rc == 2 and "in.jsonl:2" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_run_names_a_model_that_cannot_load(tmp_path, capsys):
+    """A missing folder, or a folder that is no checkpoint: one line naming it and exit 1, no traceback."""
+    rc, _ = run_cli([str(tmp_path / "no-such-model"), "x", *ENGINE_FLAGS])
+    assert rc == 1 and "no-such-model': no such folder" in capsys.readouterr().err
+    rc, _ = run_cli([str(tmp_path), "x", *ENGINE_FLAGS])
+    assert rc == 1 and f"{tmp_path / 'config.json'}: file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("line", "output", "named"), [
+    ('{"prompt": "ok"}', "in.jsonl", "is the input file"),
+    ('{"prompt": "ok"}', ".", "is a folder"),
+    ('{"prompt": "ok"}', "afile/o.jsonl", "afile"),
+    ('{"messages": "hi"}', "o.jsonl", "in.jsonl:1: 'messages' must be a non-empty list of {role, content}"),
+    ('{"messages": [{"content": "hi"}]}', "o.jsonl", "in.jsonl:1: 'messages' must be"),
+])
+def test_generate_refuses_bad_output_or_messages_before_loading_the_model(tmp_path, capsys, line, output, named):
+    (tmp_path / "in.jsonl").write_text(line + "\n")
+    (tmp_path / "afile").write_text("a file where a folder would go")
+    rc = main(["generate", str(tmp_path / "no-model-needed"), "--input", str(tmp_path / "in.jsonl"),
+               "--output", str(tmp_path / output), *ENGINE_FLAGS])
+    assert rc == 2 and named in capsys.readouterr().err
+    assert (tmp_path / "in.jsonl").read_text() == line + "\n"
+
+
+def test_generate_output_has_the_permissions_of_a_plain_file(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "o.jsonl"
+    inp.write_text('{"prompt": "Hello"}\n')
+    old = os.umask(0o022)
+    try:
+        assert main(["generate", tiny_model("qwen3"), "--input", str(inp), "--output", str(out), "--max-tokens", "2",
+                     *ENGINE_FLAGS]) == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
 
 
 def test_adallm_console_script_runs_the_demo_path_help():
