@@ -34,23 +34,29 @@ def test_command_converts_with_exclude_and_prints_summary(moe, tmp_path):
     dst = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "adallm_core.cli", "quantize", str(moe), str(dst), "--format", "compressed-tensors",
-         "--exclude", "model.layers.1.mlp.experts.*.down_proj", "re:.*layers\\.0\\.self_attn\\.o_proj"],
+         "--exclude", "model.layers.1.self_attn.[qkv]_proj", "re:.*layers\\.0\\.self_attn\\.o_proj"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "quantize" in proc.stderr  # the tqdm bar
-    assert "69 tensors (47 quantized)" in proc.stdout and "GB/s" in proc.stdout
+    assert "69 tensors (52 quantized)" in proc.stdout and "GB/s" in proc.stdout
     for name in SIDE_FILES:
         assert (dst / name).read_bytes() == (moe / name).read_bytes()
     ignore = json.loads((dst / "config.json").read_text())["quantization_config"]["ignore"]
     assert ignore[:2] == ["lm_head", "model.layers.0.mlp.gate"]
-    assert "model.layers.0.self_attn.o_proj" in ignore and "model.layers.1.mlp.experts.7.down_proj" in ignore
+    assert "model.layers.0.self_attn.o_proj" in ignore and "model.layers.1.self_attn.v_proj" in ignore
     ckpt = Checkpoint(dst)
     src = tensors(moe / "model.safetensors")
-    for prefix in ("model.layers.1.mlp.experts.3.down_proj", "model.layers.0.self_attn.o_proj"):
+    for prefix in ("model.layers.1.self_attn.k_proj", "model.layers.0.self_attn.o_proj"):
         assert torch.equal(ckpt.linear(prefix), src[f"{prefix}.weight"])
     assert ckpt.linear("model.layers.0.mlp.experts.3.down_proj").in_features == 64
     assert leftovers(tmp_path) == []
+    from adallm_core import EngineArgs
+    from adallm_core.engine import LLMEngine
+
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(dst), device="cpu", kv_cache_dtype="bf16",
+                                                   num_gpu_blocks_override=16, max_model_len=64))
+    assert engine.runner.model_config.num_experts == 8  # the engine loads what the exclusions made
 
 
 def test_compressed_tensors_package_decompresses_our_output(moe, tmp_path):
@@ -156,6 +162,48 @@ def test_bad_inputs_exit_non_zero_and_leave_nothing(moe, tmp_path, capsys):
     rc, err = run_cli(capsys, tmp_path / "exists", tmp_path / "o2")  # a folder with no config.json
     assert rc == 1 and "config.json: file not found" in err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(("exclude", "named"), [
+    (["*.self_attn.q_proj"], "keeps model.layers.0.self_attn.q_proj dense but not model.layers.0.self_attn.k_proj, "
+                             "model.layers.0.self_attn.v_proj: the engine runs them as one fused linear"),
+    (["*.experts.*.down_proj"], "keeps MoE expert model.layers.0.mlp.experts.0.down_proj dense"),
+    (["*.o_proj", "typo.*"], "--exclude 'typo.*' matches no quantizable linear"),
+    (["re:("], "--exclude 're:(': not a valid regular expression"),
+])
+def test_exclusions_the_engine_could_not_load_are_refused(moe, tmp_path, capsys, exclude, named):
+    rc, err = run_cli(capsys, moe, tmp_path / "out", "--exclude", *exclude)
+    assert rc == 1 and named in err, err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_bad_device_or_a_file_in_the_way_is_an_error_line(moe, tmp_path, capsys):
+    rc, err = run_cli(capsys, moe, tmp_path / "out", "--device", "nonsense")
+    assert rc == 1 and "--device 'nonsense'" in err
+    (tmp_path / "afile").write_text("")
+    rc, err = run_cli(capsys, moe, tmp_path / "afile" / "out")
+    assert rc == 1 and "afile" in err and leftovers(tmp_path) == []
+
+
+def test_sigterm_leaves_nothing(moe, tmp_path):
+    """A killed conversion (SIGTERM, as from a job scheduler) cleans up like Ctrl-C: no DST, no temporary folder."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from adallm_core import nvfp4; real = nvfp4.quantize\n"
+        "def slow(*a, **k):\n    time.sleep(0.5); return real(*a, **k)\n"
+        "nvfp4.quantize = slow\n"
+        "from adallm_core.cli import main; print('started', flush=True); sys.exit(main(sys.argv[1:]))"),
+        "quantize", str(moe), str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    deadline = time.monotonic() + 60
+    while not leftovers(tmp_path) and time.monotonic() < deadline:  # the temporary folder exists: mid-run
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "nothing was written" in err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 def test_nan_weight_and_unsupported_architecture(tmp_path):

@@ -22,6 +22,9 @@ _DENSE_LINEAR = re.compile(r"(^|\.)(lm_head|mlp\.gate)\.weight$")
 # Gemma3ForConditionalGeneration: only the language model is quantized; the vision side stays as it is.
 VISION_IGNORE = ("re:.*vision_tower.*", "re:.*multi_modal_projector.*")
 
+# Linears the engine runs as one: they must be all quantized or all dense.
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
 PACKED_NAME = {"modelopt": "weight", "compressed-tensors": "weight_packed"}
 GLOBAL_NAME = {"modelopt": "weight_scale_2", "compressed-tensors": "weight_global_scale"}
 
@@ -35,6 +38,13 @@ def quantized_linear_prefix(name: str) -> str | None:
 
 def dense_linear_prefix(name: str) -> str | None:
     return name[: -len(".weight")] if _DENSE_LINEAR.search(name) else None
+
+
+def fused_partners(prefix: str) -> list[str]:
+    """'...self_attn.k_proj' -> the q/k/v prefixes beside it; a linear that is fused with nothing -> [prefix]."""
+    parent, _, leaf = prefix.rpartition(".")
+    group = next((g for g in FUSED_GROUPS if leaf in g), (leaf,))
+    return [f"{parent}.{name}" for name in group]
 
 
 def is_excluded(prefix: str, patterns: list[str]) -> bool:

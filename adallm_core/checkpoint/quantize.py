@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -135,6 +136,33 @@ def _copy_tensor(reader: _ShardReader, t: _Tensor, out: StreamingSafetensorsWrit
         out.write(t.name, reader.rows(t.name, a, b), a * row_bytes)
 
 
+def _check_patterns(exclude: list[str]) -> None:
+    for pattern in exclude:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as e:
+                raise CheckpointError(f"--exclude {pattern!r}: not a valid regular expression ({e})") from None
+
+
+def _check_exclusions(tensors: list[_Tensor], exclude: list[str]) -> None:
+    """Exclusions the engine can load: each pattern matches something, fused linears stay alike, experts NVFP4."""
+    linears = {p for t in tensors if (p := layout.quantized_linear_prefix(t.name))}
+    kept_dense = {p for p in linears if layout.is_excluded(p, exclude)}
+    for pattern in exclude:
+        if not any(layout.is_excluded(p, [pattern]) for p in linears):
+            raise CheckpointError(f"--exclude {pattern!r} matches no quantizable linear (their names look like "
+                                  f"{min(linears, default='model.layers.0.mlp.down_proj')!r})")
+    for prefix in sorted(kept_dense):
+        if ".experts." in prefix:
+            raise CheckpointError(f"--exclude keeps MoE expert {prefix} dense: the engine runs every expert in "
+                                  f"NVFP4 (one grouped kernel for all of them)")
+        quantized = [p for p in layout.fused_partners(prefix) if p in linears and p not in kept_dense]
+        if quantized:
+            raise CheckpointError(f"--exclude keeps {prefix} dense but not {', '.join(quantized)}: the engine runs "
+                                  f"them as one fused linear, so exclude them together")
+
+
 def _copy_side_files(src: Path, dst: Path) -> None:
     """Tokenizer files, generation_config.json, chat template, README...: every top-level file but the weights."""
     for p in src.iterdir():
@@ -159,6 +187,16 @@ def _convert_shard(path: Path, plan: list[_Tensor], fmt: str, out_dir: Path, dev
     return specs
 
 
+def _check_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise CheckpointError(f"--device {device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"--device {device}: this torch has no CUDA device; use --device cpu")
+    return device
+
+
 def _producer_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -178,12 +216,15 @@ def quantize_checkpoint(src, dst, fmt: str = "modelopt", exclude=(), progress: b
         raise CheckpointError(f"unknown format {fmt!r}; choose from {', '.join(layout.FORMATS)}")
     if dst.exists():
         raise CheckpointError(f"{dst}: destination already exists; choose a new folder or remove it")
+    device = _check_device(device)
     config = load_config(src)
     if config.get("quantization_config"):
         raise CheckpointError(f"{src / 'config.json'}: field 'quantization_config' is set; source is already quantized")
     shards = shard_files(src)
+    _check_patterns(exclude)
     plans = {path: _plan_shard(path, exclude) for path in shards}
     tensors = [t for plan in plans.values() for t in plan]
+    _check_exclusions(tensors, exclude)
     dense = {layout.dense_linear_prefix(t.name) for t in tensors}
     excluded = {layout.quantized_linear_prefix(t.name) for t in tensors if not t.prefix}
     ignore = ["lm_head"] + sorted((dense | excluded) - {None, "lm_head"})  # lm_head stays dense even when tied

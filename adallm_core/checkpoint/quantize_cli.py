@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from adallm_core.checkpoint.files import CheckpointError
@@ -23,9 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from adallm_core.checkpoint.quantize import quantize_checkpoint
 
+    signal.signal(signal.SIGTERM, _interrupted)  # a kill cleans up as Ctrl-C does: no temporary folder left
     try:
         s = quantize_checkpoint(args.src, args.dst, fmt=args.format, exclude=args.exclude, device=args.device)
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, ValueError, OSError) as e:
         print(f"adallm quantize: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -37,3 +39,7 @@ def main(args: argparse.Namespace) -> int:
         f"({s['bytes_in'] / 1e9 / max(s['seconds'], 1e-9):.3f} GB/s of input)"
     )
     return 0
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt

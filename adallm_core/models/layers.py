@@ -195,7 +195,8 @@ class SparseMoE:
             ex = f"{prefix}.experts.{i}"
             parts = [ckpt.linear(f"{ex}.gate_proj"), ckpt.linear(f"{ex}.up_proj"), ckpt.linear(f"{ex}.down_proj")]
             if any(isinstance(p, torch.Tensor) for p in parts):
-                raise ValueError(f"checkpoint {ex}: MoE experts must be NVFP4-quantized")
+                raise ValueError(f"checkpoint {ex}: MoE experts must be NVFP4-quantized (convert a BF16 checkpoint "
+                                 f"with `adallm quantize`)")
             for p, shape, name in zip(parts, [(inter, h), (inter, h), (h, inter)], ["gate_proj", "up_proj", "down_proj"]):
                 if _shape(p) != shape:
                     raise ValueError(f"checkpoint linear {ex}.{name}: shape {_shape(p)}, config expects {shape}")
