@@ -18,7 +18,7 @@ from typing import Optional
 
 from adallm_core.config import EngineArgs
 from jobs.processor import ProcessorConfig, build_processor
-from jobs.rows import RowSpec, check_schema
+from jobs.rows import OUTPUT_SCHEMA, RowSpec, check_schema
 from jobs.summary import JobSummary
 
 
@@ -71,6 +71,7 @@ class JobPlan:
     output_root: str
     id_column: str
     processor: ProcessorConfig
+    input_rows: int = 0  # from the Parquet footers: each is either already written or processed by this run
 
 
 def plan_job(args: argparse.Namespace) -> JobPlan:
@@ -90,7 +91,7 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
     )
     in_fs, in_path = resume.filesystem_and_path(args.input)
     files = resume.input_files(in_fs, in_path)
-    schema = pads.dataset(files, filesystem=in_fs, format="parquet").schema
+    schema, input_rows = resume.read_footers(in_fs, files, f"--input {args.input}")
     check_schema(schema, rows, f"--input {args.input}")
     id_column = args.id_column or resume.DERIVED_ID_COLUMN
     if args.id_column and args.id_column not in schema.names:
@@ -105,8 +106,10 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
     out_root = out_root.rstrip("/")
     if out_fs.get_file_info(out_root).type == pafs.FileType.File:
         raise ValueError(f"--output {args.output} is a file; give a folder")
-    if type(out_fs) is type(in_fs) and (out_root + "/").startswith(in_path.rstrip("/") + "/"):
+    if type(out_fs) is type(in_fs) and ((out_root + "/").startswith(in_path.rstrip("/") + "/") or (
+            resume.is_glob(in_path) and resume.glob_matches(in_path, f"{out_root}/{resume.PART_PREFIX}0.parquet"))):
         raise ValueError(f"--output {args.output} is inside --input {args.input}; its files would be read as input")
+    resume.check_output_parts(out_fs, out_root, [id_column, *OUTPUT_SCHEMA.names], f"--output {args.output}")
     check_model(engine_args, chat=rows.messages_column is not None)
 
     processor = ProcessorConfig(
@@ -114,7 +117,7 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
         max_concurrent_batches=args.max_concurrent_batches, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
         accelerator_type=args.accelerator_type, max_restarts=args.max_restarts, max_task_retries=args.max_task_retries,
     )  # fmt: skip
-    return JobPlan(in_fs, files, out_fs, out_root, id_column, processor)
+    return JobPlan(in_fs, files, out_fs, out_root, id_column, processor, input_rows)
 
 
 def check_model(engine_args: EngineArgs, chat: bool) -> None:
@@ -167,9 +170,9 @@ def execute(plan: JobPlan):
     sink = resume.AtomicParquetDatasink(plan.output_fs, plan.output_root, plan.id_column)
     ds.write_datasink(sink)
 
-    summary = JobSummary(
-        **sink.stats, wall_time_s=time.perf_counter() - start, rows_skipped=0 if written is None else len(written)
-    )
+    # every input row is either one this run wrote or one an earlier run had (exactly once)
+    summary = JobSummary(**sink.stats, wall_time_s=time.perf_counter() - start,
+                         rows_skipped=plan.input_rows - sink.stats["rows"])
     with plan.output_fs.open_output_stream(f"{plan.output_root}/{resume.SUMMARY_NAME}") as f:
         f.write(summary.to_json().encode())
     return summary, ds

@@ -43,12 +43,25 @@ def filesystem_and_path(uri: str, filesystem: Optional[pafs.FileSystem] = None) 
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def is_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+def glob_matches(pattern: str, path: str) -> bool:
+    """Shell-style, one path component per pattern component: '*' never crosses '/', and names starting with '.'
+    or '_' (temporary and metadata files, such as this job's own) match only a pattern that spells them out."""
+    names, parts = pattern.rstrip("/").split("/"), path.rstrip("/").split("/")
+    return len(names) == len(parts) and all(
+        fnmatch.fnmatchcase(part, name) and (not part.startswith((".", "_")) or name.startswith(part[0]))
+        for name, part in zip(names, parts))
+
+
 def input_files(fs: pafs.FileSystem, path: str, flag: str = "--input") -> list[str]:
     """Parquet files of a file, a folder (recursive; hidden and _-prefixed names skipped) or a glob."""
-    if any(ch in path for ch in "*?["):
+    if is_glob(path):
         base = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0] or "/"
         found = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-        files = sorted(i.path for i in found if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path))
+        files = sorted(i.path for i in found if i.type == pafs.FileType.File and glob_matches(path, i.path))
     else:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:
@@ -65,6 +78,42 @@ def input_files(fs: pafs.FileSystem, path: str, flag: str = "--input") -> list[s
 def _is_data_file(path: str, root: str) -> bool:
     relative = path[len(root) :].strip("/")
     return path.endswith(".parquet") and not any(part.startswith((".", "_")) for part in relative.split("/"))
+
+
+def read_footers(fs: pafs.FileSystem, files: list[str], where: str) -> tuple[pa.Schema, int]:
+    """Every input file's schema, unified, and the total row count, from the Parquet footers alone. A column whose
+    type differs between files (beyond widening, e.g. int32 and int64) is an error naming both files."""
+    schema, rows, origin = pa.schema([]), 0, {}
+    for path in files:
+        meta = pq.read_metadata(path, filesystem=fs)
+        rows += meta.num_rows
+        file_schema = meta.schema.to_arrow_schema()
+        try:
+            schema = pa.unify_schemas([schema, file_schema], promote_options="permissive")
+        except (pa.ArrowTypeError, pa.ArrowInvalid):
+            name = next(f.name for f in file_schema if f.name in origin and not _widens(schema, file_schema, f.name))
+            raise ValueError(f"{where}: column {name!r} is {schema.field(name).type} in {origin[name]} but "
+                             f"{file_schema.field(name).type} in {path}") from None
+        origin.update({f.name: origin.get(f.name, path) for f in file_schema})
+    return schema, rows
+
+
+def _widens(a: pa.Schema, b: pa.Schema, name: str) -> bool:
+    try:
+        pa.unify_schemas([pa.schema([a.field(name)]), pa.schema([b.field(name)])], promote_options="permissive")
+        return True
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        return False
+
+
+def check_output_parts(fs: pafs.FileSystem, root: str, columns: list[str], where: str) -> None:
+    """part-*.parquet files already in the output folder must be this job's (they hold its id and output columns):
+    any other file named so would be read as rows already written."""
+    for path in part_files(fs, root):
+        missing = [c for c in columns if c not in pq.read_schema(path, filesystem=fs).names]
+        if missing:
+            raise ValueError(f"{where}: {path} was not written by this job (it has no {missing} column); give an "
+                             f"empty folder, or this job's own to resume it")
 
 
 def part_files(fs: pafs.FileSystem, root: str) -> list[str]:
@@ -87,7 +136,9 @@ def written_ids(fs: pafs.FileSystem, root: str, id_column: str) -> Optional[pa.A
     if not parts:
         return None
     ids = pads.dataset(parts, filesystem=fs, format="parquet").to_table(columns=[id_column]).column(id_column)
-    return ids.combine_chunks()
+    ids = ids.combine_chunks()
+    # a dictionary-encoded id column (pandas categorical) comes back so, and is_in takes no dictionary value set
+    return ids.dictionary_decode() if pa.types.is_dictionary(ids.type) else ids
 
 
 def check_ids(ids: pa.ChunkedArray, column: str, where: str) -> None:

@@ -69,7 +69,7 @@ def check_schema(schema: pa.Schema, spec: RowSpec, where: str) -> None:
     names = set(schema.names)
     for column, flag, is_ok, holds in (
         (spec.prompt_column, "--prompt-column", _is_string, "strings"),
-        (spec.messages_column, "--messages-column", pa.types.is_list, "lists of {role, content}"),
+        (spec.messages_column, "--messages-column", _is_list, "lists of {role, content}"),
     ):
         if column is None:
             continue
@@ -86,7 +86,7 @@ def check_schema(schema: pa.Schema, spec: RowSpec, where: str) -> None:
             continue
         kind = schema.field(name).type
         ok = (
-            _is_string(kind) or pa.types.is_list(kind)
+            _is_string(kind) or _is_list(kind)
             if name == "stop"
             else pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)
         )
@@ -147,6 +147,10 @@ def _render(prompt: Any, messages: Any, spec: RowSpec, tokenizer: Any) -> Union[
 
 def _is_string(kind: pa.DataType) -> bool:
     return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _is_list(kind: pa.DataType) -> bool:  # large lists: what Polars writes
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind)
 
 
 def _params(defaults: dict, row: dict) -> SamplingParams:

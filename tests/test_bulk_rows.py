@@ -89,6 +89,12 @@ def test_schema_errors(schema, spec, message):
     assert message in str(info.value)
 
 
+def test_large_lists_hold_messages_and_stops():  # what Polars writes
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    check_schema(pa.schema([("chat", pa.large_list(message)), ("stop", pa.large_list(pa.string()))]),
+                 RowSpec(prompt_column=None, messages_column="chat"), "in.parquet")
+
+
 def test_input_files_file_folder_glob(tmp_path):
     table = pa.table({"prompt": ["x"]})
     (tmp_path / "d" / "sub").mkdir(parents=True)
@@ -99,6 +105,9 @@ def test_input_files_file_folder_glob(tmp_path):
     assert resume.input_files(fs, f"{root}/a.parquet") == [f"{root}/a.parquet"]
     assert resume.input_files(fs, root) == [f"{root}/a.parquet", f"{root}/sub/b.parquet"]
     assert resume.input_files(fs, f"{root}/*/*.parquet") == [f"{root}/sub/b.parquet"]
+    # '*' stays within one folder level and, like a folder input, skips '_' and '.' names unless spelled out
+    assert resume.input_files(fs, f"{root}/*.parquet") == [f"{root}/a.parquet"]
+    assert resume.input_files(fs, f"{root}/_*.parquet") == [f"{root}/_c.parquet"]
     with pytest.raises(ValueError, match="no such file or folder"):
         resume.input_files(fs, f"{root}/missing.parquet")
     with pytest.raises(ValueError, match="no Parquet files"):
@@ -118,6 +127,30 @@ def test_resume_ignores_temp_files_and_drops_written_rows(tmp_path):
     assert resume.remove_temp_files(fs, root) == 1
     batch = pa.table({"id": [1, 2, 3, 4]})
     assert resume.drop_written(batch, "id", resume.written_ids(fs, root, "id")).column("id").to_pylist() == [3, 4]
+
+
+def test_resume_with_dictionary_encoded_ids(tmp_path):
+    """pandas categorical ids are written (and read back) dictionary-encoded; resume still matches them."""
+    fs, root = pafs.LocalFileSystem(), str(tmp_path)
+    ids = pa.array(["a", "b"]).dictionary_encode()
+    done = output_table(pa.table({"id": ids}), [RowResult(generated_text="x", num_generated_tokens=1)] * 2)
+    resume.AtomicParquetDatasink(fs, root, "id").write([done], ctx=None)
+    batch = pa.table({"id": pa.array(["a", "c", "b", "d"]).dictionary_encode()})
+    kept = resume.drop_written(batch, "id", resume.written_ids(fs, root, "id"))
+    assert kept.column("id").to_pylist() == ["c", "d"]
+
+
+def test_footers_unify_the_files_and_name_a_conflict(tmp_path):
+    fs = pafs.LocalFileSystem()
+    pq.write_table(pa.table({"prompt": ["a", "b"], "n": pa.array([1, 2], pa.int32())}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"prompt": ["c"], "n": pa.array([3], pa.int64())}), tmp_path / "b.parquet")
+    pq.write_table(pa.table({"prompt": [7]}), tmp_path / "c.parquet")
+    files = [str(tmp_path / n) for n in ("a.parquet", "b.parquet")]
+    schema, rows = resume.read_footers(fs, files, "--input x")
+    assert rows == 3 and schema.field("n").type == pa.int64()  # widened, as Ray Data reads them
+    with pytest.raises(ValueError, match=r"--input x: column 'prompt' is string in .*a.parquet but int64 in "
+                                         r".*c.parquet"):
+        resume.read_footers(fs, files + [str(tmp_path / "c.parquet")], "--input x")
 
 
 def test_a_completed_job_leaves_no_temp_files(tmp_path):
@@ -161,6 +194,14 @@ def test_bad_job_arguments_fail_before_any_engine_work(tmp_path, capsys):
     err = _fail(["--input", str(data), "--output", out, "--model", str(tmp_path / "model")], capsys)
     assert f"--model {tmp_path / 'model'}: cannot read it" in err
     assert "is inside --input" in _fail(["--input", str(tmp_path), "--output", str(tmp_path / "o")], capsys)
+    # a glob that would read this job's part files on the next run
+    (tmp_path / "sub").mkdir()
+    pq.write_table(pa.table({"prompt": ["hi"]}), tmp_path / "sub" / "x.parquet")
+    assert "is inside --input" in _fail(["--input", f"{tmp_path}/*/*.parquet", "--output", out], capsys)
+    (tmp_path / "spark").mkdir()
+    pq.write_table(pa.table({"user": [1]}), tmp_path / "spark" / "part-00000-1234.snappy.parquet")
+    assert "part-00000-1234.snappy.parquet was not written by this job" in _fail(
+        ["--input", str(data), "--output", str(tmp_path / "spark")], capsys)
     assert "--concurrency" in _fail(["--input", str(data), "--output", out, "--concurrency", "2,x"], capsys)
     assert not (tmp_path / "out").exists()  # nothing was started, nothing written
 
