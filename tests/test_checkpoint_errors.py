@@ -1,5 +1,6 @@
 """Every bad checkpoint gets a CheckpointError (a ValueError) that names the file and the tensor or field."""
 import json
+import re
 import shutil
 
 import pytest
@@ -109,6 +110,19 @@ def test_dense_weight_of_wrong_shape(good, tmp_path):
         Checkpoint(folder)
 
 
+@pytest.mark.parametrize(("name", "new", "match"), [
+    ("model.layers.0.input_layernorm.weight", torch.ones(7, dtype=torch.bfloat16), r"has shape \[7\], expected \[64\]"),
+    ("model.layers.1.self_attn.k_norm.weight", torch.ones(64, dtype=torch.bfloat16), r"has shape \[64\], expected \[16\]"),
+    ("model.embed_tokens.weight", torch.zeros(384, 64, dtype=torch.int32), r"has dtype torch.int32"),
+])
+def test_norm_or_embedding_of_wrong_shape_or_dtype(good, tmp_path, name, new, match):
+    """Named at load, not at the first step's shape mismatch (or never, for an integer embedding table)."""
+    folder = copy(good, "modelopt", tmp_path)
+    rewrite_tensor(folder, name, new)
+    with pytest.raises(CheckpointError, match=f"tensor '{re.escape(name)}' {match}"):
+        Checkpoint(folder)
+
+
 def test_unknown_quant_algo(good, tmp_path):
     folder = copy(good, "modelopt", tmp_path)
     edit_json(folder / "hf_quant_config.json", lambda d: d["quantization"].update(quant_algo="W4A8_AWQ"))
@@ -118,6 +132,20 @@ def test_unknown_quant_algo(good, tmp_path):
     edit_json(folder / "config.json", lambda d: d["quantization_config"].update(quant_algo="FP8"))
     with pytest.raises(CheckpointError, match=r"config\.json quantization_config: field 'quant_algo' = 'FP8'"):
         Checkpoint(folder)
+
+
+def test_hf_quant_config_and_config_json_must_agree(good, tmp_path):
+    """Both files (newer ModelOpt exports write both): a stale one of either kind is named, never half-believed."""
+    folder = copy(good, "modelopt", tmp_path)
+    Checkpoint(folder)  # ours agree
+    edit_json(folder / "config.json", lambda d: d["quantization_config"].update(quant_algo="FP8"))
+    with pytest.raises(CheckpointError, match=r"hf_quant_config\.json says ModelOpt NVFP4 but .*config\.json "
+                                              r"quantization_config says quant_method='modelopt' quant_algo='FP8'"):
+        Checkpoint(folder)
+    ct = copy(good, "compressed-tensors", tmp_path)
+    shutil.copy(folder / "hf_quant_config.json", ct / "hf_quant_config.json")  # left over from another export
+    with pytest.raises(CheckpointError, match=r"quant_method='compressed-tensors'"):
+        Checkpoint(ct)
 
 
 def test_unknown_quant_method_and_ct_format(good, tmp_path):

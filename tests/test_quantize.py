@@ -231,6 +231,11 @@ def test_already_quantized_source_is_refused(moe, tmp_path):
     dst = quantize_checkpoint(moe, tmp_path / "q", progress=False)["dst"]
     with pytest.raises(ValueError, match="already quantized"):
         quantize_checkpoint(dst, tmp_path / "qq")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    del config["quantization_config"]  # older ModelOpt exports describe the format in hf_quant_config.json alone
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"hf_quant_config.json exists; source is already quantized"):
+        quantize_checkpoint(dst, tmp_path / "qq")
 
 
 @pytest.mark.gpu

@@ -52,13 +52,27 @@ def _compressed_tensors(qc: dict, where: str) -> QuantInfo:
     return QuantInfo("compressed-tensors", list(qc.get("ignore") or []), bool(qc.get("kv_cache_scheme")))
 
 
+def _check_agrees(qc: dict | None, folder: Path) -> None:
+    """config.json beside hf_quant_config.json (newer ModelOpt exports write both) must say the same: a stale file
+    of either kind would have the weights read in the wrong layout."""
+    if not qc:
+        return
+    method, algo = qc.get("quant_method"), qc.get("quantization", qc).get("quant_algo")
+    if method != "modelopt" or algo not in (None, "NVFP4"):
+        raise CheckpointError(
+            f"{folder / 'hf_quant_config.json'} says ModelOpt NVFP4 but {folder / 'config.json'} quantization_config "
+            f"says quant_method={method!r} quant_algo={algo!r}; remove the file that does not describe the weights")
+
+
 def detect_format(folder: Path, config: dict) -> QuantInfo:
     folder = Path(folder)
     hf_quant = folder / "hf_quant_config.json"
+    qc = config.get("quantization_config")
     if hf_quant.exists():
         data = read_json(hf_quant)
-        return _modelopt(data.get("quantization", data), str(hf_quant))
-    qc = config.get("quantization_config")
+        info = _modelopt(data.get("quantization", data), str(hf_quant))
+        _check_agrees(qc, folder)
+        return info
     if not qc:
         return QuantInfo(None)
     where = f"{folder / 'config.json'} quantization_config"

@@ -220,6 +220,8 @@ def quantize_checkpoint(src, dst, fmt: str = "modelopt", exclude=(), progress: b
     config = load_config(src)
     if config.get("quantization_config"):
         raise CheckpointError(f"{src / 'config.json'}: field 'quantization_config' is set; source is already quantized")
+    if (src / "hf_quant_config.json").exists():
+        raise CheckpointError(f"{src / 'hf_quant_config.json'} exists; source is already quantized (ModelOpt)")
     shards = shard_files(src)
     _check_patterns(exclude)
     plans = {path: _plan_shard(path, exclude) for path in shards}

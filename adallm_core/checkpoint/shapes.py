@@ -6,6 +6,8 @@ import re
 from adallm_core.checkpoint.files import CheckpointError
 
 _LINEAR = re.compile(r"layers\.\d+\.(self_attn|mlp)\.(?:experts\.\d+\.)?(\w+_proj)$")
+_NORM = re.compile(r"(?:layers\.\d+\.(?:self_attn\.)?(\w*norm)|(?:^|\.)(norm))\.weight$")
+_EMBEDDING = re.compile(r"(?:^|\.)embed_tokens\.weight$")
 
 
 def text_config(config: dict) -> dict:
@@ -31,3 +33,22 @@ def expected_linear_shape(config: dict, prefix: str) -> tuple[int, int] | None:
         "q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
         "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter),
     }.get(m.group(2))
+
+
+def expected_dense_shape(config: dict, name: str) -> tuple[int, ...] | None:
+    """Shape of a norm weight ('...input_layernorm.weight', '...q_norm.weight', 'model.norm.weight') or of the
+    input embedding table, from config.json; None for any other tensor."""
+    if "vision_tower" in name or "multi_modal_projector" in name:
+        return None
+    c = text_config(config)
+    norm, embedding = _NORM.search(name), _EMBEDDING.search(name)
+    if not norm and not embedding:
+        return None
+    try:
+        hidden = c["hidden_size"]
+        if embedding:
+            return (c["vocab_size"], hidden)
+        kind = next(g for g in norm.groups() if g)
+        return (c.get("head_dim") or hidden // c["num_attention_heads"],) if kind in ("q_norm", "k_norm") else (hidden,)
+    except KeyError as e:
+        raise CheckpointError(f"config.json: field {e.args[0]!r} is missing") from None
