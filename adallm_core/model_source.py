@@ -33,4 +33,8 @@ def resolve_model_path(model: Optional[str], revision: Optional[str] = None) -> 
     from huggingface_hub import snapshot_download
 
     logger.info("fetching %s from the Hugging Face hub into the standard cache", model)
-    return Path(snapshot_download(model, revision=revision))
+    try:
+        return Path(snapshot_download(model, revision=revision))
+    except Exception as e:  # offline, unknown repo, gated, ...: a mistyped local path lands here too
+        raise ValueError(f"model {model!r}: no such folder on host {socket.gethostname()!r}, and fetching it from "
+                         f"the Hugging Face hub failed ({type(e).__name__}: {e})") from e

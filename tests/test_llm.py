@@ -88,3 +88,17 @@ def test_model_source(tmp_path):
         resolve_model_path(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="no such folder"):
         resolve_model_path("./not/here")
+
+
+def test_a_name_that_is_neither_a_folder_nor_on_the_hub_says_both(monkeypatch):
+    """'models/qwen3-typo' looks like a hub id; when the hub cannot give it (here: no network, stubbed), the error
+    still says that no such local folder exists."""
+    import huggingface_hub
+
+    def offline(repo_id, revision=None):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("cannot reach the hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ValueError, match=r"model 'models/qwen3-typo': no such folder on host .*, and fetching it "
+                                         r"from the Hugging Face hub failed \(LocalEntryNotFoundError: cannot reach"):
+        resolve_model_path("models/qwen3-typo")
