@@ -30,6 +30,7 @@ SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_ING
 # endpoint is down until Serve starts another. "node:__internal_head__" is the resource Ray gives the head node
 # (also the only node of a local Ray); serve_config.yaml asks for it too.
 ON_HEAD_NODE = {"node:__internal_head__": 0.001}
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 class ServeOptions(BaseModel):
@@ -41,7 +42,7 @@ class ServeOptions(BaseModel):
     num_replicas: Optional[int] = Field(None, ge=1)  # fixed count; or autoscale between min/max_replicas
     min_replicas: Optional[int] = Field(None, ge=0)
     max_replicas: Optional[int] = Field(None, ge=1)
-    num_gpus: Optional[float] = Field(None, ge=0)  # per replica; None: 1 when the cluster has GPUs, else 0
+    num_gpus: Optional[float] = Field(None, ge=0)  # per replica; None: 1 with an accelerator_type or GPUs, else 0
     accelerator_type: Optional[str] = None  # e.g. "L4", "L40S"; Ray's accelerator_type resource label
     max_batch_size: int = Field(32, ge=1)  # @serve.batch: arrivals admitted in one add_requests call
     batch_wait_timeout_s: float = Field(0.005, ge=0)
@@ -69,7 +70,8 @@ def split_args(args: dict[str, Any]) -> tuple[EngineArgs, ServeOptions]:
 
 def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
     engine, options = split_args(dict(args or {}))
-    num_gpus = options.num_gpus if options.num_gpus is not None else _default_num_gpus(engine.device)
+    num_gpus = options.num_gpus if options.num_gpus is not None else _default_num_gpus(engine.device,
+                                                                                     options.accelerator_type)
     serve_env = {"runtime_env": {"env_vars": dict(SERVE_ENV)}} if options.throughput_optimized else {}
     actor_options: dict[str, Any] = {"num_cpus": 1, "num_gpus": num_gpus, **serve_env}
     if num_gpus and options.accelerator_type:
@@ -89,7 +91,8 @@ def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
     scaling: dict[str, Any] = {"num_replicas": options.num_replicas or 1}
     most_replicas = options.num_replicas or 1
     if options.min_replicas is not None or options.max_replicas is not None:
-        low, high = options.min_replicas or 1, options.max_replicas or max(1, options.min_replicas or 1)
+        low = options.min_replicas if options.min_replicas is not None else 1  # 0: scale to zero when idle
+        high = options.max_replicas or max(1, low)
         target = max(1, int(0.75 * max_ongoing))
         scaling = {"autoscaling_config": {"min_replicas": low, "max_replicas": high, "target_ongoing_requests": target}}
         most_replicas = high
@@ -128,8 +131,13 @@ def _from_text(name: str, value: Any) -> Any:
     if kind in ("str", "Optional[str]"):
         return value
     if "bool" in kind:
-        return value.lower() in ("1", "true", "yes", "on")
-    return float(value) if "float" in kind else int(value)
+        if value.lower() not in TRUE_WORDS + FALSE_WORDS:
+            raise ValueError(f"{name}={value!r}: expected one of {', '.join(TRUE_WORDS + FALSE_WORDS)}")
+        return value.lower() in TRUE_WORDS
+    try:
+        return float(value) if "float" in kind else int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected {'a number' if 'float' in kind else 'an integer'}") from None
 
 
 def served_name(model: Optional[str]) -> str:
@@ -139,10 +147,11 @@ def served_name(model: Optional[str]) -> str:
     return path.name if path.exists() else model  # a local folder's name, or the hub id as given
 
 
-def _default_num_gpus(device: str) -> float:
+def _default_num_gpus(device: str, accelerator_type: Optional[str]) -> float:
     if device == "cpu":
         return 0
-    if device.startswith("cuda"):
+    # an accelerator type asks for a GPU node, which an autoscaling cluster may not have started yet
+    if device.startswith("cuda") or accelerator_type:
         return 1
     import ray
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import signal
+import sys
 import time
 
 from adallm_core.config import EngineArgs
@@ -58,7 +59,11 @@ def main(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, _interrupt)  # ray.init installs a handler of its own: ours again
         app = build_app(app_args(args))  # after ray.init: sees whether the cluster has GPUs
         serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(app, name=APP_NAME, route_prefix="/")
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        except RuntimeError as e:  # Serve says only that the deployment failed; its status says why
+            print(f"adallm serve: error: {e}\n{deploy_failures()}", file=sys.stderr, flush=True)
+            return 1
         print(f"adallm: OpenAI API at http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(1)
@@ -70,6 +75,20 @@ def main(args: argparse.Namespace) -> int:
                 serve.delete(APP_NAME)
             ray.shutdown(wait_for_processes=True)  # return once the Ray this started is gone (its ports too)
     return 0
+
+
+def deploy_failures() -> str:
+    """Each deployment's status message (a replica's constructor error: the model path, the node), one a line."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(APP_NAME)
+    except Exception as e:  # the controller is gone too: nothing more to say
+        return f"(no deployment status: {type(e).__name__})"
+    if app is None:
+        return "(no deployment status)"
+    lines = [f"  {name}: {d.status}: {d.message}" for name, d in app.deployments.items() if d.message]
+    return "\n".join(lines or [f"  {app.status}: {app.message}"])
 
 
 def _interrupt(signum, frame) -> None:

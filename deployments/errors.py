@@ -85,11 +85,17 @@ def _is_type_tag(part: str) -> bool:
     return any(c in part for c in "[]") or part in ("str", "int", "float", "bool")
 
 
+def route_label(request: Request) -> str:
+    """The route's template for metrics: any path a client invents would otherwise be a metric series of its own."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
 def install_error_handlers(app: FastAPI, on_error) -> None:
     """on_error(route, status) records the error for metrics."""
 
     def respond(request: Request, status: int, message: str, param=None, code=None) -> JSONResponse:
-        on_error(request.url.path, status)
+        on_error(route_label(request), status)
         return error_response(status, message, param, code)
 
     @app.exception_handler(RequestValidationError)

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional, Union
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from adallm_core.config import EngineArgs
@@ -27,6 +28,15 @@ USER_CONFIG_KEYS = ("max_batch_size", "batch_wait_timeout_s", "stream_interval_s
 DEFAULT_STREAM_INTERVAL_S = 0.1  # at most ~10 messages a second per request; the tokens between are merged
 # One generated token's logprobs: (token text, logprob, [(top token text, logprob), ...])
 TokenLogprob = tuple[str, float, list[tuple[str, float]]]
+
+
+class UserConfig(BaseModel):
+    """LLMServer's user_config (USER_CONFIG_KEYS), changeable live; checked as the app's own options are."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_batch_size: Optional[int] = Field(None, ge=1)
+    batch_wait_timeout_s: Optional[float] = Field(None, ge=0)
+    stream_interval_s: Optional[float] = Field(None, ge=0)
 
 
 @dataclass
@@ -130,15 +140,16 @@ class LLMServer:
 
     def reconfigure(self, user_config: dict) -> None:
         """Serve user_config (USER_CONFIG_KEYS); changes apply without a restart."""
-        unknown = sorted(set(user_config) - set(USER_CONFIG_KEYS))
-        if unknown:
-            raise ValueError(f"unknown LLMServer user_config key(s): {', '.join(unknown)}; known: {USER_CONFIG_KEYS}")
-        if "stream_interval_s" in user_config:
-            self.stream_interval_s = float(user_config["stream_interval_s"])
-        if "max_batch_size" in user_config:
-            self._admit.set_max_batch_size(int(user_config["max_batch_size"]))
-        if "batch_wait_timeout_s" in user_config:
-            self._admit.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+        try:
+            config = UserConfig(**user_config)
+        except ValidationError as e:  # names each bad key; unknown keys too
+            raise ValueError(f"invalid LLMServer user_config (known keys: {USER_CONFIG_KEYS}): {e}") from None
+        if config.stream_interval_s is not None:
+            self.stream_interval_s = config.stream_interval_s
+        if config.max_batch_size is not None:
+            self._admit.set_max_batch_size(config.max_batch_size)
+        if config.batch_wait_timeout_s is not None:
+            self._admit.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _admit(self, items: list[tuple[str, Prompt, SamplingParams]]) -> list:

@@ -152,11 +152,13 @@ def test_serve_config_on_gpus_launches_an_l4_worker_with_the_provisioned_model()
 
     serve_config = yaml.safe_load((CLUSTER_YAML.parent / "deployments" / "serve_config.yaml").read_text())
     (app,) = serve_config["applications"]
-    app["args"].update(device="cuda", model=PROVISIONED_MODEL)
-    server = next(d for d in app["deployments"] if d["name"] == "LLMServer")
-    server["ray_actor_options"].update(num_gpus=1, accelerator_type="L4")
-    options = ServeDeploySchema.model_validate(serve_config).applications[0].deployments[0].ray_actor_options
-    demand = resources_from_ray_options(options.model_dump(exclude_none=True))
+    app["args"].update(device="cuda", num_gpus=1, accelerator_type="L4", model=PROVISIONED_MODEL)
+    ServeDeploySchema.model_validate(serve_config)
+    from deployments.app import build_app
+
+    llm = build_app(app["args"])._bound_deployment.init_args[0]._bound_deployment
+    options = {k: v for k, v in llm.ray_actor_options.items() if k != "runtime_env"}
+    demand = resources_from_ray_options(options)
     assert autoscaler_plan([demand]) == ({"l4_worker": 1}, [])
     assert any(PROVISIONED_MODEL in c for c in load()["worker_setup_commands"])
 

@@ -68,3 +68,20 @@ def test_sigterm_as_soon_as_the_endpoint_answers_stops_serve_and_ray():
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_a_deployment_that_fails_says_why_and_leaves_no_ray(tmp_path):
+    """A replica that cannot load its model fails the deployment: the command prints the replica's own error (the
+    path and host it looked on), not only Serve's 'failed to update the deployments', exits 1 and stops its Ray."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    missing = tmp_path / "Qwen3-8B-NVFP4-typo"
+    cmd = [str(Path(sys.executable).with_name("adallm")), "serve", str(missing), "--host", "127.0.0.1", "--port",
+           str(free_port()), "--device", "cpu"]
+    before = _raylets()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, start_new_session=True)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"model '{missing}': no such folder on host" in proc.stderr, proc.stderr[-3000:]
+    deadline = time.monotonic() + 30
+    while _raylets() - before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _raylets() - before

@@ -52,6 +52,8 @@ def test_gpu_replicas_ask_for_one_gpu_and_the_accelerator_type():
         ({"min_replicas": 3, "max_replicas": 2}, "min_replicas=3"),
         ({"kv_cache_dtype": "int4"}, "kv_cache_dtype"),
         ({"max_batch_size": 0}, "max_batch_size"),
+        ({"enforce_eager": "ture"}, "enforce_eager='ture': expected one of"),  # serve run's string args
+        ({"max_model_len": "8k"}, "max_model_len='8k': expected an integer"),
     ],
 )
 def test_bad_app_args_are_named(args, fragment):
@@ -94,10 +96,28 @@ def test_serve_config_yaml_is_valid_and_names_the_app_deployments():
     llm = next(d for d in app["deployments"] if d["name"] == "LLMServer")
     assert llm["max_ongoing_requests"] == app["args"]["max_num_seqs"]
     assert set(llm["user_config"]) == {"max_batch_size", "batch_wait_timeout_s", "stream_interval_s"}
-    ingress = next(d for d in app["deployments"] if d["name"] == "OpenAiIngress")
-    assert ingress["ray_actor_options"]["resources"] == ON_HEAD_NODE  # the file's options replace the code's
-    # The file's ray_actor_options take the place of the code's: the app-level runtime_env carries SERVE_ENV.
-    assert app["runtime_env"]["env_vars"] == SERVE_ENV
+    # Serve replaces the code's ray_actor_options with any the file gives: it gives none, so the app's own apply
+    # (SERVE_ENV, the ingress on the head, the GPU and accelerator from args; tensor-parallel bundles below).
+    assert all("ray_actor_options" not in d for d in app["deployments"]) and "runtime_env" not in app
+    assert built["ingress"].ray_actor_options["resources"] == ON_HEAD_NODE
+    assert built["llm"].ray_actor_options["runtime_env"] == {"env_vars": SERVE_ENV}
+    gpu = deployments_of(build_app({**app["args"], "device": "cuda", "num_gpus": 1, "accelerator_type": "L4",
+                                    "tensor_parallel_size": 2}))["llm"]
+    assert gpu.ray_actor_options["accelerator_type"] == "L4"
+    assert gpu._replica_config.placement_group_bundles == [
+        {"CPU": 1, "GPU": 1, "accelerator_type:L4": 0.001}] * 2
+    off = deployments_of(build_app({**app["args"], "throughput_optimized": False}))
+    assert "runtime_env" not in off["llm"].ray_actor_options and "runtime_env" not in off["ingress"].ray_actor_options
+
+
+def test_an_accelerator_type_asks_for_a_gpu_before_any_gpu_node_exists():
+    """An autoscaling cluster starts with no GPU node: --accelerator-type alone must still ask for one GPU (and
+    so make the autoscaler start a node of that type), never a CPU replica on the head."""
+    llm = deployments_of(build_app({"accelerator_type": "L4", "min_replicas": 0, "max_replicas": 8}))["llm"]
+    assert llm.ray_actor_options["num_gpus"] == 1 and llm.ray_actor_options["accelerator_type"] == "L4"
+    assert llm.init_args[0]["device"] == "auto"
+    scaling = llm._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (0, 8)  # 0 kept: scale to zero when idle
 
 
 def test_served_model_name_defaults(tmp_path):

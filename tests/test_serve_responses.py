@@ -74,3 +74,25 @@ def test_stop_strings_of_any_length_and_at_most_16_of_them():
 def test_fields_that_need_another(fields, named):
     with pytest.raises(ValidationError, match=named):
         ChatCompletionRequest(model="m", messages=CHAT, **fields)
+
+
+def test_error_metrics_label_routes_not_raw_paths():
+    """Paths a client invents (scanners' /wp-login.php) share one label; known routes keep their template."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from deployments.errors import install_error_handlers
+
+    recorded = []
+    app = FastAPI()
+    install_error_handlers(app, lambda route, status: recorded.append((route, status)))
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        return {}
+
+    client = TestClient(app)
+    client.get("/wp-login.php")
+    client.get("/.env")
+    client.post("/v1/completions", json={"model": "m"})
+    assert recorded == [("unmatched", 404), ("unmatched", 404), ("/v1/completions", 400)]
