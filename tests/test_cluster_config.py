@@ -94,6 +94,14 @@ def test_instance_types_match_declared_gpus():
         assert size_gpus.get(size, 1) == node_type["resources"]["GPU"], name
 
 
+def test_every_node_boots_an_image_new_enough_for_the_setup():
+    """Without an ImageId Ray picks its default AMI, Ubuntu 18.04: Python 3.6, too old for Ray 2.60 and torch 2.13
+    (the pip installs in setup_commands would find no wheel). Every node type names an Ubuntu 22.04 GPU image."""
+    for name, node_type in load()["available_node_types"].items():
+        image = node_type["node_config"].get("ImageId", "")
+        assert image.startswith("resolve:ssm:/aws/service/deeplearning/") and "ubuntu-22.04" in image, name
+
+
 def test_workers_install_cuda_torch_the_project_and_the_model():
     config = load()
     cmds = config["worker_setup_commands"]
