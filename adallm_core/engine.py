@@ -126,6 +126,7 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         params.validate()
+        prompt = prompt_of(prompt)  # {"prompt": ...} / {"prompt_token_ids": ...} as vLLM takes them
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         elif isinstance(prompt, (list, tuple)):
@@ -350,6 +351,20 @@ class LLMEngine:
 
 
 _request_counter = itertools.count()
+
+
+def prompt_of(p):
+    """{"prompt": text} / {"prompt_token_ids": [...]} (vLLM's TextPrompt / TokensPrompt) -> the text or the ids;
+    anything else as it is (make_request checks it)."""
+    if not isinstance(p, dict):
+        return p
+    unknown = sorted(set(p) - {"prompt", "prompt_token_ids"})
+    if unknown:
+        raise ValueError(f"prompt dict key(s) {unknown} are not supported (a text model takes 'prompt' or "
+                         f"'prompt_token_ids')")
+    if len(p) != 1:
+        raise ValueError(f"a prompt dict needs exactly one of 'prompt' or 'prompt_token_ids', got {sorted(p)}")
+    return list(p["prompt_token_ids"]) if "prompt_token_ids" in p else p["prompt"]
 
 
 def next_request_id() -> str:

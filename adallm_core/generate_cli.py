@@ -72,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     try:
-        prompts = [prompt_of(llm.get_tokenizer(), args.input, n, row) for n, row in rows]
+        prompts = [row_prompt(llm.llm_engine.tokenizer, args.input, n, row) for n, row in rows]
         outputs = llm.generate(prompts, params, use_tqdm=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def prompt_of(tok, path: Path, n: int, row: dict):
+def row_prompt(tok, path: Path, n: int, row: dict):
     if "messages" in row:
         try:
             return {"prompt_token_ids": tok.encode_chat(row["messages"])}

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 from adallm_core.config import EngineArgs
 from adallm_core.engine import LLMEngine, next_request_id
 from adallm_core.outputs import RequestOutput
 from adallm_core.sampling_params import RequestOutputKind, SamplingParams
-from adallm_core.tokenizer import Tokenizer
 
-PromptType = Union[str, dict]  # "text" or {"prompt_token_ids": [...]} (or {"prompt": "text"})
+PromptType = Union[str, dict]  # "text" or {"prompt_token_ids": [...]} (or {"prompt": "text"}): engine.prompt_of
 
 
 class LLM:
@@ -20,35 +19,46 @@ class LLM:
         self.engine_args = EngineArgs.from_dict({"model": model, **engine_kwargs})
         self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
 
-    def get_tokenizer(self) -> Tokenizer:
-        return self.llm_engine.tokenizer
+    def get_tokenizer(self):
+        """The model's Hugging Face tokenizer, as vLLM's LLM.get_tokenizer gives it."""
+        return self.llm_engine.tokenizer.hf
 
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: Union[bool, Callable] = True) -> list[RequestOutput]:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        items = [(_prompt_of(p), True) for p in prompts]
+        items = [(p, True) for p in prompts]  # dicts are read by the engine (engine.prompt_of)
         return self._run(items, sampling_params, use_tqdm)
 
     def chat(self, messages, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True,
-             chat_template_kwargs: Optional[dict] = None) -> list[RequestOutput]:
-        """messages: one conversation (list of {"role", "content"}) or a list of conversations."""
+             use_tqdm: Union[bool, Callable] = True, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: Optional[dict] = None) -> list[RequestOutput]:
+        """messages: one conversation (list of {"role", "content"}) or a list of conversations. With
+        continue_final_message the last (assistant) message is continued, not closed (vLLM's option)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        tok = self.get_tokenizer()
+        kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
+                  **(chat_template_kwargs or {})}  # the template kwargs win, as in vLLM
+        kwargs.pop("tokenize", None)  # rendered to text here, then encoded once
+        if kwargs["add_generation_prompt"] and kwargs["continue_final_message"]:
+            raise ValueError("chat: add_generation_prompt and continue_final_message cannot both be true")
+        if not kwargs["continue_final_message"]:
+            del kwargs["continue_final_message"]  # templates that predate the option never see it
+        tok = self.llm_engine.tokenizer
         # The template writes bos itself: encode the rendered text without adding special tokens again.
-        items = [(tok.apply_chat_template(c, add_generation_prompt, **(chat_template_kwargs or {})), False)
-                 for c in conversations]
+        items = [(tok.apply_chat_template(c, **kwargs), False) for c in conversations]
         return self._run(items, sampling_params, use_tqdm)
 
-    def _run(self, items: list[tuple], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, items: list[tuple], sampling_params, use_tqdm) -> list[RequestOutput]:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(items)
         else:
             params = list(sampling_params)
             if len(params) != len(items):
                 raise ValueError(f"sampling_params: got {len(params)} for {len(items)} prompts")
+        bad = next((i for i, p in enumerate(params) if not isinstance(p, SamplingParams)), None)
+        if bad is not None:
+            raise ValueError(f"sampling_params[{bad}] must be a SamplingParams, got {type(params[bad]).__name__}")
         engine = self.llm_engine
         ids = []
         try:
@@ -58,16 +68,19 @@ class LLM:
                 engine.add_request(rid, prompt, dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY),
                                    add_special_tokens=special)
                 ids.append(rid)
-        except ValueError as e:
-            for rid in ids:  # all or nothing: the batch is rejected as a whole
+        except BaseException as e:  # a bad prompt, or Ctrl-C while tokenizing: the batch leaves nothing behind
+            for rid in ids:
                 engine.abort_request(rid)
-            raise ValueError(f"prompt {len(ids)}: {e}") from e
+            if isinstance(e, ValueError):
+                raise ValueError(f"prompt {len(ids)}: {e}") from e
+            raise
         results: dict[str, RequestOutput] = {}
-        bar = _progress(len(ids)) if use_tqdm else None
+        wanted = set(ids)
+        bar = _progress(len(ids), use_tqdm) if use_tqdm else None
         try:
             while len(results) < len(ids):
                 for out in engine.step():
-                    if out.finished:
+                    if out.finished and out.request_id in wanted:
                         results[out.request_id] = out
                         if bar is not None:
                             bar.update(1)
@@ -81,18 +94,8 @@ class LLM:
         return [results[r] for r in ids]
 
 
-def _prompt_of(p: PromptType):
-    if isinstance(p, str):
-        return p
-    if isinstance(p, dict):
-        if "prompt_token_ids" in p:
-            return list(p["prompt_token_ids"])
-        if "prompt" in p:
-            return p["prompt"]
-    raise ValueError(f"a prompt must be a string or a dict with 'prompt' or 'prompt_token_ids', got {p!r}")
-
-
-def _progress(total: int):
+def _progress(total: int, use_tqdm):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="Generating", unit="req", dynamic_ncols=True)
+    bar = use_tqdm if callable(use_tqdm) else tqdm  # vLLM's use_tqdm also takes a tqdm-like class
+    return bar(total=total, desc="Generating", unit="req", dynamic_ncols=True)

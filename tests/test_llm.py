@@ -20,8 +20,8 @@ def test_generate_returns_outputs_in_input_order(llm):
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == ref
     assert [o.prompt for o in outs] == PROMPTS
-    tok = llm.get_tokenizer()
-    assert all(o.outputs[0].text == tok.hf.decode(o.outputs[0].token_ids, skip_special_tokens=True) for o in outs)
+    tok = llm.get_tokenizer()  # Hugging Face's, as vLLM gives it
+    assert all(o.outputs[0].text == tok.decode(o.outputs[0].token_ids, skip_special_tokens=True) for o in outs)
 
 
 def test_prompt_forms_and_per_prompt_params(llm):
@@ -39,7 +39,7 @@ def test_chat_uses_the_template(llm):
     tok = llm.get_tokenizer()
     conv = [{"role": "user", "content": "Hi there"}]
     out = llm.chat(conv, GREEDY, use_tqdm=False)[0]
-    rendered = tok.apply_chat_template(conv)
+    rendered = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)  # vLLM users' call
     assert out.prompt == rendered
     assert out.prompt_token_ids == tok.encode(rendered, add_special_tokens=False)
     ref = llm.generate({"prompt_token_ids": out.prompt_token_ids}, GREEDY, use_tqdm=False)[0]
@@ -56,6 +56,50 @@ def test_one_bad_prompt_rejects_the_batch_and_leaves_the_engine_clean(llm):
     assert not engine.has_unfinished_requests() and engine.stats()["kv_blocks_used"] == 0
     with pytest.raises(ValueError, match="got 1 for 2 prompts"):
         llm.generate(["a", "b"], [GREEDY], use_tqdm=False)
+
+
+@pytest.mark.parametrize(("prompts", "params", "match"), [
+    (["Hello", "World"], [GREEDY, {"max_tokens": 3}], r"sampling_params\[1\] must be a SamplingParams, got dict"),
+    (["Hello", {"prompt": "Hi", "multi_modal_data": {}}], GREEDY,
+     r"prompt 1: prompt dict key\(s\) \['multi_modal_data'\]"),
+    ([{"prompt": "Hi", "prompt_token_ids": [5, 6]}], GREEDY, "exactly one of 'prompt' or 'prompt_token_ids'"),
+])
+def test_bad_params_or_prompt_dicts_leave_nothing_behind(llm, prompts, params, match):
+    """Refused before anything runs, and the next call gets its own outputs (not a leftover's)."""
+    with pytest.raises(ValueError, match=match):
+        llm.generate(prompts, params, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert llm.generate(["Hi"], GREEDY, use_tqdm=False)[0].prompt == "Hi"
+
+
+def test_interrupted_submission_leaves_nothing_behind(llm, monkeypatch):
+    """Ctrl-C while a batch is being tokenized: the requests added so far are taken back."""
+    tok, real = llm.llm_engine.tokenizer, llm.llm_engine.tokenizer.encode
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tok, "encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["a", "b", "c", "d"], GREEDY, use_tqdm=False)
+    monkeypatch.undo()
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_chat_continues_the_final_message_and_template_kwargs_win(llm):
+    tok = llm.get_tokenizer()
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I am"}]
+    out = llm.chat(conv, GREEDY, use_tqdm=False, add_generation_prompt=False, continue_final_message=True)[0]
+    assert out.prompt == tok.apply_chat_template(conv, tokenize=False, continue_final_message=True)
+    assert out.prompt.endswith("Hello, I am")  # the message left open for the model to go on
+    kw = llm.chat(conv[:1], GREEDY, use_tqdm=False, chat_template_kwargs={"add_generation_prompt": False})[0]
+    assert kw.prompt == tok.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=False)
+    with pytest.raises(ValueError, match="cannot both be true"):
+        llm.chat(conv, GREEDY, use_tqdm=False, continue_final_message=True)
 
 
 def test_unknown_engine_argument_is_named():
