@@ -51,7 +51,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.kernel_backend: str = runner.kernel_backend
         self.max_model_len: int = runner.max_model_len
-        self.vocab_size: int = runner.model_config.vocab_size
+        self.vocab_size: int = runner.vocab_size
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) or tuple(runner.model_config.eos_token_ids)
         self.max_num_batched_tokens = args.max_num_batched_tokens or min(
             max(2048, self.max_model_len), BATCHED_TOKENS_DEFAULT_CAP)
@@ -111,7 +111,12 @@ class LLMEngine:
             runner = TensorParallelRunner(engine_args, path)
         else:
             runner = ModelRunner(engine_args, Checkpoint(path), engine_args.device)
-        return cls(engine_args, runner, tokenizer)
+        try:
+            return cls(engine_args, runner, tokenizer)
+        except BaseException:  # e.g. a cache too small for max_model_len: no worker outlives the error
+            if hasattr(runner, "shutdown"):
+                runner.shutdown()
+            raise
 
     # --- requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Union[str, list[int]], params: Optional[SamplingParams] = None,

@@ -52,7 +52,7 @@ def run_largest_step(runner, tokens: int, num_seqs: int) -> torch.Tensor:
     (its sampler's generators, its KV blocks, its prefix cache) is touched. Returns the step's logits."""
     lengths = largest_step(tokens, num_seqs, runner.max_model_len)
     ends = block_ends(lengths, runner.block_size)
-    ids = torch.randint(runner.model_config.vocab_size, (sum(lengths),), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(runner.vocab_size, (sum(lengths),), generator=torch.Generator().manual_seed(0))
     ids = ids.tolist()
     starts = list(itertools.accumulate(lengths, initial=0))
     steps = [SeqStep(ids[starts[i]:starts[i + 1]], 0, [list(range(ends[i], ends[i + 1]))] * len(runner.kv_groups))

@@ -64,6 +64,7 @@ class ModelRunner:
         self.ops = select_ops(engine_args.kernel_backend, self.device)  # raises before any weight loads
         self.kernel_backend = self.ops.name
         self.model_config = cfg = ModelConfig.from_hf_config(checkpoint.hf_config, checkpoint.path)
+        self.vocab_size = cfg.vocab_size  # the logits' width: the whole vocabulary, on every tensor-parallel rank
         if parallel is not None:  # tensor parallel (adallm_core.distributed): this rank's heads, columns, vocab rows
             full_cfg, (cfg, checkpoint) = cfg, parallel.shard(cfg, checkpoint)
             self.model_config = cfg
@@ -127,8 +128,7 @@ class ModelRunner:
             from adallm_core.prefill_graphs import PrefillGraphs
 
             pool = torch.cuda.graph_pool_handle()
-            logits = torch.empty(self.max_num_seqs, self.model_config.vocab_size, dtype=torch.float32,
-                                 device=self.device)
+            logits = torch.empty(self.max_num_seqs, self.vocab_size, dtype=torch.float32, device=self.device)
             # the prefill graphs' steps are the larger: captured first, the shared pool grows once
             self.prefill_graphs = PrefillGraphs(self, logits, pool,
                                                 max_num_batched_tokens=self.max_num_batched_tokens)

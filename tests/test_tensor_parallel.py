@@ -75,6 +75,14 @@ class TestSameAsOneRank:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=family)
             assert got.argmax() == want.argmax()
 
+    def test_logits_are_as_wide_as_the_vocabulary_on_every_rank(self, pair):
+        """A rank's model holds half the vocabulary's rows, but the logits it gathers (and the CUDA graphs' shared
+        logits buffer, sized from runner.vocab_size) span all of it: a buffer of the shard's width failed the
+        graphs' warm-up on every rank."""
+        family, single, tp = pair
+        assert tp.runner.runner.model_config.vocab_size < single.vocab_size  # rank 0's shard, in this process
+        assert tp.runner.vocab_size == single.runner.vocab_size == single.vocab_size, family
+
     def test_each_rank_holds_half_the_sharded_weights(self, pair):
         family, single, tp = pair
         full = model_weight_bytes(single.runner)
@@ -166,6 +174,79 @@ def test_failed_start_stops_the_workers():
     with pytest.raises(ValueError, match="max_model_len"):
         make_engine(tiny_checkpoint("qwen3", "modelopt"), 2, max_model_len=10**6)
     assert not multiprocessing.active_children()
+    # the runner is up on every rank and the engine around it refuses (a cache that cannot hold one sequence)
+    with pytest.raises(ValueError, match="max_model_len") as held:
+        make_engine(tiny_checkpoint("qwen3", "modelopt"), 2, num_gpu_blocks_override=2)
+    # stopped at once: the error (its frames hold the runner) may be kept, in a notebook say
+    assert not multiprocessing.active_children(), held.value
+
+
+def test_ctrl_c_waits_for_the_call_every_rank_is_in():
+    """Rank 0's calls to the ranks run whole: a SIGINT during one is raised when it returns, not between two of its
+    collectives (where the other ranks would wait for rank 0 forever)."""
+    import os
+    import signal
+
+    from adallm_core.distributed.executor import interrupts_deferred
+
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            finished.append("the rest of the call")
+    assert finished == ["the rest of the call"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+CTRL_C_SCRIPT = """
+import sys
+import torch
+from adallm_core import EngineArgs, SamplingParams
+from adallm_core.engine import LLMEngine
+torch.set_num_threads(1)  # short steps: a signal often lands between two collectives
+engine = LLMEngine.from_engine_args(EngineArgs(model=sys.argv[1], tensor_parallel_size=2, max_model_len=256,
+                                               num_gpu_blocks_override=64, kv_cache_dtype="bf16"))
+print("ready", flush=True)
+params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+try:
+    for i in range(10**6):
+        engine.add_request(str(i), [5, 6, 7, 8], params)
+        while engine.has_unfinished_requests():
+            engine.step()
+except KeyboardInterrupt:
+    engine.shutdown()
+    print("interrupted", flush=True)
+"""
+
+
+def test_ctrl_c_mid_generation_stops_every_rank():
+    """Ctrl-C reaches every process of the terminal's group. The workers leave it to rank 0, which finishes the
+    step in flight on every rank before raising: with gloo, ranks out of step wait for each other forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, str(tiny_checkpoint("qwen3", "modelopt"))],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(2)  # generating
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert "interrupted" in out, out[-2000:]
+        def left() -> str:  # processes of the script's group (its spawned ranks included)
+            return subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+
+        deadline = time.monotonic() + 20
+        while left() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 # --- 2 GPUs: NCCL (the same checks; not run on a machine without two CUDA devices) --------------------------------

@@ -11,7 +11,10 @@ Every rank computes the full logits (the lm_head all-gather), rank 0 samples fro
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import weakref
 from typing import Optional, Sequence
 
@@ -95,8 +98,9 @@ class TensorParallelRunner:
 
     def _everywhere(self, method: str, *args):
         self._check_open()
-        self.group.broadcast_object((method, args))
-        return getattr(self.runner, method)(*args)
+        with interrupts_deferred():  # every rank runs the whole call, or they fall out of step and hang
+            self.group.broadcast_object((method, args))
+            return getattr(self.runner, method)(*args)
 
     # --- shutdown ---------------------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -119,3 +123,20 @@ class TensorParallelRunner:
                 runner.release_graphs()  # graphs holding NCCL all-reduces block the group's destruction
             destroy_tensor_parallel()
             launcher.shutdown()
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Ctrl-C during the block is raised when it ends. A KeyboardInterrupt between two collectives would leave rank 0
+    out of step with ranks already waiting in the next one: with gloo, every rank then waits forever."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread gets signals
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt

@@ -7,6 +7,8 @@ and fail the same way on every rank, so a bad step costs an error on rank 0 and 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 
 from adallm_core.distributed.memory import model_weight_bytes
 from adallm_core.distributed.parallel_state import DEFAULT_TIMEOUT_S, destroy_tensor_parallel, init_tensor_parallel, rank_device
@@ -27,6 +29,9 @@ def worker_main(rank: int, world_size: int, init_method: str, engine_args: dict,
 
     if num_threads:
         torch.set_num_threads(num_threads)
+    if threading.current_thread() is threading.main_thread():
+        # a terminal's Ctrl-C reaches every process of its group; rank 0 stops the workers between two steps
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     args = EngineArgs.from_dict(engine_args)
     group = init_tensor_parallel(rank, world_size, init_method, rank_device(args.device, rank, world_size), timeout_s)
     runner = None
