@@ -14,6 +14,7 @@ from pathlib import Path
 
 from adallm_core.config import EngineArgs
 from adallm_core.run_cli import add_sampling_args, sampling_params_from_args
+from adallm_core.tokenizer import check_conversation
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,11 +37,11 @@ def read_prompts(path: Path) -> list[tuple[int, dict]]:
             raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
         if not isinstance(row, dict) or not {"prompt", "prompt_token_ids", "messages"} & row.keys():
             raise ValueError(f"{path}:{n}: needs a 'prompt', 'prompt_token_ids' or 'messages' field")
-        messages = row.get("messages")
-        if "messages" in row and not (isinstance(messages, list) and messages and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages)):
-            raise ValueError(f"{path}:{n}: 'messages' must be a non-empty list of {{role, content}} strings")
+        if "messages" in row:
+            try:
+                check_conversation(row["messages"])
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: {e}") from None
         rows.append((n, row))
     return rows
 

@@ -95,6 +95,17 @@ class Tokenizer:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
 
 
+def check_conversation(messages) -> None:
+    """A conversation as chat templates take it: a non-empty list of {role, content} strings. A ValueError names
+    the first message that is not one."""
+    shape = "'messages' must be a non-empty list of {role, content} strings"
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{shape}, got {messages!r}")
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
+            raise ValueError(f"{shape}: message {j} needs string 'role' and 'content', got {message!r}")
+
+
 _BYTES_PREFIX = "bytes:"
 
 

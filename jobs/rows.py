@@ -13,6 +13,7 @@ from typing import Any, Optional, Union
 import pyarrow as pa
 
 from adallm_core.sampling_params import RequestOutputKind, SamplingParams
+from adallm_core.tokenizer import check_conversation
 
 # Optional input columns that override the job's sampling defaults row by row (null: use the default).
 SAMPLING_COLUMNS = ("max_tokens", "temperature", "top_p", "seed", "stop")
@@ -134,11 +135,11 @@ def _render(prompt: Any, messages: Any, spec: RowSpec, tokenizer: Any) -> Union[
     column = spec.messages_column
     if not messages:
         raise ValueError(f"messages are empty (column {column!r})")
-    conversation = []
-    for j, message in enumerate(messages):
-        if not isinstance(message, dict) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
-            raise ValueError(f"message {j} (column {column!r}) needs string 'role' and 'content', got {message!r}")
-        conversation.append({k: v for k, v in message.items() if v is not None})
+    try:
+        check_conversation(list(messages))
+    except ValueError as e:
+        raise ValueError(f"{e} (column {column!r})") from None
+    conversation = [{k: v for k, v in message.items() if v is not None} for message in messages]
     try:
         return tokenizer.encode_chat(conversation, add_generation_prompt=True)
     except Exception as e:  # the template is user-facing Jinja: any failure is this row's problem
