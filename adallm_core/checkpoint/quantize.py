@@ -145,10 +145,11 @@ def _check_patterns(exclude: list[str]) -> None:
                 raise CheckpointError(f"--exclude {pattern!r}: not a valid regular expression ({e})") from None
 
 
-def _check_exclusions(tensors: list[_Tensor], exclude: list[str]) -> None:
-    """Exclusions the engine can load: each pattern matches something, fused linears stay alike, experts NVFP4."""
+def _check_exclusions(tensors: list[_Tensor], exclude: list[str]) -> set[str]:
+    """Exclusions the engine can load: each pattern matches something, fused linears stay alike, experts NVFP4.
+    Returns the linears kept dense (the plan's: quantizable, but no prefix)."""
     linears = {p for t in tensors if (p := layout.quantized_linear_prefix(t.name))}
-    kept_dense = {p for p in linears if layout.is_excluded(p, exclude)}
+    kept_dense = {p for t in tensors if not t.prefix and (p := layout.quantized_linear_prefix(t.name))}
     for pattern in exclude:
         if not any(layout.is_excluded(p, [pattern]) for p in linears):
             raise CheckpointError(f"--exclude {pattern!r} matches no quantizable linear (their names look like "
@@ -161,6 +162,7 @@ def _check_exclusions(tensors: list[_Tensor], exclude: list[str]) -> None:
         if quantized:
             raise CheckpointError(f"--exclude keeps {prefix} dense but not {', '.join(quantized)}: the engine runs "
                                   f"them as one fused linear, so exclude them together")
+    return kept_dense
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
@@ -226,9 +228,8 @@ def quantize_checkpoint(src, dst, fmt: str = "modelopt", exclude=(), progress: b
     _check_patterns(exclude)
     plans = {path: _plan_shard(path, exclude) for path in shards}
     tensors = [t for plan in plans.values() for t in plan]
-    _check_exclusions(tensors, exclude)
+    excluded = _check_exclusions(tensors, exclude)
     dense = {layout.dense_linear_prefix(t.name) for t in tensors}
-    excluded = {layout.quantized_linear_prefix(t.name) for t in tensors if not t.prefix}
     ignore = ["lm_head"] + sorted((dense | excluded) - {None, "lm_head"})  # lm_head stays dense even when tied
     ignore += [p for p in layout.VISION_IGNORE if any(layout.is_excluded(t.name, [p]) for t in tensors)]
     start = time.time()
