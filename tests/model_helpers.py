@@ -118,3 +118,16 @@ def compressed_tensors_nvfp4(w: torch.Tensor) -> torch.Tensor:
     groups = w.unflatten(-1, (-1, 16))
     scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args, global_scale=g)
     return fake_quantize(w, scale, zero_point, args, global_scale=g).float()
+
+
+def interrupted_on_call(real, call: int):
+    """`real`, except that its call number `call` raises KeyboardInterrupt instead (a Ctrl-C mid-work)."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return wrapped

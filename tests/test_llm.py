@@ -6,6 +6,7 @@ import pytest
 from adallm_core import LLM, SamplingParams
 from adallm_core.model_source import resolve_model_path
 from engine_fixtures import PROMPTS, greedy_tokens, make_engine, tiny_model
+from model_helpers import interrupted_on_call
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
@@ -74,16 +75,8 @@ def test_bad_params_or_prompt_dicts_leave_nothing_behind(llm, prompts, params, m
 
 def test_interrupted_submission_leaves_nothing_behind(llm, monkeypatch):
     """Ctrl-C while a batch is being tokenized: the requests added so far are taken back."""
-    tok, real = llm.llm_engine.tokenizer, llm.llm_engine.tokenizer.encode
-    calls = []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tok, "encode", interrupted)
+    tok = llm.llm_engine.tokenizer
+    monkeypatch.setattr(tok, "encode", interrupted_on_call(tok.encode, 3))
     with pytest.raises(KeyboardInterrupt):
         llm.generate(["a", "b", "c", "d"], GREEDY, use_tqdm=False)
     monkeypatch.undo()

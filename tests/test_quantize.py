@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from model_helpers import interrupted_on_call
 from safetensors import safe_open
 
 from adallm_core import cli
@@ -133,16 +134,7 @@ def test_sharded_source(tmp_path):
 
 
 def test_interrupted_run_leaves_nothing(moe, tmp_path, monkeypatch):
-    calls = []
-
-    def interrupt(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    real = quantize_mod.nvfp4.quantize
-    monkeypatch.setattr(quantize_mod.nvfp4, "quantize", interrupt)
+    monkeypatch.setattr(quantize_mod.nvfp4, "quantize", interrupted_on_call(quantize_mod.nvfp4.quantize, 5))
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(moe, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
