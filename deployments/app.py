@@ -16,7 +16,7 @@ from ray import serve
 from adallm_core.config import EngineArgs
 from deployments.ingress import OpenAiIngress
 from deployments.ray_tp import serve_placement_options
-from deployments.llm_server import DEFAULT_STREAM_INTERVAL_S, USER_CONFIG_KEYS, LLMServer
+from deployments.llm_server import DEFAULT_STREAM_INTERVAL_S, USER_CONFIG_KEYS, BatchSize, LLMServer, Seconds
 
 DEMO_MODEL_NAME = "adallm-tiny-demo"
 # Ray Serve's throughput-optimized mode, without its direct ingress (that drops the HTTP proxy and serves each
@@ -44,9 +44,9 @@ class ServeOptions(BaseModel):
     max_replicas: Optional[int] = Field(None, ge=1)
     num_gpus: Optional[float] = Field(None, ge=0)  # per replica; None: 1 with an accelerator_type or GPUs, else 0
     accelerator_type: Optional[str] = None  # e.g. "L4", "L40S"; Ray's accelerator_type resource label
-    max_batch_size: int = Field(32, ge=1)  # @serve.batch: arrivals admitted in one add_requests call
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
-    stream_interval_s: float = Field(DEFAULT_STREAM_INTERVAL_S, ge=0)  # streamed tokens within it go as one message
+    max_batch_size: BatchSize = 32  # @serve.batch: arrivals admitted in one add_requests call
+    batch_wait_timeout_s: Seconds = 0.005
+    stream_interval_s: Seconds = DEFAULT_STREAM_INTERVAL_S  # streamed tokens within it go as one message
     throughput_optimized: bool = True  # replicas run with SERVE_ENV; False: Ray Serve's defaults
     max_ongoing_requests: Optional[int] = Field(None, ge=1)  # per replica; default: engine max_num_seqs
     max_queued_requests: Optional[int] = Field(None, ge=1)  # per caller; default: 2 x max_ongoing_requests

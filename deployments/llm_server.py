@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional, Union
+from typing import Annotated, AsyncIterator, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
@@ -30,13 +30,18 @@ DEFAULT_STREAM_INTERVAL_S = 0.1  # at most ~10 messages a second per request; th
 TokenLogprob = tuple[str, float, list[tuple[str, float]]]
 
 
+# The user_config values' bounds, for the app's options (deployments/app.py) and for live changes alike.
+BatchSize = Annotated[int, Field(ge=1)]
+Seconds = Annotated[float, Field(ge=0)]
+
+
 class UserConfig(BaseModel):
-    """LLMServer's user_config (USER_CONFIG_KEYS), changeable live; checked as the app's own options are."""
+    """LLMServer's user_config (USER_CONFIG_KEYS), changeable live."""
 
     model_config = ConfigDict(extra="forbid")
-    max_batch_size: Optional[int] = Field(None, ge=1)
-    batch_wait_timeout_s: Optional[float] = Field(None, ge=0)
-    stream_interval_s: Optional[float] = Field(None, ge=0)
+    max_batch_size: Optional[BatchSize] = None
+    batch_wait_timeout_s: Optional[Seconds] = None
+    stream_interval_s: Optional[Seconds] = None
 
 
 @dataclass
