@@ -103,7 +103,7 @@ def compiled_for(arch: int):
     from triton.runtime.driver import driver
 
     from adallm_core.ops import pdl
-    from adallm_core.ops.triton import nvfp4_gemm
+    from adallm_core.ops.triton import nvfp4_gemm, paged_attention
 
     records: list[Compiled] = []
     seen: set = set()
@@ -136,6 +136,7 @@ def compiled_for(arch: int):
     try:
         with mock.patch.object(nvfp4_gemm, "sm_figures", lambda device: sm), \
                 mock.patch.object(nvfp4_gemm, "fp8_scales", lambda device: arch >= 89), \
+                mock.patch.object(paged_attention, "mma_sync_only", lambda device: arch < 90), \
                 mock.patch.object(nvfp4_gemm, "register_cap",
                                   lambda device: nvfp4_gemm.register_cap_for(divmod(arch, 10))), \
                 mock.patch.object(pdl, "enabled", lambda device, tokens=1, max_tokens=pdl.MAX_TOKENS:

@@ -7,8 +7,9 @@ import torch
 pytest.importorskip("triton")
 
 from adallm_core.ops.metadata import AttentionMetadata  # noqa: E402
+from adallm_core.ops.triton import paged_attention  # noqa: E402
 from adallm_core.ops.triton.paged_attention import (  # noqa: E402
-    DEFAULT_TILES, SHORT_BOUND, num_splits_for, tiles_for)
+    DEFAULT_TILES, SHORT_BOUND, WIDE_PREFILL_TILES, num_splits_for, tiles_for)
 
 ONE_WAVE = dict(BLOCK_N=256, num_warps=8, num_stages=1)  # the short bound's tiles at 128 dims (NOTES.md, session 43)
 TWO_WAVES = dict(BLOCK_N=128, num_warps=8, num_stages=1)
@@ -62,6 +63,18 @@ def test_short_tiles_at_other_head_dims(head_dim, one_wave, two_waves):
     cpu = torch.device("cpu")
     assert tiles_for(_meta(16, 1, 300), 8, head_dim, cpu)["BLOCK_N"] == one_wave
     assert tiles_for(_meta(32, 1, 300), 8, head_dim, cpu)["BLOCK_N"] == two_waves
+
+
+@pytest.mark.parametrize("mma_sync,head_dim,tiles", [
+    (True, 256, WIDE_PREFILL_TILES),  # Ada/Ampere, Gemma3-4B/12B: 8 warps, one stage (no spills on sm_89)
+    (True, 128, DEFAULT_TILES),
+    (False, 256, DEFAULT_TILES),  # Hopper's wgmma code does not spill the default tiles
+])
+def test_prefill_tiles_follow_the_tensor_core_code(mma_sync, head_dim, tiles, monkeypatch):
+    monkeypatch.setattr(paged_attention, "mma_sync_only", lambda device: mma_sync)
+    assert tiles_for(_meta(2, 300, 300), 8, head_dim, torch.device("cpu")) == tiles
+    decode = tiles_for(_meta(16, 1, 8192), 8, head_dim, torch.device("cpu"))
+    assert decode == DEFAULT_TILES, "decode steps keep their own tiles"
 
 
 @pytest.mark.parametrize("num_seqs,parts", [(1, 8), (8, 8), (16, 1), (32, 1)])

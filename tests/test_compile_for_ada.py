@@ -103,6 +103,21 @@ def test_short_bound_decode_attention_fits_wide_heads(arch):
     assert_fit(records, arch, sm)
 
 
+@pytest.mark.parametrize("arch", [89, 86])
+def test_wide_head_prefill_attention_fits_in_registers(arch):
+    """Gemma3-12B's 256-dim prefill attention on mma.sync GPUs takes paged_attention.WIDE_PREFILL_TILES, which
+    compile without spills; the default tiles spilled there."""
+    from adallm_core.ops.triton.paged_attention import WIDE_PREFILL_TILES
+
+    records = [r for r in report("gemma3-12b", arch, [32], context=192)
+               if r.kernel == "paged_attention_kernel" and r.op.startswith("prefill")]
+    assert records, "no prefill attention launch was compiled"
+    for r in records:
+        assert (r.tiles["BLOCK_N"], r.num_warps, r.num_stages) == tuple(WIDE_PREFILL_TILES.values()), r
+        assert r.spilled == 0, r
+    assert_fit(records, arch, next(iter(GPUS[arch].values())))
+
+
 def assert_fit(records, arch: int, sm: dict) -> None:
     for r in records:
         assert r.arch == arch and r.shared <= sm["block_smem"] and r.blocks_per_sm(sm) >= 1, r

@@ -17,7 +17,7 @@ import triton.language as tl
 from adallm_core.ops import pdl
 from adallm_core.ops.metadata import AttentionMetadata
 from adallm_core.ops.triton.grid_dependency import wait_for_prior_kernel
-from adallm_core.ops.triton.nvfp4_gemm import INTERPRET, _num_sms
+from adallm_core.ops.triton.nvfp4_gemm import INTERPRET, _capability, _cuda_index, _num_sms
 from adallm_core.ops.triton.qk_norm_rope import check_args as check_qk_args
 from adallm_core.ops.triton.qk_norm_rope import norm_rope_rows, qk_norm_rope_cache, store_kv_rows
 
@@ -209,9 +209,22 @@ SHORT_BOUND = 512
 SHORT_TILE_ELEMENTS = 256 * 128
 
 
+# Prefill on GPUs where Triton emits mma.sync (Ada, Ampere) at 256-dim heads (Gemma3-4B/12B): the default tiles
+# spill there (328-568 B a thread on sm_89), 8 warps of one stage do not, and on the H100 running Ada's code
+# (DISABLE_MMA_V3=1) they took a 2048-token prefill 9% faster (410.6 -> 372.6 us; NOTES.md, session 46).
+WIDE_PREFILL_TILES = dict(BLOCK_N=64, num_warps=8, num_stages=1)
+
+
+def mma_sync_only(device) -> bool:
+    """Whether Triton's tensor-core code on this device is mma.sync (before Hopper's wgmma)."""
+    return device.type == "cuda" and _capability(_cuda_index(device)) < (9, 0)
+
+
 def tiles_for(meta: AttentionMetadata, kv_heads: int, head_dim: int, device) -> dict:
     """The tiles a launch takes unless config= names others."""
-    if meta.max_query_len > 1 or meta.max_seq_len > SHORT_BOUND or _few_programs(meta, kv_heads, device):
+    if meta.max_query_len > 1:
+        return WIDE_PREFILL_TILES if head_dim > 128 and mma_sync_only(device) else DEFAULT_TILES
+    if meta.max_seq_len > SHORT_BOUND or _few_programs(meta, kv_heads, device):
         return DEFAULT_TILES
     elements = SHORT_TILE_ELEMENTS if meta.num_seqs * kv_heads <= _num_sms(device) else SHORT_TILE_ELEMENTS // 2
     return dict(BLOCK_N=max(128, min(256, elements // head_dim)), num_warps=8, num_stages=1)
