@@ -76,11 +76,13 @@ def test_nvfp4_linear_tile_major(m, n, k):
 
 @pytest.mark.parametrize("slab", [None, 1 << 24], ids=["engine_slabs", "small_slabs"])
 @pytest.mark.parametrize("m", [256, 300, 2048])
-@pytest.mark.parametrize("parts,k", [([4096, 1024, 1024], 4096), ([200, 8], 208), ([12288, 12288], 4096)])
+@pytest.mark.parametrize("parts,k", [([4096, 1024, 1024], 4096), ([200, 8], 208), ([12288, 12288], 4096),
+                                     ([100, 100], 1024)])
 def test_nvfp4_linear_prefill_path(m, parts, k, slab, monkeypatch):
     """M >= MIN_TOKENS with one global scale per part (as checkpoints have): the op dequantizes once per slab and
     runs cuBLAS (nvfp4_prefill.py); slabs split at the parts and at SLAB_ELEMS (the engine's, and one small enough
-    to split each 12288-row part)."""
+    to split each 12288-row part). 200 x 1024 is a shape cuBLAS splits along K: 0.4% off with its partial sums in
+    BF16 (nvfp4_prefill.full_precision_reduction)."""
     from adallm_core.ops.triton import nvfp4_linear, nvfp4_prefill, prepare_nvfp4_weight
 
     if slab is not None:
