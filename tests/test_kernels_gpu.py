@@ -90,7 +90,7 @@ def test_nvfp4_linear_prefill_path(m, parts, k, slab, monkeypatch):
 
     w = kc.runs_nvfp4(parts, k, DEV)
     op_w = prepare_nvfp4_weight(w)  # as the engine holds it: tile-major where the shape allows
-    assert op_w.tile_major == (k % 128 == 0)
+    assert op_w.tile_major == (k % 128 == 0 and sum(parts) % 16 == 0)
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     out = nvfp4_linear(x, op_w)
     runs = op_w.__dict__["_prefill_runs"]
