@@ -42,6 +42,9 @@ class EngineArgs:
     # quantized): a step reads only its tokens' rows, over PCIe. Saves vocab x hidden x 2 bytes of GPU memory.
     embedding_on_host: bool = True
     quantize_lm_head: bool = False  # quantize a BF16 lm_head to NVFP4 at load: faster decode, lossy like any weight
+    # Steps of 256 tokens or more (prompts) run the NVFP4 linears on FP8 tensor cores: activations and weights
+    # rounded to E4M3, faster prefill, lossy. Needs Ada or newer. Decode steps and MoE experts stay exact.
+    prefill_fp8: bool = False
     # Launch decode step t+1 before step t's tokens reach the host (its input ids are t's tokens sampled on the
     # device), so the host's bookkeeping overlaps the GPU. Engages for steady decoding without penalties or
     # logprobs (adallm_core/overlap.py).

@@ -61,7 +61,7 @@ class ModelRunner:
     def __init__(self, engine_args, checkpoint, device: Union[str, torch.device] = "auto", parallel=None):
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(engine_args.dtype, self.device)
-        self.ops = select_ops(engine_args.kernel_backend, self.device)  # raises before any weight loads
+        self.ops = select_ops(engine_args.kernel_backend, self.device, engine_args.prefill_fp8)  # before weights load
         self.kernel_backend = self.ops.name
         self.model_config = cfg = ModelConfig.from_hf_config(checkpoint.hf_config, checkpoint.path)
         self.vocab_size = cfg.vocab_size  # the logits' width: the whole vocabulary, on every tensor-parallel rank

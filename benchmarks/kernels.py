@@ -45,6 +45,7 @@ def sweep_cuda_variants(log, ms=(1, 2, 4, 6, 8)) -> list[dict]:
     from adallm_core.ops import cuda_gemv
     from adallm_core.ops.triton import nvfp4_gemm as lin
     from adallm_core.ops.triton.nvfp4_prefill import nvfp4_linear as op_linear
+    from adallm_core.ops.triton.nvfp4_prefill_fp8 import fp8_gemm
 
     module, out = cuda_gemv.load(), []
     variants = range(cuda_gemv.VARIANTS)
@@ -87,6 +88,7 @@ def bench_linear(sweep: bool, rows: list, log, w4a8: bool = True, ms=MS, sweep_m
     from adallm_core.ops.triton import nvfp4_gemm as lin
     from adallm_core.ops.triton.nvfp4_prefill import global_runs, nvfp4_linear_prefill
     from adallm_core.ops.triton.nvfp4_prefill import nvfp4_linear as op_linear
+    from adallm_core.ops.triton.nvfp4_prefill_fp8 import fp8_gemm
     from adallm_core.ops.triton.w4a8_gemm import w4a8_linear
 
     for name, (n, k) in LINEARS.items():
@@ -110,6 +112,8 @@ def bench_linear(sweep: bool, rows: list, log, w4a8: bool = True, ms=MS, sweep_m
                 row["tiled_us"] = time_graph(lambda w: lin.nvfp4_linear(x, w, cfg), [(w,) for w in ws]) * 1e6
                 row["dequant_us"] = time_graph(lambda w: nvfp4_linear_prefill(x, w, global_runs(w)),
                                                [(w,) for w in ws]) * 1e6
+                # prefill_fp8's path (lossy: E4M3 activations and weight slabs, FP8 GEMM)
+                row["prefill_fp8_us"] = time_graph(lambda w: fp8_gemm(x, w), [(w,) for w in ws]) * 1e6
             if sweep and m in sweep_ms:
                 best = (t, row["nvfp4_cfg"])
                 for cfg in sweep_configs(m, only):
@@ -186,11 +190,11 @@ def _sweep_configs(m: int) -> list[dict]:
 def print_linear(rows: list, bw: float) -> None:
     print(f"\nNVFP4 linears, Qwen3-8B shapes (copy bandwidth {bw / 1e12:.2f} TB/s; TB/s counts packed weights + scales)")
     hdr = (f"{'shape':8} {'M':>5} {'nvfp4 us':>9} {'TB/s':>6} {'%copy':>6} {'best us':>8} {'tiled us':>8} "
-           f"{'deq us':>8} {'w4a8 us':>8} {'bf16 us':>8} {'fp8 us':>8}")
+           f"{'deq us':>8} {'pfp8 us':>8} {'w4a8 us':>8} {'bf16 us':>8} {'fp8 us':>8}")
     print(hdr)
     for r in rows:
         best = f"{r['best_us']:8.1f}" if "best_us" in r else f"{'':8}"
-        tiled = " ".join(f"{r[k]:8.1f}" if k in r else f"{'':8}" for k in ("tiled_us", "dequant_us"))
+        tiled = " ".join(f"{r[k]:8.1f}" if k in r else f"{'':8}" for k in ("tiled_us", "dequant_us", "prefill_fp8_us"))
         w4 = f"{r['w4a8_us']:8.1f}" if "w4a8_us" in r else f"{'':8}"
         f8 = f"{r['fp8_us']:8.1f}" if "fp8_us" in r else f"{'':8}"
         print(f"{r['shape']:8} {r['M']:5d} {r['nvfp4_us']:9.1f} {r['nvfp4_TBps']:6.2f} {100 * r['nvfp4_TBps'] * 1e12 / bw:5.0f}% "
@@ -198,12 +202,13 @@ def print_linear(rows: list, bw: float) -> None:
     for m in MS:  # one layer's four linears, as KERNELS.md quotes them
         sel = [r for r in rows if r["M"] == m]
         if len(sel) == len(LINEARS):
-            keys = ("nvfp4_us", "tiled_us", "dequant_us", "w4a8_us", "bf16_us", "fp8_us")
+            keys = ("nvfp4_us", "tiled_us", "dequant_us", "prefill_fp8_us", "w4a8_us", "bf16_us", "fp8_us")
             tot = {k: sum(r.get(k, float("nan")) for r in sel) for k in keys}
             print(f"layer    {m:5d} nvfp4 {tot['nvfp4_us']:.1f} us (tiled {tot['tiled_us']:.1f}, dequantize-once "
-                  f"{tot['dequant_us']:.1f}), w4a8 "
+                  f"{tot['dequant_us']:.1f}, prefill_fp8 {tot['prefill_fp8_us']:.1f}), w4a8 "
                   f"{tot['w4a8_us']:.1f}, bf16 {tot['bf16_us']:.1f}, fp8 {tot['fp8_us']:.1f}, bf16/nvfp4 "
-                  f"{tot['bf16_us'] / tot['nvfp4_us']:.2f}x")
+                  f"{tot['bf16_us'] / tot['nvfp4_us']:.2f}x, bf16/prefill_fp8 "
+                  f"{tot['bf16_us'] / tot['prefill_fp8_us']:.2f}x")
 
 
 def main(argv=None) -> int:

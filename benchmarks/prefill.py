@@ -1,11 +1,12 @@
 """Prefill time of the real engine on random NVFP4 weights of a real model's shapes: one prompt, one token out.
 
-    python -m benchmarks.prefill --shape qwen3-8b --input-len 16,128,512,2048 [--tiled]
+    python -m benchmarks.prefill --shape qwen3-8b --input-len 16,128,512,2048 [--tiled] [--fp8]
 
 Weights are RANDOM (real shapes, random values; built on the GPU). Each prompt length runs on the engine as it
 starts (prompts of up to 512 tokens replay the prefill CUDA graphs, adallm_core/prefill_graphs.py) and on one with
 enforce_eager (every launch from the host). --tiled adds the eager engine with the large-M linears on the tiled
 kernel alone (nvfp4_gemm.py) instead of the dequantize-once path the op picks (ops/triton/nvfp4_prefill.py).
+--fp8 adds the engine with prefill_fp8 (prompt steps of 256+ tokens on FP8 tensor cores, lossy).
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from benchmarks.decode import build_engine, run_batch
 from benchmarks.random_checkpoint import SHAPES
 
 
-def time_prompts(shape: str, lengths: list[int], eager: bool, repeat: int, min_tokens: int | None = None) -> list:
+def time_prompts(shape: str, lengths: list[int], eager: bool, repeat: int, min_tokens: int | None = None,
+                 engine_options: dict | None = None) -> list:
     """Best seconds of `repeat` runs for one prompt of each length, on a fresh engine."""
     from adallm_core.ops.triton import nvfp4_prefill
 
     default_min = nvfp4_prefill.MIN_TOKENS
-    engine, runner = build_engine(shape, 1, max(lengths), 1, eager)
+    engine, runner = build_engine(shape, 1, max(lengths), 1, eager, engine_options=engine_options)
     vocab = runner.model_config.vocab_size
     nvfp4_prefill.MIN_TOKENS = default_min if min_tokens is None else min_tokens
     try:
@@ -47,6 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--input-len", default="2048", help="comma-separated prompt lengths")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--tiled", action="store_true", help="also time the tiled kernel for the large-M linears")
+    p.add_argument("--fp8", action="store_true", help="also time the engine with prefill_fp8 (lossy)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks.prefill needs a CUDA GPU", file=sys.stderr)
@@ -56,6 +59,9 @@ def main(argv=None) -> int:
                "enforce_eager": time_prompts(args.shape, lengths, True, args.repeat)}
     if args.tiled:
         columns["eager, tiled"] = time_prompts(args.shape, lengths, True, args.repeat, min_tokens=1 << 30)
+    if args.fp8:
+        columns["prefill_fp8"] = time_prompts(args.shape, lengths, False, args.repeat,
+                                              engine_options=dict(prefill_fp8=True))
     print(f"{args.shape}: RANDOM NVFP4 weights, one prompt, 1 token out, best of {args.repeat}; "
           f"{torch.cuda.get_device_name()}")
     print(f"{'tokens':>6} " + " ".join(f"{name + ' ms':>17}" for name in columns) + f" {'engine tok/s':>13}")

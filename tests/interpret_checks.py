@@ -86,6 +86,8 @@ def main() -> None:
         "moe_routing_chunked": kc.case_moe_routing(dev, 5, 12, 3, True, block_m=4, chunk=4),  # 15 pairs, 4 chunks
         "moe_routing_chunked_ragged": kc.case_moe_routing(dev, 9, 6, 3, False, block_m=4, chunk=8),  # 27 pairs of 32
         "prefill_runs": kc.case_nvfp4_prefill(dev, 5, [24, 8, 8], 48, dtype=torch.float32),
+        "prefill_fp8_slab": kc.case_fp8_slab(dev, 40, 96),
+        "prefill_fp8_slab_tile_major": kc.case_fp8_slab(dev, 48, 256, tile_major=True),
         "prefill_runs_kernel_order": kc.case_nvfp4_prefill(dev, 5, [24, 8, 8], 48, dtype=torch.float32,
                                                            kernel_order=True),
         "prefill_runs_tile_major": kc.case_nvfp4_prefill(dev, 5, [32, 16, 16], 256, dtype=torch.float32,

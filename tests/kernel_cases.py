@@ -6,6 +6,8 @@ runs ops.reference on the same inputs, and returns ||out - ref|| / ||ref||.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from adallm_core.nvfp4 import NVFP4Weight
@@ -247,6 +249,21 @@ def case_nvfp4_prefill(dev, m, parts, k, dtype=torch.bfloat16, kernel_order=Fals
     assert runs is not None and len(runs) >= len(parts)
     x = torch.randn(m, k, device=dev).to(torch.bfloat16).to(dtype)
     return rel_err(nvfp4_linear_prefill(x, op_w, runs), reference.nvfp4_linear(x, w))
+
+
+def case_fp8_slab(dev, n, k, tile_major=False) -> float:
+    """The prefill_fp8 slab (nvfp4_prefill.dequantize_rows with row_mul) into fp32, where the interpreter's E4M3 cast
+    cannot round it: the rows' shifted values, exactly as reference.nvfp4_linear_fp8 rounds them."""
+    from adallm_core.ops.triton.nvfp4_prefill import dequantize_rows
+    from adallm_core.ops.triton.nvfp4_prefill_fp8 import row_scales
+
+    w = random_nvfp4(n, k, dev)
+    op_w = _order(w, True, tile_major)
+    row_mul, _ = row_scales(op_w)
+    out = torch.full((n, k), float("nan"), device=dev)
+    dequantize_rows(op_w, 0, n, out, row_mul=row_mul)
+    shifted = dataclasses.replace(w, global_scale=torch.exp2(-reference.fp8_row_exponents(w)))
+    return rel_err(out, shifted.dequantize(torch.float32))
 
 
 def case_moe_routing(dev, t, experts, top_k, renormalize, block_m=16, chunk=None) -> float:

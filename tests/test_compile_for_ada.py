@@ -181,3 +181,21 @@ def test_ada_ranks_the_pairs_in_chunks_its_block_holds():
         assert fits(256, 128, cpu) and not fits(264, 128, cpu)
     assert [chunk_for(p, 128, cpu) for p in (8, 128, 136, 256)] == [0, 0, 128, 128] and fits(256, 128, cpu)
     assert [chunk_for(p, 64, cpu) for p in (256, 512)] == [0, 256]
+
+
+@pytest.mark.parametrize("arch", [89, 90])
+def test_prefill_fp8_launches_compile_without_spills(arch):
+    """prefill_fp8's two Triton launches (the E4M3 weight slab with its row powers of two, the per-token E4M3
+    activations) compile for Ada and Hopper, whose FP8 conversions they use; the GEMM is cuBLAS's."""
+    from adallm_core.ops.triton import nvfp4_prefill, quant
+
+    w = StepInputs._linear(6144, 4096)
+    with compiled_for(arch) as (records, set_op):
+        set_op("prefill_fp8 slab")
+        nvfp4_prefill.dequantize_rows(w, 0, 256, torch.empty(256, 4096, dtype=torch.float8_e4m3fn),
+                                      row_mul=torch.ones(256))
+        set_op("prefill_fp8 activations")
+        quant.per_token_fp8(torch.zeros(300, 4096, dtype=torch.bfloat16))
+    assert sorted(r.kernel for r in records) == ["dequant_rows_kernel", "per_token_fp8_kernel"]
+    assert_fit(records, arch, next(iter(GPUS[arch].values())))
+    assert all(r.spilled == 0 for r in records), records

@@ -99,6 +99,38 @@ def test_nvfp4_linear_prefill_path(m, parts, k, slab, monkeypatch):
     assert kc.rel_err(out, reference.nvfp4_linear(x, w)) <= EXACT
 
 
+@pytest.mark.parametrize("slab", [None, 1 << 22], ids=["engine_slabs", "small_slabs"])
+@pytest.mark.parametrize("m", [256, 300, 2048])
+@pytest.mark.parametrize("parts,k", [([4096, 1024, 1024], 4096), ([200, 8], 208), ([12288, 12288], 4096)])
+def test_nvfp4_linear_fp8_prefill(m, parts, k, slab, monkeypatch):
+    """prefill_fp8's op (nvfp4_prefill_fp8.py) on the engine's weight layout vs reference.nvfp4_linear_fp8, which
+    rounds the same operands to E4M3; slabs of the engine's size and small enough to split every weight."""
+    from adallm_core.ops.triton import nvfp4_linear_fp8, nvfp4_prefill_fp8, prepare_nvfp4_weight
+
+    if slab is not None:
+        monkeypatch.setattr(nvfp4_prefill_fp8, "SLAB_ELEMS", slab)
+    w = kc.runs_nvfp4(parts, k, DEV)
+    op_w = prepare_nvfp4_weight(w)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    out = nvfp4_linear_fp8(x, op_w)
+    assert "_fp8_rows" in op_w.__dict__, "the FP8 path was not taken"
+    assert kc.rel_err(out, reference.nvfp4_linear_fp8(x, w)) <= EXACT
+    assert kc.rel_err(out, reference.nvfp4_linear(x, w)) <= 4e-2
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("m,n", [(8, 4096), (300, 4096), (300, 200)])  # decode; FP8; N not a multiple of 16: exact
+def test_nvfp4_gated_linear_fp8_prefill(m, n, activation):
+    from adallm_core.ops.triton import nvfp4_gated_linear_fp8, prepare_nvfp4_weight
+
+    w = kc.runs_nvfp4([n // 2, n // 2], 1024, DEV)
+    op_w = prepare_nvfp4_weight(w)
+    x = torch.randn(m, 1024, device=DEV, dtype=torch.bfloat16)
+    out = nvfp4_gated_linear_fp8(x, op_w, activation)
+    assert ("_fp8_rows" in op_w.__dict__) == (m >= reference.FP8_PREFILL_MIN_TOKENS and n % 16 == 0)
+    assert kc.rel_err(out, reference.nvfp4_gated_linear_fp8(x, w, activation)) <= EXACT
+
+
 @pytest.mark.parametrize("fp8", [True, False], ids=["e4m3_scales", "byte_scales"])
 @pytest.mark.parametrize("tile_major", [False, True])
 def test_every_e4m3_scale(fp8, tile_major, monkeypatch):
@@ -292,7 +324,8 @@ def test_nvfp4_linear_is_exact_in_fp32():
 
 @pytest.mark.parametrize("m,k", [(1, 4096), (7, 12288), (130, 96)])
 def test_per_token_fp8(m, k):
-    from adallm_core.ops.triton.quant import per_token_fp8, per_token_fp8_reference
+    from adallm_core.ops.reference import per_token_fp8 as per_token_fp8_reference
+    from adallm_core.ops.triton.quant import per_token_fp8
 
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16) * torch.rand(m, 1, device=DEV, dtype=torch.bfloat16) * 10
     q, s = per_token_fp8(x)
@@ -303,7 +336,7 @@ def test_per_token_fp8(m, k):
 
 @pytest.mark.parametrize("m", [16, 100, 2048])
 def test_w4a8_linear(m):
-    from adallm_core.ops.triton.quant import per_token_fp8_reference
+    from adallm_core.ops.reference import per_token_fp8 as per_token_fp8_reference
     from adallm_core.ops.triton.w4a8_gemm import w4a8_linear
 
     w = kc.random_nvfp4(384, 1024, DEV)

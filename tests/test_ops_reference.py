@@ -230,3 +230,46 @@ def test_select_ops_refuses_what_cannot_run():
         select_ops("triton", "cpu")
     with pytest.raises(ValueError, match="kernel_backend must be one of"):
         select_ops("cuda-magic", "cpu")
+
+
+def test_nvfp4_linear_fp8_rounds_each_weight_once_to_e4m3():
+    """Hand-made: E2M1 1.5 times block scale 1.125 is 1.6875, 5 significant bits; E4M3 keeps 4 and rounds the tie
+    to even, 1.75, at any row exponent (row 1's scale is 8x smaller). One-hot rows of x are exact in E4M3."""
+    n, k, m = 16, 32, ref.FP8_PREFILL_MIN_TOKENS
+    packed = torch.full((n, k // 2), 0x33, dtype=torch.uint8)  # code 3 = +1.5 in both nibbles
+    scale = torch.full((n, k // 16), 1.125)
+    scale[1::2] /= 8
+    w = NVFP4Weight(packed, scale.to(torch.float8_e4m3fn), torch.full((n,), 3.0))
+    x = torch.zeros(m, k)
+    x[torch.arange(m), torch.arange(m) % k] = 1.0
+    row = torch.tensor([1.0, 0.125] * (n // 2))
+    torch.testing.assert_close(ref.nvfp4_linear(x, w), (1.6875 * 3 * row).expand(m, n), rtol=0, atol=0)
+    torch.testing.assert_close(ref.nvfp4_linear_fp8(x, w), (1.75 * 3 * row).expand(m, n), rtol=1e-6, atol=0)
+
+
+def test_nvfp4_linear_fp8_is_close_to_exact_and_exact_below_its_threshold():
+    torch.manual_seed(0)
+    w = NVFP4Weight.quantize(torch.randn(256, 512))
+    x = torch.randn(ref.FP8_PREFILL_MIN_TOKENS, 512, dtype=torch.bfloat16)
+    exact = ref.nvfp4_linear(x, w).float()
+    err = ((ref.nvfp4_linear_fp8(x, w).float() - exact).norm() / exact.norm()).item()
+    assert 5e-3 < err < 4e-2  # E4M3 activations alone are 2.65% on Gaussian data (benchmarks/NOTES.md)
+    fewer = x[:-1]
+    assert torch.equal(ref.nvfp4_linear_fp8(fewer, w), ref.nvfp4_linear(fewer, w))
+    gated = ref.nvfp4_gated_linear_fp8(x, w, "silu")
+    assert torch.equal(gated, ref.silu_and_mul(ref.nvfp4_linear_fp8(x, w)))
+
+
+def test_nvfp4_linear_fp8_reads_tile_major_scales_by_row():
+    torch.manual_seed(0)
+    w = NVFP4Weight.quantize(torch.randn(32, 256) * torch.logspace(-3, 3, 32)[:, None])  # rows far apart in scale
+    x = torch.randn(ref.FP8_PREFILL_MIN_TOKENS, 256)
+    tiled = w.in_tile_major()
+    assert torch.equal(ref.fp8_row_exponents(tiled), ref.fp8_row_exponents(w))
+    assert torch.equal(ref.nvfp4_linear_fp8(x, tiled), ref.nvfp4_linear_fp8(x, w))
+
+
+def test_select_ops_prefill_fp8_takes_the_fp8_linears():
+    ops = select_ops("reference", "cpu", prefill_fp8=True)
+    assert ops.nvfp4_linear is ref.nvfp4_linear_fp8 and ops.nvfp4_gated_linear is ref.nvfp4_gated_linear_fp8
+    assert ops.attention is ref.attention

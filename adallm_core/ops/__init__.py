@@ -71,7 +71,9 @@ class Ops:
         raise ValueError(f"gated MLP activation must be 'silu' or 'gelu_tanh', got {name!r}")
 
 
-def select_ops(backend: str, device) -> Ops:
+def select_ops(backend: str, device, prefill_fp8: bool = False) -> Ops:
+    """prefill_fp8: the NVFP4 linears of steps with many tokens run on FP8 tensor cores (reference.nvfp4_linear_fp8,
+    lossy); the backend's nvfp4_linear_fp8 and nvfp4_gated_linear_fp8 take the linear ops' places."""
     device = torch.device(device)
     if backend not in BACKENDS:
         raise ValueError(f"kernel_backend must be one of {BACKENDS}, got {backend!r}")
@@ -81,11 +83,26 @@ def select_ops(backend: str, device) -> Ops:
         module = reference
     else:
         module = _load_triton(device)
-    impls = {name: getattr(module, name, None) or getattr(reference, name) for name in OP_NAMES}
+    if prefill_fp8:
+        _check_fp8(device)
+    impls = {name: _impl(module, name, prefill_fp8) for name in OP_NAMES}
     sources = {name: impls[name].__module__ for name in OP_NAMES}
     ops = Ops(name=backend, sources=sources, **impls)
-    logger.info("kernel backend %r on %s: %s", backend, device, ", ".join(f"{k}={v}" for k, v in sources.items()))
+    logger.info("kernel backend %r on %s%s: %s", backend, device, ", prefill on FP8" if prefill_fp8 else "",
+                ", ".join(f"{k}={v}" for k, v in sources.items()))
     return ops
+
+
+def _impl(module, name: str, prefill_fp8: bool) -> Callable:
+    if prefill_fp8 and name in ("nvfp4_linear", "nvfp4_gated_linear"):
+        name += "_fp8"
+    return getattr(module, name, None) or getattr(reference, name)
+
+
+def _check_fp8(device: torch.device) -> None:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(f"prefill_fp8 needs FP8 tensor cores (compute capability 8.9: Ada, Hopper), got "
+                         f"{torch.cuda.get_device_name(device)}; leave prefill_fp8 off")
 
 
 def _load_triton(device: torch.device):

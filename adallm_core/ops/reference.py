@@ -97,6 +97,56 @@ def nvfp4_gated_linear(x: torch.Tensor, w: "NVFP4Weight", activation: str) -> to
     return GATED_ACTIVATIONS[activation](nvfp4_linear(x, w))
 
 
+# prefill_fp8 (EngineArgs): steps of at least this many tokens run their NVFP4 linears on FP8 operands
+FP8_PREFILL_MIN_TOKENS = 256
+
+
+def per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (E4M3 [M, K], fp32 scale [M]) with x ~= q * scale: scale = amax / 448 per row, saturating cast."""
+    x32 = x.float()
+    s = (x32.abs().amax(dim=-1) / FP8_MAX).clamp(min=1e-12)
+    return (x32 / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s
+
+
+def fp8_row_exponents(w: "NVFP4Weight") -> torch.Tensor:
+    """e [N] (whole numbers, fp32): row n of W / global scale, times 2^-e, lies within E4M3's +-448 (6 = E2M1's
+    largest value; a row of zero scales gets E4M3's smallest)."""
+    from adallm_core.nvfp4 import to_tile_major
+
+    scales = to_tile_major(w.block_scale, w.in_features, inverse=True) if w.tile_major else w.block_scale
+    largest = scales.float().amax(dim=-1).clamp(min=2.0**-9) * 6.0
+    return torch.ceil(torch.log2(largest / FP8_MAX))
+
+
+def nvfp4_linear_fp8(x: torch.Tensor, w: "NVFP4Weight") -> torch.Tensor:
+    """The prefill_fp8 linear: steps of FP8_PREFILL_MIN_TOKENS or more compute x_q @ W_q.T, with x_q per-token E4M3
+    (per_token_fp8) and W_q = E4M3(v * block scale * 2^-e) per row (fp8_row_exponents; one rounding, as the
+    block scale's 4 significant bits times E2M1's 2 may need 6), scaled back by global scale * 2^e. Fewer tokens,
+    or N not a multiple of 16 (FP8 GEMMs want it): nvfp4_linear, exact."""
+    if x.dim() != 2 or x.shape[0] < FP8_PREFILL_MIN_TOKENS or w.out_features % 16:
+        return nvfp4_linear(x, w)
+    if x.shape[1] != w.in_features:
+        raise ValueError(f"nvfp4_linear: x must be [M, {w.in_features}], got {tuple(x.shape)}")
+    e = fp8_row_exponents(w)
+    shifted, back = dataclasses.replace(w, global_scale=torch.exp2(-e)), w.global_scale * torch.exp2(e)
+    xq, xs = per_token_fp8(x)
+    x32 = xq.float() * xs[:, None]
+    n, step = w.out_features, max(1, DEQUANT_TILE_ELEMS // w.in_features)
+    out = torch.empty(x.shape[0], n, dtype=torch.float32, device=x.device)
+    for start in range(0, n, step):  # one tile of rows at a time, as nvfp4_linear
+        rows = slice(start, min(start + step, n))
+        wq = shifted.dequantize(torch.float32, rows=rows).to(torch.float8_e4m3fn)
+        torch.matmul(x32, (wq.float() * back[rows, None]).t(), out=out[:, rows])
+    return out.to(x.dtype)
+
+
+def nvfp4_gated_linear_fp8(x: torch.Tensor, w: "NVFP4Weight", activation: str) -> torch.Tensor:
+    """nvfp4_gated_linear with the prefill_fp8 linear where it applies."""
+    if x.dim() != 2 or x.shape[0] < FP8_PREFILL_MIN_TOKENS or activation not in GATED_ACTIVATIONS:
+        return nvfp4_gated_linear(x, w, activation)
+    return GATED_ACTIVATIONS[activation](nvfp4_linear_fp8(x, w))
+
+
 def _is_fp8(cache: torch.Tensor) -> bool:
     return cache.dtype == torch.float8_e4m3fn
 

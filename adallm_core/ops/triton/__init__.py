@@ -5,6 +5,8 @@ Each op is a thin wrapper that checks shapes and dtypes, then launches the kerne
                              nvfp4_gemm.py       exact BF16 compute; decode split-K stream, tiles up to M = 255
                              ../cuda_gemv.py     CUDA C++ (csrc/nvfp4_gemv.cu): decode steps of 1-8 tokens
   nvfp4_gated_linear         nvfp4_prefill.py    fused gate|up; the decode kernels apply SiLU/GELU in their epilogue
+  nvfp4_linear_fp8, nvfp4_gated_linear_fp8        the two above under prefill_fp8 (select_ops):
+                             nvfp4_prefill_fp8.py  M >= 256: E4M3 weight slabs and activations, FP8 GEMM (lossy)
   attention                  paged_attention.py  paged FP8/BF16 KV, GQA rows per KV head, split-K for long decode
   qk_norm_rope_attention     paged_attention.py  decode steps: q/k norm, RoPE, k/v store and attention, one launch
   kv_write                   kv_cache_write.py
@@ -33,6 +35,7 @@ from adallm_core.ops.triton.kv_cache_write import kv_write
 from adallm_core.ops.triton.moe_nvfp4 import moe
 from adallm_core.ops.triton.nvfp4_gemm import prepare_nvfp4_weight
 from adallm_core.ops.triton.nvfp4_prefill import nvfp4_gated_linear, nvfp4_linear
+from adallm_core.ops.triton.nvfp4_prefill_fp8 import nvfp4_gated_linear_fp8, nvfp4_linear_fp8
 from adallm_core.ops.triton.paged_attention import attention, qk_norm_rope_attention
 from adallm_core.ops.triton.qk_norm_rope import qk_norm_rope_cache
 from adallm_core.ops.triton.rmsnorm import add_rms_norm, rms_norm
@@ -55,6 +58,7 @@ def check_device(device) -> None:
 
 
 __all__ = [
-    "nvfp4_linear", "nvfp4_gated_linear", "attention", "kv_write", "qk_norm_rope_cache", "rms_norm", "add_rms_norm",
-    "rope", "silu_and_mul", "gelu_tanh_and_mul", "moe", "embedding", "prepare_nvfp4_weight", "check_device",
+    "nvfp4_linear", "nvfp4_gated_linear", "nvfp4_linear_fp8", "nvfp4_gated_linear_fp8", "attention", "kv_write",
+    "qk_norm_rope_cache", "rms_norm", "add_rms_norm", "rope", "silu_and_mul", "gelu_tanh_and_mul", "moe", "embedding",
+    "prepare_nvfp4_weight", "check_device",
 ]

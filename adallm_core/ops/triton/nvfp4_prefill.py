@@ -30,12 +30,13 @@ EPI = 2.0**8  # the slab holds v * scale * 2^-8
 
 
 @triton.jit
-def dequant_rows_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
+def dequant_rows_kernel(w_ptr, s_ptr, out_ptr, row_mul_ptr, N, K, stride_wn, stride_sn, stride_on,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, KERNEL_ORDER: tl.constexpr,
-                        TILE_MAJOR: tl.constexpr = False):
+                        TILE_MAJOR: tl.constexpr = False, ROW_MUL: tl.constexpr = False):
     """Rows [N, K] of packed int32 words + scales -> out [N, K] of v * scale * 2^-8 (BF16: exact; fp32 in the
     interpreter), with the decode kernel's word dequantization (nvfp4_gemm._dequant_words). TILE_MAJOR: the rows are
-    whole bands of nvfp4.to_tile_major."""
+    whole bands of nvfp4.to_tile_major. ROW_MUL: each row times its power of two row_mul[n] (exact) before the store,
+    whose cast to E4M3 is then the one rounding (nvfp4_prefill_fp8.py)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     mask_n = offs_n < N
@@ -48,6 +49,8 @@ def dequant_rows_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, strid
         s_ptrs = s_ptr + offs_n[:, None] * stride_sn + ks[None, :]
         w_ptrs = w_ptr + offs_n[:, None] * stride_wn + kw[None, :]
     w = _dequant_words(w_ptrs, s_ptrs, mask_n[:, None], mask_n[:, None], BLOCK_N, BLOCK_K // 8, KERNEL_ORDER)
+    if ROW_MUL:
+        w = w.to(tl.float32) * tl.load(row_mul_ptr + offs_n, mask=mask_n, other=1.0)[:, None]
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], w.to(out_ptr.dtype.element_ty),
              mask=mask_n[:, None])
@@ -108,16 +111,17 @@ def global_runs(w) -> list[tuple[int, int, float]] | None:
     return runs
 
 
-def dequantize_rows(w, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-    """Rows [start, stop) of W as v * scale * 2^-8 into out [stop - start, K] (the global scale left out)."""
+def dequantize_rows(w, start: int, stop: int, out: torch.Tensor, row_mul: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [start, stop) of W as v * scale * 2^-8 into out [stop - start, K] (the global scale left out), each row
+    times row_mul [stop - start] where given."""
     n, k = stop - start, w.in_features
     packed = w.packed[start:stop].view(torch.int32)  # 8 codes a word (K is a multiple of 16)
     block_k = min(256, k & -k)  # a power of two dividing K
     grid = (triton.cdiv(n, 32), triton.cdiv(k, block_k))
-    dequant_rows_kernel[grid](packed, block_scales(w, out.device)[start:stop], out, n, k, packed.stride(0),
+    dequant_rows_kernel[grid](packed, block_scales(w, out.device)[start:stop], out, row_mul, n, k, packed.stride(0),
                               w.block_scale.stride(0), out.stride(0), BLOCK_N=32, BLOCK_K=block_k,
-                              KERNEL_ORDER=w.kernel_order, TILE_MAJOR=w.tile_major, num_warps=4,
-                              enable_fp_fusion=True)
+                              KERNEL_ORDER=w.kernel_order, TILE_MAJOR=w.tile_major, ROW_MUL=row_mul is not None,
+                              num_warps=4, enable_fp_fusion=True)
     return out
 
 

@@ -1,4 +1,5 @@
-"""Per-token FP8 (E4M3) quantization of activations: x [M, K] -> (x_q fp8 [M, K], scale fp32 [M]), x ~= x_q * scale."""
+"""Per-token FP8 (E4M3) quantization of activations: x [M, K] -> (x_q fp8 [M, K], scale fp32 [M]), x ~= x_q * scale
+(the rule of reference.per_token_fp8)."""
 from __future__ import annotations
 
 import torch
@@ -38,10 +39,3 @@ def per_token_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                                    num_warps=8 if block >= 2048 else 4, enable_fp_fusion=True)
     return q, s
 
-
-def per_token_fp8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain torch, for tests: the same rule (scale = amax / 448, saturating cast)."""
-    x32 = x.float()
-    s = (x32.abs().amax(dim=-1) / FP8_MAX).clamp(min=1e-12)
-    q = (x32 / s[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, s
