@@ -41,7 +41,7 @@ def nvfp4_gated_linear_fp8(x: torch.Tensor, w, activation: str) -> torch.Tensor:
 
 
 def takes(x: torch.Tensor, w) -> bool:
-    return x.shape[0] >= reference.FP8_PREFILL_MIN_TOKENS and x.dtype == torch.bfloat16 and w.out_features % 16 == 0
+    return x.shape[0] >= reference.FP8_PREFILL_MIN_TOKENS and w.out_features % 16 == 0
 
 
 def row_scales(w) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +60,8 @@ def slab_bounds(n: int, k: int) -> list[tuple[int, int]]:
 
 
 def fp8_gemm(x: torch.Tensor, w) -> torch.Tensor:
-    """x [M, K] @ W.T -> [M, N] BF16 as reference.nvfp4_linear_fp8 defines it, one slab and one GEMM per slab."""
+    """x [M, K] @ W.T -> [M, N] in x.dtype as reference.nvfp4_linear_fp8 defines it, one GEMM per slab (BF16 out:
+    what row-wise scaled FP8 GEMMs give)."""
     row_mul, col_scale = row_scales(w)
     xq, xs = per_token_fp8(x)
     n, k = w.out_features, w.in_features
@@ -72,4 +73,5 @@ def fp8_gemm(x: torch.Tensor, w) -> torch.Tensor:
                                              row_mul=row_mul[start:stop])
         parts.append(torch._scaled_mm(xq, slab.t(), scale_a=xs[:, None], scale_b=col_scale[None, start:stop],
                                       out_dtype=torch.bfloat16, use_fast_accum=FAST_ACCUM))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return out if x.dtype == torch.bfloat16 else out.to(x.dtype)
