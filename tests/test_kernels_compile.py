@@ -53,8 +53,8 @@ def moe_case():
 def dequant_rows_case():
     from adallm_core.ops.triton.nvfp4_prefill import dequant_rows_kernel
 
-    return (dequant_rows_kernel, dict(w_ptr="*i32", s_ptr="*u8", out_ptr="*bf16"),
-            dict(BLOCK_N=32, BLOCK_K=256, KERNEL_ORDER=True, TILE_MAJOR=True))
+    return (dequant_rows_kernel, dict(w_ptr="*i32", s_ptr="*u8", out_ptr="*bf16", row_mul_ptr="*fp32"),
+            dict(BLOCK_N=32, BLOCK_K=256, KERNEL_ORDER=True, TILE_MAJOR=True, ROW_MUL=False))  # E4M3 slabs: Ada on
 
 
 def attention_case(qk_norm: bool = False):
