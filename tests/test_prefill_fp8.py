@@ -43,3 +43,20 @@ def test_prefill_fp8_logits_stay_near_transformers(family):
     torch.testing.assert_close(exact, ref, rtol=0, atol=1e-4)
     assert (fp8 - exact).abs().max() > 1e-3 * ref.abs().max()  # E4M3 operands moved them: the path ran
     assert (fp8 - ref).abs().max() <= FP8_VS_EXACT_REL * ref.abs().max()
+
+
+@pytest.mark.parametrize(("capability", "version", "named"), [((8, 6), "2.13.0", "compute capability 8.9"),
+                                                               ((8, 9), "2.6.0", "torch 2.7 or newer")])
+def test_prefill_fp8_refused_where_the_gpu_or_torch_cannot_run_it(monkeypatch, capability, version, named):
+    """Ampere has no FP8 tensor cores; torch before 2.7 has no row-wise scaled FP8 GEMM on Ada. Both are told at
+    start-up, naming what is missing (the device's answers are stubbed: this machine has no GPU)."""
+    from adallm_core import ops
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a test GPU")
+    monkeypatch.setattr(torch, "__version__", version)
+    with pytest.raises(ValueError, match=named):
+        ops._check_fp8(torch.device("cuda"))
+    monkeypatch.setattr(torch, "__version__", "2.7.0")
+    if capability >= (8, 9):
+        ops._check_fp8(torch.device("cuda"))  # a new enough torch on Ada runs it

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch.torch_version import TorchVersion
 
 from adallm_core.ops import reference
 from adallm_core.ops.metadata import AttentionMetadata
@@ -100,9 +101,15 @@ def _impl(module, name: str, prefill_fp8: bool) -> Callable:
 
 
 def _check_fp8(device: torch.device) -> None:
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+    if device.type != "cuda":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
         raise ValueError(f"prefill_fp8 needs FP8 tensor cores (compute capability 8.9: Ada, Hopper), got "
                          f"{torch.cuda.get_device_name(device)}; leave prefill_fp8 off")
+    if capability < (9, 0) and TorchVersion(torch.__version__) < "2.7":  # sm_89's row-wise scaled FP8 GEMM came in 2.7
+        raise ValueError(f"prefill_fp8 on {torch.cuda.get_device_name(device)} needs torch 2.7 or newer (row-wise "
+                         f"scaled FP8 GEMMs on Ada), got torch {torch.__version__}; upgrade or leave prefill_fp8 off")
 
 
 def _load_triton(device: torch.device):
