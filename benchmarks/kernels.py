@@ -45,7 +45,6 @@ def sweep_cuda_variants(log, ms=(1, 2, 4, 6, 8)) -> list[dict]:
     from adallm_core.ops import cuda_gemv
     from adallm_core.ops.triton import nvfp4_gemm as lin
     from adallm_core.ops.triton.nvfp4_prefill import nvfp4_linear as op_linear
-    from adallm_core.ops.triton.nvfp4_prefill_fp8 import fp8_gemm
 
     module, out = cuda_gemv.load(), []
     variants = range(cuda_gemv.VARIANTS)
