@@ -167,9 +167,11 @@ def test_prefill_fp8_triton_matches_reference_on_cuda(family):
     """prefill_fp8: a 340-token mixed step (its linears on E4M3 operands) replayed from a prefill graph, then decode
     steps (exact linears), triton against the reference backend running reference.nvfp4_linear_fp8. Bound twice
     BF16_REL: the runners' BF16 activations differ by rounding, which now and then sends an operand to the other
-    E4M3 neighbour (unmeasured)."""
+    E4M3 neighbour (unmeasured). The MoE runs eager: route_alike records router scores in Python, which a graph's
+    replay never calls."""
     kw = dict(dtype="bfloat16", kv_cache_dtype="fp8", max_model_len=512, prefill_fp8=True)
-    fast = runner(family, "cuda", kernel_backend="triton", **kw)
+    eager = family == "qwen3_moe"
+    fast = runner(family, "cuda", kernel_backend="triton", enforce_eager=eager, **kw)
     assert fast.ops.sources["nvfp4_linear"] == "adallm_core.ops.triton.nvfp4_prefill_fp8"
     ref = runner(family, "cuda", kernel_backend="reference", enforce_eager=True, **kw)
     assert ref.ops.sources["nvfp4_linear"] == "adallm_core.ops.reference"
@@ -188,6 +190,6 @@ def test_prefill_fp8_triton_matches_reference_on_cuda(family):
         return [o.float().cpu() for o in out]
 
     got = drive_long(fast)
-    assert fast.prefill_graphs is not None and fast.prefill_graphs.replays == 1
+    assert eager or fast.prefill_graphs.replays == 1
     assert_rel_close(got, drive_long(ref), 2 * BF16_REL)
     assert not scores
