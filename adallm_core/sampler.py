@@ -1,9 +1,9 @@
 """Sampler: one vectorized pass over the batch with per-request parameters.
 
-Order (vLLM's): raw logprobs -> min_tokens ban -> penalties -> greedy argmax | temperature -> top_k -> top_p
--> min_p -> sample. Sampling is argmax(probs / q) with q ~ Exp(1) (the exponential race, same law as
-multinomial). A seeded request draws its q from its own generator seeded from (seed, completion index, step),
-so its tokens do not depend on what else is in the batch, nor on preemption.
+Order (vLLM's): raw logprobs -> min_tokens ban -> penalties (repetition, then frequency and presence) -> greedy
+argmax | temperature -> top_k -> top_p -> min_p -> sample. Sampling is argmax(probs / q) with q ~ Exp(1) (the
+exponential race, same law as multinomial). A seeded request draws its q from its own generator seeded from
+(seed, completion index, step), so its tokens do not depend on what else is in the batch, nor on preemption.
 """
 from __future__ import annotations
 
@@ -109,15 +109,16 @@ class Sampler:
         B, V = logits.shape
         dev = logits.device
         counts = _token_counts([r.output_token_ids for r in rows], V, dev)  # [B, V] generated-token counts
-        if any(freq_pres):
-            freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
-            pres = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
-            logits -= freq * counts + pres * (counts > 0)
+        # vLLM's order: repetition first (its sign test reads the raw logit), then frequency and presence
         if any(rep):
             seen = (_token_counts([r.prompt_token_ids for r in rows], V, dev) > 0) | (counts > 0)
             penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None].expand(B, V)
             scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
             logits.copy_(torch.where(seen, scaled, logits))
+        if any(freq_pres):
+            freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
+            pres = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
+            logits -= freq * counts + pres * (counts > 0)
 
     def _sample(self, logits: torch.Tensor, rows: Seq[SamplingRow], greedy: list[bool]) -> torch.Tensor:
         params = [r.params for r in rows]

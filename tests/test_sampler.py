@@ -59,8 +59,16 @@ def test_penalties_exact_values():
                                      presence_penalty=0.25), prompt_token_ids=[4], output_token_ids=[0, 0, 1])
     processed = logits.clone()
     Sampler()._apply_penalties(processed, [row])
-    # token 0: 2 - (0.5*2 + 0.25) = 0.75 > 0 -> /2 ; token 1: -1 - 0.75 = -1.75 -> *2 ; token 4 (prompt): -2 * 2
-    assert processed.tolist() == [[0.375, -3.5, 0.5, 3.0, -4.0]]
+    # vLLM's order: repetition first, then frequency and presence (output tokens only)
+    # token 0: 2 / 2 - (0.5*2 + 0.25) = -0.25 ; token 1: -1 * 2 - 0.75 = -2.75 ; token 4 (prompt): -2 * 2
+    assert processed.tolist() == [[-0.25, -2.75, 0.5, 3.0, -4.0]]
+
+
+def test_repetition_penalty_applies_before_frequency_penalty():
+    # vLLM: 0.5 / 2 - 0.4 < 0, so token 1 wins; the other order, (0.5 - 0.4) / 2 > 0, kept token 0
+    logits = torch.tensor([[0.5, 0.0]])
+    row = SamplingRow(SamplingParams(temperature=0.0, repetition_penalty=2.0, frequency_penalty=0.4), [1], [0])
+    assert Sampler()(logits, [row]).token_ids == [1]
 
 
 def test_penalties_are_per_row():
