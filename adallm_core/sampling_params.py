@@ -36,29 +36,43 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        if self.top_k == -1:
-            self.top_k = 0
         self.validate()
 
     def validate(self) -> None:
+        """Normalizes too (a str stop, None lists, top_k=-1): the engine calls this again on the params it is given,
+        which may have been changed since they were made."""
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {why}")
 
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        for name, shape in (("stop", "a string or a list of strings"), ("stop_token_ids", "a list of integers")):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise bad(name, f"must be {shape}")
+            if not isinstance(value, list):
+                setattr(self, name, list(value or []))
+        if self.top_k == -1:
+            self.top_k = 0
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise bad(name, "must be a finite number")
-        if not isinstance(self.n, int) or self.n < 1:
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):  # a string "false" would read as true
+                raise bad(name, "must be a bool")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise bad("output_kind", "must be a RequestOutputKind")
+        if not is_int(self.n) or self.n < 1:
             raise bad("n", "must be an integer >= 1")
         if self.temperature < 0:
             raise bad("temperature", "must be >= 0")
         if not 0 < self.top_p <= 1:
             raise bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise bad("top_k", "must be an integer >= 0 (or -1 for off)")
         if not 0 <= self.min_p <= 1:
             raise bad("min_p", "must be in [0, 1]")
@@ -68,19 +82,19 @@ class SamplingParams:
             raise bad("frequency_penalty", "must be in [-2, 2]")
         if self.repetition_penalty <= 0:
             raise bad("repetition_penalty", "must be > 0")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", "must be an integer >= 1")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not is_int(self.min_tokens) or self.min_tokens < 0:
             raise bad("min_tokens", "must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"must be at most max_tokens={self.max_tokens}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+        if self.seed is not None and not is_int(self.seed):
             raise bad("seed", "must be an integer")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise bad("logprobs", "must be an integer in [0, 20]")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "must be a non-empty string or a list of non-empty strings")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+        if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be a list of non-negative integers")
 
     @property

@@ -149,6 +149,12 @@ def _mutated(**kw):
     ("hi", _mutated(max_tokens=0), "max_tokens"),
     ("hi", _mutated(stop=[3]), "stop"),
     ("hi", _mutated(max_tokens=4, min_tokens=5), "min_tokens=5: must be at most max_tokens=4"),
+    ("hi", _mutated(stop=5), "stop"),
+    ("hi", _mutated(stop_token_ids=7), "stop_token_ids"),
+    ("hi", _mutated(ignore_eos="false"), "ignore_eos"),
+    ("hi", _mutated(skip_special_tokens=None), "skip_special_tokens"),
+    ("hi", _mutated(output_kind="delta"), "output_kind"),
+    ("hi", _mutated(max_tokens=True), "max_tokens"),
     ("hi", {"temperature": 0}, "must be a SamplingParams"),
     (3.5, None, "prompt must be a string or a list of token ids"),
 ])
@@ -171,3 +177,27 @@ def test_a_tiny_positive_temperature_samples_the_argmax(engine):
     greedy = greedy_tokens(engine, [PROMPTS[5]], max_tokens=6)[0]
     engine.add_request("t", PROMPTS[5], SamplingParams(temperature=1e-39, max_tokens=6, ignore_eos=True, seed=3))
     assert run_all(engine)["t"].outputs[0].token_ids == greedy
+
+
+@pytest.mark.parametrize("kw", [dict(stop=5), dict(stop_token_ids=7), dict(ignore_eos="false"), dict(n=True),
+                                dict(output_kind="delta"), dict(logprobs=True)])
+def test_bad_constructor_values_are_value_errors_naming_the_field(kw):
+    with pytest.raises(ValueError, match=f"invalid sampling parameter {next(iter(kw))}="):
+        SamplingParams(**kw)
+
+
+def test_params_changed_after_construction_mean_what_the_constructor_would(engine):
+    """The engine validates the params again when a request is added; values set on an existing SamplingParams
+    (a stop string, top_k=-1, stop_token_ids=None) must mean what they mean to the constructor."""
+    tokens = greedy_tokens(engine, [PROMPTS[1]], max_tokens=32)[0]
+    text = engine.tokenizer.decode(tokens)
+    # a stop string of two characters, the first of which also occurs earlier: read as characters, it stops there
+    stop = next(text[j:j + 2] for j in range(1, len(text) - 1)
+                if text.find(text[j:j + 2]) == j and text[j] in text[:j] and "\ufffd" not in text[j:j + 2])
+    base = dict(temperature=0.0, max_tokens=32, ignore_eos=True)
+    results = []
+    for params in (SamplingParams(stop=stop, **base), _mutated(stop=stop, top_k=-1, stop_token_ids=None, **base)):
+        engine.add_request("m", PROMPTS[1], params)
+        c = run_all(engine)["m"].outputs[0]
+        results.append((c.text, c.stop_reason, c.token_ids))
+    assert results[0] == results[1] and results[0][1] == stop
