@@ -1,7 +1,7 @@
 """Sampler: one vectorized pass over the batch with per-request parameters.
 
 Order (vLLM's): raw logprobs -> min_tokens ban -> penalties (repetition, then frequency and presence) -> greedy
-argmax | temperature -> top_k -> top_p -> min_p -> sample. Sampling is argmax(probs / q) with q ~ Exp(1) (the
+argmax | temperature -> min_p -> top_k -> top_p -> sample. Sampling is argmax(probs / q) with q ~ Exp(1) (the
 exponential race, same law as multinomial). A seeded request draws its q from its own generator seeded from
 (seed, completion index, step), so its tokens do not depend on what else is in the batch, nor on preemption.
 """
@@ -126,6 +126,10 @@ class Sampler:
         B, V = logits.shape
         temps = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)], device=dev)
         x = logits / temps[:, None]
+        if any(p.min_p > 0 for p in params):  # vLLM's order: before top_k / top_p, whose mass is what min_p kept
+            probs = x.softmax(dim=-1)
+            min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
+            x = x.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
 
         top_k = [p.top_k if 0 < p.top_k < V else V for p in params]
         top_p = [p.top_p for p in params]
@@ -138,10 +142,6 @@ class Sampler:
             # keep the smallest head whose mass reaches top_p (the first token is always kept)
             drop |= (probs_sorted.cumsum(dim=-1) - probs_sorted) >= torch.tensor(top_p, device=dev)[:, None]
             x = x.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
-        if any(p.min_p > 0 for p in params):
-            probs = x.softmax(dim=-1)
-            min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
-            x = x.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
 
         probs = x.softmax(dim=-1)
         q = torch.empty_like(probs)

@@ -44,6 +44,7 @@ def test_temperature_matches_softmax(temperature):
         (dict(top_p=0.5), [0]),
         (dict(min_p=0.2), [0, 1, 2]),  # 0.05 < 0.2 * 0.5
         (dict(top_k=3, top_p=0.83), [0, 1]),  # top_k first: 0.5+0.3 of the renormalized 0.95 is 0.84 >= 0.83
+        (dict(min_p=0.2, top_p=0.83), [0, 1]),  # vLLM: min_p first, then top_p over what it kept (as top_k)
     ],
 )
 def test_truncation_renormalizes_over_the_kept_tokens(kw, kept):
