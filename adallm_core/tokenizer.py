@@ -71,8 +71,9 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         """One token as the OpenAI API shows it in logprobs: its text, or "bytes:\\xe5\\x8f" for a token that is
         part of a character. Decoded alone, every such token reads U+FFFD, so two of them shared one key of a
-        completion's top_logprobs and the client got fewer alternatives than it asked for."""
-        text = self.decode([token_id])
+        completion's top_logprobs and the client got fewer alternatives than it asked for. Special tokens keep their
+        text ("<|im_end|>"), as vLLM's logprobs show them: skipped, they all read ""."""
+        text = self.decode([token_id], skip_special_tokens=False)
         if "\ufffd" not in text:
             return text
         raw = self.token_bytes(token_id)

@@ -156,6 +156,15 @@ def test_token_text_names_each_part_of_a_character(tok):
     assert texts[-1] == tok.decode([ids[-1]]) and "\ufffd" not in texts[-1]
 
 
+def test_token_text_spells_special_tokens(tok):
+    """Logprobs name special tokens as vLLM does (decoded without skipping them): skipped, each read "", so an eos
+    in the logprobs was a blank token and all special tokens shared one key of a completion's top_logprobs."""
+    specials = ["<bos>", "<eos>", "<|end|>"]
+    ids = tok.hf.convert_tokens_to_ids(specials)
+    assert [tok.token_text(i) for i in ids] == specials
+    assert [bytes_of_token_text(tok.token_text(i)) for i in ids] == [tok.token_bytes(i) for i in ids]
+
+
 def test_sentencepiece_byte_pieces(tmp_path):
     """A byte-fallback vocabulary (<0xE4>) gives that byte."""
     vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}, "\u2581": 257, "a": 258}
