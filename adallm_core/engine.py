@@ -369,7 +369,12 @@ def prompt_of(p):
                          f"'prompt_token_ids')")
     if len(p) != 1:
         raise ValueError(f"a prompt dict needs exactly one of 'prompt' or 'prompt_token_ids', got {sorted(p)}")
-    return list(p["prompt_token_ids"]) if "prompt_token_ids" in p else p["prompt"]
+    if "prompt" in p:
+        return p["prompt"]
+    ids = p["prompt_token_ids"]
+    if not isinstance(ids, (list, tuple)):  # list(5) would be a TypeError, which fails AsyncLLM's whole batch
+        raise ValueError(f"prompt_token_ids must be a list of token ids, got {type(ids).__name__}")
+    return list(ids)
 
 
 def next_request_id() -> str:

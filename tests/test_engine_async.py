@@ -31,8 +31,10 @@ def test_add_requests_admits_a_batch_and_a_bad_item_fails_alone(llm, reference):
     async def main():
         items = [(f"r{i}", p, SamplingParams(**GREEDY)) for i, p in enumerate(PROMPTS[:4])]
         items.insert(2, ("bad", "", SamplingParams(**GREEDY)))
+        items.insert(4, ("bad2", {"prompt_token_ids": 7}, SamplingParams(**GREEDY)))  # was a TypeError for all
         streams = llm.add_requests(items)
         assert isinstance(streams[2], ValueError) and "empty" in str(streams[2])
+        assert isinstance(streams[4], ValueError) and "prompt_token_ids must be a list" in str(streams[4])
         good = [s for s in streams if not isinstance(s, ValueError)]
         return await asyncio.gather(*(collect(s) for s in good))
 

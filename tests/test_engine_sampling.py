@@ -157,6 +157,8 @@ def _mutated(**kw):
     ("hi", _mutated(max_tokens=True), "max_tokens"),
     ("hi", {"temperature": 0}, "must be a SamplingParams"),
     (3.5, None, "prompt must be a string or a list of token ids"),
+    ({"prompt_token_ids": 5}, None, "prompt_token_ids must be a list of token ids, got int"),
+    ({"prompt_token_ids": None}, None, "prompt_token_ids must be a list of token ids, got NoneType"),
 ])
 def test_bad_request_is_rejected_alone(engine, prompt, params, match):
     good = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
