@@ -15,7 +15,7 @@ import threading
 from typing import AsyncIterator, Optional, Union
 
 from adallm_core.config import EngineArgs
-from adallm_core.engine import LLMEngine
+from adallm_core.engine import LLMEngine, request_ids_of
 from adallm_core.outputs import RequestOutput
 from adallm_core.sampling_params import SamplingParams
 from adallm_core.sequence import Request
@@ -116,11 +116,14 @@ class AsyncLLM:
             if not stream.finished:  # the caller went away (disconnect, cancel): free its blocks now
                 self._queue_abort(request_id, None)
 
-    async def abort(self, request_id: str) -> None:
-        """Abort a request; returns once its blocks are free (at the latest after the step in flight)."""
-        done = asyncio.get_running_loop().create_future()
-        self._queue_abort(request_id, done)
-        await done
+    async def abort(self, request_id: Union[str, list[str]]) -> None:
+        """Abort a request, or a list of them; returns once their blocks are free (at the latest after the step in
+        flight). A bad id is refused here: in the engine loop it would end the loop."""
+        loop = asyncio.get_running_loop()
+        done = [(rid, loop.create_future()) for rid in request_ids_of(request_id)]
+        for rid, future in done:
+            self._queue_abort(rid, future)
+        await asyncio.gather(*(future for _, future in done))
 
     def _queue_abort(self, request_id: str, done: Optional[asyncio.Future]) -> None:
         with self._cond:

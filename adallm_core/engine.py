@@ -127,6 +127,8 @@ class LLMEngine:
     def make_request(self, request_id: str, prompt: Union[str, list[int]], params: Optional[SamplingParams] = None,
                      add_special_tokens: bool = True) -> Request:
         """Validate and tokenize, without touching the engine's state (AsyncLLM calls this off the loop thread)."""
+        if not isinstance(request_id, str):  # as vLLM: a list is unhashable, and abort("7") would miss a 7
+            raise ValueError(f"request_id must be a string, got {type(request_id).__name__}")
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
@@ -164,8 +166,12 @@ class LLMEngine:
         self.requests[req.request_id] = req
         self.scheduler.add(req.seqs)
 
-    def abort_request(self, request_id: str) -> Optional[RequestOutput]:
-        """Stop a request now and free all its blocks; returns its last output (finish_reason 'abort')."""
+    def abort_request(self, request_id: Union[str, list[str]]
+                      ) -> Union[Optional[RequestOutput], list[RequestOutput]]:
+        """Stop a request now and free all its blocks; returns its last output (finish_reason 'abort').
+        A list of ids (vLLM takes one) returns the outputs of those that were still unfinished."""
+        if not isinstance(request_id, str):
+            return [o for r in request_ids_of(request_id) if (o := self.abort_request(r)) is not None]
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
@@ -374,6 +380,14 @@ def prompt_of(p):
     ids = p["prompt_token_ids"]
     if not isinstance(ids, (list, tuple)):  # list(5) would be a TypeError, which fails AsyncLLM's whole batch
         raise ValueError(f"prompt_token_ids must be a list of token ids, got {type(ids).__name__}")
+    return list(ids)
+
+
+def request_ids_of(request_id) -> list[str]:
+    """What abort takes: one id or a list of them (vLLM takes both); anything else is a ValueError."""
+    ids = [request_id] if isinstance(request_id, str) else request_id
+    if not isinstance(ids, (list, tuple, set)) or not all(isinstance(r, str) for r in ids):
+        raise ValueError(f"request_id must be a string or a list of strings, got {request_id!r}")
     return list(ids)
 
 

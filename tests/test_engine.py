@@ -94,6 +94,18 @@ def test_abort_frees_every_block(engine):
     assert engine.stats()["kv_blocks_used"] == 0 and not engine.has_unfinished_requests()
 
 
+
+def test_abort_takes_a_list_of_ids_as_vllm_does(engine):
+    params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+    for i in (1, 3):
+        engine.add_request(f"al{i}", PROMPTS[i], params)
+    engine.step()
+    outs = engine.abort_request(["al1", "al3", "unknown"])  # was a TypeError (unhashable list)
+    assert sorted(o.request_id for o in outs) == ["al1", "al3"] and all(o.finished for o in outs)
+    assert engine.stats()["kv_blocks_used"] == 0 and not engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="request_id must be a string or a list of strings, got 5"):
+        engine.abort_request(5)
+
 def test_n_completions_share_the_prompt_and_differ(engine):
     params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
     hits_before = engine.stats()["prefix_cache_hit_tokens"]

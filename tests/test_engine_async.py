@@ -32,8 +32,10 @@ def test_add_requests_admits_a_batch_and_a_bad_item_fails_alone(llm, reference):
         items = [(f"r{i}", p, SamplingParams(**GREEDY)) for i, p in enumerate(PROMPTS[:4])]
         items.insert(2, ("bad", "", SamplingParams(**GREEDY)))
         items.insert(4, ("bad2", {"prompt_token_ids": 7}, SamplingParams(**GREEDY)))  # was a TypeError for all
+        items.insert(5, (["r"], PROMPTS[0], SamplingParams(**GREEDY)))  # failed the batch, after queueing r0, r1
         streams = llm.add_requests(items)
         assert isinstance(streams[2], ValueError) and "empty" in str(streams[2])
+        assert isinstance(streams[5], ValueError) and "request_id must be a string" in str(streams[5])
         assert isinstance(streams[4], ValueError) and "prompt_token_ids must be a list" in str(streams[4])
         good = [s for s in streams if not isinstance(s, ValueError)]
         return await asyncio.gather(*(collect(s) for s in good))
@@ -76,6 +78,23 @@ def test_abort_ends_the_stream_and_frees_blocks(llm):
     assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
     assert llm.stats()["kv_blocks_used"] == 0 and llm.stats()["num_requests"] == 0
 
+
+
+def test_abort_takes_a_list_of_ids_and_a_bad_id_leaves_the_loop_alive(llm):
+    async def main():
+        params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+        gens = [llm.generate(PROMPTS[i], params, request_id=f"l{i}") for i in (1, 3)]
+        for g in gens:
+            await g.__anext__()
+        await asyncio.wait_for(llm.abort(["l1", "l3"]), 10)  # as vLLM's; the engine loop died on the list
+        with pytest.raises(ValueError, match="request_id must be a string or a list of strings, got 5"):
+            await llm.abort(5)
+        return [[o async for o in g][-1] for g in gens]
+
+    lasts = asyncio.run(main())
+    assert all(o.finished and o.outputs[0].finish_reason == "abort" for o in lasts)
+    llm.check_health()
+    assert llm.stats()["kv_blocks_used"] == 0 and llm.stats()["num_requests"] == 0
 
 def test_cancelled_consumer_aborts_its_request(llm):
     async def main():

@@ -174,6 +174,13 @@ def test_bad_request_is_rejected_alone(engine, prompt, params, match):
     assert engine.stats()["kv_blocks_used"] == 0
 
 
+
+@pytest.mark.parametrize("request_id", [["r"], None, 7])
+def test_request_id_must_be_a_string(engine, request_id):
+    with pytest.raises(ValueError, match="request_id must be a string, got"):
+        engine.add_request(request_id, "hi")
+    assert not engine.has_unfinished_requests()
+
 def test_a_tiny_positive_temperature_samples_the_argmax(engine):
     """logits / 1e-39 overflows to inf (NaN probabilities, token 0): temperatures below vLLM's 1e-5 are greedy."""
     greedy = greedy_tokens(engine, [PROMPTS[5]], max_tokens=6)[0]
