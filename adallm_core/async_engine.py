@@ -136,6 +136,7 @@ class AsyncLLM:
 
     # --- the loop (the only thread that touches the engine) ---------------------------------------
     def _run_loop(self) -> None:
+        aborts: list = []
         try:
             while True:
                 with self._cond:
@@ -156,6 +157,7 @@ class AsyncLLM:
             logger.exception("engine loop died")
             with self._cond:
                 self._error = e
+                self._pending_aborts[:0] = aborts  # taken by the iteration that died: their callers still wait
             self._end_streams(EngineDeadError(f"engine loop died: {e!r}"))
             return
         self._end_streams(EngineDeadError("engine is shut down"))

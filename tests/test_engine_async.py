@@ -136,6 +136,34 @@ def test_dead_loop_fails_streams_and_health(llm):
     asyncio.run(asyncio.wait_for(llm.abort("x"), timeout=10))
 
 
+
+def test_an_abort_taken_by_the_iteration_whose_step_kills_the_loop_still_returns():
+    llm = AsyncLLM(make_engine("qwen3", async_scheduling=False))  # the step right after the abort executes
+    real, seen = llm.engine.runner.execute, []
+
+    def dies_once_b_is_aborted(*args, **kwargs):
+        if "b" in llm.engine.requests:
+            seen.append(True)
+        elif seen:  # the same loop iteration took b's abort, then stepped
+            raise RuntimeError("device lost")
+        return real(*args, **kwargs)
+
+    llm.engine.runner.execute = dies_once_b_is_aborted
+
+    async def main():
+        params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+        gens = [llm.generate(PROMPTS[i], params, request_id=r) for i, r in ((1, "a"), (3, "b"))]
+        for g in gens:
+            await g.__anext__()
+        await asyncio.wait_for(llm.abort("b"), 10)  # waited forever: the dying loop dropped the abort it took
+
+    try:
+        asyncio.run(main())
+        with pytest.raises(EngineDeadError, match="device lost"):
+            llm.check_health()
+    finally:
+        llm.shutdown()
+
 def test_shutdown_stops_the_loop_and_ends_open_streams(llm):
     llm.check_health()
 
