@@ -12,7 +12,9 @@ allocate() reuses it, so a later request with the same prefix can pick it up aga
 """
 from __future__ import annotations
 
+import hashlib
 import math
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
@@ -31,9 +33,13 @@ class KVGroupSpec:
     sliding_window: Optional[int] = None  # tokens; None = full attention
 
 
-def hash_block(parent_hash: Optional[int], token_ids: tuple[int, ...]) -> int:
-    """Chained content hash: a block's hash covers every token before it, so equal hash == equal prefix."""
-    return hash((parent_hash, token_ids))
+def hash_block(parent_hash: Optional[bytes], token_ids: tuple[int, ...]) -> bytes:
+    """Chained content hash: a block's hash covers every token before it, so equal hash == equal prefix. SHA-256,
+    not hash(): Python's hash of a tuple of ints is unkeyed and undone step by step, so a crafted prompt could
+    collide with another request's prefix and be served its KV blocks (the class of vLLM's CVE-2025-25183)."""
+    digest = hashlib.sha256(parent_hash or b"")  # a first block's bytes are shorter: no parent reads as one
+    digest.update(array("q", token_ids).tobytes())
+    return digest.digest()
 
 
 class Block:
@@ -42,7 +48,7 @@ class Block:
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_cnt = 0
-        self.block_hash: Optional[int] = None
+        self.block_hash: Optional[bytes] = None
 
 
 class BlockPool:
@@ -55,7 +61,7 @@ class BlockPool:
         self.enable_caching = enable_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
-        self.cached: dict[int, Block] = {}  # block hash -> block holding those tokens
+        self.cached: dict[bytes, Block] = {}  # block hash -> block holding those tokens
 
     @property
     def num_free(self) -> int:
@@ -88,11 +94,11 @@ class BlockPool:
         if block.ref_cnt == 0:
             self.free[block_id] = None
 
-    def lookup(self, block_hash: int) -> Optional[int]:
+    def lookup(self, block_hash: bytes) -> Optional[int]:
         block = self.cached.get(block_hash)
         return None if block is None else block.block_id
 
-    def cache(self, block_id: int, block_hash: int) -> None:
+    def cache(self, block_id: int, block_hash: bytes) -> None:
         if not self.enable_caching or block_hash in self.cached:
             return  # first writer wins; an equal block elsewhere simply stays uncached
         block = self.blocks[block_id]
@@ -132,7 +138,7 @@ class KVCacheManager:
         return self.num_used_blocks / self.num_total_blocks
 
     # --- prefix cache -------------------------------------------------------------------------
-    def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
+    def _block_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         hashes = seq.block_hashes
         bs = self.block_size
         while len(hashes) < num_blocks:
@@ -169,7 +175,7 @@ class KVCacheManager:
             return 0
         return max(0, num_computed - group.sliding_window) // self.block_size
 
-    def _window_cached(self, group: KVGroupSpec, pool: BlockPool, hashes: list[int], n: int) -> bool:
+    def _window_cached(self, group: KVGroupSpec, pool: BlockPool, hashes: list[bytes], n: int) -> bool:
         first = self._first_needed_block(group, n * self.block_size)
         return all(pool.lookup(h) is not None for h in hashes[first:n])
 

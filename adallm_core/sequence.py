@@ -51,7 +51,7 @@ class Sequence:
         self.num_placeholders = 0  # async scheduling: a token still being sampled on the device, counted ahead
         self.num_cached_tokens = 0  # prompt tokens that came from the prefix cache at first schedule
         self.block_tables: list[list[int]] = []  # one per KV group, owned by KVCacheManager
-        self.block_hashes: list[int] = []  # chained content hashes of this sequence's full blocks
+        self.block_hashes: list[bytes] = []  # chained content hashes of this sequence's full blocks
         self.stop_reason: Optional[object] = None
         self.logprobs: Optional[list[dict[int, float]]] = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0

@@ -81,6 +81,18 @@ def test_same_block_content_after_a_different_prefix_is_a_miss():
     assert kv.get_computed_blocks(b)[1] == 0
 
 
+def test_a_collision_of_pythons_hash_reuses_nothing(monkeypatch):
+    """The prefix cache's keys do not rest on hash(): Python's hash of a tuple of ints can be steered by a crafted
+    prompt. With every hash() colliding, a different prompt still misses."""
+    from adallm_core import kv_cache
+
+    monkeypatch.setattr(kv_cache, "hash", lambda value: 0, raising=False)  # found before the builtin
+    kv = KVCacheManager([KVGroupSpec(num_blocks=20, block_size=BS)])
+    compute(kv, make_seq([1, 2, 3, 4, 5, 6, 7, 8, 9]), 9)
+    assert kv.get_computed_blocks(make_seq([8, 7, 6, 5, 4, 3, 2, 1, 9]))[1] == 0
+    assert kv.get_computed_blocks(make_seq([1, 2, 3, 4, 5, 6, 7, 8, 9]))[1] == 8  # the same prompt still hits
+
+
 def test_evicted_blocks_miss_and_lru_keeps_recent():
     kv = KVCacheManager([KVGroupSpec(num_blocks=7, block_size=BS)])  # 6 usable
     a = make_seq(list(range(1, 18)))  # 5 blocks
