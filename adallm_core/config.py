@@ -24,7 +24,7 @@ class EngineArgs:
     tokenizer: Optional[str] = None
     max_model_len: Optional[int] = None  # None: the model's max_position_embeddings, capped at 8192
     max_num_seqs: int = 64
-    max_num_batched_tokens: Optional[int] = None  # None: max(2048, max_model_len) capped at 8192
+    max_num_batched_tokens: Optional[int] = None  # None: max(2048, max_model_len) capped at 8192, >= max_num_seqs
     gpu_memory_utilization: float = 0.90
     num_gpu_blocks_override: Optional[int] = None  # explicit KV block count (tests, small machines)
     block_size: int = 16

@@ -53,8 +53,9 @@ class LLMEngine:
         self.max_model_len: int = runner.max_model_len
         self.vocab_size: int = runner.vocab_size
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) or tuple(runner.model_config.eos_token_ids)
-        self.max_num_batched_tokens = args.max_num_batched_tokens or min(
-            max(2048, self.max_model_len), BATCHED_TOKENS_DEFAULT_CAP)
+        # the default budget also fits a decode token for every sequence that may run (max_num_seqs)
+        self.max_num_batched_tokens = args.max_num_batched_tokens or max(
+            min(max(2048, self.max_model_len), BATCHED_TOKENS_DEFAULT_CAP), args.max_num_seqs)
 
         windows = [g.sliding_window for g in runner.kv_groups]
         # CUDA: the largest step's own memory, measured before the KV budget is taken from what is free

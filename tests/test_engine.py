@@ -162,3 +162,11 @@ def test_fp8_kv_cache_is_batch_and_preemption_invariant(family):
                         max_num_batched_tokens=64)
     assert greedy_tokens(small, PROMPTS, max_tokens=12) == alone
     assert small.stats()["num_preemptions"] > 0
+
+
+def test_default_token_budget_fits_every_running_sequence():
+    """Unset, the step's token budget is at least max_num_seqs, as when it is set (EngineArgs refuses less): with
+    3000 sequences decoding, a budget of 2048 would leave 952 of them waiting every step."""
+    engine = make_engine(max_num_batched_tokens=None, max_num_seqs=3000)
+    assert engine.max_num_batched_tokens == 3000
+    assert make_engine(max_num_batched_tokens=None).max_num_batched_tokens == 2048  # max(2048, max_model_len 256)
