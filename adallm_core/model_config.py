@@ -92,6 +92,8 @@ class ModelConfig:
             raise ValueError(f"config.json: unsupported activation {act_name!r}; supported: {sorted(ACTIVATIONS)}")
         if getattr(text, "attn_logit_softcapping", None) is not None:
             raise ValueError("config.json: attn_logit_softcapping is not supported (Gemma2-style attention)")
+        if getattr(text, "attention_bias", False):  # transformers adds q/k/v/o biases; the layers here have none
+            raise ValueError("config.json: attention_bias is not supported (q/k/v/o projections with biases)")
         if getattr(text, "use_bidirectional_attention", False):
             raise ValueError("config.json: use_bidirectional_attention is not supported (causal LM only)")
         window = getattr(text, "sliding_window", None)

@@ -52,3 +52,13 @@ def test_unsupported_configs_are_refused_by_name():
                                                  rope_scaling={"rope_type": "dynamic", "factor": 2.0}, **SMALL))
     with pytest.raises(ValueError, match="dynamic"):
         cfg.rope_inv_freq("full_attention")
+
+
+@pytest.mark.parametrize("config_class,arch", [
+    (Qwen3Config, "Qwen3ForCausalLM"), (Qwen3MoeConfig, "Qwen3MoeForCausalLM"), (Gemma3TextConfig, "Gemma3ForCausalLM"),
+])
+def test_attention_bias_is_refused(config_class, arch):
+    """transformers gives q/k/v/o biases with attention_bias true; the model code has none and would drop them."""
+    with pytest.raises(ValueError, match="attention_bias"):
+        ModelConfig.from_hf_config(config_class(num_hidden_layers=1, attention_bias=True, architectures=[arch],
+                                                **SMALL))
