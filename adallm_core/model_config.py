@@ -68,8 +68,8 @@ class ModelConfig:
             dim = self.head_dim
             inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
             return inv_freq, 1.0
-        if rope_type == "dynamic":
-            raise ValueError("rope_type 'dynamic' (changes with sequence length) is not supported")
+        if "dynamic" in rope_type or rope_type == "longrope":  # transformers' dynamic_rope_update recomputes these
+            raise ValueError(f"rope_type {rope_type!r} (changes with sequence length) is not supported")
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         if rope_type not in ROPE_INIT_FUNCTIONS:

@@ -62,3 +62,14 @@ def test_attention_bias_is_refused(config_class, arch):
     with pytest.raises(ValueError, match="attention_bias"):
         ModelConfig.from_hf_config(config_class(num_hidden_layers=1, attention_bias=True, architectures=[arch],
                                                 **SMALL))
+
+
+def test_rope_that_changes_with_sequence_length_is_refused():
+    """transformers switches longrope to its long_factor for a sequence past original_max_position_embeddings (all
+    positions at once); a fixed cos/sin table cannot, so it would silently keep the short factors."""
+    rope = {"rope_type": "longrope", "rope_theta": 1e6, "original_max_position_embeddings": 16,
+            "short_factor": [1.0] * 8, "long_factor": [4.0] * 8}
+    cfg = ModelConfig.from_hf_config(Qwen3Config(num_hidden_layers=1, architectures=["Qwen3ForCausalLM"],
+                                                 rope_parameters=rope, **SMALL))
+    with pytest.raises(ValueError, match="longrope"):
+        cfg.rope_inv_freq("full_attention")
