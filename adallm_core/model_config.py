@@ -105,6 +105,8 @@ class ModelConfig:
         sparse_step = getattr(text, "decoder_sparse_step", 1) or 1
         mlp_only = set(getattr(text, "mlp_only_layers", None) or [])
         moe_layers = tuple(num_experts > 0 and i not in mlp_only and (i + 1) % sparse_step == 0 for i in range(n))
+        if any(moe_layers) and ACTIVATIONS[act_name] != "silu":  # ops.moe's experts are SwiGLU only
+            raise ValueError(f"config.json: activation {act_name!r} is not supported in MoE experts (silu only)")
         return cls(
             architecture=archs[0],
             model_type=text.model_type,

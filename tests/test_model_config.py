@@ -73,3 +73,13 @@ def test_rope_that_changes_with_sequence_length_is_refused():
                                                  rope_parameters=rope, **SMALL))
     with pytest.raises(ValueError, match="longrope"):
         cfg.rope_inv_freq("full_attention")
+
+
+def test_moe_with_another_activation_than_silu_is_refused():
+    """The MoE experts (ops.moe) are SwiGLU only; transformers' Qwen3MoeExperts use hidden_act."""
+    hf = Qwen3MoeConfig(num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
+                        hidden_act="gelu_pytorch_tanh", architectures=["Qwen3MoeForCausalLM"], **SMALL)
+    with pytest.raises(ValueError, match="gelu_pytorch_tanh"):
+        ModelConfig.from_hf_config(hf)
+    hf.mlp_only_layers = [0, 1]  # no MoE layer left: the dense MLPs take any supported activation
+    assert ModelConfig.from_hf_config(hf).activation == "gelu_tanh"
