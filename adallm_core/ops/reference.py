@@ -141,9 +141,9 @@ def nvfp4_linear_fp8(x: torch.Tensor, w: "NVFP4Weight") -> torch.Tensor:
 
 
 def nvfp4_gated_linear_fp8(x: torch.Tensor, w: "NVFP4Weight", activation: str) -> torch.Tensor:
-    """nvfp4_gated_linear with the prefill_fp8 linear where it applies."""
-    if x.dim() != 2 or x.shape[0] < FP8_PREFILL_MIN_TOKENS or activation not in GATED_ACTIVATIONS:
-        return nvfp4_gated_linear(x, w, activation)
+    """nvfp4_gated_linear with the prefill_fp8 linear (which is itself exact where FP8 does not apply)."""
+    if activation not in GATED_ACTIVATIONS:
+        return nvfp4_gated_linear(x, w, activation)  # its error names the activations
     return GATED_ACTIVATIONS[activation](nvfp4_linear_fp8(x, w))
 
 

@@ -101,14 +101,18 @@ def global_runs(w) -> list[tuple[int, int, float]] | None:
     if len(starts) <= MAX_RUNS:
         runs = []
         for a, b in zip(starts, starts[1:] + [len(g)]):
-            # equal slabs of whole 256-row tiles: cuBLAS slows down badly on ragged N and unaligned output columns
-            slabs = triton.cdiv((b - a) * w.in_features, SLAB_ELEMS)
-            rows = triton.cdiv(triton.cdiv(b - a, slabs), 256) * 256
-            runs += [(i, min(b, i + rows), g[a]) for i in range(a, b, rows)]
+            runs += [(start, stop, g[a]) for start, stop in equal_slabs(a, b, w.in_features, SLAB_ELEMS)]
         if w.tile_major and any(start % 16 for start, _, _ in runs):
             runs = None  # a slab of a tile-major weight is whole bands of 16 rows
     w.__dict__["_prefill_runs"] = runs
     return runs
+
+
+def equal_slabs(start: int, stop: int, k: int, slab_elems: int) -> list[tuple[int, int]]:
+    """Rows [start, stop) in equal slabs of whole 256-row tiles, at most slab_elems weights each: cuBLAS slows down
+    badly on ragged N and unaligned output columns."""
+    rows = triton.cdiv(triton.cdiv(stop - start, triton.cdiv((stop - start) * k, slab_elems)), 256) * 256
+    return [(i, min(stop, i + rows)) for i in range(start, stop, rows)]
 
 
 def dequantize_rows(w, start: int, stop: int, out: torch.Tensor, row_mul: torch.Tensor | None = None) -> torch.Tensor:

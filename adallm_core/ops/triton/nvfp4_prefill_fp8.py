@@ -12,7 +12,6 @@ Fewer tokens, or N not a multiple of 16 (which FP8 GEMMs need): the exact op.
 from __future__ import annotations
 
 import torch
-import triton
 
 from adallm_core.ops import reference
 from adallm_core.ops.triton import nvfp4_prefill
@@ -53,19 +52,13 @@ def row_scales(w) -> tuple[torch.Tensor, torch.Tensor]:
     return w.__dict__["_fp8_rows"]
 
 
-def slab_bounds(n: int, k: int) -> list[tuple[int, int]]:
-    """Equal slabs of whole 256-row tiles, at most SLAB_ELEMS weights each (cuBLAS slows down on ragged N)."""
-    rows = triton.cdiv(triton.cdiv(n, triton.cdiv(n * k, SLAB_ELEMS)), 256) * 256
-    return [(start, min(n, start + rows)) for start in range(0, n, rows)]
-
-
 def fp8_gemm(x: torch.Tensor, w) -> torch.Tensor:
     """x [M, K] @ W.T -> [M, N] in x.dtype as reference.nvfp4_linear_fp8 defines it, one GEMM per slab (BF16 out:
     what row-wise scaled FP8 GEMMs give)."""
     row_mul, col_scale = row_scales(w)
     xq, xs = per_token_fp8(x)
     n, k = w.out_features, w.in_features
-    slabs = slab_bounds(n, k)
+    slabs = nvfp4_prefill.equal_slabs(0, n, k, SLAB_ELEMS)
     buffer = torch.empty(max(stop - start for start, stop in slabs) * k, dtype=torch.float8_e4m3fn, device=x.device)
     parts = []
     for start, stop in slabs:  # one buffer for every slab: the stream orders each GEMM before the next fill
