@@ -147,6 +147,9 @@ class LLMEngine:
             raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if not ids:
             raise ValueError("prompt is empty: it must have at least one token")
+        outside = sorted(t for t in params.logit_bias or () if t >= self.vocab_size)
+        if outside:
+            raise ValueError(f"logit_bias: token ids {outside[:5]} are outside the vocabulary [0, {self.vocab_size})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, which must also "
                              f"leave room for at least one generated token")

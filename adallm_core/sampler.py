@@ -1,6 +1,6 @@
 """Sampler: one vectorized pass over the batch with per-request parameters.
 
-Order (vLLM's): raw logprobs -> min_tokens ban -> penalties (repetition, then frequency and presence) -> greedy
+Order (vLLM's): raw logprobs -> min_tokens ban and logit_bias -> penalties (repetition, then frequency and presence) -> greedy
 argmax | temperature -> min_p -> top_k -> top_p -> sample. Sampling is argmax(probs / q) with q ~ Exp(1) (the
 exponential race, same law as multinomial). A seeded request draws its q from its own generator seeded from
 (seed, completion index, step), so its tokens do not depend on what else is in the batch, nor on preemption.
@@ -61,9 +61,10 @@ class Sampler:
         lists on the host: async scheduling only sends `on_device` rows here before their step is read)."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
         logits = logits.float()
-        if any(r.banned_token_ids for r in rows) or any(_has_penalty(r.params) for r in rows):
+        if any(r.banned_token_ids or r.params.logit_bias or _has_penalty(r.params) for r in rows):
             logits = logits.clone()  # the processors below write into the logits: work on a copy
             self._ban(logits, rows)
+            self._add_logit_bias(logits, rows)
             self._apply_penalties(logits, rows)
         greedy = [r.params.greedy for r in rows]
         if all(greedy):
@@ -99,6 +100,13 @@ class Sampler:
         if pairs:
             idx = torch.tensor(pairs, device=logits.device)
             logits[idx[:, 0], idx[:, 1]] = float("-inf")
+
+    def _add_logit_bias(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> None:
+        entries = [(i, t, b) for i, r in enumerate(rows) for t, b in (r.params.logit_bias or {}).items()]
+        if entries:
+            rows_i, tokens, biases = zip(*entries)
+            idx = (torch.tensor(rows_i, device=logits.device), torch.tensor(tokens, device=logits.device))
+            logits.index_put_(idx, torch.tensor(biases, device=logits.device), accumulate=True)
 
     def _apply_penalties(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> None:
         params = [r.params for r in rows]

@@ -33,6 +33,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: Optional[int] = None  # top-N logprobs per generated token (0: only the sampled token's)
     skip_special_tokens: bool = True
+    logit_bias: Optional[dict[int, float]] = None  # token id -> added to its logit (OpenAI's: in [-100, 100])
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
@@ -96,8 +97,29 @@ class SamplingParams:
             raise bad("stop", "must be a non-empty string or a list of non-empty strings")
         if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be a list of non-negative integers")
+        if self.logit_bias is not None:
+            self.logit_bias = _logit_bias(self.logit_bias, bad)
 
     @property
     def greedy(self) -> bool:
         # below this, logits / temperature overflows to inf (NaN probabilities): such rows take the argmax
         return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+
+LOGIT_BIAS_LIMIT = 100.0
+
+
+def _logit_bias(value, bad) -> dict[int, float]:
+    """{token id: bias}, keys as ints (JSON gives OpenAI's string keys: "50256")."""
+    if not isinstance(value, dict):
+        raise bad("logit_bias", "must be a dict of token id -> bias")
+    out = {}
+    for key, bias in value.items():
+        token = int(key) if isinstance(key, str) and key.isdecimal() else key
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            raise bad("logit_bias", f"key {key!r} is not a token id")
+        if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not math.isfinite(bias) \
+                or abs(bias) > LOGIT_BIAS_LIMIT:
+            raise bad("logit_bias", f"the bias of token {key!r} must be a number in [-100, 100]")
+        out[token] = float(bias)
+    return out

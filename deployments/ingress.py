@@ -3,6 +3,7 @@
 import asyncio
 import dataclasses
 import json
+import re
 import time
 from typing import AsyncIterator, Optional, Union
 
@@ -118,8 +119,9 @@ class OpenAiIngress:
     def _params(body: Union[CompletionRequest, ChatCompletionRequest]):
         try:
             return body.to_sampling_params()
-        except ValueError as e:  # SamplingParams' own checks, beyond the schema's
-            raise OpenAIError(400, str(e))
+        except ValueError as e:  # SamplingParams' own checks, beyond the schema's: "invalid sampling parameter x=..."
+            named = re.match(r"invalid sampling parameter (\w+)=", str(e))
+            raise OpenAIError(400, str(e), named.group(1) if named else None)
 
     async def _serve(self, route: str, body, request: GenerateRequest, make_builder):
         for attempt in range(RETRIES_ON_REPLICA_LOSS + 1):

@@ -181,7 +181,9 @@ class LLMServer:
         refused = [r for r in admitted if isinstance(r, Exception)]
         if refused:
             await self._abort([rid for rid, r in zip(ids, admitted) if not isinstance(r, Exception)])
-            yield RequestError(str(refused[0]), param="messages" if request.messages is not None else "prompt")
+            message = str(refused[0])
+            param = "logit_bias" if message.startswith("logit_bias") else "messages" if request.messages is not None else "prompt"
+            yield RequestError(message, param=param)
             return
         queue: asyncio.Queue = asyncio.Queue()
         pumps = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(admitted)]

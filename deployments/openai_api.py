@@ -23,7 +23,8 @@ class StreamOptions(Strict):
 
 
 MAX_STOP_STRINGS = 16
-NULL_MEANS_DEFAULT = ("temperature", "top_p", "top_k", "min_p", "n", "presence_penalty", "frequency_penalty", "stream")
+NULL_MEANS_DEFAULT = ("temperature", "top_p", "top_k", "min_p", "n", "presence_penalty", "frequency_penalty", "stream",
+                      "repetition_penalty", "min_tokens", "ignore_eos")
 
 
 def only_with_true(value, info, other: str):
@@ -50,6 +51,12 @@ class SamplingFields(Strict):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+    logit_bias: Optional[dict[str, float]] = None  # token id (a string, as JSON keys are) -> bias in [-100, 100]
+    # vLLM's sampling fields beyond OpenAI's (the openai client sends them in extra_body)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=INT64_MAX, allow_inf_nan=False)
+    min_tokens: int = Field(0, ge=0, le=INT64_MAX)
+    stop_token_ids: Optional[list[TokenId]] = None
+    ignore_eos: bool = False
 
     @field_validator(*NULL_MEANS_DEFAULT, mode="before")
     @classmethod
@@ -80,6 +87,11 @@ class SamplingFields(Strict):
             stop=self.stop,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias=self.logit_bias,
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
             max_tokens=max_tokens,
             logprobs=logprobs,
             output_kind=RequestOutputKind.DELTA,  # the server streams (and sums up) deltas

@@ -156,6 +156,7 @@ def _mutated(**kw):
     ("hi", _mutated(output_kind="delta"), "output_kind"),
     ("hi", _mutated(max_tokens=True), "max_tokens"),
     ("hi", {"temperature": 0}, "must be a SamplingParams"),
+    ("hi", SamplingParams(logit_bias={3: 1.0, 100_000: 1.0}), r"logit_bias: token ids \[100000\] are outside"),
     (3.5, None, "prompt must be a string or a list of token ids"),
     ({"prompt_token_ids": 5}, None, "prompt_token_ids must be a list of token ids, got int"),
     ({"prompt_token_ids": None}, None, "prompt_token_ids must be a list of token ids, got NoneType"),
@@ -189,10 +190,22 @@ def test_a_tiny_positive_temperature_samples_the_argmax(engine):
 
 
 @pytest.mark.parametrize("kw", [dict(stop=5), dict(stop_token_ids=7), dict(ignore_eos="false"), dict(n=True),
-                                dict(output_kind="delta"), dict(logprobs=True)])
+                                dict(output_kind="delta"), dict(logprobs=True), dict(logit_bias=[1]),
+                                dict(logit_bias={"a": 1.0}), dict(logit_bias={-1: 1.0}), dict(logit_bias={1: 101}),
+                                dict(logit_bias={1: math.nan}), dict(logit_bias={True: 1.0})])
 def test_bad_constructor_values_are_value_errors_naming_the_field(kw):
     with pytest.raises(ValueError, match=f"invalid sampling parameter {next(iter(kw))}="):
         SamplingParams(**kw)
+
+
+def test_logit_bias_steers_the_engine_and_takes_openai_string_keys(engine):
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logit_bias={"7": 100})
+    assert params.logit_bias == {7: 100.0}
+    engine.add_request("b", PROMPTS[0], params)
+    assert run_all(engine)["b"].outputs[0].token_ids == [7, 7, 7, 7]
+    banned = greedy_tokens(engine, [PROMPTS[0]], max_tokens=1)[0][0]  # the first greedy token, then biased away
+    engine.add_request("c", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=1, logit_bias={banned: -100}))
+    assert run_all(engine)["c"].outputs[0].token_ids != [banned]
 
 
 def test_params_changed_after_construction_mean_what_the_constructor_would(engine):

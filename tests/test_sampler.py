@@ -156,3 +156,30 @@ def test_sampler_leaves_the_callers_logits_untouched(kw):
     rs = [SamplingRow(SamplingParams(**kw), [1, 2], [3], banned_token_ids=(5,) if i == 0 else ()) for i in range(3)]
     Sampler()(logits, rs)
     assert torch.equal(logits, before)
+
+
+def test_logit_bias_shifts_the_distribution_exactly():
+    bias = {3: math.log(10.0), 0: -100.0}  # token 3's odds x10, token 0 out of reach
+    expected = torch.softmax(LOGITS + torch.tensor([-100.0, 0.0, 0.0, math.log(10.0)]), -1)
+    got = frequencies(sample_many(logit_bias=bias))
+    assert torch.allclose(got, expected, atol=0.015), (got, expected)
+    assert sample_many(n=4, temperature=0.0, logit_bias={2: 5.0}) == [2] * 4  # 0.15 -> e^5 x 0.15 beats 0.5
+
+
+def test_logit_bias_applies_before_the_repetition_penalty_and_leaves_logprobs_raw():
+    # vLLM: bias first, then the penalty: token 0 (seen) (1 - 2) * 2 = -2 < -1.5, so token 1 wins; the other
+    # order, 1 / 2 - 2 = -1.5, would keep token 0 ahead of token 1's -1.6
+    logits = torch.tensor([[1.0, -1.6]])
+    row = SamplingRow(SamplingParams(temperature=0.0, repetition_penalty=2.0, logit_bias={0: -2.0}, logprobs=1),
+                      [0], [])
+    out = Sampler()(logits, [row])
+    assert out.token_ids == [1]
+    assert out.logprobs[0][1] == pytest.approx(torch.log_softmax(logits, -1)[0, 1].item())  # before any processor
+
+
+def test_logit_bias_is_per_row():
+    logits = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    rs = [SamplingRow(SamplingParams(temperature=0.0), [5], []),
+          SamplingRow(SamplingParams(temperature=0.0, logit_bias={1: 1.5}), [5], [])]
+    assert Sampler()(logits, rs).token_ids == [0, 1]
+    assert Sampler().sample_on_device(logits, rs).tolist() == [0, 1]  # the async path applies it too

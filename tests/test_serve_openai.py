@@ -159,6 +159,19 @@ def test_logprobs_equal_offline_llm(client, served_name, offline):
     assert all(len(top) == 2 for top in got.choices[0].logprobs.top_logprobs)
 
 
+def test_logit_bias_and_vllm_sampling_fields_equal_offline_llm(client, served_name, offline):
+    """OpenAI's logit_bias (string keys), and vLLM's extra fields as the openai client sends them (extra_body)."""
+    token = offline.get_tokenizer().encode(" the", add_special_tokens=False)[0]
+    extra = dict(repetition_penalty=1.3, min_tokens=5, stop_token_ids=[token + 1], ignore_eos=True)
+    want = greedy(max_tokens=8, logit_bias={token: 4.0}, **extra)
+    (expected,) = offline.generate(PROMPTS[3], want, use_tqdm=False)
+    got = client.completions.create(model=served_name, prompt=PROMPTS[3], max_tokens=8, temperature=0,
+                                    logit_bias={str(token): 4.0}, extra_body=extra)
+    assert got.choices[0].text == expected.outputs[0].text
+    (plain,) = offline.generate(PROMPTS[3], greedy(max_tokens=8), use_tqdm=False)
+    assert expected.outputs[0].token_ids != plain.outputs[0].token_ids  # the fields changed what was generated
+
+
 def test_n_and_seed(client, served_name):
     kw = dict(model=served_name, prompt=PROMPTS[2], max_tokens=8, temperature=1.0, n=3, seed=7)
     first = client.completions.create(**kw)
@@ -224,7 +237,12 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "M", "prompt": "hi", "n": 0}, 400, "n", "'n': Input should be greater"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "top_p": 0}, 400, "top_p", "top_p"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "echo": True}, 400, "echo", "unsupported field 'echo'"),
-    ("/v1/completions", {"model": "M", "prompt": "hi", "logit_bias": {"1": 5}}, 400, "logit_bias", "logit_bias"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "logit_bias": {"1": 500}}, 400, "logit_bias", "[-100, 100]"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "logit_bias": {"a": 1}}, 400, "logit_bias", "not a token id"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "logit_bias": {"99999999": 1}}, 400, "logit_bias",
+     "outside the vocabulary"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty",
+     "repetition_penalty"),
     ("/v1/completions", {"model": "M", "prompt": []}, 400, "prompt", "empty"),
     ("/v1/completions", {"model": "M", "prompt": [10**8]}, 400, "prompt", "not a token id"),
     ("/v1/completions", {"model": "M", "prompt": LONG_PROMPT}, 400, "prompt", "max_model_len is 128"),
