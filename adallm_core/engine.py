@@ -159,7 +159,8 @@ class LLMEngine:
         seqs = []
         for i in range(params.n):
             seq = Sequence(request_id, i, ids, params, now, max_tokens)
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens)
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens,
+                                                     params.include_stop_str_in_output)
             seqs.append(seq)
         return Request(request_id, text, ids, params, seqs)
 
@@ -307,6 +308,9 @@ class LLMEngine:
             status = SequenceStatus.FINISHED_LENGTH
         if status is None:
             return
+        stopped_by_token = status is SequenceStatus.FINISHED_STOPPED and not isinstance(seq.stop_reason, str)
+        if stopped_by_token and p.include_stop_str_in_output:
+            seq.detokenizer.update(token, check_stop=False)  # an eos / stop token's own text (vLLM's)
         if seq.stop_reason is None or isinstance(seq.stop_reason, int):
             stop = seq.detokenizer.flush()  # text held back for an unfinished character
             if stop is not None:  # ...which completed a stop string after all: the text ends before it

@@ -33,6 +33,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: Optional[int] = None  # top-N logprobs per generated token (0: only the sampled token's)
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False  # vLLM's: the stop string (or stop token's text) ends the output text
     logit_bias: Optional[dict[int, float]] = None  # token id -> added to its logit (OpenAI's: in [-100, 100])
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
@@ -62,7 +63,7 @@ class SamplingParams:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise bad(name, "must be a finite number")
-        for name in ("ignore_eos", "skip_special_tokens"):
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):  # a string "false" would read as true
                 raise bad(name, "must be a bool")
         if not isinstance(self.output_kind, RequestOutputKind):

@@ -140,9 +140,10 @@ class IncrementalDetokenizer:
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], stop: Sequence[str] = (),
-                 skip_special_tokens: bool = True):
+                 skip_special_tokens: bool = True, include_stop: bool = False):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self.include_stop = include_stop  # the text keeps the stop string it ends with (nothing is held back)
         self.ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])  # context + generated tokens
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -188,12 +189,12 @@ class IncrementalDetokenizer:
         hits = [(i, s) for s in self.stop if check_stop and (i := self.text.find(s, max(0, before - len(s) + 1))) >= 0]
         if hits:
             index, self.stop_string = min(hits)
-            self.text = self.text[:index]
+            self.text = self.text[:index + (len(self.stop_string) if self.include_stop else 0)]
         return self.stop_string
 
     def output_text(self, finished: bool) -> str:
         """Text safe to show: while running, without a tail that is a proper prefix of a stop string."""
-        if finished or not self.stop:
+        if finished or not self.stop or self.include_stop:
             return self.text
         hold = 0
         for s in self.stop:

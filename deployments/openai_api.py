@@ -24,7 +24,7 @@ class StreamOptions(Strict):
 
 MAX_STOP_STRINGS = 16
 NULL_MEANS_DEFAULT = ("temperature", "top_p", "top_k", "min_p", "n", "presence_penalty", "frequency_penalty", "stream",
-                      "repetition_penalty", "min_tokens", "ignore_eos")
+                      "repetition_penalty", "min_tokens", "ignore_eos", "include_stop_str_in_output")
 
 
 def only_with_true(value, info, other: str):
@@ -57,6 +57,7 @@ class SamplingFields(Strict):
     min_tokens: int = Field(0, ge=0, le=INT64_MAX)
     stop_token_ids: Optional[list[TokenId]] = None
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
 
     @field_validator(*NULL_MEANS_DEFAULT, mode="before")
     @classmethod
@@ -92,6 +93,7 @@ class SamplingFields(Strict):
             stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
             max_tokens=max_tokens,
             logprobs=logprobs,
             output_kind=RequestOutputKind.DELTA,  # the server streams (and sums up) deltas

@@ -66,6 +66,31 @@ def test_stop_string_across_token_boundaries_is_not_emitted(engine):
     assert tokens[: len(c.token_ids)] == c.token_ids and len(c.token_ids) < 32
 
 
+def test_include_stop_str_in_output_keeps_the_stop_string_and_token_text(engine):
+    """vLLM's include_stop_str_in_output: the text ends with the stop string (streamed deltas too); a stop token's
+    text is kept as well."""
+    from adallm_core.sampling_params import RequestOutputKind
+
+    tokens = greedy_tokens(engine, [PROMPTS[1]], max_tokens=32)[0]
+    tok = engine.tokenizer
+    stop, at = _clean_boundary(tok, tokens)
+    base = dict(temperature=0.0, max_tokens=32, ignore_eos=True, stop=[stop], include_stop_str_in_output=True)
+    engine.add_request("s", PROMPTS[1], SamplingParams(**base))
+    c = run_all(engine)["s"].outputs[0]
+    assert c.finish_reason == "stop" and c.stop_reason == stop
+    assert c.text == tok.decode(tokens)[: at + len(stop)] and c.text.endswith(stop)
+    engine.add_request("d", PROMPTS[1], SamplingParams(**base, output_kind=RequestOutputKind.DELTA))
+    pieces = []
+    while engine.has_unfinished_requests():
+        pieces += [o.outputs[0].text for o in engine.step()]
+    assert "".join(pieces) == c.text
+    stop_id = tokens[3]
+    engine.add_request("t", PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True,
+                                                       stop_token_ids=[stop_id], include_stop_str_in_output=True))
+    c = run_all(engine)["t"].outputs[0]
+    assert c.token_ids[-1] == stop_id and c.text == tok.decode(c.token_ids)
+
+
 def test_stop_token_ids_and_min_tokens(engine):
     tokens = greedy_tokens(engine, [PROMPTS[4]], max_tokens=12)[0]
     first = next(i for i in range(1, len(tokens)) if tokens.index(tokens[i]) == i)  # a token new at i >= 1
@@ -192,7 +217,8 @@ def test_a_tiny_positive_temperature_samples_the_argmax(engine):
 @pytest.mark.parametrize("kw", [dict(stop=5), dict(stop_token_ids=7), dict(ignore_eos="false"), dict(n=True),
                                 dict(output_kind="delta"), dict(logprobs=True), dict(logit_bias=[1]),
                                 dict(logit_bias={"a": 1.0}), dict(logit_bias={-1: 1.0}), dict(logit_bias={1: 101}),
-                                dict(logit_bias={1: math.nan}), dict(logit_bias={True: 1.0})])
+                                dict(logit_bias={1: math.nan}), dict(logit_bias={True: 1.0}),
+                                dict(include_stop_str_in_output=1)])
 def test_bad_constructor_values_are_value_errors_naming_the_field(kw):
     with pytest.raises(ValueError, match=f"invalid sampling parameter {next(iter(kw))}="):
         SamplingParams(**kw)

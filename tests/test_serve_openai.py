@@ -162,7 +162,8 @@ def test_logprobs_equal_offline_llm(client, served_name, offline):
 def test_logit_bias_and_vllm_sampling_fields_equal_offline_llm(client, served_name, offline):
     """OpenAI's logit_bias (string keys), and vLLM's extra fields as the openai client sends them (extra_body)."""
     token = offline.get_tokenizer().encode(" the", add_special_tokens=False)[0]
-    extra = dict(repetition_penalty=1.3, min_tokens=5, stop_token_ids=[token + 1], ignore_eos=True)
+    extra = dict(repetition_penalty=1.3, min_tokens=5, stop_token_ids=[token + 1], ignore_eos=True,
+                 include_stop_str_in_output=True)
     want = greedy(max_tokens=8, logit_bias={token: 4.0}, **extra)
     (expected,) = offline.generate(PROMPTS[3], want, use_tqdm=False)
     got = client.completions.create(model=served_name, prompt=PROMPTS[3], max_tokens=8, temperature=0,
