@@ -68,6 +68,18 @@ def main() -> None:
                                                                              num_splits=1, config=one_wave),
         "attention_mixed": kc.case_attention(dev, [3, 1, 5], [4, 9, 0], hq=4, hk=2, d=16, fp8=False,
                                               dtype=torch.float32),
+        # prefill: key tiles wholly below a row tile's diagonal skip the mask; rows of 64 tokens; a window keeps masks
+        "attention_prefill_full_tiles": kc.case_attention(dev, [40, 1, 70], [0, 9, 30], hq=4, hk=2, d=16, fp8=False,
+                                                          dtype=torch.float32,
+                                                          config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4,
+                                                                      num_stages=2)),
+        "attention_prefill_rows_128": kc.case_attention(dev, [40, 1, 70], [0, 9, 30], hq=4, hk=2, d=16, fp8=False,
+                                                        dtype=torch.float32,
+                                                        config=dict(BLOCK_M=128, BLOCK_N=16, num_warps=4,
+                                                                    num_stages=2)),
+        "attention_prefill_window": kc.case_attention(dev, [40, 70], [0, 30], hq=4, hk=2, d=16, fp8=False, window=24,
+                                                      dtype=torch.float32,
+                                                      config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)),
         "attention_window_split": kc.case_attention(dev, [1, 1], [17, 30], hq=4, hk=2, d=16, fp8=False, window=8,
                                                     num_splits=4, dtype=torch.float32),
         # decode parts sized from the real lengths: 1, 1, 3 and 5 of the 8 used, the rest empty

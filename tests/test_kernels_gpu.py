@@ -412,6 +412,7 @@ ATTN_CASES = [
     ([1] * 40, [3, 700, 0, 1500, 200] * 8, 32, 8, 16, 600, 8),  # the same with a window
     ([7, 130, 1, 64], [0, 20, 9, 100], 32, 8, 16, None, None),  # prefill chunks mixed with a decode
     ([200, 33], [0, 60], 32, 16, 16, 48, None),  # prefill with a short sliding window
+    ([600, 300, 1], [0, 1000, 50], 32, 8, 16, None, None),  # long prefills: most key tiles whole (no mask)
     ([5, 1], [3, 8], 4, 4, 4, None, None),  # no GQA, tiny blocks
 ]
 

@@ -31,7 +31,8 @@ CASES = [
     "linear_tile_major", "linear_tile_major_split_masked", "linear_tile_major_swap_ab", "prefill_runs_tile_major",
     "linear_every_e4m3_scale", "linear_gated_silu_split_masked", "linear_gated_gelu_tile_major_split",
     "linear_gated_swap_ab", "linear_picked_12_short_k", "moe_routing_chunked", "moe_routing_chunked_ragged",
-    "prefill_fp8_slab", "prefill_fp8_slab_tile_major",
+    "prefill_fp8_slab", "prefill_fp8_slab_tile_major", "attention_prefill_full_tiles", "attention_prefill_rows_128",
+    "attention_prefill_window",
 ]
 
 

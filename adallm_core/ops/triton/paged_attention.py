@@ -35,7 +35,7 @@ def paged_attention_kernel(
     G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     USE_WINDOW: tl.constexpr, F32_DOT: tl.constexpr, FP8_CACHE: tl.constexpr, QK_NORM: tl.constexpr = False,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, FULL_TILES: tl.constexpr = False,
 ):
     """QK_NORM (decode steps only): q_ptr is the qkv projection's output and q/k/v rows are raw; q is normed and
     rotated here, and the program whose part ends at the newest key stores this step's k/v before reading the
@@ -93,35 +93,18 @@ def paged_attention_kernel(
         q = q.to(tl.float32)
     else:
         q = q.to(tl.bfloat16)
-    for start in range(k_lo, k_hi, BLOCK_N):
-        kpos = start + tl.arange(0, BLOCK_N)
-        k_ok = kpos < k_hi
-        page = tl.load(bt_ptr + b * stride_bt + kpos // BLOCK_SIZE, mask=k_ok, other=0)
-        page = tl.maximum(page, 0)  # -1 marks blocks nobody needs; masked below
-        slot = page.to(tl.int64) * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kvh * stride_kh
-        k = tl.load(k_ptr + slot[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
-        v = tl.load(v_ptr + slot[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
-        if F32_DOT:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        elif FP8_CACHE:  # E4M3 values are exact in FP16, whose 11-bit mantissa keeps the probabilities sharper
-            k = k.to(tl.bfloat16)
-            v = v.to(tl.float16)
-        else:  # BF16 cache: probabilities in TF32 (11 bits, like FP16) against exact BF16 values
-            k = k.to(tl.bfloat16)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        ok = k_ok[None, :] & (kpos[None, :] <= qpos[:, None])
-        if USE_WINDOW:
-            ok = ok & (kpos[None, :] > qpos[:, None] - window)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    k_masked = k_lo
+    if FULL_TILES:  # prefill: key tiles that every row of this tile sees whole need no mask (FlashAttention's split)
+        first_row_pos = seq_len - q_len + (qb * BLOCK_M) // G
+        k_masked = k_lo + tl.maximum(tl.minimum(k_hi, first_row_pos + 1) - k_lo, 0) // BLOCK_N * BLOCK_N
+        for start in range(k_lo, k_masked, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, start, k_hi, qpos, window, k_ptr, v_ptr, bt_ptr, b,
+                                         stride_bt, stride_kb, stride_ks, kvh, stride_kh, qk_scale, d, BLOCK_SIZE,
+                                         BLOCK_N, False, USE_WINDOW, F32_DOT, FP8_CACHE)
+    for start in range(k_masked, k_hi, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, start, k_hi, qpos, window, k_ptr, v_ptr, bt_ptr, b, stride_bt,
+                                     stride_kb, stride_ks, kvh, stride_kh, qk_scale, d, BLOCK_SIZE, BLOCK_N, True,
+                                     USE_WINDOW, F32_DOT, FP8_CACHE)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None] * v_scale
     t = q_start + tok
@@ -136,6 +119,50 @@ def paged_attention_kernel(
         base = (split * num_tokens + t) * hq + head
         tl.store(part_o_ptr + base[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None])
         tl.store(part_lse_ptr + base, lse, mask=row_ok)
+
+
+@triton.jit
+def _attend_tile(q, acc, m_i, l_i, start, k_hi, qpos, window, k_ptr, v_ptr, bt_ptr, b, stride_bt, stride_kb,
+                 stride_ks, kvh, stride_kh, qk_scale, d, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr, USE_WINDOW: tl.constexpr, F32_DOT: tl.constexpr, FP8_CACHE: tl.constexpr):
+    """One tile of BLOCK_N keys from `start` into the online softmax. MASKED: keys past k_hi or a row's own
+    position (and outside its window) are masked; unmasked tiles are whole and visible to every row."""
+    kpos = start + tl.arange(0, BLOCK_N)
+    k_ok = kpos < k_hi
+    if MASKED:
+        page = tl.load(bt_ptr + b * stride_bt + kpos // BLOCK_SIZE, mask=k_ok, other=0)
+    else:
+        page = tl.load(bt_ptr + b * stride_bt + kpos // BLOCK_SIZE)
+    page = tl.maximum(page, 0)  # -1 marks blocks nobody needs; masked below
+    slot = page.to(tl.int64) * stride_kb + (kpos % BLOCK_SIZE) * stride_ks + kvh * stride_kh
+    if MASKED:
+        k = tl.load(k_ptr + slot[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + slot[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptr + slot[:, None] + d[None, :])
+        v = tl.load(v_ptr + slot[:, None] + d[None, :])
+    if F32_DOT:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    elif FP8_CACHE:  # E4M3 values are exact in FP16, whose 11-bit mantissa keeps the probabilities sharper
+        k = k.to(tl.bfloat16)
+        v = v.to(tl.float16)
+    else:  # BF16 cache: probabilities in TF32 (11 bits, like FP16) against exact BF16 values
+        k = k.to(tl.bfloat16)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    if MASKED:
+        ok = k_ok[None, :] & (kpos[None, :] <= qpos[:, None])
+        if USE_WINDOW:
+            ok = ok & (kpos[None, :] > qpos[:, None] - window)
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -273,7 +300,10 @@ def _attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, slidi
     out = torch.empty(t, hq, dim, dtype=q.dtype, device=q.device)
     if t == 0:
         return out
-    tiles = config or tiles_for(meta, hk, dim, q.device)
+    tiles = dict(config or tiles_for(meta, hk, dim, q.device))
+    block_m = tiles.pop("BLOCK_M", None)  # rows a program: prefill's tiles may set it (64 otherwise)
+    # prefill: the key tiles below a row tile's diagonal skip the mask (not under a window, whose lower edge masks)
+    full_tiles = tiles.pop("FULL_TILES", True) and meta.max_query_len > 1 and sliding_window is None
     splits = num_splits or num_splits_for(meta, hk, q.device, tiles["BLOCK_N"])
     if splits & (splits - 1):
         raise ValueError(f"attention: num_splits must be a power of two, got {splits}")
@@ -283,7 +313,7 @@ def _attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, slidi
     if meta.max_query_len <= 1:
         block_m = max(16, triton.next_power_of_2(g))
     else:
-        block_m = 64 if meta.max_query_len * g >= 64 else max(16, triton.next_power_of_2(meta.max_query_len * g))
+        block_m = min(block_m or 64, max(16, triton.next_power_of_2(meta.max_query_len * g)))
     q_blocks = triton.cdiv(meta.max_query_len * g, block_m)
     if splits > 1:
         part_o = torch.empty(splits, t, hq, dim, dtype=torch.float32, device=q.device)
@@ -301,7 +331,7 @@ def _attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, slidi
         t, q_blocks, **fused,
         G=g, HEAD_DIM=dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, NUM_SPLITS=splits,
         USE_WINDOW=sliding_window is not None, F32_DOT=INTERPRET,
-        FP8_CACHE=v_cache.dtype == torch.float8_e4m3fn,
+        FP8_CACHE=v_cache.dtype == torch.float8_e4m3fn, FULL_TILES=full_tiles,
         **tiles, **pdl.triton_args(q.device, t), enable_fp_fusion=True,
     )
     if splits > 1:
