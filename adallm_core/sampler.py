@@ -1,7 +1,7 @@
 """Sampler: one vectorized pass over the batch with per-request parameters.
 
-Order (vLLM's): raw logprobs -> min_tokens ban and logit_bias -> penalties (repetition, then frequency and presence) -> greedy
-argmax | temperature -> min_p -> top_k -> top_p -> sample. Sampling is argmax(probs / q) with q ~ Exp(1) (the
+Order (vLLM's): raw logprobs -> min_tokens ban and logit_bias -> penalties (repetition, then frequency and
+presence) -> greedy argmax | temperature -> min_p -> top_k -> top_p -> sample. Sampling is argmax(probs / q) with q ~ Exp(1) (the
 exponential race, same law as multinomial). A seeded request draws its q from its own generator seeded from
 (seed, completion index, step), so its tokens do not depend on what else is in the batch, nor on preemption.
 """
@@ -102,11 +102,13 @@ class Sampler:
             logits[idx[:, 0], idx[:, 1]] = float("-inf")
 
     def _add_logit_bias(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> None:
-        entries = [(i, t, b) for i, r in enumerate(rows) for t, b in (r.params.logit_bias or {}).items()]
-        if entries:
-            rows_i, tokens, biases = zip(*entries)
-            idx = (torch.tensor(rows_i, device=logits.device), torch.tensor(tokens, device=logits.device))
-            logits.index_put_(idx, torch.tensor(biases, device=logits.device), accumulate=True)
+        biased = [(i, r.params.logit_bias_tensors()) for i, r in enumerate(rows) if r.params.logit_bias]
+        if biased:
+            row_ids = torch.cat([torch.full((len(tokens),), i) for i, (tokens, _) in biased])
+            tokens = torch.cat([tokens for _, (tokens, _) in biased])
+            biases = torch.cat([b for _, (_, b) in biased])
+            idx = (row_ids.to(logits.device), tokens.to(logits.device))
+            logits.index_put_(idx, biases.to(logits.device), accumulate=True)
 
     def _apply_penalties(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> None:
         params = [r.params for r in rows]

@@ -182,7 +182,8 @@ class LLMServer:
         if refused:
             await self._abort([rid for rid, r in zip(ids, admitted) if not isinstance(r, Exception)])
             message = str(refused[0])
-            param = "logit_bias" if message.startswith("logit_bias") else "messages" if request.messages is not None else "prompt"
+            prompt_param = "messages" if request.messages is not None else "prompt"
+            param = "logit_bias" if message.startswith("logit_bias") else prompt_param
             yield RequestError(message, param=param)
             return
         queue: asyncio.Queue = asyncio.Queue()

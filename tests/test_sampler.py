@@ -183,3 +183,19 @@ def test_logit_bias_is_per_row():
           SamplingRow(SamplingParams(temperature=0.0, logit_bias={1: 1.5}), [5], [])]
     assert Sampler()(logits, rs).token_ids == [0, 1]
     assert Sampler().sample_on_device(logits, rs).tolist() == [0, 1]  # the async path applies it too
+
+
+def test_a_logit_bias_over_the_whole_vocabulary_is_exact_and_built_once():
+    """A map over every token (as a client may send) is turned into tensors once per check, not every step."""
+    vocab = 50_000
+    logits = torch.randn(8, vocab, generator=torch.Generator().manual_seed(3))
+    bias = {t: float(t % 7) - 3.0 for t in range(vocab)}
+    params = SamplingParams(temperature=0.0, logit_bias=bias)
+    rs = [SamplingRow(params, [1], []) for _ in range(8)]
+    want = (logits + torch.tensor([bias[t] for t in range(vocab)])).argmax(-1).tolist()
+    assert Sampler()(logits, rs).token_ids == want
+    built = params.logit_bias_tensors()
+    assert params.logit_bias_tensors() is built  # cached: the sampler's steps reuse it
+    params.logit_bias = {5: 100.0}
+    params.validate()  # as the engine does when a request is added: the cache follows the new map
+    assert params.logit_bias_tensors()[0].tolist() == [5]
