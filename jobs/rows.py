@@ -86,10 +86,10 @@ def check_schema(schema: pa.Schema, spec: RowSpec, where: str) -> None:
         if name not in names:
             continue
         kind = schema.field(name).type
-        ok = (
+        ok = pa.types.is_null(kind) or (  # all null (as pandas writes a column of None): the default for every row
             _is_string(kind) or _is_list(kind)
             if name == "stop"
-            else pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)
+            else pa.types.is_integer(kind) or pa.types.is_floating(kind)
         )
         if not ok:
             raise ValueError(f"{where}: per-row sampling column {name!r} has type {kind}, which cannot hold {name}")

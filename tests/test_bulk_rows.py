@@ -95,6 +95,15 @@ def test_large_lists_hold_messages_and_stops():  # what Polars writes
                  RowSpec(prompt_column=None, messages_column="chat"), "in.parquet")
 
 
+def test_all_null_sampling_columns_are_accepted(tokenizer):
+    """pandas writes a column of None as type null: every row takes the default, `stop` included."""
+    schema = pa.schema([("prompt", pa.string())] + [(name, pa.null()) for name in ("stop", "temperature", "seed")])
+    check_schema(schema, RowSpec(sampling_defaults={"stop": ["x"]}), "in.parquet")
+    (row,) = prepare_rows(pa.table({"prompt": ["a"], "stop": pa.nulls(1)}), RowSpec(sampling_defaults={"stop": ["x"]}),
+                          tokenizer)
+    assert row.error is None and row.params.stop == ["x"]
+
+
 def test_input_files_file_folder_glob(tmp_path):
     table = pa.table({"prompt": ["x"]})
     (tmp_path / "d" / "sub").mkdir(parents=True)
