@@ -72,6 +72,7 @@ class JobPlan:
     id_column: str
     processor: ProcessorConfig
     input_rows: int = 0  # from the Parquet footers: each is either already written or processed by this run
+    record: Optional[dict] = None  # what the rows are made from, kept in the output folder (resume.JOB_NAME)
 
 
 def plan_job(args: argparse.Namespace) -> JobPlan:
@@ -110,6 +111,11 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
             resume.is_glob(in_path) and resume.glob_matches(in_path, f"{out_root}/{resume.PART_PREFIX}0.parquet"))):
         raise ValueError(f"--output {args.output} is inside --input {args.input}; its files would be read as input")
     resume.check_output_parts(out_fs, out_root, [id_column, *OUTPUT_SCHEMA.names], f"--output {args.output}")
+    record = {"input": resume.input_fingerprint(in_fs, files), "id_column": id_column,
+              "prompt_column": rows.prompt_column, "messages_column": rows.messages_column,
+              "sampling_defaults": rows.sampling_defaults, "model": engine_args.model,
+              "tokenizer": engine_args.tokenizer, "max_model_len": engine_args.max_model_len}  # fmt: skip
+    resume.check_job_record(out_fs, out_root, record, f"--output {args.output}")
     check_model(engine_args, chat=rows.messages_column is not None)
 
     processor = ProcessorConfig(
@@ -117,7 +123,7 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
         max_concurrent_batches=args.max_concurrent_batches, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
         accelerator_type=args.accelerator_type, max_restarts=args.max_restarts, max_task_retries=args.max_task_retries,
     )  # fmt: skip
-    return JobPlan(in_fs, files, out_fs, out_root, id_column, processor, input_rows)
+    return JobPlan(in_fs, files, out_fs, out_root, id_column, processor, input_rows, record)
 
 
 def check_model(engine_args: EngineArgs, chat: bool) -> None:
@@ -156,6 +162,8 @@ def execute(plan: JobPlan):
         ray.init()  # RAY_ADDRESS / a running cluster, else a local one started on the spot
     plan.output_fs.create_dir(plan.output_root, recursive=True)
     resume.remove_temp_files(plan.output_fs, plan.output_root)
+    if plan.record is not None:
+        resume.write_job_record(plan.output_fs, plan.output_root, plan.record)
     written = resume.written_ids(plan.output_fs, plan.output_root, plan.id_column)
 
     ds = ray.data.read_parquet(

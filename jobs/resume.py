@@ -5,6 +5,8 @@ Output folder layout (any pyarrow filesystem):
     .tmp-<uuid>-part-....parquet                 being written (or left by a killed write); ignored, removed on
                                                  start and when the job's writes complete
     _summary.json                                the last run's summary
+    _job.json                                    what the rows were made from (input files, model, columns,
+                                                 sampling): a resume with other values is refused
 A part file's name is a hash of the ids it holds, so a write that Ray retries (its task died after the
 rename) rewrites the same name with the same rows instead of adding a duplicate file. Parquet readers
 (pyarrow, pandas, Ray Data) skip names starting with "." and "_", so the folder reads as a dataset.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import os
 import uuid
 from typing import Iterable, Optional
@@ -32,6 +35,7 @@ DERIVED_ID_COLUMN = "row_hash"
 PART_PREFIX = "part-"
 TEMP_PREFIX = ".tmp-"
 SUMMARY_NAME = "_summary.json"
+JOB_NAME = "_job.json"
 
 
 def filesystem_and_path(uri: str, filesystem: Optional[pafs.FileSystem] = None) -> tuple[pafs.FileSystem, str]:
@@ -114,6 +118,52 @@ def check_output_parts(fs: pafs.FileSystem, root: str, columns: list[str], where
         if missing:
             raise ValueError(f"{where}: {path} was not written by this job (it has no {missing} column); give an "
                              f"empty folder, or this job's own to resume it")
+
+
+def input_fingerprint(fs: pafs.FileSystem, files: list[str]) -> list[list]:
+    """[path, rows, hash of the Parquet footer] per input file: a file rewritten with other rows (or the same rows
+    in another order, which moves the derived row ids) gets another footer (row group sizes and statistics)."""
+    out = []
+    for path in files:
+        meta = pq.read_metadata(path, filesystem=fs)
+        footer = hashlib.sha1(repr(meta.to_dict()).encode()).hexdigest()[:20]
+        out.append([path, meta.num_rows, footer])
+    return out
+
+
+def check_job_record(fs: pafs.FileSystem, root: str, record: dict, where: str) -> None:
+    """The output folder's _job.json, if any, must match this run's: rows written from other input files, another
+    model or other sampling parameters would otherwise be skipped as done and silently mixed with this run's."""
+    path = f"{root}/{JOB_NAME}"
+    if fs.get_file_info(path).type != pafs.FileType.File or not part_files(fs, root):
+        return  # nothing written yet: nothing to mix with
+    with fs.open_input_stream(path) as f:
+        old = json.loads(f.read().decode())
+    new = json.loads(json.dumps(record))
+    changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    if not changed:
+        return
+    details = []
+    for key in changed:
+        if key == "input":
+            before, after = ({f[0]: f for f in r.get(key) or []} for r in (old, new))
+            files = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p)) or ["(order)"]
+            details.append(f"{len(files)} input file(s) added, removed or rewritten, e.g. {files[0]}")
+        else:
+            details.append(f"{key} was {old.get(key)!r}, now {new.get(key)!r}")
+    raise ValueError(f"{where} holds rows of another job: {'; '.join(details)}. Resume with the same input and "
+                     f"arguments, or give a new output folder (deleting {path} lets the rows mix)")
+
+
+def write_job_record(fs: pafs.FileSystem, root: str, record: dict) -> None:
+    """Writes _job.json (temp name, then renamed) unless the folder has rows already (check_job_record passed)."""
+    path = f"{root}/{JOB_NAME}"
+    if part_files(fs, root) and fs.get_file_info(path).type == pafs.FileType.File:
+        return
+    temp = f"{root}/{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{JOB_NAME}"
+    with fs.open_output_stream(temp) as f:
+        f.write(json.dumps(record, indent=2).encode())
+    fs.move(temp, path)
 
 
 def part_files(fs: pafs.FileSystem, root: str) -> list[str]:

@@ -1,6 +1,7 @@
 """Bulk job pieces without a Ray cluster: rows -> requests, schema and argument checks, resume bookkeeping."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import pyarrow as pa
@@ -230,6 +231,34 @@ def test_id_column_must_be_unique_and_non_null_checked_before_any_work(tmp_path,
     assert "holds double; ids must be integers or strings" in _fail(
         ["--input", str(tmp_path / "f.parquet"), "--output", out, "--id-column", "score"], capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_with_other_input_or_arguments_is_refused(tmp_path):
+    """Rows already in --output are skipped as done: a rerun with other sampling values, another prompt column or a
+    rewritten input would silently mix their outputs with the earlier run's (seen: max_tokens 2 and 6 in one folder)."""
+    data, out = tmp_path / "in.parquet", tmp_path / "out"
+    pq.write_table(pa.table({"key": [0, 1], "prompt": ["a", "b"], "q": ["c", "d"]}), data)
+    argv = ["--input", str(data), "--output", str(out), "--id-column", "key", "--max-tokens", "2"]
+
+    def plan(*extra):
+        parser = argparse.ArgumentParser()
+        bulk_generate.add_arguments(parser)
+        return bulk_generate.plan_job(parser.parse_args(argv + list(extra)))
+
+    first = plan()
+    out.mkdir()
+    resume.write_job_record(first.output_fs, first.output_root, first.record)  # what execute() does first
+    plan("--max-tokens", "6")  # nothing written yet: nothing to mix with
+    sink = resume.AtomicParquetDatasink(first.output_fs, first.output_root, "key")
+    sink.write([output_table(pa.table({"key": [0]}), [RowResult(generated_text="x")])], ctx=None)
+    plan()  # the same job resumes
+    with pytest.raises(ValueError, match=r"sampling_defaults was \{'max_tokens': 2\}, now \{'max_tokens': 6\}"):
+        plan("--max-tokens", "6")
+    with pytest.raises(ValueError, match="prompt_column was 'prompt', now 'q'"):
+        plan("--prompt-column", "q")
+    pq.write_table(pa.table({"key": [0, 1], "prompt": ["a", "other"], "q": ["c", "d"]}), data)
+    with pytest.raises(ValueError, match=f"1 input file.* rewritten, e.g. {data}"):
+        plan()
 
 
 def test_check_ids_accepts_unique_ids_across_chunks():
