@@ -93,12 +93,15 @@ def read_footers(fs: pafs.FileSystem, files: list[str], where: str) -> tuple[pa.
         rows += meta.num_rows
         file_schema = meta.schema.to_arrow_schema()
         try:
-            schema = pa.unify_schemas([schema, file_schema], promote_options="permissive")
+            unified = pa.unify_schemas([schema, file_schema], promote_options="permissive")
         except (pa.ArrowTypeError, pa.ArrowInvalid):
             name = next(f.name for f in file_schema if f.name in origin and not _widens(schema, file_schema, f.name))
             raise ValueError(f"{where}: column {name!r} is {schema.field(name).type} in {origin[name]} but "
                              f"{file_schema.field(name).type} in {path}") from None
-        origin.update({f.name: origin.get(f.name, path) for f in file_schema})
+        # origin: the file the column's type so far comes from (a later file may widen it, or type an all-null one)
+        origin.update({f.name: path for f in file_schema
+                       if f.name not in origin or unified.field(f.name).type != schema.field(f.name).type})
+        schema = unified
     return schema, rows
 
 

@@ -161,6 +161,10 @@ def test_footers_unify_the_files_and_name_a_conflict(tmp_path):
     with pytest.raises(ValueError, match=r"--input x: column 'prompt' is string in .*a.parquet but int64 in "
                                          r".*c.parquet"):
         resume.read_footers(fs, files + [str(tmp_path / "c.parquet")], "--input x")
+    # the file named is the one whose type the column has so far, not the first holding it (there: all null)
+    pq.write_table(pa.table({"prompt": pa.nulls(1)}), tmp_path / "0.parquet")
+    with pytest.raises(ValueError, match=r"'prompt' is string in .*/a.parquet but int64 in .*c.parquet"):
+        resume.read_footers(fs, [str(tmp_path / n) for n in ("0.parquet", "a.parquet", "c.parquet")], "--input x")
 
 
 def test_a_completed_job_leaves_no_temp_files(tmp_path):
