@@ -110,12 +110,13 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
     if type(out_fs) is type(in_fs) and ((out_root + "/").startswith(in_path.rstrip("/") + "/") or (
             resume.is_glob(in_path) and resume.glob_matches(in_path, f"{out_root}/{resume.PART_PREFIX}0.parquet"))):
         raise ValueError(f"--output {args.output} is inside --input {args.input}; its files would be read as input")
-    resume.check_output_parts(out_fs, out_root, [id_column, *OUTPUT_SCHEMA.names], f"--output {args.output}")
     record = {"input": resume.input_fingerprint(in_fs, files), "id_column": id_column,
               "prompt_column": rows.prompt_column, "messages_column": rows.messages_column,
               "sampling_defaults": rows.sampling_defaults, "model": engine_args.model,
               "tokenizer": engine_args.tokenizer, "max_model_len": engine_args.max_model_len}  # fmt: skip
+    # first: a changed --id-column would otherwise read as "not written by this job" (its parts lack the id)
     resume.check_job_record(out_fs, out_root, record, f"--output {args.output}")
+    resume.check_output_parts(out_fs, out_root, [id_column, *OUTPUT_SCHEMA.names], f"--output {args.output}")
     check_model(engine_args, chat=rows.messages_column is not None)
 
     processor = ProcessorConfig(

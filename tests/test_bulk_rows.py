@@ -244,10 +244,10 @@ def test_resume_with_other_input_or_arguments_is_refused(tmp_path):
     pq.write_table(pa.table({"key": [0, 1], "prompt": ["a", "b"], "q": ["c", "d"]}), data)
     argv = ["--input", str(data), "--output", str(out), "--id-column", "key", "--max-tokens", "2"]
 
-    def plan(*extra):
+    def plan(*extra, base=argv):
         parser = argparse.ArgumentParser()
         bulk_generate.add_arguments(parser)
-        return bulk_generate.plan_job(parser.parse_args(argv + list(extra)))
+        return bulk_generate.plan_job(parser.parse_args(base + list(extra)))
 
     first = plan()
     out.mkdir()
@@ -260,6 +260,9 @@ def test_resume_with_other_input_or_arguments_is_refused(tmp_path):
         plan("--max-tokens", "6")
     with pytest.raises(ValueError, match="prompt_column was 'prompt', now 'q'"):
         plan("--prompt-column", "q")
+    # without --id-column: the parts have no row_hash column, yet they are this job's files
+    with pytest.raises(ValueError, match="id_column was 'key', now 'row_hash'"):
+        plan(base=argv[:4] + argv[6:])
     pq.write_table(pa.table({"key": [0, 1], "prompt": ["a", "other"], "q": ["c", "d"]}), data)
     with pytest.raises(ValueError, match=f"1 input file.* rewritten, e.g. {data}"):
         plan()
