@@ -107,11 +107,14 @@ class SamplingParams:
         vocabulary would cost the sampler ~0.2 s a step in Python."""
         import torch  # here: the HTTP ingress builds SamplingParams and never loads torch
 
-        if getattr(self, "_bias_tensors", None) is None:
+        # read once into a local: validate() on another thread (AsyncLLM admits on the caller's) may drop the cache
+        tensors = getattr(self, "_bias_tensors", None)
+        if tensors is None:
             bias = self.logit_bias or {}
-            self._bias_tensors = (torch.tensor(list(bias), dtype=torch.long),
-                                  torch.tensor(list(bias.values()), dtype=torch.float32))
-        return self._bias_tensors
+            tensors = (torch.tensor(list(bias), dtype=torch.long),
+                       torch.tensor(list(bias.values()), dtype=torch.float32))
+            self._bias_tensors = tensors
+        return tensors
 
     @property
     def greedy(self) -> bool:

@@ -199,3 +199,34 @@ def test_a_logit_bias_over_the_whole_vocabulary_is_exact_and_built_once():
     params.logit_bias = {5: 100.0}
     params.validate()  # as the engine does when a request is added: the cache follows the new map
     assert params.logit_bias_tensors()[0].tolist() == [5]
+
+
+def test_logit_bias_tensors_survive_a_concurrent_check():
+    """AsyncLLM checks a request's params (validate(), which drops the cache) on the caller's thread while its engine
+    thread samples rows holding the same params: a shared SamplingParams, or a completions request whose prompts
+    are admitted in two batches. A check between the cache's build and its return handed the sampler None (a
+    TypeError that ends the engine loop)."""
+    import sys
+    import threading
+    import time
+
+    params = SamplingParams(logit_bias={1: 2.0, 3: -1.0})
+    done = threading.Event()
+
+    def check_again():
+        while not done.is_set():
+            params.validate()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    checker = threading.Thread(target=check_again)
+    checker.start()
+    try:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            tensors = params.logit_bias_tensors()
+            assert tensors is not None and tensors[0].tolist() == [1, 3]
+    finally:
+        done.set()
+        checker.join()
+        sys.setswitchinterval(interval)
