@@ -27,6 +27,15 @@ NULL_MEANS_DEFAULT = ("temperature", "top_p", "top_k", "min_p", "n", "presence_p
                       "repetition_penalty", "min_tokens", "ignore_eos", "include_stop_str_in_output")
 
 
+def utf8_text(text: str) -> str:
+    """JSON's \\ud800 escapes parse to a lone surrogate, which no UTF-8 tokenizer takes (it was a 500)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text is not valid Unicode: a lone surrogate {text[e.start]!r} at index {e.start}")
+    return text
+
+
 def only_with_true(value, info, other: str):
     """A field validator's check that a field is given only alongside `other: true` (declared before it)."""
     if value is not None and not info.data.get(other):
@@ -116,6 +125,9 @@ class CompletionRequest(SamplingFields):
         items = [prompt] if isinstance(prompt, str) else prompt
         if not items or any(not isinstance(p, int) and len(p) == 0 for p in items):
             raise ValueError("a prompt must not be empty")
+        for p in items:
+            if isinstance(p, str):
+                utf8_text(p)
         return prompt
 
     def prompts(self) -> list[Union[str, list[int]]]:
@@ -137,6 +149,13 @@ class ChatMessage(Strict):
     role: Literal["system", "user", "assistant", "developer"]
     content: Union[str, list[TextPart]]
     name: Optional[str] = None
+
+    @field_validator("content")
+    @classmethod
+    def _utf8(cls, content):
+        for text in [content] if isinstance(content, str) else [p.text for p in content]:
+            utf8_text(text)
+        return content
 
     def as_template_input(self) -> dict[str, str]:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)

@@ -268,6 +268,14 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "M", "prompt": "hi", "stop": ["s"] * 17}, 400, "stop", "at most 16 stop strings"),
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": LONG_PROMPT}]}, 400, "messages",
      "max_model_len is 128"),
+    # JSON's "\ud800" escape (a string cut inside an emoji's surrogate pair) is no text a tokenizer takes: was a 500
+    ("/v1/completions", {"model": "M", "prompt": "\ud83d hi"}, 400, "prompt", "lone surrogate"),
+    ("/v1/completions", {"model": "M", "prompt": ["ok", "\ud800"], "stream": True}, 400, "prompt", "lone surrogate"),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": "hi \udc00"}]}, 400,
+     "messages.0.content", "lone surrogate"),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": [{"type": "text",
+                                                                                  "text": "\ud800"}]}]},
+     400, "messages.0.content", "lone surrogate"),
     ("/v1/nothing-here", {}, 404, None, "Not Found"),
 ]
 
