@@ -21,6 +21,7 @@ from adallm_core.memory_profile import graph_step_seqs, step_peak_bytes
 from adallm_core.outputs import CompletionOutput, RequestOutput
 from adallm_core.overlap import DeviceTokens, TokenBuffers
 from adallm_core.prefill_graphs import token_buckets
+from adallm_core.runner import PromptScores, PromptScoring, SeqStep
 from adallm_core.sampler import Sampler, SamplingRow
 from adallm_core.sampling_params import RequestOutputKind, SamplingParams
 from adallm_core.scheduler import Scheduler, SchedulerOutput
@@ -40,6 +41,8 @@ class LaunchedStep:
     rows: list[SamplingRow]
     logits: torch.Tensor
     tokens: Optional[DeviceTokens]  # sampled on the device at launch (async scheduling), else when read
+    scored: list[tuple[Sequence, int]] = ()  # prompt_logprobs: (sequence, rows it scored), in step order
+    scores: Optional[PromptScores] = None
 
 
 class LLMEngine:
@@ -206,7 +209,14 @@ class LLMEngine:
         return self._finish(launched)
 
     def _launch(self, sched: SchedulerOutput, steps: list, input_ids: Optional[torch.Tensor] = None) -> LaunchedStep:
-        logits = self.runner.execute(steps) if input_ids is None else self.runner.execute(steps, input_ids=input_ids)
+        scored = [(s.seq, len(st.score.targets)) for s, st in zip(sched.scheduled, steps) if st.score is not None]
+        scores = None
+        if scored:
+            logits, scores = self.runner.execute_scored(steps)
+        elif input_ids is None:
+            logits = self.runner.execute(steps)
+        else:
+            logits = self.runner.execute(steps, input_ids=input_ids)
         # Bookkeeping that needs no sampled token runs before anything waits for the GPU (on a GPU the step may
         # still be running). Rows first: they read the output lengths, which update() does not change.
         sampled = [s.seq for s in sched.scheduled if s.sample]
@@ -215,7 +225,7 @@ class LLMEngine:
         tokens = None
         if self.async_scheduling and sampled and Sampler.on_device(rows):
             tokens = self._token_buffers.tokens(self.sampler.sample_on_device(logits, rows))
-        return LaunchedStep(sampled, rows, logits, tokens)
+        return LaunchedStep(sampled, rows, logits, tokens, scored, scores)
 
     def _can_run_ahead(self, launched: LaunchedStep) -> bool:
         """Every running sequence gets its next input from `launched` and nobody waits to join: the next schedule
@@ -229,8 +239,6 @@ class LLMEngine:
         return all(seq.seq_id in ids for seq in running)
 
     def _launch_ahead(self, launched: LaunchedStep) -> Optional[LaunchedStep]:
-        from adallm_core.runner import SeqStep
-
         for seq in launched.sampled:  # its token exists on the device only: count it, its id comes later
             seq.num_placeholders += 1
         sched = self.scheduler.schedule()
@@ -249,6 +257,8 @@ class LLMEngine:
 
     def _finish(self, launched: LaunchedStep) -> list[RequestOutput]:
         """Read the step's tokens (waiting for the device) and do its bookkeeping: stops, detokenization, outputs."""
+        if launched.scored:
+            self._record_prompt_logprobs(launched.scored, launched.scores)
         if not launched.sampled:
             return []
         if launched.tokens is not None:
@@ -272,10 +282,24 @@ class LLMEngine:
         return outputs
 
     def _seq_steps(self, sched: SchedulerOutput) -> list:
-        from adallm_core.runner import SeqStep
-
         return [SeqStep(s.seq.token_slice(s.start_pos, s.start_pos + s.num_new_tokens), s.start_pos,
-                        s.seq.block_tables, s.sample) for s in sched.scheduled]
+                        s.seq.block_tables, s.sample, _prompt_scoring(s.seq, s.start_pos, s.num_new_tokens))
+                for s in sched.scheduled]
+
+    @staticmethod
+    def _record_prompt_logprobs(scored: list[tuple[Sequence, int]], scores: PromptScores) -> None:
+        target_lps, top_ids, top_lps = (t.tolist() for t in (scores.target_logprobs, scores.top_ids,
+                                                                scores.top_logprobs))
+        row = 0
+        for seq, count in scored:
+            num_top = seq.params.prompt_logprobs
+            prompt, scored_so_far = seq.prompt_token_ids, seq.prompt_logprobs
+            for r in range(row, row + count):
+                entry = {prompt[len(scored_so_far)]: target_lps[r]}
+                for j in range(num_top):
+                    entry.setdefault(top_ids[r][j], top_lps[r][j])
+                scored_so_far.append(entry)
+            row += count
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         p = seq.params
@@ -345,7 +369,19 @@ class LLMEngine:
                 list(logprobs) if logprobs is not None else None,
                 seq.cumulative_logprob if seq.logprobs is not None else None))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, finished,
-                             num_cached_tokens=req.seqs[0].num_cached_tokens)
+                             num_cached_tokens=req.seqs[0].num_cached_tokens,
+                             prompt_logprobs=self._prompt_logprobs_out(req, delta, force))
+
+    @staticmethod
+    def _prompt_logprobs_out(req: Request, delta: bool, force: bool) -> Optional[list]:
+        scored = req.seqs[0].prompt_logprobs
+        if scored is None or (delta and req.prompt_logprobs_sent):
+            return None
+        if delta:  # once, when complete (or cut short by an abort)
+            if len(scored) < len(req.prompt_token_ids) and not force:
+                return None
+            req.prompt_logprobs_sent = True
+        return list(scored)
 
     # --- introspection --------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -370,6 +406,18 @@ class LLMEngine:
 
 
 _request_counter = itertools.count()
+
+
+def _prompt_scoring(seq: Sequence, start: int, num_new: int) -> Optional[PromptScoring]:
+    """The prompt tokens this step's rows predict and the sequence has not scored yet (rows at positions p predict
+    the tokens at p + 1); None when there are none."""
+    if not seq.scores_prompt:
+        return None
+    first = max(start + 1, len(seq.prompt_logprobs))  # a recompute after preemption scores nothing twice
+    last = min(start + num_new, seq.num_prompt_tokens - 1)
+    if first > last:
+        return None
+    return PromptScoring(first - 1 - start, seq.prompt_token_ids[first:last + 1], seq.params.prompt_logprobs)
 
 
 def prompt_of(p):

@@ -149,7 +149,7 @@ class KVCacheManager:
     def get_computed_blocks(self, seq: Sequence) -> tuple[list[list[int]], int]:
         """Longest cached prefix of a sequence that has no blocks yet: (block tables, number of tokens)."""
         empty: list[list[int]] = [[] for _ in self.groups]
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.scores_prompt:  # prompt_logprobs: every prompt row is computed
             return empty, 0
         bs = self.block_size
         max_blocks = (seq.num_tokens - 1) // bs  # the last token is always computed: its logits are needed

@@ -6,6 +6,8 @@ from typing import Optional
 
 # One dict per generated token: {token_id: logprob} holding the sampled token and the top-N.
 SampleLogprobs = list[dict[int, float]]
+# One entry per prompt token, the first None (nothing predicts it): {token_id: logprob} of that token and the top-N.
+PromptLogprobs = list[Optional[dict[int, float]]]
 
 
 @dataclass
@@ -30,3 +32,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    prompt_logprobs: Optional[PromptLogprobs] = None  # SamplingParams.prompt_logprobs (DELTA: in one output only)

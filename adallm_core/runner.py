@@ -36,6 +36,25 @@ class SeqStep:
     start_pos: int  # tokens of this sequence already in the KV cache
     block_tables: Sequence[Sequence[int]]  # one block table per KV group (runner.model_config.kv_groups order)
     sample: bool = True  # return logits for this sequence's last token
+    score: Optional["PromptScoring"] = None  # prompt_logprobs: logprobs of known next tokens for some rows
+
+
+@dataclass(frozen=True)
+class PromptScoring:
+    """Rows first_row, first_row + 1, ... of a step predict targets[0], targets[1], ... (tokens already known)."""
+
+    first_row: int
+    targets: Sequence[int]
+    num_top: int  # also return this many of the most likely tokens a row
+
+
+@dataclass
+class PromptScores:
+    """Every scored row of a step, in step order, on the device: the target's logprob and the top tokens."""
+
+    target_logprobs: torch.Tensor  # float32 [rows]
+    top_ids: torch.Tensor  # int64 [rows, max num_top of the step]
+    top_logprobs: torch.Tensor  # float32 [rows, max num_top of the step]
 
 
 def resolve_device(device: Union[str, torch.device]) -> torch.device:
@@ -160,6 +179,8 @@ class ModelRunner:
         on the host); the steps' own token_ids are then placeholders."""
         if not steps:
             raise ValueError("execute() needs at least one SeqStep")
+        if any(s.score is not None for s in steps):
+            raise ValueError("steps that score prompt tokens run through execute_scored()")
         if input_ids is not None and (input_ids.shape != (len(steps),) or any(len(s.token_ids) != 1 for s in steps)):
             raise ValueError(f"execute(input_ids=...) needs one id per single-token step, got {tuple(input_ids.shape)} "
                              f"for {len(steps)} steps")
@@ -176,6 +197,44 @@ class ModelRunner:
             ids.copy_(input_ids)
         hidden = self.model.forward(ids, ctx)
         return self.model.compute_logits(hidden[sample_rows])
+
+    @torch.inference_mode()
+    def execute_scored(self, steps: Sequence[SeqStep]) -> tuple[torch.Tensor, PromptScores]:
+        """execute(), eager, for a step where some sequences score their prompt (SeqStep.score): the logits of the
+        sampled rows, and the scores of every scored row."""
+        if not steps:
+            raise ValueError("execute_scored() needs at least one SeqStep")
+        rows, targets, num_top = [], [], 0
+        first = 0
+        for i, s in enumerate(steps):
+            if s.score is not None:
+                sc = s.score
+                if sc.first_row < 0 or sc.first_row + len(sc.targets) > len(s.token_ids):
+                    raise ValueError(f"SeqStep {i}: scores rows {sc.first_row}..{sc.first_row + len(sc.targets)} "
+                                     f"of {len(s.token_ids)}")
+                rows.extend(range(first + sc.first_row, first + sc.first_row + len(sc.targets)))
+                targets.extend(sc.targets)
+                num_top = max(num_top, sc.num_top)
+            first += len(s.token_ids)
+        ids, ctx, sample_rows = self.prepare_inputs(steps)
+        hidden = self.model.forward(ids, ctx)
+        logits = self.model.compute_logits(hidden[sample_rows])
+        return logits, self._score(hidden, rows, targets, num_top)
+
+    def _score(self, hidden: torch.Tensor, rows: list[int], targets: list[int], num_top: int) -> PromptScores:
+        # max_num_seqs rows of logits at a time: as many as a step's sampled rows, which the memory profile counts
+        rows_t = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        targets_t = torch.tensor(targets, dtype=torch.int64, device=self.device)
+        out = PromptScores(torch.empty(len(rows), device=self.device),
+                           torch.empty(len(rows), num_top, dtype=torch.int64, device=self.device),
+                           torch.empty(len(rows), num_top, device=self.device))
+        for i in range(0, len(rows), self.max_num_seqs):
+            end = min(i + self.max_num_seqs, len(rows))
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows_t[i:end]]), dim=-1)
+            out.target_logprobs[i:end] = logprobs.gather(1, targets_t[i:end, None]).squeeze(1)
+            if num_top:
+                out.top_logprobs[i:end], out.top_ids[i:end] = logprobs.topk(num_top, dim=-1)
+        return out
 
     def prepare_inputs(self, steps: Sequence[SeqStep]):
         """Flat token ids, the ForwardContext (positions, per-group metadata and slot mapping), sampled rows."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Optional, Union
 
+MAX_LOGPROBS = 20  # OpenAI's bound on top logprobs; a whole-vocabulary row (vLLM's -1) is not offered
 GREEDY_BELOW_TEMPERATURE = 1e-5  # vLLM's: smaller temperatures sample as temperature 0 (the argmax)
 
 
@@ -32,6 +33,7 @@ class SamplingParams:
     max_tokens: Optional[int] = 16  # None: up to max_model_len
     min_tokens: int = 0
     logprobs: Optional[int] = None  # top-N logprobs per generated token (0: only the sampled token's)
+    prompt_logprobs: Optional[int] = None  # top-N logprobs per prompt token (0: only the prompt token's own)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False  # vLLM's: the stop string (or stop token's text) ends the output text
     logit_bias: Optional[dict[int, float]] = None  # token id -> added to its logit (OpenAI's: in [-100, 100])
@@ -92,8 +94,10 @@ class SamplingParams:
             raise bad("min_tokens", f"must be at most max_tokens={self.max_tokens}")
         if self.seed is not None and not is_int(self.seed):
             raise bad("seed", "must be an integer")
-        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
-            raise bad("logprobs", "must be an integer in [0, 20]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise bad(name, f"must be an integer in [0, {MAX_LOGPROBS}]")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "must be a non-empty string or a list of non-empty strings")
         if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):

@@ -55,6 +55,8 @@ class Sequence:
         self.stop_reason: Optional[object] = None
         self.logprobs: Optional[list[dict[int, float]]] = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
+        # prompt_logprobs, scored by the request's first sequence only: one entry per prompt token scored so far
+        self.prompt_logprobs: Optional[list] = [None] if params.prompt_logprobs is not None and index == 0 else None
         self.detokenizer = None  # set by the engine (IncrementalDetokenizer)
         self.sampling_row = None  # the engine's SamplingRow for it, made once (it holds the live token lists)
         self.num_preemptions = 0
@@ -66,6 +68,11 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """It still has prompt tokens to score (prompt_logprobs): they must be computed, not read from the cache."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -114,6 +121,7 @@ class Request:
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.seqs = seqs
+        self.prompt_logprobs_sent = False  # DELTA outputs carry the prompt's logprobs once
 
     @property
     def finished(self) -> bool:

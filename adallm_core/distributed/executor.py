@@ -86,6 +86,9 @@ class TensorParallelRunner:
     def execute(self, steps: Sequence) -> torch.Tensor:
         return self._everywhere("execute", list(steps))
 
+    def execute_scored(self, steps: Sequence):
+        return self._everywhere("execute_scored", list(steps))
+
     def weight_bytes_per_rank(self) -> list[int]:
         """Each rank's resident weight bytes, measured in its own process (rank order)."""
         self._check_open()

@@ -15,7 +15,7 @@ from adallm_core.distributed.parallel_state import DEFAULT_TIMEOUT_S, destroy_te
 
 logger = logging.getLogger(__name__)
 
-COMMANDS = ("allocate_kv_cache", "free_kv_cache", "execute")
+COMMANDS = ("allocate_kv_cache", "free_kv_cache", "execute", "execute_scored")
 WEIGHT_BYTES = "weight_bytes"  # every rank answers with its model's resident weight bytes (all-gather)
 SHUTDOWN = "shutdown"
 

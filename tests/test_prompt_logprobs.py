@@ -1,0 +1,128 @@
+"""SamplingParams.prompt_logprobs (vLLM's): each prompt token's logprob under the model, and the top-N, checked
+against transformers' own model class on the same dequantized weights; through chunked prefill, the prefix cache,
+preemption, n > 1 and each output kind."""
+import pytest
+import torch
+
+from adallm_core.checkpoint.read import Checkpoint
+from adallm_core.engine import _prompt_scoring
+from adallm_core.runner import PromptScoring, SeqStep
+from adallm_core.sampling_params import RequestOutputKind, SamplingParams
+from adallm_core.sequence import Sequence
+from engine_fixtures import PROMPTS, make_engine, run_all
+from model_helpers import hf_on_dequantized, tiny_checkpoint
+
+TOP = 3
+
+
+def hf_prompt_logprobs(family: str, ids: list[int]) -> torch.Tensor:
+    """[len(ids) - 1, vocab]: row i is the distribution of token i + 1 given tokens 0..i."""
+    model = hf_on_dequantized(family, Checkpoint(tiny_checkpoint(family, "modelopt")))
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+
+
+def assert_matches(scored: list, ids: list[int], ref: torch.Tensor, top: int = TOP) -> None:
+    assert scored[0] is None and len(scored) == len(ids)
+    for i in range(1, len(ids)):
+        entry, row = scored[i], ref[i - 1]
+        assert entry[ids[i]] == pytest.approx(float(row[ids[i]]), abs=1e-4), i
+        best = row.topk(top)
+        assert set(best.indices.tolist()) | {ids[i]} == set(entry), i
+        for t, lp in zip(best.indices.tolist(), best.values.tolist()):
+            assert entry[t] == pytest.approx(lp, abs=1e-4), (i, t)
+
+
+@pytest.mark.parametrize("family,budget", [("qwen3", 512), ("gemma3", 8), ("qwen3_moe", 7)])
+def test_prompt_logprobs_equal_transformers(family, budget):
+    # budget < prompt length: the prompt is scored chunk by chunk, and rows are scored 4 at a time (max_num_seqs)
+    engine = make_engine(family, max_num_batched_tokens=budget, max_num_seqs=4)
+    ids = engine.tokenizer.encode(PROMPTS[5])
+    engine.add_request("a", ids, SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=TOP))
+    out = run_all(engine)["a"]
+    assert_matches(out.prompt_logprobs, ids, hf_prompt_logprobs(family, ids))
+    assert out.outputs[0].logprobs is None  # prompt_logprobs asks nothing of the generated tokens
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_prompt_logprobs_zero_gives_only_the_prompt_tokens_own():
+    engine = make_engine()
+    ids = engine.tokenizer.encode(PROMPTS[1])
+    engine.add_request("z", ids, SamplingParams(max_tokens=1, prompt_logprobs=0))
+    scored = run_all(engine)["z"].prompt_logprobs
+    ref = hf_prompt_logprobs("qwen3", ids)
+    assert [list(e) for e in scored[1:]] == [[t] for t in ids[1:]]
+    assert scored[-1][ids[-1]] == pytest.approx(float(ref[-1, ids[-1]]), abs=1e-4)
+
+
+def test_a_cached_prefix_is_scored_again_and_others_still_hit_the_cache():
+    engine = make_engine(enable_prefix_caching=True)
+    ids = engine.tokenizer.encode(PROMPTS[3])
+    assert len(ids) > 32  # two full blocks of 16 to be cached
+    plain = SamplingParams(temperature=0.0, max_tokens=2)
+    engine.add_request("warm", ids, plain)
+    run_all(engine)
+    engine.add_request("scored", ids, SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=TOP))
+    scored = run_all(engine)["scored"]
+    assert scored.num_cached_tokens == 0  # its prompt rows must be computed to be scored
+    assert_matches(scored.prompt_logprobs, ids, hf_prompt_logprobs("qwen3", ids))
+    engine.add_request("again", ids, plain)
+    assert run_all(engine)["again"].num_cached_tokens >= 32
+
+
+def test_prompt_logprobs_survive_preemption_and_batching():
+    # 20 blocks of 16 for 8 prompts: sequences are preempted and recomputed, and nothing is scored twice
+    engine = make_engine(num_gpu_blocks_override=20, max_num_batched_tokens=64)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, prompt_logprobs=TOP)
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), ids, params)
+    done = run_all(engine)
+    assert engine.stats()["num_preemptions"] > 0 and engine.stats()["kv_blocks_used"] == 0
+    for i, ids in enumerate(prompts):
+        if len(ids) > 1:
+            assert_matches(done[str(i)].prompt_logprobs, ids, hf_prompt_logprobs("qwen3", ids))
+        else:
+            assert done[str(i)].prompt_logprobs == [None]
+
+
+def test_a_recompute_scores_only_what_is_missing():
+    seq = Sequence("r", 0, list(range(10, 30)), SamplingParams(prompt_logprobs=1), 0.0, 4)
+    assert _prompt_scoring(seq, 0, 8) == PromptScoring(0, list(range(11, 19)), 1)
+    seq.prompt_logprobs.extend({t: 0.0} for t in range(11, 19))  # scored up to position 8
+    assert _prompt_scoring(seq, 0, 16) == PromptScoring(8, list(range(19, 27)), 1)  # after preemption
+    assert _prompt_scoring(seq, 16, 4) == PromptScoring(0, list(range(27, 30)), 1)  # last row predicts no prompt
+    assert _prompt_scoring(Sequence("r", 1, [1, 2, 3], SamplingParams(prompt_logprobs=1), 0.0, 4), 0, 3) is None
+
+
+@pytest.mark.parametrize("kind", list(RequestOutputKind))
+def test_each_output_kind_carries_the_prompt_logprobs(kind):
+    engine = make_engine()
+    ids = engine.tokenizer.encode(PROMPTS[3])
+    engine.add_request("k", ids, SamplingParams(n=2, temperature=1.0, seed=1, max_tokens=5, ignore_eos=True,
+                                                prompt_logprobs=1, output_kind=kind))
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    carried = [o.prompt_logprobs for o in outs if o.prompt_logprobs is not None]
+    if kind is RequestOutputKind.DELTA:
+        assert len(carried) == 1  # once, as vLLM's deltas do
+    else:
+        assert len(carried) == len(outs) >= 1
+    assert_matches(carried[0], ids, hf_prompt_logprobs("qwen3", ids), top=1)
+
+
+def test_scored_steps_must_go_through_execute_scored():
+    engine = make_engine()
+    step = SeqStep([5, 6, 7], 0, [[1]] * len(engine.runner.kv_groups), True, PromptScoring(0, [6, 7], 1))
+    with pytest.raises(ValueError, match="execute_scored"):
+        engine.runner.execute([step])
+    too_many = SeqStep([5, 6, 7], 0, step.block_tables, True, PromptScoring(2, [6, 7], 1))
+    with pytest.raises(ValueError, match="scores rows 2..4 of 3"):
+        engine.runner.execute_scored([too_many])
+
+
+@pytest.mark.parametrize("value", [-1, 21, 1.5, True, "2"])
+def test_bad_prompt_logprobs_are_refused_by_name(value):
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=value)
