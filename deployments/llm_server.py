@@ -19,6 +19,7 @@ from ray import serve
 from adallm_core.config import EngineArgs
 from adallm_core.outputs import RequestOutput
 from adallm_core.sampling_params import SamplingParams
+from deployments.echo import Echo
 from deployments.metrics import EngineMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -26,8 +27,9 @@ logger = logging.getLogger("ray.serve")
 Prompt = Union[str, list[int]]
 USER_CONFIG_KEYS = ("max_batch_size", "batch_wait_timeout_s", "stream_interval_s")
 DEFAULT_STREAM_INTERVAL_S = 0.1  # at most ~10 messages a second per request; the tokens between are merged
-# One generated token's logprobs: (token text, logprob, [(top token text, logprob), ...])
-TokenLogprob = tuple[str, float, list[tuple[str, float]]]
+# One token's logprobs: (token text, logprob, [(top token text, logprob), ...]); an echoed prompt's first token has
+# no logprob (None) and no top list
+TokenLogprob = tuple[str, Optional[float], list[tuple[str, float]]]
 
 
 # The user_config values' bounds, for the app's options (deployments/app.py) and for live changes alike.
@@ -50,6 +52,7 @@ class GenerateRequest:
     params: SamplingParams
     prompts: Optional[list[Prompt]] = None  # /v1/completions
     messages: Optional[list[dict[str, str]]] = None  # /v1/chat/completions: rendered by the chat template
+    echo: bool = False  # /v1/completions: each choice starts with its prompt (deployments/echo.py)
 
 
 @dataclass
@@ -186,6 +189,7 @@ class LLMServer:
             param = "logit_bias" if message.startswith("logit_bias") else prompt_param
             yield RequestError(message, param=param)
             return
+        echo = self._echo(request, prompts) if request.echo else None
         queue: asyncio.Queue = asyncio.Queue()
         pumps = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(admitted)]
         running = set(range(len(prompts)))
@@ -201,7 +205,7 @@ class LLMServer:
                         yield RequestError(f"engine error: {out}", status=500)
                         return
                     else:
-                        deltas.extend(self._deltas(prompt_index, out, request.params.n))
+                        deltas.extend(self._deltas(prompt_index, out, request.params.n, echo))
                 if deltas:
                     yield _merge(deltas)
                     last_yield = loop.time()
@@ -233,7 +237,23 @@ class LLMServer:
                                  f"model's max_model_len={limit}, so at most {limit - len(ids)} tokens can be generated")
         return prompts
 
-    def _deltas(self, prompt_index: int, out: RequestOutput, n: int) -> list[ChoiceDelta]:
+    def _echo(self, request: GenerateRequest, prompts: list[list[int]]) -> Echo:
+        # a text prompt echoes as given; token ids as they decode (vLLM's)
+        decode = self.engine.tokenizer.decode
+        texts = [p if isinstance(p, str) else decode(ids, skip_special_tokens=False)
+                 for p, ids in zip(request.prompts, prompts)]
+        return Echo(texts, with_logprobs=request.params.logprobs is not None)
+
+    def _deltas(self, prompt_index: int, out: RequestOutput, n: int, echo: Optional[Echo] = None) -> list[ChoiceDelta]:
+        deltas = self._choice_deltas(prompt_index, out, n)
+        if echo is not None:
+            if out.prompt_logprobs is not None:
+                echo.record(prompt_index, self._prompt_logprobs(out.prompt_token_ids, out.prompt_logprobs))
+            for d in deltas:
+                echo.prefix(prompt_index, d)
+        return deltas
+
+    def _choice_deltas(self, prompt_index: int, out: RequestOutput, n: int) -> list[ChoiceDelta]:
         return [
             ChoiceDelta(
                 index=prompt_index * n + c.index,
@@ -253,6 +273,10 @@ class LLMServer:
             ranked = sorted(top.items(), key=lambda kv: -kv[1])
             result.append((text(tid), top[tid], [(text(t), lp) for t, lp in ranked]))
         return result
+
+    def _prompt_logprobs(self, token_ids: list[int], scored: list) -> list[TokenLogprob]:
+        first = (self.engine.tokenizer.token_text(token_ids[0]), None, [])
+        return [first] + self._logprobs(token_ids[1:], scored[1:])
 
     async def model_info(self) -> dict:
         return {"max_model_len": self.engine.max_model_len}

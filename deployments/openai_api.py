@@ -86,7 +86,8 @@ class SamplingFields(Strict):
     def _stream_options_need_stream(cls, value, info):
         return only_with_true(value, info, "stream")
 
-    def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+    def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
+                        prompt_logprobs: Optional[int] = None) -> SamplingParams:
         return SamplingParams(
             n=self.n,
             temperature=self.temperature,
@@ -105,6 +106,7 @@ class SamplingFields(Strict):
             include_stop_str_in_output=self.include_stop_str_in_output,
             max_tokens=max_tokens,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             output_kind=RequestOutputKind.DELTA,  # the server streams (and sums up) deltas
         )
 
@@ -118,6 +120,7 @@ class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]]
     max_tokens: Optional[int] = Field(16, ge=1, le=INT64_MAX)
     logprobs: Optional[int] = Field(None, ge=0, le=20)
+    echo: Optional[bool] = False  # each choice starts with the prompt (with logprobs, and the prompt's logprobs)
 
     @field_validator("prompt")
     @classmethod
@@ -137,7 +140,7 @@ class CompletionRequest(SamplingFields):
         return list(p)
 
     def to_sampling_params(self) -> SamplingParams:
-        return self.sampling_params(self.max_tokens, self.logprobs)
+        return self.sampling_params(self.max_tokens, self.logprobs, self.logprobs if self.echo else None)
 
 
 class TextPart(Strict):
@@ -194,8 +197,8 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] = []
+    token_logprobs: list[Optional[float]] = []  # None for an echoed prompt's first token, as OpenAI's
+    top_logprobs: list[Optional[dict[str, float]]] = []
     text_offset: list[int] = []
 
 

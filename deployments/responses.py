@@ -158,6 +158,7 @@ class ResponseBuilder:
         for tok, lp, top in logprobs:
             result.tokens.append(tok)
             result.token_logprobs.append(lp)
-            # the top `logprobs` tokens and always the sampled one, as OpenAI's completions give (up to logprobs+1)
-            result.top_logprobs.append({**dict(top[: self.top_logprobs]), tok: lp})
+            # the top `logprobs` tokens and always the sampled one, as OpenAI's completions give (up to logprobs+1);
+            # an echoed prompt's first token has none (nothing predicts it)
+            result.top_logprobs.append(None if lp is None else {**dict(top[: self.top_logprobs]), tok: lp})
         return result

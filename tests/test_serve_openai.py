@@ -159,6 +159,41 @@ def test_logprobs_equal_offline_llm(client, served_name, offline):
     assert all(len(top) == 2 for top in got.choices[0].logprobs.top_logprobs)
 
 
+def test_echo_with_logprobs_equals_offline_prompt_logprobs(client, served_name, offline):
+    """OpenAI's echo as lm-eval's loglikelihood requests send it: the prompt's text, then its tokens' logprobs (the
+    first one null), then the generated ones; streamed, the same, the prompt in the first chunk."""
+    (expected,) = offline.generate(PROMPTS[1], greedy(max_tokens=3, logprobs=1, prompt_logprobs=1), use_tqdm=False)
+    out, ids = expected.outputs[0], expected.prompt_token_ids
+    want = ([None] + [lp[t] for t, lp in zip(ids[1:], expected.prompt_logprobs[1:])]
+            + [lp[t] for t, lp in zip(out.token_ids, out.logprobs)])
+    kw = dict(model=served_name, prompt=PROMPTS[1], max_tokens=3, temperature=0, logprobs=1, echo=True)
+    got = client.completions.create(**kw)
+    choice = got.choices[0]
+    assert choice.text == PROMPTS[1] + out.text
+    lp = choice.logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(want[1:], abs=1e-5)
+    assert len(lp.tokens) == len(lp.text_offset) == len(ids) + 3
+    assert all(len(top) in (1, 2) for top in lp.top_logprobs[1:])  # the top one and the token itself
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(ids), 3)
+    chunks = [c for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert chunks[0].choices[0].text.startswith(PROMPTS[1])
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert sum((c.choices[0].logprobs.token_logprobs for c in chunks), []) == lp.token_logprobs
+
+
+def test_echo_without_logprobs_for_token_prompts_and_n_choices(client, served_name, offline):
+    ids = offline.get_tokenizer().encode(PROMPTS[2])
+    got = client.completions.create(model=served_name, prompt=[ids, ids[:3]], max_tokens=4, temperature=1.0, n=2,
+                                    seed=3, echo=True)
+    plain = client.completions.create(model=served_name, prompt=[ids, ids[:3]], max_tokens=4, temperature=1.0, n=2,
+                                      seed=3)
+    decode = offline.get_tokenizer().decode
+    for c, p in zip(got.choices, plain.choices):
+        prompt = ids if c.index < 2 else ids[:3]
+        assert c.text == decode(prompt, skip_special_tokens=False) + p.text and c.logprobs is None
+
+
 def test_logit_bias_and_vllm_sampling_fields_equal_offline_llm(client, served_name, offline):
     """OpenAI's logit_bias (string keys), and vLLM's extra fields as the openai client sends them (extra_body)."""
     token = offline.get_tokenizer().encode(" the", add_special_tokens=False)[0]
@@ -237,7 +272,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 10**12}, 400, "max_tokens", "max_model_len=128"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "n": 0}, 400, "n", "'n': Input should be greater"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "top_p": 0}, 400, "top_p", "top_p"),
-    ("/v1/completions", {"model": "M", "prompt": "hi", "echo": True}, 400, "echo", "unsupported field 'echo'"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "echo": True}, 400, "echo", "unsupported field 'echo'"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "logit_bias": {"1": 500}}, 400, "logit_bias", "[-100, 100]"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "logit_bias": {"a": 1}}, 400, "logit_bias", "not a token id"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "logit_bias": {"99999999": 1}}, 400, "logit_bias",
