@@ -82,19 +82,20 @@ class AsyncLLM:
 
     # --- requests ---------------------------------------------------------------------------------
     def add_requests(self, items: list[tuple[str, Union[str, list[int]], Optional[SamplingParams]]]
-                     ) -> list[Union[RequestStream, ValueError]]:
-        """Admit many requests in one go (they join the same next step). A bad item gets its ValueError."""
+                     ) -> list[Union[RequestStream, Exception]]:
+        """Admit many requests in one go (they join the same next step). A bad item gets its ValueError (any other
+        error its making raised, too): the others are admitted all the same."""
         self.check_health()
         loop = asyncio.get_running_loop()
         results: list = []
         for request_id, prompt, params in items:
             try:
                 results.append(self.engine.make_request(request_id, prompt, params))
-            except ValueError as e:
+            except Exception as e:
                 results.append(e)
         with self._cond:
             for i, req in enumerate(results):
-                if isinstance(req, ValueError):
+                if isinstance(req, Exception):
                     continue
                 if req.request_id in self._streams:
                     results[i] = ValueError(f"request_id {req.request_id!r} is already in use")
@@ -107,7 +108,7 @@ class AsyncLLM:
     async def generate(self, prompt: Union[str, list[int]], sampling_params: Optional[SamplingParams],
                        request_id: str) -> AsyncIterator[RequestOutput]:
         (stream,) = self.add_requests([(request_id, prompt, sampling_params)])
-        if isinstance(stream, ValueError):
+        if isinstance(stream, Exception):
             raise stream
         try:
             async for output in stream:

@@ -46,6 +46,7 @@ class Tokenizer:
         return len(self.hf)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        unicode_text(text)  # the Rust tokenizer's own error for a lone surrogate is a TypeError that names nothing
         with self._lock:
             return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
@@ -94,6 +95,16 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         # The template already writes the special tokens (bos): don't add them twice.
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
+
+
+def unicode_text(text: str) -> str:
+    """The text, or a ValueError when it holds a lone surrogate (JSON's "\ud800" escapes parse to one), which no UTF-8
+    tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text is not valid Unicode: a lone surrogate {text[e.start]!r} at index {e.start}")
+    return text
 
 
 def check_conversation(messages) -> None:

@@ -164,7 +164,7 @@ class LLMServer:
         self.counters["admission_batches"] += 1
         self.counters["admitted_requests"] += len(items)
         self.counters["largest_admission"] = max(self.counters["largest_admission"], len(items))
-        return self.engine.add_requests(items)  # a stream per item, or the ValueError that refused it
+        return self.engine.add_requests(items)  # a stream per item, or the error that refused it
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Union[list[ChoiceDelta], RequestError]]:
         """Yields lists of ChoiceDelta (all that is ready), or one RequestError and stops."""
@@ -184,6 +184,10 @@ class LLMServer:
         refused = [r for r in admitted if isinstance(r, Exception)]
         if refused:
             await self._abort([rid for rid, r in zip(ids, admitted) if not isinstance(r, Exception)])
+            if not isinstance(refused[0], ValueError):  # not the request's fault: a 500 that says what failed
+                yield RequestError(f"the request could not be admitted: {type(refused[0]).__name__}: {refused[0]}",
+                                   status=500)
+                return
             message = str(refused[0])
             prompt_param = "messages" if request.messages is not None else "prompt"
             param = "logit_bias" if message.startswith("logit_bias") else prompt_param

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adallm_core.sampling_params import RequestOutputKind, SamplingParams
+from adallm_core.tokenizer import unicode_text  # checked here too: the 400 then names the field
 
 INT64_MAX = 2**63 - 1
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -25,15 +26,6 @@ class StreamOptions(Strict):
 MAX_STOP_STRINGS = 16
 NULL_MEANS_DEFAULT = ("temperature", "top_p", "top_k", "min_p", "n", "presence_penalty", "frequency_penalty", "stream",
                       "repetition_penalty", "min_tokens", "ignore_eos", "include_stop_str_in_output")
-
-
-def utf8_text(text: str) -> str:
-    """JSON's \\ud800 escapes parse to a lone surrogate, which no UTF-8 tokenizer takes (it was a 500)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"the text is not valid Unicode: a lone surrogate {text[e.start]!r} at index {e.start}")
-    return text
 
 
 def only_with_true(value, info, other: str):
@@ -130,7 +122,7 @@ class CompletionRequest(SamplingFields):
             raise ValueError("a prompt must not be empty")
         for p in items:
             if isinstance(p, str):
-                utf8_text(p)
+                unicode_text(p)
         return prompt
 
     def prompts(self) -> list[Union[str, list[int]]]:
@@ -157,7 +149,7 @@ class ChatMessage(Strict):
     @classmethod
     def _utf8(cls, content):
         for text in [content] if isinstance(content, str) else [p.text for p in content]:
-            utf8_text(text)
+            unicode_text(text)
         return content
 
     def as_template_input(self) -> dict[str, str]:
@@ -177,6 +169,10 @@ class ChatCompletionRequest(SamplingFields):
         return only_with_true(value, info, "logprobs")
 
     def to_sampling_params(self) -> SamplingParams:
+        if self.max_completion_tokens is not None and self.min_tokens > self.max_completion_tokens:
+            # SamplingParams' own message would name max_tokens, which this request did not send
+            raise ValueError(f"invalid sampling parameter min_tokens={self.min_tokens}: must be at most "
+                             f"max_completion_tokens={self.max_completion_tokens}")
         max_tokens = self.max_completion_tokens or self.max_tokens  # None: up to max_model_len
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self.sampling_params(max_tokens, logprobs)

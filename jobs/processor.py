@@ -88,6 +88,8 @@ class EngineActor:
 async def _final_output(stream):
     if isinstance(stream, ValueError):
         return stream
+    if isinstance(stream, Exception):  # not the row's fault: the batch fails (and is retried), no row is marked
+        raise stream
     last = None
     async for out in stream:
         last = out

@@ -23,6 +23,11 @@ def llm():
     engine.shutdown()
 
 
+class Unencodable(str):
+    def encode(self, *args, **kwargs):
+        raise RuntimeError("no encoding for this one")
+
+
 async def collect(stream):
     return [out async for out in stream]
 
@@ -33,11 +38,15 @@ def test_add_requests_admits_a_batch_and_a_bad_item_fails_alone(llm, reference):
         items.insert(2, ("bad", "", SamplingParams(**GREEDY)))
         items.insert(4, ("bad2", {"prompt_token_ids": 7}, SamplingParams(**GREEDY)))  # was a TypeError for all
         items.insert(5, (["r"], PROMPTS[0], SamplingParams(**GREEDY)))  # failed the batch, after queueing r0, r1
+        items.insert(6, ("lone", "a\ud800b", SamplingParams(**GREEDY)))  # the tokenizer's TypeError failed them all
+        items.insert(7, ("odd", Unencodable("x"), SamplingParams(**GREEDY)))  # any other error fails alone too
         streams = llm.add_requests(items)
+        assert isinstance(streams[6], ValueError) and "lone surrogate '\\ud800' at index 1" in str(streams[6])
+        assert isinstance(streams[7], RuntimeError) and "no encoding" in str(streams[7])
         assert isinstance(streams[2], ValueError) and "empty" in str(streams[2])
         assert isinstance(streams[5], ValueError) and "request_id must be a string" in str(streams[5])
         assert isinstance(streams[4], ValueError) and "prompt_token_ids must be a list" in str(streams[4])
-        good = [s for s in streams if not isinstance(s, ValueError)]
+        good = [s for s in streams if not isinstance(s, Exception)]
         return await asyncio.gather(*(collect(s) for s in good))
 
     results = asyncio.run(main())
