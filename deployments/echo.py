@@ -9,9 +9,10 @@ if TYPE_CHECKING:
 
 
 class Echo:
-    def __init__(self, prompt_texts: list[str], with_logprobs: bool):
+    def __init__(self, prompt_texts: list[str], with_logprobs: bool, prompt_only: bool = False):
         self.prompt_texts = prompt_texts
         self.with_logprobs = with_logprobs
+        self.prompt_only = prompt_only  # max_tokens 0: the generated token is dropped, the choice ends at "length"
         self.prompt_logprobs: dict[int, list[TokenLogprob]] = {}  # prompt index -> its tokens' logprobs
         self._echoed: set[int] = set()  # choice indices whose first delta went out
 
@@ -22,6 +23,10 @@ class Echo:
 
     def prefix(self, prompt_index: int, delta: ChoiceDelta) -> None:
         """Put the prompt in front of a choice's first delta."""
+        if self.prompt_only:
+            delta.text, delta.num_tokens = "", 0
+            delta.logprobs = [] if self.with_logprobs else None
+            delta.finish_reason = delta.finish_reason and "length"
         if delta.index in self._echoed:
             return
         self._echoed.add(delta.index)

@@ -97,7 +97,8 @@ class OpenAiIngress:
     @app.post("/v1/completions", response_model=CompletionResponse)
     async def completions(self, body: CompletionRequest):
         self._check_model(body.model)
-        request = GenerateRequest(new_id("cmpl"), self._params(body), prompts=body.prompts(), echo=bool(body.echo))
+        request = GenerateRequest(new_id("cmpl"), self._params(body), prompts=body.prompts(),
+                                  echo=bool(body.echo), prompt_only=body.prompt_only)
         return await self._serve("/v1/completions", body, request, lambda: ResponseBuilder(
             request.request_id, self.model, False, body.logprobs, body.n, len(request.prompts)))
 

@@ -53,6 +53,7 @@ class GenerateRequest:
     prompts: Optional[list[Prompt]] = None  # /v1/completions
     messages: Optional[list[dict[str, str]]] = None  # /v1/chat/completions: rendered by the chat template
     echo: bool = False  # /v1/completions: each choice starts with its prompt (deployments/echo.py)
+    prompt_only: bool = False  # with echo: the prompt alone, what is generated is dropped (max_tokens 0)
 
 
 @dataclass
@@ -246,7 +247,7 @@ class LLMServer:
         decode = self.engine.tokenizer.decode
         texts = [p if isinstance(p, str) else decode(ids, skip_special_tokens=False)
                  for p, ids in zip(request.prompts, prompts)]
-        return Echo(texts, with_logprobs=request.params.logprobs is not None)
+        return Echo(texts, with_logprobs=request.params.logprobs is not None, prompt_only=request.prompt_only)
 
     def _deltas(self, prompt_index: int, out: RequestOutput, n: int, echo: Optional[Echo] = None) -> list[ChoiceDelta]:
         deltas = self._choice_deltas(prompt_index, out, n)

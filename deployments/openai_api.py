@@ -110,7 +110,7 @@ class SamplingFields(Strict):
 class CompletionRequest(SamplingFields):
     # A string, a list of strings, a list of token ids, or a list of lists of token ids.
     prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]]
-    max_tokens: Optional[int] = Field(16, ge=1, le=INT64_MAX)
+    max_tokens: Optional[int] = Field(16, ge=0, le=INT64_MAX)  # 0: with echo, the prompt scored, nothing generated
     logprobs: Optional[int] = Field(None, ge=0, le=20)
     echo: Optional[bool] = False  # each choice starts with the prompt (with logprobs, and the prompt's logprobs)
 
@@ -131,8 +131,17 @@ class CompletionRequest(SamplingFields):
             return [p]
         return list(p)
 
+    @property
+    def prompt_only(self) -> bool:
+        """max_tokens 0 with echo (vLLM's): the prompt and its logprobs alone (one token is generated and dropped)."""
+        return self.max_tokens == 0
+
     def to_sampling_params(self) -> SamplingParams:
-        return self.sampling_params(self.max_tokens, self.logprobs, self.logprobs if self.echo else None)
+        if self.prompt_only and not self.echo:
+            raise ValueError("invalid sampling parameter max_tokens=0: must be >= 1, or 0 with echo: true (the "
+                             "prompt alone, scored with logprobs)")
+        max_tokens = 1 if self.prompt_only else self.max_tokens
+        return self.sampling_params(max_tokens, self.logprobs, self.logprobs if self.echo else None)
 
 
 class TextPart(Strict):

@@ -182,6 +182,18 @@ def test_echo_with_logprobs_equals_offline_prompt_logprobs(client, served_name, 
     assert sum((c.choices[0].logprobs.token_logprobs for c in chunks), []) == lp.token_logprobs
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(client, served_name, offline):
+    (expected,) = offline.generate(PROMPTS[3], greedy(max_tokens=1, prompt_logprobs=2), use_tqdm=False)
+    ids = expected.prompt_token_ids
+    got = client.completions.create(model=served_name, prompt=PROMPTS[3], max_tokens=0, logprobs=2, echo=True)
+    choice = got.choices[0]
+    assert (choice.text, choice.finish_reason) == (PROMPTS[3], "length")
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(
+        [lp[t] for t, lp in zip(ids[1:], expected.prompt_logprobs[1:])], abs=1e-5)
+    assert len(choice.logprobs.tokens) == len(ids) and choice.logprobs.token_logprobs[0] is None
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(ids), 0)
+
+
 def test_echo_without_logprobs_for_token_prompts_and_n_choices(client, served_name, offline):
     ids = offline.get_tokenizer().encode(PROMPTS[2])
     got = client.completions.create(model=served_name, prompt=[ids, ids[:3]], max_tokens=4, temperature=1.0, n=2,
@@ -275,6 +287,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": "M", "messages": CHAT, "echo": True}, 400, "echo", "unsupported field 'echo'"),
     ("/v1/chat/completions", {"model": "M", "messages": CHAT, "max_completion_tokens": 3, "min_tokens": 5}, 400,
      "min_tokens", "must be at most max_completion_tokens=3"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens", "0 with echo: true"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 3, "min_tokens": 5}, 400,
      "min_tokens", "must be at most max_tokens=3"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "logit_bias": {"1": 500}}, 400, "logit_bias", "[-100, 100]"),
