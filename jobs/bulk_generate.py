@@ -18,7 +18,7 @@ from typing import Optional
 
 from adallm_core.config import EngineArgs
 from jobs.processor import ProcessorConfig, build_processor
-from jobs.rows import OUTPUT_SCHEMA, RowSpec, check_schema
+from jobs.rows import RowSpec, check_schema
 from jobs.summary import JobSummary
 
 
@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--top-p", type=float, default=None)
     sampling.add_argument("--sampling-seed", type=int, default=None, help="per-request seed (--seed seeds the engine)")
     sampling.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    sampling.add_argument("--prompt-logprobs", action="store_true",
+                          help="score each prompt: a prompt_logprobs column holds each prompt token's logprob under "
+                               "the model (the first null), e.g. for perplexity")
     EngineArgs.add_cli_args(parser.add_argument_group("engine"))
 
 
@@ -84,7 +87,8 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
 
     engine_args = EngineArgs.from_cli_args(args)
     defaults = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                "seed": args.sampling_seed, "stop": args.stop}  # fmt: skip
+                "seed": args.sampling_seed, "stop": args.stop,
+                "prompt_logprobs": 0 if args.prompt_logprobs else None}  # fmt: skip
     rows = RowSpec(
         prompt_column=args.prompt_column or (None if args.messages_column else "prompt"),
         messages_column=args.messages_column,
@@ -116,7 +120,7 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
               "tokenizer": engine_args.tokenizer, "max_model_len": engine_args.max_model_len}  # fmt: skip
     # first: a changed --id-column would otherwise read as "not written by this job" (its parts lack the id)
     resume.check_job_record(out_fs, out_root, record, f"--output {args.output}")
-    resume.check_output_parts(out_fs, out_root, [id_column, *OUTPUT_SCHEMA.names], f"--output {args.output}")
+    resume.check_output_parts(out_fs, out_root, [id_column, *rows.output_schema.names], f"--output {args.output}")
     check_model(engine_args, chat=rows.messages_column is not None)
 
     processor = ProcessorConfig(

@@ -77,12 +77,20 @@ class EngineActor:
                 finish_reason=completion.finish_reason,
                 num_prompt_tokens=len(out.prompt_token_ids),
                 num_generated_tokens=len(completion.token_ids),
+                prompt_logprobs=_own_logprobs(out.prompt_token_ids, out.prompt_logprobs),
             )
-        return output_table(batch, results)
+        return output_table(batch, results, self.rows.output_schema)
 
     def _request_id(self) -> str:
         self.next_request += 1
         return f"bulk-{self.replica}-{self.next_request}"
+
+
+def _own_logprobs(token_ids: list[int], scored: Optional[list]) -> Optional[list[Optional[float]]]:
+    """Each prompt token's own logprob (the first None), from the engine's prompt_logprobs."""
+    if scored is None:
+        return None
+    return [None] + [entry[t] for t, entry in zip(token_ids[1:], scored[1:])]
 
 
 async def _final_output(stream):

@@ -30,6 +30,8 @@ OUTPUT_SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
+# With --prompt-logprobs: each prompt token's logprob under the model, the first null (nothing predicts it).
+PROMPT_LOGPROBS_FIELD = pa.field("prompt_logprobs", pa.list_(pa.float64()))
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,13 @@ class RowSpec:
             raise ValueError("give a prompt column, a messages column, or both")
         SamplingParams(**self.sampling_defaults)  # a bad default is a job error, raised here
 
+    @property
+    def output_schema(self) -> pa.Schema:
+        """The columns the job adds: OUTPUT_SCHEMA, and prompt_logprobs when the prompts are scored."""
+        if self.sampling_defaults.get("prompt_logprobs") is None:
+            return OUTPUT_SCHEMA
+        return OUTPUT_SCHEMA.insert(len(OUTPUT_SCHEMA) - 1, PROMPT_LOGPROBS_FIELD)  # before error
+
 @dataclass
 class RowRequest:
     """One row made ready for the engine: a prompt and its params, or the reason it cannot run."""
@@ -62,6 +71,7 @@ class RowResult:
     finish_reason: Optional[str] = None
     num_prompt_tokens: Optional[int] = None
     num_generated_tokens: Optional[int] = None
+    prompt_logprobs: Optional[list[Optional[float]]] = None
     error: Optional[str] = None
 
 
@@ -79,7 +89,7 @@ def check_schema(schema: pa.Schema, spec: RowSpec, where: str) -> None:
         kind = schema.field(column).type
         if not (is_ok(kind) or pa.types.is_null(kind)):
             raise ValueError(f"{where}: column {column!r} ({flag}) must hold {holds}, it holds {kind}")
-    taken = sorted(names & set(OUTPUT_SCHEMA.names))
+    taken = sorted(names & set(spec.output_schema.names))
     if taken:
         raise ValueError(f"{where}: input already has output column(s) {taken}; rename them first")
     for name in SAMPLING_COLUMNS:
@@ -112,9 +122,9 @@ def prepare_rows(batch: pa.Table, spec: RowSpec, tokenizer: Any) -> list[RowRequ
     return requests
 
 
-def output_table(batch: pa.Table, results: list[RowResult]) -> pa.Table:
-    """The input batch with the output columns appended (every input column kept as is)."""
-    for field in OUTPUT_SCHEMA:
+def output_table(batch: pa.Table, results: list[RowResult], schema: pa.Schema = OUTPUT_SCHEMA) -> pa.Table:
+    """The input batch with the output columns (`schema`: RowSpec.output_schema) appended, every input column kept."""
+    for field in schema:
         values = [getattr(r, field.name) for r in results]
         batch = batch.append_column(field, pa.array(values, type=field.type))
     return batch

@@ -70,19 +70,24 @@ def input_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict[int, tuple]:
-    """key -> (text, finish_reason, prompt tokens, generated tokens) from the offline LLM API, greedy rows only."""
+def offline() -> dict:
+    """key -> the offline LLM API's RequestOutput, greedy rows only, prompts scored too (prompt_logprobs=0)."""
     llm = LLM(max_model_len=256, num_gpu_blocks_override=256, max_num_seqs=16)
     table = _input_table().to_pylist()
     greedy = [r for r in table if r["key"] not in BAD and r["temperature"] is None]
-    params = [SamplingParams(max_tokens=r["max_tokens"] or 4, temperature=0.0) for r in greedy]
+    params = [SamplingParams(max_tokens=r["max_tokens"] or 4, temperature=0.0, prompt_logprobs=0) for r in greedy]
     plain = [(r, p) for r, p in zip(greedy, params) if r["prompt"] is not None]
     chat = [(r, p) for r, p in zip(greedy, params) if r["prompt"] is None]
     outs = llm.generate([r["prompt"] for r, _ in plain], [p for _, p in plain], use_tqdm=False)
     outs += llm.chat([r["messages"] for r, _ in chat], [p for _, p in chat], use_tqdm=False)
-    keys = [r["key"] for r, _ in plain + chat]
+    return dict(zip([r["key"] for r, _ in plain + chat], outs))
+
+
+@pytest.fixture(scope="module")
+def reference(offline) -> dict[int, tuple]:
+    """key -> (text, finish_reason, prompt tokens, generated tokens)."""
     return {k: (o.outputs[0].text, o.outputs[0].finish_reason, len(o.prompt_token_ids), len(o.outputs[0].token_ids))
-            for k, o in zip(keys, outs)}
+            for k, o in offline.items()}
 
 
 def _free_port() -> int:
@@ -275,13 +280,21 @@ def test_processor_on_any_dataset(ray_head, reference, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_ray_job_submit(ray_head, input_file, reference, tmp_path):
+def test_ray_job_submit(ray_head, input_file, reference, offline, tmp_path):
+    """Submitted as users do, with the prompts scored as well (--prompt-logprobs)."""
     out = tmp_path / "out"
     cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_head["dashboard"], "--working-dir", str(REPO),
            "--", "python", "-m", "jobs.bulk_generate",
-           *_job_args(input_file, out, "--concurrency", "1", "--id-column", "key")]
+           *_job_args(input_file, out, "--concurrency", "1", "--id-column", "key", "--prompt-logprobs")]
     done = subprocess.run(cmd, env=ray_head["env"], capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout
     assert f"bulk_generate: {ROWS} rows ({len(BAD)} failed" in done.stdout
-    _check_output(out, reference, id_column="key")
+    table = _check_output(out, reference, id_column="key")
+    for row in table.to_pylist():
+        if row["key"] in offline:
+            o = offline[row["key"]]
+            want = [entry[t] for t, entry in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])]
+            assert row["prompt_logprobs"][0] is None and row["prompt_logprobs"][1:] == pytest.approx(want, abs=1e-5)
+        elif row["key"] in BAD:
+            assert row["prompt_logprobs"] is None

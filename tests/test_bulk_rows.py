@@ -75,9 +75,22 @@ def test_output_keeps_input_columns_with_fixed_types():
     assert block_stats(out) == {"rows": 2, "rows_failed": 2, "prompt_tokens": 0, "generated_tokens": 0}
 
 
+def test_scored_prompts_add_a_prompt_logprobs_column():
+    scored = RowSpec(sampling_defaults={"prompt_logprobs": 0})
+    assert scored.output_schema.names == OUTPUT_SCHEMA.names[:-1] + ["prompt_logprobs", "error"]
+    out = output_table(pa.table({"prompt": ["a", "b"]}), [RowResult(prompt_logprobs=[None, -1.5]), RowResult(error="x")],
+                       scored.output_schema)
+    assert out.schema.field("prompt_logprobs").type == pa.list_(pa.float64())
+    assert out.column("prompt_logprobs").to_pylist() == [[None, -1.5], None]
+    assert RowSpec().output_schema == OUTPUT_SCHEMA  # unscored jobs keep their columns
+    check_schema(pa.schema([("prompt", pa.string()), ("prompt_logprobs", pa.string())]), RowSpec(), "in.parquet")
+
+
 @pytest.mark.parametrize(
     "schema, spec, message",
     [
+        (pa.schema([("prompt", pa.string()), ("prompt_logprobs", pa.string())]),
+         RowSpec(sampling_defaults={"prompt_logprobs": 0}), "output column(s) ['prompt_logprobs']"),
         (pa.schema([("text", pa.string())]), RowSpec(), "no column 'prompt' (--prompt-column)"),
         (pa.schema([("prompt", pa.int64())]), RowSpec(), "must hold strings"),
         (pa.schema([("prompt", pa.string()), ("temperature", pa.string())]), RowSpec(), "'temperature'"),
