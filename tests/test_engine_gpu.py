@@ -139,6 +139,31 @@ def test_gpu_async_scheduling_gives_the_same_tokens():
     assert got[0][1] == 0 and got[1][1] > 10
 
 
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_gpu_prompt_logprobs_agree_with_transformers(family):
+    """Prompts scored (execute_scored: eager, beside decoding sequences that run in graphs, chunked by a small
+    token budget) give transformers' fp32 logprobs to BF16 precision, and its top token is among our top 5."""
+    engine = make_engine(family, "modelopt", kv_cache_dtype="bf16", device="cuda", max_num_seqs=8,
+                         max_num_batched_tokens=32)
+    hf = hf_on_dequantized(family, Checkpoint(tiny_checkpoint(family, "modelopt")))
+    for i, prompt in enumerate(PROMPTS):  # decoding neighbours
+        engine.add_request(f"n{i}", prompt, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+    scored = [engine.tokenizer.encode(p) for p in (PROMPTS[3], PROMPTS[5], PROMPTS[7])]
+    for i, ids in enumerate(scored):
+        engine.add_request(f"s{i}", ids, SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=TOP))
+    done = run_all(engine)
+    assert engine.stats()["kv_blocks_used"] == 0
+    for i, ids in enumerate(scored):
+        got = done[f"s{i}"].prompt_logprobs
+        assert got[0] is None and len(got) == len(ids)
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+        ours = torch.tensor([got[j][ids[j]] for j in range(1, len(ids))])
+        torch.testing.assert_close(ours, ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])], atol=0.1, rtol=0.02)
+        for j in range(1, len(ids)):
+            assert int(ref[j - 1].argmax()) in got[j], (i, j)
+
+
 def test_gpu_kv_budget_leaves_room_for_the_largest_step():
     """Without a block count the engine measures its largest step first (adallm_core/memory_profile.py) and takes
     that from the KV budget. Then a real step of that size, sampled the costliest way, peaks within the measured
