@@ -65,6 +65,7 @@ class AsyncLLM:
         self.engine_args: EngineArgs = engine.engine_args
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.vocab_size
         self.kernel_backend = engine.kernel_backend
         self._cond = threading.Condition()  # guards everything below
         self._streams: dict[str, RequestStream] = {}

@@ -24,8 +24,12 @@ from deployments.openai_api import (
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     new_id,
 )
 from deployments.responses import ResponseBuilder
@@ -111,7 +115,33 @@ class OpenAiIngress:
         return await self._serve("/v1/chat/completions", body, request,
                                  lambda: ResponseBuilder(request.request_id, self.model, True, top, body.n, 1))
 
+    @app.post("/tokenize", response_model=TokenizeResponse)
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        """vLLM's: the prompt's (or the templated messages') token ids, and max_model_len."""
+        self._check_model(body.model or self.model)
+        messages = [m.as_template_input() for m in body.messages] if body.messages is not None else None
+        result = await self._call("tokenize", body.prompt, messages, body.special_tokens, body.add_generation_prompt,
+                                  body.return_token_strs)
+        return TokenizeResponse(**result)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse)
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        self._check_model(body.model or self.model)
+        return DetokenizeResponse(prompt=await self._call("detokenize", body.tokens))
+
     # ---- shared path ---------------------------------------------------------------------------
+    async def _call(self, method: str, *args):
+        """One LLMServer method's answer; its RequestError as the OpenAI error it stands for."""
+        try:
+            result = await getattr(self.llm, method).remote(*args)
+        except SERVE_REJECTIONS as e:
+            raise overloaded(e) from e
+        except REPLICA_LOST as e:
+            raise replica_lost(e) from e
+        if isinstance(result, RequestError):
+            raise OpenAIError(result.status, result.message, result.param)
+        return result
+
     def _check_model(self, model: str) -> None:
         if model != self.model:
             raise OpenAIError(404, f"model '{model}' does not exist; this server serves '{self.model}'", "model", "model_not_found")

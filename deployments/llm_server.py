@@ -283,6 +283,25 @@ class LLMServer:
         first = (self.engine.tokenizer.token_text(token_ids[0]), None, [])
         return [first] + self._logprobs(token_ids[1:], scored[1:])
 
+    async def tokenize(self, prompt: Optional[str], messages: Optional[list[dict[str, str]]], add_special_tokens: bool,
+                       add_generation_prompt: bool, return_token_strs: bool) -> Union[dict, RequestError]:
+        """vLLM's /tokenize: the ids the engine would see for this prompt (or these messages, templated)."""
+        tokenizer = self.engine.tokenizer
+        try:
+            text = prompt if messages is None else tokenizer.apply_chat_template(messages, add_generation_prompt)
+        except ValueError as e:
+            return RequestError(str(e), param="messages")
+        ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids,
+                "token_strs": tokenizer.hf.convert_ids_to_tokens(ids) if return_token_strs else None}
+
+    async def detokenize(self, tokens: list[int]) -> Union[str, RequestError]:
+        vocab = self.engine.vocab_size
+        bad = next((t for t in tokens if t >= vocab), None)
+        if bad is not None:
+            return RequestError(f"tokens: {bad} is not a token id in [0, {vocab})", param="tokens")
+        return self.engine.tokenizer.decode(tokens, skip_special_tokens=False)
+
     async def model_info(self) -> dict:
         return {"max_model_len": self.engine.max_model_len}
 

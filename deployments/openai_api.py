@@ -187,6 +187,49 @@ class ChatCompletionRequest(SamplingFields):
         return self.sampling_params(max_tokens, logprobs)
 
 
+class TokenizeRequest(Strict):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the model's chat template."""
+
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = Field(None, min_length=1, validate_default=True)
+    add_special_tokens: Optional[bool] = None  # default: True for a prompt, False for messages (the template has them)
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _utf8(cls, prompt):
+        return prompt if prompt is None else unicode_text(prompt)
+
+    @field_validator("messages")
+    @classmethod
+    def _prompt_or_messages(cls, messages, info):
+        if (messages is None) == (info.data.get("prompt") is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return messages
+
+    @property
+    def special_tokens(self) -> bool:
+        return self.add_special_tokens if self.add_special_tokens is not None else self.messages is None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: Optional[list[str]] = None
+
+
+class DetokenizeRequest(Strict):
+    model: Optional[str] = None
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 # ---- responses ---------------------------------------------------------------------------------
 
 

@@ -206,6 +206,24 @@ def test_echo_without_logprobs_for_token_prompts_and_n_choices(client, served_na
         assert c.text == decode(prompt, skip_special_tokens=False) + p.text and c.logprobs is None
 
 
+def test_tokenize_and_detokenize_as_vllm(server, served_name, offline):
+    import requests
+
+    hf = offline.get_tokenizer()
+    post = lambda route, body: requests.post(f"{server}{route}", json=body, timeout=60)  # noqa: E731
+    got = post("/tokenize", {"model": served_name, "prompt": PROMPTS[1], "return_token_strs": True}).json()
+    ids = hf.encode(PROMPTS[1])
+    assert got == {"count": len(ids), "max_model_len": 128, "tokens": ids,
+                   "token_strs": hf.convert_ids_to_tokens(ids)}
+    chat = post("/tokenize", {"messages": CHAT}).json()  # model is optional, as in vLLM
+    templated = hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert chat["tokens"] == hf.encode(templated, add_special_tokens=False) and chat["token_strs"] is None
+    # the same ids the engine sees: a completion over them counts as many prompt tokens
+    usage = post("/v1/chat/completions", {"model": served_name, "messages": CHAT, "max_tokens": 1}).json()["usage"]
+    assert usage["prompt_tokens"] == chat["count"]
+    assert post("/detokenize", {"model": served_name, "tokens": ids}).json() == {"prompt": hf.decode(ids)}
+
+
 def test_logit_bias_and_vllm_sampling_fields_equal_offline_llm(client, served_name, offline):
     """OpenAI's logit_bias (string keys), and vLLM's extra fields as the openai client sends them (extra_body)."""
     token = offline.get_tokenizer().encode(" the", add_special_tokens=False)[0]
@@ -328,6 +346,12 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": [{"type": "text",
                                                                                   "text": "\ud800"}]}]},
      400, "messages.0.content", "lone surrogate"),
+    ("/tokenize", {"model": "M"}, 400, "messages", "exactly one of prompt or messages"),
+    ("/tokenize", {"model": "M", "prompt": "hi", "messages": CHAT}, 400, "messages", "exactly one of prompt or messages"),
+    ("/tokenize", {"model": "M", "prompt": "hi \ud800"}, 400, "prompt", "lone surrogate"),
+    ("/tokenize", {"model": "no-such-model", "prompt": "hi"}, 404, "model", "no-such-model"),
+    ("/detokenize", {"model": "M", "tokens": [10**8]}, 400, "tokens", "not a token id"),
+    ("/detokenize", {"model": "M", "tokens": [-1]}, 400, "tokens.0", "greater than or equal to 0"),
     ("/v1/nothing-here", {}, 404, None, "Not Found"),
 ]
 
