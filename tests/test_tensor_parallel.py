@@ -8,7 +8,7 @@ import multiprocessing
 
 import pytest
 import torch
-from engine_fixtures import PROMPTS, greedy_tokens
+from engine_fixtures import PROMPTS, greedy_tokens, run_all
 from model_helpers import tiny_checkpoint
 
 from adallm_core.checkpoint.read import Checkpoint
@@ -21,6 +21,7 @@ from adallm_core.engine import LLMEngine
 from adallm_core.model_config import ModelConfig
 from adallm_core.models.layers import RMSNorm, SparseMoE
 from adallm_core.runner import SeqStep
+from adallm_core.sampling_params import SamplingParams
 from adallm_core.testing import FAMILIES
 
 pytestmark = pytest.mark.timeout(900)
@@ -74,6 +75,21 @@ class TestSameAsOneRank:
             assert got.shape == want.shape == (1, single.vocab_size)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=family)
             assert got.argmax() == want.argmax()
+
+    def test_prompt_logprobs_match_single_rank(self, pair):
+        """Scored prompts (execute_scored) run on every rank: the vocabulary-parallel logits are gathered first."""
+        family, single, tp = pair
+        params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=3)
+        outs = []
+        for engine in (single, tp):
+            for i, prompt in enumerate(PROMPTS[3:6]):
+                engine.add_request(f"pl{i}", prompt, params)
+            done = run_all(engine)
+            outs.append([done[f"pl{i}"].prompt_logprobs for i in range(3)])
+        for want, got in zip(*outs):
+            assert got[0] is None and len(got) == len(want), family
+            for w, g in zip(want[1:], got[1:]):
+                assert set(g) == set(w) and g == pytest.approx(w, abs=1e-4), family
 
     def test_logits_are_as_wide_as_the_vocabulary_on_every_rank(self, pair):
         """A rank's model holds half the vocabulary's rows, but the logits it gathers (and the CUDA graphs' shared
