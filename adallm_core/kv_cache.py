@@ -233,7 +233,9 @@ class KVCacheManager:
             seq.num_computed_tokens = num_hit
             if seq.num_preemptions == 0:  # a re-admission after preemption hits its own recomputed blocks
                 seq.num_cached_tokens = num_hit
-            if self.enable_prefix_caching:  # counted here, once per admission (a failed try is retried later)
+            # counted here, once per admission (a failed try is retried later); a sequence scoring its prompt looked
+            # nothing up (get_computed_blocks), so it is no query, as in vLLM
+            if self.enable_prefix_caching and not seq.scores_prompt:
                 self.prefix_cache_queries += seq.num_tokens
                 self.prefix_cache_hits += num_hit
             self._num_registered[seq.seq_id] = num_hit // self.block_size

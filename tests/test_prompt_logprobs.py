@@ -70,6 +70,19 @@ def test_a_cached_prefix_is_scored_again_and_others_still_hit_the_cache():
     assert run_all(engine)["again"].num_cached_tokens >= 32
 
 
+def test_a_scored_prompt_is_no_prefix_cache_query():
+    # it looks nothing up: counted as a query of len(ids) tokens with no hit, it lowered the reported hit rate
+    engine = make_engine(enable_prefix_caching=True)
+    ids = engine.tokenizer.encode(PROMPTS[3])
+    engine.add_request("scored", ids, SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=TOP))
+    run_all(engine)
+    assert engine.stats()["prefix_cache_query_tokens"] == 0
+    engine.add_request("plain", ids, SamplingParams(temperature=0.0, max_tokens=2))
+    hit = run_all(engine)["plain"].num_cached_tokens
+    stats = engine.stats()
+    assert hit >= 32 and (stats["prefix_cache_query_tokens"], stats["prefix_cache_hit_tokens"]) == (len(ids), hit)
+
+
 def test_prompt_logprobs_survive_preemption_and_batching():
     # 20 blocks of 16 for 8 prompts: sequences are preempted and recomputed, and nothing is scored twice
     engine = make_engine(num_gpu_blocks_override=20, max_num_batched_tokens=64)
