@@ -116,10 +116,10 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_batch(engine, batch: int, input_len: int, output_len: int, vocab: int) -> dict:
+def run_batch(engine, batch: int, input_len: int, output_len: int, vocab: int, **sampling) -> dict:
     from adallm_core.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True, **sampling)
     gen = torch.Generator().manual_seed(batch)
     for i in range(batch):
         engine.add_request(f"b{batch}-{i}", torch.randint(0, vocab, (input_len,), generator=gen).tolist(), params)

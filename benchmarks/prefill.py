@@ -7,6 +7,7 @@ starts (prompts of up to 512 tokens replay the prefill CUDA graphs, adallm_core/
 enforce_eager (every launch from the host). --tiled adds the eager engine with the large-M linears on the tiled
 kernel alone (nvfp4_gemm.py) instead of the dequantize-once path the op picks (ops/triton/nvfp4_prefill.py).
 --fp8 adds the engine with prefill_fp8 (prompt steps of 256+ tokens on FP8 tensor cores, lossy).
+--prompt-logprobs N adds the engine scoring the prompt (SamplingParams.prompt_logprobs=N: eager scored steps).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from benchmarks.random_checkpoint import SHAPES
 
 
 def time_prompts(shape: str, lengths: list[int], eager: bool, repeat: int, min_tokens: int | None = None,
-                 engine_options: dict | None = None) -> list:
+                 engine_options: dict | None = None, sampling: dict | None = None) -> list:
     """Best seconds of `repeat` runs for one prompt of each length, on a fresh engine."""
     from adallm_core.ops.triton import nvfp4_prefill
 
@@ -32,8 +33,8 @@ def time_prompts(shape: str, lengths: list[int], eager: bool, repeat: int, min_t
     try:
         best = []
         for n in lengths:
-            run_batch(engine, 1, n, 1, vocab)  # warm-up
-            best.append(min(run_batch(engine, 1, n, 1, vocab)["seconds"] for _ in range(repeat)))
+            run_batch(engine, 1, n, 1, vocab, **(sampling or {}))  # warm-up
+            best.append(min(run_batch(engine, 1, n, 1, vocab, **(sampling or {}))["seconds"] for _ in range(repeat)))
     finally:
         nvfp4_prefill.MIN_TOKENS = default_min
         engine.shutdown()
@@ -50,6 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--tiled", action="store_true", help="also time the tiled kernel for the large-M linears")
     p.add_argument("--fp8", action="store_true", help="also time the engine with prefill_fp8 (lossy)")
+    p.add_argument("--prompt-logprobs", type=int, default=None, metavar="N",
+                   help="also time the engine scoring each prompt (prompt_logprobs=N)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks.prefill needs a CUDA GPU", file=sys.stderr)
@@ -62,6 +65,9 @@ def main(argv=None) -> int:
     if args.fp8:
         columns["prefill_fp8"] = time_prompts(args.shape, lengths, False, args.repeat,
                                               engine_options=dict(prefill_fp8=True))
+    if args.prompt_logprobs is not None:
+        columns[f"prompt_logprobs={args.prompt_logprobs}"] = time_prompts(
+            args.shape, lengths, False, args.repeat, sampling=dict(prompt_logprobs=args.prompt_logprobs))
     print(f"{args.shape}: RANDOM NVFP4 weights, one prompt, 1 token out, best of {args.repeat}; "
           f"{torch.cuda.get_device_name()}")
     print(f"{'tokens':>6} " + " ".join(f"{name + ' ms':>17}" for name in columns) + f" {'engine tok/s':>13}")
