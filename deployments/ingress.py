@@ -121,7 +121,7 @@ class OpenAiIngress:
         self._check_model(body.model or self.model)
         messages = [m.as_template_input() for m in body.messages] if body.messages is not None else None
         result = await self._call("tokenize", body.prompt, messages, body.special_tokens, body.add_generation_prompt,
-                                  body.return_token_strs)
+                                  bool(body.return_token_strs))
         return TokenizeResponse(**result)
 
     @app.post("/detokenize", response_model=DetokenizeResponse)

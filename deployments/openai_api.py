@@ -195,7 +195,7 @@ class TokenizeRequest(Strict):
     messages: Optional[list[ChatMessage]] = Field(None, min_length=1, validate_default=True)
     add_special_tokens: Optional[bool] = None  # default: True for a prompt, False for messages (the template has them)
     add_generation_prompt: bool = True
-    return_token_strs: bool = False
+    return_token_strs: Optional[bool] = False  # vLLM's type: null asks for the default (no strings)
 
     @field_validator("prompt")
     @classmethod

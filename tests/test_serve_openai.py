@@ -222,6 +222,9 @@ def test_tokenize_and_detokenize_as_vllm(server, served_name, offline):
     usage = post("/v1/chat/completions", {"model": served_name, "messages": CHAT, "max_tokens": 1}).json()["usage"]
     assert usage["prompt_tokens"] == chat["count"]
     assert post("/detokenize", {"model": served_name, "tokens": ids}).json() == {"prompt": hf.decode(ids)}
+    # vLLM types return_token_strs `bool | None`: null is its default (no strings), not a 400
+    got = post("/tokenize", {"prompt": PROMPTS[1], "return_token_strs": None})
+    assert got.status_code == 200 and got.json()["tokens"] == ids and got.json()["token_strs"] is None
 
 
 def test_logit_bias_and_vllm_sampling_fields_equal_offline_llm(client, served_name, offline):
