@@ -140,6 +140,9 @@ class CompletionRequest(SamplingFields):
         if self.prompt_only and not self.echo:
             raise ValueError("invalid sampling parameter max_tokens=0: must be >= 1, or 0 with echo: true (the "
                              "prompt alone, scored with logprobs)")
+        if self.prompt_only and self.min_tokens > 0:
+            # SamplingParams' own message would name max_tokens=1 (the token generated and dropped), not what was sent
+            raise ValueError(f"invalid sampling parameter min_tokens={self.min_tokens}: must be at most max_tokens=0")
         max_tokens = 1 if self.prompt_only else self.max_tokens
         return self.sampling_params(max_tokens, self.logprobs, self.logprobs if self.echo else None)
 

@@ -311,6 +311,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens", "0 with echo: true"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 3, "min_tokens": 5}, 400,
      "min_tokens", "must be at most max_tokens=3"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "echo": True, "max_tokens": 0, "min_tokens": 2}, 400,
+     "min_tokens", "must be at most max_tokens=0"),  # not the 1 generated and dropped
     ("/v1/completions", {"model": "M", "prompt": "hi", "logit_bias": {"1": 500}}, 400, "logit_bias", "[-100, 100]"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "logit_bias": {"a": 1}}, 400, "logit_bias", "not a token id"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "logit_bias": {"99999999": 1}}, 400, "logit_bias",
