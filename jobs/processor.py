@@ -68,8 +68,8 @@ class EngineActor:
         streams = self.engine.add_requests(items) if items else []  # one admission for the whole batch
         finals = await asyncio.gather(*(_final_output(s) for s in streams))
         for i, out in zip(todo, finals):
-            if isinstance(out, ValueError):  # the engine refused this row (e.g. prompt over max_model_len)
-                results[i] = RowResult(error=str(out))
+            if isinstance(out, Exception):  # refused (e.g. prompt over max_model_len), or failed to be made
+                results[i] = RowResult(error=_row_error(out))
                 continue
             completion = out.outputs[0]
             results[i] = RowResult(
@@ -93,11 +93,15 @@ def _own_logprobs(token_ids: list[int], scored: Optional[list]) -> Optional[list
     return [None] + [entry[t] for t, entry in zip(token_ids[1:], scored[1:])]
 
 
+def _row_error(e: Exception) -> str:
+    """A ValueError says what is wrong with the row. Anything else names its type: it would recur on every rerun
+    (Ray Data does not retry an actor's own errors), so the row keeps it and the job goes on."""
+    return str(e) if isinstance(e, ValueError) else f"the engine could not take this row: {type(e).__name__}: {e}"
+
+
 async def _final_output(stream):
-    if isinstance(stream, ValueError):
+    if isinstance(stream, Exception):
         return stream
-    if isinstance(stream, Exception):  # not the row's fault: the batch fails (and is retried), no row is marked
-        raise stream
     last = None
     async for out in stream:
         last = out

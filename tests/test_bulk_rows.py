@@ -285,3 +285,29 @@ def test_check_ids_accepts_unique_ids_across_chunks():
     resume.check_ids(pa.chunked_array([[3, 1], [2]]), "key", "in.parquet")  # no error
     with pytest.raises(ValueError, match=r"e.g. 3 \(3 rows\)"):
         resume.check_ids(pa.chunked_array([[3, 1], [3, 3]]), "key", "in.parquet")
+
+
+def test_a_row_the_engine_cannot_take_fails_alone(monkeypatch):
+    """The replica's own call, in this process: a row whose request fails to be made with an error that is no
+    ValueError (none is known; injected here) gets it in `error`; the batch's other rows are generated. Ray Data does
+    not retry an actor's own errors, so raising it would stop the job at that row on every rerun."""
+    import asyncio
+
+    from jobs.processor import EngineActor
+
+    actor = EngineActor({"model": str(demo_model_path()), "max_model_len": 128, "num_gpu_blocks_override": 64,
+                         "device": "cpu"}, RowSpec(sampling_defaults={"max_tokens": 2, "temperature": 0.0}))
+    real = actor.engine.engine.make_request
+
+    def make_request(request_id, prompt, params):
+        if prompt == "poison":
+            raise RuntimeError("tokenizer crashed")
+        return real(request_id, prompt, params)
+
+    monkeypatch.setattr(actor.engine.engine, "make_request", make_request)
+    try:
+        out = asyncio.run(actor(pa.table({"prompt": ["one", "poison", "two"]}))).to_pylist()
+    finally:
+        actor.engine.shutdown()
+    assert out[1]["error"] == "the engine could not take this row: RuntimeError: tokenizer crashed"
+    assert [r["error"] for r in out[::2]] == [None, None] and all(r["num_generated_tokens"] == 2 for r in out[::2])
