@@ -26,6 +26,7 @@ from adallm_core.sampler import Sampler, SamplingRow
 from adallm_core.sampling_params import RequestOutputKind, SamplingParams
 from adallm_core.scheduler import Scheduler, SchedulerOutput
 from adallm_core.sequence import Request, Sequence, SequenceStatus
+from adallm_core.structured_output import GrammarCompiler
 from adallm_core.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class LLMEngine:
                                  args.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, args.max_num_seqs, self.max_num_batched_tokens)
         self.sampler = Sampler(args.seed, runner.device)
+        self.grammars = GrammarCompiler(tokenizer.hf, self.vocab_size, self.eos_token_ids)  # structured outputs
         self.requests: dict[str, Request] = {}
         # a runner that takes input ids from the device can run a step ahead (the tensor-parallel one cannot)
         self.async_scheduling = args.async_scheduling and getattr(runner, "accepts_device_input_ids", False)
@@ -158,10 +160,12 @@ class LLMEngine:
                              f"leave room for at least one generated token")
         room = self.max_model_len - len(ids)
         max_tokens = min(params.max_tokens, room) if params.max_tokens is not None else room
+        new_matcher = self.grammars.matcher_factory(params.structured_outputs) if params.structured_outputs else None
         now = time.monotonic()
         seqs = []
         for i in range(params.n):
             seq = Sequence(request_id, i, ids, params, now, max_tokens)
+            seq.grammar = new_matcher() if new_matcher is not None else None
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.stop, params.skip_special_tokens,
                                                      params.include_stop_str_in_output)
             seqs.append(seq)
@@ -306,9 +310,11 @@ class LLMEngine:
         # a placeholder is a token generated before this one (async scheduling): it counts towards min_tokens
         if len(seq.output_token_ids) + seq.num_placeholders < p.min_tokens:  # too early to stop: no eos / stop ids
             banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else self.eos_token_ids)
-            return SamplingRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.index, banned, seq.num_placeholders)
-        if seq.sampling_row is None:  # made once: it holds the sequence's live token lists
-            seq.sampling_row = SamplingRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.index)
+            return SamplingRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.index, banned, seq.num_placeholders,
+                               seq.grammar)
+        if seq.sampling_row is None:  # made once: it holds the sequence's live token lists (and its matcher)
+            seq.sampling_row = SamplingRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.index,
+                                           grammar=seq.grammar)
         seq.sampling_row.num_placeholders = seq.num_placeholders
         return seq.sampling_row
 
@@ -321,8 +327,13 @@ class LLMEngine:
             seq.cumulative_logprob += logprobs[token]
         p = seq.params
         may_stop = len(out) >= p.min_tokens
+        # structured outputs: the mask let only tokens the grammar takes through; once complete (it took a stop
+        # token) the output ends, ignore_eos or not
+        grammar_done = seq.grammar is not None and (not seq.grammar.accept_token(token) or seq.grammar.is_terminated())
         status = None
         if may_stop and not p.ignore_eos and token in self.eos_token_ids:
+            status = SequenceStatus.FINISHED_STOPPED
+        elif grammar_done:
             status = SequenceStatus.FINISHED_STOPPED
         elif may_stop and token in p.stop_token_ids:
             status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token

@@ -1,7 +1,7 @@
 """Sampler: one vectorized pass over the batch with per-request parameters.
 
 Order (vLLM's): raw logprobs -> min_tokens ban and logit_bias -> penalties (repetition, then frequency and
-presence) -> greedy argmax | temperature -> min_p -> top_k -> top_p -> sample. Sampling is argmax(probs / q) with q ~ Exp(1) (the
+presence) -> the grammar's mask (structured outputs) -> greedy argmax | temperature -> min_p -> top_k -> top_p -> sample. Sampling is argmax(probs / q) with q ~ Exp(1) (the
 exponential race, same law as multinomial). A seeded request draws its q from its own generator seeded from
 (seed, completion index, step), so its tokens do not depend on what else is in the batch, nor on preemption.
 """
@@ -13,6 +13,7 @@ from typing import Optional, Sequence as Seq
 import torch
 
 from adallm_core.sampling_params import SamplingParams
+from adallm_core.structured_output import apply_grammars
 
 _MASK64 = (1 << 63) - 1
 
@@ -27,6 +28,7 @@ class SamplingRow:
     index: int = 0  # which of the request's n completions (seeds differ per completion)
     banned_token_ids: tuple[int, ...] = ()  # eos / stop ids while fewer than min_tokens were generated
     num_placeholders: int = 0  # tokens generated before this one whose ids are still on the device (async)
+    grammar: Optional[object] = None  # structured outputs: the sequence's matcher (it allows the next tokens)
 
     @property
     def step(self) -> int:
@@ -53,19 +55,22 @@ class Sampler:
     @staticmethod
     def on_device(rows: Seq[SamplingRow]) -> bool:
         """Rows the device samples with nothing from the host but their parameters: no penalties (they read the
-        generated tokens) and no logprobs (returned beside the token). Async scheduling runs a step ahead then."""
-        return all(r.params.logprobs is None and not _has_penalty(r.params) for r in rows)
+        generated tokens), no logprobs (returned beside the token) and no grammar (its mask follows the last token).
+        Async scheduling runs a step ahead then."""
+        return all(r.params.logprobs is None and not _has_penalty(r.params) and r.grammar is None for r in rows)
 
     def sample_on_device(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> torch.Tensor:
         """The sampled tokens as a device tensor, without waiting for the device (penalties read the rows' token
         lists on the host: async scheduling only sends `on_device` rows here before their step is read)."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
         logits = logits.float()
-        if any(r.banned_token_ids or r.params.logit_bias or _has_penalty(r.params) for r in rows):
+        if any(r.banned_token_ids or r.params.logit_bias or _has_penalty(r.params) or r.grammar for r in rows):
             logits = logits.clone()  # the processors below write into the logits: work on a copy
             self._ban(logits, rows)
             self._add_logit_bias(logits, rows)
             self._apply_penalties(logits, rows)
+            if any(r.grammar is not None for r in rows):  # last: whatever else moved, only allowed tokens remain
+                apply_grammars(logits, [r.grammar for r in rows])
         greedy = [r.params.greedy for r in rows]
         if all(greedy):
             return logits.argmax(dim=-1)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Optional, Union
 
+from adallm_core.structured_output import StructuredOutputsParams
+
 MAX_LOGPROBS = 20  # OpenAI's bound on top logprobs; a whole-vocabulary row (vLLM's -1) is not offered
 GREEDY_BELOW_TEMPERATURE = 1e-5  # vLLM's: smaller temperatures sample as temperature 0 (the argmax)
 
@@ -37,6 +39,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False  # vLLM's: the stop string (or stop token's text) ends the output text
     logit_bias: Optional[dict[int, float]] = None  # token id -> added to its logit (OpenAI's: in [-100, 100])
+    structured_outputs: Optional[StructuredOutputsParams] = None  # a grammar the output must follow (or its dict)
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
@@ -104,6 +107,11 @@ class SamplingParams:
             raise bad("stop_token_ids", "must be a list of non-negative integers")
         if self.logit_bias is not None:
             self.logit_bias = _logit_bias(self.logit_bias, bad)
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.of(self.structured_outputs)
+            self.structured_outputs.validate()
+            if self.min_tokens:  # the grammar alone decides where the output ends
+                raise bad("min_tokens", "cannot be combined with structured_outputs")
         self._bias_tensors = None  # logit_bias_tensors()' cache, rebuilt after each check
 
     def logit_bias_tensors(self) -> tuple["torch.Tensor", "torch.Tensor"]:

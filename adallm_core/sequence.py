@@ -59,6 +59,7 @@ class Sequence:
         self.prompt_logprobs: Optional[list] = [None] if params.prompt_logprobs is not None and index == 0 else None
         self.detokenizer = None  # set by the engine (IncrementalDetokenizer)
         self.sampling_row = None  # the engine's SamplingRow for it, made once (it holds the live token lists)
+        self.grammar = None  # structured outputs: this sequence's xgrammar matcher (set by the engine)
         self.num_preemptions = 0
         self.num_sent_tokens = 0  # DELTA outputs: what the caller already has
         self.num_sent_chars = 0

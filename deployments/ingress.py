@@ -102,6 +102,7 @@ class OpenAiIngress:
     async def completions(self, body: CompletionRequest):
         self._check_model(body.model)
         request = GenerateRequest(new_id("cmpl"), self._params(body), prompts=body.prompts(),
+                                  structure_field=body.structure_field,
                                   echo=bool(body.echo), prompt_only=body.prompt_only)
         return await self._serve("/v1/completions", body, request, lambda: ResponseBuilder(
             request.request_id, self.model, False, body.logprobs, body.n, len(request.prompts)))
@@ -110,7 +111,8 @@ class OpenAiIngress:
     async def chat_completions(self, body: ChatCompletionRequest):
         self._check_model(body.model)
         messages = [m.as_template_input() for m in body.messages]
-        request = GenerateRequest(new_id("chatcmpl"), self._params(body), messages=messages)
+        request = GenerateRequest(new_id("chatcmpl"), self._params(body), messages=messages,
+                                  structure_field=body.structure_field)
         top = (body.top_logprobs or 0) if body.logprobs else None
         return await self._serve("/v1/chat/completions", body, request,
                                  lambda: ResponseBuilder(request.request_id, self.model, True, top, body.n, 1))
@@ -151,8 +153,9 @@ class OpenAiIngress:
         try:
             return body.to_sampling_params()
         except ValueError as e:  # SamplingParams' own checks, beyond the schema's: "invalid sampling parameter x=..."
-            named = re.match(r"invalid sampling parameter (\w+)=", str(e))
-            raise OpenAIError(400, str(e), named.group(1) if named else None)
+            named = re.match(r"invalid sampling parameter (\w+)", str(e))
+            param = named.group(1) if named else None
+            raise OpenAIError(400, str(e), body.structure_field if param == "structured_outputs" else param)
 
     async def _serve(self, route: str, body, request: GenerateRequest, make_builder):
         for attempt in range(RETRIES_ON_REPLICA_LOSS + 1):

@@ -54,6 +54,7 @@ class GenerateRequest:
     messages: Optional[list[dict[str, str]]] = None  # /v1/chat/completions: rendered by the chat template
     echo: bool = False  # /v1/completions: each choice starts with its prompt (deployments/echo.py)
     prompt_only: bool = False  # with echo: the prompt alone, what is generated is dropped (max_tokens 0)
+    structure_field: str = "structured_outputs"  # or response_format: the field a grammar error names
 
 
 @dataclass
@@ -191,7 +192,8 @@ class LLMServer:
                 return
             message = str(refused[0])
             prompt_param = "messages" if request.messages is not None else "prompt"
-            param = "logit_bias" if message.startswith("logit_bias") else prompt_param
+            param = ("logit_bias" if message.startswith("logit_bias") else
+                     request.structure_field if "structured_outputs" in message else prompt_param)
             yield RequestError(message, param=param)
             return
         echo = self._echo(request, prompts) if request.echo else None

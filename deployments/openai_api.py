@@ -35,6 +35,49 @@ def only_with_true(value, info, other: str):
     return value
 
 
+class JsonSchemaFormat(Strict):
+    name: str
+    schema_: dict[str, Any] = Field(..., alias="schema")
+    description: Optional[str] = None
+    strict: Optional[bool] = None  # the schema is always enforced
+
+
+class ResponseFormat(Strict):
+    """OpenAI's response_format: text (no constraint), json_object, or json_schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = Field(None, validate_default=True)
+
+    @field_validator("json_schema")
+    @classmethod
+    def _only_for_json_schema(cls, value, info):
+        if (value is not None) != (info.data.get("type") == "json_schema"):
+            raise ValueError("json_schema is given exactly when type is 'json_schema'")
+        return value
+
+    def structured_outputs(self) -> Optional[dict]:
+        # compact JSON, as OpenAI's: a grammar open to whitespace lets a model pad with it until max_tokens
+        if self.type == "json_object":
+            return {"json_object": True, "disable_any_whitespace": True}
+        if self.type == "json_schema":
+            return {"json": self.json_schema.schema_, "disable_any_whitespace": True}
+        return None
+
+
+class StructuredOutputs(Strict):
+    """vLLM's structured_outputs (the openai client sends it in extra_body)."""
+
+    json_: Optional[Union[dict[str, Any], str]] = Field(None, alias="json")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+    disable_any_whitespace: bool = False
+
+    def as_dict(self) -> dict:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
 class SamplingFields(Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -59,6 +102,16 @@ class SamplingFields(Strict):
     stop_token_ids: Optional[list[TokenId]] = None
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputs] = None
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _one_structure(cls, value, info):
+        fmt = info.data.get("response_format")
+        if value is not None and fmt is not None and fmt.type != "text":
+            raise ValueError("give response_format or structured_outputs, not both")
+        return value
 
     @field_validator(*NULL_MEANS_DEFAULT, mode="before")
     @classmethod
@@ -96,11 +149,22 @@ class SamplingFields(Strict):
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            structured_outputs=self._structure(),
             max_tokens=max_tokens,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             output_kind=RequestOutputKind.DELTA,  # the server streams (and sums up) deltas
         )
+
+    @property
+    def structure_field(self) -> str:
+        """The field that asked for a structure: the one an error about it names."""
+        return "structured_outputs" if self.structured_outputs is not None else "response_format"
+
+    def _structure(self) -> Optional[dict]:
+        if self.structured_outputs is not None:
+            return self.structured_outputs.as_dict()
+        return self.response_format.structured_outputs() if self.response_format is not None else None
 
     @property
     def include_usage(self) -> bool:

@@ -1,0 +1,120 @@
+"""Structured outputs (vLLM's StructuredOutputsParams): the sampler may only pick tokens a grammar allows.
+
+One of json (a JSON schema), regex, choice, grammar (EBNF) or json_object (any JSON object) per request. Grammars
+are compiled by xgrammar (at admission, off the engine loop) against the model's tokenizer; each sequence gets its
+own matcher, which fills a bitmask of the allowed next tokens before each sample and takes the sampled token after
+it. A sequence whose grammar is complete ends as if it had sampled eos.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass, fields
+from typing import Any, Optional, Union
+
+KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputsParams:
+    json: Optional[Union[str, dict]] = None  # a JSON schema, as text or a dict
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None  # the output is exactly one of these strings
+    grammar: Optional[str] = None  # EBNF (GBNF dialect), start rule `root`
+    json_object: Optional[bool] = None  # any JSON object
+    disable_any_whitespace: bool = False  # json / json_object: compact JSON, no whitespace between tokens
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def of(cls, value: Any) -> "StructuredOutputsParams":
+        """A StructuredOutputsParams, or a dict of its fields (what JSON gives)."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"invalid sampling parameter structured_outputs={value!r}: must be a dict with one of "
+                             f"{list(KINDS)}")
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"invalid sampling parameter structured_outputs: unknown key(s) {unknown}; it takes "
+                             f"one of {list(KINDS)}")
+        return cls(**value)
+
+    def validate(self) -> None:
+        given = [k for k in KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"invalid sampling parameter structured_outputs: give exactly one of {list(KINDS)}, "
+                             f"got {given or 'none'}")
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise ValueError("invalid sampling parameter structured_outputs.disable_any_whitespace: must be a bool")
+        (kind,) = given
+        value = getattr(self, kind)
+        ok = {"json": isinstance(value, (str, dict)), "regex": isinstance(value, str),
+              "grammar": isinstance(value, str), "json_object": value is True,
+              "choice": isinstance(value, list) and bool(value) and all(isinstance(c, str) and c for c in value)}
+        if not ok[kind]:
+            shape = {"json": "a JSON schema (text or object)", "regex": "a string", "grammar": "an EBNF string",
+                     "json_object": "true", "choice": "a non-empty list of non-empty strings"}[kind]
+            raise ValueError(f"invalid sampling parameter structured_outputs.{kind}: must be {shape}")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in KINDS if getattr(self, k) not in (None, False))
+
+
+class GrammarCompiler:
+    """xgrammar's compiler for one tokenizer, made on first use (xgrammar is imported only then)."""
+
+    def __init__(self, hf_tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...]):
+        self._args = (hf_tokenizer, vocab_size, list(stop_token_ids))
+        self._compiler = None
+        self._lock = threading.Lock()  # admissions run on the callers' threads (AsyncLLM)
+
+    def matcher_factory(self, params: StructuredOutputsParams):
+        """The compiled grammar (a ValueError naming the field when it does not compile); call it for a matcher."""
+        xgr = _xgrammar()
+        with self._lock:
+            if self._compiler is None:
+                hf, vocab_size, stops = self._args
+                info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=stops)
+                self._compiler = xgr.GrammarCompiler(info)
+        kind = params.kind
+        try:
+            compiled = self._compile(self._compiler, kind, getattr(params, kind), not params.disable_any_whitespace)
+        except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's errors for a bad schema, regex or grammar
+            reason = re.sub(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?", "", str(e).strip())
+            raise ValueError(f"invalid sampling parameter structured_outputs.{kind}: {reason}") from None
+        return lambda: xgr.GrammarMatcher(compiled)
+
+    @staticmethod
+    def _compile(compiler, kind: str, value, any_whitespace: bool):
+        if kind == "json":
+            schema = value if isinstance(value, str) else json.dumps(value)
+            return compiler.compile_json_schema(schema, any_whitespace=any_whitespace)
+        if kind == "json_object":
+            return compiler.compile_json_schema('{"type": "object"}', any_whitespace=any_whitespace)
+        if kind == "regex":
+            return compiler.compile_regex(value)
+        if kind == "choice":  # alternatives of string literals (JSON's escapes are EBNF's)
+            return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in value))
+        return compiler.compile_grammar(value)
+
+
+def apply_grammars(logits, matchers: list) -> None:
+    """Mask (in place) every token a row's matcher does not allow next; rows whose matcher is None are untouched."""
+    xgr = _xgrammar()
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    bitmask = xgr.allocate_token_bitmask(len(matchers), logits.shape[1])
+    for i in rows:
+        matchers[i].fill_next_token_bitmask(bitmask, i)
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+
+
+def _xgrammar():
+    try:
+        import xgrammar
+    except ImportError as e:
+        raise ValueError(f"structured outputs need the xgrammar package ({e}); pip install xgrammar") from None
+    return xgrammar

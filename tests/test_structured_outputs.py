@@ -1,0 +1,150 @@
+"""Structured outputs (vLLM's StructuredOutputsParams) on the tiny models: every output follows its grammar (checked
+with jsonschema and Python's re, not the grammar library), greedy picks are transformers' argmax among the tokens
+the grammar allows, and batching, async scheduling and preemption change nothing."""
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+
+from adallm_core.checkpoint.read import Checkpoint
+from adallm_core.sampling_params import SamplingParams
+from adallm_core.structured_output import StructuredOutputsParams
+from engine_fixtures import PROMPTS, make_engine, run_all
+from model_helpers import hf_on_dequantized, tiny_checkpoint
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["S", "M", "L"]},
+                                            "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
+          "required": ["ok", "size", "tags"], "additionalProperties": False}
+REGEX = r"[a-c]{2,5}-\d\d"
+CHOICES = ["yes", "no", 'say "maybe"\\']
+GRAMMAR = 'root ::= "(" [0-9] [0-9]? ")" | "none"'
+
+
+def check(kind: str, text: str) -> None:
+    """The output follows its grammar: the independent check of each kind."""
+    if kind == "json":
+        jsonschema.validate(json.loads(text), SCHEMA)
+    elif kind == "json_object":
+        assert isinstance(json.loads(text), dict), text
+    elif kind == "regex":
+        assert re.fullmatch(REGEX, text), text
+    elif kind == "choice":
+        assert text in CHOICES, text
+    else:
+        assert re.fullmatch(r"\(\d\d?\)|none", text), text
+
+
+# Grammars whose every output is short: a random tiny model inside a free JSON string (json_object) may take
+# hundreds of tokens to close it, so json_object has its own test
+STRUCTURES = {"json": dict(json=SCHEMA, disable_any_whitespace=True), "regex": dict(regex=REGEX),
+              "choice": dict(choice=CHOICES), "grammar": dict(grammar=GRAMMAR)}
+
+
+def submit_all(engine, temperatures=(0.0, 1.0), n: int = 1) -> dict:
+    for kind, structure in STRUCTURES.items():
+        for t in temperatures:
+            for i, prompt in enumerate(PROMPTS[:3]):
+                engine.add_request(f"{kind}/{t}/{i}", prompt, SamplingParams(
+                    temperature=t, seed=i, n=n, max_tokens=48, structured_outputs=structure))
+    return run_all(engine)
+
+
+@pytest.fixture(scope="module", params=["qwen3", "gemma3"])
+def engine(request):
+    return make_engine(request.param)
+
+
+def test_every_output_follows_its_grammar(engine):
+    done = submit_all(engine, n=2)
+    for rid, out in done.items():
+        kind = rid.split("/")[0]
+        for c in out.outputs:
+            assert c.finish_reason == "stop", (rid, c.text)
+            check(kind, c.text)
+    assert engine.stats()["kv_blocks_used"] == 0
+    # the tiny models left alone write none of this: the grammar is what made it
+    engine.add_request("free", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=20))
+    free = run_all(engine)["free"].outputs[0].text
+    with pytest.raises(Exception):
+        check("json_object", free)
+
+
+def test_json_object_gives_a_json_object():
+    engine = make_engine()
+    for any_whitespace in (True, False):
+        structure = dict(json_object=True, disable_any_whitespace=not any_whitespace)
+        engine.add_request("o", PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=48, structured_outputs=structure))
+        out = run_all(engine)["o"].outputs[0]
+        assert out.finish_reason == "stop" and isinstance(json.loads(out.text), dict), out.text
+
+
+def test_greedy_picks_are_transformers_argmax_among_the_allowed_tokens():
+    import xgrammar as xgr
+
+    engine = make_engine("qwen3")
+    ids = engine.tokenizer.encode(PROMPTS[1])
+    for kind in ("json", "regex"):
+        params = SamplingParams(temperature=0.0, max_tokens=48, structured_outputs=STRUCTURES[kind])
+        engine.add_request(kind, ids, params)
+        out = run_all(engine)[kind].outputs[0].token_ids
+        matcher = engine.grammars.matcher_factory(params.structured_outputs)()
+        hf = hf_on_dequantized("qwen3", Checkpoint(tiny_checkpoint("qwen3", "modelopt")))
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids + out[:-1]])).logits[0, len(ids) - 1:].float()
+        bitmask = xgr.allocate_token_bitmask(1, engine.vocab_size)
+        for j, token in enumerate(out):
+            matcher.fill_next_token_bitmask(bitmask)
+            allowed = logits[j].clone()
+            xgr.apply_token_bitmask_inplace(allowed[None], bitmask)
+            assert token == int(allowed.argmax()), (kind, j)
+            assert matcher.accept_token(token)
+        assert matcher.is_terminated()  # the last token was a stop token the completed grammar allowed
+
+
+def test_async_scheduling_batching_and_preemption_change_nothing():
+    plain = {rid: [c.token_ids for c in o.outputs] for rid, o in submit_all(
+        make_engine("qwen3", async_scheduling=False)).items()}
+    for engine in (make_engine("qwen3", async_scheduling=True),
+                   make_engine("qwen3", num_gpu_blocks_override=20, max_num_batched_tokens=64)):
+        # unconstrained neighbours decode beside them (and may run ahead when alone)
+        for i, prompt in enumerate(PROMPTS):
+            engine.add_request(f"n{i}", prompt, SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+        done = submit_all(engine)
+        assert {rid: [c.token_ids for c in o.outputs] for rid, o in done.items() if rid[0] != "n"} == plain
+        assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats()["num_preemptions"] > 0
+
+
+def test_a_complete_grammar_ends_the_output_even_with_ignore_eos():
+    engine = make_engine()
+    engine.add_request("c", PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
+                                                       structured_outputs=dict(choice=CHOICES)))
+    out = run_all(engine)["c"].outputs[0]
+    assert out.text in CHOICES and out.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("structure, message", [
+    (dict(json="{not json"), "structured_outputs.json: Failed to parse JSON"),
+    (dict(json={"type": "objekt"}), "structured_outputs.json: Unsupported type"),
+    (dict(regex="(("), "structured_outputs.regex: Regex parsing error"),
+    (dict(grammar="root ::= ("), "structured_outputs.grammar: EBNF parser error"),
+    (dict(choice=[]), "structured_outputs.choice: must be a non-empty list"),
+    (dict(json=SCHEMA, regex="a"), "exactly one of"),
+    (dict(), "exactly one of"),
+    (dict(jsn=SCHEMA), "unknown key(s) ['jsn']"),
+    (dict(json_object=True, disable_any_whitespace="yes"), "disable_any_whitespace: must be a bool"),
+    ("json", "must be a dict"),
+])
+def test_bad_structures_are_refused_by_name(structure, message):
+    engine = make_engine()
+    with pytest.raises(ValueError, match="invalid sampling parameter structured_outputs") as info:
+        engine.add_request("bad", PROMPTS[0], SamplingParams(structured_outputs=structure))
+    assert message in str(info.value)
+    assert not engine.has_unfinished_requests()
+
+
+def test_min_tokens_cannot_be_combined():
+    with pytest.raises(ValueError, match="min_tokens.*structured_outputs"):
+        SamplingParams(min_tokens=2, structured_outputs=StructuredOutputsParams(regex="a+"))
