@@ -164,6 +164,24 @@ def test_gpu_prompt_logprobs_agree_with_transformers(family):
             assert int(ref[j - 1].argmax()) in got[j], (i, j)
 
 
+def test_gpu_structured_outputs_follow_their_grammar():
+    """The grammar's mask applied to logits on the device (xgrammar's CUDA path), beside graph-decoded neighbours."""
+    pytest.importorskip("xgrammar")
+    import re
+
+    engine = make_engine("qwen3", "modelopt", kv_cache_dtype="fp8", device="cuda", max_num_seqs=8)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"n{i}", prompt, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+    for t in (0.0, 1.0):
+        engine.add_request(f"r{t}", PROMPTS[1], SamplingParams(temperature=t, seed=2, max_tokens=24,
+                                                              structured_outputs=dict(regex=r"[a-c]{2,5}-\d\d")))
+    done = run_all(engine)
+    for t in (0.0, 1.0):
+        out = done[f"r{t}"].outputs[0]
+        assert out.finish_reason == "stop" and re.fullmatch(r"[a-c]{2,5}-\d\d", out.text), out.text
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
 def test_gpu_kv_budget_leaves_room_for_the_largest_step():
     """Without a block count the engine measures its largest step first (adallm_core/memory_profile.py) and takes
     that from the KV budget. Then a real step of that size, sampled the costliest way, peaks within the measured
