@@ -11,6 +11,7 @@ is started on the spot.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -46,10 +47,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--top-p", type=float, default=None)
     sampling.add_argument("--sampling-seed", type=int, default=None, help="per-request seed (--seed seeds the engine)")
     sampling.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    sampling.add_argument("--structured-outputs", type=_json_arg, default=None, metavar="JSON",
+                          help="a grammar every output follows, as vLLM's StructuredOutputsParams in JSON: "
+                               "'{\"json\": SCHEMA}', '{\"regex\": ...}', '{\"choice\": [...]}', "
+                               "'{\"grammar\": EBNF}' or '{\"json_object\": true}'")
     sampling.add_argument("--prompt-logprobs", action="store_true",
                           help="score each prompt: a prompt_logprobs column holds each prompt token's logprob under "
                                "the model (the first null), e.g. for perplexity")
     EngineArgs.add_cli_args(parser.add_argument_group("engine"))
+
+
+def _json_arg(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
 
 
 def _concurrency(text: str):
@@ -88,7 +100,8 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
     engine_args = EngineArgs.from_cli_args(args)
     defaults = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "seed": args.sampling_seed, "stop": args.stop,
-                "prompt_logprobs": 0 if args.prompt_logprobs else None}  # fmt: skip
+                "prompt_logprobs": 0 if args.prompt_logprobs else None,
+                "structured_outputs": args.structured_outputs}  # fmt: skip
     rows = RowSpec(
         prompt_column=args.prompt_column or (None if args.messages_column else "prompt"),
         messages_column=args.messages_column,
@@ -121,7 +134,7 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
     # first: a changed --id-column would otherwise read as "not written by this job" (its parts lack the id)
     resume.check_job_record(out_fs, out_root, record, f"--output {args.output}")
     resume.check_output_parts(out_fs, out_root, [id_column, *rows.output_schema.names], f"--output {args.output}")
-    check_model(engine_args, chat=rows.messages_column is not None)
+    check_model(engine_args, chat=rows.messages_column is not None, structure=args.structured_outputs)
 
     processor = ProcessorConfig(
         engine_args=engine_args, rows=rows, batch_size=args.batch_size, concurrency=args.concurrency,
@@ -131,20 +144,30 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
     return JobPlan(in_fs, files, out_fs, out_root, id_column, processor, input_rows, record)
 
 
-def check_model(engine_args: EngineArgs, chat: bool) -> None:
+def check_model(engine_args: EngineArgs, chat: bool, structure: Optional[dict] = None) -> None:
     """The model must resolve to a folder with a readable checkpoint and tokenizer (and a chat template for
-    chat rows). Reads config and headers only. Without --model the built-in demo model is built here (CPU,
-    once, cached), so replicas on this node find it ready."""
+    chat rows; and a --structured-outputs grammar must compile for its tokenizer). Reads config and headers only.
+    Without --model the built-in demo model is built here (CPU, once, cached), so replicas on this node find it
+    ready."""
     from adallm_core.checkpoint.read import Checkpoint
+    from adallm_core.model_config import ModelConfig
     from adallm_core.model_source import resolve_model_path
+    from adallm_core.structured_output import GrammarCompiler, StructuredOutputsParams
     from adallm_core.tokenizer import Tokenizer
 
     path = resolve_model_path(engine_args.model)  # ValueError naming the model and host
     try:
-        Checkpoint(path)
+        checkpoint = Checkpoint(path)
         tokenizer = Tokenizer(resolve_model_path(engine_args.tokenizer) if engine_args.tokenizer else path)
     except Exception as e:  # checkpoint and transformers errors come in many types; all mean the same here
         raise ValueError(f"--model {engine_args.model or path}: cannot read it: {type(e).__name__}: {e}") from None
+    if structure is not None:  # compiled once here: a bad schema would otherwise fail every row alike
+        config = ModelConfig.from_hf_config(checkpoint.hf_config, path)
+        compiler = GrammarCompiler(tokenizer.hf, config.vocab_size, tokenizer.eos_token_ids)
+        try:
+            compiler.matcher_factory(StructuredOutputsParams.of(structure))
+        except ValueError as e:
+            raise ValueError(f"--structured-outputs: {e}") from None
     if chat:
         try:
             tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)

@@ -7,6 +7,7 @@ argument error, raised before any engine work by `check_schema`.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -16,7 +17,7 @@ from adallm_core.sampling_params import RequestOutputKind, SamplingParams
 from adallm_core.tokenizer import check_conversation
 
 # Optional input columns that override the job's sampling defaults row by row (null: use the default).
-SAMPLING_COLUMNS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+SAMPLING_COLUMNS = ("max_tokens", "temperature", "top_p", "seed", "stop", "structured_outputs")
 INTEGER_PARAMS = ("max_tokens", "seed")
 
 # Columns the job adds to every row. Types are fixed so that every output file has the same schema,
@@ -97,8 +98,8 @@ def check_schema(schema: pa.Schema, spec: RowSpec, where: str) -> None:
             continue
         kind = schema.field(name).type
         ok = pa.types.is_null(kind) or (  # all null (as pandas writes a column of None): the default for every row
-            _is_string(kind) or _is_list(kind)
-            if name == "stop"
+            _is_string(kind) or _is_list(kind) if name == "stop"
+            else _is_string(kind) if name == "structured_outputs"  # JSON text
             else pa.types.is_integer(kind) or pa.types.is_floating(kind)
         )
         if not ok:
@@ -171,6 +172,11 @@ def _params(defaults: dict, row: dict) -> SamplingParams:
             continue
         if name in INTEGER_PARAMS and isinstance(value, float) and value.is_integer():
             value = int(value)  # pandas turns integer columns with nulls into floats
+        if name == "structured_outputs":
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"structured_outputs (column) is not JSON: {e}") from None
         values[name] = value
     # One finished output per request: the job never looks at partial text.
     return SamplingParams(**values, output_kind=RequestOutputKind.FINAL_ONLY)
