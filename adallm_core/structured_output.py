@@ -97,8 +97,9 @@ class GrammarCompiler:
             return compiler.compile_json_schema('{"type": "object"}', any_whitespace=any_whitespace)
         if kind == "regex":
             return compiler.compile_regex(value)
-        if kind == "choice":  # alternatives of string literals (JSON's escapes are EBNF's)
-            return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in value))
+        if kind == "choice":  # alternatives of string literals (JSON's escapes are EBNF's; \uXXXX surrogate pairs
+            # are not: characters past U+FFFF stay as they are)
+            return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in value))
         return compiler.compile_grammar(value)
 
 

@@ -148,3 +148,16 @@ def test_bad_structures_are_refused_by_name(structure, message):
 def test_min_tokens_cannot_be_combined():
     with pytest.raises(ValueError, match="min_tokens.*structured_outputs"):
         SamplingParams(min_tokens=2, structured_outputs=StructuredOutputsParams(regex="a+"))
+
+
+def test_choices_outside_the_basic_multilingual_plane():
+    """json.dumps' default escapes write 😀 as a surrogate pair, which xgrammar reads as two code points no text
+    has: the grammar then allows no token of the choice and the output was random bytes."""
+    engine = make_engine()
+    choices = ["😀 yes", "no 🙂", "𝔵"]
+    for t in (0.0, 1.0):
+        for i, prompt in enumerate(PROMPTS[:3]):
+            engine.add_request(f"{t}/{i}", prompt, SamplingParams(temperature=t, seed=i, max_tokens=24,
+                                                                  structured_outputs=dict(choice=choices)))
+    for rid, out in run_all(engine).items():
+        assert out.outputs[0].text in choices and out.outputs[0].finish_reason == "stop", (rid, out.outputs[0].text)
