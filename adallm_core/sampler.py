@@ -1,9 +1,10 @@
 """Sampler: one vectorized pass over the batch with per-request parameters.
 
-Order (vLLM's): raw logprobs -> min_tokens ban and logit_bias -> penalties (repetition, then frequency and
-presence) -> the grammar's mask (structured outputs) -> greedy argmax | temperature -> min_p -> top_k -> top_p -> sample. Sampling is argmax(probs / q) with q ~ Exp(1) (the
-exponential race, same law as multinomial). A seeded request draws its q from its own generator seeded from
-(seed, completion index, step), so its tokens do not depend on what else is in the batch, nor on preemption.
+Order (vLLM's): the grammar's mask (structured outputs) -> raw logprobs -> min_tokens ban and logit_bias -> penalties
+(repetition, then frequency and presence) -> greedy argmax | temperature -> min_p -> top_k -> top_p -> sample.
+Sampling is argmax(probs / q) with q ~ Exp(1) (the exponential race, same law as multinomial). A seeded request
+draws its q from its own generator seeded from (seed, completion index, step), so its tokens do not depend on what
+else is in the batch, nor on preemption.
 """
 from __future__ import annotations
 
@@ -61,16 +62,15 @@ class Sampler:
 
     def sample_on_device(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> torch.Tensor:
         """The sampled tokens as a device tensor, without waiting for the device (penalties read the rows' token
-        lists on the host: async scheduling only sends `on_device` rows here before their step is read)."""
+        lists on the host: async scheduling only sends `on_device` rows here before their step is read). Rows with
+        a grammar come through __call__, which masks the logits first."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
         logits = logits.float()
-        if any(r.banned_token_ids or r.params.logit_bias or _has_penalty(r.params) or r.grammar for r in rows):
+        if any(r.banned_token_ids or r.params.logit_bias or _has_penalty(r.params) for r in rows):
             logits = logits.clone()  # the processors below write into the logits: work on a copy
             self._ban(logits, rows)
             self._add_logit_bias(logits, rows)
             self._apply_penalties(logits, rows)
-            if any(r.grammar is not None for r in rows):  # last: whatever else moved, only allowed tokens remain
-                apply_grammars(logits, [r.grammar for r in rows])
         greedy = [r.params.greedy for r in rows]
         if all(greedy):
             return logits.argmax(dim=-1)
@@ -80,6 +80,12 @@ class Sampler:
         """logits: float32 [B, V], one row per entry of `rows` (read only: never written)."""
         params = [r.params for r in rows]
         want_logprobs = any(p.logprobs is not None for p in params)
+        if any(r.grammar is not None for r in rows):
+            # first, on a copy: vLLM masks the logits before its sampler, so the logprobs are those of what is
+            # sampled from, the tokens the grammar allows (the ones it forbids are -inf); what the processors
+            # below add to a -inf stays -inf
+            logits = logits.to(torch.float32, copy=True)
+            apply_grammars(logits, [r.grammar for r in rows])
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if want_logprobs else None
         tokens = self.sample_on_device(logits, rows)
         token_list = tokens.tolist()

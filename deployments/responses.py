@@ -141,9 +141,9 @@ class ResponseBuilder:
         content = [
             ChatTokenLogprob(
                 token=tok,
-                logprob=lp,
+                logprob=_finite(lp),
                 bytes=list(bytes_of_token_text(tok)),
-                top_logprobs=[TopLogprob(token=t, logprob=l, bytes=list(bytes_of_token_text(t)))
+                top_logprobs=[TopLogprob(token=t, logprob=_finite(l), bytes=list(bytes_of_token_text(t)))
                               for t, l in top[: self.top_logprobs]],
             )
             for tok, lp, top in logprobs
@@ -157,8 +157,14 @@ class ResponseBuilder:
         result = CompletionLogprobs(text_offset=list(text_offsets))
         for tok, lp, top in logprobs:
             result.tokens.append(tok)
-            result.token_logprobs.append(lp)
+            result.token_logprobs.append(_finite(lp))
             # the top `logprobs` tokens and always the sampled one, as OpenAI's completions give (up to logprobs+1);
             # an echoed prompt's first token has none (nothing predicts it)
-            result.top_logprobs.append(None if lp is None else {**dict(top[: self.top_logprobs]), tok: lp})
+            result.top_logprobs.append(None if lp is None else {**{t: _finite(l) for t, l in top[: self.top_logprobs]},
+                                                                tok: _finite(lp)})
         return result
+
+
+def _finite(logprob: Optional[float]) -> Optional[float]:
+    """A token a grammar forbids has logprob -inf, which JSON cannot carry: -9999.0, as vLLM's server writes it."""
+    return logprob if logprob is None else max(logprob, -9999.0)

@@ -96,3 +96,20 @@ def test_error_metrics_label_routes_not_raw_paths():
     client.get("/.env")
     client.post("/v1/completions", json={"model": "m"})
     assert recorded == [("unmatched", 404), ("unmatched", 404), ("/v1/completions", 400)]
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_a_token_the_grammar_forbids_is_logprob_minus_9999(chat):
+    """With structured outputs, top logprobs may hold tokens the grammar forbids: -inf, which JSON cannot carry
+    (json.dumps writes -Infinity, pydantic null); vLLM's server writes -9999.0."""
+    import json
+    import math
+
+    builder = ResponseBuilder("x-1", "m", chat=chat, top_logprobs=2, n=1, num_prompts=1)
+    builder.add([ChoiceDelta(0, 3, "a", 1, [("a", -0.5, [("a", -0.5), ("b", -math.inf)])], "stop")])
+    for body in (builder.response().model_dump_json(), json.dumps(builder.response().model_dump())):
+        logprobs = json.loads(body, parse_constant=lambda c: pytest.fail(f"{c} in {body}"))["choices"][0]["logprobs"]
+        if chat:
+            assert [t["logprob"] for t in logprobs["content"][0]["top_logprobs"]] == [-0.5, -9999.0]
+        else:
+            assert logprobs["top_logprobs"] == [{"a": -0.5, "b": -9999.0}]

@@ -161,3 +161,28 @@ def test_choices_outside_the_basic_multilingual_plane():
                                                                   structured_outputs=dict(choice=choices)))
     for rid, out in run_all(engine).items():
         assert out.outputs[0].text in choices and out.outputs[0].finish_reason == "stop", (rid, out.outputs[0].text)
+
+
+def test_logprobs_are_over_the_tokens_the_grammar_allows():
+    """vLLM masks the logits before its sampler, so its (raw) logprobs are those of the distribution sampled from:
+    every top token is one the grammar allowed (those it forbids, asked for, are -inf) and the allowed ones sum to 1."""
+    import math
+
+    import xgrammar as xgr
+
+    engine = make_engine("qwen3")
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=24, logprobs=20,
+                            structured_outputs=dict(choice=CHOICES))
+    engine.add_request("c", PROMPTS[1], params)
+    out = run_all(engine)["c"].outputs[0]
+    assert out.text in CHOICES
+    matcher = engine.grammars.matcher_factory(params.structured_outputs)()
+    bitmask = xgr.allocate_token_bitmask(1, engine.vocab_size)
+    for token, entry in zip(out.token_ids, out.logprobs):
+        matcher.fill_next_token_bitmask(bitmask)
+        allowed = set(xgr.testing._get_masked_tokens_from_bitmask(bitmask, engine.vocab_size)) ^ set(
+            range(engine.vocab_size))
+        assert all(t in allowed for t, lp in entry.items() if lp > -math.inf), (token, entry)
+        if len(allowed) <= 20:  # all of them in the top 20: their probabilities sum to 1
+            assert math.isclose(sum(math.exp(lp) for lp in entry.values()), 1.0, rel_tol=1e-4), entry
+        assert matcher.accept_token(token)
