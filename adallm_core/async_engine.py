@@ -82,12 +82,13 @@ class AsyncLLM:
         return cls(LLMEngine.from_engine_args(engine_args))
 
     # --- requests ---------------------------------------------------------------------------------
-    def add_requests(self, items: list[tuple[str, Union[str, list[int]], Optional[SamplingParams]]]
-                     ) -> list[Union[RequestStream, Exception]]:
+    def add_requests(self, items: list[tuple[str, Union[str, list[int]], Optional[SamplingParams]]],
+                     loop: Optional[asyncio.AbstractEventLoop] = None) -> list[Union[RequestStream, Exception]]:
         """Admit many requests in one go (they join the same next step). A bad item gets its ValueError (any other
-        error its making raised, too): the others are admitted all the same."""
+        error its making raised, too): the others are admitted all the same. Called off the event loop (making a
+        request tokenizes, and compiles a grammar), it takes the loop its streams are read on."""
         self.check_health()
-        loop = asyncio.get_running_loop()
+        loop = loop or asyncio.get_running_loop()
         results: list = []
         for request_id, prompt, params in items:
             try:

@@ -23,7 +23,7 @@ class StructuredOutputsParams:
     choice: Optional[list[str]] = None  # the output is exactly one of these strings
     grammar: Optional[str] = None  # EBNF (GBNF dialect), start rule `root`
     json_object: Optional[bool] = None  # any JSON object
-    disable_any_whitespace: bool = False  # json / json_object: compact JSON, no whitespace between tokens
+    disable_any_whitespace: bool = False  # json / json_object: no free whitespace (xgrammar's ", " and ": " only)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -86,6 +86,9 @@ class GrammarCompiler:
         except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's errors for a bad schema, regex or grammar
             reason = re.sub(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?", "", str(e).strip())
             raise ValueError(f"invalid sampling parameter structured_outputs.{kind}: {reason}") from None
+        if not _allows_any(xgr, xgr.GrammarMatcher(compiled), self._args[1]):
+            # e.g. {"anyOf": []}: the sampler would have no token to pick
+            raise ValueError(f"invalid sampling parameter structured_outputs.{kind}: it matches no text at all")
         return lambda: xgr.GrammarMatcher(compiled)
 
     @staticmethod
@@ -111,6 +114,12 @@ def apply_grammars(logits, matchers: list) -> None:
     for i in rows:
         matchers[i].fill_next_token_bitmask(bitmask, i)
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+
+
+def _allows_any(xgr, matcher, vocab_size: int) -> bool:
+    bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+    matcher.fill_next_token_bitmask(bitmask)
+    return bool(bitmask.any())
 
 
 def _xgrammar():

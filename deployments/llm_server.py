@@ -166,7 +166,9 @@ class LLMServer:
         self.counters["admission_batches"] += 1
         self.counters["admitted_requests"] += len(items)
         self.counters["largest_admission"] = max(self.counters["largest_admission"], len(items))
-        return self.engine.add_requests(items)  # a stream per item, or the error that refused it
+        # a stream per item, or the error that refused it; in a thread: tokenizing and compiling a grammar (seconds
+        # for a deeply nested schema) would stall every stream of this replica and its health check
+        return await asyncio.to_thread(self.engine.add_requests, items, asyncio.get_running_loop())
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Union[list[ChoiceDelta], RequestError]]:
         """Yields lists of ChoiceDelta (all that is ready), or one RequestError and stops."""

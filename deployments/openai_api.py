@@ -56,7 +56,7 @@ class ResponseFormat(Strict):
         return value
 
     def structured_outputs(self) -> Optional[dict]:
-        # compact JSON, as OpenAI's: a grammar open to whitespace lets a model pad with it until max_tokens
+        # no free whitespace, as OpenAI's: a grammar open to it lets a model pad with it until max_tokens
         if self.type == "json_object":
             return {"json_object": True, "disable_any_whitespace": True}
         if self.type == "json_schema":

@@ -166,5 +166,6 @@ class ResponseBuilder:
 
 
 def _finite(logprob: Optional[float]) -> Optional[float]:
-    """A token a grammar forbids has logprob -inf, which JSON cannot carry: -9999.0, as vLLM's server writes it."""
-    return logprob if logprob is None else max(logprob, -9999.0)
+    """A token a grammar forbids has logprob -inf (NaN if it forbids them all), which JSON cannot carry: -9999.0, as
+    vLLM's server writes it."""
+    return logprob if logprob is None or logprob >= -9999.0 else -9999.0

@@ -65,7 +65,8 @@ class EngineActor:
         results = [RowResult(error=r.error) for r in requests]
         todo = [i for i, r in enumerate(requests) if r.error is None]
         items = [(self._request_id(), requests[i].prompt, requests[i].params) for i in todo]
-        streams = self.engine.add_requests(items) if items else []  # one admission for the whole batch
+        # one admission for the whole batch, off the actor's loop (the other batches in flight keep streaming)
+        streams = await asyncio.to_thread(self.engine.add_requests, items, asyncio.get_running_loop()) if items else []
         finals = await asyncio.gather(*(_final_output(s) for s in streams))
         for i, out in zip(todo, finals):
             if isinstance(out, Exception):  # refused (e.g. prompt over max_model_len), or failed to be made

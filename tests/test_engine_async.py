@@ -55,6 +55,29 @@ def test_add_requests_admits_a_batch_and_a_bad_item_fails_alone(llm, reference):
     assert llm.stats()["kv_blocks_used"] == 0
 
 
+def test_add_requests_from_a_thread_streams_on_the_loop_it_is_given(llm, reference):
+    """Servers admit off their event loop (tokenizing, compiling grammars): the loop streams meanwhile."""
+    import threading
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        (first,) = llm.add_requests([("t0", PROMPTS[0], SamplingParams(**GREEDY))])
+        gate = threading.Event()
+
+        def admit():  # an admission that takes its time, in a thread
+            assert gate.wait(30)
+            return llm.add_requests([("t1", PROMPTS[1], SamplingParams(**GREEDY))], loop)
+
+        later = asyncio.create_task(asyncio.to_thread(admit))
+        done_first = await collect(first)  # streamed while admit() waits
+        gate.set()
+        (second,) = await later
+        return done_first, await collect(second)
+
+    outs = asyncio.run(main())
+    assert [o[-1].outputs[0].token_ids for o in outs] == reference[:2]
+
+
 @pytest.mark.parametrize("kind", list(RequestOutputKind))
 def test_generate_streams_each_output_kind(llm, reference, kind):
     async def main():

@@ -134,6 +134,7 @@ def test_a_complete_grammar_ends_the_output_even_with_ignore_eos():
     (dict(json=SCHEMA, regex="a"), "exactly one of"),
     (dict(), "exactly one of"),
     (dict(jsn=SCHEMA), "unknown key(s) ['jsn']"),
+    (dict(grammar='root ::= root "a"'), "structured_outputs.grammar: it matches no text at all"),
     (dict(json_object=True, disable_any_whitespace="yes"), "disable_any_whitespace: must be a bool"),
     ("json", "must be a dict"),
 ])
