@@ -117,6 +117,17 @@ def test_async_scheduling_batching_and_preemption_change_nothing():
     assert engine.stats()["num_preemptions"] > 0
 
 
+def test_masks_filled_on_the_thread_pool_equal_row_by_row(monkeypatch):
+    from adallm_core import structured_output
+
+    got = []
+    for rows in (10**6, 1):  # never, always
+        monkeypatch.setattr(structured_output, "BATCH_FILL_ROWS", rows)
+        done = submit_all(make_engine("qwen3"), n=2)
+        got.append({rid: [c.token_ids for c in o.outputs] for rid, o in done.items()})
+    assert got[0] == got[1] and len(got[0]) == 4 * 2 * 3
+
+
 def test_a_complete_grammar_ends_the_output_even_with_ignore_eos():
     engine = make_engine()
     engine.add_request("c", PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
