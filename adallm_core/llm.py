@@ -8,6 +8,7 @@ from adallm_core.config import EngineArgs
 from adallm_core.engine import LLMEngine, next_request_id
 from adallm_core.outputs import RequestOutput
 from adallm_core.sampling_params import RequestOutputKind, SamplingParams
+from adallm_core.tokenizer import chat_template_options
 
 PromptType = Union[str, dict]  # "text" or {"prompt_token_ids": [...]} (or {"prompt": "text"}): engine.prompt_of
 
@@ -37,13 +38,10 @@ class LLM:
         """messages: one conversation (list of {"role", "content"}) or a list of conversations. With
         continue_final_message the last (assistant) message is continued, not closed (vLLM's option)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
-                  **(chat_template_kwargs or {})}  # the template kwargs win, as in vLLM
-        kwargs.pop("tokenize", None)  # rendered to text here, then encoded once
-        if kwargs["add_generation_prompt"] and kwargs["continue_final_message"]:
-            raise ValueError("chat: add_generation_prompt and continue_final_message cannot both be true")
-        if not kwargs["continue_final_message"]:
-            del kwargs["continue_final_message"]  # templates that predate the option never see it
+        try:
+            kwargs = chat_template_options(add_generation_prompt, continue_final_message, chat_template_kwargs)
+        except ValueError as e:
+            raise ValueError(f"chat: {e}") from None
         tok = self.llm_engine.tokenizer
         # The template writes bos itself: encode the rendered text without adding special tokens again.
         items = [(tok.apply_chat_template(c, **kwargs), False) for c in conversations]

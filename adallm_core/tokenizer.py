@@ -91,10 +91,25 @@ class Tokenizer:
                                                **kwargs)
         except jinja2.TemplateError as e:  # the template refused these messages (e.g. roles that do not alternate)
             raise ValueError(f"the model's chat template rejected the messages: {e}") from e
+        except TypeError as e:  # a template keyword argument that collides with apply_chat_template's own
+            raise ValueError(f"the chat template's arguments (chat_template_kwargs): {e}") from e
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         # The template already writes the special tokens (bos): don't add them twice.
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
+
+
+def chat_template_options(add_generation_prompt: bool = True, continue_final_message: bool = False,
+                          chat_template_kwargs: Optional[dict] = None) -> dict:
+    """vLLM's chat options as apply_chat_template's keyword arguments (the template kwargs win, as in vLLM)."""
+    kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
+              **(chat_template_kwargs or {})}
+    kwargs.pop("tokenize", None)  # rendered to text, then encoded once
+    if kwargs["add_generation_prompt"] and kwargs["continue_final_message"]:
+        raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+    if not kwargs["continue_final_message"]:
+        del kwargs["continue_final_message"]  # templates that predate the option never see it
+    return kwargs
 
 
 def unicode_text(text: str) -> str:

@@ -112,7 +112,7 @@ class OpenAiIngress:
         self._check_model(body.model)
         messages = [m.as_template_input() for m in body.messages]
         request = GenerateRequest(new_id("chatcmpl"), self._params(body), messages=messages,
-                                  structure_field=body.structure_field)
+                                  structure_field=body.structure_field, template_options=body.template_options())
         top = (body.top_logprobs or 0) if body.logprobs else None
         return await self._serve("/v1/chat/completions", body, request,
                                  lambda: ResponseBuilder(request.request_id, self.model, True, top, body.n, 1))
@@ -122,7 +122,7 @@ class OpenAiIngress:
         """vLLM's: the prompt's (or the templated messages') token ids, and max_model_len."""
         self._check_model(body.model or self.model)
         messages = [m.as_template_input() for m in body.messages] if body.messages is not None else None
-        result = await self._call("tokenize", body.prompt, messages, body.special_tokens, body.add_generation_prompt,
+        result = await self._call("tokenize", body.prompt, messages, body.special_tokens, body.template_options(),
                                   bool(body.return_token_strs))
         return TokenizeResponse(**result)
 

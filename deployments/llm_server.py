@@ -55,6 +55,7 @@ class GenerateRequest:
     echo: bool = False  # /v1/completions: each choice starts with its prompt (deployments/echo.py)
     prompt_only: bool = False  # with echo: the prompt alone, what is generated is dropped (max_tokens 0)
     structure_field: str = "structured_outputs"  # or response_format: the field a grammar error names
+    template_options: Optional[dict] = None  # chat: apply_chat_template's keyword arguments (chat_template_options)
 
 
 @dataclass
@@ -133,7 +134,7 @@ def _merge(deltas: list[ChoiceDelta]) -> list[ChoiceDelta]:
 
 
 def _param_named_in(message: str) -> Optional[str]:
-    return next((p for p in ("max_tokens", "messages", "prompt") if p in message), None)
+    return next((p for p in ("chat_template_kwargs", "max_tokens", "messages", "prompt") if p in message), None)
 
 
 @serve.deployment(name="LLMServer", health_check_period_s=5, health_check_timeout_s=30)
@@ -234,7 +235,7 @@ class LLMServer:
         tokenizer = self.engine.tokenizer
         if request.messages is not None:
             # As LLM.chat does: the template already wrote bos, so no special tokens are added again.
-            prompts = [tokenizer.encode_chat(request.messages, add_generation_prompt=True)]
+            prompts = [tokenizer.encode_chat(request.messages, **(request.template_options or {}))]
         else:  # tokenized as the engine would, to know each prompt's length before admission
             prompts = [tokenizer.encode(p) if isinstance(p, str) else p for p in request.prompts or []]
         limit, max_tokens = self.engine.max_model_len, request.params.max_tokens
@@ -288,11 +289,11 @@ class LLMServer:
         return [first] + self._logprobs(token_ids[1:], scored[1:])
 
     async def tokenize(self, prompt: Optional[str], messages: Optional[list[dict[str, str]]], add_special_tokens: bool,
-                       add_generation_prompt: bool, return_token_strs: bool) -> Union[dict, RequestError]:
+                       template_options: dict, return_token_strs: bool) -> Union[dict, RequestError]:
         """vLLM's /tokenize: the ids the engine would see for this prompt (or these messages, templated)."""
         tokenizer = self.engine.tokenizer
         try:
-            text = prompt if messages is None else tokenizer.apply_chat_template(messages, add_generation_prompt)
+            text = prompt if messages is None else tokenizer.apply_chat_template(messages, **template_options)
         except ValueError as e:
             return RequestError(str(e), param="messages")
         ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from adallm_core.sampling_params import RequestOutputKind, SamplingParams
-from adallm_core.tokenizer import unicode_text  # checked here too: the 400 then names the field
+from adallm_core.tokenizer import chat_template_options, unicode_text  # here too: the 400 then names the field
 
 INT64_MAX = 2**63 - 1
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -233,7 +233,28 @@ class ChatMessage(Strict):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatTemplateFields(Strict):
+    """vLLM's chat template options (the openai client sends them in extra_body), e.g. Qwen3's
+    chat_template_kwargs: {"enable_thinking": false}."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _not_with_a_generation_prompt(cls, value, info):
+        if value and info.data.get("add_generation_prompt"):
+            raise ValueError("continue_final_message needs add_generation_prompt: false (it continues the last "
+                             "message instead of opening a new one)")
+        return value
+
+    def template_options(self) -> dict:
+        return chat_template_options(self.add_generation_prompt, self.continue_final_message,
+                                     self.chat_template_kwargs)
+
+
+class ChatCompletionRequest(ChatTemplateFields, SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1, le=INT64_MAX)
     logprobs: Optional[bool] = False
@@ -254,14 +275,13 @@ class ChatCompletionRequest(SamplingFields):
         return self.sampling_params(max_tokens, logprobs)
 
 
-class TokenizeRequest(Strict):
+class TokenizeRequest(ChatTemplateFields):
     """vLLM's /tokenize: a prompt, or chat messages rendered with the model's chat template."""
 
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = Field(None, min_length=1, validate_default=True)
     add_special_tokens: Optional[bool] = None  # default: True for a prompt, False for messages (the template has them)
-    add_generation_prompt: bool = True
     return_token_strs: Optional[bool] = False  # vLLM's type: null asks for the default (no strings)
 
     @field_validator("prompt")

@@ -258,6 +258,29 @@ def test_structured_outputs_equal_offline_llm(client, served_name, offline):
     assert obj.choices[0].text == want.outputs[0].text and want.outputs[0].text.startswith("{")
 
 
+def test_chat_template_options_equal_offline_llm(server, client, served_name, offline):
+    """vLLM's add_generation_prompt, continue_final_message and chat_template_kwargs (Qwen3's enable_thinking goes
+    there), on /v1/chat/completions and /tokenize alike."""
+    import requests
+
+    post = lambda route, body: requests.post(f"{server}{route}", json=body, timeout=60).json()  # noqa: E731
+    partial = CHAT + [{"role": "assistant", "content": "NVFP4 is"}]
+    cont = dict(add_generation_prompt=False, continue_final_message=True)
+    ids = post("/tokenize", {"messages": partial, **cont})["tokens"]
+    assert offline.get_tokenizer().decode(ids).endswith("assistant\nNVFP4 is")  # continued, not closed
+    got = client.chat.completions.create(model=served_name, messages=partial, max_tokens=6, temperature=0,
+                                         extra_body=cont)
+    (want,) = offline.chat([partial], greedy(max_tokens=6), use_tqdm=False, **cont)
+    assert got.choices[0].message.content == want.outputs[0].text and got.usage.prompt_tokens == len(ids)
+    kwargs = {"chat_template_kwargs": {"add_generation_prompt": False}}  # a template variable; these win
+    got = client.chat.completions.create(model=served_name, messages=CHAT, max_tokens=6, temperature=0,
+                                         extra_body=kwargs)
+    (want,) = offline.chat([CHAT], greedy(max_tokens=6), use_tqdm=False, **kwargs)
+    assert got.choices[0].message.content == want.outputs[0].text
+    assert got.usage.prompt_tokens == post("/tokenize", {"messages": CHAT, **kwargs})["count"] == len(
+        want.prompt_token_ids) < post("/tokenize", {"messages": CHAT})["count"]
+
+
 def test_logit_bias_and_vllm_sampling_fields_equal_offline_llm(client, served_name, offline):
     """OpenAI's logit_bias (string keys), and vLLM's extra fields as the openai client sends them (extra_body)."""
     token = offline.get_tokenizer().encode(" the", add_special_tokens=False)[0]
@@ -400,6 +423,10 @@ BAD_REQUESTS = [
      "structured_outputs", "exactly one of"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "structured_outputs": {"choice": ["a"]},
                          "response_format": {"type": "json_object"}}, 400, "structured_outputs", "not both"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "continue_final_message": True}, 400,
+     "continue_final_message", "needs add_generation_prompt: false"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "chat_template_kwargs": {"conversation": 1}}, 400,
+     "chat_template_kwargs", "the chat template's arguments"),
     ("/v1/nothing-here", {}, 404, None, "Not Found"),
 ]
 
