@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
@@ -50,6 +50,7 @@ class ServeOptions(BaseModel):
     throughput_optimized: bool = True  # replicas run with SERVE_ENV; False: Ray Serve's defaults
     max_ongoing_requests: Optional[int] = Field(None, ge=1)  # per replica; default: engine max_num_seqs
     max_queued_requests: Optional[int] = Field(None, ge=1)  # per caller; default: 2 x max_ongoing_requests
+    reasoning_parser: Optional[Literal["qwen3"]] = None  # chat: <think>...</think> to reasoning_content
 
     @model_validator(mode="after")
     def _replicas(self) -> "ServeOptions":
@@ -111,7 +112,7 @@ def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
         ray_actor_options={"num_cpus": 0.5, "resources": dict(ON_HEAD_NODE), **serve_env},
         max_ongoing_requests=most_replicas * max_ongoing + max_queued + 64,
     )
-    return ingress.bind(llm, options.served_model_name or served_name(engine.model))
+    return ingress.bind(llm, options.served_model_name or served_name(engine.model), options.reasoning_parser)
 
 
 def set_serve_environment() -> None:

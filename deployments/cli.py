@@ -8,6 +8,7 @@ import sys
 import time
 
 from adallm_core.config import EngineArgs
+from deployments.reasoning import PARSERS
 
 APP_NAME = "adallm"
 
@@ -29,12 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-interval-s", type=float, default=None, help="streamed tokens within it go as one event (0.1)")
     parser.add_argument("--max-ongoing-requests", type=int, default=None, help="per replica; default: --max-num-seqs")
     parser.add_argument("--max-queued-requests", type=int, default=None, help="beyond this, 503; default: 2x ongoing")
+    parser.add_argument("--reasoning-parser", choices=PARSERS, default=None,
+                        help="chat: the thinking (<think>...</think>) goes to reasoning_content, apart from content")
     EngineArgs.add_cli_args(parser, with_model=False)
 
 
 SERVE_FLAGS = (
     "served_model_name", "num_replicas", "min_replicas", "max_replicas", "num_gpus", "accelerator_type",
     "max_batch_size", "batch_wait_timeout_s", "stream_interval_s", "max_ongoing_requests", "max_queued_requests",
+    "reasoning_parser",
 )  # fmt: skip
 
 

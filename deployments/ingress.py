@@ -78,10 +78,11 @@ async def _next(outputs: DeploymentResponseGenerator):
 @serve.deployment(name="OpenAiIngress")
 @serve.ingress(app)
 class OpenAiIngress:
-    def __init__(self, llm_server: DeploymentHandle, served_model_name: str):
+    def __init__(self, llm_server: DeploymentHandle, served_model_name: str, reasoning_parser: Optional[str] = None):
         self.llm = llm_server
         self.stream = llm_server.options(stream=True)
         self.model = served_model_name
+        self.reasoning_parser = reasoning_parser
         self._max_model_len: Optional[int] = None
 
     @app.get("/health")
@@ -112,7 +113,8 @@ class OpenAiIngress:
         self._check_model(body.model)
         messages = [m.as_template_input() for m in body.messages]
         request = GenerateRequest(new_id("chatcmpl"), self._params(body), messages=messages,
-                                  structure_field=body.structure_field, template_options=body.template_options())
+                                  structure_field=body.structure_field, template_options=body.template_options(),
+                                  reasoning_parser=self.reasoning_parser)
         top = (body.top_logprobs or 0) if body.logprobs else None
         return await self._serve("/v1/chat/completions", body, request,
                                  lambda: ResponseBuilder(request.request_id, self.model, True, top, body.n, 1))

@@ -9,6 +9,7 @@ its engine requests, which frees their KV blocks at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from dataclasses import dataclass
 from typing import Annotated, AsyncIterator, Optional, Union
@@ -20,6 +21,7 @@ from adallm_core.config import EngineArgs
 from adallm_core.outputs import RequestOutput
 from adallm_core.sampling_params import SamplingParams
 from deployments.echo import Echo
+from deployments.reasoning import ThinkSplitter
 from deployments.metrics import EngineMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -56,6 +58,7 @@ class GenerateRequest:
     prompt_only: bool = False  # with echo: the prompt alone, what is generated is dropped (max_tokens 0)
     structure_field: str = "structured_outputs"  # or response_format: the field a grammar error names
     template_options: Optional[dict] = None  # chat: apply_chat_template's keyword arguments (chat_template_options)
+    reasoning_parser: Optional[str] = None  # chat: split the thinking from the answer (deployments/reasoning.py)
 
 
 @dataclass
@@ -68,6 +71,7 @@ class ChoiceDelta:
     num_tokens: int
     logprobs: Optional[list[TokenLogprob]]
     finish_reason: Optional[str]
+    reasoning: str = ""  # chat with a reasoning parser: the thinking, split from `text` (deployments/reasoning.py)
 
 
 @dataclass
@@ -126,6 +130,7 @@ def _merge(deltas: list[ChoiceDelta]) -> list[ChoiceDelta]:
             merged[d.index] = d
             continue
         m.text += d.text
+        m.reasoning += d.reasoning
         m.num_tokens += d.num_tokens
         if d.logprobs is not None:
             m.logprobs = (m.logprobs or []) + d.logprobs
@@ -200,6 +205,7 @@ class LLMServer:
             yield RequestError(message, param=param)
             return
         echo = self._echo(request, prompts) if request.echo else None
+        thinking = self._thinking(request, prompts)
         queue: asyncio.Queue = asyncio.Queue()
         pumps = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(admitted)]
         running = set(range(len(prompts)))
@@ -215,7 +221,7 @@ class LLMServer:
                         yield RequestError(f"engine error: {out}", status=500)
                         return
                     else:
-                        deltas.extend(self._deltas(prompt_index, out, request.params.n, echo))
+                        deltas.extend(self._deltas(prompt_index, out, request.params.n, echo, thinking))
                 if deltas:
                     yield _merge(deltas)
                     last_yield = loop.time()
@@ -254,13 +260,23 @@ class LLMServer:
                  for p, ids in zip(request.prompts, prompts)]
         return Echo(texts, with_logprobs=request.params.logprobs is not None, prompt_only=request.prompt_only)
 
-    def _deltas(self, prompt_index: int, out: RequestOutput, n: int, echo: Optional[Echo] = None) -> list[ChoiceDelta]:
+    def _thinking(self, request: GenerateRequest, prompts: list[list[int]]):
+        """Per choice, what splits its thinking from its answer (None without a reasoning parser)."""
+        if request.reasoning_parser is None or request.messages is None:
+            return None
+        prompt_text = self.engine.tokenizer.decode(prompts[0][-16:], skip_special_tokens=False)  # its last tags
+        return collections.defaultdict(lambda: ThinkSplitter(prompt_text))
+
+    def _deltas(self, prompt_index: int, out: RequestOutput, n: int, echo: Optional[Echo] = None,
+                thinking: Optional[dict] = None) -> list[ChoiceDelta]:
         deltas = self._choice_deltas(prompt_index, out, n)
         if echo is not None:
             if out.prompt_logprobs is not None:
                 echo.record(prompt_index, self._prompt_logprobs(out.prompt_token_ids, out.prompt_logprobs))
             for d in deltas:
                 echo.prefix(prompt_index, d)
+        for d in deltas if thinking is not None else ():
+            d.reasoning, d.text = thinking[d.index].feed(d.text, final=d.finish_reason is not None)
         return deltas
 
     def _choice_deltas(self, prompt_index: int, out: RequestOutput, n: int) -> list[ChoiceDelta]:

@@ -373,6 +373,7 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    reasoning_content: Optional[str] = None  # with a reasoning parser: the thinking, apart from the answer
 
 
 class ChatChoice(BaseModel):
@@ -391,6 +392,7 @@ class ChatCompletionResponse(_Response):
 class DeltaMessage(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -28,6 +28,7 @@ from deployments.openai_api import (
 @dataclass
 class _Choice:
     text: str = ""
+    reasoning: str = ""  # chat with a reasoning parser
     num_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     text_offsets: list[int] = field(default_factory=list)  # of each logprobs token, in characters of the text
@@ -63,6 +64,7 @@ class ResponseBuilder:
         for d in deltas:
             c = self.choices[d.index]
             c.text += d.text
+            c.reasoning += d.reasoning
             c.num_tokens += d.num_tokens
             c.add_logprobs(d.logprobs or ())
             c.finish_reason = d.finish_reason or c.finish_reason
@@ -84,7 +86,7 @@ class ResponseBuilder:
             choices = [
                 ChatChunkChoice(
                     index=d.index,
-                    delta=DeltaMessage(content=d.text),
+                    delta=DeltaMessage(content=d.text, reasoning_content=d.reasoning or None),
                     logprobs=self._chat_logprobs(d.logprobs),
                     finish_reason=d.finish_reason,
                 )
@@ -113,7 +115,7 @@ class ResponseBuilder:
             choices = [
                 ChatChoice(
                     index=i,
-                    message=AssistantMessage(content=c.text),
+                    message=AssistantMessage(content=c.text, reasoning_content=c.reasoning or None),
                     logprobs=self._chat_logprobs(c.logprobs if self.top_logprobs is not None else None),
                     finish_reason=c.finish_reason,
                 )

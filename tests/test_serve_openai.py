@@ -36,7 +36,8 @@ def metrics_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(model, metrics_port):
-    with serve_apps({"/": dict(model=model, **ENGINE_ARGS)}, metrics_export_port=metrics_port) as url:
+    apps = {"/": dict(model=model, **ENGINE_ARGS), "/think": dict(model=model, reasoning_parser="qwen3", **ENGINE_ARGS)}
+    with serve_apps(apps, metrics_export_port=metrics_port) as url:
         yield url
 
 
@@ -279,6 +280,30 @@ def test_chat_template_options_equal_offline_llm(server, client, served_name, of
     assert got.choices[0].message.content == want.outputs[0].text
     assert got.usage.prompt_tokens == post("/tokenize", {"messages": CHAT, **kwargs})["count"] == len(
         want.prompt_token_ids) < post("/tokenize", {"messages": CHAT})["count"]
+
+
+def test_reasoning_parser_splits_qwen3_thinking_from_the_answer(server, client, served_name):
+    """`--reasoning-parser qwen3` (the app at /think): <think>...</think> goes to reasoning_content. The tiny model
+    writes no thinking of its own: a grammar makes it write Qwen3's shape."""
+    think = openai.OpenAI(base_url=f"{server}/think/v1", api_key="unused", max_retries=0, timeout=120)
+    shape = {"structured_outputs": {"regex": "<think>[a-z]{2,6}</think>\n\n[a-z]{2,6}"}}
+    kw = dict(model=served_name, messages=CHAT, max_tokens=30, temperature=0, extra_body=shape)
+    raw = client.chat.completions.create(**kw).choices[0].message  # no parser: the text as written
+    inner, answer = re.fullmatch(r"<think>(\w+)</think>\n\n(\w+)", raw.content).groups()
+    assert getattr(raw, "reasoning_content", None) is None
+    msg = think.chat.completions.create(**kw).choices[0].message
+    assert (msg.reasoning_content, msg.content) == (inner, answer)
+    chunks = [c for c in think.chat.completions.create(stream=True, **kw) if c.choices]
+    assert "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks) == inner
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer
+    # a template that opens the thinking in the prompt (Qwen3 thinking models): the answer starts inside it
+    opened = CHAT + [{"role": "assistant", "content": "<think>\n"}]
+    msg = think.chat.completions.create(model=served_name, messages=opened, max_tokens=30, temperature=0,
+                                        extra_body={
+                                            "continue_final_message": True, "add_generation_prompt": False,
+                                            "structured_outputs": {"regex": "[a-z]{2,6}</think>[a-z]{2,6}"}},
+                                        ).choices[0].message
+    assert re.fullmatch("[a-z]{2,6}", msg.reasoning_content) and re.fullmatch("[a-z]{2,6}", msg.content)
 
 
 def test_logit_bias_and_vllm_sampling_fields_equal_offline_llm(client, served_name, offline):
