@@ -89,7 +89,7 @@ class LLMEngine:
                                  args.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, args.max_num_seqs, self.max_num_batched_tokens)
         self.sampler = Sampler(args.seed, runner.device)
-        self.grammars = GrammarCompiler(tokenizer.hf, self.vocab_size, self.eos_token_ids)  # structured outputs
+        self.grammars = GrammarCompiler(tokenizer, self.vocab_size, self.eos_token_ids)  # structured outputs
         self.requests: dict[str, Request] = {}
         # a runner that takes input ids from the device can run a step ahead (the tensor-parallel one cannot)
         self.async_scheduling = args.async_scheduling and getattr(runner, "accepts_device_input_ids", False)

@@ -67,8 +67,8 @@ class StructuredOutputsParams:
 class GrammarCompiler:
     """xgrammar's compiler for one tokenizer, made on first use (xgrammar is imported only then)."""
 
-    def __init__(self, hf_tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...]):
-        self._args = (hf_tokenizer, vocab_size, list(stop_token_ids))
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...]):
+        self._args = (tokenizer, vocab_size, list(stop_token_ids))  # adallm_core.tokenizer.Tokenizer
         self._compiler = None
         self._lock = threading.Lock()  # admissions run on the callers' threads (AsyncLLM)
 
@@ -77,8 +77,9 @@ class GrammarCompiler:
         xgr = _xgrammar()
         with self._lock:
             if self._compiler is None:
-                hf, vocab_size, stops = self._args
-                info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=stops)
+                tokenizer, vocab_size, stops = self._args  # its Hugging Face tokenizer, read only now: the
+                # benchmarks' random-weight engines run without one
+                info = xgr.TokenizerInfo.from_huggingface(tokenizer.hf, vocab_size=vocab_size, stop_token_ids=stops)
                 self._compiler = xgr.GrammarCompiler(info)
         kind = params.kind
         try:

@@ -163,7 +163,7 @@ def check_model(engine_args: EngineArgs, chat: bool, structure: Optional[dict] =
         raise ValueError(f"--model {engine_args.model or path}: cannot read it: {type(e).__name__}: {e}") from None
     if structure is not None:  # compiled once here: a bad schema would otherwise fail every row alike
         config = ModelConfig.from_hf_config(checkpoint.hf_config, path)
-        compiler = GrammarCompiler(tokenizer.hf, config.vocab_size, tokenizer.eos_token_ids)
+        compiler = GrammarCompiler(tokenizer, config.vocab_size, tokenizer.eos_token_ids)
         try:
             compiler.matcher_factory(StructuredOutputsParams.of(structure))
         except ValueError as e:
