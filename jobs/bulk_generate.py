@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--messages-column", default=None,
                      help="column of chat messages [{role, content}, ...]; with --prompt-column too, "
                           "each row uses the one that is not null")
+    job.add_argument("--chat-template-kwargs", type=_json_arg, default=None, metavar="JSON",
+                     help="chat rows: variables for the model's chat template, e.g. '{\"enable_thinking\": false}' "
+                          "(Qwen3)")
     job.add_argument("--id-column", default=None, help="unique row id column (default: file path + row position)")
     job.add_argument("--batch-size", type=int, default=64, help="rows handed to an engine at once")
     job.add_argument("--concurrency", type=_concurrency, default=1, help="engine replicas: N or MIN,MAX")
@@ -62,6 +65,14 @@ def _json_arg(text: str):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+
+
+def _template_kwargs(value, messages_column: Optional[str]) -> dict:
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"--chat-template-kwargs must be a JSON object, got {value!r}")
+    if value and messages_column is None:
+        raise ValueError("--chat-template-kwargs applies to chat rows: give --messages-column")
+    return value or {}
 
 
 def _concurrency(text: str):
@@ -106,6 +117,7 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
         prompt_column=args.prompt_column or (None if args.messages_column else "prompt"),
         messages_column=args.messages_column,
         sampling_defaults={k: v for k, v in defaults.items() if v is not None},
+        chat_template_kwargs=_template_kwargs(args.chat_template_kwargs, args.messages_column),
     )
     in_fs, in_path = resume.filesystem_and_path(args.input)
     files = resume.input_files(in_fs, in_path)
@@ -131,10 +143,13 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
               "prompt_column": rows.prompt_column, "messages_column": rows.messages_column,
               "sampling_defaults": rows.sampling_defaults, "model": engine_args.model,
               "tokenizer": engine_args.tokenizer, "max_model_len": engine_args.max_model_len}  # fmt: skip
+    if rows.chat_template_kwargs:  # recorded only when given: folders written before the flag still resume
+        record["chat_template_kwargs"] = rows.chat_template_kwargs
     # first: a changed --id-column would otherwise read as "not written by this job" (its parts lack the id)
     resume.check_job_record(out_fs, out_root, record, f"--output {args.output}")
     resume.check_output_parts(out_fs, out_root, [id_column, *rows.output_schema.names], f"--output {args.output}")
-    check_model(engine_args, chat=rows.messages_column is not None, structure=args.structured_outputs)
+    check_model(engine_args, chat=rows.messages_column is not None, structure=args.structured_outputs,
+                template_kwargs=rows.chat_template_kwargs)
 
     processor = ProcessorConfig(
         engine_args=engine_args, rows=rows, batch_size=args.batch_size, concurrency=args.concurrency,
@@ -144,7 +159,8 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
     return JobPlan(in_fs, files, out_fs, out_root, id_column, processor, input_rows, record)
 
 
-def check_model(engine_args: EngineArgs, chat: bool, structure: Optional[dict] = None) -> None:
+def check_model(engine_args: EngineArgs, chat: bool, structure: Optional[dict] = None,
+                template_kwargs: Optional[dict] = None) -> None:
     """The model must resolve to a folder with a readable checkpoint and tokenizer (and a chat template for
     chat rows; and a --structured-outputs grammar must compile for its tokenizer). Reads config and headers only.
     Without --model the built-in demo model is built here (CPU, once, cached), so replicas on this node find it
@@ -153,7 +169,7 @@ def check_model(engine_args: EngineArgs, chat: bool, structure: Optional[dict] =
     from adallm_core.model_config import ModelConfig
     from adallm_core.model_source import resolve_model_path
     from adallm_core.structured_output import GrammarCompiler, StructuredOutputsParams
-    from adallm_core.tokenizer import Tokenizer
+    from adallm_core.tokenizer import Tokenizer, chat_template_options
 
     path = resolve_model_path(engine_args.model)  # ValueError naming the model and host
     try:
@@ -170,9 +186,11 @@ def check_model(engine_args: EngineArgs, chat: bool, structure: Optional[dict] =
             raise ValueError(f"--structured-outputs: {e}") from None
     if chat:
         try:
-            tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+            tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                          **chat_template_options(chat_template_kwargs=template_kwargs))
         except Exception as e:
-            raise ValueError(f"--model {path} cannot render chat rows ({e}); use --prompt-column") from None
+            raise ValueError(f"--model {path} cannot render chat rows ({e}); use --prompt-column"
+                             + (" or other --chat-template-kwargs" if template_kwargs else "")) from None
 
 
 def run(plan: JobPlan) -> JobSummary:

@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 import pyarrow as pa
 
 from adallm_core.sampling_params import RequestOutputKind, SamplingParams
-from adallm_core.tokenizer import check_conversation
+from adallm_core.tokenizer import chat_template_options, check_conversation
 
 # Optional input columns that override the job's sampling defaults row by row (null: use the default).
 SAMPLING_COLUMNS = ("max_tokens", "temperature", "top_p", "seed", "stop", "structured_outputs")
@@ -44,6 +44,7 @@ class RowSpec:
     prompt_column: Optional[str] = "prompt"
     messages_column: Optional[str] = None  # chat rows: a list of {"role", "content"} rendered with the chat template
     sampling_defaults: dict = dataclasses.field(default_factory=dict)  # SamplingParams fields
+    chat_template_kwargs: dict = dataclasses.field(default_factory=dict)  # chat rows, e.g. {"enable_thinking": False}
 
     def __post_init__(self) -> None:
         if self.prompt_column is None and self.messages_column is None:
@@ -152,7 +153,8 @@ def _render(prompt: Any, messages: Any, spec: RowSpec, tokenizer: Any) -> Union[
         raise ValueError(f"{e} (column {column!r})") from None
     conversation = [{k: v for k, v in message.items() if v is not None} for message in messages]
     try:
-        return tokenizer.encode_chat(conversation, add_generation_prompt=True)
+        options = chat_template_options(chat_template_kwargs=spec.chat_template_kwargs)
+        return tokenizer.encode_chat(conversation, **options)
     except Exception as e:  # the template is user-facing Jinja: any failure is this row's problem
         raise ValueError(f"chat template failed on these messages: {type(e).__name__}: {e}") from e
 

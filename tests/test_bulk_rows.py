@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -353,3 +354,28 @@ def test_a_bad_structured_outputs_argument_stops_the_job_before_it_starts(tmp_pa
     with pytest.raises(SystemExit):
         parser.parse_args(base + ["--structured-outputs", "{oops"])
     assert not (tmp_path / "out").exists()
+
+
+def test_chat_template_kwargs_reach_the_template(tokenizer, tmp_path):
+    """--chat-template-kwargs (Qwen3's {"enable_thinking": false}): chat rows render with them; a bad value stops the
+    job before it starts; the job record holds them (a resume with others is refused)."""
+    messages = [{"role": "user", "content": "Grüße"}]
+    spec = RowSpec(prompt_column=None, messages_column="m", chat_template_kwargs={"add_generation_prompt": False})
+    (row,) = prepare_rows(pa.table({"m": [messages]}), spec, tokenizer)
+    hf = AutoTokenizer.from_pretrained(demo_model_path())
+    assert row.prompt == hf.encode(hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=False),
+                                   add_special_tokens=False)
+    data = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"m": [messages]}), data)
+    parser = argparse.ArgumentParser()
+    bulk_generate.add_arguments(parser)
+    base = ["--input", str(data), "--output", str(tmp_path / "out"), "--messages-column", "m"]
+    plan = bulk_generate.plan_job(parser.parse_args(base + ["--chat-template-kwargs", '{"enable_thinking": false}']))
+    assert plan.record["chat_template_kwargs"] == {"enable_thinking": False}
+    assert "chat_template_kwargs" not in bulk_generate.plan_job(parser.parse_args(base)).record
+    plain = base[:4] + ["--prompt-column", "m"]
+    for argv, message in ((base + ["--chat-template-kwargs", "[1]"], "must be a JSON object"),
+                          (base + ["--chat-template-kwargs", '{"conversation": 1}'], "other --chat-template-kwargs"),
+                          (plain + ["--chat-template-kwargs", '{"a": 1}'], "applies to chat rows: give --messages-column")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            bulk_generate.plan_job(parser.parse_args(argv))
