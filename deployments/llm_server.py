@@ -21,7 +21,7 @@ from adallm_core.config import EngineArgs
 from adallm_core.outputs import RequestOutput
 from adallm_core.sampling_params import SamplingParams
 from deployments.echo import Echo
-from deployments.reasoning import ThinkSplitter
+from deployments.reasoning import END_THINK, THINK, ThinkSplitter
 from deployments.metrics import EngineMetrics
 
 logger = logging.getLogger("ray.serve")
@@ -264,7 +264,15 @@ class LLMServer:
         """Per choice, what splits its thinking from its answer (None without a reasoning parser)."""
         if request.reasoning_parser is None or request.messages is None:
             return None
-        prompt_text = self.engine.tokenizer.decode(prompts[0][-16:], skip_special_tokens=False)  # its last tags
+        # The prompt's last think tag says where the answer starts. It is most often in the last few tokens (the
+        # generation prompt), but a continued message (continue_final_message) may have opened <think> long before
+        # its end: the window grows until it holds a tag, or the whole prompt.
+        ids, size = prompts[0], 16
+        while True:
+            prompt_text = self.engine.tokenizer.decode(ids[-size:], skip_special_tokens=False)
+            if size >= len(ids) or THINK in prompt_text or END_THINK in prompt_text:
+                break
+            size *= 16
         return collections.defaultdict(lambda: ThinkSplitter(prompt_text))
 
     def _deltas(self, prompt_index: int, out: RequestOutput, n: int, echo: Optional[Echo] = None,
