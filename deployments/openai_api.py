@@ -249,6 +249,15 @@ class ChatTemplateFields(Strict):
                              "message instead of opening a new one)")
         return value
 
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _agree_with_the_fields(cls, value, info):
+        # the kwargs win over the fields, so they may make a contradiction: the client's mistake (a 400), checked
+        # here rather than where template_options() is called, which answered it with a 500
+        chat_template_options(info.data.get("add_generation_prompt", True),
+                              info.data.get("continue_final_message", False), value)
+        return value
+
     def template_options(self) -> dict:
         return chat_template_options(self.add_generation_prompt, self.continue_final_message,
                                      self.chat_template_kwargs)

@@ -452,6 +452,12 @@ BAD_REQUESTS = [
      "continue_final_message", "needs add_generation_prompt: false"),
     ("/v1/chat/completions", {"model": "M", "messages": CHAT, "chat_template_kwargs": {"conversation": 1}}, 400,
      "chat_template_kwargs", "the chat template's arguments"),
+    # the template kwargs win over the fields, so they may contradict them: still the client's mistake
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "chat_template_kwargs": {"continue_final_message": True}},
+     400, "chat_template_kwargs", "cannot both be true"),
+    ("/tokenize", {"model": "M", "messages": CHAT, "add_generation_prompt": False,
+                   "chat_template_kwargs": {"add_generation_prompt": True, "continue_final_message": True}},
+     400, "chat_template_kwargs", "cannot both be true"),
     ("/v1/nothing-here", {}, 404, None, "Not Found"),
 ]
 
