@@ -458,6 +458,11 @@ BAD_REQUESTS = [
     ("/tokenize", {"model": "M", "messages": CHAT, "add_generation_prompt": False,
                    "chat_template_kwargs": {"add_generation_prompt": True, "continue_final_message": True}},
      400, "chat_template_kwargs", "cannot both be true"),
+    # a template sent by the client is refused, as vLLM does without --trust-request-chat-template
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "chat_template_kwargs": {"chat_template": "{{ 1/0 }}"}},
+     400, "chat_template_kwargs", "chat_template"),
+    ("/tokenize", {"model": "M", "messages": CHAT, "chat_template_kwargs": {"chat_template": "{{ messages }}"}},
+     400, "chat_template_kwargs", "chat_template"),
     ("/v1/nothing-here", {}, 404, None, "Not Found"),
 ]
 
