@@ -311,12 +311,13 @@ class LLMEngine:
         if len(seq.output_token_ids) + seq.num_placeholders < p.min_tokens:  # too early to stop: no eos / stop ids
             banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else self.eos_token_ids)
             return SamplingRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.index, banned, seq.num_placeholders,
-                               seq.grammar)
-        if seq.sampling_row is None:  # made once: it holds the sequence's live token lists (and its matcher)
-            seq.sampling_row = SamplingRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.index,
-                                           grammar=seq.grammar)
-        seq.sampling_row.num_placeholders = seq.num_placeholders
-        return seq.sampling_row
+                               seq.active_grammar, seq.grammar_waits_for is not None)
+        if seq.sampling_row is None:  # made once: it holds the sequence's live token lists
+            seq.sampling_row = SamplingRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.index)
+        row = seq.sampling_row
+        row.num_placeholders = seq.num_placeholders
+        row.grammar, row.grammar_waits = seq.active_grammar, seq.grammar_waits_for is not None
+        return row
 
     def _append_token(self, seq: Sequence, token: int, logprobs: Optional[dict[int, float]]) -> None:
         """Record the sampled token, then the stop checks in vLLM's order: eos, stop ids, stop strings, length."""
@@ -329,7 +330,8 @@ class LLMEngine:
         may_stop = len(out) >= p.min_tokens
         # structured outputs: the mask let only tokens the grammar takes through; once complete (it took a stop
         # token) the output ends, ignore_eos or not
-        grammar_done = seq.grammar is not None and (not seq.grammar.accept_token(token) or seq.grammar.is_terminated())
+        grammar = seq.active_grammar
+        grammar_done = grammar is not None and (not grammar.accept_token(token) or grammar.is_terminated())
         status = None
         if may_stop and not p.ignore_eos and token in self.eos_token_ids:
             status = SequenceStatus.FINISHED_STOPPED
@@ -342,6 +344,8 @@ class LLMEngine:
         elif len(out) >= seq.max_tokens or len(seq.prompt_token_ids) + len(out) >= self.max_model_len:
             status = SequenceStatus.FINISHED_LENGTH
         if status is None:
+            if seq.grammar_waits_for is not None and seq.grammar_waits_for in seq.detokenizer.text:
+                seq.grammar_waits_for = None  # the grammar constrains the next token on
             return
         stopped_by_token = status is SequenceStatus.FINISHED_STOPPED and not isinstance(seq.stop_reason, str)
         if stopped_by_token and p.include_stop_str_in_output:

@@ -30,6 +30,7 @@ class SamplingRow:
     banned_token_ids: tuple[int, ...] = ()  # eos / stop ids while fewer than min_tokens were generated
     num_placeholders: int = 0  # tokens generated before this one whose ids are still on the device (async)
     grammar: Optional[object] = None  # structured outputs: the sequence's matcher (it allows the next tokens)
+    grammar_waits: bool = False  # a matcher that starts once the output holds a text: it may start with this token
 
     @property
     def step(self) -> int:
@@ -58,7 +59,8 @@ class Sampler:
         """Rows the device samples with nothing from the host but their parameters: no penalties (they read the
         generated tokens), no logprobs (returned beside the token) and no grammar (its mask follows the last token).
         Async scheduling runs a step ahead then."""
-        return all(r.params.logprobs is None and not _has_penalty(r.params) and r.grammar is None for r in rows)
+        return all(r.params.logprobs is None and not _has_penalty(r.params) and r.grammar is None
+                   and not r.grammar_waits for r in rows)
 
     def sample_on_device(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> torch.Tensor:
         """The sampled tokens as a device tensor, without waiting for the device (penalties read the rows' token

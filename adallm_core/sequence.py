@@ -60,6 +60,9 @@ class Sequence:
         self.detokenizer = None  # set by the engine (IncrementalDetokenizer)
         self.sampling_row = None  # the engine's SamplingRow for it, made once (it holds the live token lists)
         self.grammar = None  # structured outputs: this sequence's xgrammar matcher (set by the engine)
+        # structured_outputs.start_after: the grammar waits until the output holds that text
+        structure = params.structured_outputs
+        self.grammar_waits_for = structure.start_after if structure is not None else None
         self.num_preemptions = 0
         self.num_sent_tokens = 0  # DELTA outputs: what the caller already has
         self.num_sent_chars = 0
@@ -69,6 +72,11 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def active_grammar(self):
+        """The matcher that constrains the next token, if any (None while it waits for start_after)."""
+        return self.grammar if self.grammar_waits_for is None else None
 
     @property
     def scores_prompt(self) -> bool:

@@ -24,6 +24,9 @@ class StructuredOutputsParams:
     grammar: Optional[str] = None  # EBNF (GBNF dialect), start rule `root`
     json_object: Optional[bool] = None  # any JSON object
     disable_any_whitespace: bool = False  # json / json_object: no free whitespace (xgrammar's ", " and ": " only)
+    # The grammar applies from the token after this text appears in the output: a reasoning model's "</think>",
+    # set by the server's reasoning parser (vLLM constrains the answer, not the thinking)
+    start_after: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -49,6 +52,8 @@ class StructuredOutputsParams:
                              f"got {given or 'none'}")
         if not isinstance(self.disable_any_whitespace, bool):
             raise ValueError("invalid sampling parameter structured_outputs.disable_any_whitespace: must be a bool")
+        if self.start_after is not None and not (isinstance(self.start_after, str) and self.start_after):
+            raise ValueError("invalid sampling parameter structured_outputs.start_after: must be a non-empty string")
         (kind,) = given
         value = getattr(self, kind)
         ok = {"json": isinstance(value, (str, dict)), "regex": isinstance(value, str),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Annotated, AsyncIterator, Optional, Union
@@ -186,8 +187,9 @@ class LLMServer:
             yield RequestError(str(e), param=_param_named_in(str(e)))
             return
         ids = [f"{request.request_id}-{i}" for i in range(len(prompts))]
+        params = self._answer_params(request, prompts)
         try:
-            admitted = await asyncio.gather(*(self._admit((rid, p, request.params)) for rid, p in zip(ids, prompts)))
+            admitted = await asyncio.gather(*(self._admit((rid, p, params)) for rid, p in zip(ids, prompts)))
         except Exception as e:  # the engine is dead: check_health fails too, and Serve replaces this replica
             yield RequestError(f"engine unavailable: {e}", status=503)
             return
@@ -264,16 +266,30 @@ class LLMServer:
         """Per choice, what splits its thinking from its answer (None without a reasoning parser)."""
         if request.reasoning_parser is None or request.messages is None:
             return None
+        prompt_text = self._prompt_tail(prompts[0])
+        return collections.defaultdict(lambda: ThinkSplitter(prompt_text))
+
+    def _prompt_tail(self, ids: list[int]) -> str:
         # The prompt's last think tag says where the answer starts. It is most often in the last few tokens (the
         # generation prompt), but a continued message (continue_final_message) may have opened <think> long before
         # its end: the window grows until it holds a tag, or the whole prompt.
-        ids, size = prompts[0], 16
+        size = 16
         while True:
             prompt_text = self.engine.tokenizer.decode(ids[-size:], skip_special_tokens=False)
             if size >= len(ids) or THINK in prompt_text or END_THINK in prompt_text:
-                break
+                return prompt_text
             size *= 16
-        return collections.defaultdict(lambda: ThinkSplitter(prompt_text))
+
+    def _answer_params(self, request: GenerateRequest, prompts: list[list[int]]) -> SamplingParams:
+        """With a reasoning parser, a grammar constrains the answer, not the thinking (vLLM's): it waits for
+        </think> unless the prompt closed the thinking already (Qwen3's enable_thinking false)."""
+        params, structure = request.params, request.params.structured_outputs
+        if request.reasoning_parser is None or request.messages is None or structure is None:
+            return params
+        tail = self._prompt_tail(prompts[0])
+        if tail.rfind(END_THINK) > tail.rfind(THINK):
+            return params
+        return dataclasses.replace(params, structured_outputs=dataclasses.replace(structure, start_after=END_THINK))
 
     def _deltas(self, prompt_index: int, out: RequestOutput, n: int, echo: Optional[Echo] = None,
                 thinking: Optional[dict] = None) -> list[ChoiceDelta]:

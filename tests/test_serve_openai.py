@@ -282,28 +282,42 @@ def test_chat_template_options_equal_offline_llm(server, client, served_name, of
         want.prompt_token_ids) < post("/tokenize", {"messages": CHAT})["count"]
 
 
-def test_reasoning_parser_splits_qwen3_thinking_from_the_answer(server, client, served_name):
-    """`--reasoning-parser qwen3` (the app at /think): <think>...</think> goes to reasoning_content. The tiny model
-    writes no thinking of its own: a grammar makes it write Qwen3's shape."""
+def test_reasoning_parser_sends_the_thinking_to_reasoning_content(server, client, served_name):
+    """`--reasoning-parser qwen3` (the app at /think). The tiny model writes no think tags of its own, so a prompt that
+    opens the thinking (a template that does, here a continued message) makes its whole answer thinking; one that
+    does not leaves it all content. Where </think> splits an answer: tests/test_reasoning.py."""
     think = openai.OpenAI(base_url=f"{server}/think/v1", api_key="unused", max_retries=0, timeout=120)
-    shape = {"structured_outputs": {"regex": "<think>[a-z]{2,6}</think>\n\n[a-z]{2,6}"}}
-    kw = dict(model=served_name, messages=CHAT, max_tokens=30, temperature=0, extra_body=shape)
-    raw = client.chat.completions.create(**kw).choices[0].message  # no parser: the text as written
-    inner, answer = re.fullmatch(r"<think>(\w+)</think>\n\n(\w+)", raw.content).groups()
-    assert getattr(raw, "reasoning_content", None) is None
-    msg = think.chat.completions.create(**kw).choices[0].message
-    assert (msg.reasoning_content, msg.content) == (inner, answer)
-    chunks = [c for c in think.chat.completions.create(stream=True, **kw) if c.choices]
-    assert "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks) == inner
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer
-    # a template that opens the thinking in the prompt (Qwen3 thinking models): the answer starts inside it
-    opened = CHAT + [{"role": "assistant", "content": "<think>\n"}]
-    msg = think.chat.completions.create(model=served_name, messages=opened, max_tokens=30, temperature=0,
-                                        extra_body={
-                                            "continue_final_message": True, "add_generation_prompt": False,
-                                            "structured_outputs": {"regex": "[a-z]{2,6}</think>[a-z]{2,6}"}},
-                                        ).choices[0].message
-    assert re.fullmatch("[a-z]{2,6}", msg.reasoning_content) and re.fullmatch("[a-z]{2,6}", msg.content)
+    continued = dict(continue_final_message=True, add_generation_prompt=False)
+
+    def ask(c, opened: str, **kw):
+        return c.chat.completions.create(model=served_name, messages=CHAT + [{"role": "assistant", "content": opened}],
+                                         max_tokens=12, temperature=0, extra_body=continued, **kw)
+
+    raw = ask(client, "<think>\n").choices[0].message  # no parser: the text as written
+    assert raw.content and getattr(raw, "reasoning_content", None) is None
+    msg = ask(think, "<think>\n").choices[0].message
+    assert (msg.reasoning_content, msg.content) == (raw.content, "")
+    chunks = [c for c in ask(think, "<think>\n", stream=True) if c.choices]
+    assert "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks) == raw.content
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""
+    plain = ask(think, "Sure:").choices[0].message  # no thinking opened: all content
+    assert plain.reasoning_content is None and plain.content == ask(client, "Sure:").choices[0].message.content
+
+
+def test_with_a_reasoning_parser_a_grammar_constrains_the_answer_not_the_thinking(server, served_name):
+    think = openai.OpenAI(base_url=f"{server}/think/v1", api_key="unused", max_retries=0, timeout=120)
+    continued = dict(continue_final_message=True, add_generation_prompt=False,
+                     structured_outputs={"regex": "[a-c]{2,4}"})
+
+    def answer(opened: str):
+        return think.chat.completions.create(model=served_name, messages=CHAT + [
+            {"role": "assistant", "content": opened}], max_tokens=8, temperature=0, extra_body=continued).choices[0]
+
+    closed = answer("<think>\nno need</think>\n\n")  # thinking closed in the prompt: the answer is constrained
+    assert re.fullmatch("[a-c]{2,4}", closed.message.content) and closed.finish_reason == "stop"
+    # open: the tiny model never writes </think> by itself, so the grammar never starts and its thinking is free
+    opened = answer("<think>\n")
+    assert opened.finish_reason == "length" and not re.fullmatch("[a-c]*", opened.message.reasoning_content)
 
 
 def test_logit_bias_and_vllm_sampling_fields_equal_offline_llm(client, served_name, offline):

@@ -128,6 +128,26 @@ def test_masks_filled_on_the_thread_pool_equal_row_by_row(monkeypatch):
     assert got[0] == got[1] and len(got[0]) == 4 * 2 * 3
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_grammar_may_wait_for_a_text_before_it_starts(async_scheduling):
+    """start_after (set by the server's reasoning parser to "</think>"): the output is free until it holds that
+    text, then follows the grammar. The marker here is a piece of what the tiny model writes unconstrained."""
+    engine = make_engine(async_scheduling=async_scheduling)
+    engine.add_request("free", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    free = run_all(engine)["free"].outputs[0].token_ids
+    decode = engine.tokenizer.decode
+    # the marker: the text of the first k tokens, whole characters, so it is complete exactly at token k
+    k = next(k for k in range(2, 12) if "\ufffd" not in decode(free[:k]) and decode(free[:k]) != decode(free[:k - 1]))
+    marker = decode(free[:k])
+    structure = dict(regex=REGEX, start_after=marker)
+    engine.add_request("s", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=structure))
+    engine.add_request("n", PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    out = run_all(engine)["s"].outputs[0]
+    assert out.token_ids[:k] == free[:k]  # unconstrained up to the token that completed the marker...
+    check("regex", out.text[len(marker):])  # ...constrained from the next one
+    assert out.finish_reason == "stop" and engine.stats()["kv_blocks_used"] == 0
+
+
 def test_a_complete_grammar_ends_the_output_even_with_ignore_eos():
     engine = make_engine()
     engine.add_request("c", PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
