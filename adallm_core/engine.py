@@ -22,7 +22,7 @@ from adallm_core.outputs import CompletionOutput, RequestOutput
 from adallm_core.overlap import DeviceTokens, TokenBuffers
 from adallm_core.prefill_graphs import token_buckets
 from adallm_core.runner import PromptScores, PromptScoring, SeqStep
-from adallm_core.sampler import Sampler, SamplingRow
+from adallm_core.sampler import Sampler, SamplingRow, logprob_entry
 from adallm_core.sampling_params import RequestOutputKind, SamplingParams
 from adallm_core.scheduler import Scheduler, SchedulerOutput
 from adallm_core.sequence import Request, Sequence, SequenceStatus
@@ -299,10 +299,8 @@ class LLMEngine:
             num_top = seq.params.prompt_logprobs
             prompt, scored_so_far = seq.prompt_token_ids, seq.prompt_logprobs
             for r in range(row, row + count):
-                entry = {prompt[len(scored_so_far)]: target_lps[r]}
-                for j in range(num_top):
-                    entry.setdefault(top_ids[r][j], top_lps[r][j])
-                scored_so_far.append(entry)
+                scored_so_far.append(logprob_entry(prompt[len(scored_so_far)], target_lps[r], top_ids[r][:num_top],
+                                                   top_lps[r][:num_top]))
             row += count
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:

@@ -99,12 +99,10 @@ class Sampler:
             top_vals_l = top_vals.tolist() if n_top else None
             top_ids_l = top_ids.tolist() if n_top else None
             for i, p in enumerate(params):
-                if p.logprobs is None:
-                    continue
-                entry = {token_list[i]: chosen[i]}
-                for j in range(p.logprobs):
-                    entry.setdefault(top_ids_l[i][j], top_vals_l[i][j])
-                out_logprobs[i] = entry
+                if p.logprobs is not None:
+                    n = p.logprobs
+                    out_logprobs[i] = logprob_entry(token_list[i], chosen[i], top_ids_l[i][:n] if n else [],
+                                                    top_vals_l[i][:n] if n else [])
         return SamplerOutput(token_list, out_logprobs)
 
     # --- logits processors (in place) ---------------------------------------------------------
@@ -184,6 +182,14 @@ class Sampler:
         if not any(greedy):
             return sampled
         return torch.where(torch.tensor(greedy, device=dev), logits.argmax(dim=-1), sampled)
+
+
+def logprob_entry(token: int, logprob: float, top_ids: list[int], top_logprobs: list[float]) -> dict[int, float]:
+    """{token: its logprob} and then the top ones (the token is listed once, first, if it is among them)."""
+    entry = {token: logprob}
+    for t, lp in zip(top_ids, top_logprobs):
+        entry.setdefault(t, lp)
+    return entry
 
 
 def _has_penalty(p: SamplingParams) -> bool:
