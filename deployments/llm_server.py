@@ -139,6 +139,15 @@ def _merge(deltas: list[ChoiceDelta]) -> list[ChoiceDelta]:
     return list(merged.values())
 
 
+def _answer_params(params: SamplingParams, prompt_tail: Optional[str]) -> SamplingParams:
+    """With a reasoning parser (a prompt tail was read), a grammar constrains the answer, not the thinking (vLLM's):
+    it waits for </think> unless the prompt closed the thinking already (Qwen3's enable_thinking false)."""
+    structure = params.structured_outputs
+    if prompt_tail is None or structure is None or prompt_tail.rfind(END_THINK) > prompt_tail.rfind(THINK):
+        return params
+    return dataclasses.replace(params, structured_outputs=dataclasses.replace(structure, start_after=END_THINK))
+
+
 def _param_named_in(message: str) -> Optional[str]:
     return next((p for p in ("chat_template_kwargs", "max_tokens", "messages", "prompt") if p in message), None)
 
@@ -187,7 +196,9 @@ class LLMServer:
             yield RequestError(str(e), param=_param_named_in(str(e)))
             return
         ids = [f"{request.request_id}-{i}" for i in range(len(prompts))]
-        params = self._answer_params(request, prompts)
+        # with a reasoning parser, the prompt's last think tag says where a chat answer starts (read once)
+        tail = self._prompt_tail(prompts[0]) if request.reasoning_parser and request.messages is not None else None
+        params = _answer_params(request.params, tail)
         try:
             admitted = await asyncio.gather(*(self._admit((rid, p, params)) for rid, p in zip(ids, prompts)))
         except Exception as e:  # the engine is dead: check_health fails too, and Serve replaces this replica
@@ -207,7 +218,7 @@ class LLMServer:
             yield RequestError(message, param=param)
             return
         echo = self._echo(request, prompts) if request.echo else None
-        thinking = self._thinking(request, prompts)
+        thinking = collections.defaultdict(lambda: ThinkSplitter(tail)) if tail is not None else None  # per choice
         queue: asyncio.Queue = asyncio.Queue()
         pumps = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(admitted)]
         running = set(range(len(prompts)))
@@ -262,13 +273,6 @@ class LLMServer:
                  for p, ids in zip(request.prompts, prompts)]
         return Echo(texts, with_logprobs=request.params.logprobs is not None, prompt_only=request.prompt_only)
 
-    def _thinking(self, request: GenerateRequest, prompts: list[list[int]]):
-        """Per choice, what splits its thinking from its answer (None without a reasoning parser)."""
-        if request.reasoning_parser is None or request.messages is None:
-            return None
-        prompt_text = self._prompt_tail(prompts[0])
-        return collections.defaultdict(lambda: ThinkSplitter(prompt_text))
-
     def _prompt_tail(self, ids: list[int]) -> str:
         # The prompt's last think tag says where the answer starts. It is most often in the last few tokens (the
         # generation prompt), but a continued message (continue_final_message) may have opened <think> long before
@@ -280,19 +284,8 @@ class LLMServer:
                 return prompt_text
             size *= 16
 
-    def _answer_params(self, request: GenerateRequest, prompts: list[list[int]]) -> SamplingParams:
-        """With a reasoning parser, a grammar constrains the answer, not the thinking (vLLM's): it waits for
-        </think> unless the prompt closed the thinking already (Qwen3's enable_thinking false)."""
-        params, structure = request.params, request.params.structured_outputs
-        if request.reasoning_parser is None or request.messages is None or structure is None:
-            return params
-        tail = self._prompt_tail(prompts[0])
-        if tail.rfind(END_THINK) > tail.rfind(THINK):
-            return params
-        return dataclasses.replace(params, structured_outputs=dataclasses.replace(structure, start_after=END_THINK))
-
     def _deltas(self, prompt_index: int, out: RequestOutput, n: int, echo: Optional[Echo] = None,
-                thinking: Optional[dict] = None) -> list[ChoiceDelta]:
+                thinking: Optional[dict[int, ThinkSplitter]] = None) -> list[ChoiceDelta]:
         deltas = self._choice_deltas(prompt_index, out, n)
         if echo is not None:
             if out.prompt_logprobs is not None:

@@ -30,20 +30,17 @@ def test_a_continued_message_long_inside_its_thinking_starts_the_answer_there():
     goes on inside the thinking, so its </think> is not content."""
     from types import SimpleNamespace
 
-    from adallm_core.sampling_params import SamplingParams
     from adallm_core.testing import demo_model_path
     from adallm_core.tokenizer import Tokenizer
-    from deployments.llm_server import GenerateRequest, LLMServer
+    from deployments.llm_server import LLMServer
 
     tokenizer = Tokenizer(demo_model_path())
-    server = object.__new__(LLMServer.func_or_class)  # no engine: _thinking reads only the tokenizer
+    server = object.__new__(LLMServer.func_or_class)  # no engine: _prompt_tail reads only the tokenizer
     server.engine = SimpleNamespace(tokenizer=tokenizer)
     messages = [{"role": "user", "content": "What is 2 + 2?"},
                 {"role": "assistant", "content": "<think>\n" + "Let me add the two numbers one by one. " * 4}]
     options = dict(add_generation_prompt=False, continue_final_message=True)
-    request = GenerateRequest("r", SamplingParams(), messages=messages, template_options=options,
-                              reasoning_parser="qwen3")
     prompt = tokenizer.encode_chat(messages, **options)
     assert len(prompt) > 32
-    thinking = server._thinking(request, [prompt])
-    assert thinking[0].feed("So 4.</think>\n\nIt is 4.", final=True) == ("So 4.", "It is 4.")
+    splitter = ThinkSplitter(server._prompt_tail(prompt))
+    assert splitter.feed("So 4.</think>\n\nIt is 4.", final=True) == ("So 4.", "It is 4.")
