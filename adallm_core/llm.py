@@ -34,14 +34,18 @@ class LLM:
 
     def chat(self, messages, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
              use_tqdm: Union[bool, Callable] = True, add_generation_prompt: bool = True,
-             continue_final_message: bool = False, chat_template_kwargs: Optional[dict] = None) -> list[RequestOutput]:
+             continue_final_message: bool = False, chat_template_kwargs: Optional[dict] = None,
+             tools: Optional[list[dict]] = None) -> list[RequestOutput]:
         """messages: one conversation (list of {"role", "content"}) or a list of conversations. With
-        continue_final_message the last (assistant) message is continued, not closed (vLLM's option)."""
+        continue_final_message the last (assistant) message is continued, not closed (vLLM's option). tools: OpenAI's
+        function definitions, which the chat template shows the model (vLLM's)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         try:
             kwargs = chat_template_options(add_generation_prompt, continue_final_message, chat_template_kwargs)
         except ValueError as e:
             raise ValueError(f"chat: {e}") from None
+        if tools is not None:
+            kwargs["tools"] = tools
         tok = self.llm_engine.tokenizer
         # The template writes bos itself: encode the rendered text without adding special tokens again.
         items = [(tok.apply_chat_template(c, **kwargs), False) for c in conversations]

@@ -25,7 +25,7 @@ import torch
 FAMILIES = ("qwen3", "qwen3_moe", "gemma3")
 VOCAB_SIZE = 384
 DEMO_FORMAT = "modelopt"
-DEMO_NAME = "demo-qwen3-nvfp4-v1"  # bump the suffix when the demo model's recipe changes
+DEMO_NAME = "demo-qwen3-nvfp4-v2"  # bump the suffix when the demo model's recipe changes
 
 # Training text for the tokenizer: English, code, numbers and non-ASCII (multi-byte UTF-8) scripts.
 _CORPUS = """\
@@ -40,9 +40,29 @@ Café, naïve, façade, Größe, Straße, jalapeño, smörgåsbord, déjà vu.
 한국어 문장입니다. 🙂 🚀 ✓ → ∑ π ≈ 3.14 € £ ¥
 """
 
+# ChatML with Qwen3's tool format: the tools in a system turn, an assistant's calls as <tool_call> blocks, a tool's
+# answer as a user turn's <tool_response>. Without tools or calls it renders plain ChatML.
 _CHATML = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call one or more functions.\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nFor each call, return a JSON object within <tool_call></tool_call> tags:\\n<tool_call>\\n"
+    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set messages = messages[1:] %}{%- endif %}"
+    "{%- endif %}"
     "{%- for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- if message['role'] == 'tool' %}"
+    "{{ '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+    "{%- for call in message['tool_calls'] or [] %}"
+    "{{ '\\n<tool_call>\\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' "
+    "+ (call['function']['arguments'] | tojson) + '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )

@@ -51,6 +51,8 @@ class ServeOptions(BaseModel):
     max_ongoing_requests: Optional[int] = Field(None, ge=1)  # per replica; default: engine max_num_seqs
     max_queued_requests: Optional[int] = Field(None, ge=1)  # per caller; default: 2 x max_ongoing_requests
     reasoning_parser: Optional[Literal["qwen3"]] = None  # chat: <think>...</think> to reasoning_content
+    tool_call_parser: Optional[Literal["hermes"]] = None  # chat: <tool_call> blocks to tool_calls
+    enable_auto_tool_choice: bool = False  # tool_choice "auto" (the default with tools); needs tool_call_parser
 
     @model_validator(mode="after")
     def _replicas(self) -> "ServeOptions":
@@ -58,6 +60,8 @@ class ServeOptions(BaseModel):
             raise ValueError("give num_replicas, or min_replicas/max_replicas for autoscaling, not both")
         if self.min_replicas is not None and self.max_replicas is not None and self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas={self.min_replicas} is above max_replicas={self.max_replicas}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs a tool_call_parser (hermes) to read the calls")
         return self
 
 
@@ -112,7 +116,8 @@ def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
         ray_actor_options={"num_cpus": 0.5, "resources": dict(ON_HEAD_NODE), **serve_env},
         max_ongoing_requests=most_replicas * max_ongoing + max_queued + 64,
     )
-    return ingress.bind(llm, options.served_model_name or served_name(engine.model), options.reasoning_parser)
+    return ingress.bind(llm, options.served_model_name or served_name(engine.model), options.reasoning_parser,
+                        options.tool_call_parser, options.enable_auto_tool_choice)
 
 
 def set_serve_environment() -> None:

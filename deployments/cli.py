@@ -9,6 +9,7 @@ import time
 
 from adallm_core.config import EngineArgs
 from deployments.reasoning import PARSERS
+from deployments.tool_calls import PARSERS as TOOL_CALL_PARSERS
 
 APP_NAME = "adallm"
 
@@ -32,13 +33,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queued-requests", type=int, default=None, help="beyond this, 503; default: 2x ongoing")
     parser.add_argument("--reasoning-parser", choices=PARSERS, default=None,
                         help="chat: the thinking (<think>...</think>) goes to reasoning_content, apart from content")
+    parser.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default=None,
+                        help="chat: the answer's <tool_call> blocks become tool_calls (with --enable-auto-tool-choice)")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true", default=None,
+                        help='chat: tool_choice "auto", the default with tools; needs --tool-call-parser')
     EngineArgs.add_cli_args(parser, with_model=False)
 
 
 SERVE_FLAGS = (
     "served_model_name", "num_replicas", "min_replicas", "max_replicas", "num_gpus", "accelerator_type",
     "max_batch_size", "batch_wait_timeout_s", "stream_interval_s", "max_ongoing_requests", "max_queued_requests",
-    "reasoning_parser",
+    "reasoning_parser", "tool_call_parser", "enable_auto_tool_choice",
 )  # fmt: skip
 
 

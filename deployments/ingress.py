@@ -78,11 +78,13 @@ async def _next(outputs: DeploymentResponseGenerator):
 @serve.deployment(name="OpenAiIngress")
 @serve.ingress(app)
 class OpenAiIngress:
-    def __init__(self, llm_server: DeploymentHandle, served_model_name: str, reasoning_parser: Optional[str] = None):
+    def __init__(self, llm_server: DeploymentHandle, served_model_name: str, reasoning_parser: Optional[str] = None,
+                 tool_call_parser: Optional[str] = None, enable_auto_tool_choice: bool = False):
         self.llm = llm_server
         self.stream = llm_server.options(stream=True)
         self.model = served_model_name
         self.reasoning_parser = reasoning_parser
+        self.auto_tool_choice = enable_auto_tool_choice and tool_call_parser is not None
         self._max_model_len: Optional[int] = None
 
     @app.get("/health")
@@ -111,10 +113,15 @@ class OpenAiIngress:
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
     async def chat_completions(self, body: ChatCompletionRequest):
         self._check_model(body.model)
+        tool_plan = body.tool_plan()
+        if tool_plan is not None and tool_plan.mode == "auto" and not self.auto_tool_choice:
+            raise OpenAIError(400, 'tool_choice "auto" (the default with tools) needs a server started with '
+                              "--enable-auto-tool-choice --tool-call-parser hermes; \"none\", \"required\" or a "
+                              "named function work without", "tool_choice")
         messages = [m.as_template_input() for m in body.messages]
         request = GenerateRequest(new_id("chatcmpl"), self._params(body), messages=messages,
                                   structure_field=body.structure_field, template_options=body.template_options(),
-                                  reasoning_parser=self.reasoning_parser)
+                                  reasoning_parser=self.reasoning_parser, tool_plan=tool_plan)
         top = (body.top_logprobs or 0) if body.logprobs else None
         return await self._serve("/v1/chat/completions", body, request,
                                  lambda: ResponseBuilder(request.request_id, self.model, True, top, body.n, 1))

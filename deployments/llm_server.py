@@ -12,7 +12,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, AsyncIterator, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -24,6 +24,7 @@ from adallm_core.sampling_params import SamplingParams
 from deployments.echo import Echo
 from deployments.reasoning import END_THINK, THINK, ThinkSplitter
 from deployments.metrics import EngineMetrics
+from deployments.tool_calls import ToolCallDelta, ToolCallPlan, ToolCallReader
 
 logger = logging.getLogger("ray.serve")
 
@@ -54,12 +55,13 @@ class GenerateRequest:
     request_id: str
     params: SamplingParams
     prompts: Optional[list[Prompt]] = None  # /v1/completions
-    messages: Optional[list[dict[str, str]]] = None  # /v1/chat/completions: rendered by the chat template
+    messages: Optional[list[dict]] = None  # /v1/chat/completions: rendered by the chat template
     echo: bool = False  # /v1/completions: each choice starts with its prompt (deployments/echo.py)
     prompt_only: bool = False  # with echo: the prompt alone, what is generated is dropped (max_tokens 0)
     structure_field: str = "structured_outputs"  # or response_format: the field a grammar error names
     template_options: Optional[dict] = None  # chat: apply_chat_template's keyword arguments (chat_template_options)
     reasoning_parser: Optional[str] = None  # chat: split the thinking from the answer (deployments/reasoning.py)
+    tool_plan: Optional[ToolCallPlan] = None  # chat: read tool calls out of the answer (deployments/tool_calls.py)
 
 
 @dataclass
@@ -73,6 +75,7 @@ class ChoiceDelta:
     logprobs: Optional[list[TokenLogprob]]
     finish_reason: Optional[str]
     reasoning: str = ""  # chat with a reasoning parser: the thinking, split from `text` (deployments/reasoning.py)
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)  # chat with tools: calls read out of `text`
 
 
 @dataclass
@@ -132,6 +135,11 @@ def _merge(deltas: list[ChoiceDelta]) -> list[ChoiceDelta]:
             continue
         m.text += d.text
         m.reasoning += d.reasoning
+        for call in d.tool_calls:  # a call's pieces join into one delta
+            if m.tool_calls and m.tool_calls[-1].index == call.index:
+                m.tool_calls[-1].arguments += call.arguments
+            else:
+                m.tool_calls.append(call)
         m.num_tokens += d.num_tokens
         if d.logprobs is not None:
             m.logprobs = (m.logprobs or []) + d.logprobs
@@ -219,6 +227,7 @@ class LLMServer:
             return
         echo = self._echo(request, prompts) if request.echo else None
         thinking = collections.defaultdict(lambda: ThinkSplitter(tail)) if tail is not None else None  # per choice
+        tools = collections.defaultdict(request.tool_plan.reader) if request.tool_plan is not None else None
         queue: asyncio.Queue = asyncio.Queue()
         pumps = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(admitted)]
         running = set(range(len(prompts)))
@@ -234,7 +243,7 @@ class LLMServer:
                         yield RequestError(f"engine error: {out}", status=500)
                         return
                     else:
-                        deltas.extend(self._deltas(prompt_index, out, request.params.n, echo, thinking))
+                        deltas.extend(self._deltas(prompt_index, out, request.params.n, echo, thinking, tools))
                 if deltas:
                     yield _merge(deltas)
                     last_yield = loop.time()
@@ -285,7 +294,8 @@ class LLMServer:
             size *= 16
 
     def _deltas(self, prompt_index: int, out: RequestOutput, n: int, echo: Optional[Echo] = None,
-                thinking: Optional[dict[int, ThinkSplitter]] = None) -> list[ChoiceDelta]:
+                thinking: Optional[dict[int, ThinkSplitter]] = None,
+                tools: Optional[dict[int, ToolCallReader]] = None) -> list[ChoiceDelta]:
         deltas = self._choice_deltas(prompt_index, out, n)
         if echo is not None:
             if out.prompt_logprobs is not None:
@@ -294,6 +304,11 @@ class LLMServer:
                 echo.prefix(prompt_index, d)
         for d in deltas if thinking is not None else ():
             d.reasoning, d.text = thinking[d.index].feed(d.text, final=d.finish_reason is not None)
+        for d in deltas if tools is not None else ():
+            reader = tools[d.index]
+            d.text, d.tool_calls = reader.feed(d.text, final=d.finish_reason is not None)
+            if d.finish_reason == "stop" and reader.called and reader.finish_reason:
+                d.finish_reason = reader.finish_reason
         return deltas
 
     def _choice_deltas(self, prompt_index: int, out: RequestOutput, n: int) -> list[ChoiceDelta]:
@@ -321,7 +336,7 @@ class LLMServer:
         first = (self.engine.tokenizer.token_text(token_ids[0]), None, [])
         return [first] + self._logprobs(token_ids[1:], scored[1:])
 
-    async def tokenize(self, prompt: Optional[str], messages: Optional[list[dict[str, str]]], add_special_tokens: bool,
+    async def tokenize(self, prompt: Optional[str], messages: Optional[list[dict]], add_special_tokens: bool,
                        template_options: dict, return_token_strs: bool) -> Union[dict, RequestError]:
         """vLLM's /tokenize: the ids the engine would see for this prompt (or these messages, templated)."""
         tokenizer = self.engine.tokenizer

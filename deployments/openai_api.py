@@ -1,14 +1,16 @@
 """OpenAI request and response bodies (pydantic). Unknown fields are rejected by name, never ignored."""
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from adallm_core.sampling_params import RequestOutputKind, SamplingParams
 from adallm_core.tokenizer import chat_template_options, unicode_text  # here too: the 400 then names the field
+from deployments.tool_calls import ToolCallPlan, forced_schema
 
 INT64_MAX = 2**63 - 1
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -216,21 +218,112 @@ class TextPart(Strict):
     text: str
 
 
+class FunctionName(Strict):
+    name: str
+
+
+class FunctionDefinition(FunctionName):
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None  # a JSON schema of the arguments object
+    strict: Optional[bool] = None  # a forced call always follows the schema
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class SentFunctionCall(Strict, FunctionCall):
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, arguments):
+        # templates take the arguments as an object (vLLM parses them too): text that is none is the client's error
+        try:
+            parsed = json.loads(arguments)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"a tool call's arguments must be a JSON object: {e}") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"a tool call's arguments must be a JSON object, got {arguments!r}")
+        return arguments
+
+
+class SentToolCall(Strict):
+    id: str
+    type: Literal["function"]
+    function: SentFunctionCall
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[TextPart]]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: Optional[Union[str, list[TextPart]]] = Field(None, validate_default=True)
     name: Optional[str] = None
+    tool_calls: Optional[list[SentToolCall]] = None  # an assistant's earlier calls
+    tool_call_id: Optional[str] = Field(None, validate_default=True)  # a tool message: the call it answers
+    # An answer sent back as the client got it (`messages.append(reply.choices[0].message)`) carries these too: the
+    # thinking (not shown to the template again, as Qwen3's drops it) and OpenAI's fields this server never fills.
+    reasoning_content: Optional[str] = None
+    reasoning: Optional[str] = None
+    refusal: Optional[Any] = None
+    annotations: Optional[Any] = None
+    audio: Optional[Any] = None
+    function_call: Optional[Any] = None
+
+    @field_validator("refusal", "annotations", "audio", "function_call")
+    @classmethod
+    def _only_null(cls, value, info):
+        if value is not None:
+            raise ValueError(f"{info.field_name} is not supported in a message (only null)")
+        return value
 
     @field_validator("content")
     @classmethod
-    def _utf8(cls, content):
-        for text in [content] if isinstance(content, str) else [p.text for p in content]:
+    def _utf8(cls, content, info):
+        if content is None and info.data.get("role") != "assistant":  # an assistant that only called has none
+            raise ValueError(f"a {info.data.get('role')} message needs content")
+        for text in [] if content is None else [content] if isinstance(content, str) else [p.text for p in content]:
             unicode_text(text)
         return content
 
-    def as_template_input(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+    @field_validator("tool_calls")
+    @classmethod
+    def _assistant_calls(cls, value, info):
+        if value is not None and info.data.get("role") != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        return value
+
+    @field_validator("tool_call_id", mode="after")
+    @classmethod
+    def _tool_answers_a_call(cls, value, info):
+        if (value is None) == (info.data.get("role") == "tool"):
+            raise ValueError("a tool message, and only a tool message, has a tool_call_id")
+        return value
+
+    def as_template_input(self) -> dict[str, Any]:
+        content = self.content or ""
+        text = content if isinstance(content, str) else "".join(p.text for p in content)
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": json.loads(c.function.arguments)}} for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class ChatTemplateFields(Strict):
@@ -239,6 +332,7 @@ class ChatTemplateFields(Strict):
 
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    tools: Optional[list[Tool]] = None  # the template shows them to the model
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
     @field_validator("continue_final_message")
@@ -263,8 +357,12 @@ class ChatTemplateFields(Strict):
         return value
 
     def template_options(self) -> dict:
-        return chat_template_options(self.add_generation_prompt, self.continue_final_message,
-                                     self.chat_template_kwargs)
+        options = chat_template_options(self.add_generation_prompt, self.continue_final_message,
+                                        self.chat_template_kwargs)
+        return {**options, "tools": self.tool_dicts()} if self.tools else options
+
+    def tool_dicts(self) -> list[dict]:
+        return [t.model_dump(exclude_none=True) for t in self.tools or ()]
 
 
 class ChatCompletionRequest(ChatTemplateFields, SamplingFields):
@@ -272,11 +370,72 @@ class ChatCompletionRequest(ChatTemplateFields, SamplingFields):
     max_completion_tokens: Optional[int] = Field(None, ge=1, le=INT64_MAX)
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    # None: "auto" with tools, else "none" (OpenAI's)
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = Field(None,
+                                                                                              validate_default=True)
+    parallel_tool_calls: Optional[bool] = True  # null: the default
+
+    @field_validator("parallel_tool_calls", mode="before")
+    @classmethod
+    def _null_is_true(cls, value):
+        return True if value is None else value
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _named_choice(cls, value):
+        # a dict can only be a named choice: its own errors, not the union's (which lead with the strings')
+        if isinstance(value, dict):
+            try:
+                return NamedToolChoice.model_validate(value)
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise ValueError(f"a named tool_choice is {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}: "
+                                 f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        return value
 
     @field_validator("top_logprobs")
     @classmethod
     def _top_logprobs_need_logprobs(cls, value, info):
         return only_with_true(value, info, "logprobs")
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_among_the_tools(cls, value, info):
+        if "tools" not in info.data:  # the tools were refused: that error is the one to report
+            return value
+        tools = info.data["tools"] or []
+        if value is None:
+            return "auto" if tools else "none"
+        if value != "none" and not tools:
+            raise ValueError(f"tool_choice {_choice_text(value)} needs tools")
+        if isinstance(value, NamedToolChoice) and value.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"tool_choice names {value.function.name!r}, which is not among the tools")
+        forced = value == "required" or isinstance(value, NamedToolChoice)
+        fmt = info.data.get("response_format")
+        if forced and (info.data.get("structured_outputs") is not None or (fmt is not None and fmt.type != "text")):
+            raise ValueError(f"tool_choice {_choice_text(value)} sets the answer's grammar: give no response_format "
+                             "or structured_outputs with it")
+        return value
+
+    def tool_plan(self) -> Optional[ToolCallPlan]:
+        """How the answer holds its calls; None: no calls are read out of it (tool_choice "none")."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return ToolCallPlan("named", self.tool_choice.function.name)
+        return None if self.tool_choice == "none" else ToolCallPlan(self.tool_choice, parallel=self.parallel_tool_calls)
+
+    @property
+    def structure_field(self) -> str:
+        return "tools" if self._forced_tool_schema() is not None else super().structure_field
+
+    def _structure(self) -> Optional[dict]:
+        forced = self._forced_tool_schema()
+        return {"json": forced, "disable_any_whitespace": True} if forced is not None else super()._structure()
+
+    def _forced_tool_schema(self) -> Optional[dict]:
+        if self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice):
+            choice = self.tool_choice.model_dump() if isinstance(self.tool_choice, NamedToolChoice) else "required"
+            return forced_schema(self.tool_dicts(), choice, self.parallel_tool_calls)
+        return None
 
     def to_sampling_params(self) -> SamplingParams:
         if self.max_completion_tokens is not None and self.min_tokens > self.max_completion_tokens:
@@ -286,6 +445,10 @@ class ChatCompletionRequest(ChatTemplateFields, SamplingFields):
         max_tokens = self.max_completion_tokens or self.max_tokens  # None: up to max_model_len
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self.sampling_params(max_tokens, logprobs)
+
+
+def _choice_text(choice) -> str:
+    return f"naming {choice.function.name!r}" if isinstance(choice, NamedToolChoice) else repr(choice)
 
 
 class TokenizeRequest(ChatTemplateFields):
@@ -385,8 +548,9 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str]  # None when the answer is only tool calls
     reasoning_content: Optional[str] = None  # with a reasoning parser: the thinking, apart from the answer
+    tool_calls: list[ToolCall] = []
 
 
 class ChatChoice(BaseModel):
@@ -402,10 +566,23 @@ class ChatCompletionResponse(_Response):
     usage: Usage
 
 
+class DeltaFunctionCall(BaseModel):
+    name: Optional[str] = None
+    arguments: str = ""
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: Optional[str] = None  # id, type and name come with a call's first delta
+    type: Optional[Literal["function"]] = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
     reasoning_content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -18,8 +18,12 @@ from deployments.openai_api import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
     TokenLogprob as ChatTokenLogprob,
+    ToolCall,
     TopLogprob,
     Usage,
 )
@@ -29,6 +33,7 @@ from deployments.openai_api import (
 class _Choice:
     text: str = ""
     reasoning: str = ""  # chat with a reasoning parser
+    tool_calls: list[ToolCall] = field(default_factory=list)  # chat with tools
     num_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     text_offsets: list[int] = field(default_factory=list)  # of each logprobs token, in characters of the text
@@ -65,6 +70,10 @@ class ResponseBuilder:
             c = self.choices[d.index]
             c.text += d.text
             c.reasoning += d.reasoning
+            for call in d.tool_calls:
+                if call.index == len(c.tool_calls):
+                    c.tool_calls.append(ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments="")))
+                c.tool_calls[call.index].function.arguments += call.arguments
             c.num_tokens += d.num_tokens
             c.add_logprobs(d.logprobs or ())
             c.finish_reason = d.finish_reason or c.finish_reason
@@ -86,7 +95,8 @@ class ResponseBuilder:
             choices = [
                 ChatChunkChoice(
                     index=d.index,
-                    delta=DeltaMessage(content=d.text, reasoning_content=d.reasoning or None),
+                    delta=DeltaMessage(content=d.text if d.text or not d.tool_calls else None,
+                                       reasoning_content=d.reasoning or None, tool_calls=_delta_calls(d)),
                     logprobs=self._chat_logprobs(d.logprobs),
                     finish_reason=d.finish_reason,
                 )
@@ -115,7 +125,9 @@ class ResponseBuilder:
             choices = [
                 ChatChoice(
                     index=i,
-                    message=AssistantMessage(content=c.text, reasoning_content=c.reasoning or None),
+                    # an answer of calls alone has no content (OpenAI's null), not the blank text around them
+                    message=AssistantMessage(content=None if c.tool_calls and not c.text.strip() else c.text,
+                                             reasoning_content=c.reasoning or None, tool_calls=c.tool_calls),
                     logprobs=self._chat_logprobs(c.logprobs if self.top_logprobs is not None else None),
                     finish_reason=c.finish_reason,
                 )
@@ -165,6 +177,12 @@ class ResponseBuilder:
             result.top_logprobs.append(None if lp is None else {**{t: _finite(l) for t, l in top[: self.top_logprobs]},
                                                                 tok: _finite(lp)})
         return result
+
+
+def _delta_calls(d: ChoiceDelta) -> Optional[list[DeltaToolCall]]:
+    calls = [DeltaToolCall(index=c.index, id=c.id, type="function" if c.id else None,
+                           function=DeltaFunctionCall(name=c.name, arguments=c.arguments)) for c in d.tool_calls]
+    return calls or None
 
 
 def _finite(logprob: Optional[float]) -> Optional[float]:

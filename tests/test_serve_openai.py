@@ -22,6 +22,11 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fib(n):", "1, 2, 3, 4,"]
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is NVFP4?"}]
 MAX_TOKENS = 12
+TOOLS_ENGINE_ARGS = {**ENGINE_ARGS, "max_model_len": 1024}  # the tools in the prompt take ~400 of the tiny vocabulary's
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"]}}}
+NOW_TOOL = {"type": "function", "function": {"name": "now"}}
+TOOLS = [WEATHER_TOOL, NOW_TOOL]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +41,8 @@ def metrics_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(model, metrics_port):
-    apps = {"/": dict(model=model, **ENGINE_ARGS), "/think": dict(model=model, reasoning_parser="qwen3", **ENGINE_ARGS)}
+    apps = {"/": dict(model=model, **ENGINE_ARGS), "/think": dict(model=model, reasoning_parser="qwen3", **ENGINE_ARGS),
+            "/tools": dict(model=model, tool_call_parser="hermes", enable_auto_tool_choice=True, **TOOLS_ENGINE_ARGS)}
     with serve_apps(apps, metrics_export_port=metrics_port) as url:
         yield url
 
@@ -320,6 +326,127 @@ def test_with_a_reasoning_parser_a_grammar_constrains_the_answer_not_the_thinkin
     assert opened.finish_reason == "length" and not re.fullmatch("[a-c]*", opened.message.reasoning_content)
 
 
+@pytest.fixture(scope="module")
+def tools_client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/tools/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def offline_tools(model):
+    from adallm_core.llm import LLM
+
+    return LLM(model, **TOOLS_ENGINE_ARGS)
+
+
+def _streamed_calls(chunks) -> list[tuple[str, str]]:
+    """(name, arguments) per call from streamed deltas, joined by index as a client does."""
+    calls: dict[int, list] = {}
+    for chunk in chunks:
+        for call in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            if call.id is not None:
+                assert call.index not in calls and call.type == "function"
+                calls[call.index] = [call.function.name, ""]
+            calls[call.index][1] += call.function.arguments or ""
+    return [tuple(calls[i]) for i in sorted(calls)]
+
+
+def test_a_named_tool_choice_calls_that_function_with_valid_arguments(tools_client, served_name, offline_tools):
+    """A named function is forced by a JSON grammar of its parameters (vLLM's): the answer is the call's arguments,
+    the offline LLM's greedy text under the same schema, as OpenAI's tool_calls; streamed, the same call in pieces."""
+    import jsonschema
+
+    kw = dict(model=served_name, messages=CHAT, tools=TOOLS, max_tokens=40, temperature=0,
+              tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = tools_client.chat.completions.create(**kw).choices[0]
+    (expected,) = offline_tools.chat([CHAT], greedy(max_tokens=40, structured_outputs=dict(
+        json=WEATHER_TOOL["function"]["parameters"], disable_any_whitespace=True)), tools=TOOLS, use_tqdm=False)
+    (call,) = choice.message.tool_calls
+    assert (call.type, call.function.name, call.function.arguments) == ("function", "get_weather",
+                                                                        expected.outputs[0].text)
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_TOOL["function"]["parameters"])
+    assert call.id.startswith("call_") and choice.message.content is None and choice.finish_reason == "stop"
+    chunks = list(tools_client.chat.completions.create(stream=True, **kw))
+    assert _streamed_calls(chunks) == [("get_weather", call.function.arguments)]
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    # the agent loop: the reply goes back as the client got it, with the tool's answer
+    follow = CHAT + [choice.message, {"role": "tool", "tool_call_id": call.id, "content": "Sunny."}]
+    again = tools_client.chat.completions.create(model=served_name, messages=follow, tools=TOOLS, max_tokens=2,
+                                                 tool_choice="none")
+    rendered = offline_tools.get_tokenizer().apply_chat_template(CHAT + [
+        {"role": "assistant", "content": "", "tool_calls": [{"id": call.id, "type": "function", "function": {
+            "name": "get_weather", "arguments": json.loads(call.function.arguments)}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": "Sunny."}], tools=TOOLS, tokenize=False,
+        add_generation_prompt=True)
+    assert again.usage.prompt_tokens == len(offline_tools.get_tokenizer().encode(rendered, add_special_tokens=False))
+
+
+def test_tool_choice_required_answers_a_list_of_calls(tools_client, served_name):
+    import jsonschema
+
+    from deployments.tool_calls import forced_schema
+
+    for parallel in (True, False):
+        reply = tools_client.chat.completions.create(model=served_name, messages=CHAT, tools=TOOLS, max_tokens=80,
+                                                     temperature=0, tool_choice="required",
+                                                     parallel_tool_calls=parallel)
+        choice = reply.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+        calls = [{"name": c.function.name, "parameters": json.loads(c.function.arguments)}
+                 for c in choice.message.tool_calls]
+        jsonschema.validate(calls, forced_schema(TOOLS, "required", parallel))
+        assert len({c.id for c in choice.message.tool_calls}) == len(calls) >= 1
+
+
+def test_auto_tool_choice_reads_hermes_calls_out_of_the_answer(tools_client, served_name):
+    """tool_choice "auto" (the default with tools) on a server started with --enable-auto-tool-choice
+    --tool-call-parser hermes. The random tiny model calls nothing by itself, so a regex makes it write a call (the
+    format Qwen3's template teaches) after some text; the parser must find it, whole or streamed."""
+    block = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    kw = dict(model=served_name, messages=CHAT, tools=TOOLS, max_tokens=120, temperature=0,
+              extra_body={"structured_outputs": {"regex": "Sure[.]\n" + re.escape(block)}})
+    choice = tools_client.chat.completions.create(**kw).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Sure.\n"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+        ("get_weather", {"city": "Oslo"})]
+    chunks = list(tools_client.chat.completions.create(stream=True, **kw))
+    assert _streamed_calls(chunks) == [("get_weather", '{"city": "Oslo"}')]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Sure.\n"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    none = tools_client.chat.completions.create(**{**kw, "tool_choice": "none"}).choices[0]  # not read: text
+    assert none.message.content == "Sure.\n" + block and not none.message.tool_calls and none.finish_reason == "stop"
+
+
+def test_a_conversation_with_calls_and_tool_answers_renders_as_transformers_does(server, tools_client, served_name,
+                                                                                 offline_tools):
+    """The assistant's earlier calls and the tools' answers go to the chat template as transformers takes them
+    (arguments as objects; a null content as "", which templates concatenate); /tokenize shows the prompt, which the
+    completion's usage counts."""
+    import requests
+
+    history = CHAT + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "Snow, -3 C."}]
+    as_transformers = history[:2] + [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+        history[3]]
+    hf = offline_tools.get_tokenizer()
+    want = hf.encode(hf.apply_chat_template(as_transformers, tools=TOOLS, tokenize=False, add_generation_prompt=True),
+                     add_special_tokens=False)
+    got = requests.post(f"{server}/tools/tokenize", json={"messages": history, "tools": TOOLS}, timeout=60).json()
+    assert got["tokens"] == want and "Snow" in hf.decode(want)
+    reply = tools_client.chat.completions.create(model=served_name, messages=history, tools=TOOLS, max_tokens=4,
+                                                 temperature=0)
+    assert reply.usage.prompt_tokens == len(want)
+
+
+def test_auto_tool_choice_needs_a_parser(client, served_name):
+    with pytest.raises(openai.BadRequestError, match="--enable-auto-tool-choice --tool-call-parser hermes") as e:
+        client.chat.completions.create(model=served_name, messages=CHAT, tools=TOOLS, max_tokens=4)
+    assert e.value.body["param"] == "tool_choice"
+
+
 def test_logit_bias_and_vllm_sampling_fields_equal_offline_llm(client, served_name, offline):
     """OpenAI's logit_bias (string keys), and vLLM's extra fields as the openai client sends them (extra_body)."""
     token = offline.get_tokenizer().encode(" the", add_special_tokens=False)[0]
@@ -427,7 +554,23 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": "M", "messages": []}, 400, "messages", "messages"),
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", "role"),
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user"}]}, 400, "messages.0.content", "content"),
-    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "tools": []}, 400, "tools", "unsupported field 'tools'"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "tools": [{"type": "retrieval"}]}, 400, "tools.0.type",
+     "function"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "tool_choice": "required"}, 400, "tool_choice",
+     "tool_choice 'required' needs tools"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "tools": TOOLS, "tool_choice": {
+        "type": "function", "function": {"name": "other"}}}, 400, "tool_choice", "'other', which is not among the tools"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "tools": TOOLS, "tool_choice": "required",
+                              "response_format": {"type": "json_object"}}, 400, "tool_choice", "no response_format"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT + [{"role": "tool", "content": "x"}]}, 400,
+     "messages.2.tool_call_id", "a tool message, and only a tool message, has a tool_call_id"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT + [{"role": "assistant", "tool_calls": [{
+        "id": "c", "type": "function", "function": {"name": "now", "arguments": "{oops"}}]}]}, 400,
+     "messages.2.tool_calls.0.function.arguments", "a tool call's arguments must be a JSON object"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT + [{"role": "user", "content": "x", "tool_calls": []}]},
+     400, "messages.2.tool_calls", "only an assistant message has tool_calls"),
+    ("/tools/v1/chat/completions", {"model": "M", "messages": CHAT, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "objekt"}}}], "tool_choice": "required"}, 400, "tools", "Unsupported type"),
     ("/v1/chat/completions", {"model": "M", "messages": CHAT, "top_logprobs": 99}, 400, "top_logprobs", "top_logprobs"),
     ("/v1/chat/completions", {"model": "M", "messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs",
      "top_logprobs can only be given with logprobs: true"),
