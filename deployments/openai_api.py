@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adallm_core.sampling_params import RequestOutputKind, SamplingParams
 from adallm_core.tokenizer import chat_template_options, unicode_text  # here too: the 400 then names the field
@@ -232,6 +232,10 @@ class Tool(Strict):
     type: Literal["function"]
     function: FunctionDefinition
 
+    @model_validator(mode="after")
+    def _utf8(self):
+        return _unicode_fields(self)
+
 
 class NamedToolChoice(Strict):
     type: Literal["function"]
@@ -267,6 +271,16 @@ class SentToolCall(Strict):
     id: str
     type: Literal["function"]
     function: SentFunctionCall
+
+    @model_validator(mode="after")
+    def _utf8(self):
+        return _unicode_fields(self)
+
+
+def _unicode_fields(model: BaseModel) -> BaseModel:
+    # every string of it goes to the template and the tokenizer, which take no lone surrogate
+    unicode_text(json.dumps(model.model_dump(), ensure_ascii=False))
+    return model
 
 
 class ChatMessage(Strict):

@@ -567,6 +567,8 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": "M", "messages": CHAT + [{"role": "assistant", "tool_calls": [{
         "id": "c", "type": "function", "function": {"name": "now", "arguments": "{oops"}}]}]}, 400,
      "messages.2.tool_calls.0.function.arguments", "a tool call's arguments must be a JSON object"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "tools": [{"type": "function", "function": {
+        "name": "f", "description": "cut \ud83d"}}]}, 400, "tools.0", "lone surrogate"),
     ("/v1/chat/completions", {"model": "M", "messages": CHAT + [{"role": "user", "content": "x", "tool_calls": []}]},
      400, "messages.2.tool_calls", "only an assistant message has tool_calls"),
     ("/tools/v1/chat/completions", {"model": "M", "messages": CHAT, "tools": [{"type": "function", "function": {
