@@ -223,10 +223,14 @@ def execute(plan: JobPlan):
     ds = build_processor(plan.processor)(ds)
     sink = resume.AtomicParquetDatasink(plan.output_fs, plan.output_root, plan.id_column)
     ds.write_datasink(sink)
+    duplicates = resume.remove_duplicates(plan.output_fs, plan.output_root, plan.id_column)
+    if duplicates:
+        print(f"bulk_generate: removed {duplicates} duplicate row(s): an earlier run's last writes landed after this "
+              "run had listed the output folder", file=sys.stderr, flush=True)
 
     # every input row is either one this run wrote or one an earlier run had (exactly once)
     summary = JobSummary(**sink.stats, wall_time_s=time.perf_counter() - start,
-                         rows_skipped=plan.input_rows - sink.stats["rows"])
+                         rows_skipped=plan.input_rows - sink.stats["rows"], duplicates_removed=duplicates)
     with plan.output_fs.open_output_stream(f"{plan.output_root}/{resume.SUMMARY_NAME}") as f:
         f.write(summary.to_json().encode())
     return summary, ds

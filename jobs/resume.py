@@ -216,6 +216,39 @@ def drop_written(batch: pa.Table, id_column: str, written: pa.Array) -> pa.Table
     return batch.filter(pc.invert(pc.is_in(batch.column(id_column), value_set=written)))
 
 
+def remove_duplicates(fs: pafs.FileSystem, root: str, id_column: str) -> int:
+    """Rows whose id is in an earlier part file (in name order) are taken out of the later ones; returns how many.
+
+    A run never writes an id it saw written, but a killed run's last writes may still land just after a quick
+    restart listed the folder: both runs then hold those rows. Checked when a run's writes are done, so the folder
+    ends with every row once. A file left with rows is rewritten under the name of its ids (temp, then rename)
+    before the old one goes; a crash between them leaves duplicates the next run removes."""
+    seen: Optional[pa.Array] = None
+    removed = 0
+    for path in part_files(fs, root):
+        ids = pq.read_table(path, columns=[id_column], filesystem=fs).column(id_column).combine_chunks()
+        ids = ids.dictionary_decode() if pa.types.is_dictionary(ids.type) else ids
+        if seen is not None:
+            repeated = pc.is_in(ids, value_set=seen)
+            count = pc.sum(repeated).as_py() or 0
+            if count:  # only such a file is read whole
+                removed += count
+                kept = pq.read_table(path, filesystem=fs).filter(pc.invert(repeated))
+                _rewrite_without(fs, root, path, kept, id_column)
+                ids = ids.filter(pc.invert(repeated))
+        seen = ids if seen is None else pa.concat_arrays([seen, ids.cast(seen.type)])
+    return removed
+
+
+def _rewrite_without(fs: pafs.FileSystem, root: str, path: str, kept: pa.Table, id_column: str) -> None:
+    if kept.num_rows:
+        name = part_name(kept.column(id_column))
+        temp = f"{root}/{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}"
+        pq.write_table(kept, temp, filesystem=fs)
+        fs.move(temp, f"{root}/{name}")
+    fs.delete_file(path)
+
+
 def part_name(ids: pa.ChunkedArray) -> str:
     digest = hashlib.sha1()
     for chunk in ids.chunks:

@@ -36,6 +36,7 @@ class JobSummary:
     generated_tokens: int
     wall_time_s: float
     rows_skipped: int = 0  # rows already in the output folder from an earlier run
+    duplicates_removed: int = 0  # rows both this run and a killed earlier one wrote (resume.remove_duplicates)
     generated_tokens_per_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -43,7 +44,8 @@ class JobSummary:
 
     def line(self) -> str:
         return (
-            f"bulk_generate: {self.rows} rows ({self.rows_failed} failed, {self.rows_skipped} already written), "
+            f"bulk_generate: {self.rows} rows ({self.rows_failed} failed, {self.rows_skipped} already written"
+            f"{f', {self.duplicates_removed} written twice, now once' if self.duplicates_removed else ''}), "
             f"{self.prompt_tokens} prompt tokens, {self.generated_tokens} generated tokens, "
             f"{self.wall_time_s:.1f} s, {self.generated_tokens_per_s:.1f} generated tokens/s"
         )

@@ -203,6 +203,17 @@ def test_job_output_matches_offline_llm(ray_head, input_file, reference, tmp_pat
     assert (summary["rows"], summary["rows_failed"]) == (ROWS, len(BAD))
     assert summary["generated_tokens"] == sum(filter(None, pq.read_table(out).column("num_generated_tokens").to_pylist()))
 
+    # a killed run's last write that landed after this one listed the folder (a quick restart): rows held twice,
+    # which the next run leaves once
+    part = sorted(out.glob("part-*.parquet"))[0]
+    pq.write_table(pq.read_table(part).slice(0, 5), out / "part-late.parquet")
+    again = _driver(ray_head, _job_args(input_file, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout, stderr = again.communicate(timeout=300)
+    assert again.returncode == 0, stderr[-3000:]
+    assert f"0 rows (0 failed, {ROWS} already written, 5 written twice, now once)" in stdout
+    assert "removed 5 duplicate row(s)" in stderr
+    _check_output(out, reference)
+
 
 @pytest.mark.timeout(600)
 def test_engine_replica_killed_mid_job(ray_head, input_file, reference, tmp_path):

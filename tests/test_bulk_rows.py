@@ -197,10 +197,33 @@ def test_a_completed_job_leaves_no_temp_files(tmp_path):
     assert sink.stats["generated_tokens"] == 6
 
 
+def test_rows_written_twice_are_kept_once(tmp_path):
+    """A killed run's last write landing after a quick restart listed the folder: both runs hold those rows. When the
+    writes are done, the later part files lose the repeated rows (a file of nothing but repeats goes)."""
+    fs, root = pafs.LocalFileSystem(), str(tmp_path)
+    sink = resume.AtomicParquetDatasink(fs, root, "id")
+
+    def rows(ids, text):
+        return output_table(pa.table({"id": ids}), [RowResult(generated_text=text, num_generated_tokens=1)] * len(ids))
+
+    for ids, text in (([1, 2, 3], "first"), ([3, 4], "late"), ([2], "late"), ([5, 6], "new")):
+        sink.write([rows(ids, text)], ctx=None)
+    assert resume.remove_duplicates(fs, root, "id") == 2
+    table = pq.read_table(root)
+    assert sorted(table.column("id").to_pylist()) == [1, 2, 3, 4, 5, 6]
+    # each id kept in the first file (by name) that held it; every file is still named by the ids it holds
+    names = resume.part_files(fs, root)
+    for path in names:
+        assert path.endswith(resume.part_name(pq.read_table(path).column("id")))
+    assert resume.remove_duplicates(fs, root, "id") == 0 and resume.part_files(fs, root) == names
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(resume.TEMP_PREFIX)]
+
+
 def test_summary_line_and_json():
     s = JobSummary(rows=10, rows_failed=2, prompt_tokens=50, generated_tokens=80, wall_time_s=4.0, rows_skipped=5)
     assert s.line() == ("bulk_generate: 10 rows (2 failed, 5 already written), 50 prompt tokens, "
                         "80 generated tokens, 4.0 s, 20.0 generated tokens/s")
+    assert json.loads(s.to_json())["duplicates_removed"] == 0
     assert json.loads(s.to_json())["generated_tokens_per_s"] == 20.0
 
 
