@@ -68,12 +68,13 @@ class LLMEngine:
             self.step_peak_bytes = step_peak_bytes(runner, self.max_num_batched_tokens, args.max_num_seqs)
             if getattr(runner, "use_cuda_graphs", False):
                 # the prefill graphs keep a pool for good, as large as their largest bucket's step (its eager peak
-                # counts the sampler's temporaries too: an upper bound); measured on the capture stream, so the
-                # cuBLAS workspace that stream keeps exists before the budget reads the free memory
+                # counts the sampler's temporaries too: an upper bound; prompt scoring runs eager, outside it);
+                # measured on the capture stream, so the cuBLAS workspace that stream keeps exists before the
+                # budget reads the free memory
                 largest = token_buckets(args.max_num_batched_tokens)[-1]
                 with torch.cuda.stream(capture_stream(runner.device)):
                     seqs = graph_step_seqs(largest, args.max_num_seqs, self.max_model_len)
-                    self.graph_pool_bytes = step_peak_bytes(runner, largest, seqs)
+                    self.graph_pool_bytes = step_peak_bytes(runner, largest, seqs, scored=False)
         budget = kv_budget_bytes(runner.device, args.gpu_memory_utilization, args.cpu_kv_cache_gb)
         budget = max(0, budget - self.step_peak_bytes - self.graph_pool_bytes)
         if self.step_peak_bytes:

@@ -16,9 +16,9 @@ import math
 
 import torch
 
-from adallm_core.runner import SeqStep
+from adallm_core.runner import PromptScoring, SeqStep
 from adallm_core.sampler import Sampler, SamplingRow
-from adallm_core.sampling_params import SamplingParams
+from adallm_core.sampling_params import MAX_LOGPROBS, SamplingParams
 
 # every logits processor and the logprobs at once: the sampler's most memory
 WORST_CASE_SAMPLING = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
@@ -46,20 +46,23 @@ def block_ends(lengths: list[int], block_size: int) -> list[int]:
     return list(itertools.accumulate((math.ceil(n / block_size) for n in lengths), initial=1))
 
 
-def run_largest_step(runner, tokens: int, num_seqs: int) -> torch.Tensor:
+def run_largest_step(runner, tokens: int, num_seqs: int, scored: bool = True) -> torch.Tensor:
     """Run the largest step on a temporary KV cache that holds just its tokens, then sample its logits the
     costliest way, and free the cache. Random token ids from a generator of its own: no state of the engine's
-    (its sampler's generators, its KV blocks, its prefix cache) is touched. Returns the step's logits."""
+    (its sampler's generators, its KV blocks, its prefix cache) is touched. Returns the step's logits.
+    scored: every row is also scored with the most top tokens prompt_logprobs takes (its chunks of logits,
+    runner.SCORE_ROWS rows, live beside the step's hidden states)."""
     lengths = largest_step(tokens, num_seqs, runner.max_model_len)
     ends = block_ends(lengths, runner.block_size)
     ids = torch.randint(runner.vocab_size, (sum(lengths),), generator=torch.Generator().manual_seed(0))
     ids = ids.tolist()
     starts = list(itertools.accumulate(lengths, initial=0))
-    steps = [SeqStep(ids[starts[i]:starts[i + 1]], 0, [list(range(ends[i], ends[i + 1]))] * len(runner.kv_groups))
+    steps = [SeqStep(ids[starts[i]:starts[i + 1]], 0, [list(range(ends[i], ends[i + 1]))] * len(runner.kv_groups),
+                     score=PromptScoring(0, ids[starts[i]:starts[i + 1]], MAX_LOGPROBS) if scored else None)
              for i in range(len(lengths))]
     runner.allocate_kv_cache([ends[-1]] * len(runner.kv_groups), capture_graphs=False)
     try:
-        logits = runner.execute(steps)
+        logits = runner.execute_scored(steps)[0] if scored else runner.execute(steps)
         rows = [SamplingRow(WORST_CASE_SAMPLING, s.token_ids[-8:], s.token_ids[:8], index=i,
                             banned_token_ids=(0,)) for i, s in enumerate(steps)]
         Sampler(0, runner.device)(logits, rows)
@@ -68,7 +71,7 @@ def run_largest_step(runner, tokens: int, num_seqs: int) -> torch.Tensor:
     return logits
 
 
-def step_peak_bytes(runner, tokens: int, num_seqs: int) -> int:
+def step_peak_bytes(runner, tokens: int, num_seqs: int, scored: bool = True) -> int:
     """CUDA bytes the largest step allocates at its peak beyond what was allocated before it and its temporary KV
     cache: activations, logits, the sampler's temporaries, workspaces. The cache's blocks go back to the device."""
     dev = runner.device
@@ -80,7 +83,7 @@ def step_peak_bytes(runner, tokens: int, num_seqs: int) -> int:
     lengths = largest_step(tokens, num_seqs, runner.max_model_len)
     kv_bytes = block_ends(lengths, runner.block_size)[-1] * sum(runner.kv_block_bytes())
     try:
-        run_largest_step(runner, tokens, num_seqs)
+        run_largest_step(runner, tokens, num_seqs, scored)
         torch.cuda.synchronize(dev)
     except torch.cuda.OutOfMemoryError as exc:
         raise ValueError(f"a step of {tokens} prompt tokens over up to {num_seqs} sequences does not fit in the "

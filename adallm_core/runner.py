@@ -28,6 +28,11 @@ MAX_MODEL_LEN_DEFAULT_CAP = 8192
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+# Prompt rows scored at a time (prompt_logprobs). Every chunk's logits read the whole lm_head: in chunks of one row
+# (max_num_seqs 1) a 2048-token prompt of Qwen3-8B's shapes took 0.9 s to score on an H200, 17x its prefill.
+SCORE_ROWS = 128
+
+
 @dataclass(frozen=True)
 class SeqStep:
     """One sequence's share of a step."""
@@ -222,14 +227,15 @@ class ModelRunner:
         return logits, self._score(hidden, rows, targets, num_top)
 
     def _score(self, hidden: torch.Tensor, rows: list[int], targets: list[int], num_top: int) -> PromptScores:
-        # max_num_seqs rows of logits at a time: as many as a step's sampled rows, which the memory profile counts
+        # SCORE_ROWS (or max_num_seqs) rows of logits at a time, a bound the memory profile measures
         rows_t = torch.tensor(rows, dtype=torch.int64, device=self.device)
         targets_t = torch.tensor(targets, dtype=torch.int64, device=self.device)
         out = PromptScores(torch.empty(len(rows), device=self.device),
                            torch.empty(len(rows), num_top, dtype=torch.int64, device=self.device),
                            torch.empty(len(rows), num_top, device=self.device))
-        for i in range(0, len(rows), self.max_num_seqs):
-            end = min(i + self.max_num_seqs, len(rows))
+        chunk = max(self.max_num_seqs, SCORE_ROWS)
+        for i in range(0, len(rows), chunk):
+            end = min(i + chunk, len(rows))
             logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows_t[i:end]]), dim=-1)
             out.target_logprobs[i:end] = logprobs.gather(1, targets_t[i:end, None]).squeeze(1)
             if num_top:

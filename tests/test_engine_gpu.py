@@ -198,7 +198,7 @@ def test_gpu_kv_budget_leaves_room_for_the_largest_step():
     vocab = measured.runner.model_config.vocab_size
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, vocab, (tokens // seqs,), generator=g).tolist() for _ in range(seqs)]
-    params = SamplingParams(**{**vars(WORST_CASE_SAMPLING), "max_tokens": 4, "ignore_eos": True})
+    params = dataclasses.replace(WORST_CASE_SAMPLING, max_tokens=4, ignore_eos=True)
     outputs = []
     for engine in (measured, given):
         for i, ids in enumerate(prompts):

@@ -34,8 +34,10 @@ def assert_matches(scored: list, ids: list[int], ref: torch.Tensor, top: int = T
 
 
 @pytest.mark.parametrize("family,budget", [("qwen3", 512), ("gemma3", 8), ("qwen3_moe", 7)])
-def test_prompt_logprobs_equal_transformers(family, budget):
-    # budget < prompt length: the prompt is scored chunk by chunk, and rows are scored 4 at a time (max_num_seqs)
+def test_prompt_logprobs_equal_transformers(family, budget, monkeypatch):
+    # budget < prompt length: the prompt is scored chunk by chunk, and rows are scored 4 at a time (max_num_seqs,
+    # above runner.SCORE_ROWS patched to 1)
+    monkeypatch.setattr("adallm_core.runner.SCORE_ROWS", 1)
     engine = make_engine(family, max_num_batched_tokens=budget, max_num_seqs=4)
     ids = engine.tokenizer.encode(PROMPTS[5])
     engine.add_request("a", ids, SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=TOP))
