@@ -2,6 +2,8 @@
 class in fp32 on the dequantized weights, with vLLM's check for models run at different precisions: greedy tokens
 agree until the first position where they differ, and there each side's token is among the other's top 5; and
 most positions agree, transformers fed our tokens."""
+import dataclasses
+
 import pytest
 import torch
 
