@@ -20,6 +20,7 @@ import os
 import uuid
 from typing import Iterable, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -188,10 +189,7 @@ def written_ids(fs: pafs.FileSystem, root: str, id_column: str) -> Optional[pa.A
     parts = part_files(fs, root)
     if not parts:
         return None
-    ids = pads.dataset(parts, filesystem=fs, format="parquet").to_table(columns=[id_column]).column(id_column)
-    ids = ids.combine_chunks()
-    # a dictionary-encoded id column (pandas categorical) comes back so, and is_in takes no dictionary value set
-    return ids.dictionary_decode() if pa.types.is_dictionary(ids.type) else ids
+    return _decoded(pads.dataset(parts, filesystem=fs, format="parquet").to_table(columns=[id_column]).column(id_column))
 
 
 def check_ids(ids: pa.ChunkedArray, column: str, where: str) -> None:
@@ -217,42 +215,56 @@ def drop_written(batch: pa.Table, id_column: str, written: pa.Array) -> pa.Table
 
 
 def remove_duplicates(fs: pafs.FileSystem, root: str, id_column: str) -> int:
-    """Rows whose id is in an earlier part file (in name order) are taken out of the later ones; returns how many.
+    """Rows whose id another part file holds too keep only their copy in the first such file (in name order); the
+    others go. Returns how many rows went.
 
     A run never writes an id it saw written, but a killed run's last writes may still land just after a quick
-    restart listed the folder: both runs then hold those rows. Checked when a run's writes are done, so the folder
-    ends with every row once. A file left with rows is rewritten under the name of its ids (temp, then rename)
-    before the old one goes; a crash between them leaves duplicates the next run removes."""
-    seen: Optional[pa.Array] = None
-    removed = 0
-    for path in part_files(fs, root):
-        ids = pq.read_table(path, columns=[id_column], filesystem=fs).column(id_column).combine_chunks()
-        ids = ids.dictionary_decode() if pa.types.is_dictionary(ids.type) else ids
-        if seen is not None:
-            repeated = pc.is_in(ids, value_set=seen)
-            count = pc.sum(repeated).as_py() or 0
-            if count:  # only such a file is read whole
-                removed += count
-                kept = pq.read_table(path, filesystem=fs).filter(pc.invert(repeated))
-                _rewrite_without(fs, root, path, kept, id_column)
-                ids = ids.filter(pc.invert(repeated))
-        seen = ids if seen is None else pa.concat_arrays([seen, ids.cast(seen.type)])
-    return removed
+    restart listed the folder: both runs then hold those rows. Checked once a run's writes are done. The plan comes
+    first: files left with nothing are deleted, then each file left with some rows is rewritten under the name of
+    those ids (temp, then rename) and the old one deleted. A crash part way leaves every row at least once, and
+    the next run finishes the job. A rewrite's name can only be that of a file left with nothing (same ids), which
+    is gone by then."""
+    parts = part_files(fs, root)
+    if len(parts) < 2:
+        return 0
+    ids = [_decoded(pq.read_table(p, columns=[id_column], filesystem=fs).column(id_column)) for p in parts]
+    common = pa.unify_schemas([pa.schema([pa.field(id_column, a.type)]) for a in ids],
+                              promote_options="permissive").field(id_column).type  # int32 and int64 files: int64
+    ids = [a.cast(common) for a in ids]
+    owners = pa.table({"id": pa.concat_arrays(ids),
+                       "file": np.repeat(np.arange(len(parts), dtype=np.int32), [len(a) for a in ids])})
+    counts = owners.group_by("id").aggregate([("file", "min"), ("file", "count")])
+    repeated = counts.filter(pc.greater(counts["file_count"], 1))
+    if not len(repeated):
+        return 0
+    drops = {}
+    for f, path in enumerate(parts):
+        taken = pc.is_in(ids[f], value_set=repeated.filter(pc.not_equal(repeated["file_min"], f))["id"])
+        if pc.any(taken).as_py():
+            drops[path] = taken
+    emptied = [path for path, taken in drops.items() if pc.all(taken).as_py()]
+    for path in emptied:
+        fs.delete_file(path)
+    for path, taken in drops.items():
+        if path not in emptied:
+            kept = pq.read_table(path, filesystem=fs).filter(pc.invert(taken))
+            name = part_name(kept.column(id_column))
+            temp = f"{root}/{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}"
+            pq.write_table(kept, temp, filesystem=fs)
+            fs.move(temp, f"{root}/{name}")
+            fs.delete_file(path)
+    return sum(pc.sum(taken).as_py() for taken in drops.values())
 
 
-def _rewrite_without(fs: pafs.FileSystem, root: str, path: str, kept: pa.Table, id_column: str) -> None:
-    if kept.num_rows:
-        name = part_name(kept.column(id_column))
-        temp = f"{root}/{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}"
-        pq.write_table(kept, temp, filesystem=fs)
-        fs.move(temp, f"{root}/{name}")
-    fs.delete_file(path)
+def _decoded(ids: pa.ChunkedArray) -> pa.Array:
+    ids = ids.combine_chunks()
+    # a dictionary-encoded id column (pandas categorical) comes back so, and is_in takes no dictionary value set
+    return ids.dictionary_decode() if pa.types.is_dictionary(ids.type) else ids
 
 
 def part_name(ids: pa.ChunkedArray) -> str:
-    digest = hashlib.sha1()
-    for chunk in ids.chunks:
-        digest.update(repr(chunk.to_pylist()).encode())
+    """A name of the ids alone, however they are chunked."""
+    digest = hashlib.sha1(repr(ids.combine_chunks().to_pylist()).encode())
     return f"{PART_PREFIX}{digest.hexdigest()[:20]}.parquet"
 
 

@@ -197,26 +197,75 @@ def test_a_completed_job_leaves_no_temp_files(tmp_path):
     assert sink.stats["generated_tokens"] == 6
 
 
-def test_rows_written_twice_are_kept_once(tmp_path):
+def _part(fs, root, ids, text="x", id_type=None):
+    """A part file as the sink writes it (named by its ids)."""
+    table = output_table(pa.table({"id": pa.array(ids, id_type)}),
+                         [RowResult(generated_text=text, num_generated_tokens=1)] * len(ids))
+    resume.AtomicParquetDatasink(fs, root, "id").write([table], ctx=None)
+
+
+def _ids_once(root) -> list:
+    ids = pq.read_table(root).column("id").to_pylist()
+    assert len(ids) == len(set(ids)), "a row is held twice"
+    return sorted(ids)
+
+
+@pytest.mark.parametrize("layout", [
+    [[1, 2, 3], [3, 4], [2], [5, 6]],  # a killed run's late writes beside this run's
+    [[100], [100, 101, 102], [101, 102]],  # a crash mid-dedupe left a file and its rewrite
+    [[300], [301, 302], [300, 301, 302]],  # this run's file holds an earlier run's two
+    [[7, 8], [8, 9], [9, 7]],
+])
+def test_rows_written_twice_are_kept_once(tmp_path, layout):
     """A killed run's last write landing after a quick restart listed the folder: both runs hold those rows. When the
-    writes are done, the later part files lose the repeated rows (a file of nothing but repeats goes)."""
+    writes are done, every row is left once, whatever the files' names sort as; a file whose rows are all held
+    elsewhere goes; every file is still named by the ids it holds."""
     fs, root = pafs.LocalFileSystem(), str(tmp_path)
-    sink = resume.AtomicParquetDatasink(fs, root, "id")
-
-    def rows(ids, text):
-        return output_table(pa.table({"id": ids}), [RowResult(generated_text=text, num_generated_tokens=1)] * len(ids))
-
-    for ids, text in (([1, 2, 3], "first"), ([3, 4], "late"), ([2], "late"), ([5, 6], "new")):
-        sink.write([rows(ids, text)], ctx=None)
-    assert resume.remove_duplicates(fs, root, "id") == 2
-    table = pq.read_table(root)
-    assert sorted(table.column("id").to_pylist()) == [1, 2, 3, 4, 5, 6]
-    # each id kept in the first file (by name) that held it; every file is still named by the ids it holds
+    for ids in layout:
+        _part(fs, root, ids)
+    every = sorted({i for ids in layout for i in ids})
+    assert resume.remove_duplicates(fs, root, "id") == sum(map(len, layout)) - len(every)
+    assert _ids_once(root) == every
     names = resume.part_files(fs, root)
     for path in names:
         assert path.endswith(resume.part_name(pq.read_table(path).column("id")))
     assert resume.remove_duplicates(fs, root, "id") == 0 and resume.part_files(fs, root) == names
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(resume.TEMP_PREFIX)]
+
+
+class _CrashOnDelete(pafs.LocalFileSystem):
+    """A local filesystem whose process dies (KeyboardInterrupt) at its nth delete."""
+
+    def __init__(self, nth: int):
+        super().__init__()
+        self.left = nth
+
+    def delete_file(self, path):
+        self.left -= 1
+        if self.left == 0:
+            raise KeyboardInterrupt("killed mid-dedupe")
+        super().delete_file(path)
+
+
+def test_duplicates_across_id_types_and_crashes_mid_dedupe(tmp_path):
+    """Ids typed int32 in one file and int64 in another still match; a dedupe killed at any delete loses no row,
+    and the next run's leaves each once."""
+    crashed = 0
+    for nth in range(1, 6):
+        root = str(tmp_path / str(nth))
+        fs = pafs.LocalFileSystem()
+        fs.create_dir(root)
+        _part(fs, root, [1, 2], id_type=pa.int32())
+        _part(fs, root, [2, 2**40], id_type=pa.int64())
+        _part(fs, root, [2**40, 5], id_type=pa.int64())
+        try:
+            resume.remove_duplicates(_CrashOnDelete(nth), root, "id")
+        except KeyboardInterrupt:
+            crashed += 1
+            assert set(pq.read_table(root).column("id").to_pylist()) == {1, 2, 2**40, 5}, nth  # nothing lost
+            resume.remove_duplicates(fs, root, "id")
+        assert _ids_once(root) == [1, 2, 5, 2**40]
+    assert crashed >= 2  # two repeated rows: at least two deletes to crash at
 
 
 def test_summary_line_and_json():
