@@ -293,8 +293,8 @@ class LLMEngine:
 
     @staticmethod
     def _record_prompt_logprobs(scored: list[tuple[Sequence, int]], scores: PromptScores) -> None:
-        target_lps, top_ids, top_lps = (t.tolist() for t in (scores.target_logprobs, scores.top_ids,
-                                                                scores.top_logprobs))
+        target_lps, ranks, top_ids, top_lps = (t.tolist() for t in (
+            scores.target_logprobs, scores.target_ranks, scores.top_ids, scores.top_logprobs))
         row = 0
         for seq, count in scored:
             num_top = seq.params.prompt_logprobs
@@ -302,6 +302,7 @@ class LLMEngine:
             for r in range(row, row + count):
                 scored_so_far.append(logprob_entry(prompt[len(scored_so_far)], target_lps[r], top_ids[r][:num_top],
                                                    top_lps[r][:num_top]))
+                seq.prompt_ranks.append(ranks[r])
             row += count
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
@@ -382,9 +383,10 @@ class LLMEngine:
                 seq.index, text, list(tokens), status.finish_reason, seq.stop_reason,
                 list(logprobs) if logprobs is not None else None,
                 seq.cumulative_logprob if seq.logprobs is not None else None))
+        prompt_logprobs = self._prompt_logprobs_out(req, delta, force)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, finished,
-                             num_cached_tokens=req.seqs[0].num_cached_tokens,
-                             prompt_logprobs=self._prompt_logprobs_out(req, delta, force))
+                             num_cached_tokens=req.seqs[0].num_cached_tokens, prompt_logprobs=prompt_logprobs,
+                             prompt_token_ranks=None if prompt_logprobs is None else list(req.seqs[0].prompt_ranks))
 
     @staticmethod
     def _prompt_logprobs_out(req: Request, delta: bool, force: bool) -> Optional[list]:

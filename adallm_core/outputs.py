@@ -33,3 +33,6 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prompt_logprobs: Optional[PromptLogprobs] = None  # SamplingParams.prompt_logprobs (DELTA: in one output only)
+    # with prompt_logprobs: each prompt token's rank under the model (1: the likeliest; the first None), vLLM's
+    # Logprob.rank of the prompt's own tokens
+    prompt_token_ranks: Optional[list[Optional[int]]] = None

@@ -55,9 +55,10 @@ class PromptScoring:
 
 @dataclass
 class PromptScores:
-    """Every scored row of a step, in step order, on the device: the target's logprob and the top tokens."""
+    """Every scored row of a step, in step order, on the device: the target's logprob and rank, the top tokens."""
 
     target_logprobs: torch.Tensor  # float32 [rows]
+    target_ranks: torch.Tensor  # int64 [rows]: 1 + how many tokens are more likely (vLLM's Logprob.rank)
     top_ids: torch.Tensor  # int64 [rows, max num_top of the step]
     top_logprobs: torch.Tensor  # float32 [rows, max num_top of the step]
 
@@ -231,13 +232,16 @@ class ModelRunner:
         rows_t = torch.tensor(rows, dtype=torch.int64, device=self.device)
         targets_t = torch.tensor(targets, dtype=torch.int64, device=self.device)
         out = PromptScores(torch.empty(len(rows), device=self.device),
+                           torch.empty(len(rows), dtype=torch.int64, device=self.device),
                            torch.empty(len(rows), num_top, dtype=torch.int64, device=self.device),
                            torch.empty(len(rows), num_top, device=self.device))
         chunk = max(self.max_num_seqs, SCORE_ROWS)
         for i in range(0, len(rows), chunk):
             end = min(i + chunk, len(rows))
             logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows_t[i:end]]), dim=-1)
-            out.target_logprobs[i:end] = logprobs.gather(1, targets_t[i:end, None]).squeeze(1)
+            target = logprobs.gather(1, targets_t[i:end, None])
+            out.target_logprobs[i:end] = target.squeeze(1)
+            out.target_ranks[i:end] = (logprobs > target).sum(dim=1) + 1
             if num_top:
                 out.top_logprobs[i:end], out.top_ids[i:end] = logprobs.topk(num_top, dim=-1)
         return out

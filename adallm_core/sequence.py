@@ -57,6 +57,7 @@ class Sequence:
         self.cumulative_logprob = 0.0
         # prompt_logprobs, scored by the request's first sequence only: one entry per prompt token scored so far
         self.prompt_logprobs: Optional[list] = [None] if params.prompt_logprobs is not None and index == 0 else None
+        self.prompt_ranks: Optional[list] = [None] if self.prompt_logprobs is not None else None  # each token's rank
         self.detokenizer = None  # set by the engine (IncrementalDetokenizer)
         self.sampling_row = None  # the engine's SamplingRow for it, made once (it holds the live token lists)
         self.grammar = None  # structured outputs: this sequence's xgrammar matcher (set by the engine)

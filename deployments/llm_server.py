@@ -62,6 +62,7 @@ class GenerateRequest:
     template_options: Optional[dict] = None  # chat: apply_chat_template's keyword arguments (chat_template_options)
     reasoning_parser: Optional[str] = None  # chat: split the thinking from the answer (deployments/reasoning.py)
     tool_plan: Optional[ToolCallPlan] = None  # chat: read tool calls out of the answer (deployments/tool_calls.py)
+    prompt_logprobs: bool = False  # vLLM's prompt_logprobs field: each prompt token's logprob, rank and top N
 
 
 @dataclass
@@ -76,6 +77,8 @@ class ChoiceDelta:
     finish_reason: Optional[str]
     reasoning: str = ""  # chat with a reasoning parser: the thinking, split from `text` (deployments/reasoning.py)
     tool_calls: list[ToolCallDelta] = field(default_factory=list)  # chat with tools: calls read out of `text`
+    # vLLM's prompt_logprobs of this choice's prompt, once: per token None or {id: (logprob, rank, token text)}
+    prompt_logprobs: Optional[list[Optional[dict[int, tuple[float, int, str]]]]] = None
 
 
 @dataclass
@@ -140,6 +143,7 @@ def _merge(deltas: list[ChoiceDelta]) -> list[ChoiceDelta]:
                 m.tool_calls[-1].arguments += call.arguments
             else:
                 m.tool_calls.append(call)
+        m.prompt_logprobs = m.prompt_logprobs or d.prompt_logprobs
         m.num_tokens += d.num_tokens
         if d.logprobs is not None:
             m.logprobs = (m.logprobs or []) + d.logprobs
@@ -228,6 +232,7 @@ class LLMServer:
         echo = self._echo(request, prompts) if request.echo else None
         thinking = collections.defaultdict(lambda: ThinkSplitter(tail)) if tail is not None else None  # per choice
         tools = collections.defaultdict(request.tool_plan.reader) if request.tool_plan is not None else None
+        scored: dict[int, list] = {}  # prompt index -> its prompt logprobs, until a delta of that prompt carries them
         queue: asyncio.Queue = asyncio.Queue()
         pumps = [asyncio.create_task(_pump(i, s, queue)) for i, s in enumerate(admitted)]
         running = set(range(len(prompts)))
@@ -243,7 +248,12 @@ class LLMServer:
                         yield RequestError(f"engine error: {out}", status=500)
                         return
                     else:
-                        deltas.extend(self._deltas(prompt_index, out, request.params.n, echo, thinking, tools))
+                        new = self._deltas(prompt_index, out, request.params.n, echo, thinking, tools)
+                        if request.prompt_logprobs and out.prompt_logprobs is not None:
+                            scored[prompt_index] = self._ranked_prompt_logprobs(out)
+                        if new and prompt_index in scored:
+                            new[0].prompt_logprobs = scored.pop(prompt_index)
+                        deltas.extend(new)
                 if deltas:
                     yield _merge(deltas)
                     last_yield = loop.time()
@@ -330,6 +340,15 @@ class LLMServer:
         for tid, top in zip(token_ids, logprobs):
             ranked = sorted(top.items(), key=lambda kv: -kv[1])
             result.append((text(tid), top[tid], [(text(t), lp) for t, lp in ranked]))
+        return result
+
+    def _ranked_prompt_logprobs(self, out: RequestOutput) -> list:
+        """vLLM's prompt_logprobs: the prompt token's rank is the engine's; a top token's is 1 + those above it."""
+        text = self.engine.tokenizer.token_text
+        result: list = [None]
+        for tid, entry, rank in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:], out.prompt_token_ranks[1:]):
+            result.append({t: (lp, rank if t == tid else 1 + sum(o > lp for o in entry.values()), text(t))
+                           for t, lp in entry.items()})
         return result
 
     def _prompt_logprobs(self, token_ids: list[int], scored: list) -> list[TokenLogprob]:

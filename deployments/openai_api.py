@@ -106,6 +106,7 @@ class SamplingFields(Strict):
     include_stop_str_in_output: bool = False
     response_format: Optional[ResponseFormat] = None
     structured_outputs: Optional[StructuredOutputs] = None
+    prompt_logprobs: Optional[int] = Field(None, ge=0, le=20)  # vLLM's: each prompt token's logprob, rank, top N
 
     @field_validator("structured_outputs")
     @classmethod
@@ -132,6 +133,13 @@ class SamplingFields(Strict):
     @classmethod
     def _stream_options_need_stream(cls, value, info):
         return only_with_true(value, info, "stream")
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _not_streamed(cls, value, info):
+        if value is not None and info.data.get("stream"):  # as vLLM
+            raise ValueError("prompt_logprobs is not available with stream: true")
+        return value
 
     def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
                         prompt_logprobs: Optional[int] = None) -> SamplingParams:
@@ -210,7 +218,8 @@ class CompletionRequest(SamplingFields):
             # SamplingParams' own message would name max_tokens=1 (the token generated and dropped), not what was sent
             raise ValueError(f"invalid sampling parameter min_tokens={self.min_tokens}: must be at most max_tokens=0")
         max_tokens = 1 if self.prompt_only else self.max_tokens
-        return self.sampling_params(max_tokens, self.logprobs, self.logprobs if self.echo else None)
+        scored = [n for n in (self.logprobs if self.echo else None, self.prompt_logprobs) if n is not None]
+        return self.sampling_params(max_tokens, self.logprobs, max(scored) if scored else None)
 
 
 class TextPart(Strict):
@@ -458,7 +467,7 @@ class ChatCompletionRequest(ChatTemplateFields, SamplingFields):
                              f"max_completion_tokens={self.max_completion_tokens}")
         max_tokens = self.max_completion_tokens or self.max_tokens  # None: up to max_model_len
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(max_tokens, logprobs)
+        return self.sampling_params(max_tokens, logprobs, self.prompt_logprobs)
 
 
 def _choice_text(choice) -> str:
@@ -527,11 +536,24 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = []
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob, as its prompt_logprobs hold them."""
+
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+# one {token id: PromptLogprob} per prompt token (the first null: nothing predicts it)
+PromptLogprobs = list[Optional[dict[int, PromptLogprob]]]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
+    prompt_logprobs: Optional[PromptLogprobs] = None  # vLLM's, for this choice's prompt
 
 
 class _Response(BaseModel):
@@ -578,6 +600,7 @@ class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: Optional[PromptLogprobs] = None  # vLLM's
 
 
 class DeltaFunctionCall(BaseModel):

@@ -22,6 +22,8 @@ from deployments.openai_api import (
     DeltaMessage,
     DeltaToolCall,
     FunctionCall,
+    PromptLogprob,
+    PromptLogprobs,
     TokenLogprob as ChatTokenLogprob,
     ToolCall,
     TopLogprob,
@@ -58,6 +60,7 @@ class ResponseBuilder:
         self.choices = [_Choice() for _ in range(n * num_prompts)]
         self.n = n
         self.prompt_tokens: dict[int, int] = {}  # prompt index -> its length, counted once for n samples
+        self.prompt_logprobs: dict[int, list] = {}  # prompt index -> vLLM's prompt_logprobs, when asked for
         self.created = int(time.time())
         self.start = time.perf_counter()
         self.first_token_s: Optional[float] = None
@@ -78,6 +81,8 @@ class ResponseBuilder:
             c.add_logprobs(d.logprobs or ())
             c.finish_reason = d.finish_reason or c.finish_reason
             self.prompt_tokens[d.index // self.n] = d.prompt_tokens
+            if d.prompt_logprobs is not None:
+                self.prompt_logprobs[d.index // self.n] = d.prompt_logprobs
 
     def usage(self) -> Usage:
         prompt = sum(self.prompt_tokens.values())
@@ -133,9 +138,8 @@ class ResponseBuilder:
                 )
                 for i, c in enumerate(self.choices)
             ]
-            return ChatCompletionResponse(
-                id=self.request_id, created=self.created, model=self.model, choices=choices, usage=self.usage()
-            )
+            return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices,
+                                          usage=self.usage(), prompt_logprobs=self._prompt_logprobs(0))
         choices = [
             CompletionChoice(
                 index=i,
@@ -143,12 +147,20 @@ class ResponseBuilder:
                 logprobs=self._completion_logprobs(c.logprobs if self.top_logprobs is not None else None,
                                                    c.text_offsets),
                 finish_reason=c.finish_reason,
+                prompt_logprobs=self._prompt_logprobs(i // self.n),
             )
             for i, c in enumerate(self.choices)
         ]
         return CompletionResponse(id=self.request_id, created=self.created, model=self.model, choices=choices, usage=self.usage())
 
     # ---- logprobs in each endpoint's format ------------------------------------------------------
+    def _prompt_logprobs(self, prompt_index: int) -> Optional[PromptLogprobs]:
+        scored = self.prompt_logprobs.get(prompt_index)
+        if scored is None:
+            return None
+        return [None if entry is None else {t: PromptLogprob(logprob=_finite(lp), rank=rank, decoded_token=text)
+                                            for t, (lp, rank, text) in entry.items()} for entry in scored]
+
     def _chat_logprobs(self, logprobs: Optional[list[TokenLogprob]]) -> Optional[ChatLogprobs]:
         if logprobs is None or self.top_logprobs is None:
             return None

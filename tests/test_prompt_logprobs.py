@@ -33,6 +33,15 @@ def assert_matches(scored: list, ids: list[int], ref: torch.Tensor, top: int = T
             assert entry[t] == pytest.approx(lp, abs=1e-4), (i, t)
 
 
+def assert_ranks(ranks: list, ids: list[int], ref: torch.Tensor) -> None:
+    """Each prompt token's rank: 1 + the tokens more likely under transformers (within the logprobs' 1e-4)."""
+    assert ranks[0] is None and len(ranks) == len(ids)
+    for i in range(1, len(ids)):
+        row, lp = ref[i - 1], float(ref[i - 1][ids[i]])
+        assert int((row > lp + 1e-4).sum()) + 1 <= ranks[i] <= int((row > lp - 1e-4).sum()) + 1, i
+    assert len(ids) < 5 or max(ranks[1:]) > 1  # random tokens: most are not the model's first choice
+
+
 @pytest.mark.parametrize("family,budget", [("qwen3", 512), ("gemma3", 8), ("qwen3_moe", 7)])
 def test_prompt_logprobs_equal_transformers(family, budget, monkeypatch):
     # budget < prompt length: the prompt is scored chunk by chunk, and rows are scored 4 at a time (max_num_seqs,
@@ -42,7 +51,9 @@ def test_prompt_logprobs_equal_transformers(family, budget, monkeypatch):
     ids = engine.tokenizer.encode(PROMPTS[5])
     engine.add_request("a", ids, SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=TOP))
     out = run_all(engine)["a"]
-    assert_matches(out.prompt_logprobs, ids, hf_prompt_logprobs(family, ids))
+    ref = hf_prompt_logprobs(family, ids)
+    assert_matches(out.prompt_logprobs, ids, ref)
+    assert_ranks(out.prompt_token_ranks, ids, ref)
     assert out.outputs[0].logprobs is None  # prompt_logprobs asks nothing of the generated tokens
     assert engine.stats()["kv_blocks_used"] == 0
 
@@ -96,7 +107,9 @@ def test_prompt_logprobs_survive_preemption_and_batching():
     assert engine.stats()["num_preemptions"] > 0 and engine.stats()["kv_blocks_used"] == 0
     for i, ids in enumerate(prompts):
         if len(ids) > 1:
-            assert_matches(done[str(i)].prompt_logprobs, ids, hf_prompt_logprobs("qwen3", ids))
+            ref = hf_prompt_logprobs("qwen3", ids)
+            assert_matches(done[str(i)].prompt_logprobs, ids, ref)
+            assert_ranks(done[str(i)].prompt_token_ranks, ids, ref)
         else:
             assert done[str(i)].prompt_logprobs == [None]
 

@@ -191,6 +191,43 @@ def test_echo_with_logprobs_equals_offline_prompt_logprobs(client, served_name, 
     assert sum((c.choices[0].logprobs.token_logprobs for c in chunks), []) == lp.token_logprobs
 
 
+def test_prompt_logprobs_field_equals_offline_llm(server, served_name, offline):
+    """vLLM's prompt_logprobs field, on completions (each choice) and chat (the response): per prompt token its
+    logprob, rank and the top N with theirs, as the offline LLM scores them (whose values tests/test_prompt_logprobs.py
+    checks against transformers); not with stream."""
+    import requests
+
+    hf = offline.get_tokenizer()
+    (want,) = offline.generate(PROMPTS[1], greedy(max_tokens=2, prompt_logprobs=2), use_tqdm=False)
+    body = {"model": served_name, "prompt": PROMPTS[1], "max_tokens": 2, "temperature": 0, "prompt_logprobs": 2,
+            "n": 2, "echo": True, "logprobs": 1}  # echo's own logprobs ask for fewer: each gets what it asked
+    reply = requests.post(f"{server}/v1/completions", json=body, timeout=60).json()
+    for choice in reply["choices"]:
+        got = choice["prompt_logprobs"]
+        assert got[0] is None and len(got) == len(want.prompt_token_ids)
+        for i in range(1, len(got)):
+            token, entry = want.prompt_token_ids[i], want.prompt_logprobs[i]
+            assert {int(t) for t in got[i]} == set(entry), i
+            for t, lp in entry.items():
+                assert got[i][str(t)]["logprob"] == pytest.approx(lp, abs=1e-6)
+            assert got[i][str(token)]["rank"] == want.prompt_token_ranks[i]
+            ordered = sorted(got[i].values(), key=lambda v: -v["logprob"])  # ranks follow the logprobs
+            assert [v["rank"] for v in ordered] == sorted(v["rank"] for v in ordered)
+            assert all(v["rank"] <= 2 for t, v in got[i].items() if int(t) != token)  # the top 2
+            for t, v in got[i].items():
+                whole = hf.decode([int(t)])
+                assert "\ufffd" in whole or v["decoded_token"] == whole
+        assert len(choice["logprobs"]["top_logprobs"][1]) <= 2  # echo's: the top 1 and the token itself
+    chat = requests.post(f"{server}/v1/chat/completions", json={
+        "model": served_name, "messages": CHAT, "max_tokens": 1, "prompt_logprobs": 0}).json()
+    (want,) = offline.chat([CHAT], greedy(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"] == len(want.prompt_token_ids)
+    assert [None if e is None else {int(t): v["rank"] for t, v in e.items()} for e in chat["prompt_logprobs"]] == [
+        None] + [{t: r} for t, r in zip(want.prompt_token_ids[1:], want.prompt_token_ranks[1:])]
+    assert requests.post(f"{server}/v1/completions", json={"model": served_name, "prompt": "hi"}).json()[
+        "choices"][0]["prompt_logprobs"] is None
+
+
 def test_echo_with_max_tokens_0_scores_the_prompt_alone(client, served_name, offline):
     (expected,) = offline.generate(PROMPTS[3], greedy(max_tokens=1, prompt_logprobs=2), use_tqdm=False)
     ids = expected.prompt_token_ids
@@ -579,6 +616,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "M", "prompt": "hi", "stream_options": {"include_usage": True}}, 400,
      "stream_options", "stream_options can only be given with stream: true"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "stop": ["s"] * 17}, 400, "stop", "at most 16 stop strings"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "prompt_logprobs": 1, "stream": True}, 400, "prompt_logprobs",
+     "not available with stream: true"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "prompt_logprobs": 21}, 400, "prompt_logprobs", "20"),
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": LONG_PROMPT}]}, 400, "messages",
      "max_model_len is 128"),
     # JSON's "\ud800" escape (a string cut inside an emoji's surrogate pair) is no text a tokenizer takes: was a 500
