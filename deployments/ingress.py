@@ -106,7 +106,7 @@ class OpenAiIngress:
         self._check_model(body.model)
         request = GenerateRequest(new_id("cmpl"), self._params(body), prompts=body.prompts(),
                                   structure_field=body.structure_field, echo=bool(body.echo),
-                                  prompt_only=body.prompt_only, prompt_logprobs=body.prompt_logprobs is not None)
+                                  prompt_only=body.prompt_only, prompt_logprobs=body.prompt_logprobs)
         return await self._serve("/v1/completions", body, request, lambda: ResponseBuilder(
             request.request_id, self.model, False, body.logprobs, body.n, len(request.prompts)))
 
@@ -122,7 +122,7 @@ class OpenAiIngress:
         request = GenerateRequest(new_id("chatcmpl"), self._params(body), messages=messages,
                                   structure_field=body.structure_field, template_options=body.template_options(),
                                   reasoning_parser=self.reasoning_parser, tool_plan=tool_plan,
-                                  prompt_logprobs=body.prompt_logprobs is not None)
+                                  prompt_logprobs=body.prompt_logprobs)
         top = (body.top_logprobs or 0) if body.logprobs else None
         return await self._serve("/v1/chat/completions", body, request,
                                  lambda: ResponseBuilder(request.request_id, self.model, True, top, body.n, 1))

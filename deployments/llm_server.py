@@ -62,7 +62,7 @@ class GenerateRequest:
     template_options: Optional[dict] = None  # chat: apply_chat_template's keyword arguments (chat_template_options)
     reasoning_parser: Optional[str] = None  # chat: split the thinking from the answer (deployments/reasoning.py)
     tool_plan: Optional[ToolCallPlan] = None  # chat: read tool calls out of the answer (deployments/tool_calls.py)
-    prompt_logprobs: bool = False  # vLLM's prompt_logprobs field: each prompt token's logprob, rank and top N
+    prompt_logprobs: Optional[int] = None  # vLLM's prompt_logprobs field: N, each prompt token's logprob, rank, top N
 
 
 @dataclass
@@ -249,8 +249,8 @@ class LLMServer:
                         return
                     else:
                         new = self._deltas(prompt_index, out, request.params.n, echo, thinking, tools)
-                        if request.prompt_logprobs and out.prompt_logprobs is not None:
-                            scored[prompt_index] = self._ranked_prompt_logprobs(out)
+                        if request.prompt_logprobs is not None and out.prompt_logprobs is not None:
+                            scored[prompt_index] = self._ranked_prompt_logprobs(out, request.prompt_logprobs)
                         if new and prompt_index in scored:
                             new[0].prompt_logprobs = scored.pop(prompt_index)
                         deltas.extend(new)
@@ -342,13 +342,19 @@ class LLMServer:
             result.append((text(tid), top[tid], [(text(t), lp) for t, lp in ranked]))
         return result
 
-    def _ranked_prompt_logprobs(self, out: RequestOutput) -> list:
-        """vLLM's prompt_logprobs: the prompt token's rank is the engine's; a top token's is 1 + those above it."""
+    def _ranked_prompt_logprobs(self, out: RequestOutput, top: int) -> list:
+        """vLLM's prompt_logprobs: the prompt token with its rank (the engine's), and the `top` likeliest, ranked by
+        their place (the engine may have scored more: echo's logprobs ask for their own count)."""
         text = self.engine.tokenizer.token_text
         result: list = [None]
         for tid, entry, rank in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:], out.prompt_token_ranks[1:]):
-            result.append({t: (lp, rank if t == tid else 1 + sum(o > lp for o in entry.values()), text(t))
-                           for t, lp in entry.items()})
+            ranked = {tid: (entry[tid], rank, text(tid))}
+            # the entry lists the prompt token first, then the top tokens in order without it (sampler.logprob_entry)
+            for place, t in enumerate((t for t in entry if t != tid), start=1):
+                place += place >= rank  # the prompt token's own place comes first
+                if place <= top:
+                    ranked[t] = (entry[t], place, text(t))
+            result.append(ranked)
         return result
 
     def _prompt_logprobs(self, token_ids: list[int], scored: list) -> list[TokenLogprob]:

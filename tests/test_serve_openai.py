@@ -218,6 +218,12 @@ def test_prompt_logprobs_field_equals_offline_llm(server, served_name, offline):
                 whole = hf.decode([int(t)])
                 assert "\ufffd" in whole or v["decoded_token"] == whole
         assert len(choice["logprobs"]["top_logprobs"][1]) <= 2  # echo's: the top 1 and the token itself
+    # the other way round: echo's logprobs ask for more than prompt_logprobs, and each still gets its own count
+    body.update(logprobs=4, prompt_logprobs=0, n=1)
+    reply = requests.post(f"{server}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    assert [None if e is None else {int(t): v["rank"] for t, v in e.items()} for e in reply["prompt_logprobs"]] == [
+        None] + [{t: r} for t, r in zip(want.prompt_token_ids[1:], want.prompt_token_ranks[1:])]
+    assert max(len(top) for top in reply["logprobs"]["top_logprobs"][1:]) == 5  # the top 4 and the token itself
     chat = requests.post(f"{server}/v1/chat/completions", json={
         "model": served_name, "messages": CHAT, "max_tokens": 1, "prompt_logprobs": 0}).json()
     (want,) = offline.chat([CHAT], greedy(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
