@@ -97,10 +97,14 @@ class HermesCalls:
     finish_reason = "tool_calls"
 
     def __init__(self, parallel: bool = True):
-        self.called, self._count, self._parallel = False, 0, parallel
+        self._count, self._parallel = 0, parallel  # calls parsed so far (kept or not)
         self._held = ""  # the start of a tag, or an open block's text
         self._in_call = False
         self._after_call = False  # the whitespace between blocks opens no content
+
+    @property
+    def called(self) -> bool:
+        return self._count > 0
 
     def feed(self, text: str, final: bool = False) -> tuple[str, list[ToolCallDelta]]:
         text, self._held = self._held + text, ""
@@ -141,7 +145,6 @@ class HermesCalls:
         arguments = call.get("arguments") or {}
         if not isinstance(arguments, (dict, str)):
             return None
-        self.called = True
         self._count += 1
         return first_delta(self._count - 1, call["name"], _arguments_text(arguments))
 
