@@ -83,7 +83,7 @@ class RequiredCalls:
         try:
             deltas = [first_delta(i, c["name"], _arguments_text(c["parameters"]))
                       for i, c in enumerate(json.loads(self._text))]
-        except (json.JSONDecodeError, TypeError, KeyError):
+        except (json.JSONDecodeError, RecursionError, TypeError, KeyError):
             return self._text, []
         self.called = bool(deltas)
         return "", deltas
@@ -136,17 +136,29 @@ class HermesCalls:
         return content, calls
 
     def _parse(self, body: str) -> Optional[ToolCallDelta]:
-        try:
-            call = json.loads(body)
-        except json.JSONDecodeError:
-            return None
+        call = _json(body)
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return None
-        arguments = call.get("arguments") or {}
-        if not isinstance(arguments, (dict, str)):
+        arguments = call.get("arguments")
+        if arguments is None or arguments == "":  # none written: the call takes none
+            arguments = {}
+        # an object, or a string holding one: arguments that are no object (a list, a number, "Paris") would reach the
+        # client as a call it cannot read, and come back in the next request as one this server refuses
+        if not isinstance(arguments, dict) and not (isinstance(arguments, str) and isinstance(_json(arguments), dict)):
             return None
         self._count += 1
         return first_delta(self._count - 1, call["name"], _arguments_text(arguments))
+
+
+_NO_JSON = object()
+
+
+def _json(text: str):
+    """The JSON value of text, or _NO_JSON: a model's text may be no JSON, or nest deeper than the parser goes."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return _NO_JSON
 
 
 def _arguments_text(arguments) -> str:

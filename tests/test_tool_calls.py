@@ -62,6 +62,27 @@ def test_hermes_blocks_whole_or_in_pieces(answer, content, calls, piece):
     assert len({d.id for d in deltas if d.id}) == len(calls)  # an id a call
 
 
+@pytest.mark.parametrize("arguments", ['"Paris"', "[]", "false", "0", '"[1]"', '"{oops"'])
+def test_hermes_arguments_that_are_no_object_stay_content(arguments):
+    """Arguments that are no JSON object (nor a string holding one) make no call: the client could not read them, and
+    sent back (messages.append(reply.message)) they are refused by this server's own check (SentFunctionCall)."""
+    answer = '<tool_call>{"name": "now", "arguments": %s}</tool_call>' % arguments
+    reader = HermesCalls()
+    assert _feed(reader, answer, 10**6) == (answer, []) and not reader.called
+
+
+@pytest.mark.parametrize("piece", [10**6, 7])
+def test_json_nested_deeper_than_the_parser_goes_stays_content(piece):
+    """A degenerate answer ("[[[[..." in a block, or a required list) failed the whole request with RecursionError
+    (json.loads' nesting limit) instead of coming back as the text it is."""
+    deep = "[" * 5000
+    answer = "a <tool_call>" + deep + "</tool_call>"
+    assert _feed(HermesCalls(), answer, piece) == (answer, [])
+    arguments = '<tool_call>{"name": "now", "arguments": "%s"}</tool_call>' % deep
+    assert _feed(HermesCalls(), arguments, piece) == (arguments, [])
+    assert _feed(RequiredCalls(), deep, piece) == (deep, [])
+
+
 @pytest.mark.parametrize("piece", [10**6, 1, 3])
 def test_a_named_call_streams_its_arguments(piece):
     reader = NamedCall("get_weather")
