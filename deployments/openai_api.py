@@ -433,6 +433,8 @@ class ChatCompletionRequest(ChatTemplateFields, SamplingFields):
             raise ValueError(f"tool_choice {_choice_text(value)} needs tools")
         if isinstance(value, NamedToolChoice) and value.function.name not in {t.function.name for t in tools}:
             raise ValueError(f"tool_choice names {value.function.name!r}, which is not among the tools")
+        if value == "required":
+            forced_schema([t.model_dump() for t in tools], value, True)  # tools that cannot share one schema: a 400
         forced = value == "required" or isinstance(value, NamedToolChoice)
         fmt = info.data.get("response_format")
         if forced and (info.data.get("structured_outputs") is not None or (fmt is not None and fmt.type != "text")):

@@ -18,6 +18,7 @@ from deployments.reasoning import _partial_tag
 
 PARSERS = ("hermes",)
 CALL, END_CALL = "<tool_call>", "</tool_call>"
+DEFINITIONS = ("$defs", "definitions")  # where a JSON schema keeps the subschemas its $refs name
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
@@ -44,9 +45,21 @@ def forced_schema(tools: list[dict], choice: Union[str, dict], parallel: bool) -
     params = {t["function"]["name"]: t["function"].get("parameters") or NO_PARAMETERS for t in tools}
     if isinstance(choice, dict):
         return params[choice["function"]["name"]]
-    items = [{"type": "object", "properties": {"name": {"type": "string", "enum": [name]}, "parameters": schema},
-              "required": ["name", "parameters"], "additionalProperties": False} for name, schema in params.items()]
-    return {"type": "array", "minItems": 1, **({} if parallel else {"maxItems": 1}), "items": {"anyOf": items}}
+    # A parameters schema's own definitions ("$ref": "#/$defs/X", as pydantic writes them) are read from the root of
+    # the schema it is in: nested in the list's, they move to its root (vLLM's), where two tools must agree on a name.
+    shared: dict[str, dict] = {}
+    items = []
+    for name, schema in params.items():
+        schema = dict(schema)
+        for key in DEFINITIONS:
+            for def_name, definition in (schema.pop(key, None) or {}).items():
+                if shared.setdefault(key, {}).setdefault(def_name, definition) != definition:
+                    raise ValueError(f"tools: {key} {def_name!r} differs between tools; with tool_choice 'required' "
+                                     "all tools' definitions share one schema")
+        items.append({"type": "object", "properties": {"name": {"type": "string", "enum": [name]}, "parameters": schema},
+                      "required": ["name", "parameters"], "additionalProperties": False})
+    return {"type": "array", "minItems": 1, **({} if parallel else {"maxItems": 1}), "items": {"anyOf": items},
+            **shared}
 
 
 class NamedCall:

@@ -194,3 +194,44 @@ def test_the_response_has_null_content_for_calls_alone_and_each_call_whole():
     assert [(c.id, c.function.name, c.function.arguments) for c in calls.message.tool_calls] == [
         ("call_x", "f", '{"a": 1}'), ("call_y", "g", "{}")]
     assert plain.message.content == "Just text." and plain.message.tool_calls == []
+
+
+PLACE = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+def _with_defs(place: dict) -> dict:
+    """A parameters schema as pydantic (and openai.pydantic_function_tool) writes one: nested models under $defs."""
+    return {"type": "object", "properties": {"place": {"$ref": "#/$defs/Place"}}, "required": ["place"],
+            "$defs": {"Place": place}}
+
+
+def test_required_calls_keep_the_definitions_their_refs_name():
+    """Nested in the "required" list's schema, a tool's "#/$defs/..." refs named nothing: the grammar failed to compile
+    (a 400 for a valid request). The definitions move to the root, as vLLM does."""
+    import xgrammar as xgr
+
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": _with_defs(PLACE)}}] + TOOLS
+    schema = forced_schema(tools, "required", parallel=True)
+    jsonschema.validate([{"name": "weather", "parameters": {"place": {"city": "Oslo"}}}], schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "weather", "parameters": {"place": {}}}], schema)
+    xgr.Grammar.from_json_schema(json.dumps(schema))  # compiles
+    assert "$defs" in tools[0]["function"]["parameters"]  # the request's own tools are left as they were
+
+
+def test_required_calls_refuse_tools_whose_definitions_clash():
+    from pydantic import ValidationError
+
+    from deployments.errors import describe_validation_error
+    from deployments.openai_api import ChatCompletionRequest
+
+    other = {"type": "object", "properties": {"zip": {"type": "string"}}}
+    tools = [{"type": "function", "function": {"name": n, "parameters": _with_defs(p)}} for n, p in
+             (("a", PLACE), ("b", other))]
+    with pytest.raises(ValidationError) as e:
+        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=tools,
+                              tool_choice="required")
+    message, param = describe_validation_error(e.value.errors())
+    assert param == "tool_choice" and "tools: $defs 'Place' differs between tools" in message
+    same = [{"type": "function", "function": {"name": n, "parameters": _with_defs(PLACE)}} for n in "ab"]
+    ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=same, tool_choice="required")
