@@ -263,6 +263,12 @@ class ToolCall(BaseModel):
 
 
 class SentFunctionCall(Strict, FunctionCall):
+    @field_validator("arguments", mode="before")
+    @classmethod
+    def _none_is_empty(cls, arguments):
+        # a call without arguments may come back with none at all (null, ""): no arguments, {}, as vLLM takes it
+        return "{}" if arguments is None or (isinstance(arguments, str) and not arguments.strip()) else arguments
+
     @field_validator("arguments")
     @classmethod
     def _json_object(cls, arguments):

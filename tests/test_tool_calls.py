@@ -235,3 +235,15 @@ def test_required_calls_refuse_tools_whose_definitions_clash():
     assert param == "tool_choice" and "tools: $defs 'Place' differs between tools" in message
     same = [{"type": "function", "function": {"name": n, "parameters": _with_defs(PLACE)}} for n in "ab"]
     ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=same, tool_choice="required")
+
+
+@pytest.mark.parametrize("arguments", ["", "  ", None])
+def test_an_earlier_call_sent_back_without_arguments_takes_none(arguments):
+    """vLLM reads a history call's missing arguments (null or "") as {}; they were a 400 here."""
+    from deployments.openai_api import ChatCompletionRequest
+
+    call = {"id": "c", "type": "function", "function": {"name": "now", "arguments": arguments}}
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"},
+                                                      {"role": "assistant", "content": None, "tool_calls": [call]},
+                                                      {"role": "tool", "tool_call_id": "c", "content": "noon"}])
+    assert body.messages[1].as_template_input()["tool_calls"][0]["function"]["arguments"] == {}
