@@ -440,6 +440,22 @@ def test_tool_choice_required_answers_a_list_of_calls(tools_client, served_name)
         assert len({c.id for c in choice.message.tool_calls}) == len(calls) >= 1
 
 
+def test_tool_choice_required_with_a_pydantic_written_tool(tools_client, served_name):
+    """A tool whose parameters keep nested models under $defs (openai.pydantic_function_tool's): "required" nests
+    them in a list's schema, whose refs must still find them (was a 400: the grammar did not compile)."""
+    import jsonschema
+
+    params = {"type": "object", "properties": {"place": {"$ref": "#/$defs/Place"}}, "required": ["place"],
+              "$defs": {"Place": WEATHER_TOOL["function"]["parameters"]}}
+    tool = {"type": "function", "function": {"name": "weather_at", "parameters": params}}
+    choice = tools_client.chat.completions.create(model=served_name, messages=CHAT, tools=[tool], max_tokens=120,
+                                                  temperature=0, tool_choice="required",
+                                                  parallel_tool_calls=False).choices[0]  # one call: the list closes
+    (call,) = choice.message.tool_calls
+    assert choice.finish_reason == "tool_calls" and call.function.name == "weather_at", choice
+    jsonschema.validate(json.loads(call.function.arguments), params)
+
+
 def test_auto_tool_choice_reads_hermes_calls_out_of_the_answer(tools_client, served_name):
     """tool_choice "auto" (the default with tools) on a server started with --enable-auto-tool-choice
     --tool-call-parser hermes. The random tiny model calls nothing by itself, so a regex makes it write a call (the
