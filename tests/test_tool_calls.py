@@ -146,7 +146,7 @@ def _server_deltas(pieces: list[str], plan, prompt_tail=None, n=1):
     from deployments.reasoning import ThinkSplitter
 
     server = object.__new__(LLMServer.func_or_class)  # no engine: _deltas reads only the outputs here
-    server.engine = SimpleNamespace(tokenizer=None)
+    server.engine = SimpleNamespace(tokenizer=None, shutdown=lambda: None)  # LLMServer.__del__ shuts it down
     thinking = collections.defaultdict(lambda: ThinkSplitter(prompt_tail)) if prompt_tail is not None else None
     tools = collections.defaultdict(plan.reader)
     deltas = []
