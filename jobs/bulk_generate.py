@@ -126,8 +126,9 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
     id_column = args.id_column or resume.DERIVED_ID_COLUMN
     if args.id_column and args.id_column not in schema.names:
         raise ValueError(f"--id-column {args.id_column!r}: no such column in {args.input}; columns are {schema.names}")
-    if args.id_column:  # reads that one column only
-        ids = pads.dataset(files, filesystem=in_fs, format="parquet").to_table(columns=[args.id_column])
+    if args.id_column:  # reads that one column only, typed as the files unify (the first file alone may lack it,
+        # type it null when empty, or type it int32 beside another's int64)
+        ids = pads.dataset(files, filesystem=in_fs, format="parquet", schema=schema).to_table(columns=[args.id_column])
         resume.check_ids(ids.column(args.id_column), args.id_column, f"--input {args.input}")
     if not args.id_column and resume.DERIVED_ID_COLUMN in schema.names:
         raise ValueError(f"--input {args.input} has a {resume.DERIVED_ID_COLUMN!r} column; pass it as --id-column")

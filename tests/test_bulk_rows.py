@@ -355,6 +355,24 @@ def test_resume_with_other_input_or_arguments_is_refused(tmp_path):
         plan()
 
 
+def test_id_check_reads_the_column_as_the_files_unify(tmp_path):
+    """The id check read the files with the first one's schema: an empty first file (pandas types its empty column
+    null) stopped planning with an Arrow cast traceback, a first file without the column with 'No match for
+    FieldRef', and an int32 first file beside a large int64 id with a bare 'not in range'."""
+    folder, out = tmp_path / "in", str(tmp_path / "out")
+    folder.mkdir()
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "key": pa.array([], pa.null())}), folder / "0.parquet")
+    pq.write_table(pa.table({"prompt": ["a"], "key": pa.array([1], pa.int32())}), folder / "1.parquet")
+    pq.write_table(pa.table({"prompt": ["b"], "key": pa.array([2**40], pa.int64())}), folder / "2.parquet")
+    parser = argparse.ArgumentParser()
+    bulk_generate.add_arguments(parser)
+    argv = ["--input", str(folder), "--output", out, "--id-column", "key"]
+    assert bulk_generate.plan_job(parser.parse_args(argv)).input_rows == 2
+    pq.write_table(pa.table({"prompt": ["c"]}), folder / "00.parquet")  # sorts first, has no key
+    with pytest.raises(ValueError, match=r"--id-column 'key' in .*: 1 row\(s\) have a null id \(the first is row 0"):
+        bulk_generate.plan_job(parser.parse_args(argv))
+
+
 def test_check_ids_accepts_unique_ids_across_chunks():
     resume.check_ids(pa.chunked_array([[3, 1], [2]]), "key", "in.parquet")  # no error
     with pytest.raises(ValueError, match=r"e.g. 3 \(3 rows\)"):
