@@ -189,7 +189,16 @@ def written_ids(fs: pafs.FileSystem, root: str, id_column: str) -> Optional[pa.A
     parts = part_files(fs, root)
     if not parts:
         return None
-    return _decoded(pads.dataset(parts, filesystem=fs, format="parquet").to_table(columns=[id_column]).column(id_column))
+    return pa.concat_arrays(_part_ids(fs, parts, id_column))
+
+
+def _part_ids(fs: pafs.FileSystem, parts: list[str], id_column: str) -> list[pa.Array]:
+    """Each part file's ids, of one type: a file's own may differ (int32 and int64 input files: int64), and read as
+    the first file's type a large id does not fit."""
+    ids = [_decoded(pq.read_table(p, columns=[id_column], filesystem=fs).column(id_column)) for p in parts]
+    common = pa.unify_schemas([pa.schema([pa.field(id_column, a.type)]) for a in ids],
+                              promote_options="permissive").field(id_column).type
+    return [a.cast(common) for a in ids]
 
 
 def check_ids(ids: pa.ChunkedArray, column: str, where: str) -> None:
@@ -227,10 +236,7 @@ def remove_duplicates(fs: pafs.FileSystem, root: str, id_column: str) -> int:
     parts = part_files(fs, root)
     if len(parts) < 2:
         return 0
-    ids = [_decoded(pq.read_table(p, columns=[id_column], filesystem=fs).column(id_column)) for p in parts]
-    common = pa.unify_schemas([pa.schema([pa.field(id_column, a.type)]) for a in ids],
-                              promote_options="permissive").field(id_column).type  # int32 and int64 files: int64
-    ids = [a.cast(common) for a in ids]
+    ids = _part_ids(fs, parts, id_column)
     owners = pa.table({"id": pa.concat_arrays(ids),
                        "file": np.repeat(np.arange(len(parts), dtype=np.int32), [len(a) for a in ids])})
     counts = owners.group_by("id").aggregate([("file", "min"), ("file", "count")])

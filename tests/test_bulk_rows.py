@@ -165,6 +165,19 @@ def test_resume_with_dictionary_encoded_ids(tmp_path):
     assert kept.column("id").to_pylist() == ["c", "d"]
 
 
+def test_written_ids_across_id_types(tmp_path):
+    """Part files typed int32 and int64 (from int32 and int64 input files): the ids already written were read with
+    the first file's type, so a resume stopped on 'Integer value 1099511627776 not in range' whenever an int32
+    file's name sorted first."""
+    fs, root = pafs.LocalFileSystem(), str(tmp_path)
+    _part(fs, root, [1, 2], id_type=pa.int32())
+    _part(fs, root, [10, 2**40], id_type=pa.int64())
+    assert [pq.read_schema(p).field("id").type for p in resume.part_files(fs, root)] == [pa.int32(), pa.int64()]
+    assert sorted(resume.written_ids(fs, root, "id").to_pylist()) == [1, 2, 10, 2**40]
+    batch = pa.table({"id": pa.array([2, 3, 2**40, 2**41], pa.int64())})
+    assert resume.drop_written(batch, "id", resume.written_ids(fs, root, "id")).column("id").to_pylist() == [3, 2**41]
+
+
 def test_footers_unify_the_files_and_name_a_conflict(tmp_path):
     fs = pafs.LocalFileSystem()
     pq.write_table(pa.table({"prompt": ["a", "b"], "n": pa.array([1, 2], pa.int32())}), tmp_path / "a.parquet")
