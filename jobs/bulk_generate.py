@@ -232,8 +232,7 @@ def execute(plan: JobPlan):
     # every input row is either one this run wrote or one an earlier run had (exactly once)
     summary = JobSummary(**sink.stats, wall_time_s=time.perf_counter() - start,
                          rows_skipped=plan.input_rows - sink.stats["rows"], duplicates_removed=duplicates)
-    with plan.output_fs.open_output_stream(f"{plan.output_root}/{resume.SUMMARY_NAME}") as f:
-        f.write(summary.to_json().encode())
+    resume.write_whole(plan.output_fs, plan.output_root, resume.SUMMARY_NAME, summary.to_json())
     return summary, ds
 
 

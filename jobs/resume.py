@@ -163,10 +163,16 @@ def write_job_record(fs: pafs.FileSystem, root: str, record: dict) -> None:
     path = f"{root}/{JOB_NAME}"
     if part_files(fs, root) and fs.get_file_info(path).type == pafs.FileType.File:
         return
-    temp = f"{root}/{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{JOB_NAME}"
+    write_whole(fs, root, JOB_NAME, json.dumps(record, indent=2))
+
+
+def write_whole(fs: pafs.FileSystem, root: str, name: str, text: str) -> None:
+    """Writes root/name under a temp name, then renames it: a kill mid-write leaves the old file (or none), never
+    a torn one (the temp is removed on the next start)."""
+    temp = f"{root}/{TEMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}"
     with fs.open_output_stream(temp) as f:
-        f.write(json.dumps(record, indent=2).encode())
-    fs.move(temp, path)
+        f.write(text.encode())
+    fs.move(temp, f"{root}/{name}")
 
 
 def part_files(fs: pafs.FileSystem, root: str) -> list[str]:

@@ -281,6 +281,39 @@ def test_duplicates_across_id_types_and_crashes_mid_dedupe(tmp_path):
     assert crashed >= 2  # two repeated rows: at least two deletes to crash at
 
 
+class _CrashMidWrite(pafs.LocalFileSystem):
+    """A local filesystem whose process dies (KeyboardInterrupt) part way through writing a file."""
+
+    def open_output_stream(self, path, *args, **kwargs):
+        stream = super().open_output_stream(path, *args, **kwargs)
+
+        class Torn:
+            def __enter__(self):
+                return self
+
+            def write(self, data):
+                stream.write(data[: len(data) // 2])
+                stream.close()
+                raise KeyboardInterrupt("killed mid-write")
+
+            def __exit__(self, *exc):
+                stream.close()
+
+        return Torn()
+
+
+def test_summary_is_never_left_torn(tmp_path):
+    """_summary.json was written in place: a kill mid-write left half a JSON document where the last run's
+    figures were."""
+    fs, root = pafs.LocalFileSystem(), str(tmp_path)
+    before = JobSummary(rows=1, rows_failed=0, prompt_tokens=2, generated_tokens=3, wall_time_s=1.0).to_json()
+    resume.write_whole(fs, root, resume.SUMMARY_NAME, before)
+    with pytest.raises(KeyboardInterrupt):
+        resume.write_whole(_CrashMidWrite(), root, resume.SUMMARY_NAME, before.replace("1", "7"))
+    assert (tmp_path / resume.SUMMARY_NAME).read_text() == before
+    assert resume.remove_temp_files(fs, root) == 1  # the torn temp, removed on the next start
+
+
 def test_summary_line_and_json():
     s = JobSummary(rows=10, rows_failed=2, prompt_tokens=50, generated_tokens=80, wall_time_s=4.0, rows_skipped=5)
     assert s.line() == ("bulk_generate: 10 rows (2 failed, 5 already written), 50 prompt tokens, "
