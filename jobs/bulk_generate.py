@@ -99,6 +99,9 @@ class JobPlan:
     processor: ProcessorConfig
     input_rows: int = 0  # from the Parquet footers: each is either already written or processed by this run
     record: Optional[dict] = None  # what the rows are made from, kept in the output folder (resume.JOB_NAME)
+    # ids are Ray Data's row_hash (no --id-column); False when the input's own column, even one named row_hash, is
+    # the id: read_parquet(include_row_hash=True) would overwrite that column with its own hashes
+    derive_ids: bool = True
 
 
 def plan_job(args: argparse.Namespace) -> JobPlan:
@@ -157,7 +160,8 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
         max_concurrent_batches=args.max_concurrent_batches, num_gpus=args.num_gpus, num_cpus=args.num_cpus,
         accelerator_type=args.accelerator_type, max_restarts=args.max_restarts, max_task_retries=args.max_task_retries,
     )  # fmt: skip
-    return JobPlan(in_fs, files, out_fs, out_root, id_column, processor, input_rows, record)
+    return JobPlan(in_fs, files, out_fs, out_root, id_column, processor, input_rows, record,
+                   derive_ids=not args.id_column)
 
 
 def check_model(engine_args: EngineArgs, chat: bool, structure: Optional[dict] = None,
@@ -198,6 +202,13 @@ def run(plan: JobPlan) -> JobSummary:
     return execute(plan)[0]
 
 
+def read_input(plan: JobPlan):
+    """The input rows as a ray.data.Dataset, with Ray Data's row_hash ids when no --id-column was given."""
+    import ray
+
+    return ray.data.read_parquet(plan.input_files, filesystem=plan.input_fs, include_row_hash=plan.derive_ids)
+
+
 def execute(plan: JobPlan):
     """Run the job; returns its summary and the executed ray.data.Dataset (whose .stats() Ray Data filled)."""
     import ray
@@ -213,9 +224,7 @@ def execute(plan: JobPlan):
         resume.write_job_record(plan.output_fs, plan.output_root, plan.record)
     written = resume.written_ids(plan.output_fs, plan.output_root, plan.id_column)
 
-    ds = ray.data.read_parquet(
-        plan.input_files, filesystem=plan.input_fs, include_row_hash=plan.id_column == resume.DERIVED_ID_COLUMN
-    )
+    ds = read_input(plan)
     if written is not None:
         # A map (not ds.filter): a filter may be pushed into the read, which would shift row positions.
         ds = ds.map_batches(

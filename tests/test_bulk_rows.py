@@ -370,6 +370,25 @@ def test_id_column_must_be_unique_and_non_null_checked_before_any_work(tmp_path,
     assert not (tmp_path / "out").exists()
 
 
+def test_an_input_row_hash_column_given_as_id_column_is_kept(tmp_path):
+    """An input with its own row_hash column is told to pass it as --id-column; the job then still read with
+    include_row_hash=True, which overwrites that column with Ray Data's hashes: the output lost the input's ids."""
+    import ray
+
+    data = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b"], "row_hash": ["doc-1", "doc-2"]}), data)
+    parser = argparse.ArgumentParser()
+    bulk_generate.add_arguments(parser)
+    plan = bulk_generate.plan_job(parser.parse_args(
+        ["--input", str(data), "--output", str(tmp_path / "out"), "--id-column", "row_hash"]))
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        rows = bulk_generate.read_input(plan).take_all()
+    finally:
+        ray.shutdown()
+    assert sorted(r["row_hash"] for r in rows) == ["doc-1", "doc-2"]
+
+
 def test_resume_with_other_input_or_arguments_is_refused(tmp_path):
     """Rows already in --output are skipped as done: a rerun with other sampling values, another prompt column or a
     rewritten input would silently mix their outputs with the earlier run's (seen: max_tokens 2 and 6 in one folder)."""
