@@ -426,7 +426,8 @@ def test_id_check_reads_the_column_as_the_files_unify(tmp_path):
     FieldRef', and an int32 first file beside a large int64 id with a bare 'not in range'."""
     folder, out = tmp_path / "in", str(tmp_path / "out")
     folder.mkdir()
-    pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "key": pa.array([], pa.null())}), folder / "0.parquet")
+    empty = pa.table({"prompt": pa.array([], pa.string()), "key": pa.array([], pa.null())})  # pandas: no rows, key null
+    pq.write_table(empty, folder / "0.parquet")
     pq.write_table(pa.table({"prompt": ["a"], "key": pa.array([1], pa.int32())}), folder / "1.parquet")
     pq.write_table(pa.table({"prompt": ["b"], "key": pa.array([2**40], pa.int64())}), folder / "2.parquet")
     parser = argparse.ArgumentParser()
