@@ -56,8 +56,9 @@ def forced_schema(tools: list[dict], choice: Union[str, dict], parallel: bool) -
                 if shared.setdefault(key, {}).setdefault(def_name, definition) != definition:
                     raise ValueError(f"tools: {key} {def_name!r} differs between tools; with tool_choice 'required' "
                                      "all tools' definitions share one schema")
-        items.append({"type": "object", "properties": {"name": {"type": "string", "enum": [name]}, "parameters": schema},
-                      "required": ["name", "parameters"], "additionalProperties": False})
+        properties = {"name": {"type": "string", "enum": [name]}, "parameters": schema}
+        items.append({"type": "object", "properties": properties, "required": ["name", "parameters"],
+                      "additionalProperties": False})
     return {"type": "array", "minItems": 1, **({} if parallel else {"maxItems": 1}), "items": {"anyOf": items},
             **shared}
 
