@@ -241,8 +241,13 @@ class ModelRunner:
             logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows_t[i:end]]), dim=-1)
             target = logprobs.gather(1, targets_t[i:end, None])
             out.target_logprobs[i:end] = target.squeeze(1)
-            out.target_ranks[i:end] = (logprobs > target).sum(dim=1) + 1
-            if num_top:
+            # int32 counts, and max for one top token: torch's sum into int64 and topk over a vocabulary-wide row
+            # cost 1.3x and 8.5x as much (H100, 128 rows of Qwen3's vocabulary: 195 / 153 us, 454 / 53 us)
+            out.target_ranks[i:end] = (logprobs > target).sum(dim=1, dtype=torch.int32) + 1
+            if num_top == 1:
+                top, top_id = logprobs.max(dim=-1, keepdim=True)
+                out.top_logprobs[i:end], out.top_ids[i:end] = top, top_id
+            elif num_top:
                 out.top_logprobs[i:end], out.top_ids[i:end] = logprobs.topk(num_top, dim=-1)
         return out
 

@@ -58,6 +58,17 @@ def test_prompt_logprobs_equal_transformers(family, budget, monkeypatch):
     assert engine.stats()["kv_blocks_used"] == 0
 
 
+def test_one_top_token_is_the_most_likely():
+    # one top token takes the runner's max over the row, not topk
+    engine = make_engine("qwen3", max_num_seqs=4)
+    ids = engine.tokenizer.encode(PROMPTS[5])
+    engine.add_request("a", ids, SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1))
+    out = run_all(engine)["a"]
+    ref = hf_prompt_logprobs("qwen3", ids)
+    assert_matches(out.prompt_logprobs, ids, ref, top=1)
+    assert_ranks(out.prompt_token_ranks, ids, ref)
+
+
 def test_prompt_logprobs_zero_gives_only_the_prompt_tokens_own():
     engine = make_engine()
     ids = engine.tokenizer.encode(PROMPTS[1])
