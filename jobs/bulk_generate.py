@@ -250,9 +250,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        summary = run(plan_job(args))
+        plan = plan_job(args)
     except ValueError as e:  # a bad argument, found before any engine work (see plan_job, Processor)
         parser.exit(2, f"{parser.prog}: error: {e}\n")
+    summary = run(plan)  # an error from here on is the run's, not an argument's: it keeps its traceback
     print(summary.line(), flush=True)
     return 0
 

@@ -329,6 +329,19 @@ def _fail(argv, capsys) -> str:
     return capsys.readouterr().err
 
 
+def test_an_error_of_the_run_is_no_argument_error(tmp_path, monkeypatch):
+    # a ValueError raised while the job runs (Arrow's, a worker's) keeps its traceback; exit 2 says "bad argument"
+    data = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": ["hi"]}), data)
+
+    def broken_run(plan):
+        raise ValueError("an Arrow error while writing")
+
+    monkeypatch.setattr(bulk_generate, "run", broken_run)
+    with pytest.raises(ValueError, match="an Arrow error while writing"):
+        bulk_generate.main(["--input", str(data), "--output", str(tmp_path / "out")])
+
+
 def test_bad_job_arguments_fail_before_any_engine_work(tmp_path, capsys):
     data = tmp_path / "in.parquet"
     pq.write_table(pa.table({"prompt": ["hi"], "row": [0]}), data)
