@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Callable, Optional, Sequence, Union
 
 from adallm_core.config import EngineArgs
@@ -48,7 +49,7 @@ class LLM:
             kwargs["tools"] = tools
         tok = self.llm_engine.tokenizer
         # The template writes bos itself: encode the rendered text without adding special tokens again.
-        items = [(tok.apply_chat_template(c, **kwargs), False) for c in conversations]
+        items = [(tok.apply_chat_template(_arguments_as_objects(c), **kwargs), False) for c in conversations]
         return self._run(items, sampling_params, use_tqdm)
 
     def _run(self, items: list[tuple], sampling_params, use_tqdm) -> list[RequestOutput]:
@@ -101,3 +102,27 @@ def _progress(total: int, use_tqdm):
 
     bar = use_tqdm if callable(use_tqdm) else tqdm  # vLLM's use_tqdm also takes a tqdm-like class
     return bar(total=total, desc="Generating", unit="req", dynamic_ncols=True)
+
+
+def _arguments_as_objects(conversation: list[dict]) -> list[dict]:
+    """Earlier tool calls' arguments as objects: OpenAI's messages carry them as JSON text, and templates that write
+    them with tojson would quote that text again (vLLM parses them too)."""
+    out = []
+    for i, message in enumerate(conversation):
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if calls:
+            message = {**message, "tool_calls": [_parsed_call(call, i) for call in calls]}
+        out.append(message)
+    return out
+
+
+def _parsed_call(call: dict, index: int) -> dict:
+    function = call.get("function") if isinstance(call, dict) else None
+    arguments = function.get("arguments") if isinstance(function, dict) else None
+    if not isinstance(arguments, str):
+        return call
+    try:
+        parsed = json.loads(arguments) if arguments.strip() else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"chat: message {index}: a tool call's arguments are no JSON: {e}") from None
+    return {**call, "function": {**function, "arguments": parsed}}

@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from adallm_core.sampling_params import RequestOutputKind, SamplingParams
 from adallm_core.tokenizer import chat_template_options, unicode_text  # here too: the 400 then names the field
@@ -611,12 +611,21 @@ class ChatCompletionResponse(_Response):
     prompt_logprobs: Optional[PromptLogprobs] = None  # vLLM's
 
 
-class DeltaFunctionCall(BaseModel):
+class _NoNulls(BaseModel):
+    """Keys without a value are left out, not null: a call's later deltas carry no id, type or name (OpenAI's and
+    vLLM's streams leave them out; a strict client may refuse a null)."""
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunctionCall(_NoNulls):
     name: Optional[str] = None
     arguments: str = ""
 
 
-class DeltaToolCall(BaseModel):
+class DeltaToolCall(_NoNulls):
     index: int
     id: Optional[str] = None  # id, type and name come with a call's first delta
     type: Optional[Literal["function"]] = None

@@ -25,6 +25,20 @@ def test_generate_returns_outputs_in_input_order(llm):
     assert all(o.outputs[0].text == tok.decode(o.outputs[0].token_ids, skip_special_tokens=True) for o in outs)
 
 
+
+def test_chat_takes_earlier_tool_calls_arguments_as_objects(llm):
+    # OpenAI's messages carry a call's arguments as JSON text; the template writes them with tojson, which would
+    # quote the text again
+    call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    conv = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    out = llm.chat(conv, GREEDY, use_tqdm=False)[0]
+    assert '"arguments": {"city": "Paris"}' in out.prompt
+    assert conv[1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'  # the caller's list untouched
+    call["function"]["arguments"] = "{oops"
+    with pytest.raises(ValueError, match="message 1: a tool call's arguments are no JSON"):
+        llm.chat(conv, GREEDY, use_tqdm=False)
+
 def test_prompt_forms_and_per_prompt_params(llm):
     tok = llm.get_tokenizer()
     ids = tok.encode(PROMPTS[1])

@@ -189,6 +189,10 @@ def test_the_response_has_null_content_for_calls_alone_and_each_call_whole():
         chunk = builder.chunk(deltas).choices[0].delta
         assert chunk.tool_calls[0].type == ("function" if chunk.tool_calls[0].id else None)
     assert builder.chunk(later).choices[0].delta.content is None  # no text beside the calls
+    # a call's later deltas leave out id, type and name (OpenAI's and vLLM's streams; a strict client refuses nulls)
+    sent = json.loads(builder.chunk(later).model_dump_json())["choices"][0]["delta"]["tool_calls"]
+    assert sent == [{"index": 0, "function": {"arguments": ": 1}"}},
+                    {"index": 1, "id": "call_y", "type": "function", "function": {"name": "g", "arguments": "{}"}}]
     calls, plain = builder.response().choices
     assert calls.message.content is None and calls.finish_reason == "tool_calls"
     assert [(c.id, c.function.name, c.function.arguments) for c in calls.message.tool_calls] == [
