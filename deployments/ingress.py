@@ -178,7 +178,7 @@ class OpenAiIngress:
                 if isinstance(first, RequestError):
                     raise OpenAIError(first.status, first.message, first.param)
                 if body.stream:  # from here on the client has bytes: no more retries
-                    events = self._events(route, body.include_usage, builder, first, outputs)
+                    events = self._events(route, body, builder, first, outputs)
                     return StreamingResponse(events, media_type="text/event-stream")
                 deltas = first
                 while deltas is not None:
@@ -196,8 +196,14 @@ class OpenAiIngress:
             self._record(route, builder)
             return builder.response()
 
-    async def _events(self, route, include_usage, builder, first, outputs) -> AsyncIterator[str]:
+    async def _events(self, route, body, builder, first, outputs) -> AsyncIterator[str]:
         finished = False
+
+        def sse(chunk) -> str:
+            if body.continuous_usage:  # the usage so far on every chunk of tokens (the role's comes before any)
+                chunk.usage = builder.usage()
+            return _sse(chunk)
+
         try:
             if builder.chat:
                 yield _sse(builder.role_chunk())
@@ -207,14 +213,14 @@ class OpenAiIngress:
                     yield _error_event(deltas.status, deltas.message)
                     break
                 builder.add(deltas)
-                yield _sse(builder.chunk(deltas))
+                yield sse(builder.chunk(deltas))
                 try:
                     deltas = await _next(outputs)
                 except REPLICA_LOST as e:  # the client has part of the answer: say why the rest is missing
                     lost = replica_lost(e)
                     yield _error_event(lost.status, lost.message, lost.code)
                     break
-            if include_usage:
+            if body.include_usage:
                 yield _sse(builder.usage_chunk())
             yield "data: [DONE]\n\n"
             finished = True

@@ -22,7 +22,8 @@ class Strict(BaseModel):
 
 
 class StreamOptions(Strict):
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk, without choices, carries the request's usage
+    continuous_usage_stats: bool = False  # with include_usage, every chunk carries the usage so far (vLLM's)
 
 
 MAX_STOP_STRINGS = 16
@@ -179,6 +180,10 @@ class SamplingFields(Strict):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
 
 class CompletionRequest(SamplingFields):

@@ -150,6 +150,19 @@ def test_chat_equals_offline_llm(client, served_name, offline):
     assert text == expected.outputs[0].text
 
 
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client, served_name, offline):
+    (expected,) = offline.chat(CHAT, greedy(), use_tqdm=False)
+    stream = client.chat.completions.create(
+        model=served_name, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+    )
+    chunks = [c for c in stream if c.choices and c.choices[0].delta.role is None]  # the role's chunk precedes tokens
+    assert chunks and all(c.usage.prompt_tokens == len(expected.prompt_token_ids) for c in chunks)
+    done = [c.usage.completion_tokens for c in chunks]
+    assert done == sorted(done) and done[-1] == len(expected.outputs[0].token_ids)
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+
+
 def test_null_fields_and_a_long_stop_string_as_the_openai_client_sends_them(client, served_name, offline):
     """The client types temperature, top_p, n, penalties as nullable (null: the default); a stop string may be long."""
     (expected,) = offline.chat(CHAT, greedy(), use_tqdm=False)
