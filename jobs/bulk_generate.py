@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--batch-size", type=int, default=64, help="rows handed to an engine at once")
     job.add_argument("--concurrency", type=_concurrency, default=1, help="engine replicas: N or MIN,MAX")
     job.add_argument("--max-concurrent-batches", type=int, default=4, help="batches in flight per replica")
-    job.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica (default: 1 if the cluster has GPUs)")
+    job.add_argument("--num-gpus", type=float, default=None,
+                     help="GPUs per replica (default: 1 with --accelerator-type or when the cluster has GPUs)")
     job.add_argument("--num-cpus", type=float, default=1.0,
                      help="CPUs per replica (on CPU-only nodes also its torch threads)")
     job.add_argument("--accelerator-type", default=None, help="Ray accelerator type to place replicas on, e.g. L4")

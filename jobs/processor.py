@@ -1,12 +1,12 @@
 """The reusable generation processor: apply an adallm engine to any ray.data.Dataset.
 
-    processor = build_processor(ProcessorConfig(engine_args=EngineArgs(model=...), prompt_column="prompt",
-                                                sampling_defaults={"max_tokens": 64}, concurrency=2))
+    rows = RowSpec(prompt_column="prompt", sampling_defaults={"max_tokens": 64})
+    processor = build_processor(ProcessorConfig(engine_args=EngineArgs(model=...), rows=rows, concurrency=2))
     ds = processor(ray.data.read_parquet(...))    # every input column + generated_text, finish_reason, ...
 
-Each replica is one Ray actor owning one engine (one GPU when the cluster has GPUs). A batch is handed to
-the engine in one `add_requests` call, and several batches may be in flight per replica, so continuous
-batching keeps the device busy across batch boundaries.
+Each replica is one Ray actor owning one engine (one GPU with an accelerator_type or when the cluster has GPUs).
+A batch is handed to the engine in one `add_requests` call, and several batches may be in flight per replica, so
+continuous batching keeps the device busy across batch boundaries.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class ProcessorConfig:
     batch_size: int = 64  # rows per map_batches call, all submitted to the engine at once
     concurrency: Union[int, tuple[int, int]] = 1  # replicas: fixed, or an autoscaling (min, max) range
     max_concurrent_batches: int = 4  # batches in flight per replica (keeps the engine full at batch ends)
-    num_gpus: Optional[float] = None  # per replica; None: tensor_parallel_size when the cluster has GPUs, else 0
+    num_gpus: Optional[float] = None  # per replica; None: tensor_parallel_size with an accelerator_type or GPUs, else 0
     num_cpus: float = 1.0
     accelerator_type: Optional[str] = None  # e.g. "L4", "RTX" (Ray accelerator types)
     max_restarts: int = -1  # a replica that dies is restarted (-1: always) ...
@@ -158,6 +158,13 @@ class Processor:
     def _num_gpus(self) -> float:
         if self.config.num_gpus is not None:
             return self.config.num_gpus
+        device = self.config.engine_args.device
+        if device == "cpu":
+            return 0.0
+        # as `adallm serve` does: an accelerator type (or a CUDA device) asks for GPU nodes, which an autoscaling
+        # cluster may not have started yet (cluster.yaml: every GPU type starts at 0 nodes)
+        if device.startswith("cuda") or self.config.accelerator_type:
+            return float(self.config.engine_args.tensor_parallel_size)
         import ray
 
         if not ray.is_initialized():

@@ -548,3 +548,20 @@ def test_chat_template_kwargs_reach_the_template(tokenizer, tmp_path):
                           (plain + ["--chat-template-kwargs", '{"a": 1}'], "applies to chat rows: give --messages-column")):
         with pytest.raises(ValueError, match=re.escape(message)):
             bulk_generate.plan_job(parser.parse_args(argv))
+
+
+@pytest.mark.parametrize("engine, accelerator_type, expected", [
+    ({}, "L4", 1.0),  # an autoscaling cluster has no GPU node yet: the replicas must still ask for one
+    ({"tensor_parallel_size": 2}, "L4", 2.0),
+    ({"device": "cuda"}, None, 1.0),
+    ({"device": "cpu"}, "L4", 0.0),
+])
+def test_replicas_ask_for_gpus_before_the_cluster_has_any(monkeypatch, engine, accelerator_type, expected):
+    import ray
+
+    from adallm_core.config import EngineArgs
+    from jobs.processor import Processor, ProcessorConfig
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("decided without asking the cluster"))
+    config = ProcessorConfig(engine_args=EngineArgs(**engine), accelerator_type=accelerator_type)
+    assert Processor(config)._num_gpus() == expected
