@@ -30,7 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
     module = importlib.import_module(COMMANDS[name][0])
     if not hasattr(module, "add_arguments"):
-        return int(module.main(argv[1:]) or 0)
+        # its own parser names itself after sys.argv[0]: `adallm bench`, not `adallm`, in its usage and errors
+        program, sys.argv[0] = sys.argv[0], f"adallm {name}"
+        try:
+            return int(module.main(argv[1:]) or 0)
+        finally:
+            sys.argv[0] = program
     sub_parser = argparse.ArgumentParser(prog=f"adallm {name}", description=COMMANDS[name][1])
     module.add_arguments(sub_parser)
     args = sub_parser.parse_args(argv[1:])
