@@ -327,7 +327,9 @@ class LLMEngine:
             seq.logprobs.append(logprobs)
             seq.cumulative_logprob += logprobs[token]
         p = seq.params
-        may_stop = len(out) >= p.min_tokens
+        may_stop = len(out) >= p.min_tokens  # eos / stop ids: banned before, so the earliest is token min_tokens + 1
+        # stop strings as vLLM checks them: in text from token min_tokens + 1 on (a match may start before it)
+        check_strings = len(out) > p.min_tokens
         # structured outputs: the mask let only tokens the grammar takes through; once complete (it took a stop
         # token) the output ends, ignore_eos or not
         grammar = seq.active_grammar
@@ -339,7 +341,7 @@ class LLMEngine:
             status = SequenceStatus.FINISHED_STOPPED
         elif may_stop and token in p.stop_token_ids:
             status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, token
-        elif (stop := seq.detokenizer.update(token, check_stop=may_stop)) is not None:
+        elif (stop := seq.detokenizer.update(token, check_stop=check_strings)) is not None:
             status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
         elif len(out) >= seq.max_tokens or len(seq.prompt_token_ids) + len(out) >= self.max_model_len:
             status = SequenceStatus.FINISHED_LENGTH
@@ -351,7 +353,7 @@ class LLMEngine:
         if stopped_by_token and p.include_stop_str_in_output:
             seq.detokenizer.update(token, check_stop=False)  # an eos / stop token's own text (vLLM's)
         if seq.stop_reason is None or isinstance(seq.stop_reason, int):
-            stop = seq.detokenizer.flush()  # text held back for an unfinished character
+            stop = seq.detokenizer.flush(check_strings)  # text held back for an unfinished character
             if stop is not None:  # ...which completed a stop string after all: the text ends before it
                 status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
         self.scheduler.finish(seq, status)

@@ -192,19 +192,19 @@ class IncrementalDetokenizer:
 
     def update(self, token_id: int, check_stop: bool = True) -> Optional[str]:
         """Add one token; returns the stop string if this token completed one (the text then ends before it).
-        check_stop=False (fewer than min_tokens generated): stop strings are not looked for yet."""
+        check_stop=False (at most min_tokens generated, vLLM's rule): stop strings are not looked for yet."""
         if self.stop_string is not None:  # finished: later tokens are not part of the text
             return self.stop_string
         return self._add(self._next_piece(token_id), check_stop)
 
-    def flush(self) -> Optional[str]:
+    def flush(self, check_stop: bool = True) -> Optional[str]:
         """The sequence ended: show what was held back for a character that will never complete (as U+FFFD,
-        the way a full decode shows it)."""
+        the way a full decode shows it). check_stop as in update()."""
         if self.stop_string is not None or self.read_offset == len(self.ids):
             return self.stop_string
         prefix, full = self._decode_window()
         self.prefix_offset = self.read_offset = len(self.ids)
-        return self._add(full[len(prefix):], True)
+        return self._add(full[len(prefix):], check_stop)
 
     def _add(self, piece: str, check_stop: bool) -> Optional[str]:
         if not piece:

@@ -139,6 +139,26 @@ def test_held_back_text_that_completes_a_stop_string_finishes_with_stop():
     assert (c.text, c.token_ids, c.finish_reason) == ("", [split], "stop")
 
 
+def test_min_tokens_checks_stop_strings_after_min_tokens_tokens_as_stop_ids():
+    """vLLM: with min_tokens=m a stop id is banned up to token m, and stop strings are looked for from token m + 1 on
+    (in text from there: a match may begin earlier). A stop string completed by token m stopped the request."""
+    engine = make_engine("qwen3", async_scheduling=False)
+    tok = engine.tokenizer
+    script = [tok.encode(c, add_special_tokens=False)[0] for c in "xyzw"]  # one token each
+    engine.sampler = ScriptedSampler(script)
+    got = {}
+    for m in (0, 1, 2):
+        engine.add_request(f"m{m}", PROMPTS[0], SamplingParams(max_tokens=4, min_tokens=m, ignore_eos=True, stop=["y"]))
+        c = run_all(engine)[f"m{m}"].outputs[0]
+        got[m] = (c.text, len(c.token_ids), c.finish_reason)
+    assert got == {0: ("x", 2, "stop"), 1: ("x", 2, "stop"), 2: ("xyzw", 4, "length")}
+    # a match that begins in text from before min_tokens and ends after it is found
+    engine.add_request("span", PROMPTS[0], SamplingParams(max_tokens=4, min_tokens=2, ignore_eos=True, stop=["yz"]))
+    c = run_all(engine)["span"].outputs[0]
+    assert (c.text, len(c.token_ids), c.finish_reason, c.stop_reason) == ("x", 3, "stop", "yz")
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
 def test_eos_from_generation_config(engine):
     import json
     from pathlib import Path

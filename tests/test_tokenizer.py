@@ -90,14 +90,15 @@ def test_text_that_may_start_a_stop_string_is_held_back(tok):
 
 @pytest.mark.parametrize("stop", [[" b"], [" b", "a much longer stop string"]])
 def test_stop_strings_ended_before_min_tokens_are_not_looked_for_later(tok, stop):
-    """The engine checks stop strings from min_tokens on (check_stop): a match that ended in the text of earlier
-    tokens never stops the request later, whatever other stop strings are set (their lengths widen no search)."""
+    """The engine checks stop strings after min_tokens tokens (check_stop, vLLM's rule): a match that ended in the
+    text of earlier tokens never stops the request later, whatever other stop strings are set (their lengths widen
+    no search)."""
     ids = tok.encode(" x y z a b c d", add_special_tokens=False)
     text = tok.decode(ids)
     at = next(i for i in range(len(ids)) if " b" in tok.decode(ids[: i + 1]))  # the token that completes " b"
-    for min_tokens, expected in ((at + 2, (None, text)), (at + 1, (" b", text[: text.index(" b")]))):
+    for min_tokens, expected in ((at + 1, (None, text)), (at, (" b", text[: text.index(" b")]))):
         d = IncrementalDetokenizer(tok, [0], stop)
-        found = [d.update(t, check_stop=i + 1 >= min_tokens) for i, t in enumerate(ids)]
+        found = [d.update(t, check_stop=i + 1 > min_tokens) for i, t in enumerate(ids)]
         assert (found[-1], d.output_text(finished=True)) == expected
 
 
