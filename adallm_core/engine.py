@@ -57,6 +57,9 @@ class LLMEngine:
         self.max_model_len: int = runner.max_model_len
         self.vocab_size: int = runner.vocab_size
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) or tuple(runner.model_config.eos_token_ids)
+        # the tokenizer's own eos ends a request with stop_reason None; generation_config.json's others stop it as
+        # stop_token_ids do, naming the token (vLLM's)
+        self.primary_eos_token_id = tokenizer.eos_token_id
         # the default budget also fits a decode token for every sequence that may run (max_num_seqs)
         self.max_num_batched_tokens = args.max_num_batched_tokens or max(
             min(max(2048, self.max_model_len), BATCHED_TOKENS_DEFAULT_CAP), args.max_num_seqs)
@@ -337,6 +340,8 @@ class LLMEngine:
         status = None
         if may_stop and not p.ignore_eos and token in self.eos_token_ids:
             status = SequenceStatus.FINISHED_STOPPED
+            if token != self.primary_eos_token_id:
+                seq.stop_reason = token
         elif grammar_done:
             status = SequenceStatus.FINISHED_STOPPED
         elif may_stop and token in p.stop_token_ids:

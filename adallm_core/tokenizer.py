@@ -22,6 +22,7 @@ class Tokenizer:
 
         self.path = Path(path)
         self.hf = AutoTokenizer.from_pretrained(str(path))
+        self.eos_token_id: Optional[int] = self.hf.eos_token_id  # the tokenizer's own; eos_token_ids adds the config's
         self.eos_token_ids = self._eos_ids()
         # transformers' decode adds only clean_up_tokenization_spaces on top of the Rust decode
         cleanup = getattr(self.hf, "clean_up_tokenization_spaces", False)

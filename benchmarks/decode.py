@@ -31,6 +31,7 @@ from benchmarks.timing import copy_bandwidth
 class RandomTokenizer:
     """Stands in for a tokenizer: prompts are token ids and the text of random weights is noise anyway."""
 
+    eos_token_id = None
     eos_token_ids = ()
     vocab_size = 0
 

@@ -166,14 +166,20 @@ def test_eos_from_generation_config(engine):
     gen = json.loads((Path(engine.tokenizer.path) / "generation_config.json").read_text())["eos_token_id"]
     assert set(gen) <= set(engine.eos_token_ids)
     # ignore_eos=False: a request that would sample eos stops there with finish_reason "stop"
+    # the tokenizer's own eos stops with stop_reason None, generation_config's others name the token (vLLM's)
     tokens = greedy_tokens(engine, [PROMPTS[0]], max_tokens=8)[0]
-    engine.eos_token_ids = (tokens[2],)
-    try:
-        engine.add_request("eos", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=8))
-        c = run_all(engine)["eos"].outputs[0]
-    finally:
-        engine.eos_token_ids = tuple(engine.tokenizer.eos_token_ids)
-    assert c.token_ids == tokens[: tokens.index(tokens[2]) + 1] and c.finish_reason == "stop" and c.stop_reason is None
+    primary = engine.primary_eos_token_id
+    for is_primary in (True, False):
+        engine.eos_token_ids = (tokens[2],)
+        engine.primary_eos_token_id = tokens[2] if is_primary else None
+        try:
+            engine.add_request("eos", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=8))
+            c = run_all(engine)["eos"].outputs[0]
+        finally:
+            engine.eos_token_ids = tuple(engine.tokenizer.eos_token_ids)
+            engine.primary_eos_token_id = primary
+        assert c.token_ids == tokens[: tokens.index(tokens[2]) + 1] and c.finish_reason == "stop"
+        assert c.stop_reason == (None if is_primary else tokens[2])
 
 
 def _mutated(**kw):
