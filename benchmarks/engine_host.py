@@ -44,6 +44,7 @@ class InstantRunner:
     def __init__(self, vocab: int, max_num_seqs: int, max_model_len: int):
         self.device = torch.device("cpu")
         self.max_model_len = max_model_len
+        self.vocab_size = vocab
         self.model_config = SimpleNamespace(vocab_size=vocab, eos_token_ids=(0,))
         gen = torch.Generator().manual_seed(0)
         self.logits = torch.randn(LOGITS_CYCLE, max_num_seqs, vocab, generator=gen)
@@ -64,6 +65,7 @@ class InstantRunner:
 class SilentTokenizer:
     """Decodes every token to '': the detokenizer's cheapest case."""
 
+    eos_token_id = 0
     eos_token_ids = (0,)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
