@@ -98,10 +98,13 @@ class Scheduler:
                 budget -= num_new
 
         # Waiting sequences join only when nothing had to be preempted (the cache is tight otherwise).
+        skipped = []
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if self._sibling_prefilling(seq):
-                break  # wait one step: the sibling's prompt blocks will then be in the prefix cache
+                # it waits for its sibling's prompt blocks to reach the prefix cache; later requests go on joining
+                skipped.append(self.waiting.popleft())
+                continue
             computed = self.kv.get_computed_blocks(seq)
             num_new = min(seq.num_tokens - computed[1], budget)
             if not self.kv.allocate_slots(seq, num_new, computed):
@@ -111,6 +114,7 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq.of(seq, num_new))
             budget -= num_new
+        self.waiting.extendleft(reversed(skipped))  # still first in line
         return out
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:

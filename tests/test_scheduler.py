@@ -129,6 +129,18 @@ def test_waiting_sibling_reuses_prompt_blocks_of_the_first():
     assert sched.kv.prefix_cache_hits == 32
 
 
+def test_later_requests_join_while_a_sibling_waits_for_the_first_ones_prompt():
+    # the first sibling's prompt takes three steps of chunked prefill; its siblings wait for its blocks, and a request
+    # behind them need not
+    sched = make_sched(budget=8)
+    siblings = [make_seq("r", 20, max_tokens=2, index=i) for i in range(2)]
+    other = make_seq("o", 3, max_tokens=2, start=500)
+    steps, _ = run(sched, siblings + [other])
+    assert steps[:3] == [[("r", 8, False)], [("r", 8, False)], [("r", 4, True), ("o", 3, True)]]  # "o" in the third
+    assert ("r", 4, True) in steps[3]  # the second sibling joins once the first one's prompt is whole
+    assert siblings[1].num_cached_tokens == 16  # ...and reuses its full blocks
+
+
 def test_sliding_window_group_keeps_few_blocks():
     groups = [KVGroupSpec(64, BS), KVGroupSpec(64, BS, sliding_window=8)]
     sched = make_sched(groups=groups, budget=8)
