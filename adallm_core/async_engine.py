@@ -30,8 +30,9 @@ class EngineDeadError(RuntimeError):
 class RequestStream:
     """Async iterator over one request's outputs; ends after the finished one."""
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, request: Optional[Request] = None):
         self.request_id = request_id
+        self.request = request  # the engine's request: an abort names it, not its id, which a later one may reuse
         self.finished = False
         self._loop = loop
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -70,7 +71,7 @@ class AsyncLLM:
         self._cond = threading.Condition()  # guards everything below
         self._streams: dict[str, RequestStream] = {}
         self._pending: list[Request] = []
-        self._pending_aborts: list[tuple[str, Optional[asyncio.Future]]] = []
+        self._pending_aborts: list[tuple[Optional[Request], Optional[asyncio.Future]]] = []
         self._stats = engine.stats()
         self._error: Optional[BaseException] = None
         self._stopping = False
@@ -102,7 +103,7 @@ class AsyncLLM:
                 if req.request_id in self._streams:
                     results[i] = ValueError(f"request_id {req.request_id!r} is already in use")
                     continue
-                results[i] = self._streams[req.request_id] = RequestStream(req.request_id, loop)
+                results[i] = self._streams[req.request_id] = RequestStream(req.request_id, loop, req)
                 self._pending.append(req)
             self._cond.notify()
         return results
@@ -117,21 +118,23 @@ class AsyncLLM:
                 yield output
         finally:
             if not stream.finished:  # the caller went away (disconnect, cancel): free its blocks now
-                self._queue_abort(request_id, None)
+                self._queue_abort(stream.request, None)
 
     async def abort(self, request_id: Union[str, list[str]]) -> None:
         """Abort a request, or a list of them; returns once their blocks are free (at the latest after the step in
         flight). A bad id is refused here: in the engine loop it would end the loop."""
         loop = asyncio.get_running_loop()
         done = [(rid, loop.create_future()) for rid in request_ids_of(request_id)]
-        for rid, future in done:
-            self._queue_abort(rid, future)
+        with self._cond:  # the requests that hold these ids now (None: none does; the abort just waits a step)
+            requests = [stream.request if (stream := self._streams.get(rid)) else None for rid, _ in done]
+        for req, (_, future) in zip(requests, done):
+            self._queue_abort(req, future)
         await asyncio.gather(*(future for _, future in done))
 
-    def _queue_abort(self, request_id: str, done: Optional[asyncio.Future]) -> None:
+    def _queue_abort(self, request: Optional[Request], done: Optional[asyncio.Future]) -> None:
         with self._cond:
             if self._error is None and not self._stopping:
-                self._pending_aborts.append((request_id, done))
+                self._pending_aborts.append((request, done))
                 self._cond.notify()
                 return
         if done is not None:  # the loop has ended and failed every stream: nothing holds blocks any more
@@ -152,7 +155,7 @@ class AsyncLLM:
                     aborts, self._pending_aborts = self._pending_aborts, []
                 for req in admit:
                     self.engine.admit(req)
-                outputs = [o for rid, _ in aborts if (o := self.engine.abort_request(rid)) is not None]
+                outputs = self._abort(aborts)
                 if self.engine.has_unfinished_requests():
                     outputs += self.engine.step()
                 self._deliver(outputs, aborts)
@@ -164,6 +167,12 @@ class AsyncLLM:
             self._end_streams(EngineDeadError(f"engine loop died: {e!r}"))
             return
         self._end_streams(EngineDeadError("engine is shut down"))
+
+    def _abort(self, aborts) -> list[RequestOutput]:
+        """Abort each request that is still in the engine, itself: an abort left by a stream whose request ended
+        (final output unread) must not hit a later request that took the same id."""
+        return [self.engine.abort_request(req.request_id) for req, _ in aborts
+                if req is not None and self.engine.requests.get(req.request_id) is req]
 
     def _end_streams(self, error: EngineDeadError) -> None:
         """The loop has ended: every open stream fails with `error`, and every waiting abort returns."""

@@ -224,3 +224,26 @@ def test_a_request_id_in_flight_cannot_be_reused(llm):
     first, again, outs = asyncio.run(main())
     assert isinstance(again, ValueError) and "already in use" in str(again)
     assert outs[-1].outputs[0].finish_reason == "abort"
+
+
+def test_an_abort_left_by_a_closed_stream_misses_a_new_request_with_its_id(llm, reference):
+    """A consumer that stops reading after its request finished in the engine (the final output still queued)
+    leaves an abort behind; a new request reusing the id, admitted in the same loop iteration, was aborted by it."""
+    async def main():
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        old = llm.generate(PROMPTS[0], params, request_id="same")
+        await old.__anext__()  # the first token; the second one ends the request in the engine
+        deadline = time.monotonic() + 10
+        while llm.stats()["num_requests"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with llm._cond:  # the abort and the admission below reach the loop in one iteration
+            await old.aclose()  # its final output was never read: it queues an abort of "same"
+            new = llm.generate(PROMPTS[1], SamplingParams(**GREEDY), request_id="same")
+            task = asyncio.ensure_future(collect(new))
+            await asyncio.sleep(0)  # the generator admits its request
+        return await asyncio.wait_for(task, 30)
+
+    outs = asyncio.run(main())
+    assert outs[-1].outputs[0].finish_reason == "length"
+    assert outs[-1].outputs[0].token_ids == reference[1]
+
