@@ -198,7 +198,7 @@ class AsyncLLM:
             stream.put(out)
         for _, done in aborts:
             if done is not None:
-                done.get_loop().call_soon_threadsafe(_set_done, done)
+                _set_done_threadsafe(done)
 
     def check_health(self) -> None:
         if self._error is not None:
@@ -218,6 +218,14 @@ class AsyncLLM:
         self._thread.join(timeout)
         if not self._thread.is_alive():
             self.engine.shutdown()
+
+
+def _set_done_threadsafe(future: asyncio.Future) -> None:
+    """Called from the engine thread."""
+    try:
+        future.get_loop().call_soon_threadsafe(_set_done, future)
+    except RuntimeError:  # the caller's event loop is closed: nobody waits for this abort any more
+        pass
 
 
 def _set_done(future: asyncio.Future) -> None:

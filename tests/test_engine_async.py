@@ -247,3 +247,20 @@ def test_an_abort_left_by_a_closed_stream_misses_a_new_request_with_its_id(llm, 
     assert outs[-1].outputs[0].finish_reason == "length"
     assert outs[-1].outputs[0].token_ids == reference[1]
 
+
+
+def test_an_abort_whose_event_loop_closed_leaves_the_engine_loop_alive(llm, reference):
+    """An abort() whose caller's event loop ended before the engine loop answered it (a timed-out wait, a script's
+    asyncio.run that returned) made the engine loop's call_soon_threadsafe raise, which killed the loop."""
+    async def abort_without_waiting():
+        asyncio.ensure_future(llm.abort("gone"))
+        await asyncio.sleep(0)  # queued; asyncio.run then cancels it and closes its loop
+
+    with llm._cond:  # the engine loop takes the abort only once that loop is closed
+        asyncio.run(abort_without_waiting())
+
+    async def main():
+        return await collect(llm.generate(PROMPTS[1], SamplingParams(**GREEDY), request_id="after"))
+
+    assert asyncio.run(main())[-1].outputs[0].token_ids == reference[1]
+    llm.check_health()
