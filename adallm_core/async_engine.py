@@ -97,6 +97,8 @@ class AsyncLLM:
             except Exception as e:
                 results.append(e)
         with self._cond:
+            if self._error is not None or self._stopping:  # the loop ended while these were made: none would run
+                self.check_health()
             for i, req in enumerate(results):
                 if isinstance(req, Exception):
                     continue

@@ -264,3 +264,42 @@ def test_an_abort_whose_event_loop_closed_leaves_the_engine_loop_alive(llm, refe
 
     assert asyncio.run(main())[-1].outputs[0].token_ids == reference[1]
     llm.check_health()
+
+
+class Gated(str):
+    """A prompt whose tokenization waits for a gate: an admission still being made when the loop dies."""
+    gate = None
+
+    def encode(self, *args, **kwargs):
+        assert self.gate.wait(30)
+        return str(self).encode(*args, **kwargs)
+
+
+def test_a_request_made_while_the_loop_dies_fails_instead_of_waiting_forever(llm):
+    """add_requests checked the engine's health before making its requests (tokenizing, compiling grammars) and
+    then queued them for a loop that might have died meanwhile: nobody ever ended their streams."""
+    import threading
+
+    Gated.gate = threading.Event()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        late = asyncio.create_task(asyncio.to_thread(llm.add_requests, [("late", Gated("Hello"), None)], loop))
+        await asyncio.sleep(0.2)  # add_requests is past its health check, tokenizing
+        llm.engine.runner.execute = broken
+        with pytest.raises(EngineDeadError):
+            await collect(llm.generate("Hi", SamplingParams(**GREEDY), request_id="dies"))
+        Gated.gate.set()
+        try:
+            results = await late
+        except EngineDeadError:
+            return "refused"
+        if isinstance(results[0], Exception):
+            return results[0]
+        return await asyncio.wait_for(collect(results[0]), 10)
+
+    result = asyncio.run(main())
+    assert result == "refused"
