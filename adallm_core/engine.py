@@ -5,6 +5,7 @@ AsyncLLM (the background-loop engine for servers) lives in async_engine.py.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import time
@@ -142,6 +143,8 @@ class LLMEngine:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        # the request's own copy (vLLM's clone): the step reads it live, and a caller may reuse and change its object
+        params = copy.deepcopy(params)
         params.validate()
         prompt = prompt_of(prompt)  # {"prompt": ...} / {"prompt_token_ids": ...} as vLLM takes them
         if isinstance(prompt, str):

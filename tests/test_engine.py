@@ -170,3 +170,17 @@ def test_default_token_budget_fits_every_running_sequence():
     engine = make_engine(max_num_batched_tokens=None, max_num_seqs=3000)
     assert engine.max_num_batched_tokens == 3000
     assert make_engine(max_num_batched_tokens=None).max_num_batched_tokens == 2048  # max(2048, max_model_len 256)
+
+
+def test_params_changed_after_add_request_do_not_reach_the_running_request(engine):
+    """A caller reusing one SamplingParams for its next request: the first one's sequences read the object live, so
+    asking for logprobs now made the step append to the first one's logprobs list, which it never had (None)."""
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    engine.add_request("first", PROMPTS[1], params)
+    engine.step()
+    params.logprobs, params.max_tokens = 2, 4  # for the next request only
+    engine.add_request("second", PROMPTS[2], params)
+    done = run_all(engine)
+    assert done["first"].outputs[0].logprobs is None and len(done["first"].outputs[0].token_ids) == 6
+    assert len(done["second"].outputs[0].logprobs) == len(done["second"].outputs[0].token_ids) == 4
+    assert engine.stats()["kv_blocks_used"] == 0
