@@ -16,7 +16,7 @@ import torch
 from adallm_core.checkpoint.detect import detect_format
 from adallm_core.checkpoint.files import CheckpointError, load_config, open_shard, tensor_index
 from adallm_core.checkpoint.layout import GLOBAL_NAME, PACKED_NAME, is_excluded
-from adallm_core.checkpoint.shapes import expected_dense_shape, expected_linear_shape
+from adallm_core.checkpoint.shapes import expected_dense_shape, expected_linear_shape, text_config
 from adallm_core.nvfp4 import BLOCK_SIZE, NVFP4Weight
 
 __all__ = ["Checkpoint", "CheckpointError"]
@@ -123,15 +123,16 @@ class Checkpoint:
 
     # -- validation (headers only) ----------------------------------------------------------------------------
     def _check_shapes(self) -> None:
+        config = text_config(self.config)
         prefixes = {name.rsplit(".", 1)[0] for name in self._meta if name.endswith((".weight", ".weight_packed"))}
         for prefix in sorted(prefixes):
-            want = expected_linear_shape(self.config, prefix)  # None for embeddings, norms, router, lm_head
+            want = expected_linear_shape(config, prefix)  # None for embeddings, norms, router, lm_head
             if self._is_quantized(prefix):
                 self._check_quantized(prefix, want)
             elif want is not None:
                 self._expect(f"{prefix}.weight", _FLOATS, want)
         for name in sorted(self._meta):  # norms and the input embedding (whose size no linear check covers)
-            if (want := expected_dense_shape(self.config, name)) is not None:
+            if (want := expected_dense_shape(config, name)) is not None:
                 self._expect(name, _FLOATS, want)
 
     def _check_quantized(self, prefix: str, want: tuple[int, int] | None) -> None:

@@ -11,16 +11,33 @@ _EMBEDDING = re.compile(r"(?:^|\.)embed_tokens\.weight$")
 
 
 def text_config(config: dict) -> dict:
-    """The language-model part of config.json (Gemma3ForConditionalGeneration nests it under text_config)."""
-    return {**config, **config["text_config"]} if isinstance(config.get("text_config"), dict) else config
+    """The language-model part of config.json (Gemma3ForConditionalGeneration nests it under text_config), with
+    transformers' defaults for the fields it omits: published configs leave out those equal to the default
+    (google/gemma-3-4b-it's text_config has no head_dim, num_attention_heads or vocab_size)."""
+    raw = {**config, **config["text_config"]} if isinstance(config.get("text_config"), dict) else config
+    return {**_transformers_text_config(config), **raw}
 
 
-def expected_linear_shape(config: dict, prefix: str) -> tuple[int, int] | None:
-    """(N, K) of 'model.layers.3.self_attn.k_proj' etc., or None when the module is not a known linear."""
+def _transformers_text_config(config: dict) -> dict:
+    """The text config as transformers (and so the model build) reads config.json; {} for a type it does not know."""
+    from transformers import PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if config.get("model_type") not in CONFIG_MAPPING:
+        return {}
+    try:
+        text = CONFIG_MAPPING[config["model_type"]].from_dict(config).get_text_config()
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"config.json: transformers cannot read it: {e!r}") from None
+    return text.to_dict() if isinstance(text, PretrainedConfig) else {}
+
+
+def expected_linear_shape(c: dict, prefix: str) -> tuple[int, int] | None:
+    """(N, K) of 'model.layers.3.self_attn.k_proj' etc., or None when the module is not a known linear.
+    c: text_config(config.json), resolved once by the caller."""
     m = _LINEAR.search(prefix)
     if not m or "vision_tower" in prefix or "multi_modal_projector" in prefix:  # Gemma3's vision side: no rule
         return None
-    c = text_config(config)
     try:
         hidden = c["hidden_size"]
         head_dim = c.get("head_dim") or hidden // c["num_attention_heads"]
@@ -35,12 +52,11 @@ def expected_linear_shape(config: dict, prefix: str) -> tuple[int, int] | None:
     }.get(m.group(2))
 
 
-def expected_dense_shape(config: dict, name: str) -> tuple[int, ...] | None:
+def expected_dense_shape(c: dict, name: str) -> tuple[int, ...] | None:
     """Shape of a norm weight ('...input_layernorm.weight', '...q_norm.weight', 'model.norm.weight') or of the
-    input embedding table, from config.json; None for any other tensor."""
+    input embedding table, from c = text_config(config.json); None for any other tensor."""
     if "vision_tower" in name or "multi_modal_projector" in name:
         return None
-    c = text_config(config)
     norm, embedding = _NORM.search(name), _EMBEDDING.search(name)
     if not norm and not embedding:
         return None
