@@ -8,8 +8,10 @@ from typing import Optional, Sequence
 
 import jinja2
 
-from adallm_core.checkpoint.files import read_json
+from adallm_core.checkpoint.files import CheckpointError, read_json
 
+# Files that hold a vocabulary: a folder with none of them gets an empty tokenizer from AutoTokenizer, no error.
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 # Prompt tokens kept as decoding context, so the first generated token decodes as it would after the prompt.
 _CONTEXT_TOKENS = 8
 
@@ -21,6 +23,7 @@ class Tokenizer:
         from transformers import AutoTokenizer
 
         self.path = Path(path)
+        _check_vocab_files(self.path)
         self.hf = AutoTokenizer.from_pretrained(str(path))
         self.eos_token_id: Optional[int] = self.hf.eos_token_id  # the tokenizer's own; eos_token_ids adds the config's
         self.eos_token_ids = self._eos_ids()
@@ -111,6 +114,14 @@ def chat_template_options(add_generation_prompt: bool = True, continue_final_mes
     if not kwargs["continue_final_message"]:
         del kwargs["continue_final_message"]  # templates that predate the option never see it
     return kwargs
+
+
+def _check_vocab_files(path: Path) -> None:
+    """transformers 5 builds an empty tokenizer (every text encodes to []) for a folder with a config.json but no
+    vocabulary, e.g. a checkpoint copied without its tokenizer files: refuse it, naming the folder."""
+    if path.is_dir() and not any((path / name).is_file() for name in VOCAB_FILES):
+        raise CheckpointError(f"{path}: no tokenizer files (none of {', '.join(VOCAB_FILES)}); copy them from the "
+                              f"original model or pass --tokenizer")
 
 
 def unicode_text(text: str) -> str:

@@ -178,3 +178,13 @@ def test_sentencepiece_byte_pieces(tmp_path):
     assert [sp.token_bytes(i) for i in ids if i <= 256] == [bytes([b]) for b in "你".encode()]
     assert [sp.token_text(i) for i in ids if i <= 256] == ["bytes:\\xe4", "bytes:\\xbd", "bytes:\\xa0"]
     assert sp.token_text(258) == "a"
+
+
+@pytest.mark.parametrize("keep", [(), ("tokenizer_config.json",)])
+def test_folder_without_tokenizer_files_is_a_clear_error(tok_dir, tmp_path, keep):
+    """A checkpoint copied without its tokenizer: transformers would build an empty tokenizer (every text -> [])."""
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}))
+    for name in keep:
+        (tmp_path / name).write_bytes((tok_dir / name).read_bytes())
+    with pytest.raises(ValueError, match=rf"{tmp_path}: no tokenizer files \(none of tokenizer\.json"):
+        Tokenizer(tmp_path)
