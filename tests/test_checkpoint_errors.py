@@ -202,6 +202,20 @@ def test_kv_scales_found_by_suffix(good, tmp_path):
     assert ckpt.kv_cache_fp8 and ckpt.kv_scales() == {0: (0.5, 0.25), 1: (2.0, 4.0)}
 
 
+def test_per_head_kv_scales_are_refused(good, tmp_path):
+    """compressed-tensors' kv_cache_scheme strategy 'attn_head' stores k/v scales [num_kv_heads, 1, 1]; the cache
+    has one scale per layer, so using the first head's for all would be silently wrong."""
+    folder = copy(good, "compressed-tensors", tmp_path)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["model.layers.1.self_attn.k_scale"] = torch.tensor([[[0.5]], [[2.0]]], dtype=torch.bfloat16)
+    tensors["model.layers.1.self_attn.v_scale"] = torch.tensor([[[0.5]], [[2.0]]], dtype=torch.bfloat16)
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.1\.self_attn\.[kv]_scale' "
+                                              r"has shape \[2, 1, 1\]: per-head"):
+        Checkpoint(folder).kv_scales()
+
+
 def test_gemma3_multimodal_names_resolve_to_the_text_model(good, tmp_path):
     """Gemma3ForConditionalGeneration keeps the language model under model.language_model.* (transformers 5)."""
     folder = copy(good, "compressed-tensors", tmp_path)

@@ -115,11 +115,20 @@ class Checkpoint:
         for name in self._where:
             m = _KV_SCALE.search(name)
             if m:
-                found.setdefault(int(m.group(1)), {})[m.group(2)] = float(self.tensor(name).float().reshape(-1)[0])
+                found.setdefault(int(m.group(1)), {})[m.group(2)] = self._kv_scale(name)
         scales = {layer: (s["k"], s["v"]) for layer, s in sorted(found.items()) if "k" in s and "v" in s}
         if found:
             logger.info("%s: found k/v scales for %d of %d layers", self.path, len(scales), len(found))
         return scales
+
+    def _kv_scale(self, name: str) -> float:
+        """One per-tensor k/v scale. compressed-tensors' attn_head strategy stores one per KV head [H_kv, 1, 1]:
+        the cache here has one scale per layer, and taking the first head's would quantize the others wrongly."""
+        value = self.tensor(name).float()
+        if value.numel() != 1:
+            raise CheckpointError(f"{self._where[name]}: tensor {name!r} has shape {list(value.shape)}: per-head or "
+                                  f"per-channel k/v scales are not supported (use --kv-cache-dtype bf16)")
+        return float(value.reshape(()))
 
     # -- validation (headers only) ----------------------------------------------------------------------------
     def _check_shapes(self) -> None:
