@@ -148,6 +148,19 @@ def test_hf_quant_config_and_config_json_must_agree(good, tmp_path):
         Checkpoint(ct)
 
 
+@pytest.mark.parametrize("fmt", ["modelopt", "compressed-tensors"])
+def test_quantized_tensors_without_a_quantization_config(good, tmp_path, fmt):
+    """An NVFP4 export whose config.json lost its quantization_config (and hf_quant_config.json was not copied):
+    named as such, not as a dense '.weight' that is missing (compressed-tensors) or has dtype uint8 (ModelOpt)."""
+    folder = copy(good, fmt, tmp_path)
+    edit_json(folder / "config.json", lambda d: d.pop("quantization_config"))
+    (folder / "hf_quant_config.json").unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.down_proj\."
+                                              r"weight_\w+' belongs to a quantized checkpoint, but .*config\.json "
+                                              r"has no quantization_config and there is no hf_quant_config\.json"):
+        Checkpoint(folder)
+
+
 def test_unknown_quant_method_and_ct_format(good, tmp_path):
     folder = copy(good, "compressed-tensors", tmp_path)
     edit_json(folder / "config.json", lambda d: d["quantization_config"].update(format="pack-quantized"))

@@ -28,6 +28,8 @@ _TEXT_PREFIXES = (
 )
 _KV_SCALE = re.compile(r"layers\.(\d+)\.self_attn\.(?:k_proj\.|v_proj\.|attn\.)?([kv])_scale$")
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+# Tensors only a quantized checkpoint has (NVFP4 in either layout; FP8's weight_scale_inv).
+_QUANT_PARTS = (".weight_packed", ".weight_scale", ".weight_scale_2", ".weight_global_scale", ".weight_scale_inv")
 
 
 class Checkpoint:
@@ -132,6 +134,8 @@ class Checkpoint:
 
     # -- validation (headers only) ----------------------------------------------------------------------------
     def _check_shapes(self) -> None:
+        if self.quant_format is None:
+            self._check_unquantized()
         config = text_config(self.config)
         prefixes = {name.rsplit(".", 1)[0] for name in self._meta if name.endswith((".weight", ".weight_packed"))}
         for prefix in sorted(prefixes):
@@ -143,6 +147,16 @@ class Checkpoint:
         for name in sorted(self._meta):  # norms and the input embedding (whose size no linear check covers)
             if (want := expected_dense_shape(config, name)) is not None:
                 self._expect(name, _FLOATS, want)
+
+    def _check_unquantized(self) -> None:
+        """No quantization config, but quantized tensors: the file that describes them was lost (not copied, or
+        config.json replaced by the BF16 model's). Read as dense, they would fail far from the cause."""
+        name = next((n for n in sorted(self._meta) if n.endswith(_QUANT_PARTS)), None)
+        if name is not None:
+            raise CheckpointError(
+                f"{self._where[name]}: tensor {name!r} belongs to a quantized checkpoint, but "
+                f"{self.path / 'config.json'} has no quantization_config and there is no hf_quant_config.json; "
+                f"restore the one the export wrote")
 
     def _check_quantized(self, prefix: str, want: tuple[int, int] | None) -> None:
         fmt = self.quant_format
