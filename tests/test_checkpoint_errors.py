@@ -103,6 +103,19 @@ def test_tensor_of_wrong_shape_or_dtype(good, tmp_path, fmt, name, new, match):
         Checkpoint(folder)
 
 
+@pytest.mark.parametrize("fmt,name", [("modelopt", "model.layers.0.self_attn.q_proj.weight"),
+                                      ("compressed-tensors", "model.layers.0.self_attn.q_proj.weight_packed")])
+def test_packed_weight_of_wrong_dtype(good, tmp_path, fmt, name):
+    """A packed weight stored as int8 is named with its dtype, not taken for a dense weight (which compressed-tensors
+    reported as '...q_proj.weight' missing, ModelOpt as a dense weight that should be BF16)."""
+    folder = copy(good, fmt, tmp_path)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        packed = f.get_tensor(name)
+    rewrite_tensor(folder, name, packed.view(torch.int8))
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}' has dtype torch.int8, expected torch.uint8"):
+        Checkpoint(folder)
+
+
 def test_dense_weight_of_wrong_shape(good, tmp_path):
     folder = copy(good, "bf16", tmp_path)
     rewrite_tensor(folder, "model.layers.1.mlp.up_proj.weight", torch.zeros(100, 64, dtype=torch.bfloat16))

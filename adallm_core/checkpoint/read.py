@@ -84,10 +84,15 @@ class Checkpoint:
 
     # -- linears ----------------------------------------------------------------------------------------------
     def _is_quantized(self, prefix: str) -> bool:
+        """ModelOpt names its packed weight '.weight' as a dense one is: uint8 or a weight_scale beside it tells them
+        apart. A packed weight of another dtype is then reported as such, not as a dense weight that is missing."""
         if self.quant_format is None:
             return False
         packed = self._resolve(f"{prefix}.{PACKED_NAME[self.quant_format]}")
-        return packed is not None and self._meta[packed][0] == torch.uint8
+        if packed is None:
+            return False
+        return (self._meta[packed][0] == torch.uint8 or self.quant_format == "compressed-tensors"
+                or self.has(f"{prefix}.weight_scale"))
 
     def linear(self, prefix: str, rows: slice | None = None, cols: slice | None = None) -> NVFP4Weight | torch.Tensor:
         """'model.layers.0.self_attn.q_proj' or 'model.layers.0.mlp.experts.3.gate_proj' -> NVFP4Weight [N, K], or
