@@ -1,12 +1,13 @@
 """What the runner and the engine need to know about a model, read once from its Hugging Face config."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from adallm_core.checkpoint.files import generation_eos_ids
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
@@ -156,8 +157,8 @@ def _eos_ids(hf_config, text, model_dir: Optional[Path]) -> tuple[int, ...]:
     """eos ids from generation_config.json (what generate() stops on) plus config.json's."""
     ids: list[int] = []
     sources = [getattr(hf_config, "eos_token_id", None), getattr(text, "eos_token_id", None)]
-    if model_dir is not None and (Path(model_dir) / "generation_config.json").exists():
-        sources.insert(0, json.loads((Path(model_dir) / "generation_config.json").read_text()).get("eos_token_id"))
+    if model_dir is not None:
+        sources.insert(0, generation_eos_ids(model_dir))
     for value in sources:
         for i in [value] if isinstance(value, int) else (value or []):
             if i not in ids:

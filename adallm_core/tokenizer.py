@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import jinja2
 
-from adallm_core.checkpoint.files import CheckpointError, read_json
+from adallm_core.checkpoint.files import CheckpointError, generation_eos_ids
 
 # Files that hold a vocabulary: a folder with none of them gets an empty tokenizer from AutoTokenizer, no error.
 VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
@@ -36,11 +36,7 @@ class Tokenizer:
         self._byte_alphabet = _byte_alphabet(getattr(self.hf, "backend_tokenizer", None))
 
     def _eos_ids(self) -> tuple[int, ...]:
-        ids: list[int] = []
-        gen = self.path / "generation_config.json"
-        if gen.is_file():
-            value = read_json(gen).get("eos_token_id")  # a broken file is an error naming it
-            ids += value if isinstance(value, list) else [value] if value is not None else []
+        ids = generation_eos_ids(self.path)  # a broken file or field is an error naming it
         if self.hf.eos_token_id is not None:
             ids.append(self.hf.eos_token_id)
         return tuple(dict.fromkeys(int(i) for i in ids))  # unique, in order

@@ -83,3 +83,16 @@ def test_moe_with_another_activation_than_silu_is_refused():
         ModelConfig.from_hf_config(hf)
     hf.mlp_only_layers = [0, 1]  # no MoE layer left: the dense MLPs take any supported activation
     assert ModelConfig.from_hf_config(hf).activation == "gelu_tanh"
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{not json", r"generation_config\.json: not valid JSON"),
+    ('{"eos_token_id": "</s>"}', r"generation_config\.json: field 'eos_token_id' = '</s>' is not a token id"),
+    ('{"eos_token_id": [1, null]}', r"generation_config\.json: field 'eos_token_id' = \[1, None\] is not a token id"),
+])
+def test_bad_generation_config_is_named(tmp_path, text, match):
+    """Read as the engine's model config (also where --tokenizer points elsewhere and the tokenizer never reads it)."""
+    (tmp_path / "generation_config.json").write_text(text)
+    hf = Qwen3Config(num_hidden_layers=1, architectures=["Qwen3ForCausalLM"], **SMALL)
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_hf_config(hf, tmp_path)

@@ -32,6 +32,18 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def generation_eos_ids(folder: Path) -> list[int]:
+    """generation_config.json's eos_token_id (a token id or a list of them); [] when the file or field is absent."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return []
+    value = read_json(path).get("eos_token_id")
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(type(i) is int and i >= 0 for i in ids):  # bool is an int too, but no token id
+        raise CheckpointError(f"{path}: field 'eos_token_id' = {value!r} is not a token id or a list of token ids")
+    return ids
+
+
 def load_config(folder: Path) -> dict:
     """config.json, checked to be a supported architecture."""
     folder = Path(folder)
