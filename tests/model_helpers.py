@@ -120,6 +120,22 @@ def compressed_tensors_nvfp4(w: torch.Tensor) -> torch.Tensor:
     return fake_quantize(w, scale, zero_point, args, global_scale=g).float()
 
 
+def tiny_gemma3_multimodal(out_dir: Path, **text) -> Path:
+    """A tiny random Gemma3ForConditionalGeneration (SigLIP vision tower + projector), saved by transformers in BF16.
+    `text` overrides the text config; unset, heads / KV heads / head_dim are transformers' defaults (8, 4, 256)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    text = Gemma3TextConfig(**{"vocab_size": 384, "hidden_size": 64, "intermediate_size": 128,
+                               "num_hidden_layers": 2, "sliding_window": 16, **text})
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                          image_token_index=383, boi_token_index=381, eoi_token_index=382)
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 def interrupted_on_call(real, call: int):
     """`real`, except that its call number `call` raises KeyboardInterrupt instead (a Ctrl-C mid-work)."""
     calls = []

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from model_helpers import tiny_gemma3_multimodal
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -264,16 +265,7 @@ def test_gemma3_multimodal_names_resolve_to_the_text_model(good, tmp_path):
 def test_gemma3_multimodal_config_that_omits_default_fields(tmp_path):
     """google/gemma-3-4b-it's config.json leaves out the text_config fields that equal transformers' defaults
     (num_attention_heads 8, num_key_value_heads 4, head_dim 256): the shape checks read them as the model build does."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
-
-    text = Gemma3TextConfig(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            sliding_window=16)
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=28, patch_size=14)
-    config = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
-                          image_token_index=383, boi_token_index=381, eoi_token_index=382)
-    torch.manual_seed(0)
-    Gemma3ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tiny_gemma3_multimodal(tmp_path / "bf16")
     edit_json(tmp_path / "bf16" / "config.json", lambda d: [
         d["text_config"].pop(k) for k in ("num_attention_heads", "num_key_value_heads", "head_dim")])
     quantize_checkpoint(tmp_path / "bf16", tmp_path / "nvfp4", fmt="modelopt", progress=False)

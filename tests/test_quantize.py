@@ -1,11 +1,12 @@
 """`adallm quantize`: the real command, its output layout, chunked streaming, atomic output and bad input."""
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
-from model_helpers import interrupted_on_call
+from model_helpers import interrupted_on_call, tiny_gemma3_multimodal
 from safetensors import safe_open
 
 from adallm_core import cli
@@ -236,3 +237,19 @@ def test_cuda_conversion_writes_the_same_bytes(moe, tmp_path):
     quantize_checkpoint(moe, tmp_path / "cuda", fmt="compressed-tensors", progress=False, device="cuda")
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "cpu" / name).read_bytes() == (tmp_path / "cuda" / name).read_bytes()
+
+
+def test_gemma3_multimodal_vision_side_is_excluded_in_each_layouts_own_pattern_syntax(tmp_path):
+    """The vision tower and projector stay BF16 and the quantization config must say so in the syntax its readers
+    use: compressed-tensors ignore takes 're:' regexes, ModelOpt exclude_modules takes '*' wildcards (vLLM matches
+    re.escape(pattern) with '*' -> '.*'; a 're:' entry there excludes nothing, and the BF16 vision linears would be
+    loaded as NVFP4)."""
+    src = tiny_gemma3_multimodal(tmp_path / "bf16")
+    quantize_checkpoint(src, tmp_path / "mo", fmt="modelopt", progress=False)
+    exclude = json.loads((tmp_path / "mo" / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    vision = {k.rsplit(".", 1)[0] for k in tensors(tmp_path / "mo" / "model.safetensors")
+              if ("vision_tower" in k or "multi_modal_projector" in k) and k.endswith(".weight")}
+    assert vision and not [e for e in exclude if e.startswith("re:")]
+    wildcards = [re.escape(p).replace(r"\*", ".*") for p in exclude]
+    assert all(any(re.fullmatch(w, m) for w in wildcards) for m in vision)
+    assert Checkpoint(tmp_path / "mo").quant_format == "modelopt"

@@ -21,6 +21,8 @@ _QUANTIZABLE = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|dow
 _DENSE_LINEAR = re.compile(r"(^|\.)(lm_head|mlp\.gate)\.weight$")
 # Gemma3ForConditionalGeneration: only the language model is quantized; the vision side stays as it is.
 VISION_IGNORE = ("re:.*vision_tower.*", "re:.*multi_modal_projector.*")
+# The same for ModelOpt: its readers (vLLM, TensorRT-LLM) take exclude_modules as '*' wildcards and know no 're:'.
+VISION_EXCLUDE_GLOBS = ("*vision_tower*", "*multi_modal_projector*")
 
 # Linears the engine runs as one: they must be all quantized or all dense.
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))

@@ -231,7 +231,8 @@ def quantize_checkpoint(src, dst, fmt: str = "modelopt", exclude=(), progress: b
     excluded = _check_exclusions(tensors, exclude)
     dense = {layout.dense_linear_prefix(t.name) for t in tensors}
     ignore = ["lm_head"] + sorted((dense | excluded) - {None, "lm_head"})  # lm_head stays dense even when tied
-    ignore += [p for p in layout.VISION_IGNORE if any(layout.is_excluded(t.name, [p]) for t in tensors)]
+    vision = layout.VISION_EXCLUDE_GLOBS if fmt == "modelopt" else layout.VISION_IGNORE
+    ignore += [p for p in vision if any(layout.is_excluded(t.name, [p]) for t in tensors)]
     start = time.time()
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
