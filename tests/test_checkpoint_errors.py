@@ -117,6 +117,19 @@ def test_packed_weight_of_wrong_dtype(good, tmp_path, fmt, name):
         Checkpoint(folder)
 
 
+@pytest.mark.parametrize("fmt,name,value", [
+    ("compressed-tensors", "model.layers.1.mlp.up_proj.weight_global_scale", torch.zeros(1)),
+    ("modelopt", "model.layers.1.mlp.up_proj.weight_scale_2", torch.tensor(float("nan"))),
+    ("modelopt", "model.layers.1.mlp.up_proj.weight_scale_2", torch.tensor(-0.5)),
+])
+def test_global_scale_that_is_not_finite_and_positive(good, tmp_path, fmt, name, value):
+    """A zero compressed-tensors global scale divides into Inf/NaN weights; a NaN one poisons every logit."""
+    folder = copy(good, fmt, tmp_path)
+    rewrite_tensor(folder, name, value)
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{name}' = .*must be finite and > 0"):
+        Checkpoint(folder).linear("model.layers.1.mlp.up_proj")
+
+
 def test_dense_weight_of_wrong_shape(good, tmp_path):
     folder = copy(good, "bf16", tmp_path)
     rewrite_tensor(folder, "model.layers.1.mlp.up_proj.weight", torch.zeros(100, 64, dtype=torch.bfloat16))

@@ -111,10 +111,19 @@ class Checkpoint:
         fmt = self.quant_format
         packed = self.tensor(f"{prefix}.{PACKED_NAME[fmt]}", None if whole else (rows, packed_cols))
         scale = self.tensor(f"{prefix}.weight_scale", None if whole else (rows, scale_cols))
-        g = self.tensor(f"{prefix}.{GLOBAL_NAME[fmt]}")
+        g = self._global_scale(f"{prefix}.{GLOBAL_NAME[fmt]}")
         if fmt == "modelopt":
             return NVFP4Weight.from_modelopt(packed, scale, g)
         return NVFP4Weight.from_compressed_tensors(packed, scale, g)
+
+    def _global_scale(self, name: str) -> torch.Tensor:
+        """A linear's global scale; 0, < 0, Inf or NaN (a corrupt file: no exporter writes one) would make all its
+        weights 0 or NaN, read without a word."""
+        g = self.tensor(name)
+        if not bool((torch.isfinite(g) & (g > 0)).all()):
+            raise CheckpointError(f"{self._where[self._resolve(name)]}: tensor {name!r} = {g.flatten().tolist()}; "
+                                  f"a global scale must be finite and > 0")
+        return g
 
     def kv_scales(self) -> dict[int, tuple[float, float]]:
         """layer -> (k_scale, v_scale) for FP8 KV caches, matched by suffix; {} when the checkpoint has none."""
