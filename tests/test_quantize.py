@@ -134,6 +134,18 @@ def test_sharded_source(tmp_path):
         assert torch.equal(a.linear(prefix).dequantize(), b.linear(prefix).dequantize())
 
 
+def test_weights_in_other_formats_are_not_copied_as_side_files(tmp_path):
+    """A repo that ships pytorch_model.bin (and its index) beside the safetensors: the output holds the NVFP4
+    safetensors and the side files, not a second, BF16 copy of the model under a config that says NVFP4."""
+    src = build_tiny_checkpoint("qwen3", tmp_path / "src")
+    torch.save({"model.embed_tokens.weight": torch.zeros(4, 4)}, src / "pytorch_model.bin")
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"x": "pytorch_model.bin"}}))
+    quantize_checkpoint(src, tmp_path / "q", fmt="modelopt", progress=False)
+    names = {p.name for p in (tmp_path / "q").iterdir()}
+    assert not names & {"pytorch_model.bin", "pytorch_model.bin.index.json"}
+    assert set(SIDE_FILES) <= names
+
+
 def test_interrupted_run_leaves_nothing(moe, tmp_path, monkeypatch):
     monkeypatch.setattr(quantize_mod.nvfp4, "quantize", interrupted_on_call(quantize_mod.nvfp4.quantize, 5))
     with pytest.raises(KeyboardInterrupt):

@@ -26,6 +26,9 @@ from adallm_core.checkpoint.st_writer import ST_DTYPES, StreamingSafetensorsWrit
 CHUNK_ELEMENTS = 1 << 22  # elements per row chunk; the working set is ~20 bytes per element
 READ_WINDOW = 128 << 20  # bytes read through one memory map before reopening it
 _FLOAT_DTYPES = ("BF16", "F16", "F32")
+# The source's weights in other formats (many repos ship pytorch_model.bin beside the safetensors): the BF16 model
+# again, not a side file. Copied, they would double the output and sit under a config that says NVFP4.
+_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".bin.index.json")
 
 
 @dataclass
@@ -168,7 +171,8 @@ def _check_exclusions(tensors: list[_Tensor], exclude: list[str]) -> set[str]:
 def _copy_side_files(src: Path, dst: Path) -> None:
     """Tokenizer files, generation_config.json, chat template, README...: every top-level file but the weights."""
     for p in src.iterdir():
-        if p.is_file() and p.suffix != ".safetensors" and p.name not in (INDEX_FILE, "config.json"):
+        weights = p.suffix == ".safetensors" or p.name.endswith(_OTHER_WEIGHTS)
+        if p.is_file() and not weights and p.name not in (INDEX_FILE, "config.json"):
             shutil.copy2(p, dst / p.name)
 
 
