@@ -86,6 +86,15 @@ def test_missing_shard_named_in_index(good, tmp_path):
         Checkpoint(folder)
 
 
+def test_index_that_maps_a_tensor_to_no_file_name(good, tmp_path):
+    folder = copy(good, "bf16", tmp_path)
+    index = {"weight_map": {"model.norm.weight": "model.safetensors", "model.embed_tokens.weight": None}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"index\.json: weight_map maps tensor 'model\.embed_tokens\.weight' "
+                                              r"to None, not a shard file name"):
+        Checkpoint(folder)
+
+
 @pytest.mark.parametrize(
     "fmt,name,new,match",
     [

@@ -67,6 +67,9 @@ def shard_files(folder: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: field 'weight_map' is missing or empty")
+        for tensor, name in weight_map.items():  # a null or a number would fail deep in sorted() / Path
+            if not isinstance(name, str) or not name:
+                raise CheckpointError(f"{index}: weight_map maps tensor {tensor!r} to {name!r}, not a shard file name")
         names = sorted(set(weight_map.values()))
         for name in names:
             if not (folder / name).is_file():
