@@ -86,6 +86,24 @@ def test_missing_shard_named_in_index(good, tmp_path):
         Checkpoint(folder)
 
 
+def test_shard_the_index_does_not_list_is_named_when_a_tensor_is_missing(good, tmp_path):
+    """An index that forgot a shard: the shard stays unread (stale copies are common), but the missing-tensor error
+    names it, so the fix (the index) is in the message."""
+    folder = copy(good, "compressed-tensors", tmp_path)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    moved = {k for k in tensors if ".layers.1." in k and k.endswith(".weight_scale")}
+    save_file({k: tensors[k] for k in tensors if k not in moved}, str(folder / "model-00001-of-00002.safetensors"))
+    save_file({k: tensors[k] for k in moved}, str(folder / "model-00002-of-00002.safetensors"))
+    (folder / "model.safetensors").unlink()
+    index = {"weight_map": {k: "model-00001-of-00002.safetensors" for k in tensors if k not in moved}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    missing = (r"tensor 'model\.layers\.1\..*\.weight_scale' is missing \(model\.safetensors\.index\.json does not "
+               r"list model-00002-of-00002\.safetensors, which the folder also holds\)")
+    with pytest.raises(CheckpointError, match=missing):
+        Checkpoint(folder)
+
+
 def test_index_that_maps_a_tensor_to_no_file_name(good, tmp_path):
     folder = copy(good, "bf16", tmp_path)
     index = {"weight_map": {"model.norm.weight": "model.safetensors", "model.embed_tokens.weight": None}}

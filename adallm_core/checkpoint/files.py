@@ -82,6 +82,15 @@ def shard_files(folder: Path) -> list[Path]:
     return files
 
 
+def unlisted_shards(folder: Path) -> list[Path]:
+    """*.safetensors beside model.safetensors.index.json that it does not name: not read (a stale copy is common),
+    but worth naming when a tensor is missing (the index may have forgotten a shard)."""
+    folder = Path(folder)
+    if not (folder / INDEX_FILE).exists():
+        return []
+    return sorted(set(folder.glob("*.safetensors")) - set(shard_files(folder)))
+
+
 def open_shard(path: Path):
     """safe_open (memory-mapped), turning safetensors' errors into a CheckpointError naming the file."""
     try:

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 from adallm_core.checkpoint.detect import detect_format
-from adallm_core.checkpoint.files import CheckpointError, load_config, open_shard, tensor_index
+from adallm_core.checkpoint.files import (
+    INDEX_FILE, CheckpointError, load_config, open_shard, tensor_index, unlisted_shards,
+)
 from adallm_core.checkpoint.layout import GLOBAL_NAME, PACKED_NAME, is_excluded
 from adallm_core.checkpoint.shapes import expected_dense_shape, expected_linear_shape, text_config
 from adallm_core.nvfp4 import BLOCK_SIZE, NVFP4Weight
@@ -41,6 +43,7 @@ class Checkpoint:
         info = detect_format(self.path, self.config)
         self.quant_format, self.ignore, self.kv_cache_fp8 = info.format, info.ignore, info.kv_cache_fp8
         self._where = tensor_index(self.path)
+        self._unlisted = unlisted_shards(self.path)
         self._meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         for shard in sorted(set(self._where.values())):
             with open_shard(shard) as f:
@@ -65,6 +68,11 @@ class Checkpoint:
                 return theirs + name[len(ours):]
         return None
 
+    def _unlisted_hint(self) -> str:
+        if not self._unlisted:
+            return ""
+        return f" ({INDEX_FILE} does not list {', '.join(p.name for p in self._unlisted)}, which the folder also holds)"
+
     def has(self, name: str) -> bool:
         return self._resolve(name) is not None
 
@@ -73,7 +81,7 @@ class Checkpoint:
         (slice(None), slice(a, b))) reads only that slice from the memory map (tensor-parallel shards)."""
         real = self._resolve(name)
         if real is None:
-            raise CheckpointError(f"{self.path}: tensor {name!r} not found in any shard")
+            raise CheckpointError(f"{self.path}: tensor {name!r} not found in any shard{self._unlisted_hint()}")
         shard = self._where[real]
         if shard not in self._handles:
             self._handles[shard] = open_shard(shard).__enter__()
@@ -188,7 +196,7 @@ class Checkpoint:
     def _expect(self, name: str, dtypes: tuple, shape: tuple | None) -> None:
         real = self._resolve(name)
         if real is None:
-            raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing{self._unlisted_hint()}")
         dtype, got = self._meta[real]
         where = f"{self._where[real]}: tensor {real!r}"
         if dtype not in dtypes:
