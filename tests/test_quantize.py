@@ -146,6 +146,20 @@ def test_weights_in_other_formats_are_not_copied_as_side_files(tmp_path):
     assert set(SIDE_FILES) <= names
 
 
+def test_transformers5_fused_experts_are_refused_by_name(moe, tmp_path):
+    """save_pretrained(save_original_format=False) writes Qwen3-MoE experts as mlp.experts.gate_up_proj [E, 2I, H]:
+    quantize copied them as BF16 (most of the model left unquantized), then the engine missed experts.0.gate_proj."""
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(moe).save_pretrained(tmp_path / "fused", save_original_format=False)
+    refused = r"tensor 'model\.layers\.\d\.mlp\.experts\.(gate_up|down)_proj' is transformers 5's fused MoE expert"
+    with pytest.raises(ValueError, match=refused):
+        quantize_checkpoint(tmp_path / "fused", tmp_path / "q", progress=False)
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(ValueError, match=refused):
+        Checkpoint(tmp_path / "fused")
+
+
 def test_interrupted_run_leaves_nothing(moe, tmp_path, monkeypatch):
     monkeypatch.setattr(quantize_mod.nvfp4, "quantize", interrupted_on_call(quantize_mod.nvfp4.quantize, 5))
     with pytest.raises(KeyboardInterrupt):

@@ -24,6 +24,13 @@ VISION_IGNORE = ("re:.*vision_tower.*", "re:.*multi_modal_projector.*")
 # The same for ModelOpt: its readers (vLLM, TensorRT-LLM) take exclude_modules as '*' wildcards and know no 're:'.
 VISION_EXCLUDE_GLOBS = ("*vision_tower*", "*multi_modal_projector*")
 
+# transformers 5's native MoE layout (save_pretrained(save_original_format=False)): one 3-D tensor per layer for all
+# experts. Neither quantized nor loaded here: the engine and published checkpoints name each expert's linears.
+FUSED_EXPERTS = re.compile(r"(^|\.)experts\.(gate_up_proj|down_proj)$")
+FUSED_EXPERTS_HELP = ("is transformers 5's fused MoE expert layout; adallm reads per-expert names "
+                      "(...mlp.experts.0.gate_proj.weight), as published checkpoints have them: re-save the model "
+                      "with save_pretrained() and its default save_original_format=True")
+
 # Linears the engine runs as one: they must be all quantized or all dense.
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 

@@ -77,6 +77,8 @@ def _plan_shard(path: Path, exclude: list[str]) -> list[_Tensor]:
             st_dtype, shape = sl.get_dtype(), tuple(sl.get_shape())
             if st_dtype not in ST_DTYPES:
                 raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {st_dtype}")
+            if layout.FUSED_EXPERTS.search(name):  # else copied as BF16: the experts, most of the model, unquantized
+                raise CheckpointError(f"{path}: tensor {name!r} {layout.FUSED_EXPERTS_HELP}")
             t = _Tensor(name, ST_DTYPES[st_dtype], shape, layout.quantized_linear_prefix(name))
             if t.prefix and layout.is_excluded(t.prefix, exclude):
                 t.prefix = None

@@ -17,7 +17,7 @@ from adallm_core.checkpoint.detect import detect_format
 from adallm_core.checkpoint.files import (
     INDEX_FILE, CheckpointError, load_config, open_shard, tensor_index, unlisted_shards,
 )
-from adallm_core.checkpoint.layout import GLOBAL_NAME, PACKED_NAME, is_excluded
+from adallm_core.checkpoint.layout import FUSED_EXPERTS, FUSED_EXPERTS_HELP, GLOBAL_NAME, PACKED_NAME, is_excluded
 from adallm_core.checkpoint.shapes import expected_dense_shape, expected_linear_shape, text_config
 from adallm_core.nvfp4 import BLOCK_SIZE, NVFP4Weight
 
@@ -48,6 +48,8 @@ class Checkpoint:
         for shard in sorted(set(self._where.values())):
             with open_shard(shard) as f:
                 for name in f.keys():
+                    if FUSED_EXPERTS.search(name):  # else named later as a per-expert tensor "not found"
+                        raise CheckpointError(f"{shard}: tensor {name!r} {FUSED_EXPERTS_HELP}")
                     sl = f.get_slice(name)
                     self._meta[name] = (_dtype(sl.get_dtype(), shard, name), tuple(sl.get_shape()))
         self._handles: dict[Path, object] = {}
