@@ -215,6 +215,21 @@ def test_quantized_tensors_without_a_quantization_config(good, tmp_path, fmt):
         Checkpoint(folder)
 
 
+@pytest.mark.parametrize("weights,configs,other", [("compressed-tensors", "modelopt", "compressed-tensors"),
+                                                   ("modelopt", "compressed-tensors", "modelopt")])
+def test_config_files_of_the_other_layout(good, tmp_path, weights, configs, other):
+    """config.json (+ hf_quant_config.json) from another NVFP4 export of the same model: the layouts' global scales
+    are reciprocals, so the mismatch is named, not a dense '.weight' that is missing or uint8."""
+    folder = copy(good, weights, tmp_path)
+    (folder / "hf_quant_config.json").unlink(missing_ok=True)
+    for name in ("config.json", "hf_quant_config.json"):
+        if (good / configs / name).exists():
+            shutil.copy(good / configs / name, folder / name)
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '.*' is in the {other} layout, but the "
+                                              rf"quantization config says {configs}"):
+        Checkpoint(folder)
+
+
 def test_unknown_quant_method_and_ct_format(good, tmp_path):
     folder = copy(good, "compressed-tensors", tmp_path)
     edit_json(folder / "config.json", lambda d: d["quantization_config"].update(format="pack-quantized"))

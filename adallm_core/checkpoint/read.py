@@ -17,7 +17,9 @@ from adallm_core.checkpoint.detect import detect_format
 from adallm_core.checkpoint.files import (
     INDEX_FILE, CheckpointError, load_config, open_shard, tensor_index, unlisted_shards,
 )
-from adallm_core.checkpoint.layout import FUSED_EXPERTS, FUSED_EXPERTS_HELP, GLOBAL_NAME, PACKED_NAME, is_excluded
+from adallm_core.checkpoint.layout import (
+    FORMATS, FUSED_EXPERTS, FUSED_EXPERTS_HELP, GLOBAL_NAME, PACKED_NAME, is_excluded,
+)
 from adallm_core.checkpoint.shapes import expected_dense_shape, expected_linear_shape, text_config
 from adallm_core.nvfp4 import BLOCK_SIZE, NVFP4Weight
 
@@ -160,6 +162,8 @@ class Checkpoint:
     def _check_shapes(self) -> None:
         if self.quant_format is None:
             self._check_unquantized()
+        else:
+            self._check_layout()
         config = text_config(self.config)
         prefixes = {name.rsplit(".", 1)[0] for name in self._meta if name.endswith((".weight", ".weight_packed"))}
         for prefix in sorted(prefixes):
@@ -181,6 +185,16 @@ class Checkpoint:
                 f"{self._where[name]}: tensor {name!r} belongs to a quantized checkpoint, but "
                 f"{self.path / 'config.json'} has no quantization_config and there is no hf_quant_config.json; "
                 f"restore the one the export wrote")
+
+    def _check_layout(self) -> None:
+        """Tensors in the other NVFP4 layout (config files taken from another export of the same model): named as
+        such, not as the dense '.weight' it then looks for (their global scales are each other's reciprocals)."""
+        other = next(f for f in FORMATS if f != self.quant_format)
+        name = next((n for n in sorted(self._meta) if n.endswith(f".{GLOBAL_NAME[other]}")), None)
+        if name is not None:
+            raise CheckpointError(
+                f"{self._where[name]}: tensor {name!r} is in the {other} layout, but the quantization config says "
+                f"{self.quant_format}; use the config.json (and hf_quant_config.json) that came with these weights")
 
     def _check_quantized(self, prefix: str, want: tuple[int, int] | None) -> None:
         fmt = self.quant_format
