@@ -240,6 +240,21 @@ def test_unknown_quant_method_and_ct_format(good, tmp_path):
         Checkpoint(folder)
 
 
+@pytest.mark.parametrize("fmt,file,change,match", [
+    ("modelopt", "hf_quant_config.json", lambda d: d.update(quantization=None),
+     r"hf_quant_config\.json: field 'quantization' is None, expected a JSON object"),
+    ("compressed-tensors", "config.json", lambda d: d.update(quantization_config="nvfp4"),
+     r"config\.json: field 'quantization_config' is 'nvfp4', expected a JSON object"),
+    ("compressed-tensors", "config.json", lambda d: d["quantization_config"].update(config_groups=["group_0"]),
+     r"config\.json quantization_config: field 'config_groups' is \['group_0'\], expected a JSON object"),
+])
+def test_quantization_config_that_is_not_an_object(good, tmp_path, fmt, file, change, match):
+    folder = copy(good, fmt, tmp_path)
+    edit_json(folder / file, change)
+    with pytest.raises(CheckpointError, match=match):
+        Checkpoint(folder)
+
+
 def test_group_size_other_than_16(good, tmp_path):
     mo = copy(good, "modelopt", tmp_path)
     edit_json(mo / "hf_quant_config.json", lambda d: d["quantization"].update(group_size=32))

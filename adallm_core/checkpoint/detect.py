@@ -15,6 +15,13 @@ class QuantInfo:
     kv_cache_fp8: bool = False  # the checkpoint declares an FP8 KV cache (it may carry k_scale / v_scale)
 
 
+def _object(value, where: str) -> dict:
+    """A field that must be a JSON object ({...}); a null, string or list would fail later on .get()."""
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where} is {value!r}, expected a JSON object")
+    return value
+
+
 def _check_group_size(value, where: str) -> None:
     if value is not None and value != GROUP_SIZE:
         raise CheckpointError(f"{where} = {value}: NVFP4 needs group size {GROUP_SIZE}")
@@ -32,7 +39,7 @@ def _modelopt(quant: dict, where: str) -> QuantInfo:
 
 
 def _compressed_tensors(qc: dict, where: str) -> QuantInfo:
-    groups = qc.get("config_groups") or {}
+    groups = _object(qc.get("config_groups") or {}, f"{where}: field 'config_groups'")
     formats = {qc.get("format")} | {g.get("format") for g in groups.values() if isinstance(g, dict)}
     if formats - {None, "nvfp4-pack-quantized"}:
         raise CheckpointError(
@@ -70,12 +77,13 @@ def detect_format(folder: Path, config: dict) -> QuantInfo:
     qc = config.get("quantization_config")
     if hf_quant.exists():
         data = read_json(hf_quant)
-        info = _modelopt(data.get("quantization", data), str(hf_quant))
-        _check_agrees(qc, folder)
+        info = _modelopt(_object(data.get("quantization", data), f"{hf_quant}: field 'quantization'"), str(hf_quant))
+        _check_agrees(qc and _object(qc, f"{folder / 'config.json'}: field 'quantization_config'"), folder)
         return info
     if not qc:
         return QuantInfo(None)
     where = f"{folder / 'config.json'} quantization_config"
+    qc = _object(qc, f"{folder / 'config.json'}: field 'quantization_config'")
     method = qc.get("quant_method")
     if method == "modelopt":
         return _modelopt(qc.get("quantization", qc), where)
