@@ -211,8 +211,13 @@ class LLMServer:
         # with a reasoning parser, the prompt's last think tag says where a chat answer starts (read once)
         tail = self._prompt_tail(prompts[0]) if request.reasoning_parser and request.messages is not None else None
         params = _answer_params(request.params, tail)
+        admission = asyncio.gather(*(self._admit((rid, p, params)) for rid, p in zip(ids, prompts)))
         try:
-            admitted = await asyncio.gather(*(self._admit((rid, p, params)) for rid, p in zip(ids, prompts)))
+            # shielded: a caller gone during admission (seconds with a grammar to compile) leaves it running
+            admitted = await asyncio.shield(admission)
+        except asyncio.CancelledError:  # what got in would run to max_tokens for nobody: abort it once it is in
+            await self._abort_admitted(admission, ids)
+            raise
         except Exception as e:  # the engine is dead: check_health fails too, and Serve replaces this replica
             yield RequestError(f"engine unavailable: {e}", status=503)
             return
@@ -263,6 +268,14 @@ class LLMServer:
             if running:  # the caller went away (client disconnect): free the blocks now
                 self.counters["aborted_requests"] += 1
                 await self._abort([ids[i] for i in running])
+
+    async def _abort_admitted(self, admission: asyncio.Future, ids: list[str]) -> None:
+        try:
+            admitted = await admission
+        except Exception:  # the engine is dead: it holds no blocks
+            return
+        await self._abort([rid for rid, r in zip(ids, admitted) if not isinstance(r, Exception)])
+        self.counters["aborted_requests"] += 1
 
     async def _abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:

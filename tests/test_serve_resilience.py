@@ -94,6 +94,41 @@ def test_client_that_stops_waiting_for_a_whole_answer_aborts_and_frees_kv_blocks
     assert after["aborted_requests"] == idle["aborted_requests"] + 1
 
 
+def test_client_that_leaves_while_its_request_is_admitted_aborts_it(server, served_name):
+    """A client gone while its request is still being admitted (tokenizing, compiling a grammar: seconds for a deep
+    schema): what the admission let in is aborted once it is in, not run to max_tokens for nobody."""
+    import ray
+
+    def slow_admission(replica_actor, delay_s: float) -> None:  # runs inside the replica actor
+        llm_server = replica_actor._replica_impl._user_callable_wrapper.user_callable  # Serve internals (Ray 2.60)
+        engine = llm_server.engine
+        engine.__dict__.pop("add_requests", None)  # the class's own method again
+        if delay_s:
+            add_requests = engine.add_requests
+
+            def slow(*args, **kwargs):
+                time.sleep(delay_s)
+                return add_requests(*args, **kwargs)
+
+            engine.add_requests = slow
+
+    (replica,) = _replica_actors(app_name("/"))
+    actor = ray.get_actor(*replica)
+    idle = llm_stats("/")
+    ray.get(actor.__ray_call__.remote(slow_admission, 3.0))
+    try:
+        body = {"model": served_name, "prompt": "Once upon a time", "max_tokens": LONG, "temperature": 0}
+        with pytest.raises(requests.exceptions.ReadTimeout):
+            requests.post(f"{server}/v1/completions", json=body, timeout=(10, 1))
+        # counted once its engine request is aborted and its blocks are free; before, it ran all LONG tokens
+        after = wait_until(lambda: (s := llm_stats("/"))["aborted_requests"] > idle["aborted_requests"] and s,
+                           timeout_s=30)
+    finally:
+        ray.get(actor.__ray_call__.remote(slow_admission, 0))
+    assert after["aborted_requests"] == idle["aborted_requests"] + 1
+    assert after["num_requests"] == 0 and after["kv_blocks_used"] == idle["kv_blocks_used"]
+
+
 def _replica_actors(app: str) -> set[tuple[str, str]]:
     import ray
 
