@@ -160,8 +160,10 @@ class Sampler:
             drop = rank >= torch.tensor(top_k, device=dev)[:, None]
             sorted_x = sorted_x.masked_fill(drop, float("-inf"))
             probs_sorted = sorted_x.softmax(dim=-1)
-            # keep the smallest head whose mass reaches top_p (the first token is always kept)
-            drop |= (probs_sorted.cumsum(dim=-1) - probs_sorted) >= torch.tensor(top_p, device=dev)[:, None]
+            # keep the smallest head whose mass reaches top_p, and the first token always: a top_p under float32's
+            # smallest (1e-300 passes the API's check) is 0 here, which dropped them all
+            past = (probs_sorted.cumsum(dim=-1) - probs_sorted) >= torch.tensor(top_p, device=dev)[:, None]
+            drop |= past & (rank > 0)
             x = x.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
 
         probs = x.softmax(dim=-1)

@@ -54,6 +54,13 @@ def test_truncation_renormalizes_over_the_kept_tokens(kw, kept):
     assert torch.allclose(got, expected, atol=0.015), (got, expected)
 
 
+def test_a_top_p_that_is_0_in_float32_keeps_the_top_token():
+    """top_p 1e-300 passes the API's (0, 1] check, and is 0 as float32: the top token must still be kept (it dropped
+    them all, and the NaN row's argmax picked token 0)."""
+    logits = LOGITS.flip(0).expand(200, 4)  # the likeliest token last
+    assert set(Sampler(seed=0)(logits, rows(200, top_p=1e-300)).token_ids) == {3}
+
+
 def test_penalties_exact_values():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -2.0]])
     row = SamplingRow(SamplingParams(temperature=0.0, repetition_penalty=2.0, frequency_penalty=0.5,
