@@ -122,7 +122,7 @@ class OpenAiIngress:
         request = GenerateRequest(new_id("chatcmpl"), self._params(body), messages=messages,
                                   structure_field=body.structure_field, template_options=body.template_options(),
                                   reasoning_parser=self.reasoning_parser, tool_plan=tool_plan,
-                                  prompt_logprobs=body.prompt_logprobs)
+                                  prompt_logprobs=body.prompt_logprobs, max_tokens_field=body.max_tokens_field)
         top = (body.top_logprobs or 0) if body.logprobs else None
         return await self._serve("/v1/chat/completions", body, request,
                                  lambda: ResponseBuilder(request.request_id, self.model, True, top, body.n, 1))

@@ -63,6 +63,7 @@ class GenerateRequest:
     reasoning_parser: Optional[str] = None  # chat: split the thinking from the answer (deployments/reasoning.py)
     tool_plan: Optional[ToolCallPlan] = None  # chat: read tool calls out of the answer (deployments/tool_calls.py)
     prompt_logprobs: Optional[int] = None  # vLLM's prompt_logprobs field: N, each prompt token's logprob, rank, top N
+    max_tokens_field: str = "max_tokens"  # or chat's max_completion_tokens: the field a length error names
 
 
 @dataclass
@@ -161,7 +162,8 @@ def _answer_params(params: SamplingParams, prompt_tail: Optional[str]) -> Sampli
 
 
 def _param_named_in(message: str) -> Optional[str]:
-    return next((p for p in ("chat_template_kwargs", "max_tokens", "messages", "prompt") if p in message), None)
+    fields = ("chat_template_kwargs", "max_completion_tokens", "max_tokens", "messages", "prompt")
+    return next((p for p in fields if p in message), None)
 
 
 @serve.deployment(name="LLMServer", health_check_period_s=5, health_check_timeout_s=30)
@@ -294,8 +296,9 @@ class LLMServer:
             # A prompt of max_model_len tokens or more is the engine's error (it names the prompt); max_tokens
             # None means "up to the limit", which the engine applies.
             if max_tokens is not None and len(ids) < limit and len(ids) + max_tokens > limit:
-                raise ValueError(f"max_tokens={max_tokens} is too large: the prompt has {len(ids)} tokens and this "
-                                 f"model's max_model_len={limit}, so at most {limit - len(ids)} tokens can be generated")
+                raise ValueError(f"{request.max_tokens_field}={max_tokens} is too large: the prompt has {len(ids)} "
+                                 f"tokens and this model's max_model_len={limit}, so at most {limit - len(ids)} "
+                                 "tokens can be generated")
         return prompts
 
     def _echo(self, request: GenerateRequest, prompts: list[list[int]]) -> Echo:

@@ -473,6 +473,11 @@ class ChatCompletionRequest(ChatTemplateFields, SamplingFields):
             return forced_schema(self.tool_dicts(), choice, self.parallel_tool_calls)
         return None
 
+    @property
+    def max_tokens_field(self) -> str:
+        """The field the max_tokens came from: the one an error about it names (max_completion_tokens wins)."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
     def to_sampling_params(self) -> SamplingParams:
         if self.max_completion_tokens is not None and self.min_tokens > self.max_completion_tokens:
             # SamplingParams' own message would name max_tokens, which this request did not send

@@ -619,8 +619,10 @@ BAD_REQUESTS = [
      "max_tokens=29 is too large: the prompt has 100 tokens and this model's max_model_len=128"),
     ("/v1/completions", {"model": "M", "prompt": [7] * 120}, 400, "max_tokens",  # OpenAI's default max_tokens=16
      "max_tokens=16 is too large: the prompt has 120 tokens"),
-    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "max_completion_tokens": 127}, 400, "max_tokens",
-     "max_model_len=128"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "max_completion_tokens": 127}, 400,
+     "max_completion_tokens", "max_completion_tokens=127 is too large"),  # the field sent (was named max_tokens)
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "max_tokens": 127}, 400, "max_tokens",
+     "max_tokens=127 is too large"),
     ("/v1/completions", {"model": "M", "prompt": LONG_PROMPT, "stream": True}, 400, "prompt", "max_model_len is 128"),
     ("/v1/completions", {"model": "no-such-model", "prompt": "hi"}, 404, "model", "no-such-model"),
     ("/v1/chat/completions", {"model": "M", "messages": []}, 400, "messages", "messages"),
