@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from deployments.errors import (
@@ -67,6 +68,18 @@ def _error_event(status: int, message: str, code: Optional[str] = None) -> str:
 RETRIES_ON_REPLICA_LOSS = 3
 
 
+# /health asks the engine through the replicas' request queue, where a busy server's generations come first (or the
+# queue is full and refuses it): past this wait, Serve's own health check (every 5 s, never queued) answers. An idle
+# replica answers in milliseconds, or near a second right after its engine died.
+HEALTH_WAIT_S = 2.0
+
+
+def _llm_replicas_running() -> bool:
+    """Whether Serve's own health checks keep an LLMServer replica of this app running."""
+    deployment = serve.status().applications[serve.get_replica_context().app_name].deployments["LLMServer"]
+    return any(state == "RUNNING" and count for state, count in deployment.replica_states.items())
+
+
 async def _next(outputs: DeploymentResponseGenerator):
     # Module helpers sit above the class: Serve pickles the class when it is decorated.
     try:
@@ -90,7 +103,10 @@ class OpenAiIngress:
     @app.get("/health")
     async def health(self) -> JSONResponse:
         try:
-            await self.llm.check_health.remote()
+            await asyncio.wait_for(self.llm.check_health.remote(), HEALTH_WAIT_S)
+        except (BackPressureError, asyncio.TimeoutError):  # every request slot is busy: busy is not unhealthy
+            if not await asyncio.to_thread(_llm_replicas_running):
+                raise OpenAIError(503, "engine unhealthy: no LLMServer replica is running", code="unhealthy")
         except Exception as e:
             raise OpenAIError(503, f"engine unhealthy: {type(e).__name__}", code="unhealthy")
         return JSONResponse({"status": "ok"})

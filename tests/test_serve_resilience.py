@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -127,6 +128,42 @@ def test_client_that_leaves_while_its_request_is_admitted_aborts_it(server, serv
         ray.get(actor.__ray_call__.remote(slow_admission, 0))
     assert after["aborted_requests"] == idle["aborted_requests"] + 1
     assert after["num_requests"] == 0 and after["kv_blocks_used"] == idle["kv_blocks_used"]
+
+
+def _stream_until(stop: threading.Event, started: threading.Event, server, served_name) -> None:
+    """A long stream that holds one of the replica's request slots until `stop` (closing it aborts the request)."""
+    body = {"model": served_name, "prompt": "Once upon a time", "max_tokens": LONG, "temperature": 0, "stream": True}
+    with requests.post(f"{server}/v1/completions", json=body, stream=True, timeout=120) as reply:
+        for line in reply.iter_lines():
+            started.set()
+            if stop.is_set():
+                return
+
+
+def test_health_is_ok_while_every_request_slot_is_busy(server, served_name):
+    """/health asked the engine through the replicas' request queue: with every slot generating it waited behind
+    them (seconds, past a load balancer's probe timeout), and with the queue full too it was refused and answered
+    503 "engine unhealthy", so a busy server was taken out of service."""
+    def health() -> tuple[int, float]:
+        start = time.monotonic()
+        return requests.get(f"{server}/health", timeout=60).status_code, time.monotonic() - start
+
+    stop, started = threading.Event(), [threading.Event() for _ in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        try:
+            runs = [pool.submit(_stream_until, stop, started[i], server, served_name) for i in range(2)]
+            assert all(e.wait(60) for e in started[:2])  # max_ongoing_requests=2: both slots generate
+            slots_full = health()
+            runs += [pool.submit(_stream_until, stop, started[i], server, served_name) for i in (2, 3)]
+            time.sleep(1)  # the two more wait in the queue (max_queued_requests=2), which is full now
+            queue_full = health()
+        finally:
+            stop.set()
+        for run in runs:
+            run.result()
+    assert slots_full[0] == 200 and slots_full[1] < 5, slots_full
+    assert queue_full[0] == 200 and queue_full[1] < 5, queue_full
+    wait_until(lambda: llm_stats("/")["num_requests"] == 0, timeout_s=60)
 
 
 def _replica_actors(app: str) -> set[tuple[str, str]]:
