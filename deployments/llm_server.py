@@ -205,7 +205,9 @@ class LLMServer:
         if self._metrics_task is None:
             self._metrics_task = asyncio.create_task(self._report_engine_stats())
         try:
-            prompts = self._prompts(request)
+            # in a thread: megabytes of prompt take seconds to tokenize, which on this loop would stall every stream
+            # of the replica and its health check (Serve restarts a replica whose check takes 30 s)
+            prompts = await asyncio.to_thread(self._prompts, request)
         except ValueError as e:
             yield RequestError(str(e), param=_param_named_in(str(e)))
             return
@@ -385,7 +387,7 @@ class LLMServer:
             text = prompt if messages is None else tokenizer.apply_chat_template(messages, **template_options)
         except ValueError as e:
             return RequestError(str(e), param="messages")
-        ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        ids = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens)  # in a thread, as generate's
         return {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids,
                 "token_strs": tokenizer.hf.convert_ids_to_tokens(ids) if return_token_strs else None}
 

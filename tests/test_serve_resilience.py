@@ -166,6 +166,40 @@ def test_health_is_ok_while_every_request_slot_is_busy(server, served_name):
     wait_until(lambda: llm_stats("/")["num_requests"] == 0, timeout_s=60)
 
 
+def test_a_long_prompt_being_tokenized_leaves_the_replica_responsive(server, served_name):
+    """Megabytes of prompt take seconds to tokenize (~0.8 s a MB): on the replica's event loop that stalled its other
+    streams and its health check, which Serve fails after 30 s and then restarts the replica for one request."""
+    import ray
+
+    def slow_tokenizer(replica_actor, delay_s: float) -> None:  # runs inside the replica actor
+        tokenizer = replica_actor._replica_impl._user_callable_wrapper.user_callable.engine.tokenizer
+        tokenizer.__dict__.pop("encode", None)  # the class's own method again
+        if delay_s:
+            encode = tokenizer.encode
+
+            def slow(text, *args, **kwargs):
+                if text.startswith("SLOW"):
+                    time.sleep(delay_s)
+                return encode(text, *args, **kwargs)
+
+            tokenizer.encode = slow
+
+    (replica,) = _replica_actors(app_name("/"))
+    actor = ray.get_actor(*replica)
+    ray.get(actor.__ray_call__.remote(slow_tokenizer, 4.0))
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(completion, server, served_name, prompt="SLOW to tokenize")
+            time.sleep(1)  # it is being tokenized
+            start = time.monotonic()
+            stats = llm_stats("/")  # a call into the replica, as Serve's health check is
+            waited = time.monotonic() - start
+            assert slow.result().status_code == 200
+    finally:
+        ray.get(actor.__ray_call__.remote(slow_tokenizer, 0))
+    assert stats["num_requests"] == 0 and waited < 1.5, waited  # was: ~3 s, until the prompt was tokenized
+
+
 def _replica_actors(app: str) -> set[tuple[str, str]]:
     import ray
 
