@@ -114,7 +114,8 @@ class OpenAiIngress:
     @app.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:
         if self._max_model_len is None:
-            self._max_model_len = (await self.llm.model_info.remote())["max_model_len"]
+            # through _call: a full queue is OpenAI's 503 "overloaded" (it was Serve's plain-text answer)
+            self._max_model_len = (await self._call("model_info"))["max_model_len"]
         return ModelList(data=[ModelCard(id=self.model, max_model_len=self._max_model_len)])
 
     @app.post("/v1/completions", response_model=CompletionResponse)

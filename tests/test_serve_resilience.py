@@ -166,6 +166,34 @@ def test_health_is_ok_while_every_request_slot_is_busy(server, served_name):
     wait_until(lambda: llm_stats("/")["num_requests"] == 0, timeout_s=60)
 
 
+def test_models_with_the_queue_full_is_an_openai_error(server, served_name):
+    """/v1/models asks the engine its max_model_len once: with the queue full, the answer is OpenAI's 503, which
+    clients retry (it was Serve's plain-text 503)."""
+    import ray
+
+    def forget_max_model_len(replica_actor) -> None:  # runs inside the ingress replica: as a fresh one
+        replica_actor._replica_impl._user_callable_wrapper.user_callable._max_model_len = None
+
+    (ingress,) = {(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["name"].startswith(f"SERVE_REPLICA::{app_name('/')}#OpenAiIngress#")}
+    ray.get(ray.get_actor(*ingress).__ray_call__.remote(forget_max_model_len))
+    stop, started = threading.Event(), [threading.Event() for _ in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        try:
+            runs = [pool.submit(_stream_until, stop, started[i], server, served_name) for i in range(2)]
+            assert all(e.wait(60) for e in started[:2])
+            runs += [pool.submit(_stream_until, stop, started[i], server, served_name) for i in (2, 3)]
+            time.sleep(1)  # two generate, two wait in the full queue
+            models = requests.get(f"{server}/v1/models", timeout=60)
+        finally:
+            stop.set()
+        for run in runs:
+            run.result()
+    assert models.status_code == 503 and models.json()["error"]["code"] == "overloaded", models.text
+    wait_until(lambda: llm_stats("/")["num_requests"] == 0, timeout_s=60)
+    assert requests.get(f"{server}/v1/models", timeout=60).json()["data"][0]["max_model_len"] == LIMITS["max_model_len"]
+
+
 def test_a_long_prompt_being_tokenized_leaves_the_replica_responsive(server, served_name):
     """Megabytes of prompt take seconds to tokenize (~0.8 s a MB): on the replica's event loop that stalled its other
     streams and its health check, which Serve fails after 30 s and then restarts the replica for one request."""
