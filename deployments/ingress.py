@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from deployments.errors import (
     REPLICA_LOST, SERVE_REJECTIONS, OpenAIError, error_body, install_error_handlers, overloaded, replica_lost,
 )
-from deployments.llm_server import GenerateRequest, RequestError
+from deployments.llm_server import GenerateRequest, RequestError, in_request_terms
 from deployments.metrics import RequestMetrics
 from deployments.openai_api import (
     ChatCompletionRequest,
@@ -182,7 +182,8 @@ class OpenAiIngress:
         except ValueError as e:  # SamplingParams' own checks, beyond the schema's: "invalid sampling parameter x=..."
             named = re.match(r"invalid sampling parameter (\w+)", str(e))
             param = named.group(1) if named else None
-            raise OpenAIError(400, str(e), body.structure_field if param == "structured_outputs" else param)
+            field = body.structure_field
+            raise OpenAIError(400, in_request_terms(str(e), field), field if param == "structured_outputs" else param)
 
     async def _serve(self, route: str, body, request: GenerateRequest, make_builder):
         for attempt in range(RETRIES_ON_REPLICA_LOSS + 1):

@@ -9,6 +9,7 @@ its engine requests, which frees their KV blocks at once.
 from __future__ import annotations
 
 import asyncio
+import re
 import collections
 import dataclasses
 import logging
@@ -161,6 +162,14 @@ def _answer_params(params: SamplingParams, prompt_tail: Optional[str]) -> Sampli
     return dataclasses.replace(params, structured_outputs=dataclasses.replace(structure, start_after=END_THINK))
 
 
+def in_request_terms(message: str, structure_field: str) -> str:
+    """An engine message about structured_outputs, in the words of the field the client sent (response_format, or
+    tools for a forced tool call, which the server turns into structured_outputs)."""
+    if structure_field == "structured_outputs":
+        return message
+    return re.sub(r"(sampling parameter )?structured_outputs(\.\w+)?", structure_field, message)
+
+
 def _param_named_in(message: str) -> Optional[str]:
     fields = ("chat_template_kwargs", "max_completion_tokens", "max_tokens", "messages", "prompt")
     return next((p for p in fields if p in message), None)
@@ -236,7 +245,7 @@ class LLMServer:
             prompt_param = "messages" if request.messages is not None else "prompt"
             param = ("logit_bias" if message.startswith("logit_bias") else
                      request.structure_field if "structured_outputs" in message else prompt_param)
-            yield RequestError(message, param=param)
+            yield RequestError(in_request_terms(message, request.structure_field), param=param)
             return
         echo = self._echo(request, prompts) if request.echo else None
         thinking = collections.defaultdict(lambda: ThinkSplitter(tail)) if tail is not None else None  # per choice

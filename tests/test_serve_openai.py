@@ -678,6 +678,8 @@ BAD_REQUESTS = [
      "response_format.json_schema", "json_schema is given exactly when"),
     ("/v1/chat/completions", {"model": "M", "messages": CHAT, "response_format": {"type": "xml"}}, 400,
      "response_format.type", "type"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "min_tokens": 2, "response_format": {
+        "type": "json_object"}}, 400, "min_tokens", "cannot be combined with response_format"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "structured_outputs": {"regex": "(("}}, 400,
      "structured_outputs", "Regex parsing error"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "structured_outputs": {"regex": "a", "choice": ["b"]}}, 400,
@@ -715,6 +717,16 @@ def test_bad_input_gets_openai_error(server, served_name, route, body, status, p
     error = reply.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param and fragment in error["message"], error
+
+
+# response_format and forced tool calls become structured_outputs inside the server: their errors name the field sent
+@pytest.mark.parametrize("route, body, status, param, fragment",
+                         [case for case in BAD_REQUESTS if case[3] in ("response_format", "tools", "min_tokens")])
+def test_structure_errors_name_the_field_sent(server, served_name, route, body, status, param, fragment):
+    import requests
+
+    reply = requests.post(f"{server}{route}", json={**body, "model": served_name}, timeout=60)
+    assert reply.status_code == status and "structured_outputs" not in reply.json()["error"]["message"], reply.text
 
 
 def test_wrong_method_gets_openai_error(server):
