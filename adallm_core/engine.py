@@ -163,8 +163,10 @@ class LLMEngine:
         if outside:
             raise ValueError(f"logit_bias: token ids {outside[:5]} are outside the vocabulary [0, {self.vocab_size})")
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, which must also "
-                             f"leave room for at least one generated token")
+            # OpenAI's and vLLM's words: clients (LiteLLM, for one) read a context-window error from them
+            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens (max_model_len), "
+                             f"and the prompt has {len(ids)} tokens: it must leave room for at least one generated "
+                             "token")
         room = self.max_model_len - len(ids)
         max_tokens = min(params.max_tokens, room) if params.max_tokens is not None else room
         new_matcher = self.grammars.matcher_factory(params.structured_outputs) if params.structured_outputs else None

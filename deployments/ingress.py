@@ -168,7 +168,7 @@ class OpenAiIngress:
         except REPLICA_LOST as e:
             raise replica_lost(e) from e
         if isinstance(result, RequestError):
-            raise OpenAIError(result.status, result.message, result.param)
+            raise OpenAIError(result.status, result.message, result.param, result.code)
         return result
 
     def _check_model(self, model: str) -> None:
@@ -194,14 +194,14 @@ class OpenAiIngress:
             try:
                 first = await _next(outputs)
                 if isinstance(first, RequestError):
-                    raise OpenAIError(first.status, first.message, first.param)
+                    raise OpenAIError(first.status, first.message, first.param, first.code)
                 if body.stream:  # from here on the client has bytes: no more retries
                     events = self._events(route, body, builder, first, outputs)
                     return StreamingResponse(events, media_type="text/event-stream")
                 deltas = first
                 while deltas is not None:
                     if isinstance(deltas, RequestError):
-                        raise OpenAIError(deltas.status, deltas.message, deltas.param)
+                        raise OpenAIError(deltas.status, deltas.message, deltas.param, deltas.code)
                     builder.add(deltas)
                     deltas = await _next(outputs)
             except SERVE_REJECTIONS as e:  # the replicas' queues are full: answer at once

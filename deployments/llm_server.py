@@ -90,6 +90,7 @@ class RequestError:
     message: str
     status: int = 400
     param: Optional[str] = None
+    code: Optional[str] = None  # OpenAI's error code (e.g. context_length_exceeded)
 
 
 async def _pump(prompt_index: int, stream, queue: asyncio.Queue) -> None:
@@ -162,6 +163,14 @@ def _answer_params(params: SamplingParams, prompt_tail: Optional[str]) -> Sampli
     return dataclasses.replace(params, structured_outputs=dataclasses.replace(structure, start_after=END_THINK))
 
 
+CONTEXT_LENGTH = "This model's maximum context length is"  # the engine's words, as OpenAI's and vLLM's
+
+
+def _code_of(message: str) -> Optional[str]:
+    """OpenAI's code for a prompt (or prompt + max_tokens) past the context window, which clients match on."""
+    return "context_length_exceeded" if message.startswith(CONTEXT_LENGTH) else None
+
+
 def in_request_terms(message: str, structure_field: str) -> str:
     """An engine message about structured_outputs, in the words of the field the client sent (response_format, or
     tools for a forced tool call, which the server turns into structured_outputs)."""
@@ -218,7 +227,7 @@ class LLMServer:
             # of the replica and its health check (Serve restarts a replica whose check takes 30 s)
             prompts = await asyncio.to_thread(self._prompts, request)
         except ValueError as e:
-            yield RequestError(str(e), param=_param_named_in(str(e)))
+            yield RequestError(str(e), param=_param_named_in(str(e)), code=_code_of(str(e)))
             return
         ids = [f"{request.request_id}-{i}" for i in range(len(prompts))]
         # with a reasoning parser, the prompt's last think tag says where a chat answer starts (read once)
@@ -245,7 +254,7 @@ class LLMServer:
             prompt_param = "messages" if request.messages is not None else "prompt"
             param = ("logit_bias" if message.startswith("logit_bias") else
                      request.structure_field if "structured_outputs" in message else prompt_param)
-            yield RequestError(in_request_terms(message, request.structure_field), param=param)
+            yield RequestError(in_request_terms(message, request.structure_field), param=param, code=_code_of(message))
             return
         echo = self._echo(request, prompts) if request.echo else None
         thinking = collections.defaultdict(lambda: ThinkSplitter(tail)) if tail is not None else None  # per choice
@@ -307,9 +316,9 @@ class LLMServer:
             # A prompt of max_model_len tokens or more is the engine's error (it names the prompt); max_tokens
             # None means "up to the limit", which the engine applies.
             if max_tokens is not None and len(ids) < limit and len(ids) + max_tokens > limit:
-                raise ValueError(f"{request.max_tokens_field}={max_tokens} is too large: the prompt has {len(ids)} "
-                                 f"tokens and this model's max_model_len={limit}, so at most {limit - len(ids)} "
-                                 "tokens can be generated")
+                raise ValueError(f"{CONTEXT_LENGTH} {limit} tokens (max_model_len), and the prompt has {len(ids)} "
+                                 f"tokens: {request.max_tokens_field}={max_tokens} is too large, at most "
+                                 f"{limit - len(ids)} tokens can be generated")
         return prompts
 
     def _echo(self, request: GenerateRequest, prompts: list[list[int]]) -> Echo:

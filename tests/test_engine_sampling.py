@@ -190,7 +190,7 @@ def _mutated(**kw):
 
 
 @pytest.mark.parametrize("prompt,params,match", [
-    (list(range(1, 301)), None, r"prompt has 300 tokens; max_model_len is 256"),
+    (list(range(1, 301)), None, r"maximum context length is 256 tokens \(max_model_len\), and the prompt has 300 tokens"),
     ([], None, "prompt is empty"),
     ("", None, "prompt is empty"),
     ([5, 100_000], None, "100000 is not a token id"),

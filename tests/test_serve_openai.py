@@ -594,7 +594,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "M", "prompt": "hi", "temperature": "hot"}, 400, "temperature", "temperature"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "temperature": -0.5}, 400, "temperature", "temperature"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens", "max_tokens"),
-    ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 10**12}, 400, "max_tokens", "max_model_len=128"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 10**12}, 400, "max_tokens",
+     "maximum context length is 128 tokens"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "n": 0}, 400, "n", "'n': Input should be greater"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "top_p": 0}, 400, "top_p", "top_p"),
     ("/v1/chat/completions", {"model": "M", "messages": CHAT, "echo": True}, 400, "echo", "unsupported field 'echo'"),
@@ -613,17 +614,18 @@ BAD_REQUESTS = [
      "repetition_penalty"),
     ("/v1/completions", {"model": "M", "prompt": []}, 400, "prompt", "empty"),
     ("/v1/completions", {"model": "M", "prompt": [10**8]}, 400, "prompt", "not a token id"),
-    ("/v1/completions", {"model": "M", "prompt": LONG_PROMPT}, 400, "prompt", "max_model_len is 128"),
+    ("/v1/completions", {"model": "M", "prompt": LONG_PROMPT}, 400, "prompt", "maximum context length is 128 tokens"),
     # The prompt fits but prompt + max_tokens does not: refused (as vLLM does), never cut short.
     ("/v1/completions", {"model": "M", "prompt": [7] * 100, "max_tokens": 29}, 400, "max_tokens",
-     "max_tokens=29 is too large: the prompt has 100 tokens and this model's max_model_len=128"),
+     "maximum context length is 128 tokens (max_model_len), and the prompt has 100 tokens: max_tokens=29 is too large"),
     ("/v1/completions", {"model": "M", "prompt": [7] * 120}, 400, "max_tokens",  # OpenAI's default max_tokens=16
-     "max_tokens=16 is too large: the prompt has 120 tokens"),
+     "the prompt has 120 tokens: max_tokens=16 is too large"),
     ("/v1/chat/completions", {"model": "M", "messages": CHAT, "max_completion_tokens": 127}, 400,
      "max_completion_tokens", "max_completion_tokens=127 is too large"),  # the field sent (was named max_tokens)
     ("/v1/chat/completions", {"model": "M", "messages": CHAT, "max_tokens": 127}, 400, "max_tokens",
      "max_tokens=127 is too large"),
-    ("/v1/completions", {"model": "M", "prompt": LONG_PROMPT, "stream": True}, 400, "prompt", "max_model_len is 128"),
+    ("/v1/completions", {"model": "M", "prompt": LONG_PROMPT, "stream": True}, 400, "prompt",
+     "maximum context length is 128 tokens"),
     ("/v1/completions", {"model": "no-such-model", "prompt": "hi"}, 404, "model", "no-such-model"),
     ("/v1/chat/completions", {"model": "M", "messages": []}, 400, "messages", "messages"),
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", "role"),
@@ -657,7 +659,7 @@ BAD_REQUESTS = [
      "not available with stream: true"),
     ("/v1/chat/completions", {"model": "M", "messages": CHAT, "prompt_logprobs": 21}, 400, "prompt_logprobs", "20"),
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": LONG_PROMPT}]}, 400, "messages",
-     "max_model_len is 128"),
+     "maximum context length is 128 tokens"),
     # JSON's "\ud800" escape (a string cut inside an emoji's surrogate pair) is no text a tokenizer takes: was a 500
     ("/v1/completions", {"model": "M", "prompt": "\ud83d hi"}, 400, "prompt", "lone surrogate"),
     ("/v1/completions", {"model": "M", "prompt": ["ok", "\ud800"], "stream": True}, 400, "prompt", "lone surrogate"),
@@ -717,6 +719,17 @@ def test_bad_input_gets_openai_error(server, served_name, route, body, status, p
     error = reply.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param and fragment in error["message"], error
+
+
+@pytest.mark.parametrize("route, body, status, param, fragment",
+                         [case for case in BAD_REQUESTS if "maximum context length" in case[4]])
+def test_context_window_errors_carry_openais_code(server, served_name, route, body, status, param, fragment):
+    """OpenAI's code and words for a prompt (or prompt + max_tokens) past the window: clients match on them."""
+    import requests
+
+    error = requests.post(f"{server}{route}", json={**body, "model": served_name}, timeout=60).json()["error"]
+    assert error["code"] == "context_length_exceeded", error
+    assert error["message"].startswith("This model's maximum context length is 128 tokens"), error
 
 
 # response_format and forced tool calls become structured_outputs inside the server: their errors name the field sent
