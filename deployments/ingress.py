@@ -216,6 +216,7 @@ class OpenAiIngress:
 
     async def _events(self, route, body, builder, first, outputs) -> AsyncIterator[str]:
         finished = False
+        status = 200  # a failure after the 200 went out is still a failure: its error event's status, for the metrics
 
         def sse(chunk) -> str:
             if body.continuous_usage:  # the usage so far on every chunk of tokens (the role's comes before any)
@@ -228,6 +229,7 @@ class OpenAiIngress:
             deltas = first
             while deltas is not None:
                 if isinstance(deltas, RequestError):  # the engine failed mid-stream
+                    status = deltas.status
                     yield _error_event(deltas.status, deltas.message)
                     break
                 builder.add(deltas)
@@ -236,20 +238,21 @@ class OpenAiIngress:
                     deltas = await _next(outputs)
                 except REPLICA_LOST as e:  # the client has part of the answer: say why the rest is missing
                     lost = replica_lost(e)
+                    status = lost.status
                     yield _error_event(lost.status, lost.message, lost.code)
                     break
             if body.include_usage:
                 yield _sse(builder.usage_chunk())
             yield "data: [DONE]\n\n"
             finished = True
-            self._record(route, builder)
+            self._record(route, builder, status)
         finally:
             if not finished:  # client went away: stop the replica's generator, which aborts the request
                 outputs.cancel()
 
-    def _record(self, route: str, builder: ResponseBuilder) -> None:
+    def _record(self, route: str, builder: ResponseBuilder, status: int = 200) -> None:
         usage = builder.usage()
         metrics = request_metrics()
-        metrics.record_status(route, 200)
+        metrics.record_status(route, status)
         total = time.perf_counter() - builder.start
         metrics.record_generation(route, builder.first_token_s, total, usage.prompt_tokens, usage.completion_tokens)

@@ -113,3 +113,73 @@ def test_a_token_the_grammar_forbids_is_logprob_minus_9999(chat):
             assert [t["logprob"] for t in logprobs["content"][0]["top_logprobs"]] == [-0.5, -9999.0]
         else:
             assert logprobs["top_logprobs"] == [{"a": -0.5, "b": -9999.0}]
+
+
+class _Recorder:
+    """RequestMetrics' two calls, kept instead of exported."""
+
+    def __init__(self):
+        self.statuses, self.generations = [], []
+
+    def record_status(self, route, status):
+        self.statuses.append((route, status))
+
+    def record_generation(self, route, ttft_s, total_s, prompt_tokens, completion_tokens, *args):
+        self.generations.append((route, ttft_s, total_s, prompt_tokens, completion_tokens, *args))
+
+
+class _Outputs:
+    """A DeploymentResponseGenerator's side the ingress uses: items after the first, then its end."""
+
+    def __init__(self, items):
+        self.items, self.cancelled = list(items), False
+
+    async def __anext__(self):
+        if not self.items:
+            raise StopAsyncIteration
+        item = self.items.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def _stream(monkeypatch, rest) -> tuple[list[str], _Recorder]:
+    """The SSE events of a chat stream whose first deltas came, then `rest`; and what the metrics recorded."""
+    import asyncio
+
+    from deployments import ingress
+
+    recorder = _Recorder()
+    monkeypatch.setattr(ingress, "_metrics", recorder)
+    # the class as written, under serve.ingress's wrapper (whose __del__ expects a running replica)
+    server = object.__new__(ingress.OpenAiIngress.func_or_class.__mro__[1])
+    body = ChatCompletionRequest(model="m", messages=CHAT, stream=True)
+    builder = ResponseBuilder("chatcmpl-1", "m", chat=True, top_logprobs=None, n=1, num_prompts=1)
+    first = [ChoiceDelta(0, 3, "a", 1, None, None)]
+
+    async def events():
+        return [e async for e in server._events("/v1/chat/completions", body, builder, first, _Outputs(rest))]
+
+    return asyncio.run(events()), recorder
+
+
+def test_a_stream_that_fails_midway_is_recorded_as_its_error():
+    """The stream's 200 went out before the failure, but the request failed: the metrics count the error event's
+    status (it counted a success, and adallm_request_errors never saw engine failures or lost replicas)."""
+    from ray.exceptions import ActorDiedError
+
+    from deployments.llm_server import RequestError
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        events, recorder = _stream(monkeypatch, [RequestError("engine error: boom", status=500)])
+        assert '"engine error: boom"' in events[-2] and events[-1] == "data: [DONE]\n\n"
+        assert recorder.statuses == [("/v1/chat/completions", 500)]
+        assert [g[4] for g in recorder.generations] == [1]  # the tokens it did generate still count
+        events, recorder = _stream(monkeypatch, [ActorDiedError()])
+        assert '"replica_lost"' in events[-2]
+        assert recorder.statuses == [("/v1/chat/completions", 503)]
+        _, recorder = _stream(monkeypatch, [[ChoiceDelta(0, 3, "b", 1, None, "stop")]])
+        assert recorder.statuses == [("/v1/chat/completions", 200)]
