@@ -255,4 +255,5 @@ class OpenAiIngress:
         metrics = request_metrics()
         metrics.record_status(route, status)
         total = time.perf_counter() - builder.start
-        metrics.record_generation(route, builder.first_token_s, total, usage.prompt_tokens, usage.completion_tokens)
+        metrics.record_generation(route, builder.first_token_s, total, usage.prompt_tokens, usage.completion_tokens,
+                                  max(c.num_tokens for c in builder.choices))

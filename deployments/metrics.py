@@ -32,13 +32,16 @@ class RequestMetrics:
             self.errors.inc(1, dict(tags))
 
     def record_generation(
-        self, route: str, ttft_s: float | None, total_s: float, prompt_tokens: int, completion_tokens: int
+        self, route: str, ttft_s: float | None, total_s: float, prompt_tokens: int, completion_tokens: int,
+        longest_choice_tokens: int,
     ) -> None:
         tags = {"route": route}
         if ttft_s is not None:
             self.ttft.observe(ttft_s, dict(tags))
-            if completion_tokens > 1:
-                self.tpot.observe((total_s - ttft_s) / (completion_tokens - 1), dict(tags))
+            # a request's choices (n, several prompts) are generated side by side: the time per token is the
+            # longest choice's, not the request's time over all its tokens (n times too small)
+            if longest_choice_tokens > 1:
+                self.tpot.observe((total_s - ttft_s) / (longest_choice_tokens - 1), dict(tags))
         if prompt_tokens:  # Ray counters refuse 0
             self.prompt_tokens.inc(prompt_tokens, dict(tags))
         if completion_tokens:

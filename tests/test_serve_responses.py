@@ -183,3 +183,37 @@ def test_a_stream_that_fails_midway_is_recorded_as_its_error():
         assert recorder.statuses == [("/v1/chat/completions", 503)]
         _, recorder = _stream(monkeypatch, [[ChoiceDelta(0, 3, "b", 1, None, "stop")]])
         assert recorder.statuses == [("/v1/chat/completions", 200)]
+
+
+class _Observed:
+    """A Ray Histogram or Counter that keeps its values."""
+
+    def __init__(self):
+        self.values = []
+
+    def observe(self, value, tags=None):
+        self.values.append(value)
+
+    inc = observe
+
+
+@pytest.mark.parametrize(("n", "num_prompts"), [(1, 1), (2, 1), (1, 3)])
+def test_time_per_output_token_is_each_choices_not_the_requests_throughput(n, num_prompts):
+    """Choices (n, or several prompts) are generated side by side: 5 tokens each take 4 steps after the first token
+    whatever their number. Dividing by all the request's tokens made TPOT n times too small."""
+    import time
+
+    from deployments import ingress
+    from deployments.metrics import RequestMetrics
+
+    metrics = object.__new__(RequestMetrics)
+    for name in ("requests", "errors", "ttft", "tpot", "prompt_tokens", "generation_tokens", "prompt_len"):
+        setattr(metrics, name, _Observed())
+    builder = ResponseBuilder("cmpl-4", "m", chat=False, top_logprobs=None, n=n, num_prompts=num_prompts)
+    builder.add([ChoiceDelta(i, 3, "abcde", 5, None, "length") for i in range(n * num_prompts)])
+    builder.start, builder.first_token_s = time.perf_counter() - 9.0, 1.0  # 8 s after the first token
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(ingress, "_metrics", metrics)
+        ingress.OpenAiIngress.func_or_class.__mro__[1]._record(None, "/v1/completions", builder)
+    assert metrics.tpot.values == [pytest.approx(2.0, abs=0.05)]
+    assert metrics.generation_tokens.values == [5 * n * num_prompts]
