@@ -23,7 +23,7 @@ from adallm_core.config import EngineArgs
 from adallm_core.outputs import RequestOutput
 from adallm_core.sampling_params import SamplingParams
 from deployments.echo import Echo
-from deployments.reasoning import END_THINK, THINK, ThinkSplitter
+from deployments.reasoning import END_THINK, MESSAGE_START, THINK, ThinkSplitter
 from deployments.metrics import EngineMetrics
 from deployments.tool_calls import ToolCallDelta, ToolCallPlan, ToolCallReader
 
@@ -332,11 +332,13 @@ class LLMServer:
         # The prompt's last think tag says where the answer starts. It is most often in the last few tokens (the
         # generation prompt), but a continued message (continue_final_message) may have opened <think> long before
         # its end: the window grows until it holds a tag, or the whole prompt.
+        # Only that last message (or the generation prompt) counts: a tag in an earlier one is text a user wrote
+        # ("put your reasoning in <think> tags"), which opened no thinking.
         size = 16
         while True:
             prompt_text = self.engine.tokenizer.decode(ids[-size:], skip_special_tokens=False)
-            if size >= len(ids) or THINK in prompt_text or END_THINK in prompt_text:
-                return prompt_text
+            if size >= len(ids) or any(tag in prompt_text for tag in (THINK, END_THINK, MESSAGE_START)):
+                return prompt_text[max(prompt_text.rfind(MESSAGE_START), 0):]
             size *= 16
 
     def _deltas(self, prompt_index: int, out: RequestOutput, n: int, echo: Optional[Echo] = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 PARSERS = ("qwen3",)
 THINK, END_THINK = "<think>", "</think>"
+MESSAGE_START = "<|im_start|>"  # Qwen3's template (ChatML) opens each message, and the answer's prompt, with it
 
 
 class ThinkSplitter:

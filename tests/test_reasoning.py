@@ -44,3 +44,23 @@ def test_a_continued_message_long_inside_its_thinking_starts_the_answer_there():
     assert len(prompt) > 32
     splitter = ThinkSplitter(server._prompt_tail(prompt))
     assert splitter.feed("So 4.</think>\n\nIt is 4.", final=True) == ("So 4.", "It is 4.")
+
+
+@pytest.mark.parametrize("options", [{}, dict(add_generation_prompt=False, continue_final_message=True)])
+def test_a_think_tag_in_an_earlier_message_does_not_open_the_answers_thinking(options):
+    """Only the generation prompt (or the continued last message) opens the answer's thinking. A user who writes
+    "<think>" (asking the model to use it, or about it) did not: the answer was all sent to reasoning_content."""
+    from types import SimpleNamespace
+
+    from adallm_core.testing import demo_model_path
+    from adallm_core.tokenizer import Tokenizer
+    from deployments.llm_server import LLMServer
+
+    tokenizer = Tokenizer(demo_model_path())
+    server = object.__new__(LLMServer.func_or_class)  # no engine: _prompt_tail reads only the tokenizer
+    server.engine = SimpleNamespace(tokenizer=tokenizer)
+    messages = [{"role": "user", "content": "Put your reasoning in <think> tags. " + "What is 2 + 2? " * 8}]
+    if options:
+        messages.append({"role": "assistant", "content": "Sure:"})
+    splitter = ThinkSplitter(server._prompt_tail(tokenizer.encode_chat(messages, **options)))
+    assert splitter.feed(" It is 4.", final=True) == ("", " It is 4.")
