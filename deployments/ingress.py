@@ -18,7 +18,7 @@ from deployments.errors import (
     REPLICA_LOST, SERVE_REJECTIONS, OpenAIError, error_body, install_error_handlers, overloaded, replica_lost,
 )
 from deployments.llm_server import GenerateRequest, RequestError, in_request_terms
-from deployments.metrics import RequestMetrics
+from deployments.metrics import RequestMetrics, install_status_counter
 from deployments.openai_api import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -53,6 +53,9 @@ def request_metrics() -> RequestMetrics:
 
 
 install_error_handlers(app, lambda route, status: request_metrics().record_status(route, status))
+# the generation routes record their status with their tokens (ingress._record); the others' successes here
+install_status_counter(app, lambda route, status: request_metrics().record_status(route, status),
+                       ("/v1/completions", "/v1/chat/completions"))
 
 
 def _sse(body: BaseModel) -> str:

@@ -6,6 +6,9 @@ Scrape them from each node's metrics export port (`ray start --metrics-export-po
 from __future__ import annotations
 
 from ray.serve.metrics import Counter, Gauge, Histogram
+from starlette.requests import Request
+
+from deployments.errors import route_label
 
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 TOKEN_BUCKETS = [1, 8, 32, 128, 512, 2048, 8192, 32768]
@@ -47,6 +50,33 @@ class RequestMetrics:
         if completion_tokens:
             self.generation_tokens.inc(completion_tokens, dict(tags))
         self.prompt_len.observe(prompt_tokens, dict(tags))
+
+
+def install_status_counter(app, record, self_recorded: tuple[str, ...]) -> None:
+    """record(route, status) for each success of a route not in self_recorded (which record their own, at the end
+    of their streams); errors are recorded by the error handlers (deployments/errors.py)."""
+    app.add_middleware(_StatusCounter, record=record, self_recorded=self_recorded)
+
+
+class _StatusCounter:
+    # plain ASGI, not @app.middleware: that one re-streams each body, and a stream must still see its client leave
+    def __init__(self, app, record, self_recorded: tuple[str, ...]):
+        self.app, self.record, self.self_recorded = app, record, self_recorded
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        statuses = []
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, sending)
+        route = route_label(Request(scope))  # the router put the matched route in the scope
+        if statuses and statuses[0] < 400 and route not in self.self_recorded:
+            self.record(route, statuses[0])
 
 
 class EngineMetrics:

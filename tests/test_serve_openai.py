@@ -77,8 +77,8 @@ def test_models_and_health(client, server, model):
     assert requests.get(f"{server}/health", timeout=10).json() == {"status": "ok"}
 
 
-def scrape(port: int) -> dict[str, float]:
-    """Ray's Prometheus export: value per metric, summed over replicas, for the completions route (or no route)."""
+def scrape(port: int, route: str = "/v1/completions") -> dict[str, float]:
+    """Ray's Prometheus export: value per metric, summed over replicas, for one route (or no route)."""
     import requests
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -86,14 +86,17 @@ def scrape(port: int) -> dict[str, float]:
     totals: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.startswith("ray_adallm_") and sample.labels.get("route", "/v1/completions") == "/v1/completions":
+            if sample.name.startswith("ray_adallm_") and sample.labels.get("route", route) == route:
                 key = sample.name + (f"{{status={sample.labels['status']}}}" if "status" in sample.labels else "")
                 totals[key] = totals.get(key, 0.0) + sample.value
     return totals
 
 
-def test_prometheus_metrics_count_requests_and_tokens(client, served_name, metrics_port):
+def test_prometheus_metrics_count_requests_and_tokens(client, server, served_name, metrics_port):
+    import requests
+
     requests_ok = "ray_adallm_requests_total{status=200}"
+    tokenized = scrape(metrics_port, "/tokenize").get(requests_ok, 0)
 
     def settled():  # two scrapes a report interval apart agree: nothing recorded earlier is still on its way
         first = scrape(metrics_port)
@@ -115,6 +118,9 @@ def test_prometheus_metrics_count_requests_and_tokens(client, served_name, metri
     assert grew("ray_adallm_time_per_output_token_s_count") == sum(r.usage.completion_tokens > 1 for r in replies)
     assert 0 < grew("ray_adallm_time_to_first_token_s_sum") < 3 * 60
     assert 0 <= after["ray_adallm_kv_cache_usage"] <= 1 and after["ray_adallm_num_requests_waiting"] >= 0
+    # every route's successes count, not only its errors
+    assert requests.post(f"{server}/tokenize", json={"prompt": "hi"}, timeout=60).ok
+    wait_until(lambda: scrape(metrics_port, "/tokenize").get(requests_ok, 0) == tokenized + 1, timeout_s=30)
 
 
 def test_completions_equal_offline_llm(client, served_name, offline):

@@ -217,3 +217,36 @@ def test_time_per_output_token_is_each_choices_not_the_requests_throughput(n, nu
         ingress.OpenAiIngress.func_or_class.__mro__[1]._record(None, "/v1/completions", builder)
     assert metrics.tpot.values == [pytest.approx(2.0, abs=0.05)]
     assert metrics.generation_tokens.values == [5 * n * num_prompts]
+
+
+def test_every_routes_successes_are_counted_not_only_its_errors():
+    """adallm_requests counted /tokenize, /v1/models, /health only when they failed (the error handlers record
+    errors; only the generation routes recorded their 200s): their error ratio read 1. The generation routes record
+    their own, once, at the end."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from deployments.errors import OpenAIError, install_error_handlers
+    from deployments.metrics import install_status_counter
+
+    recorded = []
+    app = FastAPI()
+    install_error_handlers(app, lambda route, status: recorded.append((route, status)))
+    install_status_counter(app, lambda route, status: recorded.append((route, status)), ("/v1/completions",))
+
+    @app.post("/tokenize")
+    async def tokenize(fail: bool = False):
+        if fail:
+            raise OpenAIError(400, "bad")
+        return {}
+
+    @app.post("/v1/completions")
+    async def completions():
+        return {}
+
+    client = TestClient(app)
+    client.post("/tokenize")
+    client.post("/tokenize?fail=true")
+    client.post("/v1/completions")
+    client.get("/nowhere")
+    assert recorded == [("/tokenize", 200), ("/tokenize", 400), ("unmatched", 404)]
