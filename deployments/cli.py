@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import signal
 import sys
 import time
+from dataclasses import fields
 
 from adallm_core.config import EngineArgs
 from deployments.reasoning import PARSERS
@@ -54,13 +56,31 @@ def app_args(args: argparse.Namespace) -> dict:
     return {**engine, **serving}
 
 
+def flag_message(error: ValueError) -> str:
+    """An options error in the command line's words: --max-num-seqs, not max_num_seqs."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        text = "; ".join(
+            (f"{e['loc'][0]}={e['input']!r}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+            for e in error.errors())
+    else:
+        text = str(error)
+    names = [f.name for f in fields(EngineArgs) if f.name != "model"] + list(SERVE_FLAGS)
+    return re.sub(rf"\b({'|'.join(names)})\b", lambda m: "--" + m[1].replace("_", "-"), text)
+
+
 def main(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
     from deployments.app import build_app, set_serve_environment, split_args
 
-    split_args(app_args(args))  # bad options fail here, before Ray starts
+    try:
+        split_args(app_args(args))  # bad options fail here, before Ray starts
+    except ValueError as e:  # pydantic's ValidationError too: a clear error naming the flag, not a traceback
+        print(f"adallm serve: error: {flag_message(e)}", file=sys.stderr, flush=True)
+        return 2
     set_serve_environment()  # read by the proxy and controller of a Ray started here
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C, start-up included
     try:

@@ -124,3 +124,28 @@ def test_served_model_name_defaults(tmp_path):
     assert served_name(None) == "adallm-tiny-demo"
     assert served_name(str(tmp_path)) == tmp_path.name
     assert served_name("Qwen/Qwen3-8B-NVFP4") == "Qwen/Qwen3-8B-NVFP4"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num-replicas", "0"], "--num-replicas=0: Input should be greater than or equal to 1"),
+        (["--num-replicas", "2", "--max-replicas", "4"], "give --num-replicas, or --min-replicas/--max-replicas"),
+        (["--min-replicas", "3", "--max-replicas", "2"], "--min-replicas=3 is above --max-replicas=2"),
+        (["--enable-auto-tool-choice"], "--enable-auto-tool-choice needs a --tool-call-parser"),
+        (["--max-num-seqs", "0"], "--max-num-seqs must be >= 1"),
+        (["--kv-cache-dtype", "fp16"], "--kv-cache-dtype must be one of"),
+    ],
+)
+def test_serve_bad_flag_values_are_an_error_naming_the_flag_not_a_traceback(flags, message):
+    # The check runs before Ray starts: a bad value costs no Ray start-up, and exits 2 as argparse's errors do.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "adallm_core.cli", "serve", *flags], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert f"adallm serve: error: {message}" in proc.stderr, proc.stderr[-2000:]
