@@ -19,7 +19,7 @@ APP_NAME = "adallm"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None, help="checkpoint folder or hub id; none: the built-in tiny demo model")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=_port, default=8000)
     parser.add_argument("--ray-address", default=None, help="Ray cluster to join; default: a running local one, else start one")
     parser.add_argument("--served-model-name", default=None, help="the model name clients send; default: the folder name")
     replicas = parser.add_mutually_exclusive_group()
@@ -40,6 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-auto-tool-choice", action="store_true", default=None,
                         help='chat: tool_choice "auto", the default with tools; needs --tool-call-parser')
     EngineArgs.add_cli_args(parser, with_model=False)
+
+
+def _port(text: str) -> int:
+    """A TCP port, checked here: Ray would start first and then fail its HTTP proxy with a traceback."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1-65535)")
+    return port
 
 
 SERVE_FLAGS = (

@@ -149,3 +149,15 @@ def test_serve_bad_flag_values_are_an_error_naming_the_flag_not_a_traceback(flag
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert f"adallm serve: error: {message}" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("port", ["0", "70000", "-1", "http"])
+def test_serve_port_out_of_range_is_refused_by_the_parser(port, capsys):
+    # Not Ray's OverflowError traceback from the HTTP proxy, after Ray and the app started.
+    parser = argparse.ArgumentParser(prog="adallm serve")
+    cli.add_arguments(parser)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--port", port])
+    assert exit_info.value.code == 2
+    assert "argument --port" in capsys.readouterr().err
+    assert parser.parse_args(["--port", "65535"]).port == 65535
