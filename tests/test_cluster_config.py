@@ -238,3 +238,33 @@ def broken(mutate) -> dict:
 def test_broken_copies_fail_validation(mutate, error, match):
     with pytest.raises(error, match=match):
         ray_up_validate(broken(mutate))
+
+
+def _downloaded_files(command: str, files: list[str]) -> list[str]:
+    """The files a setup command's snapshot_download(..., allow_patterns=[...]) would fetch (all without patterns)."""
+    import fnmatch
+
+    found = re.search(r"allow_patterns=(\[[^\]]*\])", command)
+    patterns = eval(found.group(1)) if found else ["*"]  # a list of string literals, from this repository's file
+    return [f for f in files if any(fnmatch.fnmatch(f, p) for p in patterns)]
+
+
+def test_head_holds_what_the_bulk_job_driver_checks(tmp_path):
+    """`ray job submit ... python -m jobs.bulk_generate --model /models/Qwen3-8B-NVFP4` runs its driver on the head,
+    and the driver checks the model (jobs/bulk_generate.check_model: config, tokenizer and every shard's header)
+    before any engine starts. The head's download must hold all that, or every documented job stops at once with
+    '--model /models/Qwen3-8B-NVFP4: cannot read it'."""
+    import shutil
+
+    from engine_fixtures import tiny_model
+
+    from adallm_core.config import EngineArgs
+    from jobs.bulk_generate import check_model
+
+    (command,) = [c for c in load()["head_setup_commands"] if PROVISIONED_MODEL in c and "snapshot_download" in c]
+    source = Path(tiny_model("qwen3"))
+    head = tmp_path / "head-model"
+    head.mkdir()
+    for name in _downloaded_files(command, sorted(p.name for p in source.iterdir() if p.is_file())):
+        shutil.copy(source / name, head / name)
+    check_model(EngineArgs(model=str(head)), chat=True)
