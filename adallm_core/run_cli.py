@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     from adallm_core.engine import LLMEngine, next_request_id
 
+    if args.system is not None and not args.chat:  # a plain prompt has no system message: it was dropped silently
+        print("error: --system applies to --chat (the system message goes through the chat template)", file=sys.stderr)
+        return 2
     try:
         params = sampling_params_from_args(args, output_kind=RequestOutputKind.DELTA)
         engine_args = EngineArgs.from_cli_args(args)

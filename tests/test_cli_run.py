@@ -123,3 +123,11 @@ def test_generate_output_has_the_permissions_of_a_plain_file(tmp_path):
 def test_adallm_console_script_runs_the_demo_path_help():
     proc = subprocess.run([sys.executable, "-m", "adallm_core.cli", "run", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--max-tokens" in proc.stdout and "--kv-cache-dtype" in proc.stdout
+
+
+def test_run_system_without_chat_is_an_error_not_ignored(capsys):
+    # Without --chat the prompt goes to the model as it is: the system message would be dropped without a word.
+    rc, out = run_cli([tiny_model("qwen3"), "Hello", "--system", "Answer in French.", "--max-tokens", "2",
+                       *ENGINE_FLAGS])
+    assert rc == 2 and out == ""
+    assert "--system applies to --chat" in capsys.readouterr().err
