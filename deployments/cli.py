@@ -26,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     replicas.add_argument("--num-replicas", type=int, default=None, help="fixed number of engine replicas (default 1)")
     replicas.add_argument("--min-replicas", type=int, default=None, help="autoscale from this many replicas...")
     parser.add_argument("--max-replicas", type=int, default=None, help="...up to this many")
-    parser.add_argument("--num-gpus", type=float, default=None, help="GPUs per replica; default: 1 if the cluster has GPUs, else 0")
+    parser.add_argument("--num-gpus", type=float, default=None,
+                        help="GPUs per replica; default: 1 with --accelerator-type or --device cuda, or when the "
+                             "cluster has GPUs; else 0 (also with --device cpu)")
     parser.add_argument("--accelerator-type", default=None, help="Ray accelerator type for replicas, e.g. L4, L40S")
     parser.add_argument("--max-batch-size", type=int, default=None, help="@serve.batch: most arrivals admitted together (32)")
     parser.add_argument("--batch-wait-timeout-s", type=float, default=None, help="@serve.batch: how long to wait for more (0.005)")

@@ -161,3 +161,14 @@ def test_serve_port_out_of_range_is_refused_by_the_parser(port, capsys):
     assert exit_info.value.code == 2
     assert "argument --port" in capsys.readouterr().err
     assert parser.parse_args(["--port", "65535"]).port == 65535
+
+
+def test_serve_num_gpus_help_says_what_build_app_does():
+    # --accelerator-type alone asks for a GPU (an autoscaling cluster has none yet); --device cpu asks for none.
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    (action,) = [a for a in parser._actions if "--num-gpus" in a.option_strings]
+    assert "--accelerator-type" in action.help and "--device" in action.help
+    for flags, gpus in [(["--accelerator-type", "L4"], 1), (["--device", "cuda"], 1), (["--device", "cpu"], 0)]:
+        llm = deployments_of(build_app(cli.app_args(parser.parse_args(flags))))["llm"]
+        assert llm.ray_actor_options["num_gpus"] == gpus, flags
