@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 from adallm_core.config import EngineArgs
+from adallm_core.model_source import DEMO
 from deployments.ingress import OpenAiIngress
 from deployments.ray_tp import serve_placement_options
 from deployments.llm_server import DEFAULT_STREAM_INTERVAL_S, USER_CONFIG_KEYS, BatchSize, LLMServer, Seconds
@@ -147,7 +148,7 @@ def _from_text(name: str, value: Any) -> Any:
 
 
 def served_name(model: Optional[str]) -> str:
-    if model is None:
+    if model is None or (model == DEMO and not Path(DEMO).is_dir()):  # `adallm serve demo` loads the demo model too
         return DEMO_MODEL_NAME
     path = Path(model)
     return path.name if path.exists() else model  # a local folder's name, or the hub id as given

@@ -172,3 +172,12 @@ def test_serve_num_gpus_help_says_what_build_app_does():
     for flags, gpus in [(["--accelerator-type", "L4"], 1), (["--device", "cuda"], 1), (["--device", "cpu"], 0)]:
         llm = deployments_of(build_app(cli.app_args(parser.parse_args(flags))))["llm"]
         assert llm.ray_actor_options["num_gpus"] == gpus, flags
+
+
+def test_demo_model_named_on_the_command_line_is_served_as_the_demo(tmp_path, monkeypatch):
+    # `adallm serve demo` loads the built-in demo model (adallm_core.model_source), as `adallm serve` does: clients
+    # send the same name for it, adallm-tiny-demo, not "demo" taken for a hub id.
+    monkeypatch.chdir(tmp_path)
+    assert served_name("demo") == "adallm-tiny-demo"
+    (tmp_path / "demo").mkdir()  # a folder of that name is a checkpoint folder like any other
+    assert served_name("demo") == "demo"
