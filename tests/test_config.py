@@ -58,3 +58,12 @@ def test_cli_bench_help_reaches_the_benchmark(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "--shape" in out and out.startswith("usage: adallm bench ")
+
+
+def test_cli_version(capsys):
+    from importlib.metadata import version
+
+    assert cli_main(["--version"]) == 0
+    assert capsys.readouterr().out == f"adallm {version('adallm')}\n"
+    cli_main(["--help"])
+    assert "--version" in capsys.readouterr().out
