@@ -6,6 +6,7 @@ an optional "id" is copied to the output line. The output file appears only when
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from adallm_core.config import EngineArgs
 from adallm_core.run_cli import add_sampling_args, sampling_params_from_args
+from adallm_core.sampling_params import SamplingParams
 from adallm_core.tokenizer import check_conversation
 
 
@@ -74,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
     try:
         prompts = [row_prompt(llm.llm_engine.tokenizer, args.input, n, row) for n, row in rows]
-        outputs = llm.generate(prompts, params, use_tqdm=True)
+        outputs = llm.generate(prompts, line_params(params, len(prompts)), use_tqdm=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -84,6 +86,12 @@ def main(args: argparse.Namespace) -> int:
         for i, ((_, row), out) in enumerate(zip(rows, outputs))])
     print(f"wrote {len(outputs)} generations to {args.output}", file=sys.stderr)
     return 0
+
+
+def line_params(params: SamplingParams, count: int) -> list[SamplingParams]:
+    """Line i is seeded with --seed + i: reproducible, yet a prompt repeated to sample it several times gets
+    different samples, not copies of one (every line seeded with --seed itself gave the same tokens)."""
+    return [dataclasses.replace(params, seed=params.seed + i) for i in range(count)]
 
 
 def row_prompt(tok, path: Path, n: int, row: dict):

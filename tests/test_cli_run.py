@@ -131,3 +131,17 @@ def test_run_system_without_chat_is_an_error_not_ignored(capsys):
                        *ENGINE_FLAGS])
     assert rc == 2 and out == ""
     assert "--system applies to --chat" in capsys.readouterr().err
+
+
+def test_generate_repeated_prompt_gets_different_samples_reproducibly(tmp_path):
+    # Sampling one prompt several times (pass@k, self-consistency) is repeating its line: every line seeded with the
+    # same --seed gave copies of one sample. Line i takes --seed + i, so a rerun still gives the same file.
+    inp = tmp_path / "in.jsonl"
+    inp.write_text((json.dumps({"prompt": "Hello"}) + "\n") * 4)
+    runs = []
+    for out in (tmp_path / "a.jsonl", tmp_path / "b.jsonl"):
+        assert main(["generate", tiny_model("qwen3"), "--input", str(inp), "--output", str(out), "--temperature", "1",
+                     "--max-tokens", "8", "--ignore-eos", *ENGINE_FLAGS]) == 0
+        runs.append([json.loads(line)["token_ids"] for line in out.read_text().splitlines()])
+    assert runs[0] == runs[1]
+    assert len({tuple(t) for t in runs[0]}) == 4
