@@ -42,6 +42,9 @@ class ProcessorConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_concurrent_batches < 1:
             raise ValueError(f"max_concurrent_batches must be >= 1, got {self.max_concurrent_batches}")
+        for name in ("num_gpus", "num_cpus"):  # else Ray refuses them only once the job runs, with a traceback
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         sizes = self.concurrency if isinstance(self.concurrency, tuple) else (self.concurrency, self.concurrency)
         if len(sizes) != 2 or not 1 <= sizes[0] <= sizes[1]:
             raise ValueError(f"concurrency must be N >= 1 or (min, max) with 1 <= min <= max, got {self.concurrency}")

@@ -565,3 +565,13 @@ def test_replicas_ask_for_gpus_before_the_cluster_has_any(monkeypatch, engine, a
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("decided without asking the cluster"))
     config = ProcessorConfig(engine_args=EngineArgs(**engine), accelerator_type=accelerator_type)
     assert Processor(config)._num_gpus() == expected
+
+
+@pytest.mark.parametrize("flag", ["--num-gpus", "--num-cpus"])
+def test_negative_replica_resources_fail_before_ray_starts(tmp_path, capsys, monkeypatch, flag):
+    # Ray refused them only once the job ran: a Ray Data traceback after Ray and the read had started.
+    data = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": ["hi"]}), data)
+    monkeypatch.setattr(bulk_generate, "run", lambda plan: pytest.fail("the job ran"))
+    err = _fail(["--input", str(data), "--output", str(tmp_path / "out"), flag, "-1"], capsys)
+    assert f"{flag[2:].replace('-', '_')} must be >= 0, got -1.0" in err
