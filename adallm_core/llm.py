@@ -49,7 +49,7 @@ class LLM:
             kwargs["tools"] = tools
         tok = self.llm_engine.tokenizer
         # The template writes bos itself: encode the rendered text without adding special tokens again.
-        items = [(tok.apply_chat_template(_arguments_as_objects(c), **kwargs), False) for c in conversations]
+        items = [(tok.apply_chat_template(_template_messages(c), **kwargs), False) for c in conversations]
         return self._run(items, sampling_params, use_tqdm)
 
     def _run(self, items: list[tuple], sampling_params, use_tqdm) -> list[RequestOutput]:
@@ -104,16 +104,32 @@ def _progress(total: int, use_tqdm):
     return bar(total=total, desc="Generating", unit="req", dynamic_ncols=True)
 
 
-def _arguments_as_objects(conversation: list[dict]) -> list[dict]:
-    """Earlier tool calls' arguments as objects: OpenAI's messages carry them as JSON text, and templates that write
-    them with tojson would quote that text again (vLLM parses them too)."""
+def _template_messages(conversation: list[dict]) -> list[dict]:
+    """The messages as chat templates take them: OpenAI's text parts joined into one string (vLLM's), and earlier
+    tool calls' arguments as objects: OpenAI's messages carry them as JSON text, and templates that write them with
+    tojson would quote that text again (vLLM parses them too)."""
     out = []
     for i, message in enumerate(conversation):
+        if isinstance(message, dict) and isinstance(message.get("content"), list):
+            message = {**message, "content": _joined_text_parts(message["content"], i)}
         calls = message.get("tool_calls") if isinstance(message, dict) else None
         if calls:
             message = {**message, "tool_calls": [_parsed_call(call, i) for call in calls]}
         out.append(message)
     return out
+
+
+def _joined_text_parts(parts: list, index: int) -> str:
+    """[{"type": "text", "text": ...}, ...] -> the texts joined by newlines, as vLLM gives a template that takes a
+    string (Qwen3's renders a list as empty content)."""
+    texts = []
+    for part in parts:
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ValueError(f"chat: message {index}: content part {kind!r} is not supported (a text model takes "
+                             f"{{'type': 'text', 'text': ...}} parts)")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def _parsed_call(call: dict, index: int) -> dict:

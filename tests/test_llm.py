@@ -64,6 +64,20 @@ def test_chat_uses_the_template(llm):
     assert two[0].outputs[0].token_ids == out.outputs[0].token_ids and len(two) == 2
 
 
+def test_chat_joins_openai_text_parts_as_vllm_does(llm):
+    """OpenAI's content parts, which vLLM's chat takes: their texts joined by newlines for a template that renders a
+    string (Qwen3's would render the list as empty content, this one failed on it)."""
+    tok = llm.get_tokenizer()
+    parts = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]
+    out = llm.chat([{"role": "user", "content": parts}], GREEDY, use_tqdm=False)[0]
+    assert out.prompt == tok.apply_chat_template([{"role": "user", "content": "Hi\nthere"}], tokenize=False,
+                                                 add_generation_prompt=True)
+    assert parts[0] == {"type": "text", "text": "Hi"}  # the caller's message untouched
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]
+    with pytest.raises(ValueError, match="message 0: content part 'image_url' is not supported"):
+        llm.chat(image, GREEDY, use_tqdm=False)
+
+
 def test_one_bad_prompt_rejects_the_batch_and_leaves_the_engine_clean(llm):
     with pytest.raises(ValueError, match="prompt 1: prompt is empty"):
         llm.generate(["Hello", "", "World"], GREEDY, use_tqdm=False)
