@@ -40,7 +40,7 @@ class LLM:
         """messages: one conversation (list of {"role", "content"}) or a list of conversations. With
         continue_final_message the last (assistant) message is continued, not closed (vLLM's option). tools: OpenAI's
         function definitions, which the chat template shows the model (vLLM's)."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        conversations = _conversations(messages)
         try:
             kwargs = chat_template_options(add_generation_prompt, continue_final_message, chat_template_kwargs)
         except ValueError as e:
@@ -104,15 +104,28 @@ def _progress(total: int, use_tqdm):
     return bar(total=total, desc="Generating", unit="req", dynamic_ncols=True)
 
 
+def _conversations(messages) -> list[list[dict]]:
+    """One conversation (a list of message dicts) or a list of them; anything else is a ValueError naming messages,
+    not an error from inside the template."""
+    shape = "a conversation (a list of message dicts) or a list of conversations"
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError(f"chat: messages must be {shape}, got {type(messages).__name__}")
+    conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+    for i, conversation in enumerate(conversations):
+        if not isinstance(conversation, (list, tuple)) or not all(isinstance(m, dict) for m in conversation):
+            raise ValueError(f"chat: messages must be {shape}; conversation {i} is not: {conversation!r:.80}")
+    return conversations
+
+
 def _template_messages(conversation: list[dict]) -> list[dict]:
     """The messages as chat templates take them: OpenAI's text parts joined into one string (vLLM's), and earlier
     tool calls' arguments as objects: OpenAI's messages carry them as JSON text, and templates that write them with
     tojson would quote that text again (vLLM parses them too)."""
     out = []
     for i, message in enumerate(conversation):
-        if isinstance(message, dict) and isinstance(message.get("content"), list):
+        if isinstance(message.get("content"), list):
             message = {**message, "content": _joined_text_parts(message["content"], i)}
-        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        calls = message.get("tool_calls")
         if calls:
             message = {**message, "tool_calls": [_parsed_call(call, i) for call in calls]}
         out.append(message)

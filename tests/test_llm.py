@@ -78,6 +78,18 @@ def test_chat_joins_openai_text_parts_as_vllm_does(llm):
         llm.chat(image, GREEDY, use_tqdm=False)
 
 
+@pytest.mark.parametrize(("messages", "named"), [
+    ("Hello", "got str"),  # a prompt where a conversation goes: not one conversation per character
+    (None, "got NoneType"),
+    ([["Hello"]], "conversation 0 is not"),
+    ([{"role": "user", "content": "Hi"}, "and then"], "conversation 0 is not"),
+])
+def test_chat_names_messages_that_are_no_conversation(llm, messages, named):
+    """Not an error from inside the template that blames chat_template_kwargs."""
+    with pytest.raises(ValueError, match=f"chat: messages must be a conversation .*{named}"):
+        llm.chat(messages, GREEDY, use_tqdm=False)
+
+
 def test_one_bad_prompt_rejects_the_batch_and_leaves_the_engine_clean(llm):
     with pytest.raises(ValueError, match="prompt 1: prompt is empty"):
         llm.generate(["Hello", "", "World"], GREEDY, use_tqdm=False)
