@@ -30,6 +30,8 @@ class LLM:
                  use_tqdm: Union[bool, Callable] = True) -> list[RequestOutput]:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
+        elif not isinstance(prompts, Sequence):  # None or a number: not a bare TypeError from the loop below
+            raise ValueError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
         items = [(p, True) for p in prompts]  # dicts are read by the engine (engine.prompt_of)
         return self._run(items, sampling_params, use_tqdm)
 
@@ -55,6 +57,9 @@ class LLM:
     def _run(self, items: list[tuple], sampling_params, use_tqdm) -> list[RequestOutput]:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(items)
+        elif not isinstance(sampling_params, Sequence):  # a dict of options would be read as its keys
+            raise ValueError(f"sampling_params must be a SamplingParams or a list of them (one per prompt), got "
+                             f"{type(sampling_params).__name__}")
         else:
             params = list(sampling_params)
             if len(params) != len(items):

@@ -104,6 +104,11 @@ def test_one_bad_prompt_rejects_the_batch_and_leaves_the_engine_clean(llm):
     (["Hello", {"prompt": "Hi", "multi_modal_data": {}}], GREEDY,
      r"prompt 1: prompt dict key\(s\) \['multi_modal_data'\]"),
     ([{"prompt": "Hi", "prompt_token_ids": [5, 6]}], GREEDY, "exactly one of 'prompt' or 'prompt_token_ids'"),
+    # wrong types name the argument (they were a bare "object is not iterable", or a dict read as its keys)
+    (None, GREEDY, "prompts must be a prompt or a list of prompts, got NoneType"),
+    (7, GREEDY, "prompts must be a prompt or a list of prompts, got int"),
+    (["Hello"], {"max_tokens": 3}, "sampling_params must be a SamplingParams or a list of them .*got dict"),
+    (["Hello"], 3, "sampling_params must be a SamplingParams or a list of them .*got int"),
 ])
 def test_bad_params_or_prompt_dicts_leave_nothing_behind(llm, prompts, params, match):
     """Refused before anything runs, and the next call gets its own outputs (not a leftover's)."""
