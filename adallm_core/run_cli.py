@@ -58,10 +58,11 @@ def main(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = s
     def answer(user_text: str) -> Optional[str]:
         if args.chat:
             history.append({"role": "user", "content": user_text})
-            prompt, special = engine.tokenizer.apply_chat_template(history), False
-        else:
-            prompt, special = user_text, True
-        try:
+        try:  # the template too: a model without one, or one that refuses the messages, is an error line
+            if args.chat:
+                prompt, special = engine.tokenizer.apply_chat_template(history), False
+            else:
+                prompt, special = user_text, True
             rid = next_request_id()
             engine.add_request(rid, prompt, params, add_special_tokens=special)
         except ValueError as e:

@@ -3,6 +3,7 @@ import io
 import json
 import subprocess
 import os
+import shutil
 import sys
 
 import pytest
@@ -53,6 +54,20 @@ def test_interactive_chat_keeps_history_and_quits():
     assert first == reference_text(conv, 5, chat=True)[0]
     conv += [{"role": "assistant", "content": first}, {"role": "user", "content": "How are you"}]
     assert second == reference_text(conv, 5, chat=True)[0]
+
+
+def test_run_chat_with_a_model_without_a_chat_template_is_an_error_line(tmp_path, capsys):
+    """Not a traceback: one line naming the problem, exit 1, and an interactive session goes on."""
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_model("qwen3"), model)
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    rc, out = run_cli([str(model), "Hi", "--chat", *ENGINE_FLAGS])
+    assert rc == 1 and out == "" and "has no chat template" in capsys.readouterr().err
+    rc, _ = run_cli([str(model), "--chat", *ENGINE_FLAGS], stdin_text="Hi\nAgain\n\\q\n")
+    assert rc == 0 and capsys.readouterr().err.count("has no chat template") == 2
 
 
 def test_run_rejects_bad_sampling_flags(capsys):
