@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.argv[0] = program
     sub_parser = argparse.ArgumentParser(prog=f"adallm {name}", description=COMMANDS[name][1])
     module.add_arguments(sub_parser)
-    args = sub_parser.parse_args(argv[1:])
+    # intermixed: `adallm run MODEL --temperature 0 "prompt"` (an optional positional after options) parses as
+    # `adallm run MODEL "prompt" --temperature 0` does, not as an unrecognized argument
+    args = sub_parser.parse_intermixed_args(argv[1:])
     return int(module.main(args) or 0)
 
 

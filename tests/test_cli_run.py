@@ -45,6 +45,17 @@ def test_run_with_a_prompt_streams_the_completion():
     assert out == reference_text(["Hello there"], 12)[0] + "\n"
 
 
+def test_run_takes_the_prompt_after_options(monkeypatch):
+    """`adallm run MODEL --flags PROMPT`: argparse alone matched the optional PROMPT empty beside MODEL and then
+    refused the prompt as an unrecognized argument."""
+    from adallm_core import run_cli
+
+    parsed = []
+    monkeypatch.setattr(run_cli, "main", lambda args: parsed.append(args) or 0)
+    assert main(["run", "demo", "--temperature", "0", "--chat", *ENGINE_FLAGS, "Hello there"]) == 0
+    assert parsed[0].prompt == "Hello there" and parsed[0].chat and parsed[0].temperature == 0
+
+
 def test_interactive_chat_keeps_history_and_quits():
     rc, out = run_cli([tiny_model("qwen3"), "--chat", "--temperature", "0", "--max-tokens", "5", "--ignore-eos",
                        *ENGINE_FLAGS], stdin_text="Hi\nHow are you\n\\q\nnever read\n")
