@@ -58,7 +58,7 @@ def check_output(input_path: Path, output: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from adallm_core.llm import LLM
+    from adallm_core.llm import LLM, PromptError
 
     try:
         rows = read_prompts(args.input)
@@ -77,6 +77,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         prompts = [row_prompt(llm.llm_engine.tokenizer, args.input, n, row) for n, row in rows]
         outputs = llm.generate(prompts, line_params(params, len(prompts)), use_tqdm=True)
+    except PromptError as e:  # named by its line: the batch's index skips blank lines and counts from 0
+        print(f"error: {args.input}:{rows[e.index][0]}: {e.error}", file=sys.stderr)
+        return 2
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

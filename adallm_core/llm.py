@@ -14,6 +14,17 @@ from adallm_core.tokenizer import chat_template_options
 PromptType = Union[str, dict]  # "text" or {"prompt_token_ids": [...]} (or {"prompt": "text"}): engine.prompt_of
 
 
+class PromptError(ValueError):
+    """A prompt of the batch the engine refused; index: its place in the batch (a caller can name its own source)."""
+
+    def __init__(self, index: int, error: ValueError):
+        super().__init__(f"prompt {index}: {error}")
+        self.index, self.error = index, error
+
+    def __reduce__(self):  # pickles (and copies) with both arguments
+        return type(self), (self.index, self.error)
+
+
 class LLM:
     """An engine for offline batches: `LLM(model).generate(prompts, SamplingParams(...))`."""
 
@@ -80,7 +91,7 @@ class LLM:
             for rid in ids:
                 engine.abort_request(rid)
             if isinstance(e, ValueError):
-                raise ValueError(f"prompt {len(ids)}: {e}") from e
+                raise PromptError(len(ids), e) from e
             raise
         results: dict[str, RequestOutput] = {}
         wanted = set(ids)

@@ -110,6 +110,18 @@ def test_generate_bad_input_line_names_the_line(tmp_path, capsys):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+@pytest.mark.parametrize("line", ['{"prompt": 5}', '{"prompt_token_ids": "abc"}', '{"prompt": ""}'])
+def test_generate_names_the_line_of_a_prompt_the_engine_refuses(tmp_path, capsys, line):
+    """By its file line (here 3, after a blank line), not its 0-based place in the batch ('prompt 1')."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "ok"}\n\n' + line + "\n")
+    rc = main(["generate", tiny_model("qwen3"), "--input", str(inp), "--output", str(tmp_path / "o.jsonl"),
+               *ENGINE_FLAGS])
+    err = capsys.readouterr().err
+    assert rc == 2 and "in.jsonl:3: " in err and "prompt 1" not in err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_run_names_a_model_that_cannot_load(tmp_path, capsys):
     """A missing folder, or a folder that is no checkpoint: one line naming it and exit 1, no traceback."""
     rc, _ = run_cli([str(tmp_path / "no-such-model"), "x", *ENGINE_FLAGS])
