@@ -36,3 +36,6 @@ class RequestOutput:
     # with prompt_logprobs: each prompt token's rank under the model (1: the likeliest; the first None), vLLM's
     # Logprob.rank of the prompt's own tokens
     prompt_token_ranks: Optional[list[Optional[int]]] = None
+    # vLLM's field, which its offline LLM leaves None (no per-request stats unless log_stats): scripts that test it
+    # run unchanged
+    metrics: Optional[object] = None

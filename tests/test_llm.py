@@ -23,6 +23,7 @@ def test_generate_returns_outputs_in_input_order(llm):
     assert [o.prompt for o in outs] == PROMPTS
     tok = llm.get_tokenizer()  # Hugging Face's, as vLLM gives it
     assert all(o.outputs[0].text == tok.decode(o.outputs[0].token_ids, skip_special_tokens=True) for o in outs)
+    assert all(o.metrics is None for o in outs)  # vLLM's field, None in its offline LLM (no log_stats)
 
 
 
