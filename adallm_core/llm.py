@@ -7,7 +7,7 @@ from typing import Callable, Optional, Sequence, Union
 
 from adallm_core.config import EngineArgs
 from adallm_core.engine import LLMEngine, next_request_id
-from adallm_core.outputs import RequestOutput
+from adallm_core.outputs import Logprob, RequestOutput
 from adallm_core.sampling_params import RequestOutputKind, SamplingParams
 from adallm_core.tokenizer import chat_template_options
 
@@ -110,7 +110,44 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
-        return [results[r] for r in ids]
+        token_text = _token_texts(engine.tokenizer)
+        return [_with_logprob_objects(results[r], p, token_text) for r, p in zip(ids, params)]
+
+
+def _token_texts(tokenizer) -> Callable[[int], str]:
+    """token id -> its text (vLLM's decoded_token), each decoded once a batch: logprobs repeat the same tokens."""
+    texts: dict[int, str] = {}
+
+    def text(token: int) -> str:
+        if token not in texts:
+            texts[token] = tokenizer.decode([token], skip_special_tokens=False)
+        return texts[token]
+    return text
+
+
+def _with_logprob_objects(out: RequestOutput, params: SamplingParams, token_text) -> RequestOutput:
+    """The engine's {token: float} entries as vLLM's {token: Logprob}: a vLLM script reads entry[t].logprob."""
+    for c in out.outputs:
+        if c.logprobs is not None:
+            c.logprobs = [_logprob_entry(e, params.logprobs, None, token_text) for e in c.logprobs]
+    if out.prompt_logprobs is not None:
+        out.prompt_logprobs = [None if e is None else _logprob_entry(e, params.prompt_logprobs, rank, token_text)
+                               for e, rank in zip(out.prompt_logprobs, out.prompt_token_ranks)]
+    return out
+
+
+def _logprob_entry(entry: dict[int, float], num_top: int, own_rank: Optional[int], token_text
+                   ) -> dict[int, Logprob]:
+    """entry: the chosen token first, then the top num_top (the chosen one listed once). A top token's rank is 1 + the
+    entries likelier than it (every likelier token is in the top); so is the chosen token's when it is among them
+    (the entry then has no more than num_top tokens), else own_rank (the prompt's ranks; unknown for a sample)."""
+    values = list(entry.values())
+    chosen_in_top = len(entry) <= num_top
+    out = {}
+    for i, (token, lp) in enumerate(entry.items()):
+        rank = 1 + sum(v > lp for v in values) if i > 0 or chosen_in_top else own_rank
+        out[token] = Logprob(lp, rank, token_text(token))
+    return out
 
 
 def _progress(total: int, use_tqdm):

@@ -10,6 +10,23 @@ SampleLogprobs = list[dict[int, float]]
 PromptLogprobs = list[Optional[dict[int, float]]]
 
 
+class Logprob(float):
+    """vLLM's Logprob (logprob, rank, decoded_token), which LLM's outputs hold: still the float it replaces, so code
+    written for vLLM (entry[t].logprob) and for plain floats (math.exp(entry[t])) both read it."""
+
+    def __new__(cls, logprob: float, rank: Optional[int] = None, decoded_token: Optional[str] = None):
+        self = super().__new__(cls, logprob)
+        self.rank, self.decoded_token = rank, decoded_token  # rank: 1 for the likeliest token; None if unknown
+        return self
+
+    @property
+    def logprob(self) -> float:
+        return float(self)
+
+    def __repr__(self) -> str:
+        return f"Logprob(logprob={float(self)!r}, rank={self.rank!r}, decoded_token={self.decoded_token!r})"
+
+
 @dataclass
 class CompletionOutput:
     index: int

@@ -5,7 +5,7 @@ import pytest
 
 from adallm_core import LLM, SamplingParams
 from adallm_core.model_source import resolve_model_path
-from engine_fixtures import PROMPTS, greedy_tokens, make_engine, tiny_model
+from engine_fixtures import PROMPTS, greedy_tokens, make_engine, run_all, tiny_model
 from model_helpers import interrupted_on_call
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -89,6 +89,34 @@ def test_chat_names_messages_that_are_no_conversation(llm, messages, named):
     """Not an error from inside the template that blames chat_template_kwargs."""
     with pytest.raises(ValueError, match=f"chat: messages must be a conversation .*{named}"):
         llm.chat(messages, GREEDY, use_tqdm=False)
+
+
+def test_logprobs_are_vllms_logprob_objects_and_still_floats(llm):
+    """vLLM scripts read entry[token].logprob / .rank / .decoded_token (a float has no .logprob); the values are the
+    engine's, and code that treats them as floats still works."""
+    from adallm_core.outputs import Logprob
+
+    tok = llm.get_tokenizer()
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    out = llm.generate(PROMPTS[1], params, use_tqdm=False)[0]
+    raw = llm.llm_engine  # the same request through the engine: its floats
+    raw.add_request("raw-logprobs", PROMPTS[1], params)
+    ref = run_all(raw)["raw-logprobs"]
+    completion = out.outputs[0]
+    for token, entry, ref_entry in zip(completion.token_ids, completion.logprobs, ref.outputs[0].logprobs):
+        assert list(entry) == list(ref_entry) and all(isinstance(v, Logprob) for v in entry.values())
+        assert [v.logprob for v in entry.values()] == list(ref_entry.values()) == list(entry.values())
+        assert entry[token].rank == 1  # greedy: the likeliest
+        assert sorted(v.rank for v in entry.values()) == [1, 2, 3]
+        assert all(v.decoded_token == tok.decode([t]) for t, v in entry.items())
+    assert completion.cumulative_logprob == pytest.approx(sum(e[t] for t, e in zip(completion.token_ids,
+                                                                                    completion.logprobs)))
+    prompt = out.prompt_logprobs
+    assert prompt[0] is None and [e[t].rank for t, e in zip(out.prompt_token_ids[1:], prompt[1:])] == \
+        out.prompt_token_ranks[1:]
+    sampled = llm.generate(PROMPTS[1], SamplingParams(max_tokens=3, logprobs=0, seed=1), use_tqdm=False)[0]
+    for token, entry in zip(sampled.outputs[0].token_ids, sampled.outputs[0].logprobs):
+        assert list(entry) == [token] and entry[token].rank is None  # known only among the top ones
 
 
 def test_one_bad_prompt_rejects_the_batch_and_leaves_the_engine_clean(llm):
