@@ -350,7 +350,8 @@ class ChatMessage(Strict):
 
     def as_template_input(self) -> dict[str, Any]:
         content = self.content or ""
-        text = content if isinstance(content, str) else "".join(p.text for p in content)
+        # text parts joined by newlines, as vLLM (and LLM.chat) join them for templates that take a string
+        text = content if isinstance(content, str) else "\n".join(p.text for p in content)
         message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
         if self.tool_calls:
             message["tool_calls"] = [{"id": c.id, "type": "function", "function": {

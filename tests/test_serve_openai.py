@@ -289,6 +289,11 @@ def test_tokenize_and_detokenize_as_vllm(server, served_name, offline):
     chat = post("/tokenize", {"messages": CHAT}).json()  # model is optional, as in vLLM
     templated = hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
     assert chat["tokens"] == hf.encode(templated, add_special_tokens=False) and chat["token_strs"] is None
+    # text parts are joined by newlines, as vLLM and LLM.chat join them
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}]
+    joined = hf.apply_chat_template([{"role": "user", "content": "Hello\nthere"}], tokenize=False,
+                                    add_generation_prompt=True)
+    assert post("/tokenize", {"messages": parts}).json()["tokens"] == hf.encode(joined, add_special_tokens=False)
     # the same ids the engine sees: a completion over them counts as many prompt tokens
     usage = post("/v1/chat/completions", {"model": served_name, "messages": CHAT, "max_tokens": 1}).json()["usage"]
     assert usage["prompt_tokens"] == chat["count"]
