@@ -110,7 +110,7 @@ def test_workers_install_cuda_torch_the_project_and_the_model():
     assert any("torch.cuda.is_available()" in c for c in cmds)
     assert any('install -q -e "$HOME/adallm[serve]"' in c for c in cmds)
     assert config["file_mounts"]["~/adallm"] == "."
-    assert any("/models/" in c and "config.json" in c for c in cmds)
+    assert any(PROVISIONED_MODEL in c and "snapshot_download" in c for c in cmds)
     # Same Ray on every node as the one that validated this file.
     import ray
 
@@ -268,3 +268,17 @@ def test_head_holds_what_the_bulk_job_driver_checks(tmp_path):
     for name in _downloaded_files(command, sorted(p.name for p in source.iterdir() if p.is_file())):
         shutil.copy(source / name, head / name)
     check_model(EngineArgs(model=str(head)), chat=True)
+
+
+def test_model_downloads_are_skipped_only_once_finished():
+    """Each node's model download is skipped when a marker written after it succeeded exists. Keyed on config.json
+    (the first file a download writes), a download cut short or a head set up with the small files alone was never
+    completed by a later `ray up`."""
+    config = load()
+    commands = [c for key in ("head_setup_commands", "worker_setup_commands") for c in config[key]
+                if PROVISIONED_MODEL in c and "snapshot_download" in c]
+    assert len(commands) == 2, commands
+    for command in commands:
+        guarded = re.fullmatch(r"test -f (\S+) \|\| \((.+) && touch (\S+)\)", command)
+        assert guarded and guarded.group(1) == guarded.group(3), command
+        assert Path(guarded.group(1)).parent == Path(PROVISIONED_MODEL), command
