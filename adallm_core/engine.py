@@ -24,7 +24,7 @@ from adallm_core.overlap import DeviceTokens, TokenBuffers
 from adallm_core.prefill_graphs import token_buckets
 from adallm_core.runner import PromptScores, PromptScoring, SeqStep
 from adallm_core.sampler import Sampler, SamplingRow, logprob_entry
-from adallm_core.sampling_params import RequestOutputKind, SamplingParams
+from adallm_core.sampling_params import ContextLengthError, RequestOutputKind, SamplingParams
 from adallm_core.scheduler import Scheduler, SchedulerOutput
 from adallm_core.sequence import Request, Sequence, SequenceStatus
 from adallm_core.structured_output import GrammarCompiler
@@ -163,10 +163,8 @@ class LLMEngine:
         if outside:
             raise ValueError(f"logit_bias: token ids {outside[:5]} are outside the vocabulary [0, {self.vocab_size})")
         if len(ids) >= self.max_model_len:
-            # OpenAI's and vLLM's words: clients (LiteLLM, for one) read a context-window error from them
-            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens (max_model_len), "
-                             f"and the prompt has {len(ids)} tokens: it must leave room for at least one generated "
-                             "token")
+            raise ContextLengthError.of(self.max_model_len, f"and the prompt has {len(ids)} tokens: it must leave "
+                                        "room for at least one generated token")
         room = self.max_model_len - len(ids)
         max_tokens = min(params.max_tokens, room) if params.max_tokens is not None else room
         new_matcher = self.grammars.matcher_factory(params.structured_outputs) if params.structured_outputs else None

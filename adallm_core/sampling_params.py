@@ -12,6 +12,15 @@ MAX_LOGPROBS = 20  # OpenAI's bound on top logprobs; a whole-vocabulary row (vLL
 GREEDY_BELOW_TEMPERATURE = 1e-5  # vLLM's: smaller temperatures sample as temperature 0 (the argmax)
 
 
+class ContextLengthError(ValueError):
+    """A prompt (or prompt + max_tokens) past max_model_len. Its message opens with OpenAI's and vLLM's words, which
+    clients (LiteLLM, for one) read a context-window error from; the server adds OpenAI's code."""
+
+    @classmethod
+    def of(cls, max_model_len: int, detail: str) -> "ContextLengthError":
+        return cls(f"This model's maximum context length is {max_model_len} tokens (max_model_len), {detail}")
+
+
 class RequestOutputKind(Enum):
     CUMULATIVE = 0  # each output carries all text/tokens so far
     DELTA = 1  # each output carries only what is new since the last one

@@ -9,10 +9,10 @@ its engine requests, which frees their KV blocks at once.
 from __future__ import annotations
 
 import asyncio
-import re
 import collections
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, AsyncIterator, Optional, Union
 
@@ -21,7 +21,7 @@ from ray import serve
 
 from adallm_core.config import EngineArgs
 from adallm_core.outputs import RequestOutput
-from adallm_core.sampling_params import SamplingParams
+from adallm_core.sampling_params import ContextLengthError, SamplingParams
 from deployments.echo import Echo
 from deployments.reasoning import END_THINK, MESSAGE_START, THINK, ThinkSplitter
 from deployments.metrics import EngineMetrics
@@ -163,12 +163,9 @@ def _answer_params(params: SamplingParams, prompt_tail: Optional[str]) -> Sampli
     return dataclasses.replace(params, structured_outputs=dataclasses.replace(structure, start_after=END_THINK))
 
 
-CONTEXT_LENGTH = "This model's maximum context length is"  # the engine's words, as OpenAI's and vLLM's
-
-
-def _code_of(message: str) -> Optional[str]:
+def _code_of(error: Exception) -> Optional[str]:
     """OpenAI's code for a prompt (or prompt + max_tokens) past the context window, which clients match on."""
-    return "context_length_exceeded" if message.startswith(CONTEXT_LENGTH) else None
+    return "context_length_exceeded" if isinstance(error, ContextLengthError) else None
 
 
 def in_request_terms(message: str, structure_field: str) -> str:
@@ -227,7 +224,7 @@ class LLMServer:
             # of the replica and its health check (Serve restarts a replica whose check takes 30 s)
             prompts = await asyncio.to_thread(self._prompts, request)
         except ValueError as e:
-            yield RequestError(str(e), param=_param_named_in(str(e)), code=_code_of(str(e)))
+            yield RequestError(str(e), param=_param_named_in(str(e)), code=_code_of(e))
             return
         ids = [f"{request.request_id}-{i}" for i in range(len(prompts))]
         # with a reasoning parser, the prompt's last think tag says where a chat answer starts (read once)
@@ -254,7 +251,8 @@ class LLMServer:
             prompt_param = "messages" if request.messages is not None else "prompt"
             param = ("logit_bias" if message.startswith("logit_bias") else
                      request.structure_field if "structured_outputs" in message else prompt_param)
-            yield RequestError(in_request_terms(message, request.structure_field), param=param, code=_code_of(message))
+            yield RequestError(in_request_terms(message, request.structure_field), param=param,
+                               code=_code_of(refused[0]))
             return
         echo = self._echo(request, prompts) if request.echo else None
         thinking = collections.defaultdict(lambda: ThinkSplitter(tail)) if tail is not None else None  # per choice
@@ -316,9 +314,9 @@ class LLMServer:
             # A prompt of max_model_len tokens or more is the engine's error (it names the prompt); max_tokens
             # None means "up to the limit", which the engine applies.
             if max_tokens is not None and len(ids) < limit and len(ids) + max_tokens > limit:
-                raise ValueError(f"{CONTEXT_LENGTH} {limit} tokens (max_model_len), and the prompt has {len(ids)} "
-                                 f"tokens: {request.max_tokens_field}={max_tokens} is too large, at most "
-                                 f"{limit - len(ids)} tokens can be generated")
+                raise ContextLengthError.of(limit, f"and the prompt has {len(ids)} tokens: {request.max_tokens_field}="
+                                            f"{max_tokens} is too large, at most {limit - len(ids)} tokens can be "
+                                            "generated")
         return prompts
 
     def _echo(self, request: GenerateRequest, prompts: list[list[int]]) -> Echo:
