@@ -83,6 +83,10 @@ def _llm_replicas_running() -> bool:
     return any(state == "RUNNING" and count for state, count in deployment.replica_states.items())
 
 
+def _as_openai_error(error: RequestError) -> OpenAIError:
+    return OpenAIError(error.status, error.message, error.param, error.code)
+
+
 async def _next(outputs: DeploymentResponseGenerator):
     # Module helpers sit above the class: Serve pickles the class when it is decorated.
     try:
@@ -171,7 +175,7 @@ class OpenAiIngress:
         except REPLICA_LOST as e:
             raise replica_lost(e) from e
         if isinstance(result, RequestError):
-            raise OpenAIError(result.status, result.message, result.param, result.code)
+            raise _as_openai_error(result)
         return result
 
     def _check_model(self, model: str) -> None:
@@ -197,14 +201,14 @@ class OpenAiIngress:
             try:
                 first = await _next(outputs)
                 if isinstance(first, RequestError):
-                    raise OpenAIError(first.status, first.message, first.param, first.code)
+                    raise _as_openai_error(first)
                 if body.stream:  # from here on the client has bytes: no more retries
                     events = self._events(route, body, builder, first, outputs)
                     return StreamingResponse(events, media_type="text/event-stream")
                 deltas = first
                 while deltas is not None:
                     if isinstance(deltas, RequestError):
-                        raise OpenAIError(deltas.status, deltas.message, deltas.param, deltas.code)
+                        raise _as_openai_error(deltas)
                     builder.add(deltas)
                     deltas = await _next(outputs)
             except SERVE_REJECTIONS as e:  # the replicas' queues are full: answer at once
