@@ -5,6 +5,7 @@ Unknown keys are an error that names them.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -17,8 +18,10 @@ from adallm_core.config import EngineArgs
 from adallm_core.model_source import DEMO
 from deployments.ingress import OpenAiIngress
 from deployments.ray_tp import serve_placement_options
+from deployments.resources import engine_gpus, missing_accelerator_warning
 from deployments.llm_server import DEFAULT_STREAM_INTERVAL_S, USER_CONFIG_KEYS, BatchSize, LLMServer, Seconds
 
+logger = logging.getLogger(__name__)
 DEMO_MODEL_NAME = "adallm-tiny-demo"
 # Ray Serve's throughput-optimized mode, without its direct ingress (that drops the HTTP proxy and serves each
 # ingress replica on a port of its own): user code and the handle's router on the replica's main event loop (no
@@ -76,8 +79,10 @@ def split_args(args: dict[str, Any]) -> tuple[EngineArgs, ServeOptions]:
 
 def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
     engine, options = split_args(dict(args or {}))
-    num_gpus = options.num_gpus if options.num_gpus is not None else _default_num_gpus(engine.device,
-                                                                                     options.accelerator_type)
+    num_gpus = options.num_gpus if options.num_gpus is not None else engine_gpus(engine.device,
+                                                                                options.accelerator_type)
+    if num_gpus and (warning := missing_accelerator_warning(options.accelerator_type)):
+        logger.warning(warning)
     serve_env = {"runtime_env": {"env_vars": dict(SERVE_ENV)}} if options.throughput_optimized else {}
     actor_options: dict[str, Any] = {"num_cpus": 1, "num_gpus": num_gpus, **serve_env}
     if num_gpus and options.accelerator_type:
@@ -152,18 +157,3 @@ def served_name(model: Optional[str]) -> str:
         return DEMO_MODEL_NAME
     path = Path(model)
     return path.name if path.exists() else model  # a local folder's name, or the hub id as given
-
-
-def _default_num_gpus(device: str, accelerator_type: Optional[str]) -> float:
-    if device == "cpu":
-        return 0
-    # an accelerator type asks for a GPU node, which an autoscaling cluster may not have started yet
-    if device.startswith("cuda") or accelerator_type:
-        return 1
-    import ray
-
-    if ray.is_initialized():
-        return 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    import torch
-
-    return 1 if torch.cuda.is_available() else 0

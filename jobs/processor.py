@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import uuid
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -20,6 +21,8 @@ import pyarrow as pa
 
 from adallm_core.config import EngineArgs
 from jobs.rows import RowResult, RowSpec, output_table, prepare_rows
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -130,7 +133,7 @@ class Processor:
         # ray_remote_args is deprecated, so only a non-default value is passed.
         restarts = {"max_restarts": c.max_restarts, "max_task_retries": c.max_task_retries}
         restarts = {k: v for k, v in restarts.items() if v != -1}
-        num_gpus = self._num_gpus()
+        num_gpus = self.num_gpus()
         if num_gpus == 0:
             self._check_cpus(sizes[0])
         engine_args, tp_args = c.engine_args, {}
@@ -158,23 +161,16 @@ class Processor:
             **tp_args,
         )
 
-    def _num_gpus(self) -> float:
-        if self.config.num_gpus is not None:
-            return self.config.num_gpus
-        device = self.config.engine_args.device
-        if device == "cpu":
-            return 0.0
-        # as `adallm serve` does: an accelerator type (or a CUDA device) asks for GPU nodes, which an autoscaling
-        # cluster may not have started yet (cluster.yaml: every GPU type starts at 0 nodes)
-        if device.startswith("cuda") or self.config.accelerator_type:
-            return float(self.config.engine_args.tensor_parallel_size)
-        import ray
+    def num_gpus(self) -> float:
+        """GPUs a replica asks for: the configured count, else one a rank on a GPU (engine_gpus)."""
+        from deployments.resources import engine_gpus, missing_accelerator_warning
 
-        if not ray.is_initialized():
-            ray.init()
-        has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-        return float(self.config.engine_args.tensor_parallel_size) if has_gpus else 0.0
-
+        c = self.config
+        num_gpus = c.num_gpus if c.num_gpus is not None else engine_gpus(
+            c.engine_args.device, c.accelerator_type, c.engine_args.tensor_parallel_size)
+        if num_gpus and (warning := missing_accelerator_warning(c.accelerator_type)):
+            logger.warning(warning)
+        return num_gpus
 
     def _check_cpus(self, replicas: int) -> None:
         # On CPU the replicas hold whole CPUs for as long as the job runs; Ray Data's read and write tasks

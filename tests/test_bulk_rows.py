@@ -564,7 +564,7 @@ def test_replicas_ask_for_gpus_before_the_cluster_has_any(monkeypatch, engine, a
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("decided without asking the cluster"))
     config = ProcessorConfig(engine_args=EngineArgs(**engine), accelerator_type=accelerator_type)
-    assert Processor(config)._num_gpus() == expected
+    assert Processor(config).num_gpus() == expected
 
 
 @pytest.mark.parametrize("flag", ["--num-gpus", "--num-cpus"])
