@@ -100,6 +100,7 @@ class GrammarCompiler:
     @staticmethod
     def _compile(compiler, kind: str, value, any_whitespace: bool):
         if kind == "json":
+            _refuse_unenforced(value if isinstance(value, dict) else _json_or_none(value))
             schema = value if isinstance(value, str) else json.dumps(value)
             return compiler.compile_json_schema(schema, any_whitespace=any_whitespace)
         if kind == "json_object":
@@ -110,6 +111,68 @@ class GrammarCompiler:
             # are not: characters past U+FFFF stay as they are)
             return compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in value))
         return compiler.compile_grammar(value)
+
+
+# JSON schema keywords xgrammar takes but does not enforce: its grammar lets through JSON that breaks them. A schema
+# with one is refused by name (as vLLM's xgrammar backend refuses them), not followed loosely without a word.
+UNENFORCED_KEYWORDS = ("not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies",
+                       "contains", "minContains", "maxContains")
+# where a schema holds subschemas: maps of them, lists of them, or one
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
+_SUBSCHEMAS = ("items", "additionalProperties", "additionalItems", "unevaluatedProperties", "unevaluatedItems",
+               "propertyNames")
+
+
+def _refuse_unenforced(schema) -> None:
+    """A ValueError naming the first part of a JSON schema that xgrammar would not enforce, and where it is."""
+    stack = [("#", schema)]  # not recursive: a schema nested as deep as the JSON parser goes stays a 400
+    while stack:
+        path, node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        problem = _unenforced(node)
+        if problem is not None:
+            raise ValueError(f"{problem} (at {path}) is not enforced by the grammar engine (xgrammar): the output "
+                             "could break it")
+        for key in _SUBSCHEMA_MAPS:
+            if isinstance(node.get(key), dict):
+                stack += [(f"{path}/{key}/{name}", sub) for name, sub in node[key].items()]
+        for key in _SUBSCHEMA_LISTS:
+            if isinstance(node.get(key), list):
+                stack += [(f"{path}/{key}/{i}", sub) for i, sub in enumerate(node[key])]
+        stack += [(f"{path}/{key}", node[key]) for key in _SUBSCHEMAS if key in node]
+
+
+def _unenforced(node: dict) -> Optional[str]:
+    keyword = next((k for k in UNENFORCED_KEYWORDS if k in node), None)
+    if keyword is not None:
+        return f"'{keyword}'"
+    if node.get("uniqueItems") is True:
+        return "'uniqueItems'"
+    if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:  # one is followed; more are not merged
+        return "'allOf' with more than one schema"
+    ref = node.get("$ref")
+    if isinstance(ref, str) and not ref.startswith("#"):  # read as any JSON at all
+        return f"'$ref' to {ref!r} (only refs inside the schema, '#/...')"
+    types = node.get("type") if isinstance(node.get("type"), list) else [node.get("type")]
+    multiple = node.get("multipleOf")
+    whole = isinstance(multiple, (int, float)) and not isinstance(multiple, bool) and float(multiple).is_integer()
+    if multiple is not None and not (whole and "integer" in types and "number" not in types):
+        return "'multipleOf' (only a whole number, on integers)"
+    properties, required = node.get("properties"), node.get("required")
+    properties = properties if isinstance(properties, dict) else {}
+    missing = [n for n in required if isinstance(n, str) and n not in properties] if isinstance(required, list) else []
+    if missing:  # a property the grammar never writes: the object comes out without it
+        return f"'required' {missing[0]!r}, which 'properties' does not define,"
+    return None
+
+
+def _json_or_none(text):
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # xgrammar's own parse error is the one reported
+        return None
 
 
 # From this many constrained rows a step, their masks are filled on xgrammar's thread pool (a row inside a JSON

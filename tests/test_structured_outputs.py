@@ -218,3 +218,62 @@ def test_logprobs_are_over_the_tokens_the_grammar_allows():
         if len(allowed) <= 20:  # all of them in the top 20: their probabilities sum to 1
             assert math.isclose(sum(math.exp(lp) for lp in entry.values()), 1.0, rel_tol=1e-4), entry
         assert matcher.accept_token(token)
+
+
+AB = {"a": {"type": "integer"}, "b": {"type": "integer"}}
+# (schema, JSON that xgrammar's grammar for it lets through but the schema refuses, the part the refusal names)
+UNENFORCED = [
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1, 1]", "'uniqueItems' (at #)"),
+    ({"type": "object", "properties": {"n": {"type": "number", "multipleOf": 2}}, "required": ["n"]}, '{"n": 3}',
+     "'multipleOf' (only a whole number, on integers) (at #/properties/n)"),
+    ({"type": "integer", "multipleOf": 2.5}, "4", "'multipleOf'"),
+    ({"type": "object", "properties": AB, "not": {"required": ["a"]}}, '{"a": 1}', "'not' (at #)"),
+    ({"type": "object", "properties": AB, "if": {"required": ["a"]}, "then": {"required": ["b"]}}, '{"a": 1}',
+     "'if'"),
+    ({"type": "object", "properties": AB, "dependentRequired": {"a": ["b"]}}, '{"a": 1}', "'dependentRequired'"),
+    ({"type": "array", "items": {"type": "integer"}, "contains": {"const": 5}}, "[1]", "'contains'"),
+    ({"allOf": [{"type": "object", "properties": AB}, {"required": ["a"]}]}, '{"b": 1}',
+     "'allOf' with more than one schema (at #)"),
+    ({"type": "object", "properties": AB, "required": ["c"]}, '{"a": 1}',
+     "'required' 'c', which 'properties' does not define, (at #)"),
+    ({"type": "array", "items": {"anyOf": [{"type": "object", "required": ["x"]}]}}, "[{}]",
+     "'required' 'x', which 'properties' does not define, (at #/items/anyOf/0)"),
+]
+
+
+@pytest.mark.parametrize("schema, breaking, part", UNENFORCED)
+def test_a_schema_the_grammar_would_not_enforce_is_refused_by_name(schema, breaking, part):
+    """xgrammar compiles these schemas but ignores the part named: the output could be JSON the schema refuses (as
+    jsonschema checks it), returned as if it followed. The request is refused, naming that part, as vLLM's xgrammar
+    backend refuses such schemas."""
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string
+
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(json.loads(breaking), schema)
+    assert _is_grammar_accept_string(xgr.Grammar.from_json_schema(json.dumps(schema)), breaking)  # why it is refused
+    for value in (schema, json.dumps(schema)):  # a dict or its text
+        with pytest.raises(ValueError, match="invalid sampling parameter structured_outputs.json: ") as info:
+            _grammars().matcher_factory(StructuredOutputsParams(json=value))
+        assert part in str(info.value) and "is not enforced" in str(info.value)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"not": {"type": "string"}, "if": {"type": "integer"}}, "required": ["not"]},
+    {"type": "array", "items": {"type": "integer"}, "uniqueItems": False},
+    {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 2}}, "required": ["n"]},
+    {"allOf": [{"$ref": "#/$defs/P"}], "$defs": {"P": {"type": "integer"}}},
+    {"type": "array", "items": {"type": "object", "properties": {"x": {"type": "boolean"}}, "required": ["x"]}},
+])
+def test_schemas_the_grammar_enforces_are_taken(schema):
+    """Keywords' names used as property names, and the forms of these keywords xgrammar does follow."""
+    _grammars().matcher_factory(StructuredOutputsParams(json=schema))
+
+
+def _grammars():
+    from adallm_core.structured_output import GrammarCompiler
+    from adallm_core.testing import demo_model_path
+    from adallm_core.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(demo_model_path())
+    return GrammarCompiler(tokenizer, tokenizer.vocab_size, tokenizer.eos_token_ids)
