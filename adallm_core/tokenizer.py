@@ -83,7 +83,9 @@ class Tokenizer:
         except UnicodeDecodeError:
             return _BYTES_PREFIX + "".join(f"\\x{b:02x}" for b in raw)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+    # messages positional-only: a template keyword named "messages" (chat_template_kwargs) reaches the template's
+    # rendering, which refuses it as it refuses "conversation" (a ValueError), instead of colliding with this name
+    def apply_chat_template(self, messages: list[dict], /, add_generation_prompt: bool = True, **kwargs) -> str:
         if not self.hf.chat_template:
             raise ValueError(f"tokenizer at {self.path} has no chat template; use generate() with a plain prompt")
         try:
@@ -94,7 +96,7 @@ class Tokenizer:
         except TypeError as e:  # a template keyword argument that collides with apply_chat_template's own
             raise ValueError(f"the chat template's arguments (chat_template_kwargs): {e}") from e
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+    def encode_chat(self, messages: list[dict], /, add_generation_prompt: bool = True, **kwargs) -> list[int]:
         # The template already writes the special tokens (bos): don't add them twice.
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
 

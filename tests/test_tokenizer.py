@@ -5,7 +5,7 @@ import pytest
 from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from adallm_core.tokenizer import IncrementalDetokenizer, Tokenizer, bytes_of_token_text
+from adallm_core.tokenizer import IncrementalDetokenizer, Tokenizer, bytes_of_token_text, chat_template_options
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -188,3 +188,13 @@ def test_folder_without_tokenizer_files_is_a_clear_error(tok_dir, tmp_path, keep
         (tmp_path / name).write_bytes((tok_dir / name).read_bytes())
     with pytest.raises(ValueError, match=rf"{tmp_path}: no tokenizer files \(none of tokenizer\.json"):
         Tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["messages", "conversation"])
+def test_template_kwargs_naming_the_messages_are_a_value_error(tok, name):
+    """chat_template_kwargs {"messages": ...} collided with this wrapper's own parameter: a TypeError that the server
+    answered with a 500, where "conversation" (transformers' name) was already the 400 naming the field."""
+    messages = [{"role": "user", "content": "hello"}]
+    for render in (tok.apply_chat_template, tok.encode_chat):
+        with pytest.raises(ValueError, match=r"chat template's arguments \(chat_template_kwargs\)"):
+            render(messages, **chat_template_options(True, False, {name: []}))
