@@ -241,6 +241,16 @@ class FunctionDefinition(FunctionName):
     parameters: Optional[dict[str, Any]] = None  # a JSON schema of the arguments object
     strict: Optional[bool] = None  # a forced call always follows the schema
 
+    @field_validator("parameters")
+    @classmethod
+    def _an_object(cls, parameters):
+        # arguments are an object (OpenAI's rule; a call sent back with others is refused): a forced call following
+        # a schema of another type would answer with arguments no client can send back
+        if parameters is not None and parameters.get("type", "object") != "object":
+            raise ValueError(f"must be a JSON schema of type 'object' (the arguments object), got type "
+                             f"{parameters['type']!r}")
+        return parameters
+
 
 class Tool(Strict):
     type: Literal["function"]

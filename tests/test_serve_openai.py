@@ -659,7 +659,11 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": "M", "messages": CHAT + [{"role": "user", "content": "x", "tool_calls": []}]},
      400, "messages.2.tool_calls", "only an assistant message has tool_calls"),
     ("/tools/v1/chat/completions", {"model": "M", "messages": CHAT, "tools": [{"type": "function", "function": {
-        "name": "f", "parameters": {"type": "objekt"}}}], "tool_choice": "required"}, 400, "tools", "Unsupported type"),
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "objekt"}}}}}],
+        "tool_choice": "required"}, 400, "tools", "Unsupported type"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "string"}}}]}, 400, "tools.0.function.parameters",
+     "must be a JSON schema of type 'object'"),
     ("/v1/chat/completions", {"model": "M", "messages": CHAT, "top_logprobs": 99}, 400, "top_logprobs", "top_logprobs"),
     ("/v1/chat/completions", {"model": "M", "messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs",
      "top_logprobs can only be given with logprobs: true"),

@@ -251,3 +251,27 @@ def test_an_earlier_call_sent_back_without_arguments_takes_none(arguments):
                                                       {"role": "assistant", "content": None, "tool_calls": [call]},
                                                       {"role": "tool", "tool_call_id": "c", "content": "noon"}])
     assert body.messages[1].as_template_input()["tool_calls"][0]["function"]["arguments"] == {}
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", "required", {"type": "function", "function": {"name": "city"}}])
+def test_parameters_that_are_no_object_schema_are_refused(tool_choice):
+    """A function's arguments are a JSON object (OpenAI's rule, and this server's for calls sent back): parameters of
+    another type were taken, and a forced call then answered with arguments such as '"Paris"', which the client's
+    next request (messages.append(reply.message)) had refused as no object."""
+    from pydantic import ValidationError
+
+    from deployments.errors import describe_validation_error
+    from deployments.openai_api import ChatCompletionRequest, SentFunctionCall
+
+    with pytest.raises(ValidationError, match="arguments must be a JSON object"):
+        SentFunctionCall(name="city", arguments='"Paris"')
+    tools = [{"type": "function", "function": {"name": "city", "parameters": {"type": "string"}}}]
+    with pytest.raises(ValidationError) as e:
+        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=tools,
+                              tool_choice=tool_choice)
+    message, param = describe_validation_error(e.value.errors())
+    assert param == "tools.0.function.parameters" and "must be a JSON schema of type 'object'" in message, message
+    for parameters in ({"type": "object", "properties": {}}, {}, {"properties": {"a": {"type": "string"}}}):
+        tools[0]["function"]["parameters"] = parameters
+        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=tools,
+                              tool_choice=tool_choice)
