@@ -718,6 +718,11 @@ BAD_REQUESTS = [
      400, "chat_template_kwargs", "chat_template"),
     ("/tokenize", {"model": "M", "messages": CHAT, "chat_template_kwargs": {"chat_template": "{{ messages }}"}},
      400, "chat_template_kwargs", "chat_template"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "chat_template_kwargs": {"messages": []}},
+     400, "chat_template_kwargs", "got multiple values for keyword argument 'messages'"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "array", "uniqueItems": True}}}},
+     400, "response_format", "response_format: 'uniqueItems' (at #) is not enforced"),
     ("/v1/nothing-here", {}, 404, None, "Not Found"),
 ]
 
