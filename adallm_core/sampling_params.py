@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from enum import Enum
 from typing import Optional, Union
@@ -63,6 +64,12 @@ class SamplingParams:
         def is_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
+        def is_finite_number(value) -> bool:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                return False
+            # an int past float's range (10**400) is no float either: math.isfinite raises OverflowError on it
+            return math.isfinite(value) if isinstance(value, float) else abs(value) <= sys.float_info.max
+
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         for name, shape in (("stop", "a string or a list of strings"), ("stop_token_ids", "a list of integers")):
@@ -75,7 +82,7 @@ class SamplingParams:
             self.top_k = 0
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            if not is_finite_number(value):
                 raise bad(name, "must be a finite number")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):  # a string "false" would read as true

@@ -244,7 +244,8 @@ def test_a_tiny_positive_temperature_samples_the_argmax(engine):
                                 dict(output_kind="delta"), dict(logprobs=True), dict(logit_bias=[1]),
                                 dict(logit_bias={"a": 1.0}), dict(logit_bias={-1: 1.0}), dict(logit_bias={1: 101}),
                                 dict(logit_bias={1: math.nan}), dict(logit_bias={True: 1.0}),
-                                dict(include_stop_str_in_output=1), dict(logit_bias={1: 10**400})])
+                                dict(include_stop_str_in_output=1), dict(logit_bias={1: 10**400}),
+                                dict(temperature=10**400), dict(top_p=10**400), dict(repetition_penalty=10**400)])
 def test_bad_constructor_values_are_value_errors_naming_the_field(kw):
     with pytest.raises(ValueError, match=f"invalid sampling parameter {next(iter(kw))}="):
         SamplingParams(**kw)
