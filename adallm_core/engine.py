@@ -315,7 +315,8 @@ class LLMEngine:
         p = seq.params
         # a placeholder is a token generated before this one (async scheduling): it counts towards min_tokens
         if len(seq.output_token_ids) + seq.num_placeholders < p.min_tokens:  # too early to stop: no eos / stop ids
-            banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else self.eos_token_ids)
+            # eos too with ignore_eos (vLLM's: min_tokens bans every stop id, ignore_eos only keeps eos from stopping)
+            banned = tuple(p.stop_token_ids) + self.eos_token_ids
             return SamplingRow(p, seq.prompt_token_ids, seq.output_token_ids, seq.index, banned, seq.num_placeholders,
                                seq.active_grammar, seq.grammar_waits_for is not None)
         if seq.sampling_row is None:  # made once: it holds the sequence's live token lists

@@ -114,6 +114,17 @@ def test_stop_token_ids_and_min_tokens(engine):
     assert c.token_ids == tokens[: first + 1] and c.finish_reason == "stop" and c.stop_reason == stop_id
 
 
+def test_min_tokens_bans_eos_with_ignore_eos_too(engine):
+    """vLLM's min_tokens: "before EOS or stop_token_ids can be generated"; its ban covers the eos ids whether or not
+    ignore_eos is set (ignore_eos only keeps eos from stopping the request). eos is pushed up by logit_bias here."""
+    for eos in engine.eos_token_ids:
+        params = SamplingParams(temperature=0.0, max_tokens=5, min_tokens=3, ignore_eos=True, logit_bias={eos: 100})
+        engine.add_request("e", PROMPTS[0], params)
+        c = run_all(engine)["e"].outputs[0]
+        assert all(t not in engine.eos_token_ids for t in c.token_ids[:3]), c.token_ids
+        assert c.token_ids[3:] == [eos, eos] and c.finish_reason == "length"
+
+
 class ScriptedSampler:
     """Samples the given tokens in order (the engine's sampler stands in for a model that would write them)."""
 
