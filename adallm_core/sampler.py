@@ -157,7 +157,9 @@ class Sampler:
         if any(k < V for k in top_k) or any(p < 1.0 for p in top_p):
             sorted_x, order = x.sort(dim=-1, descending=True)
             rank = torch.arange(V, device=dev)[None, :]
-            drop = rank >= torch.tensor(top_k, device=dev)[:, None]
+            # below the k-th largest logit, not past rank k: tokens tied with the k-th stay (vLLM's, transformers')
+            kth = sorted_x.gather(1, torch.tensor(top_k, device=dev)[:, None] - 1)
+            drop = sorted_x < kth
             sorted_x = sorted_x.masked_fill(drop, float("-inf"))
             probs_sorted = sorted_x.softmax(dim=-1)
             # keep the smallest head whose mass reaches top_p, and the first token always: a top_p under float32's

@@ -155,6 +155,33 @@ def test_seeded_row_is_the_exponential_race_of_its_own_generator():
     assert got[2] == int(logits[2].argmax())
 
 
+@pytest.mark.parametrize("logits,top_k,top_p", [
+    ([2.0, 1.0, 1.0, 0.5, 1.0, 0.0], 2, 1.0),  # three tokens tie for 2nd place: all three stay
+    ([3.0, 3.0, 1.0, 0.0], 1, 1.0),  # top_k=1 with a tie at the top samples both
+    ([3.0, 1.0, 1.0, 0.0, -1.0], 2, 0.9),  # then top_p over what top_k kept (0.787 + 0.107 < 0.9: all three)
+])
+def test_top_k_keeps_every_token_tied_with_the_kth_as_transformers_and_vllm(logits, top_k, top_p):
+    """Reference: transformers' TopKLogitsWarper then TopPLogitsWarper (vLLM's order and rule: a token is dropped
+    when its logit is below the k-th largest, so ties with it stay), sampled by the seeded row's exponential race."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from adallm_core.sampler import step_seed
+
+    x = torch.tensor([logits])
+    warped = TopPLogitsWarper(top_p)(None, TopKLogitsWarper(top_k)(None, x.clone())) if top_p < 1 else \
+        TopKLogitsWarper(top_k)(None, x.clone())
+    probs = torch.softmax(warped[0], -1)
+    sampler = Sampler()
+    got, want = [], []
+    for seed in range(300):
+        row = SamplingRow(SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, seed=seed), [1], [])
+        got.append(sampler(x, [row]).token_ids[0])
+        q = torch.empty(len(logits)).exponential_(generator=torch.Generator().manual_seed(step_seed(seed, 0, 0)))
+        want.append(int((probs / q).argmax()))
+    assert got == want
+    assert set(want) == set(torch.nonzero(probs).flatten().tolist())  # every kept token was drawn
+
+
 @pytest.mark.parametrize("kw", [dict(temperature=0.0), dict(temperature=0.0, repetition_penalty=1.5),
                                 dict(temperature=1.0, top_p=0.5, presence_penalty=0.5), dict(temperature=1.0, logprobs=2)])
 def test_sampler_leaves_the_callers_logits_untouched(kw):
