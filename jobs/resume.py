@@ -89,7 +89,7 @@ def read_footers(fs: pafs.FileSystem, files: list[str], where: str) -> tuple[pa.
     type differs between files (beyond widening, e.g. int32 and int64) is an error naming both files."""
     schema, rows, origin = pa.schema([]), 0, {}
     for path in files:
-        meta = pq.read_metadata(path, filesystem=fs)
+        meta = _footer(fs, path, where)
         rows += meta.num_rows
         file_schema = meta.schema.to_arrow_schema()
         try:
@@ -103,6 +103,15 @@ def read_footers(fs: pafs.FileSystem, files: list[str], where: str) -> tuple[pa.
                        if f.name not in origin or unified.field(f.name).type != schema.field(f.name).type})
         schema = unified
     return schema, rows
+
+
+def _footer(fs: pafs.FileSystem, path: str, where: str) -> pq.FileMetaData:
+    """A file's Parquet footer. Arrow's error for a file that is no Parquet (a copy cut short, another format) does
+    not say which file it read: in a folder of many, that is what the user needs."""
+    try:
+        return pq.read_metadata(path, filesystem=fs)
+    except pa.ArrowInvalid as e:
+        raise ValueError(f"{where}: {path} is not a readable Parquet file ({e})") from None
 
 
 def _widens(a: pa.Schema, b: pa.Schema, name: str) -> bool:

@@ -366,6 +366,19 @@ def test_bad_job_arguments_fail_before_any_engine_work(tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # nothing was started, nothing written
 
 
+def test_a_file_that_is_no_parquet_is_named(tmp_path, capsys):
+    """A folder of many files with one that is not Parquet (a copy cut short, a CSV named .parquet): the error was
+    Arrow's 'Parquet magic bytes not found in footer' alone, leaving the user to find which of the files it meant."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(pa.table({"prompt": ["a"]}), folder / "a.parquet")
+    (folder / "b.parquet").write_text("prompt\nhi\n")
+    err = _fail(["--input", str(folder), "--output", str(tmp_path / "out")], capsys)
+    assert f"--input {folder}: {folder / 'b.parquet'} is not a readable Parquet file" in err
+    assert "magic bytes" in err  # Arrow's reason still comes along
+    assert not (tmp_path / "out").exists()
+
+
 def test_id_column_must_be_unique_and_non_null_checked_before_any_work(tmp_path, capsys):
     """Resume and exactly-once match rows by id: repeated or null ids stop the job at planning time."""
     folder = tmp_path / "in"
