@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from adallm_core.config import EngineArgs
-from jobs.processor import ProcessorConfig, build_processor
+from jobs.processor import ClusterTooSmall, ProcessorConfig, build_processor
 from jobs.rows import RowSpec, check_schema
 from jobs.summary import JobSummary
 
@@ -219,6 +219,8 @@ def execute(plan: JobPlan):
     start = time.perf_counter()
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS / a running cluster, else a local one started on the spot
+    processor = build_processor(plan.processor)
+    processor.check_cluster()  # before the output folder is touched: a cluster too small is an argument error
     plan.output_fs.create_dir(plan.output_root, recursive=True)
     resume.remove_temp_files(plan.output_fs, plan.output_root)
     if plan.record is not None:
@@ -231,7 +233,7 @@ def execute(plan: JobPlan):
         ds = ds.map_batches(
             resume.drop_written, batch_format="pyarrow", fn_kwargs={"id_column": plan.id_column, "written": written}
         )
-    ds = build_processor(plan.processor)(ds)
+    ds = processor(ds)
     sink = resume.AtomicParquetDatasink(plan.output_fs, plan.output_root, plan.id_column)
     ds.write_datasink(sink)
     duplicates = resume.remove_duplicates(plan.output_fs, plan.output_root, plan.id_column)
@@ -254,7 +256,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         plan = plan_job(args)
     except ValueError as e:  # a bad argument, found before any engine work (see plan_job, Processor)
         parser.exit(2, f"{parser.prog}: error: {e}\n")
-    summary = run(plan)  # an error from here on is the run's, not an argument's: it keeps its traceback
+    try:
+        summary = run(plan)  # any other error from here on is the run's, not an argument's: it keeps its traceback
+    except ClusterTooSmall as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(summary.line(), flush=True)
     return 0
 

@@ -53,6 +53,10 @@ class ProcessorConfig:
             raise ValueError(f"concurrency must be N >= 1 or (min, max) with 1 <= min <= max, got {self.concurrency}")
 
 
+class ClusterTooSmall(ValueError):
+    """The replicas asked for cannot run on this Ray cluster: a bad job argument, found only once Ray is up."""
+
+
 class EngineActor:
     """One engine per replica. Ray Data calls it with a pyarrow batch and runs up to
     max_concurrent_batches calls at once on the actor's event loop."""
@@ -120,6 +124,7 @@ class Processor:
 
     def __init__(self, config: ProcessorConfig):
         self.config = config
+        self._cluster_gpus: Optional[float] = None  # check_cluster's answer
 
     def __call__(self, ds):
         import ray
@@ -133,9 +138,7 @@ class Processor:
         # ray_remote_args is deprecated, so only a non-default value is passed.
         restarts = {"max_restarts": c.max_restarts, "max_task_retries": c.max_task_retries}
         restarts = {k: v for k, v in restarts.items() if v != -1}
-        num_gpus = self.num_gpus()
-        if num_gpus == 0:
-            self._check_cpus(sizes[0])
+        num_gpus = self.check_cluster()
         engine_args, tp_args = c.engine_args, {}
         if engine_args.tensor_parallel_size > 1 and num_gpus:
             # One STRICT_PACK placement group per replica: the engine actor takes bundle 0 (one GPU), and its
@@ -161,16 +164,29 @@ class Processor:
             **tp_args,
         )
 
+    def check_cluster(self) -> float:
+        """GPUs per replica, checked against the cluster once: CPU replicas must all fit beside Ray Data's own
+        tasks (else ClusterTooSmall), and an accelerator type no node has is warned about."""
+        from deployments.resources import missing_accelerator_warning
+
+        if self._cluster_gpus is None:
+            c = self.config
+            num_gpus = self.num_gpus()
+            if num_gpus == 0:
+                self._check_cpus(c.concurrency[0] if isinstance(c.concurrency, tuple) else c.concurrency)
+            elif warning := missing_accelerator_warning(c.accelerator_type):
+                logger.warning(warning)
+            self._cluster_gpus = num_gpus
+        return self._cluster_gpus
+
     def num_gpus(self) -> float:
         """GPUs a replica asks for: the configured count, else one a rank on a GPU (engine_gpus)."""
-        from deployments.resources import engine_gpus, missing_accelerator_warning
+        from deployments.resources import engine_gpus
 
         c = self.config
-        num_gpus = c.num_gpus if c.num_gpus is not None else engine_gpus(
-            c.engine_args.device, c.accelerator_type, c.engine_args.tensor_parallel_size)
-        if num_gpus and (warning := missing_accelerator_warning(c.accelerator_type)):
-            logger.warning(warning)
-        return num_gpus
+        if c.num_gpus is not None:
+            return c.num_gpus
+        return engine_gpus(c.engine_args.device, c.accelerator_type, c.engine_args.tensor_parallel_size)
 
     def _check_cpus(self, replicas: int) -> None:
         # On CPU the replicas hold whole CPUs for as long as the job runs; Ray Data's read and write tasks
@@ -180,7 +196,7 @@ class Processor:
         cpus = ray.cluster_resources().get("CPU", 0)
         needed = replicas * self.config.num_cpus + 1
         if needed > cpus:
-            raise ValueError(
+            raise ClusterTooSmall(
                 f"{replicas} CPU engine replica(s) x {self.config.num_cpus} CPU + 1 CPU for reading and writing "
                 f"need {needed:g} CPUs; the Ray cluster has {cpus:g}. Lower concurrency or num_cpus, "
                 f"or start Ray with more (ray start --num-cpus N)"

@@ -16,7 +16,7 @@ from jobs.processor import Processor, ProcessorConfig
 @pytest.fixture(scope="module")
 def ray_with_an_l4_node():
     # the local node labelled as Ray labels an L4 machine
-    ray.init(num_cpus=1, resources={"accelerator_type:L4": 1}, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, resources={"accelerator_type:L4": 1}, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -42,12 +42,13 @@ def test_serve_app_and_bulk_job_warn_about_a_misspelt_type(ray_with_an_l4_node, 
     assert [r.name for r in caplog.records if "'l4'" in r.getMessage()] == ["deployments.app"]
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        assert Processor(ProcessorConfig(engine_args=EngineArgs(), accelerator_type="L40")).num_gpus() == 1.0
-        assert Processor(ProcessorConfig(engine_args=EngineArgs(), accelerator_type="L4")).num_gpus() == 1.0
+        misspelt = Processor(ProcessorConfig(engine_args=EngineArgs(), accelerator_type="L40"))
+        assert misspelt.check_cluster() == 1.0 and misspelt.check_cluster() == 1.0  # the job checks, then runs
+        assert Processor(ProcessorConfig(engine_args=EngineArgs(), accelerator_type="L4")).check_cluster() == 1.0
     assert [r.name for r in caplog.records if "accelerator type" in r.getMessage()] == ["jobs.processor"]
 
 
 def test_cpu_replicas_are_not_warned_about_their_accelerator_type(ray_with_an_l4_node, caplog):
     with caplog.at_level(logging.WARNING):
-        Processor(ProcessorConfig(engine_args=EngineArgs(device="cpu"), accelerator_type="L40")).num_gpus()
+        Processor(ProcessorConfig(engine_args=EngineArgs(device="cpu"), accelerator_type="L40")).check_cluster()
     assert not caplog.records

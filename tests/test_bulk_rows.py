@@ -415,6 +415,22 @@ def test_an_input_row_hash_column_given_as_id_column_is_kept(tmp_path):
     assert sorted(r["row_hash"] for r in rows) == ["doc-1", "doc-2"]
 
 
+def test_too_few_cpus_for_the_replicas_is_an_argument_error(tmp_path, capsys):
+    """--concurrency beyond a CPU-only cluster: the job stopped with a ValueError traceback (exit 1) after it had made
+    the output folder and written _job.json there; it is an argument error like the others, found once Ray is up."""
+    import ray
+
+    data = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": ["hi"]}), data)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        err = _fail(["--input", str(data), "--output", str(tmp_path / "out"), "--device", "cpu"], capsys)
+    finally:
+        ray.shutdown()
+    assert "1 CPU engine replica(s) x 1.0 CPU + 1 CPU for reading and writing need 2 CPUs; the Ray cluster has 1" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_resume_with_other_input_or_arguments_is_refused(tmp_path):
     """Rows already in --output are skipped as done: a rerun with other sampling values, another prompt column or a
     rewritten input would silently mix their outputs with the earlier run's (seen: max_tokens 2 and 6 in one folder)."""
