@@ -82,7 +82,7 @@ def check_schema(schema: pa.Schema, spec: RowSpec, where: str) -> None:
     names = set(schema.names)
     for column, flag, is_ok, holds in (
         (spec.prompt_column, "--prompt-column", _is_string, "strings"),
-        (spec.messages_column, "--messages-column", _is_list, "lists of {role, content}"),
+        (spec.messages_column, "--messages-column", _is_messages, "lists of {role, content}"),
     ):
         if column is None:
             continue
@@ -165,6 +165,17 @@ def _is_string(kind: pa.DataType) -> bool:
 
 def _is_list(kind: pa.DataType) -> bool:  # large lists: what Polars writes
     return pa.types.is_list(kind) or pa.types.is_large_list(kind)
+
+
+def _is_messages(kind: pa.DataType) -> bool:
+    """Lists of structs with string role and content (other fields, e.g. name, go to the template too): any other
+    type (lists of strings, of maps, of other structs) would fail every row alike, once the engines had started."""
+    if not _is_list(kind) or pa.types.is_null(kind.value_type):  # all lists empty: each row's own error
+        return _is_list(kind)
+    item = kind.value_type
+    if not pa.types.is_struct(item) or item.get_field_index("role") < 0 or item.get_field_index("content") < 0:
+        return False
+    return all(_is_string(t) or pa.types.is_null(t) for t in (item.field("role").type, item.field("content").type))
 
 
 def _params(defaults: dict, row: dict) -> SamplingParams:

@@ -97,6 +97,14 @@ def test_scored_prompts_add_a_prompt_logprobs_column():
         (pa.schema([("prompt", pa.string()), ("temperature", pa.string())]), RowSpec(), "'temperature'"),
         (pa.schema([("prompt", pa.string()), ("structured_outputs", pa.int64())]), RowSpec(), "'structured_outputs'"),
         (pa.schema([("prompt", pa.string()), ("error", pa.string())]), RowSpec(), "output column(s) ['error']"),
+        # messages that no row could render: each row failed alone, once the engines had started
+        (pa.schema([("chat", pa.list_(pa.string()))]), RowSpec(prompt_column=None, messages_column="chat"),
+         "column 'chat' (--messages-column) must hold lists of {role, content}, it holds list<item: string>"),
+        (pa.schema([("chat", pa.list_(pa.struct([("role", pa.string()), ("text", pa.string())])))]),
+         RowSpec(prompt_column=None, messages_column="chat"),
+         "it holds list<item: struct<role: string, text: string>>"),
+        (pa.schema([("chat", pa.list_(pa.map_(pa.string(), pa.string())))]),
+         RowSpec(prompt_column=None, messages_column="chat"), "must hold lists of {role, content}"),
     ],
 )
 def test_schema_errors(schema, spec, message):
