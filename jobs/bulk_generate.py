@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     job.add_argument("--concurrency", type=_concurrency, default=1, help="engine replicas: N or MIN,MAX")
     job.add_argument("--max-concurrent-batches", type=int, default=4, help="batches in flight per replica")
     job.add_argument("--num-gpus", type=float, default=None,
-                     help="GPUs per replica (default: 1 with --accelerator-type or when the cluster has GPUs)")
+                     help="GPUs per replica (default: 1 with --accelerator-type or --device cuda, or when the "
+                          "cluster has GPUs; else 0, also with --device cpu)")
     job.add_argument("--num-cpus", type=float, default=1.0,
                      help="CPUs per replica (on CPU-only nodes also its torch threads)")
     job.add_argument("--accelerator-type", default=None, help="Ray accelerator type to place replicas on, e.g. L4")

@@ -612,3 +612,22 @@ def test_negative_replica_resources_fail_before_ray_starts(tmp_path, capsys, mon
     monkeypatch.setattr(bulk_generate, "run", lambda plan: pytest.fail("the job ran"))
     err = _fail(["--input", str(data), "--output", str(tmp_path / "out"), flag, "-1"], capsys)
     assert f"{flag[2:].replace('-', '_')} must be >= 0, got -1.0" in err
+
+
+def test_num_gpus_help_says_what_the_replicas_ask_for():
+    # --device cpu asks for no GPU even with --accelerator-type or on a GPU cluster, --device cuda for one on any
+    # cluster: the help named only --accelerator-type and the cluster's GPUs
+    import ray
+
+    from jobs.processor import Processor
+
+    parser = argparse.ArgumentParser()
+    bulk_generate.add_arguments(parser)
+    (action,) = [a for a in parser._actions if "--num-gpus" in a.option_strings]
+    assert "--device cuda" in action.help and "--device cpu" in action.help
+    for flags, gpus in [(["--accelerator-type", "L4"], 1), (["--device", "cuda"], 1),
+                        (["--device", "cpu", "--accelerator-type", "L4"], 0)]:
+        args = parser.parse_args(["--input", "x", "--output", "y", *flags])
+        config = bulk_generate.ProcessorConfig(engine_args=bulk_generate.EngineArgs.from_cli_args(args),
+                                               accelerator_type=args.accelerator_type)
+        assert not ray.is_initialized() and Processor(config).num_gpus() == gpus, flags
