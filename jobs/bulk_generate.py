@@ -20,7 +20,7 @@ from typing import Optional
 from adallm_core.config import EngineArgs
 from jobs.processor import ClusterTooSmall, ProcessorConfig, build_processor
 from jobs.rows import RowSpec, check_schema
-from jobs.summary import JobSummary
+from jobs.summary import STAT_KEYS, JobSummary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -212,7 +212,9 @@ def read_input(plan: JobPlan):
 
 
 def execute(plan: JobPlan):
-    """Run the job; returns its summary and the executed ray.data.Dataset (whose .stats() Ray Data filled)."""
+    """Run the job; returns its summary and the executed ray.data.Dataset (whose .stats() Ray Data filled), None
+    when every row was written already."""
+    import pyarrow.compute as pc
     import ray
 
     from jobs import resume
@@ -227,6 +229,11 @@ def execute(plan: JobPlan):
     if plan.record is not None:
         resume.write_job_record(plan.output_fs, plan.output_root, plan.record)
     written = resume.written_ids(plan.output_fs, plan.output_root, plan.id_column)
+    if written is not None and pc.count_distinct(written).as_py() >= plan.input_rows:
+        # every row is written already (the job record says the input is the same): no engine starts, which on a
+        # cluster would launch GPU nodes to write nothing
+        print("bulk_generate: every input row is in --output already; no engine started", file=sys.stderr, flush=True)
+        return _finish(plan, dict.fromkeys(STAT_KEYS, 0), start), None
 
     ds = read_input(plan)
     if written is not None:
@@ -237,16 +244,22 @@ def execute(plan: JobPlan):
     ds = processor(ds)
     sink = resume.AtomicParquetDatasink(plan.output_fs, plan.output_root, plan.id_column)
     ds.write_datasink(sink)
+    return _finish(plan, sink.stats, start), ds
+
+
+def _finish(plan: JobPlan, stats: dict, start: float) -> JobSummary:
+    """Remove rows written twice, then write and return the summary of a run that wrote stats["rows"]."""
+    from jobs import resume
+
     duplicates = resume.remove_duplicates(plan.output_fs, plan.output_root, plan.id_column)
     if duplicates:
         print(f"bulk_generate: removed {duplicates} duplicate row(s): an earlier run's last writes landed after this "
               "run had listed the output folder", file=sys.stderr, flush=True)
-
     # every input row is either one this run wrote or one an earlier run had (exactly once)
-    summary = JobSummary(**sink.stats, wall_time_s=time.perf_counter() - start,
-                         rows_skipped=plan.input_rows - sink.stats["rows"], duplicates_removed=duplicates)
+    summary = JobSummary(**stats, wall_time_s=time.perf_counter() - start,
+                         rows_skipped=plan.input_rows - stats["rows"], duplicates_removed=duplicates)
     resume.write_whole(plan.output_fs, plan.output_root, resume.SUMMARY_NAME, summary.to_json())
-    return summary, ds
+    return summary
 
 
 def main(argv: Optional[list[str]] = None) -> int:

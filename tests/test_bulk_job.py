@@ -257,6 +257,17 @@ def test_driver_killed_then_restarted_skips_written_rows(ray_head, input_file, r
     assert f"{written} already written" in stdout
     _check_output(out, reference)
 
+    # Once every row is written, a rerun starts no engine (on a cluster it launched GPU nodes to write nothing):
+    # asking for a GPU this CPU head lacks, an engine would wait forever.
+    third = _driver(ray_head, args + ["--num-gpus", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = third.communicate(timeout=120)
+    finally:
+        third.kill()
+    assert third.returncode == 0, stderr[-3000:]
+    assert f"bulk_generate: 0 rows (0 failed, {ROWS} already written)" in stdout and "no engine started" in stderr
+    _check_output(out, reference)
+
 
 PROCESSOR_DRIVER = """
 import sys, ray
