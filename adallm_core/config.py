@@ -22,7 +22,7 @@ class EngineArgs:
 
     model: Optional[str] = None
     tokenizer: Optional[str] = None
-    max_model_len: Optional[int] = None  # None: the model's max_position_embeddings, capped at 8192
+    max_model_len: Optional[int] = None  # None: the model's context length (with its RoPE scaling), capped at 8192
     max_num_seqs: int = 64
     max_num_batched_tokens: Optional[int] = None  # None: max(2048, max_model_len) capped at 8192, >= max_num_seqs
     gpu_memory_utilization: float = 0.90

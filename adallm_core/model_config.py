@@ -11,6 +11,8 @@ from adallm_core.checkpoint.files import generation_eos_ids
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
+# RoPE types whose max_position_embeddings already counts their scaling (vLLM's list)
+ROPE_TYPES_SCALED_IN_CONFIG = ("su", "longrope", "llama3")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,23 @@ class ModelConfig:
             if layers:
                 groups.append(KVGroup(self.sliding_window if kind == SLIDING else None, layers))
         return groups
+
+    @property
+    def max_context_len(self) -> int:
+        """The longest context the model takes, as vLLM derives it: max_position_embeddings times the RoPE scaling
+        factor (yarn: original_max_position_embeddings times it), so Qwen3 with its documented yarn factor 4 takes
+        131072 tokens. Gemma3's max_position_embeddings already counts its linear scaling."""
+        if "gemma3" in self.model_type:
+            return self.max_position_embeddings
+        length, factor = self.max_position_embeddings, 1.0
+        for params in self.rope_parameters.values():
+            rope_type = params.get("rope_type", "default")
+            if rope_type in ROPE_TYPES_SCALED_IN_CONFIG:
+                continue
+            factor = params.get("factor") or factor
+            if rope_type == "yarn":
+                length = params.get("original_max_position_embeddings") or length
+        return int(length * factor)
 
     def rope_inv_freq(self, layer_type: str) -> tuple[torch.Tensor, float]:
         """(inv_freq [head_dim/2] float32, attention_factor) for a layer type, as transformers computes them."""

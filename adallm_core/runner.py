@@ -305,11 +305,10 @@ class ModelRunner:
 
 def _resolve_max_model_len(requested, cfg: ModelConfig) -> int:
     if requested is None:
-        return min(cfg.max_position_embeddings, MAX_MODEL_LEN_DEFAULT_CAP)
-    if requested > cfg.max_position_embeddings:
-        raise ValueError(
-            f"max_model_len {requested} exceeds the model's max_position_embeddings {cfg.max_position_embeddings}"
-        )
+        return min(cfg.max_context_len, MAX_MODEL_LEN_DEFAULT_CAP)
+    if requested > cfg.max_context_len:
+        raise ValueError(f"max_model_len {requested} exceeds the model's context length {cfg.max_context_len} "
+                         f"(max_position_embeddings {cfg.max_position_embeddings} and its RoPE scaling)")
     return requested
 
 

@@ -96,3 +96,21 @@ def test_bad_generation_config_is_named(tmp_path, text, match):
     hf = Qwen3Config(num_hidden_layers=1, architectures=["Qwen3ForCausalLM"], **SMALL)
     with pytest.raises(ValueError, match=match):
         ModelConfig.from_hf_config(hf, tmp_path)
+
+
+@pytest.mark.parametrize("config_class,arch,rope,expected", [
+    # Qwen3's documented long-context setting: yarn, factor 4 over the 32768 it was trained on
+    (Qwen3Config, "Qwen3ForCausalLM", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
+     131072),
+    (Qwen3Config, "Qwen3ForCausalLM", {"rope_type": "linear", "factor": 2.0}, 81920),
+    (Qwen3Config, "Qwen3ForCausalLM", None, 40960),
+    (Qwen3Config, "Qwen3ForCausalLM", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, 40960),
+    # Gemma3's max_position_embeddings (128K) already counts its global layers' linear factor 8
+    (Gemma3TextConfig, "Gemma3ForCausalLM", {"rope_type": "linear", "factor": 8.0}, 40960),
+])
+def test_context_length_counts_rope_scaling_as_vllm_derives_it(config_class, arch, rope, expected):
+    """vLLM's derived max_model_len (_get_and_verify_max_len): a longer max_model_len is refused, up to it taken."""
+    hf = config_class(num_hidden_layers=1, max_position_embeddings=40960, rope_scaling=rope, architectures=[arch],
+                      **SMALL)
+    assert ModelConfig.from_hf_config(hf).max_context_len == expected

@@ -10,6 +10,10 @@ every decode step, and 32-token greedy continuations of 8 prompts. Prompts are l
      largest logit (37% for Qwen3-MoE, whose top-k routing flips); that is the format, not this code. The looser
      bound FP8_VS_EXACT_REL checks that much.
 """
+import dataclasses
+import json
+import shutil
+
 import pytest
 import torch
 from model_helpers import Blocks, hf_greedy, hf_last_logits, hf_on_dequantized, tiny_checkpoint
@@ -106,3 +110,29 @@ def test_greedy_32_tokens_match_transformers(model_pair):
         lens = [len(s) + len(g) for s, g in zip(seqs, got)]
         steps = [SeqStep([g[-1]], n - 1, blocks.tables_for(i, n)) for i, (g, n) in enumerate(zip(got, lens))]
     assert got == expected
+
+
+def test_yarn_context_past_max_position_embeddings_matches_transformers(tmp_path):
+    """Qwen3's long-context recipe: yarn with factor 4 over original_max_position_embeddings. vLLM takes a
+    max_model_len up to original x factor (here 128, past max_position_embeddings 40), and positions past 40 give
+    transformers' logits. BF16 linears: this is about the positions, not the format."""
+    path = tmp_path / "qwen3-yarn"
+    shutil.copytree(tiny_checkpoint("qwen3", None), path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(max_position_embeddings=40, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 1e6})
+    (path / "config.json").write_text(json.dumps(config))
+    args = EngineArgs(model=str(path), dtype="float32", kv_cache_dtype="bf16", block_size=BLOCK_SIZE,
+                      max_model_len=128)
+    runner = ModelRunner(args, Checkpoint(path), "cpu")
+    runner.allocate_kv_cache([32] * len(runner.kv_groups))
+    seq = prompts(runner.model_config.vocab_size, (100,))[0]
+    ours = runner.execute([SeqStep(seq, 0, Blocks(BLOCK_SIZE, len(runner.kv_groups)).tables_for(0, len(seq)))])[0]
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    ref = hf_last_logits(hf, seq)
+    assert ref.abs().max() > 0.5
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="max_model_len 129 exceeds the model's context length 128"):
+        ModelRunner(dataclasses.replace(args, max_model_len=129), Checkpoint(path), "cpu")
