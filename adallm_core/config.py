@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Optional
 
@@ -10,6 +12,7 @@ KV_CACHE_DTYPES = ("fp8", "bf16")
 DTYPES = ("bfloat16", "float16", "float32", "auto")
 KERNEL_BACKENDS = ("auto", "reference", "triton")
 EXECUTOR_BACKENDS = ("mp", "ray")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass
@@ -69,6 +72,13 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        # these three failed only once the engine started, as a RuntimeError or OverflowError that named nothing
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not (isinstance(self.cpu_kv_cache_gb, (int, float)) and 0 < self.cpu_kv_cache_gb < math.inf):
+            raise ValueError(f"cpu_kv_cache_gb must be a finite number > 0, got {self.cpu_kv_cache_gb!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.distributed_executor_backend not in EXECUTOR_BACKENDS:

@@ -19,11 +19,19 @@ def test_engine_args_cli_round_trip():
 @pytest.mark.parametrize(
     "field, value",
     [("kv_cache_dtype", "int4"), ("max_num_seqs", 0), ("gpu_memory_utilization", 1.5), ("block_size", 12),
-     ("max_num_batched_tokens", 63)],  # fewer than max_num_seqs (64): some decodes would wait for others to end
+     ("max_num_batched_tokens", 63),  # fewer than max_num_seqs (64): some decodes would wait for others to end
+     # these failed only when the engine started: torch's RuntimeError, int(nan), int(inf), manual_seed(None)
+     ("device", "gpu"), ("device", "meta"), ("device", "CUDA"), ("cpu_kv_cache_gb", math.nan),
+     ("cpu_kv_cache_gb", math.inf), ("cpu_kv_cache_gb", 0.0), ("seed", None), ("seed", 1.5)],
 )
 def test_engine_args_reject_bad_values_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         EngineArgs(**{field: value, **({"max_num_seqs": 64} if field == "max_num_batched_tokens" else {})})
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1"])
+def test_engine_args_take_every_documented_device(device):
+    assert EngineArgs(device=device).device == device
 
 
 def test_engine_args_from_dict_names_unknown_keys():
