@@ -136,3 +136,15 @@ def test_yarn_context_past_max_position_embeddings_matches_transformers(tmp_path
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="max_model_len 129 exceeds the model's context length 128"):
         ModelRunner(dataclasses.replace(args, max_model_len=129), Checkpoint(path), "cpu")
+
+
+def test_gemma3_in_float16_is_refused_as_vllm_does():
+    """vLLM refuses float16 for Gemma3 (_FLOAT16_NOT_SUPPORTED_MODELS: numerical instability, its activations pass
+    float16's range); it was taken, and a real checkpoint's logits would turn to inf and NaN."""
+    ckpt = Checkpoint(tiny_checkpoint("gemma3", "modelopt"))
+    args = EngineArgs(model=str(ckpt.path), dtype="float16", kv_cache_dtype="bf16", max_model_len=64)
+    with pytest.raises(ValueError, match="dtype float16 is not supported for Gemma3.*use bfloat16 or float32"):
+        ModelRunner(args, ckpt, "cpu")
+    assert ModelRunner(dataclasses.replace(args, dtype="bfloat16"), ckpt, "cpu").dtype == torch.bfloat16
+    qwen3 = Checkpoint(tiny_checkpoint("qwen3", "modelopt"))  # other families take float16, as in vLLM
+    assert ModelRunner(dataclasses.replace(args, model=str(qwen3.path)), qwen3, "cpu").dtype == torch.float16

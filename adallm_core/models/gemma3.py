@@ -37,6 +37,9 @@ class Gemma3ForCausalLM(CausalLM):
     norm_offset = 1.0
 
     def __init__(self, cfg, ckpt, ops, device, dtype, max_positions: int, **options):
+        if dtype == torch.float16:  # refused before the weights load, as vLLM refuses it
+            raise ValueError("dtype float16 is not supported for Gemma3: its activations overflow float16's range "
+                             "(inf, then NaN logits); use bfloat16 or float32")
         super().__init__(cfg, ckpt, ops, device, dtype, max_positions, **options)
         # HF multiplies by sqrt(hidden) rounded to the embedding dtype.
         self.embed_scale = torch.tensor(cfg.hidden_size**0.5, dtype=dtype, device=device)
