@@ -1,4 +1,6 @@
 """LLM offline API: input order, prompt forms, chat template, all-or-nothing validation, model source."""
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -167,6 +169,34 @@ def test_chat_continues_the_final_message_and_template_kwargs_win(llm):
     assert kw.prompt == tok.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=False)
     with pytest.raises(ValueError, match="cannot both be true"):
         llm.chat(conv, GREEDY, use_tqdm=False, continue_final_message=True)
+
+
+def test_default_sampling_params_are_the_models_generation_config(llm, tmp_path, monkeypatch):
+    """vLLM's LLM samples with the model maker's generation_config.json settings when given no SamplingParams
+    (get_default_sampling_params; Qwen3 ships temperature 0.6, top_p 0.95, top_k 20); it used SamplingParams()."""
+    assert llm.get_default_sampling_params() == SamplingParams()  # the tiny model recommends nothing
+    path = tmp_path / "qwen3"
+    shutil.copytree(tiny_model("qwen3"), path)
+    config = json.loads((path / "generation_config.json").read_text())
+    config.update(do_sample=True, temperature=0.6, top_p=0.95, top_k=20, max_new_tokens=5)
+    (path / "generation_config.json").write_text(json.dumps(config))
+    recommended = LLM(str(path), max_model_len=256, num_gpu_blocks_override=64, kv_cache_dtype="bf16")
+    expected = (0.6, 0.95, 20, 5)
+    defaults = recommended.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_p, defaults.top_k, defaults.max_tokens) == expected
+    engine, seen = recommended.llm_engine, []
+    add_request = engine.add_request
+    monkeypatch.setattr(engine, "add_request", lambda rid, prompt, params, **kw: (
+        seen.append((params.temperature, params.top_p, params.top_k, params.max_tokens)),
+        add_request(rid, prompt, params, **kw)))
+    recommended.generate("Hello", use_tqdm=False)
+    recommended.chat([{"role": "user", "content": "Hi"}], use_tqdm=False)
+    recommended.generate("Hello", GREEDY, use_tqdm=False)  # given params win whole, as in vLLM
+    assert seen == [expected, expected, (0.0, 1.0, 0, 6)]
+    config["temperature"] = -1
+    (path / "generation_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"generation_config\.json: .*temperature"):
+        LLM(str(path), max_model_len=256, num_gpu_blocks_override=64, kv_cache_dtype="bf16")
 
 
 def test_unknown_engine_argument_is_named():
