@@ -67,6 +67,7 @@ class AsyncLLM:
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.vocab_size
+        self.sampling_defaults = engine.sampling_defaults
         self.kernel_backend = engine.kernel_backend
         self._cond = threading.Condition()  # guards everything below
         self._streams: dict[str, RequestStream] = {}

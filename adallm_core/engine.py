@@ -24,7 +24,9 @@ from adallm_core.overlap import DeviceTokens, TokenBuffers
 from adallm_core.prefill_graphs import token_buckets
 from adallm_core.runner import PromptScores, PromptScoring, SeqStep
 from adallm_core.sampler import Sampler, SamplingRow, logprob_entry
-from adallm_core.sampling_params import ContextLengthError, RequestOutputKind, SamplingParams
+from adallm_core.sampling_params import (
+    ContextLengthError, RequestOutputKind, SamplingParams, generation_config_defaults,
+)
 from adallm_core.scheduler import Scheduler, SchedulerOutput
 from adallm_core.sequence import Request, Sequence, SequenceStatus
 from adallm_core.structured_output import GrammarCompiler
@@ -57,6 +59,8 @@ class LLMEngine:
         self.kernel_backend: str = runner.kernel_backend
         self.max_model_len: int = runner.max_model_len
         self.vocab_size: int = runner.vocab_size
+        # the model maker's recommended sampling (generation_config.json), for requests that leave fields out
+        self.sampling_defaults: dict = {}
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) or tuple(runner.model_config.eos_token_ids)
         # the tokenizer's own eos ends a request with stop_reason None; generation_config.json's others stop it as
         # stop_token_ids do, naming the token (vLLM's)
@@ -116,6 +120,7 @@ class LLMEngine:
         path = resolve_model_path(engine_args.model)
         load_config(path)  # a folder that is no checkpoint is named as such before its tokenizer is tried
         tokenizer = Tokenizer(resolve_model_path(engine_args.tokenizer) if engine_args.tokenizer else path)
+        sampling_defaults = generation_config_defaults(path)
         if engine_args.tensor_parallel_size > 1:
             from adallm_core.distributed.executor import TensorParallelRunner
 
@@ -123,7 +128,9 @@ class LLMEngine:
         else:
             runner = ModelRunner(engine_args, Checkpoint(path), engine_args.device)
         try:
-            return cls(engine_args, runner, tokenizer)
+            engine = cls(engine_args, runner, tokenizer)
+            engine.sampling_defaults = sampling_defaults
+            return engine
         except BaseException:  # e.g. a cache too small for max_model_len: no worker outlives the error
             if hasattr(runner, "shutdown"):
                 runner.shutdown()

@@ -3,22 +3,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from adallm_core.checkpoint.files import read_json
 from adallm_core.config import EngineArgs
 from adallm_core.engine import LLMEngine, next_request_id
-from adallm_core.model_source import resolve_model_path
 from adallm_core.outputs import Logprob, RequestOutput
 from adallm_core.sampling_params import RequestOutputKind, SamplingParams
 from adallm_core.tokenizer import chat_template_options
 
 PromptType = Union[str, dict]  # "text" or {"prompt_token_ids": [...]} (or {"prompt": "text"}): engine.prompt_of
-# generation_config.json's fields that vLLM's LLM takes as its default SamplingParams (its generation_config 'auto'):
-# the model maker's recommended sampling, e.g. Qwen3's temperature 0.6, top_p 0.95, top_k 20
-GENERATION_CONFIG_SAMPLING = {"repetition_penalty": "repetition_penalty", "temperature": "temperature",
-                              "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "max_new_tokens": "max_tokens"}
 
 
 class PromptError(ValueError):
@@ -37,14 +30,12 @@ class LLM:
 
     def __init__(self, model: Optional[str] = None, **engine_kwargs):
         self.engine_args = EngineArgs.from_dict({"model": model, **engine_kwargs})
-        path = resolve_model_path(self.engine_args.model)  # once: a hub id is not fetched twice
-        self.llm_engine = LLMEngine.from_engine_args(dataclasses.replace(self.engine_args, model=str(path)))
-        self.default_sampling_params = model_sampling_defaults(path)
+        self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """The model's recommended sampling (generation_config.json), which generate and chat use when given no
         SamplingParams, as vLLM's LLM does; SamplingParams() where the model recommends nothing."""
-        return SamplingParams(**self.default_sampling_params)
+        return SamplingParams(**self.llm_engine.sampling_defaults)
 
     def get_tokenizer(self):
         """The model's Hugging Face tokenizer, as vLLM's LLM.get_tokenizer gives it."""
@@ -126,19 +117,6 @@ class LLM:
                 bar.close()
         token_text = _token_texts(engine.tokenizer)
         return [_with_logprob_objects(results[r], p, token_text) for r, p in zip(ids, params)]
-
-
-def model_sampling_defaults(folder: Path) -> dict:
-    """SamplingParams fields from the folder's generation_config.json (GENERATION_CONFIG_SAMPLING), checked."""
-    path = Path(folder) / "generation_config.json"
-    config = read_json(path) if path.is_file() else {}
-    defaults = {ours: config[theirs] for theirs, ours in GENERATION_CONFIG_SAMPLING.items()
-                if config.get(theirs) is not None}
-    try:
-        SamplingParams(**defaults)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    return defaults
 
 
 def _token_texts(tokenizer) -> Callable[[int], str]:

@@ -105,7 +105,7 @@ class OpenAiIngress:
         self.model = served_model_name
         self.reasoning_parser = reasoning_parser
         self.auto_tool_choice = enable_auto_tool_choice and tool_call_parser is not None
-        self._max_model_len: Optional[int] = None
+        self._model_info: Optional[dict] = None  # the engine's max_model_len and sampling defaults, asked once
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
@@ -120,15 +120,13 @@ class OpenAiIngress:
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:
-        if self._max_model_len is None:
-            # through _call: a full queue is OpenAI's 503 "overloaded" (it was Serve's plain-text answer)
-            self._max_model_len = (await self._call("model_info"))["max_model_len"]
-        return ModelList(data=[ModelCard(id=self.model, max_model_len=self._max_model_len)])
+        max_model_len = (await self._engine_info())["max_model_len"]
+        return ModelList(data=[ModelCard(id=self.model, max_model_len=max_model_len)])
 
     @app.post("/v1/completions", response_model=CompletionResponse)
     async def completions(self, body: CompletionRequest):
         self._check_model(body.model)
-        request = GenerateRequest(new_id("cmpl"), self._params(body), prompts=body.prompts(),
+        request = GenerateRequest(new_id("cmpl"), await self._params(body), prompts=body.prompts(),
                                   structure_field=body.structure_field, echo=bool(body.echo),
                                   prompt_only=body.prompt_only, prompt_logprobs=body.prompt_logprobs)
         return await self._serve("/v1/completions", body, request, lambda: ResponseBuilder(
@@ -143,7 +141,7 @@ class OpenAiIngress:
                               "--enable-auto-tool-choice --tool-call-parser hermes; \"none\", \"required\" or a "
                               "named function work without", "tool_choice")
         messages = [m.as_template_input() for m in body.messages]
-        request = GenerateRequest(new_id("chatcmpl"), self._params(body), messages=messages,
+        request = GenerateRequest(new_id("chatcmpl"), await self._params(body), messages=messages,
                                   structure_field=body.structure_field, template_options=body.template_options(),
                                   reasoning_parser=self.reasoning_parser, tool_plan=tool_plan,
                                   prompt_logprobs=body.prompt_logprobs, max_tokens_field=body.max_tokens_field)
@@ -178,14 +176,21 @@ class OpenAiIngress:
             raise _as_openai_error(result)
         return result
 
+    async def _engine_info(self) -> dict:
+        if self._model_info is None:
+            # through _call: a full queue is OpenAI's 503 "overloaded" (it was Serve's plain-text answer)
+            self._model_info = await self._call("model_info")
+        return self._model_info
+
     def _check_model(self, model: str) -> None:
         if model != self.model:
             raise OpenAIError(404, f"model '{model}' does not exist; this server serves '{self.model}'", "model", "model_not_found")
 
-    @staticmethod
-    def _params(body: Union[CompletionRequest, ChatCompletionRequest]):
+    async def _params(self, body: Union[CompletionRequest, ChatCompletionRequest]):
+        """The request's SamplingParams; fields it left out take the model's recommended values, as in vLLM."""
+        defaults = (await self._engine_info())["sampling_defaults"]
         try:
-            return body.to_sampling_params()
+            return body.to_sampling_params(defaults)
         except ValueError as e:  # SamplingParams' own checks, beyond the schema's: "invalid sampling parameter x=..."
             named = re.match(r"invalid sampling parameter (\w+)", str(e))
             param = named.group(1) if named else None

@@ -417,7 +417,7 @@ class LLMServer:
         return self.engine.tokenizer.decode(tokens, skip_special_tokens=False)
 
     async def model_info(self) -> dict:
-        return {"max_model_len": self.engine.max_model_len}
+        return {"max_model_len": self.engine.max_model_len, "sampling_defaults": self.engine.sampling_defaults}
 
     async def stats(self) -> dict:
         """Engine stats plus how @serve.batch grouped arrivals (tests and operators read this)."""

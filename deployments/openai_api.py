@@ -27,8 +27,10 @@ class StreamOptions(Strict):
 
 
 MAX_STOP_STRINGS = 16
-NULL_MEANS_DEFAULT = ("temperature", "top_p", "top_k", "min_p", "n", "presence_penalty", "frequency_penalty", "stream",
-                      "repetition_penalty", "min_tokens", "ignore_eos", "include_stop_str_in_output")
+NULL_MEANS_DEFAULT = ("n", "presence_penalty", "frequency_penalty", "stream", "min_tokens", "ignore_eos",
+                      "include_stop_str_in_output")
+# left out (or null): the model's recommended value (generation_config.json), else SamplingParams' default (vLLM's)
+MODEL_DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 def only_with_true(value, info, other: str):
@@ -86,10 +88,10 @@ class SamplingFields(Strict):
 
     model: str
     max_tokens: Optional[int] = Field(None, ge=1, le=INT64_MAX)
-    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int = Field(0, ge=-1, le=INT64_MAX)
-    min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)  # None: see MODEL_DEFAULTED
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: Optional[int] = Field(None, ge=-1, le=INT64_MAX)
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
     seed: Optional[int] = Field(None, ge=-(2**63), le=INT64_MAX)
     stop: Optional[Union[str, list[str]]] = None
     n: int = Field(1, ge=1, le=16)
@@ -100,7 +102,7 @@ class SamplingFields(Strict):
     user: Optional[str] = None
     logit_bias: Optional[dict[str, float]] = None  # token id (a string, as JSON keys are) -> bias in [-100, 100]
     # vLLM's sampling fields beyond OpenAI's (the openai client sends them in extra_body)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=INT64_MAX, allow_inf_nan=False)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0, le=INT64_MAX, allow_inf_nan=False)
     min_tokens: int = Field(0, ge=0, le=INT64_MAX)
     stop_token_ids: Optional[list[TokenId]] = None
     ignore_eos: bool = False
@@ -142,19 +144,26 @@ class SamplingFields(Strict):
             raise ValueError("prompt_logprobs is not available with stream: true")
         return value
 
-    def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
-                        prompt_logprobs: Optional[int] = None) -> SamplingParams:
+    def sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int], prompt_logprobs: Optional[int] = None,
+                        model_defaults: Optional[dict] = None) -> SamplingParams:
+        """model_defaults: the model's recommended sampling (generation_config.json) for fields the request left out,
+        max_tokens among them."""
+        model_defaults = model_defaults or {}
+        chosen = {}
+        for name in MODEL_DEFAULTED:
+            value = getattr(self, name)
+            value = model_defaults.get(name) if value is None else value
+            if value is not None:  # neither sent nor recommended: SamplingParams' default
+                chosen[name] = value
+        if max_tokens is None:
+            max_tokens = model_defaults.get("max_tokens")
         return SamplingParams(
+            **chosen,
             n=self.n,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
             seed=self.seed,
             stop=self.stop,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
             logit_bias=self.logit_bias,
             stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos,
@@ -215,7 +224,7 @@ class CompletionRequest(SamplingFields):
         """max_tokens 0 with echo (vLLM's): the prompt and its logprobs alone (one token is generated and dropped)."""
         return self.max_tokens == 0
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, model_defaults: Optional[dict] = None) -> SamplingParams:
         if self.prompt_only and not self.echo:
             raise ValueError("invalid sampling parameter max_tokens=0: must be >= 1, or 0 with echo: true (the "
                              "prompt alone, scored with logprobs)")
@@ -224,7 +233,7 @@ class CompletionRequest(SamplingFields):
             raise ValueError(f"invalid sampling parameter min_tokens={self.min_tokens}: must be at most max_tokens=0")
         max_tokens = 1 if self.prompt_only else self.max_tokens
         scored = [n for n in (self.logprobs if self.echo else None, self.prompt_logprobs) if n is not None]
-        return self.sampling_params(max_tokens, self.logprobs, max(scored) if scored else None)
+        return self.sampling_params(max_tokens, self.logprobs, max(scored) if scored else None, model_defaults)
 
 
 class TextPart(Strict):
@@ -489,14 +498,14 @@ class ChatCompletionRequest(ChatTemplateFields, SamplingFields):
         """The field the max_tokens came from: the one an error about it names (max_completion_tokens wins)."""
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, model_defaults: Optional[dict] = None) -> SamplingParams:
         if self.max_completion_tokens is not None and self.min_tokens > self.max_completion_tokens:
             # SamplingParams' own message would name max_tokens, which this request did not send
             raise ValueError(f"invalid sampling parameter min_tokens={self.min_tokens}: must be at most "
                              f"max_completion_tokens={self.max_completion_tokens}")
         max_tokens = self.max_completion_tokens or self.max_tokens  # None: up to max_model_len
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(max_tokens, logprobs, self.prompt_logprobs)
+        return self.sampling_params(max_tokens, logprobs, self.prompt_logprobs, model_defaults)
 
 
 def _choice_text(choice) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import time
 
 import openai
@@ -40,9 +41,20 @@ def metrics_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(model, metrics_port):
+def recommending_model(model, tmp_path_factory) -> str:
+    """The demo model with a maker's recommended sampling in generation_config.json: greedy (top_k 1), 4 tokens."""
+    folder = tmp_path_factory.mktemp("recommending") / "model"
+    shutil.copytree(model, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, "top_k": 1, "max_new_tokens": 4}))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def server(model, recommending_model, metrics_port):
     apps = {"/": dict(model=model, **ENGINE_ARGS), "/think": dict(model=model, reasoning_parser="qwen3", **ENGINE_ARGS),
-            "/tools": dict(model=model, tool_call_parser="hermes", enable_auto_tool_choice=True, **TOOLS_ENGINE_ARGS)}
+            "/tools": dict(model=model, tool_call_parser="hermes", enable_auto_tool_choice=True, **TOOLS_ENGINE_ARGS),
+            "/recommended": dict(model=recommending_model, served_model_name="recommended", **ENGINE_ARGS)}
     with serve_apps(apps, metrics_export_port=metrics_port) as url:
         yield url
 
@@ -75,6 +87,24 @@ def test_models_and_health(client, server, model):
     assert card.id == demo_model_path().name  # the checkpoint folder's name
     assert card.max_model_len == ENGINE_ARGS["max_model_len"]
     assert requests.get(f"{server}/health", timeout=10).json() == {"status": "ok"}
+
+
+def test_fields_a_request_leaves_out_take_the_models_recommended_sampling(server):
+    """As vLLM's server: temperature, top_p, top_k, min_p, repetition_penalty and max_tokens that a request leaves out
+    (or sends as null) come from the model's generation_config.json; those it sends win."""
+    client = openai.OpenAI(base_url=f"{server}/recommended/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def chat(extra=(), **kw):
+        out = client.chat.completions.create(model="recommended", messages=CHAT,
+                                             extra_body={"ignore_eos": True, **dict(extra)}, **kw)
+        return out.choices[0].message.content, out.usage.completion_tokens
+
+    greedy, _ = chat(temperature=0, max_tokens=4)
+    for seed in range(3):  # recommended top_k 1: greedy whatever the seed (top_k null too), and 4 tokens
+        assert chat(seed=seed, extra={"top_k": None}) == (greedy, 4)
+    sampled = {chat(seed=seed, temperature=2.0, extra={"top_k": -1})[0] for seed in range(4)}
+    assert sampled - {greedy}, "a top_k the request sent must replace the recommended one"
+    assert chat(seed=0, max_tokens=6)[1] == 6
 
 
 def scrape(port: int, route: str = "/v1/completions") -> dict[str, float]:

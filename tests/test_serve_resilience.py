@@ -170,16 +170,15 @@ def test_health_is_ok_while_every_request_slot_is_busy(server, served_name):
 
 
 def test_models_with_the_queue_full_is_an_openai_error(server, served_name):
-    """/v1/models asks the engine its max_model_len once: with the queue full, the answer is OpenAI's 503, which
-    clients retry (it was Serve's plain-text 503)."""
+    """/v1/models asks the engine its max_model_len (and sampling defaults) once: with the queue full, the answer is
+    OpenAI's 503, which clients retry (it was Serve's plain-text 503)."""
     import ray
 
-    def forget_max_model_len(replica_actor) -> None:  # runs inside the ingress replica: as a fresh one
-        replica_actor._replica_impl._user_callable_wrapper.user_callable._max_model_len = None
+    def forget_engine_info(replica_actor) -> None:  # runs inside the ingress replica: as a fresh one
+        replica_actor._replica_impl._user_callable_wrapper.user_callable._model_info = None
 
     (ingress,) = {(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
                   if a["name"].startswith(f"SERVE_REPLICA::{app_name('/')}#OpenAiIngress#")}
-    ray.get(ray.get_actor(*ingress).__ray_call__.remote(forget_max_model_len))
     stop, started = threading.Event(), [threading.Event() for _ in range(4)]
     with ThreadPoolExecutor(4) as pool:
         try:
@@ -187,6 +186,8 @@ def test_models_with_the_queue_full_is_an_openai_error(server, served_name):
             assert all(e.wait(60) for e in started[:2])
             runs += [pool.submit(_stream_until, stop, started[i], server, served_name) for i in (2, 3)]
             time.sleep(1)  # two generate, two wait in the full queue
+            # after the generations, which fetched the engine's info for their sampling defaults
+            ray.get(ray.get_actor(*ingress).__ray_call__.remote(forget_engine_info))
             models = requests.get(f"{server}/v1/models", timeout=60)
         finally:
             stop.set()
