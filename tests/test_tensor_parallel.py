@@ -286,3 +286,54 @@ def test_two_gpus_match_one(family):
         finally:
             tp.shutdown()
         assert not multiprocessing.active_children()
+
+
+# --- one rank fails alone: the step fails at once, not after the collectives' timeout -----------------------------
+FAULT_TIMEOUT_S = 60  # the group's collective timeout in these tests (the engine's default is 300 s)
+
+
+def rank1_fails_its_third_step(model_path, device):
+    """checkpoint_factory: rank 1's third execute() raises an error that only it hit (an OOM on its GPU, say)."""
+    import multiprocessing as mp
+
+    from adallm_core.runner import ModelRunner
+
+    if mp.current_process().name == "adallm-tp-rank1":
+        execute, calls = ModelRunner.execute, []
+
+        def failing(self, steps, input_ids=None):
+            calls.append(1)
+            if len(calls) == 3:
+                raise torch.OutOfMemoryError("rank 1 alone: out of memory")
+            return execute(self, steps, input_ids)
+
+        ModelRunner.execute = failing
+    return Checkpoint(model_path)
+
+
+def fault_runner(checkpoint_factory=None):
+    from adallm_core.distributed.executor import TensorParallelRunner
+
+    path = tiny_checkpoint("qwen3", "modelopt")
+    args = EngineArgs(model=str(path), max_model_len=256, kv_cache_dtype="bf16", tensor_parallel_size=2, device="cpu")
+    runner = TensorParallelRunner(args, path, checkpoint_factory=checkpoint_factory, timeout_s=FAULT_TIMEOUT_S)
+    runner.allocate_kv_cache(16)
+    return runner, SeqStep(list(range(3, 20)), 0, [[0, 1]] * len(runner.kv_groups))
+
+
+def test_an_error_on_one_worker_fails_the_step_at_once():
+    """Rank 1 alone raises in the middle of a step while rank 0 waits for it in a collective: the worker used to
+    swallow the error and wait for the next command, rank 0 waited FAULT_TIMEOUT_S (300 s by default) for it."""
+    import time
+
+    runner, step = fault_runner(rank1_fails_its_third_step)
+    try:
+        want = runner.execute([step])
+        torch.testing.assert_close(runner.execute([step]), want)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError) as failed:
+            runner.execute([step])
+        assert time.monotonic() - start < FAULT_TIMEOUT_S / 3, failed.value
+    finally:
+        runner.shutdown()
+    assert not multiprocessing.active_children()

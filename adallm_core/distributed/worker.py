@@ -1,8 +1,9 @@
 """A tensor-parallel worker (rank >= 1): builds the ModelRunner for its shard, then replays what rank 0 does.
 
 Each step rank 0 broadcasts one (method, args) message on the CPU group; every rank then calls the same
-ModelRunner method, so the collectives inside the forward pass line up. Input checks run before any collective
-and fail the same way on every rank, so a bad step costs an error on rank 0 and nothing here.
+ModelRunner method, so the collectives inside the forward pass line up. Input checks (ValueError) run before any
+collective and fail the same way on every rank, so a bad step costs an error on rank 0 and nothing here; any
+other error may be this rank's alone and ends the worker.
 """
 from __future__ import annotations
 
@@ -62,7 +63,10 @@ def serve_forever(runner, group) -> None:
             continue
         if method not in COMMANDS:
             raise RuntimeError(f"tensor-parallel worker {group.rank}: unknown command {method!r}")
+        # An input check (ValueError) fails before any collective, on every rank: rank 0 raised it to its caller.
+        # Anything else (an OOM on this GPU alone, say) ends this worker: its group closes, so rank 0's collective
+        # fails now instead of waiting for this rank until the timeout.
         try:
             getattr(runner, method)(*payload)
-        except (ValueError, RuntimeError) as e:  # rank 0 raised the same error to its caller
+        except ValueError as e:
             logger.debug("rank %d: %s failed like rank 0: %s", group.rank, method, e)
