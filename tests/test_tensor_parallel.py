@@ -337,3 +337,33 @@ def test_an_error_on_one_worker_fails_the_step_at_once():
     finally:
         runner.shutdown()
     assert not multiprocessing.active_children()
+
+
+def test_an_error_on_rank_0_alone_stops_every_rank():
+    """Rank 0 alone raises between two collectives of a step (its lm_head: an OOM on its GPU, say) while rank 1
+    waits in the logits' all-gather. The next call used to broadcast into that out-of-step group and wait
+    FAULT_TIMEOUT_S; now the first error stops every rank and the next call says so at once."""
+    import time
+
+    runner, step = fault_runner()
+    try:
+        runner.execute([step])
+        model = runner.runner.model
+
+        def lm_head(hidden):
+            raise torch.OutOfMemoryError("rank 0 alone: out of memory")
+
+        model.lm_head, gather = lm_head, model.lm_head
+        with pytest.raises(torch.OutOfMemoryError):
+            runner.execute([step])
+        model.lm_head = gather
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="shut down"):
+            runner.execute([step])
+        assert time.monotonic() - start < FAULT_TIMEOUT_S / 3
+        deadline = time.monotonic() + FAULT_TIMEOUT_S / 3
+        while multiprocessing.active_children() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not multiprocessing.active_children()
+    finally:
+        runner.shutdown()

@@ -29,6 +29,7 @@ from adallm_core.distributed.sharding import check_shardable
 from adallm_core.distributed.worker import SHUTDOWN, WEIGHT_BYTES, open_checkpoint
 
 logger = logging.getLogger(__name__)
+STUCK_WORKER_WAIT_S = 1.0  # after a failed call: how long a worker may take to exit before it is terminated
 
 
 class TensorParallelRunner:
@@ -102,8 +103,21 @@ class TensorParallelRunner:
     def _everywhere(self, method: str, *args):
         self._check_open()
         with interrupts_deferred():  # every rank runs the whole call, or they fall out of step and hang
-            self.group.broadcast_object((method, args))
-            return getattr(self.runner, method)(*args)
+            try:
+                self.group.broadcast_object((method, args))
+                return getattr(self.runner, method)(*args)
+            except ValueError:  # an input check, before any collective: every rank refused the call alike
+                raise
+            except BaseException:  # this rank left the call partway (or a worker is gone): the ranks are out of step
+                self._abandon()
+                raise
+
+    def _abandon(self) -> None:
+        """Stop every rank without a message: a broadcast into an out-of-step group waits until the timeout, and a
+        worker left in a collective never returns, so it is ended at once. Later calls say the runner is shut down."""
+        if self._finalizer.detach() is not None:
+            TensorParallelRunner._stop_all(None, self.launcher, self.runner, stuck_workers=True)
+        self.group = None
 
     # --- shutdown ---------------------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -115,7 +129,7 @@ class TensorParallelRunner:
         self.group = None
 
     @staticmethod
-    def _stop_all(group, launcher, runner=None) -> None:
+    def _stop_all(group, launcher, runner=None, stuck_workers: bool = False) -> None:
         try:
             if group is not None:
                 group.broadcast_object((SHUTDOWN, ()))
@@ -125,7 +139,7 @@ class TensorParallelRunner:
             if runner is not None:
                 runner.release_graphs()  # graphs holding NCCL all-reduces block the group's destruction
             destroy_tensor_parallel()
-            launcher.shutdown()
+            launcher.shutdown(timeout=STUCK_WORKER_WAIT_S if stuck_workers else 10.0)
 
 
 @contextlib.contextmanager
