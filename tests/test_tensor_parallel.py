@@ -367,3 +367,39 @@ def test_an_error_on_rank_0_alone_stops_every_rank():
         assert not multiprocessing.active_children()
     finally:
         runner.shutdown()
+
+
+UNGUARDED_SCRIPT = """
+import sys
+from adallm_core import EngineArgs
+from adallm_core.engine import LLMEngine
+# no `if __name__ == "__main__":` guard: each spawned rank imports this file again and dies trying to spawn its own
+LLMEngine.from_engine_args(EngineArgs(model=sys.argv[1], tensor_parallel_size=2, max_model_len=256,
+                                      num_gpu_blocks_override=64, kv_cache_dtype="bf16", device="cpu"))
+print("started", flush=True)
+"""
+
+
+def test_a_worker_that_dies_before_joining_fails_the_start_at_once(tmp_path):
+    """A script that builds the engine at import time (no __main__ guard, a common first script) kills every
+    spawned rank before it joins the group: rank 0 used to wait for them until the rendezvous timeout (300 s)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import adallm_core
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(adallm_core.__file__)))  # the code under test
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_checkpoint("qwen3", "modelopt"))], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"rank 0 still waited for its dead worker after 90 s:\n{out[-2000:]}")
+    assert proc.returncode != 0 and "started" not in out
+    assert "tensor-parallel workers failed to start: adallm-tp-rank1 (exit code 1)" in out, out[-2000:]

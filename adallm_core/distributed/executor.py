@@ -22,7 +22,8 @@ import torch
 
 from adallm_core.distributed.launcher import WorkerLauncher, get_launcher
 from adallm_core.distributed.parallel_state import (
-    DEFAULT_TIMEOUT_S, destroy_tensor_parallel, free_port, init_tensor_parallel, rank_device,
+    DEFAULT_TIMEOUT_S, create_rendezvous, destroy_tensor_parallel, init_tensor_parallel, rank_device,
+    wait_for_workers,
 )
 from adallm_core.distributed.memory import model_weight_bytes
 from adallm_core.distributed.sharding import check_shardable
@@ -49,11 +50,12 @@ class TensorParallelRunner:
         self.model_config = ModelConfig.from_hf_config(checkpoint.hf_config, checkpoint.path)
         check_shardable(self.model_config, world, quantized=checkpoint.quant_format is not None)  # before any spawn
         self.launcher = launcher if launcher is not None else get_launcher(engine_args.distributed_executor_backend)
-        init_method = f"tcp://127.0.0.1:{free_port()}"  # one node (STRICT_PACK): loopback reaches every rank
+        store, init_method = create_rendezvous(timeout_s)
         self.group = None
         self.launcher.start(world, init_method, engine_args.to_dict(), str(model_path), checkpoint_factory)
         try:
-            self.group = init_tensor_parallel(0, world, init_method, device, timeout_s)
+            wait_for_workers(store, world, self.launcher.dead_workers, timeout_s)
+            self.group = init_tensor_parallel(0, world, init_method, device, timeout_s, store)
             self.runner = ModelRunner(engine_args, checkpoint, device, parallel=self.group)
         except BaseException as e:
             dead = self.launcher.dead_workers()

@@ -7,21 +7,38 @@ metadata never round-trips through GPU memory.
 from __future__ import annotations
 
 import os
-import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0
+JOINED = "adallm/joined/"  # + rank: set in rank 0's store by each worker before it joins the group
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def create_rendezvous(timeout_s: float = DEFAULT_TIMEOUT_S):
+    """Rank 0's store on a port the OS picks and this process holds from now on, and the init_method that reaches
+    it. One node (STRICT_PACK): loopback reaches every rank."""
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timeout)
+    return store, f"tcp://127.0.0.1:{store.port}"
+
+
+def wait_for_workers(store, world_size: int, dead_workers, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Rank 0: return once every worker has reached the store. A worker that dies on the way (a script without a
+    __main__ guard, a missing GPU) never joins: raise at once rather than wait for it until the timeout."""
+    keys = [f"{JOINED}{r}" for r in range(1, world_size)]
+    deadline = time.monotonic() + timeout_s
+    while not store.check(keys):
+        if dead_workers():
+            raise RuntimeError("a tensor-parallel worker died before joining the group")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"tensor-parallel workers did not join the group in {timeout_s:.0f} s")
+        time.sleep(0.1)
 
 
 def rank_device(device: str, rank: int, world_size: int) -> torch.device:
@@ -102,8 +119,9 @@ class TPGroup:
 
 
 def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: torch.device,
-                         timeout_s: float = DEFAULT_TIMEOUT_S) -> TPGroup:
-    """Join the group (blocks until every rank has joined, or raises after timeout_s)."""
+                         timeout_s: float = DEFAULT_TIMEOUT_S, store=None) -> TPGroup:
+    """Join the group (blocks until every rank has joined, or raises after timeout_s). Rank 0 passes the store of
+    create_rendezvous(); a worker reaches it through init_method and says it has arrived (wait_for_workers)."""
     if dist.is_initialized():
         raise RuntimeError("a torch.distributed process group already exists in this process; "
                            "one tensor-parallel engine per process")
@@ -114,7 +132,11 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: t
     else:
         backend = "gloo"
     timeout = timedelta(seconds=timeout_s)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
+    if store is None:
+        url = urlparse(init_method)
+        store = dist.TCPStore(url.hostname, url.port, is_master=False, timeout=timeout)
+        store.set(f"{JOINED}{rank}", "1")
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
     return TPGroup(rank, world_size, device, dist.group.WORLD, cpu_group)
 
