@@ -403,3 +403,19 @@ def test_a_worker_that_dies_before_joining_fails_the_start_at_once(tmp_path):
         pytest.fail(f"rank 0 still waited for its dead worker after 90 s:\n{out[-2000:]}")
     assert proc.returncode != 0 and "started" not in out
     assert "tensor-parallel workers failed to start: adallm-tp-rank1 (exit code 1)" in out, out[-2000:]
+
+
+def test_more_local_ranks_than_gpus_is_refused(monkeypatch):
+    """Local processes ('mp') each take the GPU of their rank: with one GPU, tensor_parallel_size=2 put both ranks
+    on cuda:0 (NCCL then fails on its first collective, a duplicate GPU). A Ray actor sees only its own GPU, so it
+    takes cuda:0."""
+    from adallm_core.distributed.parallel_state import rank_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 .*1 GPU"):
+        make_engine(tiny_checkpoint("qwen3", "modelopt"), 2, device="cuda")
+    assert not multiprocessing.active_children()
+    assert rank_device("cuda", 1, 2, "ray") == torch.device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [rank_device("auto", r, 2, "mp") for r in range(2)] == [torch.device("cuda:0"), torch.device("cuda:1")]

@@ -44,7 +44,7 @@ class TensorParallelRunner:
         from adallm_core.runner import ModelRunner
 
         world = engine_args.tensor_parallel_size
-        device = rank_device(engine_args.device, 0, world)
+        device = rank_device(engine_args.device, 0, world, engine_args.distributed_executor_backend)
         checkpoint = (checkpoint_factory or open_checkpoint)(model_path, device)
         # The model as a whole (full vocab for the sampler); the local runner holds this rank's shard.
         self.model_config = ModelConfig.from_hf_config(checkpoint.hf_config, checkpoint.path)

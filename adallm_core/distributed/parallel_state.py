@@ -41,9 +41,9 @@ def wait_for_workers(store, world_size: int, dead_workers, timeout_s: float = DE
         time.sleep(0.1)
 
 
-def rank_device(device: str, rank: int, world_size: int) -> torch.device:
-    """The device of one rank. Local processes see every GPU: rank r takes cuda:r. A Ray actor sees only the GPU
-    Ray gave it (CUDA_VISIBLE_DEVICES), so cuda:0."""
+def rank_device(device: str, rank: int, world_size: int, backend: str) -> torch.device:
+    """The device of one rank. Local processes ('mp') see every GPU: rank r takes cuda:r. A Ray actor ('ray') sees
+    only the GPU Ray gave it (CUDA_VISIBLE_DEVICES), so cuda:0."""
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -53,9 +53,10 @@ def rank_device(device: str, rank: int, world_size: int) -> torch.device:
     count = torch.cuda.device_count()
     if count >= world_size:
         return torch.device(f"cuda:{rank}")
-    if count == 1:
+    if count == 1 and backend == "ray":
         return torch.device("cuda:0")
-    raise ValueError(f"tensor_parallel_size={world_size} but this process sees {count} GPUs")
+    raise ValueError(f"tensor_parallel_size={world_size} needs one GPU per rank but this process sees {count} GPU"
+                     f"{'s' if count != 1 else ''} (distributed_executor_backend {backend!r})")
 
 
 @dataclass

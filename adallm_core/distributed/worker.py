@@ -34,7 +34,8 @@ def worker_main(rank: int, world_size: int, init_method: str, engine_args: dict,
         # a terminal's Ctrl-C reaches every process of its group; rank 0 stops the workers between two steps
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     args = EngineArgs.from_dict(engine_args)
-    group = init_tensor_parallel(rank, world_size, init_method, rank_device(args.device, rank, world_size), timeout_s)
+    device = rank_device(args.device, rank, world_size, args.distributed_executor_backend)
+    group = init_tensor_parallel(rank, world_size, init_method, device, timeout_s)
     runner = None
     try:
         checkpoint = (checkpoint_factory or open_checkpoint)(model_path, group.device)
