@@ -419,3 +419,50 @@ def test_more_local_ranks_than_gpus_is_refused(monkeypatch):
     assert rank_device("cuda", 1, 2, "ray") == torch.device("cuda:0")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert [rank_device("auto", r, 2, "mp") for r in range(2)] == [torch.device("cuda:0"), torch.device("cuda:1")]
+
+
+IDLE_TIMEOUT_S = 2.0
+
+
+def idle_worker(init_method, results):
+    """Rank 1 of test_an_idle_worker_waits_past_the_timeout: waits for one command, then sums a tensor with rank 0."""
+    from adallm_core.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
+
+    group = init_tensor_parallel(1, 2, init_method, torch.device("cpu"), IDLE_TIMEOUT_S)
+    try:
+        results.put(group.broadcast_object())
+        results.put(group.all_reduce(torch.ones(3)).tolist())
+    except Exception as e:  # noqa: BLE001 - the test reads what happened here
+        results.put(repr(e))
+    finally:
+        destroy_tensor_parallel()
+
+
+def test_an_idle_worker_waits_past_the_timeout():
+    """A worker waits for rank 0's next command for as long as the engine has nothing to do (a server, for hours).
+    That wait used the group's collective timeout (300 s by default): an engine idle for 5 minutes lost its workers,
+    and its next request failed."""
+    import time
+
+    from adallm_core.distributed.parallel_state import (
+        create_rendezvous, destroy_tensor_parallel, init_tensor_parallel, wait_for_workers,
+    )
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    store, init_method = create_rendezvous(IDLE_TIMEOUT_S)
+    worker = ctx.Process(target=idle_worker, args=(init_method, results), daemon=True)
+    worker.start()
+    try:
+        wait_for_workers(store, 2, lambda: not worker.is_alive(), 60)
+        group = init_tensor_parallel(0, 2, init_method, torch.device("cpu"), IDLE_TIMEOUT_S, store)
+        time.sleep(2 * IDLE_TIMEOUT_S)  # idle
+        group.broadcast_object(("execute", ()))
+        assert results.get(timeout=30) == ("execute", ())
+        assert group.all_reduce(torch.ones(3) * 2).tolist() == [3.0, 3.0, 3.0]
+        assert results.get(timeout=30) == [3.0, 3.0, 3.0]
+    finally:
+        destroy_tensor_parallel()
+        worker.join(10)
+        if worker.is_alive():
+            worker.kill()

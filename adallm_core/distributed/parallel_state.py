@@ -2,7 +2,7 @@
 
 Two groups: `device_group` (NCCL on CUDA, gloo on CPU) carries activations (all-reduce, all-gather);
 `cpu_group` (always gloo) carries the per-step inputs that rank 0 broadcasts as Python objects, so step
-metadata never round-trips through GPU memory.
+metadata never round-trips through GPU memory. Workers wait on `cpu_group` for as long as the engine is idle.
 """
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0
 JOINED = "adallm/joined/"  # + rank: set in rank 0's store by each worker before it joins the group
+# cpu_group's collectives: a worker waits there for the next command while a server has no requests, for hours;
+# a rank that dies closes its connections, which fails them at once
+COMMAND_TIMEOUT = timedelta(days=3650)
 
 
 def create_rendezvous(timeout_s: float = DEFAULT_TIMEOUT_S):
@@ -138,7 +141,7 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: t
         store = dist.TCPStore(url.hostname, url.port, is_master=False, timeout=timeout)
         store.set(f"{JOINED}{rank}", "1")
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
-    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
+    cpu_group = dist.new_group(backend="gloo", timeout=COMMAND_TIMEOUT)
     return TPGroup(rank, world_size, device, dist.group.WORLD, cpu_group)
 
 
