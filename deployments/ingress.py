@@ -128,7 +128,8 @@ class OpenAiIngress:
         self._check_model(body.model)
         request = GenerateRequest(new_id("cmpl"), await self._params(body), prompts=body.prompts(),
                                   structure_field=body.structure_field, echo=bool(body.echo),
-                                  prompt_only=body.prompt_only, prompt_logprobs=body.prompt_logprobs)
+                                  prompt_only=body.prompt_only, prompt_logprobs=body.prompt_logprobs,
+                                  max_tokens_field=body.max_tokens_field)
         return await self._serve("/v1/completions", body, request, lambda: ResponseBuilder(
             request.request_id, self.model, False, body.logprobs, body.n, len(request.prompts)))
 

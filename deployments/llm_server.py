@@ -64,7 +64,9 @@ class GenerateRequest:
     reasoning_parser: Optional[str] = None  # chat: split the thinking from the answer (deployments/reasoning.py)
     tool_plan: Optional[ToolCallPlan] = None  # chat: read tool calls out of the answer (deployments/tool_calls.py)
     prompt_logprobs: Optional[int] = None  # vLLM's prompt_logprobs field: N, each prompt token's logprob, rank, top N
-    max_tokens_field: str = "max_tokens"  # or chat's max_completion_tokens: the field a length error names
+    # or chat's max_completion_tokens: the field a length error names; None: the request sent none (max_tokens is
+    # then the model's recommended one, which the engine caps at what the prompt leaves, as vLLM does)
+    max_tokens_field: Optional[str] = "max_tokens"
 
 
 @dataclass
@@ -312,8 +314,9 @@ class LLMServer:
         limit, max_tokens = self.engine.max_model_len, request.params.max_tokens
         for ids in prompts:
             # A prompt of max_model_len tokens or more is the engine's error (it names the prompt); max_tokens
-            # None means "up to the limit", which the engine applies.
-            if max_tokens is not None and len(ids) < limit and len(ids) + max_tokens > limit:
+            # None means "up to the limit", which the engine applies, as it caps one the request did not send.
+            sent = max_tokens is not None and request.max_tokens_field is not None
+            if sent and len(ids) < limit and len(ids) + max_tokens > limit:
                 raise ContextLengthError.of(limit, f"and the prompt has {len(ids)} tokens: {request.max_tokens_field}="
                                             f"{max_tokens} is too large, at most {limit - len(ids)} tokens can be "
                                             "generated")

@@ -177,6 +177,12 @@ class SamplingFields(Strict):
         )
 
     @property
+    def max_tokens_field(self) -> Optional[str]:
+        """The field the max_tokens came from: the one an error about it names. None when the request sent none: the
+        model's recommended max_tokens then stands in, capped at what the prompt leaves (vLLM's), never an error."""
+        return "max_tokens" if self.max_tokens is not None else None
+
+    @property
     def structure_field(self) -> str:
         """The field that asked for a structure: the one an error about it names."""
         return "structured_outputs" if self.structured_outputs is not None else "response_format"
@@ -494,9 +500,9 @@ class ChatCompletionRequest(ChatTemplateFields, SamplingFields):
         return None
 
     @property
-    def max_tokens_field(self) -> str:
+    def max_tokens_field(self) -> Optional[str]:
         """The field the max_tokens came from: the one an error about it names (max_completion_tokens wins)."""
-        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        return "max_completion_tokens" if self.max_completion_tokens is not None else super().max_tokens_field
 
     def to_sampling_params(self, model_defaults: Optional[dict] = None) -> SamplingParams:
         if self.max_completion_tokens is not None and self.min_tokens > self.max_completion_tokens:

@@ -250,3 +250,32 @@ def test_every_routes_successes_are_counted_not_only_its_errors():
     client.post("/v1/completions")
     client.get("/nowhere")
     assert recorded == [("/tokenize", 200), ("/tokenize", 400), ("unmatched", 404)]
+
+
+def test_a_max_tokens_the_request_left_out_is_capped_at_the_context_not_refused():
+    """vLLM's get_max_tokens: the model's max_new_tokens (generation_config.json) stands in for a max_tokens the
+    request left out, capped at what the prompt leaves of max_model_len. It was refused as a context-length error
+    naming max_tokens, a field the request never sent; a max_tokens the request sends is still checked."""
+    from types import SimpleNamespace
+
+    from adallm_core.sampling_params import ContextLengthError
+    from deployments.llm_server import GenerateRequest, LLMServer
+
+    server = object.__new__(LLMServer.func_or_class)  # no engine: _prompts reads the tokenizer and max_model_len
+    prompt = list(range(20))
+    tokenizer = SimpleNamespace(encode=lambda text: prompt, encode_chat=lambda messages, **options: prompt)
+    server.engine = SimpleNamespace(max_model_len=32, tokenizer=tokenizer)
+    recommended = {"max_tokens": 16}  # 20 + 16 > 32
+    left_out = [ChatCompletionRequest(model="m", messages=CHAT),
+                CompletionRequest(model="m", prompt="x", max_tokens=None)]
+    sent = [ChatCompletionRequest(model="m", messages=CHAT, max_completion_tokens=16),
+            CompletionRequest(model="m", prompt="x", max_tokens=16)]
+    for body in left_out + sent:
+        messages = CHAT if isinstance(body, ChatCompletionRequest) else None
+        request = GenerateRequest("id", body.to_sampling_params(recommended), prompts=["x"], messages=messages,
+                                  max_tokens_field=body.max_tokens_field)  # as the ingress makes it
+        if body in left_out:
+            assert server._prompts(request) == [prompt]  # the engine generates up to max_model_len: 12 tokens
+        else:
+            with pytest.raises(ContextLengthError, match=f"{body.max_tokens_field}=16 is too large"):
+                server._prompts(request)
