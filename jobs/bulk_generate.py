@@ -214,7 +214,6 @@ def read_input(plan: JobPlan):
 def execute(plan: JobPlan):
     """Run the job; returns its summary and the executed ray.data.Dataset (whose .stats() Ray Data filled), None
     when every row was written already."""
-    import pyarrow.compute as pc
     import ray
 
     from jobs import resume
@@ -229,9 +228,8 @@ def execute(plan: JobPlan):
     if plan.record is not None:
         resume.write_job_record(plan.output_fs, plan.output_root, plan.record)
     written = resume.written_ids(plan.output_fs, plan.output_root, plan.id_column)
-    if written is not None and pc.count_distinct(written).as_py() >= plan.input_rows:
-        # every row is written already (the job record says the input is the same): no engine starts, which on a
-        # cluster would launch GPU nodes to write nothing
+    if written is not None and _all_written(plan, written):
+        # no engine starts, which on a cluster would launch GPU nodes to write nothing
         print("bulk_generate: every input row is in --output already; no engine started", file=sys.stderr, flush=True)
         return _finish(plan, dict.fromkeys(STAT_KEYS, 0), start), None
 
@@ -245,6 +243,20 @@ def execute(plan: JobPlan):
     sink = resume.AtomicParquetDatasink(plan.output_fs, plan.output_root, plan.id_column)
     ds.write_datasink(sink)
     return _finish(plan, sink.stats, start), ds
+
+
+def _all_written(plan: JobPlan, written) -> bool:
+    """Every input row's id is among the written ones. As many written ids as input rows is not enough: a folder
+    whose _job.json was deleted to mix jobs holds other inputs' rows too, so the input's ids (only them) are read."""
+    import pyarrow.compute as pc
+
+    from jobs import resume
+
+    if pc.count_distinct(written).as_py() < plan.input_rows:
+        return False
+    ids = read_input(plan).select_columns([plan.id_column])
+    return ids.map_batches(resume.drop_written, batch_format="pyarrow",
+                           fn_kwargs={"id_column": plan.id_column, "written": written}).count() == 0
 
 
 def _finish(plan: JobPlan, stats: dict, start: float) -> JobSummary:

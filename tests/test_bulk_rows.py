@@ -631,3 +631,44 @@ def test_num_gpus_help_says_what_the_replicas_ask_for():
         config = bulk_generate.ProcessorConfig(engine_args=bulk_generate.EngineArgs.from_cli_args(args),
                                                accelerator_type=args.accelerator_type)
         assert not ray.is_initialized() and Processor(config).num_gpus() == gpus, flags
+
+
+def test_a_folder_holding_another_inputs_rows_is_no_finished_job(tmp_path, monkeypatch):
+    """A rerun whose every input row is written starts no engine (9affc26); counting the folder's rows against the
+    input's is not enough: a folder whose _job.json was deleted to mix jobs (README) holds another input's rows, and
+    this input's were skipped, none generated, the summary calling them all already written."""
+    import ray
+
+    first, second, out = tmp_path / "first.parquet", tmp_path / "second.parquet", tmp_path / "out"
+    pq.write_table(pa.table({"key": [0, 1, 2], "prompt": ["a", "b", "c"]}), first)
+    pq.write_table(pa.table({"key": [10, 11], "prompt": ["d", "e"]}), second)
+    out.mkdir()
+    fs = pafs.LocalFileSystem()
+    resume.AtomicParquetDatasink(fs, str(out), "key").write(
+        [output_table(pa.table({"key": [0, 1, 2]}), [RowResult(generated_text="x")] * 3)], ctx=None)
+
+    class EngineStarted(Exception):
+        pass
+
+    class NoEngine:  # the processor, up to where its engines would start
+        def check_cluster(self):
+            return 0.0
+
+        def __call__(self, ds):
+            raise EngineStarted
+
+    monkeypatch.setattr(bulk_generate, "build_processor", lambda config: NoEngine())
+    parser = argparse.ArgumentParser()
+    bulk_generate.add_arguments(parser)
+    plan = bulk_generate.plan_job(parser.parse_args(
+        ["--input", str(second), "--output", str(out), "--id-column", "key", "--device", "cpu"]))
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(EngineStarted):  # 3 rows written, 2 to write: none of them is there
+            bulk_generate.execute(plan)
+        resume.AtomicParquetDatasink(fs, str(out), "key").write(
+            [output_table(pa.table({"key": [10, 11]}), [RowResult(generated_text="y")] * 2)], ctx=None)
+        summary, ds = bulk_generate.execute(plan)  # now they are: no engine
+    finally:
+        ray.shutdown()
+    assert ds is None and summary.rows == 0 and summary.rows_skipped == 2
