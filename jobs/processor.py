@@ -4,7 +4,8 @@
     processor = build_processor(ProcessorConfig(engine_args=EngineArgs(model=...), rows=rows, concurrency=2))
     ds = processor(ray.data.read_parquet(...))    # every input column + generated_text, finish_reason, ...
 
-Each replica is one Ray actor owning one engine (one GPU with an accelerator_type or when the cluster has GPUs).
+Each replica is one Ray actor owning one engine (one GPU with an accelerator_type, device cuda, or when the cluster
+has GPUs; none with device cpu).
 A batch is handed to the engine in one `add_requests` call, and several batches may be in flight per replica, so
 continuous batching keeps the device busy across batch boundaries.
 """
@@ -34,7 +35,9 @@ class ProcessorConfig:
     batch_size: int = 64  # rows per map_batches call, all submitted to the engine at once
     concurrency: Union[int, tuple[int, int]] = 1  # replicas: fixed, or an autoscaling (min, max) range
     max_concurrent_batches: int = 4  # batches in flight per replica (keeps the engine full at batch ends)
-    num_gpus: Optional[float] = None  # per replica; None: tensor_parallel_size with an accelerator_type or GPUs, else 0
+    # per replica; None: tensor_parallel_size with an accelerator_type, device cuda or a cluster with GPUs, else 0
+    # (always 0 with device cpu): deployments/resources.engine_gpus
+    num_gpus: Optional[float] = None
     num_cpus: float = 1.0
     accelerator_type: Optional[str] = None  # e.g. "L4", "RTX" (Ray accelerator types)
     max_restarts: int = -1  # a replica that dies is restarted (-1: always) ...
