@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     if argv[0] == "--version":
-        print(f"adallm {_version()}")
+        print(f"adallm {version()}")
         return 0
     name = argv[0]
     if name not in COMMANDS:
@@ -48,11 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.main(args) or 0)
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+def version() -> str:
+    """The installed package's version (`adallm --version`, the server's /version)."""
+    from importlib.metadata import PackageNotFoundError, version as package_version
 
     try:
-        return version("adallm")
+        return package_version("adallm")
     except PackageNotFoundError:  # run from a checkout that was never installed
         return "unknown (not installed)"
 

@@ -14,6 +14,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from adallm_core.cli import version
 from deployments.errors import (
     REPLICA_LOST, SERVE_REJECTIONS, OpenAIError, error_body, install_error_handlers, overloaded, replica_lost,
 )
@@ -122,6 +123,16 @@ class OpenAiIngress:
     async def models(self) -> ModelList:
         max_model_len = (await self._engine_info())["max_model_len"]
         return ModelList(data=[ModelCard(id=self.model, max_model_len=max_model_len)])
+
+    @app.get("/v1/models/{model:path}", response_model=ModelCard)  # :path: a hub id has a slash
+    async def model(self, model: str) -> ModelCard:
+        """OpenAI's models.retrieve: the served model's card; any other name is a 404 model_not_found."""
+        self._check_model(model)
+        return (await self.models()).data[0]
+
+    @app.get("/version")
+    async def version(self) -> dict:
+        return {"version": version()}  # vLLM's /version
 
     @app.post("/v1/completions", response_model=CompletionResponse)
     async def completions(self, body: CompletionRequest):

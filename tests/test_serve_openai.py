@@ -14,6 +14,7 @@ import openai
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
+from adallm_core.cli import version
 from adallm_core.sampling_params import SamplingParams
 from adallm_core.testing import demo_model_path
 from tests.serve_helpers import ENGINE_ARGS, free_port, llm_stats, serve_apps, wait_until
@@ -87,6 +88,11 @@ def test_models_and_health(client, server, model):
     assert card.id == demo_model_path().name  # the checkpoint folder's name
     assert card.max_model_len == ENGINE_ARGS["max_model_len"]
     assert requests.get(f"{server}/health", timeout=10).json() == {"status": "ok"}
+    assert client.models.retrieve(card.id).model_dump() == card.model_dump()
+    with pytest.raises(openai.NotFoundError) as missing:  # a hub-style id (with a slash) reaches the check too
+        client.models.retrieve("org/other-model")
+    assert missing.value.code == "model_not_found" and "'org/other-model' does not exist" in missing.value.message
+    assert requests.get(f"{server}/version", timeout=10).json() == {"version": version()}
 
 
 def test_fields_a_request_leaves_out_take_the_models_recommended_sampling(server):
