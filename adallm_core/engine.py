@@ -24,9 +24,7 @@ from adallm_core.overlap import DeviceTokens, TokenBuffers
 from adallm_core.prefill_graphs import token_buckets
 from adallm_core.runner import PromptScores, PromptScoring, SeqStep
 from adallm_core.sampler import Sampler, SamplingRow, logprob_entry
-from adallm_core.sampling_params import (
-    ContextLengthError, RequestOutputKind, SamplingParams, generation_config_defaults,
-)
+from adallm_core.sampling_params import ContextLengthError, RequestOutputKind, SamplingParams
 from adallm_core.scheduler import Scheduler, SchedulerOutput
 from adallm_core.sequence import Request, Sequence, SequenceStatus
 from adallm_core.structured_output import GrammarCompiler
@@ -112,7 +110,7 @@ class LLMEngine:
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> "LLMEngine":
-        from adallm_core.checkpoint.files import load_config
+        from adallm_core.checkpoint.files import generation_sampling_defaults, load_config
         from adallm_core.checkpoint.read import Checkpoint
         from adallm_core.model_source import resolve_model_path
         from adallm_core.runner import ModelRunner
@@ -120,7 +118,7 @@ class LLMEngine:
         path = resolve_model_path(engine_args.model)
         load_config(path)  # a folder that is no checkpoint is named as such before its tokenizer is tried
         tokenizer = Tokenizer(resolve_model_path(engine_args.tokenizer) if engine_args.tokenizer else path)
-        sampling_defaults = generation_config_defaults(path)
+        sampling_defaults = generation_sampling_defaults(path)
         if engine_args.tensor_parallel_size > 1:
             from adallm_core.distributed.executor import TensorParallelRunner
 

@@ -167,28 +167,3 @@ def _logit_bias(value, bad) -> dict[int, float]:
             raise bad("logit_bias", f"the bias of token {key!r} must be a number in [-100, 100]")
         out[token] = float(bias)
     return out
-
-
-# generation_config.json field -> SamplingParams field: the model maker's recommended sampling (e.g. Qwen3's
-# temperature 0.6, top_p 0.95, top_k 20), which vLLM uses where a request leaves a field out
-GENERATION_CONFIG_SAMPLING = {"repetition_penalty": "repetition_penalty", "temperature": "temperature",
-                              "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "max_new_tokens": "max_tokens"}
-
-
-def generation_config_defaults(folder) -> dict:
-    """SamplingParams fields from a checkpoint folder's generation_config.json ({} without one), checked."""
-    import json
-    from pathlib import Path
-
-    path = Path(folder) / "generation_config.json"
-    try:
-        config = json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    defaults = {ours: config[theirs] for theirs, ours in GENERATION_CONFIG_SAMPLING.items()
-                if isinstance(config, dict) and config.get(theirs) is not None}
-    try:
-        SamplingParams(**defaults)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    return defaults

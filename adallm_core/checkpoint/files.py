@@ -44,6 +44,29 @@ def generation_eos_ids(folder: Path) -> list[int]:
     return ids
 
 
+# generation_config.json field -> SamplingParams field: the model maker's recommended sampling (e.g. Qwen3's
+# temperature 0.6, top_p 0.95, top_k 20), which vLLM uses where a request leaves a field out
+GENERATION_CONFIG_SAMPLING = {"repetition_penalty": "repetition_penalty", "temperature": "temperature",
+                              "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "max_new_tokens": "max_tokens"}
+
+
+def generation_sampling_defaults(folder: Path) -> dict:
+    """SamplingParams fields from generation_config.json ({} when the file is absent), checked by SamplingParams."""
+    from adallm_core.sampling_params import SamplingParams
+
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    config = read_json(path)
+    defaults = {ours: config[theirs] for theirs, ours in GENERATION_CONFIG_SAMPLING.items()
+                if config.get(theirs) is not None}
+    try:
+        SamplingParams(**defaults)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return defaults
+
+
 def load_config(folder: Path) -> dict:
     """config.json, checked to be a supported architecture."""
     folder = Path(folder)
