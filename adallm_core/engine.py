@@ -50,7 +50,7 @@ class LaunchedStep:
 class LLMEngine:
     """Continuous-batching engine over one ModelRunner. Not thread-safe: AsyncLLM serializes calls."""
 
-    def __init__(self, engine_args: EngineArgs, runner, tokenizer: Tokenizer):
+    def __init__(self, engine_args: EngineArgs, runner, tokenizer: Tokenizer, sampling_defaults: Optional[dict] = None):
         self.engine_args = args = engine_args
         self.runner = runner
         self.tokenizer = tokenizer
@@ -58,7 +58,7 @@ class LLMEngine:
         self.max_model_len: int = runner.max_model_len
         self.vocab_size: int = runner.vocab_size
         # the model maker's recommended sampling (generation_config.json), for requests that leave fields out
-        self.sampling_defaults: dict = {}
+        self.sampling_defaults: dict = sampling_defaults or {}
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) or tuple(runner.model_config.eos_token_ids)
         # the tokenizer's own eos ends a request with stop_reason None; generation_config.json's others stop it as
         # stop_token_ids do, naming the token (vLLM's)
@@ -126,9 +126,7 @@ class LLMEngine:
         else:
             runner = ModelRunner(engine_args, Checkpoint(path), engine_args.device)
         try:
-            engine = cls(engine_args, runner, tokenizer)
-            engine.sampling_defaults = sampling_defaults
-            return engine
+            return cls(engine_args, runner, tokenizer, sampling_defaults)
         except BaseException:  # e.g. a cache too small for max_model_len: no worker outlives the error
             if hasattr(runner, "shutdown"):
                 runner.shutdown()
