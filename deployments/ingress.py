@@ -104,6 +104,7 @@ class OpenAiIngress:
         self.llm = llm_server
         self.stream = llm_server.options(stream=True)
         self.model = served_model_name
+        self.created = int(time.time())  # the model card's; one clock read, so list and retrieve agree
         self.reasoning_parser = reasoning_parser
         self.auto_tool_choice = enable_auto_tool_choice and tool_call_parser is not None
         self._model_info: Optional[dict] = None  # the engine's max_model_len and sampling defaults, asked once
@@ -122,7 +123,7 @@ class OpenAiIngress:
     @app.get("/v1/models", response_model=ModelList)
     async def models(self) -> ModelList:
         max_model_len = (await self._engine_info())["max_model_len"]
-        return ModelList(data=[ModelCard(id=self.model, max_model_len=max_model_len)])
+        return ModelList(data=[ModelCard(id=self.model, created=self.created, max_model_len=max_model_len)])
 
     @app.get("/v1/models/{model:path}", response_model=ModelCard)  # :path: a hub id has a slash
     async def model(self, model: str) -> ModelCard:

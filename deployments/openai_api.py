@@ -691,7 +691,7 @@ class ChatCompletionChunk(_Response):
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
+    created: int  # when this server began serving it: the same on every call
     owned_by: str = "adallm"
     max_model_len: Optional[int] = None
 

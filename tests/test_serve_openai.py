@@ -88,6 +88,7 @@ def test_models_and_health(client, server, model):
     assert card.id == demo_model_path().name  # the checkpoint folder's name
     assert card.max_model_len == ENGINE_ARGS["max_model_len"]
     assert requests.get(f"{server}/health", timeout=10).json() == {"status": "ok"}
+    time.sleep(1.1)  # past a clock second: the card's created is when serving began, not when asked
     assert client.models.retrieve(card.id).model_dump() == card.model_dump()
     with pytest.raises(openai.NotFoundError) as missing:  # a hub-style id (with a slash) reaches the check too
         client.models.retrieve("org/other-model")
