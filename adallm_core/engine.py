@@ -358,8 +358,8 @@ class LLMEngine:
         elif len(out) >= seq.max_tokens or len(seq.prompt_token_ids) + len(out) >= self.max_model_len:
             status = SequenceStatus.FINISHED_LENGTH
         if status is None:
-            if seq.grammar_waits_for is not None and seq.grammar_waits_for in seq.detokenizer.text:
-                seq.grammar_waits_for = None  # the grammar constrains the next token on
+            if seq.grammar_waits_for is not None:
+                _start_grammar_after_its_text(seq)
             return
         stopped_by_token = status is SequenceStatus.FINISHED_STOPPED and not isinstance(seq.stop_reason, str)
         if stopped_by_token and p.include_stop_str_in_output:
@@ -436,6 +436,16 @@ class LLMEngine:
 
 
 _request_counter = itertools.count()
+
+
+def _start_grammar_after_its_text(seq: Sequence) -> None:
+    """structured_outputs.start_after: once the output holds the text, the grammar constrains the next token on.
+    Only text new since the last step is searched (with a tag's worth before it, for one cut between steps): a long
+    thinking would otherwise be read again every step."""
+    text, tag = seq.detokenizer.text, seq.grammar_waits_for
+    if text.find(tag, max(0, seq.grammar_wait_scanned - len(tag) + 1)) >= 0:
+        seq.grammar_waits_for = None
+    seq.grammar_wait_scanned = len(text)
 
 
 def _prompt_scoring(seq: Sequence, start: int, num_new: int) -> Optional[PromptScoring]:

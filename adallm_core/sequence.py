@@ -64,6 +64,7 @@ class Sequence:
         # structured_outputs.start_after: the grammar waits until the output holds that text
         structure = params.structured_outputs
         self.grammar_waits_for = structure.start_after if structure is not None else None
+        self.grammar_wait_scanned = 0  # how much of the output text was searched for it: each step reads only new text
         self.num_preemptions = 0
         self.num_sent_tokens = 0  # DELTA outputs: what the caller already has
         self.num_sent_chars = 0

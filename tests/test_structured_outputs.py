@@ -129,16 +129,25 @@ def test_masks_filled_on_the_thread_pool_equal_row_by_row(monkeypatch):
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_a_grammar_may_wait_for_a_text_before_it_starts(async_scheduling):
+@pytest.mark.parametrize("marker_starts", ["at the output's start", "in the step before"])
+def test_a_grammar_may_wait_for_a_text_before_it_starts(async_scheduling, marker_starts):
     """start_after (set by the server's reasoning parser to "</think>"): the output is free until it holds that
-    text, then follows the grammar. The marker here is a piece of what the tiny model writes unconstrained."""
+    text, then follows the grammar. The marker here is a piece of what the tiny model writes unconstrained: all of
+    it up to token k, or its last characters from two before token k's text (found though cut between steps)."""
     engine = make_engine(async_scheduling=async_scheduling)
     engine.add_request("free", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     free = run_all(engine)["free"].outputs[0].token_ids
     decode = engine.tokenizer.decode
-    # the marker: the text of the first k tokens, whole characters, so it is complete exactly at token k
-    k = next(k for k in range(2, 12) if "\ufffd" not in decode(free[:k]) and decode(free[:k]) != decode(free[:k - 1]))
-    marker = decode(free[:k])
+
+    def fits(k):  # whole characters, complete exactly at token k (and not earlier, for a cut one)
+        text, before = decode(free[:k]), decode(free[:k - 1])
+        if "\ufffd" in text or text == before or not text.startswith(before):
+            return None
+        start = 0 if marker_starts == "at the output's start" else len(before) - 2
+        return text[start:] if start >= 0 and text.find(text[start:]) == start else None
+
+    k = next(k for k in range(2, 12) if fits(k))
+    marker = fits(k)
     structure = dict(regex=REGEX, start_after=marker)
     engine.add_request("s", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=structure))
     engine.add_request("n", PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
