@@ -9,7 +9,7 @@ from model_helpers import tiny_gemma3_multimodal
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adallm_core.checkpoint.files import CheckpointError
+from adallm_core.checkpoint.files import CheckpointError, load_config
 from adallm_core.checkpoint.quantize import quantize_checkpoint
 from adallm_core.checkpoint.read import Checkpoint
 from adallm_core.testing import build_tiny_checkpoint
@@ -251,8 +251,9 @@ def test_unknown_quant_method_and_ct_format(good, tmp_path):
 def test_quantization_config_that_is_not_an_object(good, tmp_path, fmt, file, change, match):
     folder = copy(good, fmt, tmp_path)
     edit_json(folder / file, change)
-    with pytest.raises(CheckpointError, match=match):
-        Checkpoint(folder)
+    for load in (load_config, Checkpoint):  # the engine's load_config, before its tokenizer reads config.json
+        with pytest.raises(CheckpointError, match=match):
+            load(folder)
 
 
 def test_group_size_other_than_16(good, tmp_path):
@@ -272,6 +273,21 @@ def test_unsupported_architecture(good, tmp_path):
     edit_json(folder / "config.json", lambda d: d.update(architectures=["LlamaForCausalLM"]))
     with pytest.raises(CheckpointError, match=r"config\.json: field 'architectures' = \['LlamaForCausalLM'\]"):
         Checkpoint(folder)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda d: d.update(hidden_size=None), r"hidden_size.*expected int, got NoneType"),
+    (lambda d: d.update(num_attention_heads="4"), r"num_attention_heads.*expected int, got str"),
+    (lambda d: d.pop("num_hidden_layers"), r"num_hidden_layers.* \(32\) must be equal to the number of .*layer_types"),
+])
+def test_config_field_transformers_refuses(good, tmp_path, change, match):
+    """transformers 5 validates config.json (huggingface_hub's strict dataclasses, whose errors are no ValueError):
+    named as config.json's, before the tokenizer (which reads it too) or the weights are tried."""
+    folder = copy(good, "modelopt", tmp_path)
+    edit_json(folder / "config.json", change)
+    for load in (load_config, Checkpoint):
+        with pytest.raises(CheckpointError, match=rf"config\.json: transformers cannot read it: .*{match}"):
+            load(folder)
 
 
 def test_missing_folder_and_config(tmp_path):

@@ -255,6 +255,11 @@ def test_already_quantized_source_is_refused(moe, tmp_path):
     (tmp_path / "q" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"hf_quant_config.json exists; source is already quantized"):
         quantize_checkpoint(dst, tmp_path / "qq")
+    (tmp_path / "q" / "hf_quant_config.json").unlink()
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "float-quantized"}  # FP8
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json: field 'quantization_config' is set; source is already quant"):
+        quantize_checkpoint(dst, tmp_path / "qq")
 
 
 @pytest.mark.gpu

@@ -68,7 +68,11 @@ def generation_sampling_defaults(folder: Path) -> dict:
 
 
 def load_config(folder: Path) -> dict:
-    """config.json, checked to be a supported architecture."""
+    """config.json, checked to be a supported architecture with a quantization config read here, that transformers
+    reads too (so does the tokenizer, which the engine loads before the weights)."""
+    from adallm_core.checkpoint.detect import detect_format
+    from adallm_core.checkpoint.shapes import text_config
+
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a checkpoint folder (does not exist or is not a directory)")
@@ -79,6 +83,8 @@ def load_config(folder: Path) -> dict:
             f"{folder / 'config.json'}: field 'architectures' = {archs} is not supported; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    detect_format(folder, config)  # first: transformers' own error for a quantization_config that is no object names
+    text_config(config, folder / "config.json")  # neither the file nor the field
     return config
 
 

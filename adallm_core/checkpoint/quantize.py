@@ -20,7 +20,9 @@ import torch
 
 from adallm_core import nvfp4
 from adallm_core.checkpoint import layout
-from adallm_core.checkpoint.files import INDEX_FILE, CheckpointError, load_config, open_shard, shard_files
+from adallm_core.checkpoint.files import (
+    INDEX_FILE, CheckpointError, load_config, open_shard, read_json, shard_files,
+)
 from adallm_core.checkpoint.st_writer import ST_DTYPES, StreamingSafetensorsWriter
 
 CHUNK_ELEMENTS = 1 << 22  # elements per row chunk; the working set is ~20 bytes per element
@@ -214,6 +216,14 @@ def _producer_version() -> str:
         return "unknown"
 
 
+def _refuse_quantized(src: Path) -> None:
+    """Before load_config, which would name a quantization scheme it cannot read (FP8, GPTQ...) as unsupported."""
+    if (src / "config.json").is_file() and read_json(src / "config.json").get("quantization_config"):
+        raise CheckpointError(f"{src / 'config.json'}: field 'quantization_config' is set; source is already quantized")
+    if (src / "hf_quant_config.json").exists():
+        raise CheckpointError(f"{src / 'hf_quant_config.json'} exists; source is already quantized (ModelOpt)")
+
+
 def quantize_checkpoint(src, dst, fmt: str = "modelopt", exclude=(), progress: bool = True, device="cpu") -> dict:
     """Convert SRC (BF16/FP16 HF checkpoint) into DST (NVFP4); the math runs on `device` (same bits on any).
     Returns the summary: tensors, quantized, bytes_in, bytes_out, seconds, format, dst."""
@@ -225,11 +235,8 @@ def quantize_checkpoint(src, dst, fmt: str = "modelopt", exclude=(), progress: b
     if dst.exists():
         raise CheckpointError(f"{dst}: destination already exists; choose a new folder or remove it")
     device = _check_device(device)
+    _refuse_quantized(src)
     config = load_config(src)
-    if config.get("quantization_config"):
-        raise CheckpointError(f"{src / 'config.json'}: field 'quantization_config' is set; source is already quantized")
-    if (src / "hf_quant_config.json").exists():
-        raise CheckpointError(f"{src / 'hf_quant_config.json'} exists; source is already quantized (ModelOpt)")
     shards = shard_files(src)
     _check_patterns(exclude)
     plans = {path: _plan_shard(path, exclude) for path in shards}

@@ -10,15 +10,15 @@ _NORM = re.compile(r"(?:layers\.\d+\.(?:self_attn\.)?(\w*norm)|(?:^|\.)(norm))\.
 _EMBEDDING = re.compile(r"(?:^|\.)embed_tokens\.weight$")
 
 
-def text_config(config: dict) -> dict:
+def text_config(config: dict, where="config.json") -> dict:
     """The language-model part of config.json (Gemma3ForConditionalGeneration nests it under text_config), with
     transformers' defaults for the fields it omits: published configs leave out those equal to the default
     (google/gemma-3-4b-it's text_config has no head_dim, num_attention_heads or vocab_size)."""
     raw = {**config, **config["text_config"]} if isinstance(config.get("text_config"), dict) else config
-    return {**_transformers_text_config(config), **raw}
+    return {**_transformers_text_config(config, where), **raw}
 
 
-def _transformers_text_config(config: dict) -> dict:
+def _transformers_text_config(config: dict, where) -> dict:
     """The text config as transformers (and so the model build) reads config.json; {} for a type it does not know."""
     from transformers import PretrainedConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -27,8 +27,9 @@ def _transformers_text_config(config: dict) -> dict:
         return {}
     try:
         text = CONFIG_MAPPING[config["model_type"]].from_dict(config).get_text_config()
-    except (TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"config.json: transformers cannot read it: {e!r}") from None
+    except Exception as e:  # transformers 5 validates through huggingface_hub's StrictDataclassError: no ValueError
+        message = " ".join(str(e).split())  # those span lines
+        raise CheckpointError(f"{where}: transformers cannot read it: {type(e).__name__}: {message}") from None
     return text.to_dict() if isinstance(text, PretrainedConfig) else {}
 
 
