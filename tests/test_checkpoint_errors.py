@@ -247,6 +247,11 @@ def test_unknown_quant_method_and_ct_format(good, tmp_path):
      r"config\.json: field 'quantization_config' is 'nvfp4', expected a JSON object"),
     ("compressed-tensors", "config.json", lambda d: d["quantization_config"].update(config_groups=["group_0"]),
      r"config\.json quantization_config: field 'config_groups' is \['group_0'\], expected a JSON object"),
+    ("compressed-tensors", "config.json", lambda d: d["quantization_config"]["config_groups"].update(group_0="nvfp4"),
+     r"config\.json quantization_config: field config_groups\.group_0 is 'nvfp4', expected a JSON object"),
+    ("compressed-tensors", "config.json",
+     lambda d: d["quantization_config"]["config_groups"]["group_0"].update(weights="nvfp4"),
+     r"config\.json quantization_config: field config_groups\.group_0\.weights is 'nvfp4', expected a JSON object"),
 ])
 def test_quantization_config_that_is_not_an_object(good, tmp_path, fmt, file, change, match):
     folder = copy(good, fmt, tmp_path)

@@ -40,7 +40,9 @@ def _modelopt(quant: dict, where: str) -> QuantInfo:
 
 def _compressed_tensors(qc: dict, where: str) -> QuantInfo:
     groups = _object(qc.get("config_groups") or {}, f"{where}: field 'config_groups'")
-    formats = {qc.get("format")} | {g.get("format") for g in groups.values() if isinstance(g, dict)}
+    for name, group in groups.items():  # a null one (no scheme) is reported below as num_bits=None
+        _object(group or {}, f"{where}: field config_groups.{name}")
+    formats = {qc.get("format")} | {(g or {}).get("format") for g in groups.values()}
     if formats - {None, "nvfp4-pack-quantized"}:
         raise CheckpointError(
             f"{where}: field 'format' = {sorted(f for f in formats if f)} is not supported "
@@ -49,7 +51,7 @@ def _compressed_tensors(qc: dict, where: str) -> QuantInfo:
     if not groups:
         raise CheckpointError(f"{where}: field 'config_groups' is missing or empty")
     for name, group in groups.items():
-        w = (group or {}).get("weights") or {}
+        w = _object((group or {}).get("weights") or {}, f"{where}: field config_groups.{name}.weights")
         if w.get("num_bits") != 4 or w.get("type") != "float":
             raise CheckpointError(
                 f"{where}: config_groups.{name}.weights is num_bits={w.get('num_bits')} type={w.get('type')!r}; "
