@@ -8,10 +8,13 @@ from typing import Optional, Sequence
 
 import jinja2
 
-from adallm_core.checkpoint.files import CheckpointError, generation_eos_ids
+from adallm_core.checkpoint.files import CheckpointError, generation_eos_ids, read_json
 
 # Files that hold a vocabulary: a folder with none of them gets an empty tokenizer from AutoTokenizer, no error.
 VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+# The tokenizer's JSON files that transformers reads, checked one by one when it fails.
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                        "vocab.json", "config.json")
 # Prompt tokens kept as decoding context, so the first generated token decodes as it would after the prompt.
 _CONTEXT_TOKENS = 8
 
@@ -24,7 +27,10 @@ class Tokenizer:
 
         self.path = Path(path)
         _check_vocab_files(self.path)
-        self.hf = AutoTokenizer.from_pretrained(str(path))
+        try:
+            self.hf = AutoTokenizer.from_pretrained(str(path))
+        except Exception as e:  # JSONDecodeError, KeyError, AttributeError, the Rust tokenizer's Exception: no file
+            raise _tokenizer_error(self.path, e) from e
         self.eos_token_id: Optional[int] = self.hf.eos_token_id  # the tokenizer's own; eos_token_ids adds the config's
         self.eos_token_ids = self._eos_ids()
         # transformers' decode adds only clean_up_tokenization_spaces on top of the Rust decode
@@ -120,6 +126,15 @@ def _check_vocab_files(path: Path) -> None:
     if path.is_dir() and not any((path / name).is_file() for name in VOCAB_FILES):
         raise CheckpointError(f"{path}: no tokenizer files (none of {', '.join(VOCAB_FILES)}); copy them from the "
                               f"original model or pass --tokenizer")
+
+
+def _tokenizer_error(path: Path, error: Exception) -> CheckpointError:
+    """transformers' error for a corrupt tokenizer file (a truncated download) names no file: find the one that is
+    no JSON object (read_json raises naming it), else name the folder."""
+    for name in TOKENIZER_JSON_FILES:
+        if (path / name).is_file():
+            read_json(path / name)
+    return CheckpointError(f"{path}: the tokenizer files cannot be loaded ({type(error).__name__}: {error})")
 
 
 def unicode_text(text: str) -> str:

@@ -5,6 +5,7 @@ import pytest
 from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from adallm_core.checkpoint.files import CheckpointError
 from adallm_core.tokenizer import IncrementalDetokenizer, Tokenizer, bytes_of_token_text, chat_template_options
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -198,3 +199,19 @@ def test_template_kwargs_naming_the_messages_are_a_value_error(tok, name):
     for render in (tok.apply_chat_template, tok.encode_chat):
         with pytest.raises(ValueError, match=r"chat template's arguments \(chat_template_kwargs\)"):
             render(messages, **chat_template_options(True, False, {name: []}))
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("tokenizer.json", None, r"tokenizer\.json: not valid JSON"),  # None: the file cut in half (a broken download)
+    ("tokenizer_config.json", None, r"tokenizer_config\.json: not valid JSON"),
+    ("tokenizer_config.json", "[]", r"tokenizer_config\.json: expected a JSON object"),
+    ("tokenizer.json", '{"added_tokens": []}', r": the tokenizer files cannot be loaded \(Exception: Model missing"),
+])
+def test_corrupt_tokenizer_file_is_named(tok_dir, tmp_path, name, content, match):
+    """transformers' own errors name no file (a JSONDecodeError, a KeyError, the Rust tokenizer's bare Exception)."""
+    for f in tok_dir.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    data = (tok_dir / name).read_bytes()
+    (tmp_path / name).write_bytes(data[: len(data) // 2] if content is None else content.encode())
+    with pytest.raises(CheckpointError, match=rf"{tmp_path}/?{match}"):
+        Tokenizer(tmp_path)
