@@ -177,6 +177,22 @@ def test_norm_or_embedding_of_wrong_shape_or_dtype(good, tmp_path, name, new, ma
         Checkpoint(folder)
 
 
+@pytest.mark.parametrize(("name", "new", "match"), [
+    ("lm_head.weight", torch.zeros(384, 64, dtype=torch.int8), r"has dtype torch.int8"),
+    ("lm_head.weight", torch.zeros(300, 64, dtype=torch.bfloat16), r"has shape \[300, 64\], expected \[384, 64\]"),
+    ("model.layers.1.mlp.gate.weight", torch.zeros(8, 64, dtype=torch.int32), r"has dtype torch.int32"),
+    ("model.layers.1.mlp.gate.weight", torch.zeros(8, 32, dtype=torch.bfloat16),
+     r"has shape \[8, 32\], expected \[8, 64\]"),
+])
+def test_dense_lm_head_or_router_of_wrong_shape_or_dtype(tmp_path, name, new, match):
+    """The dense linears no projection rule covers: an integer lm_head or router was cast to float at load and ran,
+    giving logits or routing from raw integers without a word."""
+    folder = build_tiny_checkpoint("qwen3_moe", tmp_path / "moe")
+    rewrite_tensor(folder, name, new)
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{re.escape(name)}' {match}"):
+        Checkpoint(folder)
+
+
 def test_unknown_quant_algo(good, tmp_path):
     folder = copy(good, "modelopt", tmp_path)
     edit_json(folder / "hf_quant_config.json", lambda d: d["quantization"].update(quant_algo="W4A8_AWQ"))

@@ -167,7 +167,7 @@ class Checkpoint:
         config = text_config(self.config)
         prefixes = {name.rsplit(".", 1)[0] for name in self._meta if name.endswith((".weight", ".weight_packed"))}
         for prefix in sorted(prefixes):
-            want = expected_linear_shape(config, prefix)  # None for embeddings, norms, router, lm_head
+            want = expected_linear_shape(config, prefix)  # None for embeddings, norms and the vision side
             if self._is_quantized(prefix):
                 self._check_quantized(prefix, want)
             elif want is not None:

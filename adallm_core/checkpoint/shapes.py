@@ -6,6 +6,8 @@ import re
 from adallm_core.checkpoint.files import CheckpointError
 
 _LINEAR = re.compile(r"layers\.\d+\.(self_attn|mlp)\.(?:experts\.\d+\.)?(\w+_proj)$")
+_LM_HEAD = re.compile(r"(?:^|\.)lm_head$")
+_ROUTER = re.compile(r"layers\.\d+\.mlp\.gate$")
 _NORM = re.compile(r"(?:layers\.\d+\.(?:self_attn\.)?(\w*norm)|(?:^|\.)(norm))\.weight$")
 _EMBEDDING = re.compile(r"(?:^|\.)embed_tokens\.weight$")
 
@@ -34,13 +36,15 @@ def _transformers_text_config(config: dict, where) -> dict:
 
 
 def expected_linear_shape(c: dict, prefix: str) -> tuple[int, int] | None:
-    """(N, K) of 'model.layers.3.self_attn.k_proj' etc., or None when the module is not a known linear.
-    c: text_config(config.json), resolved once by the caller."""
-    m = _LINEAR.search(prefix)
-    if not m or "vision_tower" in prefix or "multi_modal_projector" in prefix:  # Gemma3's vision side: no rule
+    """(N, K) of 'model.layers.3.self_attn.k_proj', 'lm_head', the MoE router '...mlp.gate' etc., or None when the
+    module is not a known linear. c: text_config(config.json), resolved once by the caller."""
+    m, head, router = _LINEAR.search(prefix), _LM_HEAD.search(prefix), _ROUTER.search(prefix)
+    if not (m or head or router) or "vision_tower" in prefix or "multi_modal_projector" in prefix:  # no rule there
         return None
     try:
         hidden = c["hidden_size"]
+        if head or router:
+            return (c["vocab_size"] if head else c.get("num_experts") or c["num_local_experts"], hidden)
         head_dim = c.get("head_dim") or hidden // c["num_attention_heads"]
         q = c["num_attention_heads"] * head_dim
         kv = c.get("num_key_value_heads", c["num_attention_heads"]) * head_dim
