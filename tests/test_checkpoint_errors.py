@@ -104,6 +104,21 @@ def test_shard_the_index_does_not_list_is_named_when_a_tensor_is_missing(good, t
         Checkpoint(folder)
 
 
+LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
+               "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 1503300328\n")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_git_lfs_pointer_instead_of_the_file(good, tmp_path, name):
+    """A model repo cloned without git-lfs: each large file is a 3-line text pointer. safetensors called it a
+    'header too large', JSON 'Expecting value': named as the pointer it is, with the command that fetches it."""
+    folder = copy(good, "modelopt", tmp_path)
+    (folder / name).write_text(LFS_POINTER)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(name)}: a Git LFS pointer, not the file itself.*"
+                                              rf"git lfs pull"):
+        Checkpoint(folder)
+
+
 def test_index_that_maps_a_tensor_to_no_file_name(good, tmp_path):
     folder = copy(good, "bf16", tmp_path)
     index = {"weight_map": {"model.norm.weight": "model.safetensors", "model.embed_tokens.weight": None}}

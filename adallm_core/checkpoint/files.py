@@ -19,6 +19,21 @@ class CheckpointError(ValueError):
     """A checkpoint file or field is missing, corrupt or unsupported; the message names which."""
 
 
+# A repo cloned without git-lfs holds these small text files in place of its large ones.
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def _check_not_lfs_pointer(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_LFS_POINTER))
+    except OSError:  # unreadable: the caller's own error says so
+        return
+    if head == _LFS_POINTER:
+        raise CheckpointError(f"{path}: a Git LFS pointer, not the file itself (cloned without git-lfs?); "
+                              f"run `git lfs pull` in {Path(path).parent}")
+
+
 def read_json(path: Path) -> dict:
     try:
         with open(path) as f:
@@ -26,6 +41,7 @@ def read_json(path: Path) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        _check_not_lfs_pointer(path)
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
@@ -125,6 +141,7 @@ def open_shard(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except Exception as e:  # safetensors raises its own SafetensorError (not a ValueError) for a bad header
+        _check_not_lfs_pointer(path)
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
