@@ -117,7 +117,8 @@ class LLMEngine:
 
         path = resolve_model_path(engine_args.model)
         load_config(path)  # a folder that is no checkpoint is named as such before its tokenizer is tried
-        tokenizer = Tokenizer(resolve_model_path(engine_args.tokenizer) if engine_args.tokenizer else path)
+        tokenizer_path = resolve_model_path(engine_args.tokenizer, what="tokenizer") if engine_args.tokenizer else path
+        tokenizer = Tokenizer(tokenizer_path)
         sampling_defaults = generation_sampling_defaults(path)
         if engine_args.tensor_parallel_size > 1:
             from adallm_core.distributed.executor import TensorParallelRunner

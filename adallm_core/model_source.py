@@ -13,7 +13,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "org/name"
 DEMO = "demo"  # `adallm run demo "Hi"`: the built-in tiny model, where no folder of that name exists
 
 
-def resolve_model_path(model: Optional[str], revision: Optional[str] = None) -> Path:
+def resolve_model_path(model: Optional[str], revision: Optional[str] = None, what: str = "model") -> Path:
+    """what: 'model' or 'tokenizer' (EngineArgs.tokenizer resolves the same way), the name its errors go by."""
     if model is None or (model == DEMO and not Path(DEMO).is_dir()):
         from adallm_core.testing import demo_model_path
 
@@ -24,11 +25,12 @@ def resolve_model_path(model: Optional[str], revision: Optional[str] = None) -> 
     if path.is_dir():
         return path
     if path.exists():
-        raise ValueError(f"model {model!r} is a file; expected a checkpoint folder (config.json, *.safetensors)")
+        raise ValueError(f"{what} {model!r} is a file; expected a checkpoint folder (config.json, *.safetensors)")
     if not _HUB_ID.match(model) or model.startswith((".", "/", "~")):
         # Name the machine: on a cluster the folder exists on some nodes and not on others.
         raise ValueError(
-            f"model {model!r}: no such folder on host {socket.gethostname()!r}, and not a hub id of the form 'org/name'"
+            f"{what} {model!r}: no such folder on host {socket.gethostname()!r}, "
+            f"and not a hub id of the form 'org/name'"
         )
     from huggingface_hub import snapshot_download
 
@@ -36,5 +38,5 @@ def resolve_model_path(model: Optional[str], revision: Optional[str] = None) -> 
     try:
         return Path(snapshot_download(model, revision=revision))
     except Exception as e:  # offline, unknown repo, gated, ...: a mistyped local path lands here too
-        raise ValueError(f"model {model!r}: no such folder on host {socket.gethostname()!r}, and fetching it from "
+        raise ValueError(f"{what} {model!r}: no such folder on host {socket.gethostname()!r}, and fetching it from "
                          f"the Hugging Face hub failed ({type(e).__name__}: {e})") from e

@@ -231,6 +231,14 @@ def test_model_source(tmp_path):
         resolve_model_path("./not/here")
 
 
+def test_a_tokenizer_path_that_is_no_folder_is_named_as_the_tokenizer(tmp_path):
+    """--tokenizer resolves as --model does; its errors called it the model, whose folder was fine."""
+    (tmp_path / "tokenizer.json").write_text("{}")
+    for path, why in ((tmp_path / "missing", "no such folder"), (tmp_path / "tokenizer.json", "is a file")):
+        with pytest.raises(ValueError, match=rf"^tokenizer '{path}'(: | ){why}"):
+            make_engine("qwen3", tokenizer=str(path))
+
+
 def test_a_name_that_is_neither_a_folder_nor_on_the_hub_says_both(monkeypatch):
     """'models/qwen3-typo' looks like a hub id; when the hub cannot give it (here: no network, stubbed), the error
     still says that no such local folder exists."""
