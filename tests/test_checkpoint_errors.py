@@ -86,6 +86,23 @@ def test_missing_shard_named_in_index(good, tmp_path):
         Checkpoint(folder)
 
 
+def test_missing_numbered_shard_without_an_index(good, tmp_path):
+    """No index (not downloaded, or not copied), but the shards' own names say how many there are: a missing one
+    was reported as the first tensor it held, 'is missing'."""
+    folder = copy(good, "modelopt", tmp_path)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    names = sorted(tensors)
+    for i, keys in enumerate((names[:10], names[10:20], names[20:]), 1):
+        save_file({k: tensors[k] for k in keys}, str(folder / f"model-{i:05d}-of-00003.safetensors"))
+    (folder / "model.safetensors").unlink()
+    assert Checkpoint(folder).has(names[-1])  # all three: fine without an index
+    (folder / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00003\.safetensors: missing \(the folder holds "
+                                              r"model-00001-of-00003\.safetensors and no model\.safetensors\.index"):
+        Checkpoint(folder)
+
+
 def test_shard_the_index_does_not_list_is_named_when_a_tensor_is_missing(good, tmp_path):
     """An index that forgot a shard: the shard stays unread (stale copies are common), but the missing-tensor error
     names it, so the fix (the index) is in the message."""

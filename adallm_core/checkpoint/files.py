@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from safetensors import safe_open
@@ -13,6 +14,7 @@ SUPPORTED_ARCHITECTURES = (
     "Gemma3ForConditionalGeneration",  # the text part only
 )
 INDEX_FILE = "model.safetensors.index.json"
+_NUMBERED_SHARD = re.compile(r"^(.+)-(\d+)-of-(\d+)\.safetensors$")  # model-00001-of-00003.safetensors
 
 
 class CheckpointError(ValueError):
@@ -124,7 +126,22 @@ def shard_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no *.safetensors weight files found")
+    _check_numbered_shards(folder, files)
     return files
+
+
+def _check_numbered_shards(folder: Path, files: list[Path]) -> None:
+    """Without an index, 'model-00001-of-00003.safetensors' still says how many shards there are: a missing one is
+    named as such, not as the first tensor it held."""
+    for path in files:
+        m = _NUMBERED_SHARD.match(path.name)
+        if m is None:
+            continue
+        stem, width, total = m.group(1), len(m.group(2)), int(m.group(3))
+        for i in range(1, total + 1):
+            name = f"{stem}-{i:0{width}d}-of-{m.group(3)}.safetensors"
+            if not (folder / name).is_file():
+                raise CheckpointError(f"{folder / name}: missing (the folder holds {path.name} and no {INDEX_FILE})")
 
 
 def unlisted_shards(folder: Path) -> list[Path]:
