@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-from adallm_core.checkpoint.files import generation_eos_ids
+from adallm_core.checkpoint.files import SUPPORTED_ARCHITECTURES, generation_eos_ids
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
@@ -128,7 +128,8 @@ class ModelConfig:
         if any(moe_layers) and ACTIVATIONS[act_name] != "silu":  # ops.moe's experts are SwiGLU only
             raise ValueError(f"config.json: activation {act_name!r} is not supported in MoE experts (silu only)")
         return cls(
-            architecture=archs[0],
+            # the first one adallm builds, as vLLM picks from the list (load_config refuses a list with none)
+            architecture=next((a for a in archs if a in SUPPORTED_ARCHITECTURES), archs[0]),
             model_type=text.model_type,
             num_layers=n,
             hidden_size=text.hidden_size,

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from engine_fixtures import greedy_tokens, make_engine
 from model_helpers import tiny_gemma3_multimodal
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -309,6 +310,48 @@ def test_quantization_config_that_is_not_an_object(good, tmp_path, fmt, file, ch
             load(folder)
 
 
+@pytest.mark.parametrize("fmt,file,change,match", [
+    ("compressed-tensors", "config.json",  # llm-compressor's INT8 KV cache: the FP8 cache would misread its scales
+     lambda d: d["quantization_config"].update(kv_cache_scheme={"num_bits": 8, "type": "int", "strategy": "tensor"}),
+     r"field 'kv_cache_scheme' is num_bits=8 type='int'; only an FP8 KV cache"),
+    ("compressed-tensors", "config.json",  # 2:4 sparse weights are stored compressed: their tensors are no NVFP4's
+     lambda d: d["quantization_config"].update(sparsity_config={"format": "sparse-24-bitmask", "targets": ["Linear"]}),
+     r"field sparsity_config\.format = 'sparse-24-bitmask': sparse \(e\.g\. 2:4\) weights are not supported"),
+    ("compressed-tensors", "config.json", lambda d: d["quantization_config"].update(ignore="lm_head"),
+     r"field 'ignore' is 'lm_head', expected a list of module names"),
+    ("modelopt", "hf_quant_config.json", lambda d: d["quantization"].update(exclude_modules="lm_head"),
+     r"field 'exclude_modules' is 'lm_head', expected a list of module names"),
+])
+def test_quantization_fields_that_would_be_misread(good, tmp_path, fmt, file, change, match):
+    folder = copy(good, fmt, tmp_path)
+    edit_json(folder / file, change)
+    for load in (load_config, Checkpoint):
+        with pytest.raises(CheckpointError, match=match):
+            load(folder)
+
+
+def test_fp8_kv_cache_scheme_and_dense_sparsity_config_load(good, tmp_path):
+    folder = copy(good, "compressed-tensors", tmp_path)
+    edit_json(folder / "config.json", lambda d: d["quantization_config"].update(
+        kv_cache_scheme={"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True},
+        sparsity_config={"format": "dense"}))
+    assert Checkpoint(folder).kv_cache_fp8
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_kv_scale_that_is_not_finite_and_positive(good, tmp_path, value):
+    """The FP8 cache stores k / k_scale: a zero, negative or NaN scale would fill it with inf or NaN, silently."""
+    folder = copy(good, "modelopt", tmp_path)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["model.layers.0.self_attn.k_scale"] = torch.tensor(value)
+    tensors["model.layers.0.self_attn.v_scale"] = torch.tensor(0.5)
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.0\.self_attn\.k_scale' is .*; a k/v scale "
+                                              r"must be finite and > 0"):
+        Checkpoint(folder).kv_scales()
+
+
 def test_group_size_other_than_16(good, tmp_path):
     mo = copy(good, "modelopt", tmp_path)
     edit_json(mo / "hf_quant_config.json", lambda d: d["quantization"].update(group_size=32))
@@ -326,6 +369,16 @@ def test_unsupported_architecture(good, tmp_path):
     edit_json(folder / "config.json", lambda d: d.update(architectures=["LlamaForCausalLM"]))
     with pytest.raises(CheckpointError, match=r"config\.json: field 'architectures' = \['LlamaForCausalLM'\]"):
         Checkpoint(folder)
+
+
+def test_the_first_supported_architecture_is_built(good, tmp_path):
+    """architectures lists several (a fine-tune's own class first): the first one adallm builds is used, as vLLM
+    picks; the list passed load_config's check, so the model build must not take the unsupported first entry."""
+    folder = copy(good, "modelopt", tmp_path)
+    prompt = [[5, 6, 7, 8]]
+    want = greedy_tokens(make_engine(model=str(folder)), prompt)
+    edit_json(folder / "config.json", lambda d: d.update(architectures=["MyTunedQwen3", "Qwen3ForCausalLM"]))
+    assert greedy_tokens(make_engine(model=str(folder)), prompt) == want
 
 
 @pytest.mark.parametrize("change,match", [

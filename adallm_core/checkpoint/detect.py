@@ -22,6 +22,15 @@ def _object(value, where: str) -> dict:
     return value
 
 
+def _names(value, where: str) -> list[str]:
+    """A list of module names / patterns; a lone string would be read as its characters."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise CheckpointError(f"{where} is {value!r}, expected a list of module names")
+    return value
+
+
 def _check_group_size(value, where: str) -> None:
     if value is not None and value != GROUP_SIZE:
         raise CheckpointError(f"{where} = {value}: NVFP4 needs group size {GROUP_SIZE}")
@@ -35,7 +44,8 @@ def _modelopt(quant: dict, where: str) -> QuantInfo:
     kv = quant.get("kv_cache_quant_algo")
     if kv not in (None, "FP8"):
         raise CheckpointError(f"{where}: field 'kv_cache_quant_algo' = {kv!r} is not supported (FP8 or null)")
-    return QuantInfo("modelopt", list(quant.get("exclude_modules") or quant.get("ignore") or []), kv == "FP8")
+    key = "exclude_modules" if quant.get("exclude_modules") else "ignore"
+    return QuantInfo("modelopt", _names(quant.get(key), f"{where}: field {key!r}"), kv == "FP8")
 
 
 def _compressed_tensors(qc: dict, where: str) -> QuantInfo:
@@ -58,7 +68,23 @@ def _compressed_tensors(qc: dict, where: str) -> QuantInfo:
                 f"NVFP4 needs num_bits=4 type='float'"
             )
         _check_group_size(w.get("group_size"), f"{where}: field config_groups.{name}.weights.group_size")
-    return QuantInfo("compressed-tensors", list(qc.get("ignore") or []), bool(qc.get("kv_cache_scheme")))
+    sparsity = qc.get("sparsity_config")
+    if sparsity and _object(sparsity, f"{where}: field 'sparsity_config'").get("format") not in (None, "dense"):
+        raise CheckpointError(f"{where}: field sparsity_config.format = {sparsity.get('format')!r}: sparse "
+                              f"(e.g. 2:4) weights are not supported")
+    return QuantInfo("compressed-tensors", _names(qc.get("ignore"), f"{where}: field 'ignore'"),
+                     _kv_cache_fp8(qc.get("kv_cache_scheme"), f"{where}: field 'kv_cache_scheme'"))
+
+
+def _kv_cache_fp8(scheme, where: str) -> bool:
+    """compressed-tensors' kv_cache_scheme: FP8 (num_bits 8, type float) or none; an INT8 cache is not one."""
+    if not scheme:
+        return False
+    scheme = _object(scheme, where)
+    if scheme.get("num_bits") != 8 or scheme.get("type") != "float":
+        raise CheckpointError(f"{where} is num_bits={scheme.get('num_bits')} type={scheme.get('type')!r}; "
+                              f"only an FP8 KV cache (num_bits=8 type='float') is supported")
+    return True
 
 
 def _check_agrees(qc: dict | None, folder: Path) -> None:

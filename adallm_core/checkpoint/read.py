@@ -7,6 +7,7 @@ demand from memory-mapped shards; all headers are checked when the Checkpoint is
 from __future__ import annotations
 
 import logging
+import math
 import re
 from functools import cached_property
 from pathlib import Path
@@ -156,7 +157,11 @@ class Checkpoint:
         if value.numel() != 1:
             raise CheckpointError(f"{self._where[name]}: tensor {name!r} has shape {list(value.shape)}: per-head or "
                                   f"per-channel k/v scales are not supported (use --kv-cache-dtype bf16)")
-        return float(value.reshape(()))
+        scale = float(value.reshape(()))
+        if not (math.isfinite(scale) and scale > 0):  # the cache divides by it: every stored key would be inf or NaN
+            raise CheckpointError(f"{self._where[name]}: tensor {name!r} is {scale}; a k/v scale must be finite "
+                                  f"and > 0")
+        return scale
 
     # -- validation (headers only) ----------------------------------------------------------------------------
     def _check_shapes(self) -> None:
