@@ -100,8 +100,9 @@ class LLM:
             raise
         results: dict[str, RequestOutput] = {}
         wanted = set(ids)
-        bar = _progress(len(ids), use_tqdm) if use_tqdm else None
-        try:
+        bar = None
+        try:  # the bar too: a caller's tqdm-like callable may refuse our arguments
+            bar = _progress(len(ids), use_tqdm) if use_tqdm else None
             while len(results) < len(ids):
                 for out in engine.step():
                     if out.finished and out.request_id in wanted:

@@ -159,6 +159,20 @@ def test_interrupted_submission_leaves_nothing_behind(llm, monkeypatch):
     assert not llm.llm_engine.has_unfinished_requests()
 
 
+def test_a_progress_bar_that_fails_leaves_nothing_behind(llm):
+    """use_tqdm may be the caller's own tqdm-like callable (vLLM's): one that refuses our arguments left the batch
+    queued, and the next generate ran those requests too."""
+    def bar(**kwargs):
+        raise TypeError("this bar takes no dynamic_ncols")
+
+    with pytest.raises(TypeError, match="dynamic_ncols"):
+        llm.generate(PROMPTS[:2], GREEDY, use_tqdm=bar)
+    engine = llm.llm_engine
+    assert not engine.has_unfinished_requests() and engine.stats()["kv_blocks_used"] == 0
+    ref = greedy_tokens(make_engine("qwen3"), PROMPTS[2:3], max_tokens=6)
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[2:3], GREEDY, use_tqdm=False)] == ref
+
+
 def test_chat_continues_the_final_message_and_template_kwargs_win(llm):
     tok = llm.get_tokenizer()
     conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I am"}]
