@@ -109,16 +109,26 @@ def row_prompt(tok, path: Path, n: int, row: dict):
 
 
 def write_atomically(output: Path, lines: list[dict]) -> None:
-    """The file appears complete or not at all, with the permissions a plain open() would give it."""
+    """The file appears complete or not at all, with the permissions a plain open() would give it. A symlink's
+    target is written, the link kept; a pipe or device (/dev/stdout) cannot be replaced, so it is written to."""
+    if output.exists() and not output.is_file():  # folders were refused by check_output
+        with open(output, "w") as f:
+            _write_lines(f, lines)
+        return
+    output = output.resolve()  # renaming over a symlink would replace the link, not its target
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it 0600
         with os.fdopen(fd, "w") as f:
-            for line in lines:
-                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            _write_lines(f, lines)
         os.replace(tmp, output)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _write_lines(f, lines: list[dict]) -> None:
+    for line in lines:
+        f.write(json.dumps(line, ensure_ascii=False) + "\n")

@@ -183,3 +183,28 @@ def test_generate_repeated_prompt_gets_different_samples_reproducibly(tmp_path):
         runs.append([json.loads(line)["token_ids"] for line in out.read_text().splitlines()])
     assert runs[0] == runs[1]
     assert len({tuple(t) for t in runs[0]}) == 4
+
+
+def test_generate_writes_through_a_symlink_and_into_a_pipe(tmp_path):
+    """The atomic write renamed its temporary file over the --output path itself: a symlink (out.jsonl -> a data
+    disk) became a plain file, and --output /dev/stdout (a pipe behind a link) was replaced, as root, or failed."""
+    import threading
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "Hello", "id": "a"}\n')
+    flags = ["--input", str(inp), "--temperature", "0", "--max-tokens", "4", "--ignore-eos", *ENGINE_FLAGS]
+    expected = reference_text(["Hello"], 4)[0]
+    (tmp_path / "data").mkdir()
+    link = tmp_path / "out.jsonl"
+    link.symlink_to(tmp_path / "data" / "out.jsonl")
+    assert main(["generate", tiny_model("qwen3"), "--output", str(link), *flags]) == 0
+    assert link.is_symlink() and json.loads((tmp_path / "data" / "out.jsonl").read_text())["text"] == expected
+    pipe, read = tmp_path / "pipe", []
+    os.mkfifo(pipe)
+    reader = threading.Thread(target=lambda: read.append(pipe.read_text()), daemon=True)
+    reader.start()
+    assert main(["generate", tiny_model("qwen3"), "--output", str(pipe), *flags]) == 0
+    reader.join(timeout=30)
+    assert read and json.loads(read[0])["text"] == expected
+    assert not pipe.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["data", "in.jsonl", "out.jsonl",
+                                                                                  "pipe"]
