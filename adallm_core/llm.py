@@ -182,8 +182,12 @@ def _template_messages(conversation: list[dict]) -> list[dict]:
     tojson would quote that text again (vLLM parses them too)."""
     out = []
     for i, message in enumerate(conversation):
-        if isinstance(message.get("content"), list):
-            message = {**message, "content": _joined_text_parts(message["content"], i)}
+        content = message.get("content")
+        if isinstance(content, list):
+            message = {**message, "content": _joined_text_parts(content, i)}
+        elif content is not None and not isinstance(content, str):  # the template's own error would name nothing
+            raise ValueError(f"chat: message {i}: content must be a string, a list of text parts or None, got "
+                             f"{type(content).__name__}")
         calls = message.get("tool_calls")
         if calls:
             message = {**message, "tool_calls": [_parsed_call(call, i) for call in calls]}

@@ -93,6 +93,17 @@ def test_chat_names_messages_that_are_no_conversation(llm, messages, named):
         llm.chat(messages, GREEDY, use_tqdm=False)
 
 
+@pytest.mark.parametrize("content", [5, {"text": "Hi"}])
+def test_chat_names_a_content_that_is_no_text(llm, content):
+    """The template's TypeError on a number was reported as a fault of chat_template_kwargs, which was not given."""
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user",
+                                                                                       "content": content}]
+    with pytest.raises(ValueError, match=r"chat: message 2: content must be a string, a list of text parts or "
+                                         r"None, got (int|dict)") as caught:
+        llm.chat(conv, GREEDY, use_tqdm=False)
+    assert "chat_template_kwargs" not in str(caught.value)
+
+
 def test_logprobs_are_vllms_logprob_objects_and_still_floats(llm):
     """vLLM scripts read entry[token].logprob / .rank / .decoded_token (a float has no .logprob); the values are the
     engine's, and code that treats them as floats still works."""
