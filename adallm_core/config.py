@@ -54,6 +54,7 @@ class EngineArgs:
     async_scheduling: bool = True
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.dtype not in DTYPES:
@@ -115,6 +116,19 @@ class EngineArgs:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_types(args: EngineArgs) -> None:
+    """Numbers and flags of the wrong type (a YAML "4", LLM(enforce_eager="false")) are named here: they were a
+    TypeError naming no field, or a string that reads as true. Text fields have their own checks (model: a Path too)."""
+    for f in fields(args):
+        value, text, kind = getattr(args, f.name), str(f.type), _field_type(f)
+        if (value is None and text.startswith("Optional")) or (kind is str and text != "bool"):
+            continue
+        number = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+        if not (isinstance(value, bool) if text == "bool" else number):
+            shape = {"bool": "true or false"}.get(text, "an integer" if kind is int else "a number")
+            raise ValueError(f"{f.name} must be {shape}, got {value!r}")
 
 
 def _field_type(f: dataclasses.Field) -> type:
