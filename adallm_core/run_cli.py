@@ -1,4 +1,5 @@
-"""`adallm run MODEL [PROMPT]`: stream a completion to the terminal, or chat interactively (`\\q` quits)."""
+"""`adallm run MODEL [PROMPT]`: stream a completion to the terminal, or chat interactively (`\\q` quits; Ctrl-C
+stops an answer)."""
 from __future__ import annotations
 
 import argparse
@@ -71,20 +72,39 @@ def main(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = s
                 history.pop()
             return None
         text = []
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                for c in out.outputs:
-                    stdout.write(c.text)
-                    stdout.flush()
-                    text.append(c.text)
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    for c in out.outputs:
+                        stdout.write(c.text)
+                        stdout.flush()
+                        text.append(c.text)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer: its blocks go back, its turn is dropped
+            engine.abort_request(rid)
+            if args.chat:
+                history.pop()
+            if args.prompt is not None:
+                raise
+            stdout.write("\n")
+            stdout.flush()
+            return None
         stdout.write("\n")
         stdout.flush()
         if args.chat:
             history.append({"role": "assistant", "content": "".join(text)})
         return "".join(text)
 
-    if args.prompt is not None:
-        return 0 if answer(args.prompt) is not None else 1
+    try:
+        if args.prompt is not None:
+            return 0 if answer(args.prompt) is not None else 1
+        return _session(answer, stdin, stdout)
+    except KeyboardInterrupt:  # in a one-shot answer, or at the prompt: the exit status of Ctrl-C, no traceback
+        stdout.write("\n")
+        return 130
+
+
+def _session(answer, stdin: TextIO, stdout: TextIO) -> int:
+    """Answer each line until \\q or the end of the input."""
     interactive = stdin.isatty()
     while True:
         if interactive:

@@ -208,3 +208,33 @@ def test_generate_writes_through_a_symlink_and_into_a_pipe(tmp_path):
     assert read and json.loads(read[0])["text"] == expected
     assert not pipe.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["data", "in.jsonl", "out.jsonl",
                                                                                   "pipe"]
+
+
+class _CtrlCOnce(io.StringIO):
+    """A terminal where the user presses Ctrl-C while the first answer streams (the write is where it lands)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pressed = False
+
+    def write(self, text):
+        if text and not self.pressed:
+            self.pressed = True
+            raise KeyboardInterrupt
+        return super().write(text)
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat():
+    """Ctrl-C mid-answer ended the session with a traceback (the model loaded again for the next question); it now
+    stops that answer, drops the turn, and the next question gets its own answer (not the stopped one's tokens)."""
+    from adallm_core import run_cli
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    run_cli.add_arguments(parser)
+    args = parser.parse_args([tiny_model("qwen3"), "--chat", "--temperature", "0", "--max-tokens", "5",
+                              "--ignore-eos", *ENGINE_FLAGS])
+    out = _CtrlCOnce()
+    assert run_cli.main(args, stdin=io.StringIO("Hi\nHow are you\n\\q\n"), stdout=out) == 0
+    answer = out.getvalue().strip("\n")
+    assert answer == reference_text([{"role": "user", "content": "How are you"}], 5, chat=True)[0]
