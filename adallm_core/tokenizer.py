@@ -110,6 +110,8 @@ class Tokenizer:
 def chat_template_options(add_generation_prompt: bool = True, continue_final_message: bool = False,
                           chat_template_kwargs: Optional[dict] = None) -> dict:
     """vLLM's chat options as apply_chat_template's keyword arguments (the template kwargs win, as in vLLM)."""
+    if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):  # {**"text"}: a TypeError
+        raise ValueError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
     kwargs = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
               **(chat_template_kwargs or {})}
     kwargs.pop("tokenize", None)  # rendered to text, then encoded once

@@ -194,6 +194,9 @@ def test_chat_continues_the_final_message_and_template_kwargs_win(llm):
     assert kw.prompt == tok.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=False)
     with pytest.raises(ValueError, match="cannot both be true"):
         llm.chat(conv, GREEDY, use_tqdm=False, continue_final_message=True)
+    # not a TypeError "'str' object is not a mapping" that names nothing
+    with pytest.raises(ValueError, match="chat: chat_template_kwargs must be a dict, got str"):
+        llm.chat(conv[:1], GREEDY, use_tqdm=False, chat_template_kwargs="enable_thinking=False")
 
 
 def test_default_sampling_params_are_the_models_generation_config(llm, tmp_path, monkeypatch):
