@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_prompts(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) for every non-blank line; a bad line is a ValueError naming it."""
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -46,6 +46,15 @@ def read_prompts(path: Path) -> list[tuple[int, dict]]:
                 raise ValueError(f"{path}:{n}: {e}") from None
         rows.append((n, row))
     return rows
+
+
+def _text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")  # a BOM (Windows editors) is no part of the first line
+    except UnicodeDecodeError as e:  # its own message names no file
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def check_output(input_path: Path, output: Path) -> None:

@@ -238,3 +238,16 @@ def test_ctrl_c_stops_the_answer_not_the_chat():
     assert run_cli.main(args, stdin=io.StringIO("Hi\nHow are you\n\\q\n"), stdout=out) == 0
     answer = out.getvalue().strip("\n")
     assert answer == reference_text([{"role": "user", "content": "How are you"}], 5, chat=True)[0]
+
+
+def test_generate_names_an_input_that_is_not_utf8(tmp_path, capsys):
+    """A Latin-1 or UTF-16 file was "error: 'utf-8' codec can't decode byte 0xe9 ...", naming no file."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes('{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    rc = main(["generate", str(tmp_path / "no-model-needed"), "--input", str(inp), "--output",
+               str(tmp_path / "o.jsonl"), *ENGINE_FLAGS])
+    assert rc == 2 and f"{inp}:1: not UTF-8 text (invalid continuation byte at byte 15)" in capsys.readouterr().err
+    from adallm_core.generate_cli import read_prompts
+
+    inp.write_bytes(b"\xef\xbb\xbf" + '{"prompt": "caf\u00e9"}\n'.encode())  # a BOM was "not JSON"
+    assert read_prompts(inp) == [(1, {"prompt": "caf\u00e9"})]
