@@ -181,9 +181,14 @@ def check_model(engine_args: EngineArgs, chat: bool, structure: Optional[dict] =
     path = resolve_model_path(engine_args.model)  # ValueError naming the model and host
     try:
         checkpoint = Checkpoint(path)
-        tokenizer = Tokenizer(resolve_model_path(engine_args.tokenizer) if engine_args.tokenizer else path)
     except Exception as e:  # checkpoint and transformers errors come in many types; all mean the same here
         raise ValueError(f"--model {engine_args.model or path}: cannot read it: {type(e).__name__}: {e}") from None
+    flag, source = ("--tokenizer", engine_args.tokenizer) if engine_args.tokenizer else ("--model", path)
+    try:
+        tokenizer = Tokenizer(resolve_model_path(engine_args.tokenizer, what="tokenizer") if engine_args.tokenizer
+                              else path)
+    except Exception as e:
+        raise ValueError(f"{flag} {source}: cannot read its tokenizer: {type(e).__name__}: {e}") from None
     if structure is not None:  # compiled once here: a bad schema would otherwise fail every row alike
         config = ModelConfig.from_hf_config(checkpoint.hf_config, path)
         compiler = GrammarCompiler(tokenizer, config.vocab_size, tokenizer.eos_token_ids)

@@ -361,6 +361,10 @@ def test_bad_job_arguments_fail_before_any_engine_work(tmp_path, capsys):
     (tmp_path / "model").mkdir()
     err = _fail(["--input", str(data), "--output", out, "--model", str(tmp_path / "model")], capsys)
     assert f"--model {tmp_path / 'model'}: cannot read it" in err
+    err = _fail(["--input", str(data), "--output", out, "--tokenizer", str(tmp_path / "model")], capsys)
+    assert f"--tokenizer {tmp_path / 'model'}: cannot read its tokenizer" in err  # the model (demo) is fine
+    err = _fail(["--input", str(data), "--output", out, "--tokenizer", str(tmp_path / "typo")], capsys)
+    assert f"tokenizer '{tmp_path / 'typo'}': no such folder" in err
     assert "is inside --input" in _fail(["--input", str(tmp_path), "--output", str(tmp_path / "o")], capsys)
     # a glob that would read this job's part files on the next run
     (tmp_path / "sub").mkdir()
