@@ -3,7 +3,10 @@ stops an answer)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from typing import Optional, TextIO
 
 from adallm_core.config import EngineArgs
@@ -73,12 +76,15 @@ def main(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = s
             return None
         text = []
         try:
-            while engine.has_unfinished_requests():
-                for out in engine.step():
-                    for c in out.outputs:
-                        stdout.write(c.text)
-                        stdout.flush()
-                        text.append(c.text)
+            with _ctrl_c_between_steps() as pressed:
+                while engine.has_unfinished_requests():
+                    for out in engine.step():
+                        for c in out.outputs:
+                            stdout.write(c.text)
+                            stdout.flush()
+                            text.append(c.text)
+                    if pressed:
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:  # Ctrl-C stops this answer: its blocks go back, its turn is dropped
             engine.abort_request(rid)
             if args.chat:
@@ -101,6 +107,27 @@ def main(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = s
     except KeyboardInterrupt:  # in a one-shot answer, or at the prompt: the exit status of Ctrl-C, no traceback
         stdout.write("\n")
         return 130
+
+
+@contextlib.contextmanager
+def _ctrl_c_between_steps():
+    """Ctrl-C while an answer streams is taken after the engine's step: a step cut midway would leave its
+    bookkeeping half done for the next answer. A second Ctrl-C (a step that hangs) quits at once, status 130."""
+    pressed: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield pressed
+        return
+
+    def on_ctrl_c(signum, frame):
+        if pressed:
+            raise SystemExit(130)
+        pressed.append(True)
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _session(answer, stdin: TextIO, stdout: TextIO) -> int:

@@ -240,6 +240,61 @@ def test_ctrl_c_stops_the_answer_not_the_chat():
     assert answer == reference_text([{"role": "user", "content": "How are you"}], 5, chat=True)[0]
 
 
+def test_ctrl_c_inside_a_step_is_taken_after_it(monkeypatch):
+    """A real SIGINT that lands in the model's forward pass: the step ends first (cut midway, its bookkeeping would
+    be half done), shows its token, then the answer stops and the next question gets its own answer."""
+    import argparse
+    import signal
+
+    from adallm_core import run_cli
+    from adallm_core.runner import ModelRunner
+
+    execute, calls = ModelRunner.execute, []
+
+    def execute_then_ctrl_c(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # the first answer's second step: its prompt was prefilled, it decodes
+            signal.raise_signal(signal.SIGINT)
+        return execute(self, *a, **kw)
+
+    monkeypatch.setattr(ModelRunner, "execute", execute_then_ctrl_c)
+    parser = argparse.ArgumentParser()
+    run_cli.add_arguments(parser)
+    args = parser.parse_args([tiny_model("qwen3"), "--chat", "--temperature", "0", "--max-tokens", "5",
+                              "--ignore-eos", "--no-async-scheduling", *ENGINE_FLAGS])
+    out = io.StringIO()
+    assert run_cli.main(args, stdin=io.StringIO("Hi\nHow are you\n\\q\n"), stdout=out) == 0
+    first, second = out.getvalue().split("\n")[:2]
+    want = reference_text([{"role": "user", "content": "How are you"}], 5, chat=True)[0]
+    assert second == want
+    # the step the signal landed in ran to its end and showed its token: two of the five
+    assert first == reference_text([{"role": "user", "content": "Hi"}], 2, chat=True)[0]
+
+
+def test_a_second_ctrl_c_in_a_step_quits_at_once(monkeypatch):
+    """A step that hangs (a first compile, a wedged device) must not hold the terminal: the second Ctrl-C quits."""
+    import argparse
+    import signal
+
+    from adallm_core import run_cli
+    from adallm_core.runner import ModelRunner
+
+    execute = ModelRunner.execute
+
+    def execute_after_two_ctrl_c(self, *a, **kw):
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        return execute(self, *a, **kw)
+
+    monkeypatch.setattr(ModelRunner, "execute", execute_after_two_ctrl_c)
+    parser = argparse.ArgumentParser()
+    run_cli.add_arguments(parser)
+    args = parser.parse_args([tiny_model("qwen3"), "Hi", "--max-tokens", "5", *ENGINE_FLAGS])
+    with pytest.raises(SystemExit) as quit_:
+        run_cli.main(args, stdout=io.StringIO())
+    assert quit_.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_generate_names_an_input_that_is_not_utf8(tmp_path, capsys):
     """A Latin-1 or UTF-16 file was "error: 'utf-8' codec can't decode byte 0xe9 ...", naming no file."""
     inp = tmp_path / "in.jsonl"
