@@ -32,19 +32,27 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     if name not in COMMANDS:
         parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
+    try:
+        return _run_command(name, argv[1:])
+    except KeyboardInterrupt:  # Ctrl-C: the shell's status for it, and a line rather than a traceback
+        print(f"adallm {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run_command(name: str, argv: list[str]) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     if not hasattr(module, "add_arguments"):
         # its own parser names itself after sys.argv[0]: `adallm bench`, not `adallm`, in its usage and errors
         program, sys.argv[0] = sys.argv[0], f"adallm {name}"
         try:
-            return int(module.main(argv[1:]) or 0)
+            return int(module.main(argv) or 0)
         finally:
             sys.argv[0] = program
     sub_parser = argparse.ArgumentParser(prog=f"adallm {name}", description=COMMANDS[name][1])
     module.add_arguments(sub_parser)
     # intermixed: `adallm run MODEL --temperature 0 "prompt"` (an optional positional after options) parses as
     # `adallm run MODEL "prompt" --temperature 0` does, not as an unrecognized argument
-    args = sub_parser.parse_intermixed_args(argv[1:])
+    args = sub_parser.parse_intermixed_args(argv)
     return int(module.main(args) or 0)
 
 

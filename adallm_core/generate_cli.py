@@ -37,8 +37,11 @@ def read_prompts(path: Path) -> list[tuple[int, dict]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not {"prompt", "prompt_token_ids", "messages"} & row.keys():
+        given = sorted({"prompt", "prompt_token_ids", "messages"} & row.keys()) if isinstance(row, dict) else []
+        if not given:
             raise ValueError(f"{path}:{n}: needs a 'prompt', 'prompt_token_ids' or 'messages' field")
+        if len(given) > 1:  # which one was meant? one of them would be dropped without a word
+            raise ValueError(f"{path}:{n}: has {' and '.join(repr(k) for k in given)}; give one of them")
         if "messages" in row:
             try:
                 check_conversation(row["messages"])

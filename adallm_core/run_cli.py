@@ -141,4 +141,4 @@ def _session(answer, stdin: TextIO, stdout: TextIO) -> int:
         if not line or line.strip() == QUIT:
             return 0
         if line.strip():
-            answer(line.rstrip("\n"))
+            answer(line.rstrip("\r\n"))  # a Windows terminal's line ends in \r\n

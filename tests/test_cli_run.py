@@ -136,6 +136,8 @@ def test_run_names_a_model_that_cannot_load(tmp_path, capsys):
     ('{"prompt": "ok"}', "afile/o.jsonl", "afile"),
     ('{"messages": "hi"}', "o.jsonl", "in.jsonl:1: 'messages' must be a non-empty list of {role, content}"),
     ('{"messages": [{"content": "hi"}]}', "o.jsonl", "in.jsonl:1: 'messages' must be"),
+    ('{"prompt": "a", "messages": [{"role": "user", "content": "b"}]}', "o.jsonl",
+     "in.jsonl:1: has 'messages' and 'prompt'; give one of them"),
 ])
 def test_generate_refuses_bad_output_or_messages_before_loading_the_model(tmp_path, capsys, line, output, named):
     (tmp_path / "in.jsonl").write_text(line + "\n")
@@ -144,6 +146,27 @@ def test_generate_refuses_bad_output_or_messages_before_loading_the_model(tmp_pa
                "--output", str(tmp_path / output), *ENGINE_FLAGS])
     assert rc == 2 and named in capsys.readouterr().err
     assert (tmp_path / "in.jsonl").read_text() == line + "\n"
+
+
+def test_ctrl_c_in_generate_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the batch runs: no traceback, the shell's status for it, and no output file."""
+    from adallm_core.llm import LLM
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LLM, "generate", interrupted)
+    (tmp_path / "in.jsonl").write_text('{"prompt": "ok"}\n')
+    rc = main(["generate", tiny_model("qwen3"), "--input", str(tmp_path / "in.jsonl"), "--output",
+               str(tmp_path / "o.jsonl"), *ENGINE_FLAGS])
+    assert rc == 130 and capsys.readouterr().err.strip().endswith("adallm generate: interrupted")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_run_takes_windows_line_ends():
+    rc, text = run_cli([tiny_model("qwen3"), "--temperature", "0", "--max-tokens", "4", "--ignore-eos",
+                        *ENGINE_FLAGS], stdin_text="Hello\r\n")
+    assert rc == 0 and text.strip("\n") == reference_text(["Hello"], 4)[0]
 
 
 def test_generate_output_has_the_permissions_of_a_plain_file(tmp_path):
