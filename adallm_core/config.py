@@ -25,6 +25,7 @@ class EngineArgs:
 
     model: Optional[str] = None
     tokenizer: Optional[str] = None
+    chat_template: Optional[str] = None  # a Jinja template, or a file holding one, in place of the tokenizer's
     max_model_len: Optional[int] = None  # None: the model's context length (with its RoPE scaling), capped at 8192
     max_num_seqs: int = 64
     max_num_batched_tokens: Optional[int] = None  # None: max(2048, max_model_len) capped at 8192, >= max_num_seqs
@@ -76,8 +77,10 @@ class EngineArgs:
         # these three failed only once the engine started, as a RuntimeError or OverflowError that named nothing
         if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -2**63 <= self.seed < 2**63:
+            raise ValueError(f"seed must be a 64-bit integer, got {self.seed!r}")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError(f"num_gpu_blocks_override must be >= 1, got {self.num_gpu_blocks_override}")
         if not (isinstance(self.cpu_kv_cache_gb, (int, float)) and 0 < self.cpu_kv_cache_gb < math.inf):
             raise ValueError(f"cpu_kv_cache_gb must be a finite number > 0, got {self.cpu_kv_cache_gb!r}")
         if self.tensor_parallel_size < 1:

@@ -9,7 +9,7 @@ from adallm_core.config import EngineArgs
 from adallm_core.engine import LLMEngine, next_request_id
 from adallm_core.outputs import Logprob, RequestOutput
 from adallm_core.sampling_params import RequestOutputKind, SamplingParams
-from adallm_core.tokenizer import chat_template_options
+from adallm_core.tokenizer import chat_template_options, load_chat_template
 
 PromptType = Union[str, dict]  # "text" or {"prompt_token_ids": [...]} (or {"prompt": "text"}): engine.prompt_of
 
@@ -54,10 +54,11 @@ class LLM:
     def chat(self, messages, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
              use_tqdm: Union[bool, Callable] = True, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: Optional[dict] = None,
-             tools: Optional[list[dict]] = None) -> list[RequestOutput]:
+             tools: Optional[list[dict]] = None, chat_template: Optional[str] = None) -> list[RequestOutput]:
         """messages: one conversation (list of {"role", "content"}) or a list of conversations. With
         continue_final_message the last (assistant) message is continued, not closed (vLLM's option). tools: OpenAI's
-        function definitions, which the chat template shows the model (vLLM's)."""
+        function definitions, which the chat template shows the model (vLLM's). chat_template: a Jinja template, or a
+        file holding one, for this call in place of the model's (vLLM's)."""
         conversations = _conversations(messages)
         try:
             kwargs = chat_template_options(add_generation_prompt, continue_final_message, chat_template_kwargs)
@@ -65,6 +66,11 @@ class LLM:
             raise ValueError(f"chat: {e}") from None
         if tools is not None:
             kwargs["tools"] = tools
+        if chat_template is not None:
+            try:
+                kwargs["chat_template"] = load_chat_template(chat_template)
+            except ValueError as e:
+                raise ValueError(f"chat: {e}") from None
         tok = self.llm_engine.tokenizer
         # The template writes bos itself: encode the rendered text without adding special tokens again.
         items = [(tok.apply_chat_template(_template_messages(c), **kwargs), False) for c in conversations]

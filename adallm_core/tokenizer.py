@@ -22,7 +22,9 @@ _CONTEXT_TOKENS = 8
 class Tokenizer:
     """The model's tokenizer: encode/decode, chat template, and every eos id the model may emit."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, chat_template: Optional[str] = None):
+        """chat_template: a Jinja template, or a file holding one, in place of the tokenizer's (vLLM's
+        --chat-template: a base model has none; a fine-tune's may be wrong)."""
         from transformers import AutoTokenizer
 
         self.path = Path(path)
@@ -31,6 +33,8 @@ class Tokenizer:
             self.hf = AutoTokenizer.from_pretrained(str(path))
         except Exception as e:  # JSONDecodeError, KeyError, AttributeError, the Rust tokenizer's Exception: no file
             raise _tokenizer_error(self.path, e) from e
+        if chat_template is not None:
+            self.hf.chat_template = load_chat_template(chat_template)
         self.eos_token_id: Optional[int] = self.hf.eos_token_id  # the tokenizer's own; eos_token_ids adds the config's
         self.eos_token_ids = self._eos_ids()
         # transformers' decode adds only clean_up_tokenization_spaces on top of the Rust decode
@@ -92,8 +96,9 @@ class Tokenizer:
     # messages positional-only: a template keyword named "messages" (chat_template_kwargs) reaches the template's
     # rendering, which refuses it as it refuses "conversation" (a ValueError), instead of colliding with this name
     def apply_chat_template(self, messages: list[dict], /, add_generation_prompt: bool = True, **kwargs) -> str:
-        if not self.hf.chat_template:
-            raise ValueError(f"tokenizer at {self.path} has no chat template; use generate() with a plain prompt")
+        if not (self.hf.chat_template or kwargs.get("chat_template")):
+            raise ValueError(f"tokenizer at {self.path} has no chat template; give one (--chat-template, "
+                             f"LLM(chat_template=...)) or use generate() with a plain prompt")
         try:
             return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                                **kwargs)
@@ -104,7 +109,8 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict], /, add_generation_prompt: bool = True, **kwargs) -> list[int]:
         # The template already writes the special tokens (bos): don't add them twice.
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), add_special_tokens=False)
+        text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
+        return self.encode(text, add_special_tokens=False)
 
 
 def chat_template_options(add_generation_prompt: bool = True, continue_final_message: bool = False,
@@ -128,6 +134,24 @@ def _check_vocab_files(path: Path) -> None:
     if path.is_dir() and not any((path / name).is_file() for name in VOCAB_FILES):
         raise CheckpointError(f"{path}: no tokenizer files (none of {', '.join(VOCAB_FILES)}); copy them from the "
                               f"original model or pass --tokenizer")
+
+
+def load_chat_template(value: str) -> str:
+    """vLLM's rule: text with Jinja's delimiters is the template itself; anything else names a file holding one. The
+    template is parsed here, so a broken one fails at start-up, not at the first chat request."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"chat_template must be a Jinja template or the path of a file holding one, got {value!r}")
+    if not any(mark in value for mark in ("{{", "{%")):
+        try:
+            value = Path(value).expanduser().read_text()
+        except OSError as e:
+            raise ValueError(f"chat_template {value!r}: not a Jinja template, and the file cannot be read "
+                             f"({e.strerror})") from None
+    try:
+        jinja2.Environment().parse(value)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"chat_template: not a valid Jinja template (line {e.lineno}: {e.message})") from None
+    return value
 
 
 def _tokenizer_error(path: Path, error: Exception) -> CheckpointError:

@@ -409,7 +409,8 @@ class ChatTemplateFields(Strict):
         # A client's own template (apply_chat_template's chat_template) would run any Jinja it sends, and its errors
         # are 500s: refused, as vLLM does without --trust-request-chat-template.
         if (value or {}).get("chat_template") is not None:
-            raise ValueError("chat_template is not accepted in a request: this server renders the model's own template")
+            raise ValueError("chat_template is not accepted in a request: this server renders the model's own template "
+                             "(or the one `adallm serve --chat-template` gave)")
         # the kwargs win over the fields, so they may make a contradiction: the client's mistake (a 400), checked
         # here rather than where template_options() is called, which answered it with a 500
         chat_template_options(info.data.get("add_generation_prompt", True),

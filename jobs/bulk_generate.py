@@ -176,17 +176,22 @@ def check_model(engine_args: EngineArgs, chat: bool, structure: Optional[dict] =
     from adallm_core.model_config import ModelConfig
     from adallm_core.model_source import resolve_model_path
     from adallm_core.structured_output import GrammarCompiler, StructuredOutputsParams
-    from adallm_core.tokenizer import Tokenizer, chat_template_options
+    from adallm_core.tokenizer import Tokenizer, chat_template_options, load_chat_template
 
     path = resolve_model_path(engine_args.model)  # ValueError naming the model and host
     try:
         checkpoint = Checkpoint(path)
     except Exception as e:  # checkpoint and transformers errors come in many types; all mean the same here
         raise ValueError(f"--model {engine_args.model or path}: cannot read it: {type(e).__name__}: {e}") from None
+    if engine_args.chat_template is not None:
+        try:
+            load_chat_template(engine_args.chat_template)
+        except ValueError as e:
+            raise ValueError(f"--chat-template: {e}") from None
     flag, source = ("--tokenizer", engine_args.tokenizer) if engine_args.tokenizer else ("--model", path)
     try:
         tokenizer = Tokenizer(resolve_model_path(engine_args.tokenizer, what="tokenizer") if engine_args.tokenizer
-                              else path)
+                              else path, engine_args.chat_template)
     except Exception as e:
         raise ValueError(f"{flag} {source}: cannot read its tokenizer: {type(e).__name__}: {e}") from None
     if structure is not None:  # compiled once here: a bad schema would otherwise fail every row alike

@@ -25,7 +25,9 @@ def test_engine_args_cli_round_trip():
      ("cpu_kv_cache_gb", math.inf), ("cpu_kv_cache_gb", 0.0), ("seed", None), ("seed", 1.5),
      # LLM(**kwargs) and a Serve config's YAML: a quoted number was a TypeError naming no field, "false" was true
      ("max_num_seqs", "4"), ("gpu_memory_utilization", "0.5"), ("num_gpu_blocks_override", "64"),
-     ("max_model_len", 2.5), ("enforce_eager", "false"), ("enable_prefix_caching", 0)],
+     ("max_model_len", 2.5), ("enforce_eager", "false"), ("enable_prefix_caching", 0),
+     # an OverflowError naming nothing at start-up; a KV group of -1 usable blocks
+     ("seed", 2**70), ("num_gpu_blocks_override", 0)],
 )
 def test_engine_args_reject_bad_values_by_name(field, value):
     with pytest.raises(ValueError, match=field):

@@ -1,5 +1,6 @@
 """LLM offline API: input order, prompt forms, chat template, all-or-nothing validation, model source."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -197,6 +198,41 @@ def test_chat_continues_the_final_message_and_template_kwargs_win(llm):
     # not a TypeError "'str' object is not a mapping" that names nothing
     with pytest.raises(ValueError, match="chat: chat_template_kwargs must be a dict, got str"):
         llm.chat(conv[:1], GREEDY, use_tqdm=False, chat_template_kwargs="enable_thinking=False")
+
+
+# A template unlike the model's, rendered by hand below: the reference is the text itself, not transformers' rendering.
+PLAIN_TEMPLATE = ("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+                  "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+def test_a_chat_template_of_ones_own_replaces_the_models(llm, tmp_path):
+    """vLLM's chat_template (LLM.chat's argument, --chat-template for the engine): a template's text or a file."""
+    conv = [{"role": "user", "content": "Hi"}]
+    out = llm.chat(conv, GREEDY, use_tqdm=False, chat_template=PLAIN_TEMPLATE)[0]
+    assert out.prompt == "[user] Hi\n[assistant] "
+    assert out.prompt_token_ids == llm.get_tokenizer()("[user] Hi\n[assistant] ", add_special_tokens=False).input_ids
+    no_template = Path(shutil.copytree(tiny_model("qwen3"), tmp_path / "base"))
+    (no_template / "chat_template.jinja").unlink()  # a base model: no template of its own
+    (tmp_path / "plain.jinja").write_text(PLAIN_TEMPLATE)
+    base = LLM(str(no_template), max_model_len=256, num_gpu_blocks_override=64, kv_cache_dtype="bf16",
+               chat_template=str(tmp_path / "plain.jinja"))
+    got = base.chat(conv, GREEDY, use_tqdm=False)[0]
+    assert got.prompt == out.prompt and got.outputs[0].token_ids == out.outputs[0].token_ids
+    with pytest.raises(ValueError, match="has no chat template; give one"):
+        LLM(str(no_template), max_model_len=256, num_gpu_blocks_override=64, kv_cache_dtype="bf16").chat(conv)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("/no/such/template.jinja", "chat_template '/no/such/template.jinja': not a Jinja template, and the file cannot"),
+    ("{% for m in messages %}{{ m.content }}", "chat_template: not a valid Jinja template (line 1: Unexpected end"),
+    ("", "chat_template must be a Jinja template or the path of a file holding one"),
+])
+def test_a_bad_chat_template_is_named(llm, template, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        llm.chat([{"role": "user", "content": "Hi"}], GREEDY, use_tqdm=False, chat_template=template)
+    with pytest.raises(ValueError, match=re.escape(message)):  # at start-up, not at the first chat
+        LLM(tiny_model("qwen3"), max_model_len=256, num_gpu_blocks_override=64, kv_cache_dtype="bf16",
+            chat_template=template)
 
 
 def test_default_sampling_params_are_the_models_generation_config(llm, tmp_path, monkeypatch):
