@@ -151,6 +151,8 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
               "tokenizer": engine_args.tokenizer, "max_model_len": engine_args.max_model_len}  # fmt: skip
     if rows.chat_template_kwargs:  # recorded only when given: folders written before the flag still resume
         record["chat_template_kwargs"] = rows.chat_template_kwargs
+    if engine_args.chat_template is not None and rows.messages_column:  # its text: an edited file is another job
+        record["chat_template"] = _chat_template_text(engine_args.chat_template)
     # first: a changed --id-column would otherwise read as "not written by this job" (its parts lack the id)
     resume.check_job_record(out_fs, out_root, record, f"--output {args.output}")
     resume.check_output_parts(out_fs, out_root, [id_column, *rows.output_schema.names], f"--output {args.output}")
@@ -166,6 +168,15 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
                    derive_ids=not args.id_column)
 
 
+def _chat_template_text(value: str) -> str:
+    from adallm_core.tokenizer import load_chat_template
+
+    try:
+        return load_chat_template(value)
+    except ValueError as e:
+        raise ValueError(f"--chat-template: {e}") from None
+
+
 def check_model(engine_args: EngineArgs, chat: bool, structure: Optional[dict] = None,
                 template_kwargs: Optional[dict] = None) -> None:
     """The model must resolve to a folder with a readable checkpoint and tokenizer (and a chat template for
@@ -176,7 +187,7 @@ def check_model(engine_args: EngineArgs, chat: bool, structure: Optional[dict] =
     from adallm_core.model_config import ModelConfig
     from adallm_core.model_source import resolve_model_path
     from adallm_core.structured_output import GrammarCompiler, StructuredOutputsParams
-    from adallm_core.tokenizer import Tokenizer, chat_template_options, load_chat_template
+    from adallm_core.tokenizer import Tokenizer, chat_template_options
 
     path = resolve_model_path(engine_args.model)  # ValueError naming the model and host
     try:
@@ -184,10 +195,7 @@ def check_model(engine_args: EngineArgs, chat: bool, structure: Optional[dict] =
     except Exception as e:  # checkpoint and transformers errors come in many types; all mean the same here
         raise ValueError(f"--model {engine_args.model or path}: cannot read it: {type(e).__name__}: {e}") from None
     if engine_args.chat_template is not None:
-        try:
-            load_chat_template(engine_args.chat_template)
-        except ValueError as e:
-            raise ValueError(f"--chat-template: {e}") from None
+        _chat_template_text(engine_args.chat_template)
     flag, source = ("--tokenizer", engine_args.tokenizer) if engine_args.tokenizer else ("--model", path)
     try:
         tokenizer = Tokenizer(resolve_model_path(engine_args.tokenizer, what="tokenizer") if engine_args.tokenizer

@@ -591,6 +591,28 @@ def test_chat_template_kwargs_reach_the_template(tokenizer, tmp_path):
             bulk_generate.plan_job(parser.parse_args(argv))
 
 
+def test_a_chat_template_of_ones_own_renders_the_rows_and_is_recorded(tmp_path):
+    """--chat-template: chat rows render with it (checked against the text written by hand); its text is in the job
+    record, which a resume must match (an edited file is another job); a bad one stops the job before it starts."""
+    messages = [{"role": "user", "content": "Hi"}]
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>")
+    data = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"m": [messages]}), data)
+    parser = argparse.ArgumentParser()
+    bulk_generate.add_arguments(parser)
+    base = ["--input", str(data), "--output", str(tmp_path / "out"), "--messages-column", "m"]
+    plan = bulk_generate.plan_job(parser.parse_args(base + ["--chat-template", str(template)]))
+    assert plan.record["chat_template"] == template.read_text()
+    spec = plan.processor.rows
+    tokenizer = Tokenizer(demo_model_path(), str(template))
+    (row,) = prepare_rows(pa.table({"m": [messages]}), spec, tokenizer)
+    hf = AutoTokenizer.from_pretrained(demo_model_path())
+    assert row.prompt == hf.encode("<user>Hi<assistant>", add_special_tokens=False)
+    with pytest.raises(ValueError, match=re.escape("--chat-template: chat_template '/no/such.jinja': not a Jinja")):
+        bulk_generate.plan_job(parser.parse_args(base + ["--chat-template", "/no/such.jinja"]))
+
+
 @pytest.mark.parametrize("engine, accelerator_type, expected", [
     ({}, "L4", 1.0),  # an autoscaling cluster has no GPU node yet: the replicas must still ask for one
     ({"tensor_parallel_size": 2}, "L4", 2.0),
