@@ -244,13 +244,14 @@ class OpenAiIngress:
         status = 200  # a failure after the 200 went out is still a failure: its error event's status, for the metrics
 
         def sse(chunk) -> str:
-            if body.continuous_usage:  # the usage so far on every chunk of tokens (the role's comes before any)
+            if body.continuous_usage:  # the usage so far on every chunk
                 chunk.usage = builder.usage()
             return _sse(chunk)
 
         try:
-            if builder.chat:
-                yield _sse(builder.role_chunk())
+            if builder.chat:  # before any token: with continuous usage, the prompt's alone (vLLM's)
+                builder.count_prompts(first)
+                yield sse(builder.role_chunk())
             deltas = first
             while deltas is not None:
                 if isinstance(deltas, RequestError):  # the engine failed mid-stream

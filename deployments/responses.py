@@ -80,9 +80,14 @@ class ResponseBuilder:
             c.num_tokens += d.num_tokens
             c.add_logprobs(d.logprobs or ())
             c.finish_reason = d.finish_reason or c.finish_reason
-            self.prompt_tokens[d.index // self.n] = d.prompt_tokens
             if d.prompt_logprobs is not None:
                 self.prompt_logprobs[d.index // self.n] = d.prompt_logprobs
+        self.count_prompts(deltas)
+
+    def count_prompts(self, deltas: list[ChoiceDelta]) -> None:
+        """The prompts' lengths, for usage (n choices share one prompt); known before their first token is added."""
+        for d in deltas:
+            self.prompt_tokens[d.index // self.n] = d.prompt_tokens
 
     def usage(self) -> Usage:
         prompt = sum(self.prompt_tokens.values())

@@ -199,8 +199,12 @@ def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk(client, serv
         model=served_name, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0, stream=True,
         stream_options={"include_usage": True, "continuous_usage_stats": True},
     )
-    chunks = [c for c in stream if c.choices and c.choices[0].delta.role is None]  # the role's chunk precedes tokens
-    assert chunks and all(c.usage.prompt_tokens == len(expected.prompt_token_ids) for c in chunks)
+    role, *chunks = [c for c in stream if c.choices]
+    # as vLLM's: the role's chunk too, before any token (a client that reads usage on every chunk found null there)
+    prompt = len(expected.prompt_token_ids)
+    assert role.choices[0].delta.role == "assistant" and role.usage is not None
+    assert (role.usage.prompt_tokens, role.usage.completion_tokens, role.usage.total_tokens) == (prompt, 0, prompt)
+    assert chunks and all(c.usage.prompt_tokens == prompt for c in chunks)
     done = [c.usage.completion_tokens for c in chunks]
     assert done == sorted(done) and done[-1] == len(expected.outputs[0].token_ids)
     assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
