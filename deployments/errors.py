@@ -53,6 +53,9 @@ def replica_lost(exc: Exception) -> OpenAIError:
 
 
 def error_body(status: int, message: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
+    # a message may quote the client's text, a lone surrogate included (JSON's "\ud800"), which the UTF-8 body cannot
+    # carry (answering failed: a 500): it is spelled out as the escape instead
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     info = ErrorInfo(message=message, type=ERROR_TYPES.get(status, "server_error"), param=param, code=code)
     return ErrorResponse(error=info).model_dump()
 

@@ -679,6 +679,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "M", "prompt": LONG_PROMPT, "stream": True}, 400, "prompt",
      "maximum context length is 128 tokens"),
     ("/v1/completions", {"model": "no-such-model", "prompt": "hi"}, 404, "model", "no-such-model"),
+    # a name cut inside a surrogate pair, quoted in the 404's message, which UTF-8 cannot carry: was a 500
+    ("/v1/chat/completions", {"model": "cut \ud83d", "messages": CHAT}, 404, "model", "'cut \\ud83d' does not exist"),
     ("/v1/chat/completions", {"model": "M", "messages": []}, 400, "messages", "messages"),
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", "role"),
     ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user"}]}, 400, "messages.0.content", "content"),
@@ -728,6 +730,7 @@ BAD_REQUESTS = [
     ("/tokenize", {"model": "M", "prompt": "hi", "messages": CHAT}, 400, "messages", "exactly one of prompt or messages"),
     ("/tokenize", {"model": "M", "prompt": "hi \ud800"}, 400, "prompt", "lone surrogate"),
     ("/tokenize", {"model": "no-such-model", "prompt": "hi"}, 404, "model", "no-such-model"),
+    ("/detokenize", {"model": "\udc00", "tokens": [1]}, 404, "model", "does not exist"),
     ("/detokenize", {"model": "M", "tokens": [10**8]}, 400, "tokens", "not a token id"),
     ("/detokenize", {"model": "M", "tokens": [-1]}, 400, "tokens.0", "greater than or equal to 0"),
     ("/v1/chat/completions", {"model": "M", "messages": CHAT, "response_format": {"type": "json_schema", "json_schema":
