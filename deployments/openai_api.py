@@ -415,6 +415,8 @@ class ChatTemplateFields(Strict):
         # here rather than where template_options() is called, which answered it with a 500
         chat_template_options(info.data.get("add_generation_prompt", True),
                               info.data.get("continue_final_message", False), value)
+        # the template may write any of them into the prompt, which the tokenizer takes only as valid Unicode
+        unicode_text(json.dumps(value, ensure_ascii=False))
         return value
 
     def template_options(self) -> dict:

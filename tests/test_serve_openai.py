@@ -762,6 +762,11 @@ BAD_REQUESTS = [
      400, "chat_template_kwargs", "chat_template"),
     ("/tokenize", {"model": "M", "messages": CHAT, "chat_template_kwargs": {"chat_template": "{{ messages }}"}},
      400, "chat_template_kwargs", "chat_template"),
+    # the template writes them into the prompt, which no tokenizer takes with a lone surrogate (/tokenize: was a 500)
+    ("/tokenize", {"model": "M", "messages": CHAT, "chat_template_kwargs": {"tools": [{"type": "function", "function": {
+        "name": "f\ud800"}}]}}, 400, "chat_template_kwargs", "lone surrogate"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "stream": True, "chat_template_kwargs": {"tools": [
+        {"type": "function", "function": {"name": "\udfff"}}]}}, 400, "chat_template_kwargs", "lone surrogate"),
     ("/v1/chat/completions", {"model": "M", "messages": CHAT, "chat_template_kwargs": {"messages": []}},
      400, "chat_template_kwargs", "got multiple values for keyword argument 'messages'"),
     ("/v1/chat/completions", {"model": "M", "messages": CHAT, "response_format": {
