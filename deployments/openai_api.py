@@ -33,6 +33,23 @@ NULL_MEANS_DEFAULT = ("n", "presence_penalty", "frequency_penalty", "stream", "m
 MODEL_DEFAULTED = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
+# Free JSON (schemas, template kwargs, call arguments) nests at most this deep: a request travels to its replica
+# pickled, which failed from ~500 levels (a 500), and a grammar of a schema that deep compiled for minutes.
+MAX_JSON_DEPTH = 128
+TOO_DEEP = f"nests deeper than {MAX_JSON_DEPTH} levels of objects and arrays"
+
+
+def shallow(value):
+    """value, or a ValueError when its objects and arrays nest deeper than MAX_JSON_DEPTH (counted level by level: no
+    recursion of our own)."""
+    level = [value]
+    for _ in range(MAX_JSON_DEPTH + 1):
+        level = [v for x in level if isinstance(x, (dict, list)) for v in (x.values() if isinstance(x, dict) else x)]
+        if not level:
+            return value
+    raise ValueError(TOO_DEEP)
+
+
 def only_with_true(value, info, other: str):
     """A field validator's check that a field is given only alongside `other: true` (declared before it)."""
     if value is not None and not info.data.get(other):
@@ -45,6 +62,11 @@ class JsonSchemaFormat(Strict):
     schema_: dict[str, Any] = Field(..., alias="schema")
     description: Optional[str] = None
     strict: Optional[bool] = None  # the schema is always enforced
+
+    @field_validator("schema_")
+    @classmethod
+    def _shallow(cls, schema):
+        return shallow(schema)
 
 
 class ResponseFormat(Strict):
@@ -78,6 +100,19 @@ class StructuredOutputs(Strict):
     grammar: Optional[str] = None
     json_object: Optional[bool] = None
     disable_any_whitespace: bool = False
+
+    @field_validator("json_")
+    @classmethod
+    def _shallow(cls, schema):
+        if isinstance(schema, str):  # as text: the engine parses it (JSON that is none is its error to report)
+            try:
+                shallow(json.loads(schema))
+            except json.JSONDecodeError:
+                pass
+            except RecursionError:  # deeper than the parser goes
+                raise ValueError(TOO_DEEP) from None
+            return schema
+        return shallow(schema)
 
     def as_dict(self) -> dict:
         return self.model_dump(by_alias=True, exclude_none=True)
@@ -264,7 +299,7 @@ class FunctionDefinition(FunctionName):
         if parameters is not None and parameters.get("type", "object") != "object":
             raise ValueError(f"must be a JSON schema of type 'object' (the arguments object), got type "
                              f"{parameters['type']!r}")
-        return parameters
+        return shallow(parameters)
 
 
 class Tool(Strict):
@@ -307,8 +342,11 @@ class SentFunctionCall(Strict, FunctionCall):
             parsed = json.loads(arguments)
         except json.JSONDecodeError as e:
             raise ValueError(f"a tool call's arguments must be a JSON object: {e}") from None
+        except RecursionError:  # deeper than the parser goes
+            raise ValueError(TOO_DEEP) from None
         if not isinstance(parsed, dict):
             raise ValueError(f"a tool call's arguments must be a JSON object, got {arguments!r}")
+        shallow(parsed)  # the template takes them parsed
         return arguments
 
 
@@ -416,7 +454,7 @@ class ChatTemplateFields(Strict):
         chat_template_options(info.data.get("add_generation_prompt", True),
                               info.data.get("continue_final_message", False), value)
         # the template may write any of them into the prompt, which the tokenizer takes only as valid Unicode
-        unicode_text(json.dumps(value, ensure_ascii=False))
+        unicode_text(json.dumps(shallow(value), ensure_ascii=False))
         return value
 
     def template_options(self) -> dict:

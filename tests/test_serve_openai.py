@@ -637,6 +637,15 @@ def test_prompt_plus_max_tokens_up_to_max_model_len(client, served_name, offline
 
 
 LONG_PROMPT = "word " * 300  # far over max_model_len=128 tokens
+
+
+def nested(depth: int, leaf=1):
+    for _ in range(depth):
+        leaf = {"a": leaf}
+    return leaf
+
+
+DEEP = nested(600)  # JSON the parser takes, but past what a request's trip to its replica (pickled) took: were 500s
 BAD_REQUESTS = [
     # (route, raw body or JSON, status, the field named in error.param (or None), a fragment of error.message)
     ("/v1/completions", b"{not json", 400, None, "not valid JSON"),
@@ -772,6 +781,20 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": "M", "messages": CHAT, "response_format": {
         "type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "array", "uniqueItems": True}}}},
      400, "response_format", "response_format: 'uniqueItems' (at #) is not enforced"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "structured_outputs": {"json": DEEP}}, 400,
+     "structured_outputs.json", "nests deeper than 128 levels"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "structured_outputs": {"json": json.dumps(DEEP)}}, 400,
+     "structured_outputs.json", "nests deeper than 128 levels"),  # as text: a grammar that takes minutes to compile
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "response_format": {"type": "json_schema", "json_schema":
+     {"name": "x", "schema": {"type": "object", "properties": DEEP}}}}, 400, "response_format.json_schema.schema",
+     "nests deeper"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": DEEP}}}], "tool_choice": "none"}, 400,
+     "tools.0.function.parameters", "nests deeper"),
+    ("/tokenize", {"messages": CHAT, "chat_template_kwargs": {"x": DEEP}}, 400, "chat_template_kwargs", "nests deeper"),
+    ("/v1/chat/completions", {"model": "M", "messages": CHAT + [{"role": "assistant", "tool_calls": [{
+        "id": "c", "type": "function", "function": {"name": "now", "arguments": json.dumps(DEEP)}}]}]}, 400,
+     "messages.2.tool_calls.0.function.arguments", "nests deeper"),
     ("/v1/nothing-here", {}, 404, None, "Not Found"),
 ]
 
