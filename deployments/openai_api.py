@@ -24,6 +24,14 @@ class Strict(BaseModel):
 class StreamOptions(Strict):
     include_usage: bool = False  # a last chunk, without choices, carries the request's usage
     continuous_usage_stats: bool = False  # with include_usage, every chunk carries the usage so far (vLLM's)
+    # OpenAI's padding of chunks against length side channels: a local server has no use for it, so it is accepted
+    # (the openai client types it) and has no effect
+    include_obfuscation: Optional[bool] = None
+
+    @field_validator("include_usage", "continuous_usage_stats", mode="before")
+    @classmethod
+    def _null_is_false(cls, value):
+        return False if value is None else value  # nullable in OpenAI's API and vLLM's
 
 
 MAX_STOP_STRINGS = 16
@@ -242,6 +250,24 @@ class CompletionRequest(SamplingFields):
     max_tokens: Optional[int] = Field(16, ge=0, le=INT64_MAX)  # 0: with echo, the prompt scored, nothing generated
     logprobs: Optional[int] = Field(None, ge=0, le=20)
     echo: Optional[bool] = False  # each choice starts with the prompt (with logprobs, and the prompt's logprobs)
+    # OpenAI's fields this server does not implement: null (their default) is taken, anything else named in a 400
+    suffix: Optional[str] = None
+    best_of: Optional[int] = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value):
+        if value is not None:
+            raise ValueError("suffix is not supported (only null)")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value, info):
+        n = info.data.get("n", 1)
+        if value is not None and value != n:  # best_of = n returns every candidate: no choosing among more
+            raise ValueError(f"best_of other than n ({n}) is not supported, got {value}")
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -421,6 +447,8 @@ class ChatMessage(Strict):
                 "name": c.function.name, "arguments": json.loads(c.function.arguments)}} for c in self.tool_calls]
         if self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:  # a participant's name, which some templates write (vLLM passes it on)
+            message["name"] = self.name
         return message
 
 

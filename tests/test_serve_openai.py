@@ -219,6 +219,19 @@ def test_null_fields_and_a_long_stop_string_as_the_openai_client_sends_them(clie
     assert reply.choices[0].message.content == expected.outputs[0].text
 
 
+def test_openai_fields_at_their_defaults_are_taken(client, served_name, offline):
+    """suffix and best_of (completions) and stream_options' nullable or ignorable fields, as clients send them at their
+    defaults, were 400s: null (or best_of = n) asks for nothing this server lacks."""
+    (expected,) = offline.generate(PROMPTS[1], greedy(), use_tqdm=False)
+    plain = client.completions.create(model=served_name, prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0,
+                                      suffix=None, best_of=1)
+    assert plain.choices[0].text == expected.outputs[0].text
+    stream = client.completions.create(model=served_name, prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0,
+                                       stream=True, stream_options={"include_usage": None, "include_obfuscation": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == expected.outputs[0].text and chunks[-1].usage is None
+
+
 def test_logprobs_equal_offline_llm(client, served_name, offline):
     (expected,) = offline.generate(PROMPTS[0], greedy(max_tokens=4, logprobs=2), use_tqdm=False)
     got = client.completions.create(model=served_name, prompt=PROMPTS[0], max_tokens=4, temperature=0, logprobs=2)
@@ -719,6 +732,9 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": "M", "messages": CHAT, "top_logprobs": 99}, 400, "top_logprobs", "top_logprobs"),
     ("/v1/chat/completions", {"model": "M", "messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs",
      "top_logprobs can only be given with logprobs: true"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "suffix": "!"}, 400, "suffix", "suffix is not supported"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "n": 2, "best_of": 3}, 400, "best_of",
+     "best_of other than n (2) is not supported, got 3"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "stream_options": {"include_usage": True}}, 400,
      "stream_options", "stream_options can only be given with stream: true"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "stop": ["s"] * 17}, 400, "stop", "at most 16 stop strings"),

@@ -253,6 +253,18 @@ def test_an_earlier_call_sent_back_without_arguments_takes_none(arguments):
     assert body.messages[1].as_template_input()["tool_calls"][0]["function"]["arguments"] == {}
 
 
+def test_a_participants_name_reaches_the_template():
+    """OpenAI's message name (which participant spoke) was dropped before the template; vLLM passes it on."""
+    from adallm_core.testing import demo_model_path
+    from adallm_core.tokenizer import Tokenizer
+    from deployments.openai_api import ChatCompletionRequest
+
+    tok = Tokenizer(demo_model_path(), "{% for m in messages %}{{ m.name or m.role }}: {{ m.content }}\n{% endfor %}")
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi", "name": "ann"},
+                                                      {"role": "user", "content": "yo"}])
+    assert tok.apply_chat_template([m.as_template_input() for m in body.messages], False) == "ann: hi\nuser: yo\n"
+
+
 @pytest.mark.parametrize("tool_choice", ["auto", "required", {"type": "function", "function": {"name": "city"}}])
 def test_parameters_that_are_no_object_schema_are_refused(tool_choice):
     """A function's arguments are a JSON object (OpenAI's rule, and this server's for calls sent back): parameters of
