@@ -104,8 +104,8 @@ class RequiredCalls:
 
 
 class HermesCalls:
-    """tool_choice "auto": <tool_call> blocks become calls as each closes; a block that is not a JSON object with a
-    name and object arguments, or one still open at the end, stays content as written. A tag cut between pieces is
+    """tool_choice "auto": <tool_call> blocks become calls as each closes (the last one also when left open); a block
+    that is not a JSON object with a name and object arguments stays content as written. A tag cut between pieces is
     held back. Without parallel calls only the first call is kept (vLLM's)."""
 
     finish_reason = "tool_calls"
@@ -145,6 +145,13 @@ class HermesCalls:
                     break
                 content, text, self._in_call = content + text[:start], text[start:], True
         if final:
+            # a last block left open whose JSON is whole (stop=["</tool_call>"], or eos right after it) is a call, as
+            # vLLM's parser reads it; one cut inside its JSON (max_tokens) stays content
+            call = self._parse(text[len(CALL):]) if self._in_call else None
+            if call is not None:
+                if self._parallel or self._count == 1:
+                    calls.append(call)
+                text = ""
             content, text = content + text, ""
         self._held = text
         return content, calls

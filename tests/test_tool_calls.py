@@ -21,6 +21,10 @@ HERMES_CASES = [
     ("<tool_call>not json</tool_call> after", "<tool_call>not json</tool_call> after", []),  # kept as written
     ('<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),  # no name
     ('x <tool_call>{"name": "now", "argu', 'x <tool_call>{"name": "now", "argu', []),  # cut by max_tokens
+    # the last block left open, its JSON whole: stop=["</tool_call>"] ends the answer there (vLLM's parser takes it)
+    ('x <tool_call>{"name": "now", "arguments": {"tz": "UTC"}}\n', "x ", [("now", {"tz": "UTC"})]),
+    ('<tool_call>{"name": "a", "arguments": {}}</tool_call>\n<tool_call>{"name": "b", "arguments": {}}', "",
+     [("a", {}), ("b", {})]),
     ("<tool_ca", "<tool_ca", []),
     ('<tool_call>{"name": "now", "arguments": null}</tool_call>', "", [("now", {})]),
     ('<tool_call>{"name": "now", "arguments": [1]}</tool_call>', '<tool_call>{"name": "now", "arguments": [1]}'
