@@ -10,7 +10,7 @@ import threading
 from typing import Optional, TextIO
 
 from adallm_core.config import EngineArgs
-from adallm_core.sampling_params import RequestOutputKind, SamplingParams
+from adallm_core.sampling_params import ContextLengthError, RequestOutputKind, SamplingParams
 
 QUIT = "\\q"
 
@@ -59,16 +59,26 @@ def main(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = s
         return 1
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
 
-    def answer(user_text: str) -> Optional[str]:
-        if args.chat:
-            history.append({"role": "user", "content": user_text})
-        try:  # the template too: a model without one, or one that refuses the messages, is an error line
+    def submit(rid: str, user_text: str) -> None:
+        while True:
             if args.chat:
                 prompt, special = engine.tokenizer.apply_chat_template(history), False
             else:
                 prompt, special = user_text, True
-            rid = next_request_id()
-            engine.add_request(rid, prompt, params, add_special_tokens=special)
+            try:
+                return engine.add_request(rid, prompt, params, add_special_tokens=special)
+            except ContextLengthError:
+                # a chat that outgrew the context loses its oldest exchange (else every later turn failed too)
+                if not (args.chat and _drop_oldest_exchange(history)):
+                    raise
+                print("(the conversation outgrew --max-model-len: its oldest exchange was dropped)", file=sys.stderr)
+
+    def answer(user_text: str) -> Optional[str]:
+        if args.chat:
+            history.append({"role": "user", "content": user_text})
+        rid = next_request_id()
+        try:  # the template too: a model without one, or one that refuses the messages, is an error line
+            submit(rid, user_text)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             if args.chat:
@@ -107,6 +117,17 @@ def main(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO = s
     except KeyboardInterrupt:  # in a one-shot answer, or at the prompt: the exit status of Ctrl-C, no traceback
         stdout.write("\n")
         return 130
+
+
+def _drop_oldest_exchange(history: list[dict]) -> bool:
+    """Removes the first user message and the answer after it, keeping a system message and the last question;
+    False when nothing but those is left."""
+    first = 1 if history and history[0]["role"] == "system" else 0
+    if len(history) - first <= 1:
+        return False
+    end = first + 2 if history[first + 1]["role"] == "assistant" else first + 1
+    del history[first:min(end, len(history) - 1)]
+    return True
 
 
 @contextlib.contextmanager

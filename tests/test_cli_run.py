@@ -263,6 +263,28 @@ def test_ctrl_c_stops_the_answer_not_the_chat():
     assert answer == reference_text([{"role": "user", "content": "How are you"}], 5, chat=True)[0]
 
 
+def test_a_chat_that_outgrows_the_context_drops_its_oldest_exchange(capsys):
+    """--max-model-len 128: the third question's conversation no longer fits; every later turn failed. The oldest
+    exchange now goes, and the answer is the model's on what is left (checked against LLM.chat on that)."""
+    from adallm_core.tokenizer import Tokenizer
+
+    questions = ["the quick brown fox jumps over the lazy dog", "a lazy dog sleeps under the brown tree today",
+                 "the brown fox runs over the quick lazy dog"]
+    a1 = reference_text([{"role": "user", "content": questions[0]}], 5, chat=True)[0]
+    two = [{"role": "user", "content": questions[0]}, {"role": "assistant", "content": a1},
+           {"role": "user", "content": questions[1]}]
+    a2 = reference_text(two, 5, chat=True)[0]
+    kept = [{"role": "user", "content": questions[1]}, {"role": "assistant", "content": a2},
+            {"role": "user", "content": questions[2]}]
+    encode = Tokenizer(tiny_model("qwen3")).encode_chat
+    assert len(encode(two + kept[1:])) >= 128 > len(encode(kept)) + 5  # the premise: only the shorter one fits
+    rc, out = run_cli([tiny_model("qwen3"), "--chat", "--temperature", "0", "--max-tokens", "5", "--ignore-eos",
+                       *ENGINE_FLAGS], stdin_text="\n".join(questions) + "\n")
+    a3 = reference_text(kept, 5, chat=True)[0]
+    assert rc == 0 and out == f"{a1}\n{a2}\n{a3}\n"
+    assert capsys.readouterr().err.count("its oldest exchange was dropped") == 1
+
+
 def test_ctrl_c_inside_a_step_is_taken_after_it(monkeypatch):
     """A real SIGINT that lands in the model's forward pass: the step ends first (cut midway, its bookkeeping would
     be half done), shows its token, then the answer stops and the next question gets its own answer."""
