@@ -137,16 +137,17 @@ def _check_vocab_files(path: Path) -> None:
 
 
 def load_chat_template(value: str) -> str:
-    """vLLM's rule: text with Jinja's delimiters is the template itself; anything else names a file holding one. The
-    template is parsed here, so a broken one fails at start-up, not at the first chat request."""
+    """vLLM's rule: a file of that name is read; else text holding '{', '}' or a newline is the template itself (one
+    of comments and text only has no '{{' or '{%'). The template is parsed here, so a broken one fails at start-up,
+    not at the first chat request."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"chat_template must be a Jinja template or the path of a file holding one, got {value!r}")
-    if not any(mark in value for mark in ("{{", "{%")):
-        try:
-            value = Path(value).expanduser().read_text()
-        except OSError as e:
+    try:
+        value = Path(value).expanduser().read_text()
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the text, which no path holds
+        if not any(mark in value for mark in "{}\n"):
             raise ValueError(f"chat_template {value!r}: not a Jinja template, and the file cannot be read "
-                             f"({e.strerror})") from None
+                             f"({getattr(e, 'strerror', e)})") from None
     try:
         jinja2.Environment().parse(value)
     except jinja2.TemplateSyntaxError as e:

@@ -215,3 +215,17 @@ def test_corrupt_tokenizer_file_is_named(tok_dir, tmp_path, name, content, match
     (tmp_path / name).write_bytes(data[: len(data) // 2] if content is None else content.encode())
     with pytest.raises(CheckpointError, match=rf"{tmp_path}/?{match}"):
         Tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("template, rendered", [
+    ("{# a system prompt of one's own, no variables #}You are terse.", "You are terse."),  # a comment only
+    ("<|user|>\nHello\n<|assistant|>", "<|user|>\nHello\n<|assistant|>"),  # text over lines, no tag
+])
+def test_a_chat_template_without_tags_is_taken_as_text(tok_dir, template, rendered):
+    """vLLM's --chat-template reads a file of that name when there is one, else takes text holding '{', '}' or a
+    newline as the template itself: these were read as file names ('cannot be read')."""
+    from adallm_core.tokenizer import load_chat_template
+
+    assert load_chat_template(template) == template
+    text = Tokenizer(tok_dir, template).apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert text == rendered
