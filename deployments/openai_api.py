@@ -51,7 +51,7 @@ def shallow(value):
     """value, or a ValueError when its objects and arrays nest deeper than MAX_JSON_DEPTH (counted level by level: no
     recursion of our own)."""
     level = [value]
-    for _ in range(MAX_JSON_DEPTH + 1):
+    for _ in range(MAX_JSON_DEPTH):  # a value of d levels has none left after d of these
         level = [v for x in level if isinstance(x, (dict, list)) for v in (x.values() if isinstance(x, dict) else x)]
         if not level:
             return value

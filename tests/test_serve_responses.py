@@ -76,6 +76,21 @@ def test_fields_that_need_another(fields, named):
         ChatCompletionRequest(model="m", messages=CHAT, **fields)
 
 
+@pytest.mark.parametrize("as_text", [False, True])
+def test_free_json_nests_at_most_128_levels(as_text):
+    """The limit is 128 levels of objects and arrays, as its message says: 129 was taken too."""
+    import json
+
+    for levels, ok in ((128, True), (129, False)):
+        text = '{"a": ' + "[" * (levels - 1) + "]" * (levels - 1) + "}"  # by hand: the object and each '['
+        given = {"json": text if as_text else json.loads(text)}
+        if ok:
+            assert CompletionRequest(model="m", prompt="x", structured_outputs=given).structured_outputs
+            continue
+        with pytest.raises(ValidationError, match="nests deeper than 128 levels"):
+            CompletionRequest(model="m", prompt="x", structured_outputs=given)
+
+
 def test_error_metrics_label_routes_not_raw_paths():
     """Paths a client invents (scanners' /wp-login.php) share one label; known routes keep their template."""
     from fastapi import FastAPI
