@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_prompts(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) for every non-blank line; a bad line is a ValueError naming it."""
     rows = []
-    for n, line in enumerate(_text(path).splitlines(), 1):
+    # '\n' only: splitlines() also cuts at U+2028, U+2029 and U+0085, which a JSON string may hold raw
+    for n, line in enumerate(_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:

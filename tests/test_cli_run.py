@@ -351,3 +351,13 @@ def test_generate_names_an_input_that_is_not_utf8(tmp_path, capsys):
 
     inp.write_bytes(b"\xef\xbb\xbf" + '{"prompt": "caf\u00e9"}\n'.encode())  # a BOM was "not JSON"
     assert read_prompts(inp) == [(1, {"prompt": "caf\u00e9"})]
+
+
+def test_generate_reads_lines_that_hold_unicode_line_separators(tmp_path):
+    """JSON Lines end at '\\n' only: U+2028, U+2029 and U+0085 may stand raw in a JSON string (json.dumps with
+    ensure_ascii=False writes them so, as generate's own output does), and str.splitlines() cut the line there."""
+    from adallm_core.generate_cli import read_prompts
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "a\u2028b\u2029c\u0085d"}\n\n{"prompt": "e"}\r\n', encoding="utf-8")
+    assert read_prompts(inp) == [(1, {"prompt": "a\u2028b\u2029c\u0085d"}), (3, {"prompt": "e"})]
