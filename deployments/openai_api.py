@@ -423,6 +423,11 @@ class ChatMessage(Strict):
             unicode_text(text)
         return content
 
+    @field_validator("name", "tool_call_id")
+    @classmethod
+    def _unicode(cls, value):  # the template may write them into the prompt, as it writes content
+        return value if value is None else unicode_text(value)
+
     @field_validator("tool_calls")
     @classmethod
     def _assistant_calls(cls, value, info):

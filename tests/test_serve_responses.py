@@ -91,6 +91,17 @@ def test_free_json_nests_at_most_128_levels(as_text):
             CompletionRequest(model="m", prompt="x", structured_outputs=given)
 
 
+@pytest.mark.parametrize("field", ["name", "tool_call_id"])
+def test_a_message_field_the_template_writes_is_valid_unicode(field):
+    """A message's name (passed to the template since it may write it, as vLLM does) or a tool message's
+    tool_call_id holding a lone surrogate (JSON's "\\ud83d") reached the tokenizer, which takes no such text: a 500
+    on /tokenize. Refused by name, as content is."""
+    message = {"role": "tool", "content": "42", "tool_call_id": "call_1", field: "cut \ud83d"}
+    with pytest.raises(ValidationError, match="lone surrogate") as refused:
+        ChatCompletionRequest(model="m", messages=[*CHAT, message])
+    assert [e["loc"] for e in refused.value.errors()] == [("messages", 1, field)]
+
+
 def test_error_metrics_label_routes_not_raw_paths():
     """Paths a client invents (scanners' /wp-login.php) share one label; known routes keep their template."""
     from fastapi import FastAPI
