@@ -16,6 +16,7 @@ from ray import serve
 
 from adallm_core.config import EngineArgs
 from adallm_core.model_source import DEMO
+from adallm_core.tokenizer import load_chat_template
 from deployments.ingress import OpenAiIngress
 from deployments.ray_tp import serve_placement_options
 from deployments.resources import engine_gpus, missing_accelerator_warning
@@ -79,6 +80,8 @@ def split_args(args: dict[str, Any]) -> tuple[EngineArgs, ServeOptions]:
 
 def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
     engine, options = split_args(dict(args or {}))
+    if engine.chat_template is not None:  # the file is read here: a replica's node may not have it
+        engine.chat_template = load_chat_template(engine.chat_template)
     num_gpus = options.num_gpus if options.num_gpus is not None else engine_gpus(engine.device,
                                                                                 options.accelerator_type)
     if num_gpus and (warning := missing_accelerator_warning(options.accelerator_type)):

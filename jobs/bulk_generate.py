@@ -151,8 +151,10 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
               "tokenizer": engine_args.tokenizer, "max_model_len": engine_args.max_model_len}  # fmt: skip
     if rows.chat_template_kwargs:  # recorded only when given: folders written before the flag still resume
         record["chat_template_kwargs"] = rows.chat_template_kwargs
-    if engine_args.chat_template is not None and rows.messages_column:  # its text: an edited file is another job
-        record["chat_template"] = _chat_template_text(engine_args.chat_template)
+    if engine_args.chat_template is not None:  # its text: the engines' nodes may lack the file
+        engine_args.chat_template = _chat_template_text(engine_args.chat_template)
+        if rows.messages_column:  # an edited file is another job
+            record["chat_template"] = engine_args.chat_template
     # first: a changed --id-column would otherwise read as "not written by this job" (its parts lack the id)
     resume.check_job_record(out_fs, out_root, record, f"--output {args.output}")
     resume.check_output_parts(out_fs, out_root, [id_column, *rows.output_schema.names], f"--output {args.output}")

@@ -604,6 +604,7 @@ def test_a_chat_template_of_ones_own_renders_the_rows_and_is_recorded(tmp_path):
     base = ["--input", str(data), "--output", str(tmp_path / "out"), "--messages-column", "m"]
     plan = bulk_generate.plan_job(parser.parse_args(base + ["--chat-template", str(template)]))
     assert plan.record["chat_template"] == template.read_text()
+    assert plan.processor.engine_args.chat_template == template.read_text()  # the engines' nodes may lack the file
     spec = plan.processor.rows
     tokenizer = Tokenizer(demo_model_path(), str(template))
     (row,) = prepare_rows(pa.table({"m": [messages]}), spec, tokenizer)

@@ -34,6 +34,17 @@ def test_cpu_replicas_ask_for_no_gpu_and_limits_come_from_engine_capacity():
     assert d["ingress"].max_ongoing_requests >= 2 * 8 + 16
 
 
+def test_a_chat_template_file_is_read_where_the_app_is_built(tmp_path):
+    """The replicas get --chat-template's text, not its path: their nodes may not have the file; a bad one stops
+    the app before any replica starts."""
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    llm = deployments_of(build_app({"device": "cpu", "chat_template": str(template)}))["llm"]
+    assert llm.init_args[0]["chat_template"] == template.read_text()
+    with pytest.raises(ValueError, match="chat_template '/no/such.jinja': not a Jinja template"):
+        build_app({"device": "cpu", "chat_template": "/no/such.jinja"})
+
+
 def test_gpu_replicas_ask_for_one_gpu_and_the_accelerator_type():
     args = {"num_gpus": 1, "accelerator_type": "L4", "min_replicas": 1, "max_replicas": 4, "max_num_seqs": 64}
     llm = deployments_of(build_app(args))["llm"]
