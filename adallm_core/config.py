@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import numbers
 import re
 from dataclasses import dataclass, fields
 from typing import Any, Optional
@@ -128,10 +129,25 @@ def _check_types(args: EngineArgs) -> None:
         value, text, kind = getattr(args, f.name), str(f.type), _field_type(f)
         if (value is None and text.startswith("Optional")) or (kind is str and text != "bool"):
             continue
-        number = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
-        if not (isinstance(value, bool) if text == "bool" else number):
+        typed = _as_field_type(value, text, kind)
+        if typed is None:
             shape = {"bool": "true or false"}.get(text, "an integer" if kind is int else "a number")
             raise ValueError(f"{f.name} must be {shape}, got {value!r}")
+        setattr(args, f.name, typed)
+
+
+def _as_field_type(value, text: str, kind: type):
+    """value as a plain bool / int / float, or None when it is none of the field's kind; numpy's scalars (a
+    DataFrame's or a config read with numpy) count as the numbers they hold."""
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")  # numpy 2, 1
+    is_bool = isinstance(value, bool) or numpy_bool
+    if text == "bool":
+        return bool(value) if is_bool else None
+    if is_bool:
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return float(value) if kind is float and isinstance(value, numbers.Real) else None
 
 
 def _field_type(f: dataclasses.Field) -> type:

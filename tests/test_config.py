@@ -7,6 +7,19 @@ from adallm_core import EngineArgs, SamplingParams
 from adallm_core.cli import main as cli_main
 
 
+def test_numpy_numbers_are_taken_as_the_numbers_they_hold():
+    """A value read from a DataFrame or with numpy is a numpy scalar: EngineArgs took them before it checked types."""
+    import numpy as np
+
+    args = EngineArgs(max_num_seqs=np.int64(8), gpu_memory_utilization=np.float32(0.5), enforce_eager=np.bool_(True),
+                      cpu_kv_cache_gb=np.int32(2))
+    got = (args.max_num_seqs, args.gpu_memory_utilization, args.enforce_eager, args.cpu_kv_cache_gb)
+    assert got == (8, 0.5, True, 2)
+    assert [type(v) for v in (args.max_num_seqs, args.gpu_memory_utilization, args.enforce_eager)] == [int, float, bool]
+    with pytest.raises(ValueError, match="max_num_seqs must be an integer, got np.float64"):
+        EngineArgs(max_num_seqs=np.float64(8.0))
+
+
 def test_engine_args_cli_round_trip():
     parser = argparse.ArgumentParser()
     EngineArgs.add_cli_args(parser)

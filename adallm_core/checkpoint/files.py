@@ -107,7 +107,7 @@ def load_config(folder: Path) -> dict:
 
 
 def shard_files(folder: Path) -> list[Path]:
-    """The safetensors shards: those named in model.safetensors.index.json, else model.safetensors, else all."""
+    """The safetensors shards: those named in model.safetensors.index.json, else every *.safetensors in the folder."""
     folder = Path(folder)
     index = folder / INDEX_FILE
     if index.exists():
