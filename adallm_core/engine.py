@@ -277,18 +277,19 @@ class LLMEngine:
         if not launched.sampled:
             return []
         if launched.tokens is not None:
-            token_ids, logprobs = launched.tokens.tolist(), [None] * len(launched.sampled)
+            token_ids = launched.tokens.tolist()  # sampled ahead: no logprobs were asked for
+            logprobs = ranks = [None] * len(launched.sampled)
         else:
             result = self.sampler(launched.logits, launched.rows)
-            token_ids, logprobs = result.token_ids, result.logprobs
+            token_ids, logprobs, ranks = result.token_ids, result.logprobs, result.ranks
         touched: dict[str, Request] = {}
         requests = self.requests
-        for seq, token, lp in zip(launched.sampled, token_ids, logprobs):
+        for seq, token, lp, rank in zip(launched.sampled, token_ids, logprobs, ranks):
             if seq.num_placeholders:  # the step ahead counted this token already
                 seq.num_placeholders -= 1
             if seq.is_finished:  # stopped (or aborted) while this step ran ahead: its token is dropped
                 continue
-            self._append_token(seq, token, lp)
+            self._append_token(seq, token, lp, rank)
             touched[seq.request_id] = requests[seq.request_id]
         outputs = [o for req in touched.values() if (o := self._output(req)) is not None]
         for req in touched.values():
@@ -330,12 +331,14 @@ class LLMEngine:
         row.grammar, row.grammar_waits = seq.active_grammar, seq.grammar_waits_for is not None
         return row
 
-    def _append_token(self, seq: Sequence, token: int, logprobs: Optional[dict[int, float]]) -> None:
+    def _append_token(self, seq: Sequence, token: int, logprobs: Optional[dict[int, float]],
+                      rank: Optional[int] = None) -> None:
         """Record the sampled token, then the stop checks in vLLM's order: eos, stop ids, stop strings, length."""
         out = seq.output_token_ids
         out.append(token)
         if logprobs is not None:
             seq.logprobs.append(logprobs)
+            seq.logprob_ranks.append(rank)
             seq.cumulative_logprob += logprobs[token]
         p = seq.params
         may_stop = len(out) >= p.min_tokens  # eos / stop ids: banned before, so the earliest is token min_tokens + 1
@@ -385,19 +388,21 @@ class LLMEngine:
             status = seq.status
             done = status.finished
             text = seq.detokenizer.output_text(done)
-            tokens, logprobs = seq.output_token_ids, seq.logprobs
+            tokens, logprobs, ranks = seq.output_token_ids, seq.logprobs, seq.logprob_ranks
             if delta:
                 if len(tokens) == seq.num_sent_tokens and not done and not force:
                     continue
                 text, tokens = text[seq.num_sent_chars:], tokens[seq.num_sent_tokens:]
                 logprobs = logprobs[seq.num_sent_tokens:] if logprobs is not None else None
+                ranks = ranks[seq.num_sent_tokens:] if ranks is not None else None
                 seq.num_sent_chars += len(text)
                 seq.num_sent_tokens += len(tokens)
                 seq.final_sent = done
             completions.append(CompletionOutput(
                 seq.index, text, list(tokens), status.finish_reason, seq.stop_reason,
                 list(logprobs) if logprobs is not None else None,
-                seq.cumulative_logprob if seq.logprobs is not None else None))
+                seq.cumulative_logprob if seq.logprobs is not None else None,
+                list(ranks) if ranks is not None else None))
         prompt_logprobs = self._prompt_logprobs_out(req, delta, force)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, completions, finished,
                              num_cached_tokens=req.seqs[0].num_cached_tokens, prompt_logprobs=prompt_logprobs,

@@ -141,7 +141,8 @@ def _with_logprob_objects(out: RequestOutput, params: SamplingParams, token_text
     """The engine's {token: float} entries as vLLM's {token: Logprob}: a vLLM script reads entry[t].logprob."""
     for c in out.outputs:
         if c.logprobs is not None:
-            c.logprobs = [_logprob_entry(e, params.logprobs, None, token_text) for e in c.logprobs]
+            c.logprobs = [_logprob_entry(e, params.logprobs, rank, token_text)
+                          for e, rank in zip(c.logprobs, c.logprob_ranks)]
     if out.prompt_logprobs is not None:
         out.prompt_logprobs = [None if e is None else _logprob_entry(e, params.prompt_logprobs, rank, token_text)
                                for e, rank in zip(out.prompt_logprobs, out.prompt_token_ranks)]
@@ -152,7 +153,8 @@ def _logprob_entry(entry: dict[int, float], num_top: int, own_rank: Optional[int
                    ) -> dict[int, Logprob]:
     """entry: the chosen token first, then the top num_top (the chosen one listed once). A top token's rank is 1 + the
     entries likelier than it (every likelier token is in the top); so is the chosen token's when it is among them
-    (the entry then has no more than num_top tokens), else own_rank (the prompt's ranks; unknown for a sample)."""
+    (the entry then has no more than num_top tokens), else own_rank (the engine's rank of the prompt's or sampled
+    token)."""
     values = list(entry.values())
     chosen_in_top = len(entry) <= num_top
     out = {}

@@ -36,6 +36,8 @@ class CompletionOutput:
     stop_reason: Optional[object] = None  # the stop string or token id that ended it, if any
     logprobs: Optional[SampleLogprobs] = None
     cumulative_logprob: Optional[float] = None
+    # with logprobs: each sampled token's rank under the model (1 + the tokens more likely), which LLM's Logprob shows
+    logprob_ranks: Optional[list[int]] = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None

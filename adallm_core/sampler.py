@@ -42,6 +42,7 @@ class SamplingRow:
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[Optional[dict[int, float]]]  # per row: sampled token + top-N, None when not requested
+    ranks: list[Optional[int]]  # per row with logprobs: the sampled token's rank (1 + the tokens more likely)
 
 
 def step_seed(seed: int, index: int, step: int) -> int:
@@ -92,10 +93,13 @@ class Sampler:
         tokens = self.sample_on_device(logits, rows)
         token_list = tokens.tolist()
         out_logprobs: list[Optional[dict[int, float]]] = [None] * len(rows)
+        out_ranks: list[Optional[int]] = [None] * len(rows)
         if raw_logprobs is not None:
             n_top = max(p.logprobs or 0 for p in params)
             top_vals, top_ids = raw_logprobs.topk(n_top, dim=-1) if n_top else (None, None)
-            chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+            chosen_t = raw_logprobs.gather(1, tokens[:, None])
+            chosen = chosen_t.squeeze(1).tolist()
+            ranks = ((raw_logprobs > chosen_t).sum(dim=-1, dtype=torch.int32) + 1).tolist()  # vLLM's rank, always
             top_vals_l = top_vals.tolist() if n_top else None
             top_ids_l = top_ids.tolist() if n_top else None
             for i, p in enumerate(params):
@@ -103,7 +107,8 @@ class Sampler:
                     n = p.logprobs
                     out_logprobs[i] = logprob_entry(token_list[i], chosen[i], top_ids_l[i][:n] if n else [],
                                                     top_vals_l[i][:n] if n else [])
-        return SamplerOutput(token_list, out_logprobs)
+                    out_ranks[i] = ranks[i]
+        return SamplerOutput(token_list, out_logprobs, out_ranks)
 
     # --- logits processors (in place) ---------------------------------------------------------
     def _ban(self, logits: torch.Tensor, rows: Seq[SamplingRow]) -> None:

@@ -54,6 +54,7 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # chained content hashes of this sequence's full blocks
         self.stop_reason: Optional[object] = None
         self.logprobs: Optional[list[dict[int, float]]] = [] if params.logprobs is not None else None
+        self.logprob_ranks: Optional[list[int]] = [] if params.logprobs is not None else None  # each sampled one's rank
         self.cumulative_logprob = 0.0
         # prompt_logprobs, scored by the request's first sequence only: one entry per prompt token scored so far
         self.prompt_logprobs: Optional[list] = [None] if params.prompt_logprobs is not None and index == 0 else None

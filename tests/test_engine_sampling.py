@@ -134,7 +134,8 @@ class ScriptedSampler:
     def __call__(self, logits, rows):
         from adallm_core.sampler import SamplerOutput
 
-        return SamplerOutput([self.script[len(r.output_token_ids)] for r in rows], [None] * len(rows))
+        none = [None] * len(rows)
+        return SamplerOutput([self.script[len(r.output_token_ids)] for r in rows], none, none)
 
 
 def test_held_back_text_that_completes_a_stop_string_finishes_with_stop():

@@ -128,9 +128,9 @@ def test_logprobs_are_vllms_logprob_objects_and_still_floats(llm):
     prompt = out.prompt_logprobs
     assert prompt[0] is None and [e[t].rank for t, e in zip(out.prompt_token_ids[1:], prompt[1:])] == \
         out.prompt_token_ranks[1:]
-    sampled = llm.generate(PROMPTS[1], SamplingParams(max_tokens=3, logprobs=0, seed=1), use_tqdm=False)[0]
-    for token, entry in zip(sampled.outputs[0].token_ids, sampled.outputs[0].logprobs):
-        assert list(entry) == [token] and entry[token].rank is None  # known only among the top ones
+    sampled = llm.generate(PROMPTS[1], SamplingParams(max_tokens=3, logprobs=0, seed=1), use_tqdm=False)[0].outputs[0]
+    for token, entry, rank in zip(sampled.token_ids, sampled.logprobs, sampled.logprob_ranks, strict=True):
+        assert list(entry) == [token] and entry[token].rank == rank  # outside any top list: the engine's rank
 
 
 def test_one_bad_prompt_rejects_the_batch_and_leaves_the_engine_clean(llm):

@@ -42,6 +42,28 @@ def assert_ranks(ranks: list, ids: list[int], ref: torch.Tensor) -> None:
     assert len(ids) < 5 or max(ranks[1:]) > 1  # random tokens: most are not the model's first choice
 
 
+@pytest.mark.parametrize("kind", [RequestOutputKind.FINAL_ONLY, RequestOutputKind.DELTA])
+def test_sampled_tokens_ranks_equal_transformers(kind):
+    """vLLM's Logprob.rank of a sampled token (logprobs=0: outside any top list) is known: 1 + the tokens the model
+    found more likely, checked on transformers' distribution at each generated position; per delta, they join up."""
+    engine = make_engine("qwen3")
+    ids = engine.tokenizer.encode(PROMPTS[5])
+    engine.add_request("s", ids, SamplingParams(temperature=1.5, seed=3, max_tokens=8, ignore_eos=True, logprobs=0,
+                                                output_kind=kind))
+    tokens, logprobs, ranks = [], [], []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            c = out.outputs[0]
+            tokens, logprobs, ranks = (tokens + c.token_ids, logprobs + c.logprobs, ranks + c.logprob_ranks) \
+                if kind is RequestOutputKind.DELTA else (c.token_ids, c.logprobs, c.logprob_ranks)
+    ref = hf_prompt_logprobs("qwen3", ids + tokens)[len(ids) - 1:]  # row j: the distribution of generated token j
+    assert len(tokens) == len(ranks) == len(logprobs) == 8
+    assert [e[t] for t, e in zip(tokens, logprobs)] == pytest.approx([float(r[t]) for r, t in zip(ref, tokens)],
+                                                                      abs=1e-4)
+    assert_ranks([None] + ranks, [None] + tokens, ref)  # its rows i - 1 for tokens i: shift by the None
+    assert max(ranks) > 1  # temperature 1.5: not every token is the model's first choice
+
+
 @pytest.mark.parametrize("family,budget", [("qwen3", 512), ("gemma3", 8), ("qwen3_moe", 7)])
 def test_prompt_logprobs_equal_transformers(family, budget, monkeypatch):
     # budget < prompt length: the prompt is scored chunk by chunk, and rows are scored 4 at a time (max_num_seqs,
