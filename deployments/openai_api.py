@@ -264,7 +264,9 @@ class CompletionRequest(SamplingFields):
     @field_validator("best_of")
     @classmethod
     def _best_of_is_n(cls, value, info):
-        n = info.data.get("n", 1)
+        if "n" not in info.data:  # n itself was refused: its error says what is wrong
+            return value
+        n = info.data["n"]
         if value is not None and value != n:  # best_of = n returns every candidate: no choosing among more
             raise ValueError(f"best_of other than n ({n}) is not supported, got {value}")
         return value

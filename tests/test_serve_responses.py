@@ -75,6 +75,12 @@ def test_fields_that_need_another(fields, named):
     with pytest.raises(ValidationError, match=named):
         ChatCompletionRequest(model="m", messages=CHAT, **fields)
 
+def test_best_of_beside_an_invalid_n_adds_no_second_error():
+    """n = 0 is the error; best_of was then compared with 1 and named too, pointing the client at the wrong field."""
+    with pytest.raises(ValidationError) as refused:
+        CompletionRequest(model="m", prompt="hi", n=0, best_of=2)
+    assert [e["loc"] for e in refused.value.errors()] == [("n",)]
+
 
 @pytest.mark.parametrize("as_text", [False, True])
 def test_free_json_nests_at_most_128_levels(as_text):
