@@ -81,6 +81,16 @@ def test_same_block_content_after_a_different_prefix_is_a_miss():
     assert kv.get_computed_blocks(b)[1] == 0
 
 
+def test_a_block_that_differs_only_in_its_last_token_is_a_miss():
+    """Every token of a block is part of its hash: a prompt whose 8th token differs shares only the first block, and
+    the second is computed again (served from the cache, it would attend to the other prompt's KV for that token)."""
+    kv = KVCacheManager([KVGroupSpec(num_blocks=20, block_size=BS)])
+    compute(kv, make_seq([1, 2, 3, 4, 5, 6, 7, 8, 9], "a"), 9)
+    assert kv.get_computed_blocks(make_seq([1, 2, 3, 4, 5, 6, 7, 99, 9]))[1] == 4
+    assert kv.get_computed_blocks(make_seq([1, 2, 3, 99, 5, 6, 7, 8, 9]))[1] == 0
+    assert kv.get_computed_blocks(make_seq([1, 2, 3, 4, 5, 6, 7, 8, 9]))[1] == 8
+
+
 def test_a_collision_of_pythons_hash_reuses_nothing(monkeypatch):
     """The prefix cache's keys do not rest on hash(): Python's hash of a tuple of ints can be steered by a crafted
     prompt. With every hash() colliding, a different prompt still misses."""
