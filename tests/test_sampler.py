@@ -54,6 +54,27 @@ def test_truncation_renormalizes_over_the_kept_tokens(kw, kept):
     assert torch.allclose(got, expected, atol=0.015), (got, expected)
 
 
+def test_min_p_reads_the_probabilities_after_temperature():
+    """vLLM applies min_p to the tempered distribution. At temperature 2 the probabilities are sqrt(PROBS)
+    renormalized, [0.379, 0.294, 0.208, 0.120]: min_p=0.3 keeps all four (0.120 >= 0.3 * 0.379), where the raw
+    PROBS would drop token 3 (0.05 < 0.3 * 0.5)."""
+    expected = PROBS.sqrt() / PROBS.sqrt().sum()
+    got = frequencies(sample_many(temperature=2.0, min_p=0.3))
+    assert torch.allclose(got, expected, atol=0.015), (got, expected)
+
+
+def test_unseeded_rows_beside_seeded_ones_still_follow_the_softmax():
+    """A batch that mixes seeded and unseeded rows draws the unseeded rows' noise from the engine's generator: each
+    unseeded row still samples softmax(logits / T), not the argmax."""
+    n = 20000
+    seeded = [SamplingRow(SamplingParams(temperature=1.0, seed=i), [1], []) for i in range(n // 2)]
+    unseeded = rows(n // 2, temperature=1.0)
+    tokens = Sampler(seed=0)(LOGITS.expand(n, 4), seeded + unseeded).token_ids
+    for part in (tokens[: n // 2], tokens[n // 2:]):
+        got = frequencies(part)
+        assert torch.allclose(got, PROBS, atol=0.02), (got, PROBS)
+
+
 def test_a_top_p_that_is_0_in_float32_keeps_the_top_token():
     """top_p 1e-300 passes the API's (0, 1] check, and is 0 as float32: the top token must still be kept (it dropped
     them all, and the NaN row's argmax picked token 0)."""
