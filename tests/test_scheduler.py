@@ -106,6 +106,27 @@ def test_preemption_takes_the_newest_and_requeues_it_first():
     assert sorted(s.seq.request_id for s in out.scheduled) == ["a", "b"]
 
 
+def test_a_step_that_preempts_admits_nobody_waiting():
+    """The module's rule: waiting sequences join only in a step that preempted nothing. Here b is preempted in step
+    3 and the one block it freed would take its 3-token chunk again at once; it waits for the next step instead."""
+    sched = make_sched(num_blocks=4, budget=4, caching=False)  # 3 usable blocks
+    a, b = make_seq("a", 5, max_tokens=20), make_seq("b", 7, max_tokens=20, start=100)
+    steps = []
+    sched.add([a, b])
+    for _ in range(4):
+        out = sched.schedule()
+        steps.append(([(s.seq.request_id, s.num_new_tokens) for s in out.scheduled], out.preempted))
+        sched.update(out)
+        for s in out.scheduled:
+            if s.sample:
+                s.seq.append_token(next_token(s.seq))
+    assert steps[0] == ([("a", 4)], [])  # a: 1 block
+    assert steps[1] == ([("a", 1), ("b", 3)], [])  # a: 2 blocks, b: 1 block, none left
+    # b's next 3 tokens need a 2nd block: b (the newest) is preempted, and it does not join this step again
+    assert steps[2] == ([("a", 1)], [b])
+    assert list(sched.waiting) == [] and steps[3] == ([("a", 1), ("b", 3)], [])
+
+
 def test_abort_frees_every_block_at_once():
     sched = make_sched(num_blocks=64, budget=8)
     a, b = make_seq("a", 30, max_tokens=50), make_seq("b", 10, start=100)
@@ -139,6 +160,25 @@ def test_later_requests_join_while_a_sibling_waits_for_the_first_ones_prompt():
     assert steps[:3] == [[("r", 8, False)], [("r", 8, False)], [("r", 4, True), ("o", 3, True)]]  # "o" in the third
     assert ("r", 4, True) in steps[3]  # the second sibling joins once the first one's prompt is whole
     assert siblings[1].num_cached_tokens == 16  # ...and reuses its full blocks
+
+
+def test_a_sibling_that_waits_for_the_prompt_keeps_its_place_in_line():
+    """FCFS: a sibling skipped while the first completion's prompt is computed stays ahead of requests that came
+    after it. With max_num_seqs=3 the one free slot of step 2 is the sibling's, not the later request's."""
+    sched = make_sched(budget=12, max_num_seqs=3)
+    first, sibling = (make_seq("r", 10, max_tokens=2, index=i) for i in range(2))
+    other, later = make_seq("o", 3, start=500), make_seq("p", 3, start=600)
+    sched.add([first, sibling, other, later])
+    out = sched.schedule()  # r#0 takes 10 tokens, r#1 waits for its blocks, o takes the 2 tokens left
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("r", 10), ("o", 2)]
+    assert list(sched.waiting) == [sibling, later]
+    sched.update(out)
+    first.append_token(next_token(first))
+    out = sched.schedule()
+    # r#0 decodes, o finishes its prompt, and r#1 joins with the 2 tokens past its 8 cached ones
+    assert [(s.seq.request_id, s.seq.index, s.num_new_tokens) for s in out.scheduled] == [
+        ("r", 0, 1), ("o", 0, 1), ("r", 1, 2)]
+    assert list(sched.waiting) == [later]
 
 
 def test_sliding_window_group_keeps_few_blocks():
