@@ -181,6 +181,26 @@ def test_sentencepiece_byte_pieces(tmp_path):
     assert sp.token_text(258) == "a"
 
 
+def test_a_leading_space_stripping_tokenizer_keeps_the_space_of_the_first_generated_word(tmp_path):
+    """Llama-style SentencePiece decoders strip the text's first space: "\u2581the" alone decodes to "the". The
+    output continues the prompt, so its text is the full decode less the prompt's (transformers' decode as the
+    reference): " the quick brown fox", which the detokenizer gets by decoding from the prompt's last tokens."""
+    raw = RawTokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    raw.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"])
+    raw.train_from_iterator(["hello world the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="</s>").save_pretrained(tmp_path)
+    sp = Tokenizer(tmp_path)
+    ids = sp.encode("hello world the quick brown fox", add_special_tokens=False)
+    prompt, generated = ids[:2], ids[2:]
+    assert sp.hf.decode(prompt) == "hello world" and sp.hf.decode(generated[:1]) == "the"
+    expected = sp.hf.decode(ids)[len(sp.hf.decode(prompt)):]
+    assert expected == " the quick brown fox"
+    d, shown, _ = stream(sp, prompt, generated)
+    assert d.text == shown[-1] == expected
+
+
 @pytest.mark.parametrize("keep", [(), ("tokenizer_config.json",)])
 def test_folder_without_tokenizer_files_is_a_clear_error(tok_dir, tmp_path, keep):
     """A checkpoint copied without its tokenizer: transformers would build an empty tokenizer (every text -> [])."""
