@@ -109,6 +109,24 @@ def test_earliest_of_several_stop_strings_wins(tok):
     assert "over" in stops and d.text == "jumps "
 
 
+def test_stop_strings_completed_by_one_token_end_at_the_earliest_match(tok):
+    """Both "ck" and "quick" are complete once "quick" is: the text ends where the first match in the text begins
+    ("quick" at 4), whatever the order of the stop list."""
+    for stop in (["ck", "quick"], ["quick", "ck"]):
+        d = IncrementalDetokenizer(tok, [0], stop=stop)
+        stops = [d.update(t) for t in tok.encode("the quick brown", add_special_tokens=False)]
+        assert next(s for s in stops if s) == "quick" and d.text == "the "
+
+
+def test_streamed_text_never_shows_what_a_stop_string_later_cuts(tok):
+    """While "fox!" may still be completing, its longest started prefix ("fox", one char short) is held back: each
+    text shown is a prefix of the final "the quick brown "."""
+    ids = tok.encode("the quick brown fox!", add_special_tokens=False)
+    d, shown, stops = stream(tok, tok.encode("x"), ids, stop=["fox!"])
+    assert stops[-1] == "fox!" and d.output_text(finished=True) == "the quick brown "
+    assert all("the quick brown ".startswith(s) for s in shown), shown
+
+
 def test_chat_template_and_no_double_bos(tok):
     messages = [{"role": "user", "content": "hello"}]
     assert tok.apply_chat_template(messages) == "<bos><|user|>hello<|end|><|assistant|>"
