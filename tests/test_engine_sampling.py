@@ -203,6 +203,8 @@ def _mutated(**kw):
 
 @pytest.mark.parametrize("prompt,params,match", [
     (list(range(1, 301)), None, r"maximum context length is 256 tokens \(max_model_len\), and the prompt has 300 tokens"),
+    # exactly max_model_len tokens leave no room for a generated token
+    (list(range(1, 257)), None, r"the prompt has 256 tokens: it must leave room for at least one generated token"),
     ([], None, "prompt is empty"),
     ("", None, "prompt is empty"),
     ([5, 100_000], None, "100000 is not a token id"),
