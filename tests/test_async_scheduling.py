@@ -165,3 +165,17 @@ def test_unseeded_sampling_runs_ahead():
     done = run_all(engine)
     assert all(len(done[f"u{i}"].outputs[0].token_ids) == 16 for i in range(4))
     assert engine.stats()["num_steps_run_ahead"] > 5 and engine.stats()["kv_blocks_used"] == 0
+
+
+def test_penalty_requests_alone_read_every_generated_token():
+    """Penalties read the generated tokens on the host, so a batch of penalty requests (nothing else needing the
+    host) samples step by step: each step sees the token sampled just before it, as without async scheduling."""
+    requests = [(f"pen{i}", PROMPTS[i], SamplingParams(max_tokens=24, **GREEDY, **extra)) for i, extra in enumerate(
+        [dict(frequency_penalty=2.0), dict(presence_penalty=2.0), dict(repetition_penalty=3.0)])]
+    runs = []
+    for on in (False, True):
+        engine = make_engine(async_scheduling=on)
+        for rid, prompt, params in requests:
+            engine.add_request(rid, prompt, params)
+        runs.append(outputs(run_all(engine)))
+    assert runs[1] == runs[0]
