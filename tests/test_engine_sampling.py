@@ -40,6 +40,19 @@ def test_seeded_request_is_reproducible_across_batch_compositions(engine):
     assert alone != greedy  # it really sampled
 
 
+def test_min_tokens_keeps_each_seeded_completion_its_own_draws(engine):
+    """min_tokens only bans the eos / stop ids: n seeded completions draw as without it (each from its own
+    (seed, index, step)), so they differ from one another and, where no banned token was drawn, equal the run
+    without min_tokens."""
+    free = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    engine.add_request("free", PROMPTS[1], free)
+    want = [c.token_ids for c in run_all(engine)["free"].outputs]
+    assert not set(engine.eos_token_ids) & {t for w in want for t in w}  # the ban changes no draw here
+    engine.add_request("min", PROMPTS[1], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, min_tokens=8))
+    got = [c.token_ids for c in run_all(engine)["min"].outputs]
+    assert got == want and len({tuple(g) for g in got}) == 3
+
+
 def _clean_boundary(tok, tokens):
     """(stop string spanning a token boundary, its index in the full text)."""
     full = tok.decode(tokens)
