@@ -164,6 +164,21 @@ def test_held_back_text_that_completes_a_stop_string_finishes_with_stop():
     assert (c.text, c.token_ids, c.finish_reason) == ("", [split], "stop")
 
 
+def test_an_aborted_request_shows_the_text_held_back_for_an_unfinished_character():
+    """Tokens ending in part of a character are held back while more may follow; an abort ends the sequence, so its
+    last output shows them as the full decode does (U+FFFD for the incomplete bytes), matching its token ids."""
+    engine = make_engine("qwen3", async_scheduling=False)
+    tok = engine.tokenizer
+    split = next(i for i in range(tok.vocab_size) if len(s := tok.decode([i])) >= 2 and s[0] != "\ufffd"
+                 and s.endswith("\ufffd"))  # e.g. "a" then the first byte of a character
+    engine.sampler = ScriptedSampler([split] * 10)
+    engine.add_request("r", PROMPTS[0], SamplingParams(max_tokens=10, ignore_eos=True))
+    assert [o.outputs[0].text for _ in range(2) for o in engine.step()] == ["", ""]  # both held back
+    c = engine.abort_request("r").outputs[0]
+    assert c.token_ids == [split, split] and c.finish_reason == "abort"
+    assert c.text == tok.hf.decode([split, split]) and c.text.endswith("\ufffd")
+
+
 def test_min_tokens_checks_stop_strings_after_min_tokens_tokens_as_stop_ids():
     """vLLM: with min_tokens=m a stop id is banned up to token m, and stop strings are looked for from token m + 1 on
     (in text from there: a match may begin earlier). A stop string completed by token m stopped the request."""
@@ -272,7 +287,8 @@ def test_a_tiny_positive_temperature_samples_the_argmax(engine):
                                 dict(logit_bias={"a": 1.0}), dict(logit_bias={-1: 1.0}), dict(logit_bias={1: 101}),
                                 dict(logit_bias={1: math.nan}), dict(logit_bias={True: 1.0}),
                                 dict(include_stop_str_in_output=1), dict(logit_bias={1: 10**400}),
-                                dict(temperature=10**400), dict(top_p=10**400), dict(repetition_penalty=10**400)])
+                                dict(temperature=10**400), dict(top_p=10**400), dict(repetition_penalty=10**400),
+                                dict(top_p=0.0), dict(repetition_penalty=0.0)])
 def test_bad_constructor_values_are_value_errors_naming_the_field(kw):
     with pytest.raises(ValueError, match=f"invalid sampling parameter {next(iter(kw))}="):
         SamplingParams(**kw)
