@@ -143,6 +143,26 @@ def test_output_kinds(engine):
     assert "".join(d.outputs[0].text for d in delta) == final[0].outputs[0].text
 
 
+def test_delta_outputs_finish_each_completion_once(engine):
+    """DELTA with n=2: a completion that stops early is reported finished once; the outputs that follow carry only
+    the completion still running, and each one's deltas add up to its final tokens. The reference is the same seeded
+    request without the stop id, cut after the stop id's first appearance by hand."""
+    params = dict(n=2, temperature=1.0, seed=5, max_tokens=10, ignore_eos=True)
+    engine.add_request("ref", PROMPTS[3], SamplingParams(**params))
+    a, b = (c.token_ids for c in run_all(engine)["ref"].outputs)
+    stop = next(t for t in a[:5] if t not in b)  # ends completion 0 early, never completion 1
+    engine.add_request("d", PROMPTS[3], SamplingParams(**params, stop_token_ids=[stop],
+                                                       output_kind=RequestOutputKind.DELTA))
+    deltas = []
+    while engine.has_unfinished_requests():
+        deltas += [c for o in engine.step() for c in o.outputs]
+    for index, want in ((0, a[: a.index(stop) + 1]), (1, b)):
+        mine = [c for c in deltas if c.index == index]
+        assert sum((c.token_ids for c in mine), []) == want
+        assert [c.finish_reason for c in mine if c.finish_reason] == ["stop" if index == 0 else "length"]
+        assert mine[-1].finish_reason is not None
+
+
 def test_logprobs_are_returned_per_token(engine):
     engine.add_request("lp", PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=4, logprobs=2, ignore_eos=True))
     c = run_all(engine)["lp"].outputs[0]
