@@ -247,6 +247,8 @@ UNENFORCED = [
      "'required' 'c', which 'properties' does not define, (at #)"),
     ({"type": "array", "items": {"anyOf": [{"type": "object", "required": ["x"]}]}}, "[{}]",
      "'required' 'x', which 'properties' does not define, (at #/items/anyOf/0)"),
+    ({"type": "object", "properties": AB, "additionalProperties": {"type": "integer", "not": {"const": 1}}},
+     '{"a": 1, "c": 1}', "'not' (at #/additionalProperties)"),
 ]
 
 
