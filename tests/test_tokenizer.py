@@ -89,6 +89,15 @@ def test_text_that_may_start_a_stop_string_is_held_back(tok):
     assert d.output_text(finished=False) == "the quick brown fox jumps"
 
 
+def test_text_is_not_held_back_when_the_stop_string_stays_in_the_output(tok):
+    """include_stop_str_in_output: the text ends with the stop string anyway, so nothing is held back (vLLM's
+    stop buffer is 0 then): "fo" is shown at once."""
+    d = IncrementalDetokenizer(tok, tok.encode("x"), stop=["fox!"], include_stop=True)
+    for t in tok.encode("the quick brown fo", add_special_tokens=False):
+        d.update(t)
+    assert d.output_text(finished=False) == "the quick brown fo"
+
+
 @pytest.mark.parametrize("stop", [[" b"], [" b", "a much longer stop string"]])
 def test_stop_strings_ended_before_min_tokens_are_not_looked_for_later(tok, stop):
     """The engine checks stop strings after min_tokens tokens (check_stop, vLLM's rule): a match that ended in the
