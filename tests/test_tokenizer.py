@@ -136,6 +136,19 @@ def test_streamed_text_never_shows_what_a_stop_string_later_cuts(tok):
     assert all("the quick brown ".startswith(s) for s in shown), shown
 
 
+@pytest.mark.parametrize("skip", [True, False])
+def test_special_tokens_in_the_output_follow_skip_special_tokens(tok, skip):
+    """skip_special_tokens=False keeps a special token's text ("<|end|>") in the output, as transformers' decode
+    with the same flag; True drops it."""
+    ids = tok.encode("the fox", add_special_tokens=False) + [tok.hf.convert_tokens_to_ids("<|end|>")]
+    ids += tok.encode(" jumps", add_special_tokens=False)
+    d = IncrementalDetokenizer(tok, tok.encode("x"), skip_special_tokens=skip)
+    for t in ids:
+        d.update(t)
+    assert d.text == tok.hf.decode(ids, skip_special_tokens=skip) == ("the fox jumps" if skip else
+                                                                    "the fox<|end|> jumps")
+
+
 def test_chat_template_and_no_double_bos(tok):
     messages = [{"role": "user", "content": "hello"}]
     assert tok.apply_chat_template(messages) == "<bos><|user|>hello<|end|><|assistant|>"
