@@ -194,6 +194,17 @@ def test_too_small_cache_refuses_to_start_with_the_numbers():
         check_fits([8], [None], BS, max_model_len=32, max_num_batched_tokens=16)
 
 
+def test_a_prompt_scored_whole_may_come_from_the_cache_again():
+    """prompt_logprobs: a prompt with rows left to score is computed, never read from the cache; once every prompt
+    token is scored (a recompute after preemption), its cached blocks serve it like any other prompt."""
+    kv = KVCacheManager([KVGroupSpec(num_blocks=20, block_size=BS)])
+    compute(kv, make_seq(list(range(1, 10)), "a"), 9)
+    seq = Sequence("s", 0, list(range(1, 10)), SamplingParams(prompt_logprobs=1), 0.0, max_tokens=16)
+    assert kv.get_computed_blocks(seq)[1] == 0
+    seq.prompt_logprobs += [{}] * 8  # [None] for the first token, then one entry per scored token: 9 of 9
+    assert kv.get_computed_blocks(seq)[1] == 8
+
+
 def test_a_failed_admission_is_not_counted_as_a_lookup():
     kv = KVCacheManager([KVGroupSpec(num_blocks=6, block_size=BS)])  # 5 usable
     a = make_seq(list(range(1, 18)))
