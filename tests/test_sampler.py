@@ -63,6 +63,14 @@ def test_min_p_reads_the_probabilities_after_temperature():
     assert torch.allclose(got, expected, atol=0.015), (got, expected)
 
 
+def test_min_p_of_1_keeps_every_token_tied_with_the_top():
+    """min_p drops tokens whose probability is below min_p times the top one's (vLLM's strict <): at min_p=1 the
+    two tokens tied at the top stay, 50/50, and only the third is dropped."""
+    logits = torch.tensor([1.0, 1.0, 0.0, -1.0]).expand(20000, 4)
+    got = frequencies(Sampler(seed=0)(logits, rows(20000, min_p=1.0)).token_ids)
+    assert torch.allclose(got, torch.tensor([0.5, 0.5, 0.0, 0.0]), atol=0.015), got
+
+
 def test_unseeded_rows_beside_seeded_ones_still_follow_the_softmax():
     """A batch that mixes seeded and unseeded rows draws the unseeded rows' noise from the engine's generator: each
     unseeded row still samples softmax(logits / T), not the argmax."""
