@@ -269,6 +269,17 @@ def test_bad_request_is_rejected_alone(engine, prompt, params, match):
 
 
 
+def test_token_ids_from_the_vocabulary_size_up_are_refused(engine):
+    """Token ids run from 0 to vocab_size - 1: vocab_size itself, in a prompt or a logit_bias key, is refused at
+    admission (taken, it would index past the logits row in the step that runs every request)."""
+    v = engine.vocab_size
+    with pytest.raises(ValueError, match=rf"{v} is not a token id in \[0, {v}\)"):
+        engine.add_request("p", [1, v], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match=rf"logit_bias: token ids \[{v}\] are outside"):
+        engine.add_request("b", [1, 2], SamplingParams(max_tokens=2, logit_bias={v - 1: 1.0, v: 1.0}))
+    assert not engine.has_unfinished_requests()
+
+
 @pytest.mark.parametrize("request_id", [["r"], None, 7])
 def test_request_id_must_be_a_string(engine, request_id):
     with pytest.raises(ValueError, match="request_id must be a string, got"):
