@@ -173,6 +173,19 @@ def test_each_output_kind_carries_the_prompt_logprobs(kind):
     assert_matches(carried[0], ids, hf_prompt_logprobs("qwen3", ids), top=1)
 
 
+def test_a_delta_request_aborted_mid_prompt_gets_the_rows_scored_so_far():
+    """DELTA sends the prompt logprobs once, when whole, or when an abort cuts the prompt short: then the abort's
+    output carries the rows scored so far (the first 8-token chunk predicts tokens 1..8), transformers' values."""
+    engine = make_engine(max_num_batched_tokens=8, max_num_seqs=4)
+    ids = engine.tokenizer.encode(PROMPTS[5])
+    assert len(ids) > 16
+    engine.add_request("d", ids, SamplingParams(max_tokens=3, prompt_logprobs=1, output_kind=RequestOutputKind.DELTA))
+    assert engine.step() == []  # a chunk of the prompt: nothing sampled, nothing to send yet
+    out = engine.abort_request("d")
+    assert out.finished and len(out.prompt_logprobs) == 9
+    assert_matches(out.prompt_logprobs, ids[:9], hf_prompt_logprobs("qwen3", ids), top=1)
+
+
 def test_scored_steps_must_go_through_execute_scored():
     engine = make_engine()
     step = SeqStep([5, 6, 7], 0, [[1]] * len(engine.runner.kv_groups), True, PromptScoring(0, [6, 7], 1))
