@@ -222,6 +222,27 @@ def test_eos_from_generation_config(engine):
         assert c.stop_reason == (None if is_primary else tokens[2])
 
 
+def test_eos_from_the_model_config_when_the_tokenizer_names_none(tmp_path):
+    """A tokenizer with no eos (none in its config, no generation_config.json) leaves the model's config.json
+    eos_token_id to end requests: pushed up by logit_bias, it stops the request after one token."""
+    import json
+    import shutil
+
+    from engine_fixtures import tiny_model
+
+    shutil.copytree(tiny_model("qwen3"), tmp_path, dirs_exist_ok=True)
+    (tmp_path / "generation_config.json").unlink()
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("eos_token")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    eos = json.loads((tmp_path / "config.json").read_text())["eos_token_id"]
+    engine = make_engine(model=str(tmp_path))
+    assert engine.tokenizer.eos_token_ids == () and engine.eos_token_ids == (eos,)
+    engine.add_request("e", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=5, logit_bias={eos: 100}))
+    c = run_all(engine)["e"].outputs[0]
+    assert (c.token_ids, c.finish_reason) == ([eos], "stop")
+
+
 def _mutated(**kw):
     p = SamplingParams()
     for k, v in kw.items():
