@@ -172,6 +172,18 @@ def test_logprobs_are_returned_per_token(engine):
     assert c.cumulative_logprob == pytest.approx(sum(lps[t] for t, lps in zip(c.token_ids, c.logprobs)))
 
 
+def test_cumulative_logprob_sums_the_sampled_tokens_not_the_top_ones(engine):
+    """Sampled at temperature 1.5 some tokens are not their step's most likely one: the cumulative logprob adds each
+    sampled token's own logprob (OpenAI's and vLLM's), which is then below the sum of the top ones."""
+    params = SamplingParams(temperature=1.5, seed=3, max_tokens=8, logprobs=3, ignore_eos=True)
+    engine.add_request("lps", PROMPTS[1], params)
+    c = run_all(engine)["lps"].outputs[0]
+    chosen = [lps[t] for t, lps in zip(c.token_ids, c.logprobs)]
+    assert any(lp < max(lps.values()) for lp, lps in zip(chosen, c.logprobs))  # the case this test is about
+    assert c.cumulative_logprob == pytest.approx(sum(chosen))
+    assert c.cumulative_logprob < sum(max(lps.values()) for lps in c.logprobs)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fp8_kv_cache_is_batch_and_preemption_invariant(family):
     # fp8 (the default KV dtype) rounds K/V on write: still the same tokens alone, batched, and recomputed.
