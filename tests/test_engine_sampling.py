@@ -320,7 +320,8 @@ def test_a_tiny_positive_temperature_samples_the_argmax(engine):
                                 dict(logit_bias={1: math.nan}), dict(logit_bias={True: 1.0}),
                                 dict(include_stop_str_in_output=1), dict(logit_bias={1: 10**400}),
                                 dict(temperature=10**400), dict(top_p=10**400), dict(repetition_penalty=10**400),
-                                dict(top_p=0.0), dict(repetition_penalty=0.0), dict(stop_token_ids=[3, -1])])
+                                dict(top_p=0.0), dict(repetition_penalty=0.0), dict(stop_token_ids=[3, -1]),
+                                dict(presence_penalty=2.5), dict(frequency_penalty=-2.5)])
 def test_bad_constructor_values_are_value_errors_naming_the_field(kw):
     with pytest.raises(ValueError, match=f"invalid sampling parameter {next(iter(kw))}="):
         SamplingParams(**kw)
