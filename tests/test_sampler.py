@@ -121,6 +121,14 @@ def test_banned_tokens_never_chosen():
     assert Sampler()(logits, [row]).token_ids == [1]
 
 
+def test_banned_ids_past_the_vocabulary_are_ignored():
+    """stop_token_ids take any id >= 0 (vLLM's), so min_tokens may ban one the logits row does not have: it bans
+    nothing there, and the ids inside the row are still banned."""
+    logits = torch.tensor([[5.0, 1.0, 0.0]])
+    row = SamplingRow(SamplingParams(temperature=0.0), [1], [], banned_token_ids=(0, 7, 1_000_000))
+    assert Sampler()(logits, [row]).token_ids == [1]
+
+
 def test_seeded_rows_do_not_depend_on_the_batch():
     logits = torch.randn(1, 100, generator=torch.Generator().manual_seed(1))
 
