@@ -150,6 +150,16 @@ def test_waiting_sibling_reuses_prompt_blocks_of_the_first():
     assert sched.kv.prefix_cache_hits == 32
 
 
+def test_without_prefix_caching_siblings_do_not_wait():
+    """The wait is for the first sibling's cached prompt blocks: with no prefix cache there is nothing to wait for,
+    and all three completions start together, each computing the whole prompt."""
+    sched = make_sched(budget=64, caching=False)
+    seqs = [make_seq("r", 17, max_tokens=2, index=i) for i in range(3)]
+    steps, _ = run(sched, seqs)
+    assert steps[0] == [("r", 17, True)] * 3
+    assert all(s.num_cached_tokens == 0 for s in seqs)
+
+
 def test_later_requests_join_while_a_sibling_waits_for_the_first_ones_prompt():
     # the first sibling's prompt takes three steps of chunked prefill; its siblings wait for its blocks, and a request
     # behind them need not
