@@ -179,3 +179,17 @@ def test_penalty_requests_alone_read_every_generated_token():
             engine.add_request(rid, prompt, params)
         runs.append(outputs(run_all(engine)))
     assert runs[1] == runs[0]
+
+
+def test_a_batch_of_max_num_seqs_runs_ahead():
+    """The host buffers hold a token per sequence that may run (max_num_seqs): a full batch runs ahead with the
+    same tokens as step by step."""
+    requests = [(f"f{i}", PROMPTS[i], SamplingParams(max_tokens=12, **GREEDY)) for i in range(4)]
+    runs = []
+    for on in (False, True):
+        engine = make_engine(async_scheduling=on, max_num_seqs=4)
+        for rid, prompt, params in requests:
+            engine.add_request(rid, prompt, params)
+        runs.append((outputs(run_all(engine)), engine.stats()["num_steps_run_ahead"]))
+    assert runs[1][0] == runs[0][0]
+    assert runs[0][1] == 0 and runs[1][1] > 5
