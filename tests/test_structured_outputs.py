@@ -80,6 +80,16 @@ def test_json_object_gives_a_json_object():
         assert out.finish_reason == "stop" and isinstance(json.loads(out.text), dict), out.text
 
 
+@pytest.mark.parametrize("text, is_object", [('{"a": [1, "x"]}', True), ("{}", True), ("[1]", False), ("1", False),
+                                            ('"s"', False)])
+def test_json_object_takes_objects_only(text, is_object):
+    """json_object (OpenAI's response_format) is any JSON object, not any JSON value: its grammar takes a text
+    exactly when json.loads gives a dict."""
+    assert isinstance(json.loads(text), dict) is is_object
+    matcher = _grammars().matcher_factory(StructuredOutputsParams(json_object=True))()
+    assert matcher.accept_string(text) is is_object
+
+
 def test_greedy_picks_are_transformers_argmax_among_the_allowed_tokens():
     import xgrammar as xgr
 
@@ -249,6 +259,7 @@ UNENFORCED = [
      "'required' 'x', which 'properties' does not define, (at #/items/anyOf/0)"),
     ({"type": "object", "properties": AB, "additionalProperties": {"type": "integer", "not": {"const": 1}}},
      '{"a": 1, "c": 1}', "'not' (at #/additionalProperties)"),
+    ({"$defs": {"P": {"type": "integer", "not": {"const": 1}}}, "$ref": "#/$defs/P"}, "1", "'not' (at #/$defs/P)"),
 ]
 
 
@@ -279,6 +290,19 @@ def test_a_schema_the_grammar_would_not_enforce_is_refused_by_name(schema, break
 def test_schemas_the_grammar_enforces_are_taken(schema):
     """Keywords' names used as property names, and the forms of these keywords xgrammar does follow."""
     _grammars().matcher_factory(StructuredOutputsParams(json=schema))
+
+
+def test_a_ref_outside_the_schema_is_refused_by_name():
+    """xgrammar reads a $ref it cannot resolve (a URL) as any JSON at all: {"a": [1]} passes for a schema whose "a"
+    may be nothing of the kind, so the schema is refused, naming the ref."""
+    import xgrammar as xgr
+    from xgrammar.testing import _is_grammar_accept_string
+
+    schema = {"type": "object", "properties": {"a": {"$ref": "https://example.com/x.json"}}, "required": ["a"]}
+    assert _is_grammar_accept_string(xgr.Grammar.from_json_schema(json.dumps(schema)), '{"a": [1]}')
+    with pytest.raises(ValueError, match="'\\$ref' to 'https://example.com/x.json'") as info:
+        _grammars().matcher_factory(StructuredOutputsParams(json=schema))
+    assert "is not enforced" in str(info.value)
 
 
 def _grammars():
