@@ -104,6 +104,9 @@ def install_error_handlers(app: FastAPI, on_error) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         message, param = describe_validation_error(list(exc.errors()))
+        content_type = request.headers.get("content-type", "")
+        if param is None and content_type and "json" not in content_type:  # curl -d sends a form: JSON never read
+            message = f"request body must be JSON sent with 'Content-Type: application/json', not {content_type!r}"
         return respond(request, 400, message, param)
 
     @app.exception_handler(OpenAIError)

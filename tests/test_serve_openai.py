@@ -829,6 +829,19 @@ def test_bad_input_gets_openai_error(server, served_name, route, body, status, p
     assert error["param"] == param and fragment in error["message"], error
 
 
+def test_json_sent_as_a_form_is_told_its_content_type(server, served_name):
+    """`curl -d '{...}'` without -H sends application/x-www-form-urlencoded: the body was called no JSON object."""
+    import json
+
+    import requests
+
+    body = json.dumps({"model": served_name, "prompt": "hi", "max_tokens": 1})
+    reply = requests.post(f"{server}/v1/completions", data=body, timeout=60,
+                          headers={"content-type": "application/x-www-form-urlencoded"})
+    assert reply.status_code == 400 and reply.json()["error"]["message"] == (
+        "request body must be JSON sent with 'Content-Type: application/json', not 'application/x-www-form-urlencoded'")
+
+
 @pytest.mark.parametrize("route, body, status, param, fragment",
                          [case for case in BAD_REQUESTS if "maximum context length" in case[4]])
 def test_context_window_errors_carry_openais_code(server, served_name, route, body, status, param, fragment):
