@@ -46,9 +46,14 @@ class _Choice:
     def add_logprobs(self, logprobs: list[TokenLogprob]) -> None:
         for entry in logprobs:
             self.logprobs.append(entry)
-            self.text_offsets.append(self._chars)
-            # a token that is only part of a character adds no character until the one that completes it
-            self._chars += len(self._utf8.decode(bytes_of_token_text(entry[0])))
+            raw = bytes_of_token_text(entry[0])
+            # a token that is only part of a character adds no character until the one that completes it; bytes left
+            # waiting that the next token shows are no character's start come before it in the text, as U+FFFD
+            waiting = self._utf8.getstate()[0]
+            continues = bool(raw) and 0x80 <= raw[0] <= 0xBF
+            lost = len(waiting.decode("utf-8", "replace")) if waiting and not continues else 0
+            self.text_offsets.append(self._chars + lost)
+            self._chars += len(self._utf8.decode(raw))
 
 
 class ResponseBuilder:

@@ -51,6 +51,16 @@ def test_text_offsets_count_characters_of_the_text(cut):
         assert streamed == offsets
 
 
+def test_text_offsets_after_bytes_that_never_became_a_character():
+    """A stray lead byte (e5) that the next token does not continue shows as U+FFFD before that token: the token
+    starts after it (its offset was one too low, on the U+FFFD)."""
+    builder = ResponseBuilder("cmpl-4", "m", chat=False, top_logprobs=1, n=1, num_prompts=1)
+    text = "a\ufffdap語"
+    builder.add([delta(["a", "bytes:\\xe5", "ap", "bytes:\\xe8\\xaa", "bytes:\\x9e"], text, "length")])
+    offsets = builder.response().choices[0].logprobs.text_offset
+    assert offsets == [0, 1, 2, 4, 4] and text[2:4] == "ap" and text[4] == "語"
+
+
 @pytest.mark.parametrize("field", ["temperature", "top_p", "top_k", "min_p", "n", "presence_penalty",
                                    "frequency_penalty", "stream"])
 def test_null_means_the_default(field):
