@@ -16,7 +16,6 @@ from pathlib import Path
 from adallm_core.config import EngineArgs
 from adallm_core.run_cli import add_sampling_args, sampling_params_from_args
 from adallm_core.sampling_params import SamplingParams
-from adallm_core.tokenizer import check_conversation
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_prompts(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) for every non-blank line; a bad line is a ValueError naming it."""
+    from adallm_core.llm import template_messages
+
     rows = []
     # '\n' only: splitlines() also cuts at U+2028, U+2029 and U+0085, which a JSON string may hold raw
     for n, line in enumerate(_text(path).split("\n"), 1):
@@ -44,12 +45,22 @@ def read_prompts(path: Path) -> list[tuple[int, dict]]:
         if len(given) > 1:  # which one was meant? one of them would be dropped without a word
             raise ValueError(f"{path}:{n}: has {' and '.join(repr(k) for k in given)}; give one of them")
         if "messages" in row:
-            try:
-                check_conversation(row["messages"])
+            try:  # as LLM.chat takes them (text parts, earlier tool calls), checked before the model loads
+                row["messages"] = template_messages(_conversation(row["messages"]))
             except ValueError as e:
                 raise ValueError(f"{path}:{n}: {e}") from None
         rows.append((n, row))
     return rows
+
+
+def _conversation(messages) -> list[dict]:
+    shape = "'messages' must be a non-empty list of {role, content} messages"
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{shape}, got {messages!r}")
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError(f"{shape}: message {j} needs a string 'role', got {message!r}")
+    return messages
 
 
 def _text(path: Path) -> str:

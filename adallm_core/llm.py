@@ -73,7 +73,7 @@ class LLM:
                 raise ValueError(f"chat: {e}") from None
         tok = self.llm_engine.tokenizer
         # The template writes bos itself: encode the rendered text without adding special tokens again.
-        items = [(tok.apply_chat_template(_template_messages(c), **kwargs), False) for c in conversations]
+        items = [(tok.apply_chat_template(template_messages(c), **kwargs), False) for c in conversations]
         return self._run(items, sampling_params, use_tqdm)
 
     def _run(self, items: list[tuple], sampling_params, use_tqdm) -> list[RequestOutput]:
@@ -184,15 +184,17 @@ def _conversations(messages) -> list[list[dict]]:
     return conversations
 
 
-def _template_messages(conversation: list[dict]) -> list[dict]:
-    """The messages as chat templates take them: OpenAI's text parts joined into one string (vLLM's), and earlier
-    tool calls' arguments as objects: OpenAI's messages carry them as JSON text, and templates that write them with
-    tojson would quote that text again (vLLM parses them too)."""
+def template_messages(conversation: list[dict]) -> list[dict]:
+    """The messages as chat templates take them: OpenAI's text parts joined into one string (vLLM's), a null content
+    as "", and earlier tool calls' arguments as objects: OpenAI's messages carry them as JSON text, and templates that
+    write them with tojson would quote that text again (vLLM parses them too)."""
     out = []
     for i, message in enumerate(conversation):
         content = message.get("content")
         if isinstance(content, list):
             message = {**message, "content": _joined_text_parts(content, i)}
+        elif content is None:  # an assistant that only called: templates concatenate content (the server's rule)
+            message = {**message, "content": ""}
         elif content is not None and not isinstance(content, str):  # the template's own error would name nothing
             raise ValueError(f"chat: message {i}: content must be a string, a list of text parts or None, got "
                              f"{type(content).__name__}")

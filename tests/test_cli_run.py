@@ -28,10 +28,10 @@ def run_cli(argv, stdin_text=""):
     return rc, out.getvalue()
 
 
-def reference_text(prompt, max_tokens, chat=False):
+def reference_text(prompt, max_tokens, chat=False, max_model_len=128):
     from adallm_core import LLM, SamplingParams
 
-    llm = LLM(tiny_model("qwen3"), kv_cache_dtype="bf16", num_gpu_blocks_override=64, max_model_len=128)
+    llm = LLM(tiny_model("qwen3"), kv_cache_dtype="bf16", num_gpu_blocks_override=64, max_model_len=max_model_len)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     if chat:
         return [o.outputs[0].text for o in llm.chat(prompt, params, use_tqdm=False)]
@@ -99,6 +99,28 @@ def test_generate_writes_jsonl_atomically(tmp_path):
     assert rows[0]["text"] == reference_text(["Hello"], 4)[0]
     assert all(len(r["token_ids"]) == 4 and r["finish_reason"] == "length" for r in rows)
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.jsonl"]  # no temp file left
+
+
+def test_generate_takes_messages_as_llm_chat_does(tmp_path, capsys):
+    """OpenAI's text parts and an assistant's earlier tool call (content null, arguments as JSON text) were refused
+    as "'messages' must be ... strings", though LLM.chat and the server take them; a part no text model reads is
+    still named by its line."""
+    call = {"id": "c1", "type": "function", "function": {"name": "now", "arguments": '{"tz": "UTC"}'}}
+    parts = [{"type": "text", "text": "What time"}, {"type": "text", "text": "is it?"}]
+    conversation = [{"role": "user", "content": parts},
+                    {"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "noon"}]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"messages": conversation}) + "\n")
+    rc = main(["generate", tiny_model("qwen3"), "--input", str(inp), "--output", str(out), "--temperature", "0",
+               "--max-tokens", "4", "--ignore-eos", *ENGINE_FLAGS, "--max-model-len", "256"])
+    want = reference_text(conversation, 4, chat=True, max_model_len=256)[0]
+    assert rc == 0 and json.loads(out.read_text())["text"] == want
+    inp.write_text('{"prompt": "ok"}\n' + json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}) + "\n")
+    assert main(["generate", str(tmp_path / "no-model-needed"), "--input", str(inp), "--output", str(out),
+                 *ENGINE_FLAGS]) == 2
+    assert "in.jsonl:2: chat: message 0: content part 'image_url' is not supported" in capsys.readouterr().err
 
 
 def test_generate_bad_input_line_names_the_line(tmp_path, capsys):

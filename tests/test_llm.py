@@ -39,6 +39,8 @@ def test_chat_takes_earlier_tool_calls_arguments_as_objects(llm):
     out = llm.chat(conv, GREEDY, use_tqdm=False)[0]
     assert '"arguments": {"city": "Paris"}' in out.prompt
     assert conv[1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'  # the caller's list untouched
+    # as OpenAI's client sends back an answer that only called: content null (the template read it and failed)
+    assert llm.chat([conv[0], {**conv[1], "content": None}, conv[2]], GREEDY, use_tqdm=False)[0].prompt == out.prompt
     call["function"]["arguments"] = "{oops"
     with pytest.raises(ValueError, match="message 1: a tool call's arguments are no JSON"):
         llm.chat(conv, GREEDY, use_tqdm=False)
