@@ -117,8 +117,7 @@ class LLMEngine:
 
         path = resolve_model_path(engine_args.model)
         load_config(path)  # a folder that is no checkpoint is named as such before its tokenizer is tried
-        tokenizer_path = resolve_model_path(engine_args.tokenizer, what="tokenizer") if engine_args.tokenizer else path
-        tokenizer = Tokenizer(tokenizer_path, engine_args.chat_template)
+        tokenizer = Tokenizer.for_engine(engine_args, path)
         sampling_defaults = generation_sampling_defaults(path)
         if engine_args.tensor_parallel_size > 1:
             from adallm_core.distributed.executor import TensorParallelRunner

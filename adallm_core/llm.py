@@ -195,7 +195,7 @@ def template_messages(conversation: list[dict]) -> list[dict]:
             message = {**message, "content": _joined_text_parts(content, i)}
         elif content is None:  # an assistant that only called: templates concatenate content (the server's rule)
             message = {**message, "content": ""}
-        elif content is not None and not isinstance(content, str):  # the template's own error would name nothing
+        elif not isinstance(content, str):  # the template's own error would name nothing
             raise ValueError(f"chat: message {i}: content must be a string, a list of text parts or None, got "
                              f"{type(content).__name__}")
         calls = message.get("tool_calls")

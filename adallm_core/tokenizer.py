@@ -45,6 +45,15 @@ class Tokenizer:
         self._lock = threading.Lock()
         self._byte_alphabet = _byte_alphabet(getattr(self.hf, "backend_tokenizer", None))
 
+    @classmethod
+    def for_engine(cls, engine_args, model_path: Path) -> "Tokenizer":
+        """The tokenizer an engine of these EngineArgs uses: --tokenizer's folder or hub id, else the model's, with
+        --chat-template's template."""
+        from adallm_core.model_source import resolve_model_path
+
+        path = resolve_model_path(engine_args.tokenizer, what="tokenizer") if engine_args.tokenizer else model_path
+        return cls(path, engine_args.chat_template)
+
     def _eos_ids(self) -> tuple[int, ...]:
         ids = generation_eos_ids(self.path)  # a broken file or field is an error naming it
         if self.hf.eos_token_id is not None:

@@ -196,12 +196,9 @@ def check_model(engine_args: EngineArgs, chat: bool, structure: Optional[dict] =
         checkpoint = Checkpoint(path)
     except Exception as e:  # checkpoint and transformers errors come in many types; all mean the same here
         raise ValueError(f"--model {engine_args.model or path}: cannot read it: {type(e).__name__}: {e}") from None
-    if engine_args.chat_template is not None:
-        _chat_template_text(engine_args.chat_template)
     flag, source = ("--tokenizer", engine_args.tokenizer) if engine_args.tokenizer else ("--model", path)
     try:
-        tokenizer = Tokenizer(resolve_model_path(engine_args.tokenizer, what="tokenizer") if engine_args.tokenizer
-                              else path, engine_args.chat_template)
+        tokenizer = Tokenizer.for_engine(engine_args, path)  # --chat-template: its text, checked by plan_job
     except Exception as e:
         raise ValueError(f"{flag} {source}: cannot read its tokenizer: {type(e).__name__}: {e}") from None
     if structure is not None:  # compiled once here: a bad schema would otherwise fail every row alike
